@@ -1,0 +1,9 @@
+"""Prefect flows orchestrating :mod:`zarr_parallel` (no chunk arithmetic here)."""
+
+import os
+
+# No network here and none needed: keep the temporary server from phoning home, and keep dask's
+# info logs quiet unless a run asks for them (DESIGN §6). Set before prefect/distributed import.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")

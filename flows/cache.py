@@ -1,0 +1,276 @@
+"""The cache flow and its command line: ``python -m flows.cache [run|plan|verify] REQUEST.yaml``.
+
+One orchestration path: validate → plan → initialise → map writes → finish → report. The Python
+API, the CLI and the Prefect deployments all run :func:`cache_flow`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import as_completed
+
+from flows.runners import make_task_runner
+from flows.tasks import artifact_key, finish_task, initialise_task, plan_task, write_task
+from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
+from zarr_parallel.pipeline import Prepared, recommendations_message
+from zarr_parallel.request import CacheRequest
+from zarr_parallel.units import format_bytes
+
+#: Most write task runs per flow run: submitting a task costs ~0.1 s on a DaskTaskRunner.
+MAX_TASKS = 200
+
+
+def group_jobs(job_ids: Sequence[int], max_tasks: int = MAX_TASKS) -> list[list[int]]:
+    """Split job ids into at most ``max_tasks`` consecutive groups (one task each)."""
+    ids = list(job_ids)
+    if not ids:
+        return []
+    size = math.ceil(len(ids) / max_tasks)
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+@flow(name="zarr-parallel-cache", log_prints=False)
+def cache_flow(request: CacheRequest) -> dict[str, Any]:
+    """Cache a source dataset into Zarr as the request says, and return the run summary."""
+    logger = get_run_logger()
+    started = time.time()
+    try:
+        prepared = plan_task(request)
+    except RecommendationsPending as e:
+        _publish_recommendations(request, e)
+        raise
+    _publish_plan(prepared)
+    logger.info(
+        "plan: %d jobs, read amplification %.2f, largest job %s (budget %s), %s",
+        len(prepared.plan.jobs),
+        prepared.plan.read_amplification,
+        format_bytes(prepared.plan.max_job_memory),
+        format_bytes(prepared.plan.memory_budget),
+        prepared.status,
+    )
+    if prepared.status == "up_to_date":
+        return finish_task(prepared, [], started)
+    initialise_task(prepared)
+    results = write_flow.with_options(task_runner=make_task_runner(prepared))(prepared)
+    summary = finish_task(prepared, results, started)
+    _publish_results(prepared, results, summary)
+    return summary
+
+
+@flow(name="zarr-parallel-write")
+def write_flow(prepared: Prepared) -> list[dict[str, Any]]:
+    """Map the write tasks over this run's task runner and gather per-job results."""
+    logger = get_run_logger()
+    req = prepared.request
+    groups = group_jobs(prepared.todo)
+    if len(groups) < len(prepared.todo):
+        logger.info("%d jobs grouped into %d write tasks", len(prepared.todo), len(groups))
+    progress = create_progress_artifact(
+        0.0, key=artifact_key("zp-progress", prepared), description="Share of write jobs done"
+    )
+    task = write_task.with_options(retries=req.retries, retry_delay_seconds=1)
+    futures = [
+        task.submit(prepared.request_json, str(prepared.version), g, req.generate_stats)
+        for g in groups
+    ]
+    results: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    done = 0
+    for fut in as_completed(futures):
+        fut.wait()
+        state = fut.state
+        group = groups[futures.index(fut)]
+        if state.is_completed():
+            results.extend(fut.result())
+        else:
+            for job_id in group:
+                job = prepared.plan.job(job_id)
+                failed.append(
+                    {
+                        "id": job_id,
+                        "region": job.describe(),
+                        "state": state.name,
+                        "message": state.message,
+                    }
+                )
+        done += 1
+        update_progress_artifact(progress, 100.0 * done / max(1, len(futures)))
+    if failed:
+        names = "; ".join(f"job {f['id']} {f['region']}" for f in failed[:10])
+        raise RunFailed(
+            f"{len(failed)} of {len(prepared.todo)} jobs failed ({names}). Finished jobs stay "
+            "recorded: run again with resume='auto' to write only the rest",
+            failed,
+        )
+    return results
+
+
+def _publish_plan(prepared: Prepared) -> None:
+    plan = prepared.plan
+    rows = [
+        {"figure": k, "value": v}
+        for k, v in {
+            "status": prepared.status,
+            "jobs": len(plan.jobs),
+            "jobs to run": len(prepared.todo),
+            "read amplification": f"{plan.read_amplification:.2f}",
+            "largest job estimate": format_bytes(plan.max_job_memory),
+            "memory budget per job": format_bytes(plan.memory_budget),
+            "source bytes read": format_bytes(plan.read_bytes),
+            "bytes written": format_bytes(plan.write_bytes),
+            "fingerprint": plan.fingerprint[:12],
+            "cache": str(prepared.paths.final),
+            "notes": "; ".join(plan.notes) or "-",
+        }.items()
+    ]
+    create_table_artifact(rows, key=artifact_key("zp-plan", prepared), description="Cache plan")
+    if prepared.recommendations or prepared.applied:
+        text = recommendations_message(plan, prepared.recommendations)
+        if prepared.applied:
+            text = f"Applied: {prepared.applied.sentence}\n\n" + text
+        create_markdown_artifact(
+            text, key=artifact_key("zp-recommendations", prepared), description="Recommendations"
+        )
+
+
+def _publish_recommendations(request: CacheRequest, e: RecommendationsPending) -> None:
+    from zarr_parallel.store import resolve_paths
+
+    name = resolve_paths(request).final.name
+    md = "# Run halted on recommendations\n\n" + str(e).replace("\n  ", "\n- ")
+    create_markdown_artifact(
+        md, key=artifact_key("zp-recommendations", name), description="Recommendations"
+    )
+
+
+def _publish_results(
+    prepared: Prepared, results: list[dict[str, Any]], summary: dict[str, Any]
+) -> None:
+    rows = [
+        {
+            "job": r["id"],
+            "state": "Completed",
+            "region": ", ".join(f"{d} {a}:{b}" for d, a, b in r["region"]),
+            "seconds": r["seconds"],
+            "bytes written": r["bytes"],
+            "peak memory": r["peak_memory"],
+            "estimated memory": r["estimated_memory"],
+            "host": r["host"],
+        }
+        for r in sorted(results, key=lambda r: r["id"])
+    ]
+    create_table_artifact(rows, key=artifact_key("zp-results", prepared), description="Write jobs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flows.cache",
+        description="Cache a dataset into Zarr as REQUEST.yaml says.",
+    )
+    p.add_argument("command", nargs="?", default="run", help="run (default), plan or verify")
+    p.add_argument("request", nargs="?", help="request file (YAML or JSON)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a request field (YAML value; dotted keys reach nested fields)",
+    )
+    p.add_argument("--plan-only", action="store_true", help="same as the plan command")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 done, 1 failed, 2 invalid, 3 halted)."""
+    from zarr_parallel.pipeline import make_plan, prepare
+    from zarr_parallel.request import load_request_file
+
+    args = _parser().parse_args(argv)
+    command, request_path = args.command, args.request
+    if request_path is None and command not in ("run", "plan", "verify"):
+        command, request_path = "run", command
+    if args.plan_only:
+        command = "plan"
+    if command not in ("run", "plan", "verify") or request_path is None:
+        _parser().print_usage(sys.stderr)
+        print("error: give a command (run, plan, verify) and a request file", file=sys.stderr)
+        return 2
+    try:
+        req = load_request_file(request_path, args.overrides)
+        if command == "plan":
+            prepared = prepare(req)
+            _print_plan(prepared)
+            return 0
+        if command == "verify":
+            from zarr_parallel.verify import verify_cache
+
+            report = verify_cache(req)
+            print(report.text())
+            return 0 if report.ok else 1
+        make_plan  # noqa: B018 - imported for symmetry; the flow plans itself
+        summary = cache_flow(req)
+    except RecommendationsPending as e:
+        print(str(e), file=sys.stderr)
+        return 3
+    except RunFailed as e:
+        print(f"run failed: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # RequestError and PlanError are ValueErrors
+        print(f"invalid request: {e}", file=sys.stderr)
+        return 2
+    except ZarrParallelError as e:
+        print(f"failed: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    return 0
+
+
+def _print_plan(prepared: Prepared) -> None:
+    plan = prepared.plan
+    print(f"cache:               {prepared.paths.final} ({prepared.status})")
+    print(f"jobs:                {len(plan.jobs)} ({len(prepared.todo)} to run)")
+    print(f"read amplification:  {plan.read_amplification:.2f}")
+    print(
+        f"largest job:         {format_bytes(plan.max_job_memory)} of "
+        f"{format_bytes(plan.memory_budget)} budget"
+    )
+    for note in plan.notes:
+        print(f"note:                {note}")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human-readable end-of-run summary."""
+    lines = [
+        f"zarr-parallel: {summary['status']}",
+        f"  cache               {summary['cache']}",
+        f"  jobs                {summary['jobs_run']} run, {summary['jobs_skipped']} skipped, "
+        f"{summary['jobs']} planned",
+        f"  read amplification  {summary['read_amplification']:.2f}",
+        f"  written             {format_bytes(summary['bytes_written'])}",
+        f"  wall time           {summary['seconds']:.1f} s",
+    ]
+    if summary.get("applied_recommendation"):
+        lines.append(f"  applied             {summary['applied_recommendation']['sentence']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

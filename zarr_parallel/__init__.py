@@ -1,0 +1,29 @@
+"""zarr-parallel: source-chunk-aware, memory-bounded, resumable caching of datasets into Zarr."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from zarr_parallel.api import CacheHandle, CacheResult, ZarrParallelAssembler
+from zarr_parallel.errors import (
+    PlanError,
+    RecommendationsPending,
+    RequestError,
+    RunFailed,
+    ZarrParallelError,
+)
+
+try:
+    __version__ = version("zarr-parallel")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+__all__ = [
+    "CacheHandle",
+    "CacheResult",
+    "PlanError",
+    "RecommendationsPending",
+    "RequestError",
+    "RunFailed",
+    "ZarrParallelAssembler",
+    "ZarrParallelError",
+    "__version__",
+]

@@ -1,0 +1,65 @@
+"""Error hierarchy: every error a user can meet derives from :class:`ZarrParallelError`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class ZarrParallelError(Exception):
+    """Base class of all zarr-parallel errors."""
+
+
+class _ParameterError(ZarrParallelError, ValueError):
+    """An error about one request parameter, with its value and a fix."""
+
+    def __init__(self, parameter: str, value: Any, problem: str, fix: str) -> None:
+        self.parameter = parameter
+        self.value = value
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{parameter}={value!r}: {problem}. {fix}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep the exception picklable across Prefect/dask process boundaries.
+        return (type(self), (self.parameter, self.value, self.problem, self.fix))
+
+
+class RequestError(_ParameterError):
+    """The request is invalid (raised before anything is written)."""
+
+
+class PlanError(_ParameterError):
+    """The request is valid but no safe plan exists (e.g. the memory limit is too small)."""
+
+
+class RecommendationsPending(ZarrParallelError, ValueError):
+    """The plan would re-read source chunks; the run halted with recommendations.
+
+    Attributes
+    ----------
+    plan
+        The plan as requested (a :class:`zarr_parallel.plan.Plan`).
+    recommendations
+        Alternatives, best first; each has ``changes``, ``read_amplification``,
+        ``job_memory_bytes`` and ``sentence``.
+    """
+
+    def __init__(self, plan: Any, recommendations: Sequence[Any], message: str) -> None:
+        self.plan = plan
+        self.recommendations = list(recommendations)
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.plan, self.recommendations, str(self)))
+
+
+class RunFailed(ZarrParallelError):
+    """Some write jobs failed; completed jobs stay recorded for ``resume``."""
+
+    def __init__(self, message: str, failed: Sequence[dict[str, Any]] = ()) -> None:
+        self.failed = list(failed)
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.failed))

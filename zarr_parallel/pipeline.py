@@ -1,0 +1,229 @@
+"""The steps of a cache run, as plain functions the Prefect flow orchestrates.
+
+``prepare`` (validate the source, plan, recommend, choose the version: no writes), ``initialise``
+(metadata-only store), ``run_job`` (in :mod:`zarr_parallel.write`) and ``finish`` (completeness
+check, consolidate, publish). Flows call these and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from zarr_parallel.errors import RecommendationsPending, RequestError
+from zarr_parallel.plan import Limits, Plan, plan_jobs
+from zarr_parallel.recommend import Recommendation, recommend
+from zarr_parallel.request import CacheRequest
+from zarr_parallel.store import (
+    CachePaths,
+    check_complete,
+    finalise,
+    initialise_store,
+    is_complete,
+    iter_job_records,
+    plan_record,
+    publish,
+    recorded_jobs,
+    resolve_paths,
+)
+from zarr_parallel.target import Target, build_target, cached_source, cached_target
+from zarr_parallel.units import format_bytes
+from zarr_parallel.write import merge_stats
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["fresh", "resume", "up_to_date"]
+
+
+def worker_count(req: CacheRequest) -> int:
+    """Workers running at once: ``simultaneous_worker_limit`` or the machine's cores."""
+    if req.deploy_mode == "series":
+        return 1
+    return req.simultaneous_worker_limit or os.cpu_count() or 1
+
+
+def limits_for(req: CacheRequest) -> Limits:
+    """The planner's budgets for a request (DESIGN §2a, Sizing)."""
+    workers = worker_count(req)
+    min_jobs = req.num_jobs or (1 if workers == 1 else 2 * workers)
+    return Limits(
+        memory_budget=req.memory_bytes - req.reserve_bytes,
+        min_jobs=min_jobs,
+        time_budget=req.timeout_seconds / 2,
+    )
+
+
+def make_plan(req: CacheRequest) -> tuple[Target, Plan]:
+    """Open (cached), transform and plan a request."""
+    target = build_target(req, cached_source(req))
+    return target, plan_jobs(target.array_inputs(), limits_for(req), req.digest())
+
+
+@dataclass
+class Prepared:
+    """Everything decided before the first write."""
+
+    request: CacheRequest
+    paths: CachePaths
+    plan: Plan
+    version: Path
+    status: Status
+    todo: list[int]
+    recommendations: list[Recommendation] = field(default_factory=list)
+    applied: Recommendation | None = None
+    layout: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def request_json(self) -> str:
+        """The request as shipped to workers."""
+        return self.request.model_dump_json()
+
+    def plan_json(self) -> dict[str, Any]:
+        """The plan as stored in the version's manifest."""
+        return {
+            **self.plan.to_json(),
+            "request": self.request.model_dump(mode="json"),
+            "layout": self.layout,
+        }
+
+
+def prepare(req: CacheRequest) -> Prepared:
+    """Validate against the source, plan, apply the recommendation policy and pick the version.
+
+    Raises
+    ------
+    RequestError, PlanError
+        Bad input or no plan within the memory limit (nothing is written).
+    RecommendationsPending
+        The plan re-reads source chunks and ``recommend_changes="halt"``.
+    """
+    paths = resolve_paths(req)
+    source = cached_source(req)
+    target, plan = make_plan(req)
+    recs: list[Recommendation] = []
+    applied: Recommendation | None = None
+    if plan.read_amplification > 1.0 + 1e-9 and req.recommend_changes != "proceed":
+        recs = recommend(req, source, target, plan, make_plan)
+        if req.recommend_changes == "halt":
+            raise RecommendationsPending(plan, recs, recommendations_message(plan, recs))
+        if recs:
+            applied = recs[0]
+            req = req.model_copy(update=applied.changes)
+            target, plan = make_plan(req)
+            logger.info("applied recommendation: %s", applied.sentence)
+    version, status, todo = _choose_version(req, paths, plan)
+    return Prepared(req, paths, plan, version, status, todo, recs, applied, source.layout.to_json())
+
+
+def recommendations_message(plan: Plan, recs: list[Recommendation]) -> str:
+    """The text shown when a run halts on recommendations."""
+    lines = [
+        f"The plan reads {plan.read_amplification:.2f}x the source bytes it needs "
+        f"({format_bytes(plan.read_bytes)} read for {format_bytes(plan.needed_bytes)}): the "
+        "selection or target chunks cut source chunks.",
+    ]
+    if recs:
+        lines.append("Recommendations, best first:")
+        lines += [f"  {i + 1}. {r.sentence}; changes: {r.changes}" for i, r in enumerate(recs)]
+    else:
+        lines.append("No aligned alternative was found.")
+    lines.append(
+        "Apply one (recommend_changes='apply' takes the first), change the request, or run as "
+        "asked with recommend_changes='proceed'."
+    )
+    return "\n".join(lines)
+
+
+def _choose_version(
+    req: CacheRequest, paths: CachePaths, plan: Plan
+) -> tuple[Path, Status, list[int]]:
+    fp = plan.fingerprint
+    all_ids = [j.id for j in plan.jobs]
+    current = paths.current()
+    if current is not None and is_complete(current):
+        rec = plan_record(current)
+        if rec and rec.get("fingerprint") == fp:
+            return current, "up_to_date", []
+        if not req.overwrite:
+            raise RequestError(
+                "overwrite",
+                False,
+                f"{paths.final} holds a cache of a different request or source "
+                f"(fingerprint {str(rec.get('fingerprint') if rec else None)[:12]}, "
+                f"this run {fp[:12]})",
+                "Set overwrite=True to publish a new version (the old one is kept), or use a "
+                "new cache_label",
+            )
+    elif paths.final.exists() and not paths.final.is_symlink() and not req.overwrite:
+        raise RequestError(
+            "overwrite",
+            False,
+            f"{paths.final} exists and was not made by this version",
+            "Set overwrite=True (it is kept beside the new version) or choose another path",
+        )
+    staging = [v for v in paths.all_versions() if v != current and not is_complete(v)]
+    matching = [v for v in staging if (plan_record(v) or {}).get("fingerprint") == fp]
+    if req.resume is True and not matching:
+        raise RequestError(
+            "resume",
+            True,
+            "no interrupted run of this request and source was found",
+            "Use resume='auto' (continue if possible, else start afresh)",
+        )
+    if matching and req.resume is not False:
+        version = matching[-1]
+        done = recorded_jobs(version, fp)
+        return version, "resume", [i for i in all_ids if i not in done]
+    return paths.next_version(fp), "fresh", all_ids
+
+
+def initialise(prepared: Prepared) -> None:
+    """Create the staging version (metadata only) unless resuming or up to date."""
+    if prepared.status != "fresh":
+        return
+    paths = prepared.paths
+    current = paths.current()
+    # Stale staging versions of other plans are cleaned, never mixed with this run.
+    for stale in paths.all_versions():
+        if stale != current and not is_complete(stale):
+            logger.info("removing stale staging version %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    target = cached_target(prepared.request_json)
+    initialise_store(target, prepared.version, prepared.request, prepared.plan_json())
+
+
+def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    """Check completeness, consolidate, publish and summarise."""
+    req, plan = prepared.request, prepared.plan
+    if prepared.status != "up_to_date":
+        plan_json = plan_record(prepared.version) or prepared.plan_json()
+        check_complete(prepared.version, plan_json)
+        records = list(iter_job_records(prepared.version))
+        finalise(prepared.version, {"fingerprint": plan.fingerprint, "jobs": len(plan.jobs)})
+        publish(prepared.paths, prepared.version, req.keep_versions)
+    else:
+        records = list(iter_job_records(prepared.version))
+    summary: dict[str, Any] = {
+        "status": "up to date" if prepared.status == "up_to_date" else "done",
+        "resumed": prepared.status == "resume",
+        "cache": str(prepared.paths.final),
+        "version": str(prepared.version),
+        "jobs": len(plan.jobs),
+        "jobs_run": len(results),
+        "jobs_skipped": len(plan.jobs) - len(prepared.todo),
+        "read_amplification": round(plan.read_amplification, 4),
+        "max_job_memory": plan.max_job_memory,
+        "bytes_written": sum(int(r.get("bytes", 0)) for r in results),
+        "seconds": round(time.time() - started, 3),
+        "fingerprint": plan.fingerprint,
+        "applied_recommendation": prepared.applied.to_json() if prepared.applied else None,
+        "notes": list(plan.notes),
+    }
+    if req.generate_stats:
+        summary["stats"] = merge_stats(records)
+    return summary

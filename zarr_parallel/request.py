@@ -1,0 +1,394 @@
+"""The one validated request model shared by the Python API, the CLI and the Prefect flow."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from zarr_parallel.errors import RequestError
+from zarr_parallel.plan import canonical_json, fingerprint
+from zarr_parallel.transforms import validate_spec
+from zarr_parallel.units import parse_duration, parse_memory
+
+DEPLOY_MODES = ("series", "dask_distributed", "slurm")
+ENGINES = ("h5netcdf", "netcdf4", "kerchunk", "zarr")
+DEFAULT_DEPLOY_MODE = "series"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]*$")
+
+
+class SlurmOptions(BaseModel):
+    """Settings of the SLURM deploy mode (dask-jobqueue ``SLURMCluster``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    partition: str | None = Field(
+        None, description="SLURM partition (queue); default: the cluster's"
+    )
+    account: str | None = Field(None, description="SLURM account to charge")
+    qos: str | None = Field(None, description="SLURM quality of service")
+    directives: list[str] = Field(
+        default_factory=list, description="Extra #SBATCH directives, e.g. '--constraint=intel'"
+    )
+    prologue: list[str] = Field(
+        default_factory=list, description="Shell lines run before the worker, e.g. 'module load x'"
+    )
+    interface: str | None = Field(None, description="Network interface of the workers, e.g. ib0")
+    cores: int = Field(1, ge=1, description="Cores per SLURM job (one worker process each)")
+
+
+class CacheRequest(BaseModel):
+    """Everything a cache run needs. Field names follow zarr-parallel 0.5's keywords."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    data_uri: str | list[str] = Field(
+        ..., description="Source: a netCDF path, glob or list, a kerchunk .json, or a .zarr store"
+    )
+    engine: str | None = Field(
+        None, description="h5netcdf, netcdf4, kerchunk or zarr; default: detected from data_uri"
+    )
+    open_options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for xarray.open_dataset"
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options for remote sources"
+    )
+    preprocessors: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Transforms applied in order: [{'type': 'sel', 'time': [start, end]}, ...]",
+    )
+    variables: dict[str, list[dict[str, Any]]] | None = Field(
+        None, description="Variables to cache, each with its own transforms; default: all"
+    )
+    chunks: dict[str, int] | Literal["auto"] = Field(
+        "auto", description="Target chunks {dim: size} (-1: whole); 'auto' keeps source chunks"
+    )
+    shards: dict[str, int] | None = Field(
+        None, description="Zarr v3 shard shape {dim: size}, multiples of chunks (optional)"
+    )
+    cache_store: str | None = Field(None, description="Final path of the cache")
+    cache_dir: str | None = Field(None, description="Directory for <cache_name><cache_label>.zarr")
+    cache_name: str | None = Field(
+        None, description="Cache name under cache_dir; default: source stem"
+    )
+    cache_label: str = Field("", description="Suffix of the cache name, e.g. '_v1'")
+    add_attrs: dict[str, Any] = Field(default_factory=dict, description="Extra global attributes")
+    zarr_format: Literal[2, 3] = Field(3, description="Zarr format of the cache")
+    memory_limit: str | int = Field("2GB", description="Most one worker may use, e.g. '2GB'")
+    memory_reserve: str | int = Field(
+        "256MB", description="Share of memory_limit kept for the interpreter and libraries"
+    )
+    worker_timeout: str | int | float = Field(
+        "30:00", description="Per-job deadline: '30:00', '1:30:00', '30min' or seconds"
+    )
+    num_jobs: int | None = Field(None, ge=1, description="Minimum number of jobs; default: derived")
+    simultaneous_worker_limit: int | None = Field(
+        None, ge=1, description="Most workers at once; default: the machine's cores"
+    )
+    deploy_mode: str = Field(DEFAULT_DEPLOY_MODE, description="series, dask_distributed or SLURM")
+    scheduler_address: str | None = Field(
+        None, description="Address of an existing dask scheduler (dask_distributed)"
+    )
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions, description="SLURM settings")
+    retries: int = Field(2, ge=0, le=20, description="Retries of a failed write job")
+    overwrite: bool = Field(True, description="Replace a cache whose request or source changed")
+    resume: bool | Literal["auto"] = Field(
+        "auto", description="Continue a matching staging version"
+    )
+    recommend_changes: Literal["halt", "apply", "proceed"] = Field(
+        "halt", description="When the plan re-reads source chunks: halt, apply the best, or proceed"
+    )
+    keep_versions: int = Field(2, ge=1, description="Complete versions kept beside the cache")
+    generate_stats: bool = Field(False, description="Gather count/min/max/mean/NaN per variable")
+    log_level: int = Field(0, ge=0, le=2, description="0 quiet, 1 info, 2 debug")
+
+    @field_validator("deploy_mode", mode="before")
+    @classmethod
+    def _mode(cls, v: Any) -> str:
+        mode = str(v).lower()
+        if mode not in DEPLOY_MODES:
+            raise ValueError(f"must be one of series, dask_distributed, SLURM; got {v!r}")
+        return mode
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine(cls, v: Any) -> str | None:
+        if v is None:
+            return None
+        if str(v).lower() not in ENGINES:
+            raise ValueError(f"must be one of {', '.join(ENGINES)} (or None to detect)")
+        return str(v).lower()
+
+    @field_validator("recommend_changes", mode="before")
+    @classmethod
+    def _policy(cls, v: Any) -> str:
+        # 0.5 took a boolean: True halts with recommendations, False proceeds.
+        if v is True:
+            return "halt"
+        if v is False:
+            return "proceed"
+        return str(v).lower()
+
+    @field_validator("variables", mode="before")
+    @classmethod
+    def _variables(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, list | tuple):
+            return {str(name): [] for name in v}
+        if not isinstance(v, dict):
+            raise ValueError("must map each variable name to {} or a list of transforms")
+        out: dict[str, list[Any]] = {}
+        for name, specs in v.items():
+            if specs is None or specs == {}:
+                out[name] = []
+            elif isinstance(specs, dict):
+                out[name] = (
+                    [specs]
+                    if "type" in specs
+                    else [
+                        {"type": k, **(a if isinstance(a, dict) else {})} for k, a in specs.items()
+                    ]
+                )
+            else:
+                out[name] = list(specs)
+        return out
+
+    @field_validator("chunks", mode="before")
+    @classmethod
+    def _chunks(cls, v: Any) -> Any:
+        return "auto" if v is None else v
+
+    @field_validator("preprocessors", mode="before")
+    @classmethod
+    def _preprocessors(cls, v: Any) -> Any:
+        return [] if v is None else v
+
+    @field_validator("add_attrs", "open_options", "storage_options", mode="before")
+    @classmethod
+    def _maps(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    # Derived values: one place each.
+    @property
+    def memory_bytes(self) -> int:
+        """``memory_limit`` in bytes."""
+        return parse_memory(self.memory_limit, "memory_limit")
+
+    @property
+    def reserve_bytes(self) -> int:
+        """``memory_reserve`` in bytes."""
+        return parse_memory(self.memory_reserve, "memory_reserve")
+
+    @property
+    def timeout_seconds(self) -> float:
+        """``worker_timeout`` in seconds."""
+        return parse_duration(self.worker_timeout, "worker_timeout")
+
+    def digest(self) -> str:
+        """Fingerprint of what determines the cache's content (not how it is run)."""
+        content = self.model_dump(
+            include={
+                "data_uri",
+                "engine",
+                "open_options",
+                "preprocessors",
+                "variables",
+                "chunks",
+                "shards",
+                "add_attrs",
+                "zarr_format",
+            }
+        )
+        return fingerprint(canonical_json(content))
+
+
+def build_request(base_dir: str | Path | None = None, **fields: Any) -> CacheRequest:
+    """Validate request fields into a :class:`CacheRequest`; errors are :class:`RequestError`.
+
+    Relative local paths are resolved against ``base_dir`` (the request file's folder), and the
+    caller's lists and dicts are copied, never mutated.
+    """
+    fields = copy.deepcopy(fields)
+    try:
+        req = CacheRequest(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "request"
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            raise RequestError(
+                loc,
+                value,
+                "is not a request field",
+                f"Remove it; known fields are {sorted(CacheRequest.model_fields)}",
+            ) from None
+        if err["type"] == "missing":
+            raise RequestError(loc, None, "is required", f"Set {loc}") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise RequestError(
+            loc, value, msg, _FIXES.get(loc.split(".")[0], "See the request reference")
+        ) from None
+    return _check(req, Path(base_dir) if base_dir else None)
+
+
+_FIXES = {
+    "chunks": "Give positive sizes per dimension, e.g. {'time': 48}, -1 for a whole dimension, or 'auto'",
+    "deploy_mode": "Use 'series', 'dask_distributed' or 'SLURM'",
+    "recommend_changes": "Use 'halt', 'apply' or 'proceed'",
+    "engine": "Leave it unset to detect from data_uri, or name one of h5netcdf, netcdf4, kerchunk, zarr",
+    "num_jobs": "Use a positive whole number",
+    "log_level": "Use 0, 1 or 2",
+}
+
+
+def is_remote(uri: str) -> bool:
+    """True for URLs fsspec opens remotely (``https://``, ``s3://``...)."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
+    updates: dict[str, Any] = {}
+    # Sources.
+    uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
+    if not uris:
+        raise RequestError("data_uri", req.data_uri, "names no source", "Give a path, glob or list")
+    resolved: list[str] = []
+    for uri in uris:
+        if is_remote(uri):
+            resolved.append(uri)
+            continue
+        path = uri.removeprefix("file://")
+        if base is not None and not os.path.isabs(path):
+            path = str(base / path)
+        path = os.path.expanduser(path)
+        if glob.has_magic(path):
+            matches = sorted(glob.glob(path))
+            if not matches:
+                raise RequestError(
+                    "data_uri", uri, "matches no files", "Check the pattern and the folder"
+                )
+            resolved.extend(matches)
+        elif not os.path.exists(path):
+            raise RequestError(
+                "data_uri",
+                uri,
+                "does not exist",
+                "Check the path (relative paths are "
+                "relative to the request file, or to the working directory in Python)",
+            )
+        else:
+            resolved.append(path)
+    updates["data_uri"] = resolved[0] if len(resolved) == 1 else resolved
+    # Memory and time strings parse now, not mid-run.
+    limit = req.memory_bytes
+    reserve = req.reserve_bytes
+    if reserve >= limit:
+        raise RequestError(
+            "memory_limit",
+            req.memory_limit,
+            f"leaves nothing for jobs after the {req.memory_reserve} interpreter reserve",
+            "Raise memory_limit or lower memory_reserve",
+        )
+    req.timeout_seconds  # noqa: B018 - parse now so a bad value fails before planning
+    # Chunks.
+    if isinstance(req.chunks, dict):
+        for dim, size in req.chunks.items():
+            if size == -1:
+                continue
+            if size <= 0:
+                raise RequestError(
+                    f"chunks['{dim}']",
+                    size,
+                    "must be a positive integer or -1 (whole dimension)",
+                    "Use a size such as 24 (one day of hourly steps)",
+                )
+    if req.shards is not None:
+        if req.zarr_format != 3:
+            raise RequestError("shards", req.shards, "need zarr_format=3", "Set zarr_format: 3")
+        for dim, size in req.shards.items():
+            if size <= 0 and size != -1:
+                raise RequestError(
+                    f"shards['{dim}']", size, "must be positive", "Use a multiple of the chunk"
+                )
+    # Transforms: every name must be known now.
+    updates["preprocessors"] = [
+        validate_spec(s, f"preprocessors[{i}]") for i, s in enumerate(req.preprocessors)
+    ]
+    if req.variables is not None:
+        if not req.variables:
+            raise RequestError(
+                "variables", {}, "names no variable", "Name at least one, or omit it"
+            )
+        updates["variables"] = {
+            name: [validate_spec(s, f"variables['{name}'][{i}]") for i, s in enumerate(specs)]
+            for name, specs in req.variables.items()
+        }
+    # Cache location.
+    if (req.cache_store is None) == (req.cache_dir is None):
+        raise RequestError(
+            "cache_store",
+            req.cache_store,
+            "exactly one of cache_store and cache_dir must be given"
+            + (f" (cache_dir={req.cache_dir!r} was also given)" if req.cache_dir else ""),
+            "Give cache_store='/path/name.zarr' (the final path) or cache_dir='/path' "
+            "(then the cache is <cache_dir>/<cache_name><cache_label>.zarr)",
+        )
+    for field in ("cache_label", "cache_name"):
+        value = getattr(req, field)
+        if value is not None and (not _NAME_RE.match(value) or value in (".", "..")):
+            raise RequestError(
+                field,
+                value,
+                "may hold only letters, digits, '_', '-' and '.' (it becomes a path)",
+                "Use e.g. '_v1'",
+            )
+    for field in ("cache_store", "cache_dir"):
+        value = getattr(req, field)
+        if value is not None and base is not None and not os.path.isabs(value):
+            updates[field] = str(base / value)
+    return req.model_copy(update=updates)
+
+
+def load_request_file(path: str | Path, overrides: list[str] | None = None) -> CacheRequest:
+    """Read a YAML/JSON request file, apply ``--set key=value`` overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RequestError("request", str(path), "is not a file", "Give the path of a YAML request")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RequestError(
+            "request",
+            str(path),
+            f"is not valid YAML ({e})".replace("\n", " "),
+            "Fix the syntax (a flat mapping of request fields)",
+        ) from e
+    if not isinstance(data, dict):
+        raise RequestError(
+            "request",
+            str(path),
+            "must be a mapping of request fields",
+            "Write e.g. 'data_uri: data/*.nc' on its own line",
+        )
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RequestError("--set", item, "must be key=value", "Write e.g. --set num_jobs=4")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise RequestError(f"--set {key}", raw, "is not a YAML value", "Quote it") from e
+        target = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            target = target.setdefault(p, {})
+        target[parts[-1]] = value
+    return build_request(base_dir=path.parent.resolve(), **data)

@@ -1,0 +1,385 @@
+"""Open a source lazily and read its real on-disk chunk layout (DESIGN §3.2).
+
+The layout comes from the storage itself: HDF5 chunking through h5py, the ``.zarray`` /
+``zarr.json`` of a kerchunk reference or a Zarr store, and file boundaries along the
+concatenation dimension of a multi-file source. It is never inferred from dask.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from zarr_parallel.errors import RequestError
+from zarr_parallel.plan import canonical_json, fingerprint
+from zarr_parallel.request import CacheRequest, is_remote
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VarLayout:
+    """On-disk chunk grid of one source variable.
+
+    ``boundaries[i]`` are the chunk boundaries along dimension ``dims[i]``, from 0 to its
+    length; irregular grids (e.g. file boundaries) are allowed.
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    boundaries: tuple[tuple[int, ...], ...]
+    read_itemsize: int
+    contiguous: bool = False
+
+    def chunk_lengths(self, dim: str) -> np.ndarray:
+        """Lengths of the chunks along ``dim``."""
+        return np.diff(np.asarray(self.boundaries[self.dims.index(dim)], dtype=np.int64))
+
+    def typical_chunk(self, dim: str) -> int:
+        """The nominal chunk length along ``dim`` (what 'keep the source chunks' keeps).
+
+        The largest length: file ends and the array's end only ever shorten chunks.
+        """
+        lengths = self.chunk_lengths(dim)
+        return int(lengths.max()) if lengths.size else 1
+
+
+@dataclass(frozen=True)
+class SourceLayout:
+    """Chunk layout of every variable of a source, with what identifies the source's state."""
+
+    engine: str
+    files: tuple[str, ...]
+    concat_dim: str | None
+    variables: Mapping[str, VarLayout]
+    digest: str
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON description (stored in the cache's manifest)."""
+        return {
+            "engine": self.engine,
+            "files": list(self.files),
+            "concat_dim": self.concat_dim,
+            "digest": self.digest,
+            "variables": {
+                name: {
+                    "dims": list(v.dims),
+                    "shape": list(v.shape),
+                    "chunks": [sorted({int(x) for x in np.diff(b)}) for b in v.boundaries],
+                    "read_itemsize": v.read_itemsize,
+                    "contiguous": v.contiguous,
+                }
+                for name, v in self.variables.items()
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Source:
+    """A lazily opened source (dask arrays on the on-disk chunks) with its layout."""
+
+    dataset: xr.Dataset
+    layout: SourceLayout
+
+
+def detect_engine(req: CacheRequest) -> str:
+    """The engine named in the request, or detected from ``data_uri``."""
+    if req.engine:
+        return req.engine
+    uris = [req.data_uri] if isinstance(req.data_uri, str) else req.data_uri
+    first = uris[0].rstrip("/")
+    if len(uris) == 1 and first.endswith(".json"):
+        return "kerchunk"
+    if len(uris) == 1 and (
+        first.endswith(".zarr")
+        or (
+            not is_remote(first)
+            and os.path.isdir(first)
+            and any(os.path.exists(os.path.join(first, m)) for m in ("zarr.json", ".zgroup"))
+        )
+    ):
+        return "zarr"
+    return "h5netcdf"
+
+
+def open_source(req: CacheRequest) -> Source:
+    """Open the request's source lazily and inspect its chunk layout."""
+    engine = detect_engine(req)
+    uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
+    try:
+        if engine == "kerchunk":
+            ds = _open_kerchunk(uris[0], req)
+        elif engine == "zarr":
+            ds = xr.open_dataset(
+                uris[0],
+                engine="zarr",
+                chunks={},
+                storage_options=req.storage_options or None,
+                **req.open_options,
+            )
+        else:
+            ds, files, concat_dim, file_lengths = _open_netcdf(uris, engine, req)
+    except RequestError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RequestError(
+            "data_uri",
+            req.data_uri,
+            f"could not be opened as {engine} ({type(e).__name__}: {e})",
+            "Check that the files are complete netCDF4/HDF5, kerchunk JSON or Zarr, and that "
+            "engine matches them",
+        ) from e
+    if engine == "kerchunk":
+        layout_vars = _kerchunk_layout(uris[0], ds, req)
+        files, concat_dim = [uris[0]], None
+    elif engine == "zarr":
+        layout_vars = _zarr_layout(uris[0], ds, req)
+        files, concat_dim = [uris[0]], None
+    else:
+        layout_vars = _hdf5_layout(files, ds, concat_dim, file_lengths, req)
+    stats = [_file_state(f) for f in files]
+    digest = fingerprint(
+        canonical_json([engine, list(files), concat_dim, stats]),
+        canonical_json(
+            {k: [v.dims, v.boundaries, v.read_itemsize] for k, v in layout_vars.items()}
+        ),
+    )
+    layout = SourceLayout(engine, tuple(files), concat_dim, layout_vars, digest)
+    return Source(ds, layout)
+
+
+def _file_state(path: str) -> list[Any]:
+    """What identifies a file's state: size and modification time (the URL if remote)."""
+    if is_remote(path):
+        return [path]
+    st = os.stat(path)
+    if os.path.isdir(path):
+        # A Zarr store: its metadata documents identify its state well enough.
+        meta = [os.path.join(path, m) for m in ("zarr.json", ".zmetadata", ".zgroup")]
+        return [path, [os.stat(m).st_mtime_ns for m in meta if os.path.exists(m)]]
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def _open_netcdf(
+    uris: Sequence[str], engine: str, req: CacheRequest
+) -> tuple[xr.Dataset, list[str], str | None, list[int]]:
+    opts = {"engine": engine, "chunks": {}, **req.open_options}
+    if len(uris) == 1:
+        return xr.open_dataset(uris[0], **opts), [uris[0]], None, []
+    parts = []
+    for uri in uris:
+        try:
+            parts.append(xr.open_dataset(uri, **opts))
+        except Exception as e:
+            raise RequestError(
+                "data_uri",
+                uri,
+                f"could not be opened ({type(e).__name__}: {e})",
+                "Remove or replace the damaged file",
+            ) from e
+    concat_dim = _concat_dim(parts, uris)
+    order = sorted(range(len(parts)), key=lambda i: _first_label(parts[i], concat_dim))
+    parts = [parts[i] for i in order]
+    files = [uris[i] for i in order]
+    try:
+        ds = xr.concat(
+            parts,
+            dim=concat_dim,
+            data_vars="minimal",
+            coords="minimal",
+            compat="override",
+            join="exact",
+            combine_attrs="override",
+        )
+    except ValueError as e:
+        raise RequestError(
+            "data_uri",
+            [os.path.basename(f) for f in files],
+            f"files do not combine along {concat_dim!r} ({e})",
+            "Use files that share the same grid and variables",
+        ) from e
+    return ds, files, concat_dim, [int(p.sizes[concat_dim]) for p in parts]
+
+
+def _first_label(ds: xr.Dataset, dim: str) -> Any:
+    return ds[dim].values[0] if dim in ds.coords else 0
+
+
+def _concat_dim(parts: Sequence[xr.Dataset], uris: Sequence[str]) -> str:
+    first, second = parts[0], parts[1]
+    for dim in first.dims:
+        if dim in first.coords and dim in second.coords:
+            a, b = first[dim].values, second[dim].values
+            if a.shape != b.shape or not np.array_equal(a, b):
+                return str(dim)
+    for dim in first.dims:
+        if first.sizes[dim] != second.sizes.get(dim):
+            return str(dim)
+    raise RequestError(
+        "data_uri",
+        [os.path.basename(u) for u in uris[:2]],
+        "files do not differ along any dimension, so they cannot be joined",
+        "Pass the files of one dataset split along time (or another dimension)",
+    )
+
+
+def _hdf5_layout(
+    files: Sequence[str],
+    ds: xr.Dataset,
+    concat_dim: str | None,
+    file_lengths: Sequence[int],
+    req: CacheRequest,
+) -> dict[str, VarLayout]:
+    import h5py
+
+    group = req.open_options.get("group")
+    layouts: dict[str, VarLayout] = {}
+    for name, var in ds.data_vars.items():
+        dims = tuple(str(d) for d in var.dims)
+        per_file: list[tuple[tuple[int, ...], tuple[int, ...], int, bool]] = []
+        for f in files if (concat_dim and concat_dim in dims) else files[:1]:
+            per_file.append(_hdf5_chunks(h5py, f, str(name), group, var))
+        boundaries: list[tuple[int, ...]] = []
+        for i, dim in enumerate(dims):
+            if concat_dim == dim:
+                offsets = np.cumsum([0, *file_lengths])
+                bounds: list[int] = []
+                for off, (shape, chunk, _, _) in zip(offsets[:-1], per_file, strict=True):
+                    bounds.extend(int(off + b) for b in range(0, shape[i], chunk[i]))
+                bounds.append(int(offsets[-1]))
+                boundaries.append(tuple(bounds))
+            else:
+                shape, chunk, _, _ = per_file[0]
+                boundaries.append((*range(0, shape[i], chunk[i]), shape[i]))
+        layouts[str(name)] = VarLayout(
+            str(name),
+            dims,
+            tuple(int(s) for s in var.shape),
+            tuple(boundaries),
+            per_file[0][2],
+            per_file[0][3],
+        )
+    return layouts
+
+
+def _hdf5_chunks(
+    h5py: Any, path: str, name: str, group: str | None, var: xr.DataArray
+) -> tuple[tuple[int, ...], tuple[int, ...], int, bool]:
+    """(shape, chunk shape, stored item size, contiguous) of one variable in one file."""
+    try:
+        with h5py.File(path, "r") as f:
+            node = f[group][name] if group else f[name]
+            shape = tuple(int(s) for s in node.shape)
+            chunks = node.chunks
+            itemsize = int(node.dtype.itemsize)
+    except (OSError, KeyError):
+        # Not HDF5 (netCDF3 classic): read as contiguous, one chunk per file.
+        enc_dtype = np.dtype(var.encoding.get("dtype", var.dtype))
+        return (
+            tuple(int(s) for s in var.shape),
+            tuple(max(1, int(s)) for s in var.shape),
+            int(enc_dtype.itemsize),
+            True,
+        )
+    if chunks is None:
+        return shape, tuple(max(1, s) for s in shape), itemsize, True
+    return shape, tuple(int(c) for c in chunks), itemsize, False
+
+
+def _kerchunk_refs(path: str, req: CacheRequest) -> dict[str, Any]:
+    import fsspec
+
+    with fsspec.open(path, "rt", **req.storage_options.get(path.split("://")[0], {})) as f:
+        data = json.load(f)
+    return dict(data.get("refs", data))
+
+
+def _remote_protocol(refs: Mapping[str, Any]) -> str:
+    for value in refs.values():
+        if isinstance(value, list) and value and isinstance(value[0], str) and "://" in value[0]:
+            return value[0].split("://")[0]
+    return "file"
+
+
+def _open_kerchunk(path: str, req: CacheRequest) -> xr.Dataset:
+    refs = _kerchunk_refs(path, req)
+    protocol = _remote_protocol(refs)
+    so = {
+        "fo": path,
+        "remote_protocol": protocol,
+        **(
+            {"remote_options": req.storage_options.get(protocol, {})}
+            if protocol in req.storage_options
+            else {}
+        ),
+    }
+    return xr.open_dataset(
+        "reference://",
+        engine="zarr",
+        chunks={},
+        backend_kwargs={"storage_options": so, "consolidated": False},
+        **req.open_options,
+    )
+
+
+def _kerchunk_layout(path: str, ds: xr.Dataset, req: CacheRequest) -> dict[str, VarLayout]:
+    refs = _kerchunk_refs(path, req)
+    layouts: dict[str, VarLayout] = {}
+    for name, var in ds.data_vars.items():
+        meta_raw = refs.get(f"{name}/.zarray") or refs.get(f"{name}/zarr.json")
+        meta = json.loads(meta_raw) if isinstance(meta_raw, str) else dict(meta_raw or {})
+        shape = tuple(int(s) for s in var.shape)
+        if "chunks" in meta:
+            chunk = tuple(int(c) for c in meta["chunks"])
+            itemsize = np.dtype(meta["dtype"]).itemsize
+        elif "chunk_grid" in meta:
+            chunk = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+            itemsize = np.dtype(meta["data_type"]).itemsize
+        else:
+            chunk, itemsize = shape, np.dtype(var.dtype).itemsize
+        layouts[str(name)] = _regular(str(name), var, shape, chunk, int(itemsize))
+    return layouts
+
+
+def _zarr_layout(path: str, ds: xr.Dataset, req: CacheRequest) -> dict[str, VarLayout]:
+    import zarr
+
+    group = zarr.open_group(path, mode="r", storage_options=req.storage_options or None)
+    layouts: dict[str, VarLayout] = {}
+    for name, var in ds.data_vars.items():
+        arr = group[str(name)]
+        assert isinstance(arr, zarr.Array)
+        chunk = tuple(int(c) for c in arr.chunks)
+        itemsize = int(np.dtype(str(arr.dtype)).itemsize) if hasattr(arr, "dtype") else 4
+        layouts[str(name)] = _regular(str(name), var, tuple(arr.shape), chunk, itemsize)
+    return layouts
+
+
+def _regular(
+    name: str, var: xr.DataArray, shape: tuple[int, ...], chunk: tuple[int, ...], itemsize: int
+) -> VarLayout:
+    bounds = tuple(
+        (*range(0, s, max(1, c)), s) if s else (0,) for s, c in zip(shape, chunk, strict=True)
+    )
+    return VarLayout(name, tuple(str(d) for d in var.dims), shape, bounds, itemsize)
+
+
+def source_stem(req: CacheRequest) -> str:
+    """Default cache name: the kerchunk file's or store's stem, or the files' common stem."""
+    uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
+    stems = [Path(u.rstrip("/")).name for u in uris]
+    for suffix in (".json", ".zarr", ".nc", ".nc4", ".h5", ".hdf5"):
+        stems = [s.removesuffix(suffix) for s in stems]
+    if len(stems) == 1:
+        return stems[0] or "cache"
+    common = os.path.commonprefix(stems).rstrip("_-. 0123456789")
+    return common or "cache"

@@ -1,0 +1,327 @@
+"""Cache paths, versions, store initialisation, manifest records and atomic publish.
+
+Layout (DESIGN §2a): the final path ``P`` is a symlink to the current version
+``P.versions/<n>-<fingerprint12>/``. Each version is a Zarr store holding its manifest in
+``.zarr-parallel/`` (``plan.json`` once initialised, ``jobs/<id>.json`` per finished job,
+``complete.json`` once checked). Publishing replaces the link atomically; the previous version
+stays readable until then and is kept (``keep_versions``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from zarr_parallel.errors import RequestError, RunFailed
+from zarr_parallel.request import CacheRequest
+from zarr_parallel.source import source_stem
+from zarr_parallel.target import Target
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_DIR = ".zarr-parallel"
+#: Encoding keys that describe the source's storage, not the data; never copied to the cache.
+_STORAGE_KEYS = {
+    "chunksizes",
+    "chunks",
+    "zlib",
+    "complevel",
+    "shuffle",
+    "contiguous",
+    "source",
+    "original_shape",
+    "preferred_chunks",
+    "szip",
+    "bzip2",
+    "blosc",
+    "zstd",
+    "fletcher32",
+    "compressor",
+    "compressors",
+    "filters",
+    "serializer",
+    "shards",
+    "endian",
+    "least_significant_digit",
+    "quantize_mode",
+    "significant_digits",
+}
+_PACKING_KEYS = {"scale_factor", "add_offset"}
+
+
+@dataclass(frozen=True)
+class CachePaths:
+    """Where a cache lives: the final link, its versions and its lock file."""
+
+    final: Path
+
+    @property
+    def versions(self) -> Path:
+        """Folder holding every version of this cache."""
+        return self.final.with_name(self.final.name + ".versions")
+
+    @property
+    def lock(self) -> Path:
+        """Lock file guarding the cache."""
+        return self.final.with_name(self.final.name + ".lock")
+
+    def version(self, number: int, fingerprint: str) -> Path:
+        """Path of version ``number`` with this plan fingerprint."""
+        return self.versions / f"{number}-{fingerprint[:12]}"
+
+    def current(self) -> Path | None:
+        """The published version, if any."""
+        if self.final.is_symlink():
+            return self.final.resolve()
+        return None
+
+    def all_versions(self) -> list[Path]:
+        """Existing version folders, oldest first."""
+        if not self.versions.is_dir():
+            return []
+        found = [
+            p for p in self.versions.iterdir() if p.is_dir() and p.name.split("-")[0].isdigit()
+        ]
+        return sorted(found, key=lambda p: int(p.name.split("-")[0]))
+
+    def next_version(self, fingerprint: str) -> Path:
+        """A new version folder path for this fingerprint."""
+        existing = self.all_versions()
+        number = int(existing[-1].name.split("-")[0]) + 1 if existing else 1
+        return self.version(number, fingerprint)
+
+
+def resolve_paths(req: CacheRequest) -> CachePaths:
+    """The final cache path of a request; refuses paths that cannot be written."""
+    if req.cache_store is not None:
+        final = Path(req.cache_store).expanduser()
+        parameter, value = "cache_store", req.cache_store
+    else:
+        name = f"{req.cache_name or source_stem(req)}{req.cache_label}.zarr"
+        final = Path(str(req.cache_dir)).expanduser() / name
+        parameter, value = "cache_dir", req.cache_dir
+    final = Path(os.path.abspath(final))
+    if final.exists() and not final.is_symlink() and final.is_file():
+        raise RequestError(
+            parameter,
+            value,
+            f"points at a file ({final}), not a cache",
+            "Choose a path that does not exist yet or is a cache made by zarr-parallel",
+        )
+    ancestor = final.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RequestError(
+            parameter,
+            value,
+            f"cannot be created: {ancestor} is a file",
+            "Choose a folder you can write to",
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RequestError(
+            parameter,
+            value,
+            f"is not writable ({ancestor} denies writing)",
+            "Choose a folder you can write to, or fix its permissions",
+        )
+    return CachePaths(final)
+
+
+def manifest_dir(version: Path) -> Path:
+    """The manifest folder of a version."""
+    return version / MANIFEST_DIR
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON document, or None when missing or torn."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON durably: temporary file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plan_record(version: Path) -> dict[str, Any] | None:
+    """The plan stored in a version (present once initialisation finished)."""
+    return read_json(manifest_dir(version) / "plan.json")
+
+
+def is_complete(version: Path) -> bool:
+    """True when the version passed its completeness check."""
+    return (manifest_dir(version) / "complete.json").exists()
+
+
+def recorded_jobs(version: Path, fingerprint: str) -> set[int]:
+    """Ids of jobs recorded as finished under this plan fingerprint."""
+    jobs_dir = manifest_dir(version) / "jobs"
+    done: set[int] = set()
+    if not jobs_dir.is_dir():
+        return done
+    for p in jobs_dir.glob("*.json"):
+        rec = read_json(p)
+        if rec and rec.get("fingerprint") == fingerprint:
+            done.add(int(rec["id"]))
+    return done
+
+
+def record_job(version: Path, record: Mapping[str, Any]) -> None:
+    """Record a finished job (after its chunks are written)."""
+    write_json_atomic(manifest_dir(version) / "jobs" / f"{int(record['id']):06d}.json", record)
+
+
+def iter_job_records(version: Path) -> Iterator[dict[str, Any]]:
+    """Every job record of a version."""
+    for p in sorted((manifest_dir(version) / "jobs").glob("*.json")):
+        rec = read_json(p)
+        if rec:
+            yield rec
+
+
+def _encoding(
+    var: xr.DataArray, chunks: dict[str, int], shards: dict[str, int] | None
+) -> dict[str, Any]:
+    enc = {k: v for k, v in var.encoding.items() if k not in _STORAGE_KEYS}
+    if _PACKING_KEYS & set(enc):
+        # Decoded as xarray decodes (DESIGN §2a): write the floats, not the packed integers.
+        for key in (*_PACKING_KEYS, "dtype", "_FillValue", "missing_value"):
+            enc.pop(key, None)
+    enc["chunks"] = tuple(chunks[str(d)] for d in var.dims)
+    if shards:
+        enc["shards"] = tuple(shards[str(d)] for d in var.dims)
+    return enc
+
+
+def initialise_store(
+    target: Target, version: Path, req: CacheRequest, plan_json: dict[str, Any]
+) -> None:
+    """Write metadata, coordinates and attributes only; no data array is computed.
+
+    ``plan.json`` is written last: a version without it was interrupted during initialisation
+    and is started again.
+    """
+    if version.exists():
+        shutil.rmtree(version)
+    version.parent.mkdir(parents=True, exist_ok=True)
+    template = target.template()
+    out = xr.Dataset(coords={k: v for k, v in template.coords.items()}, attrs=template.attrs)
+    encoding: dict[str, dict[str, Any]] = {}
+    for name, var in template.data_vars.items():
+        chunks = target.chunks[str(name)]
+        shards = (target.shards or {}).get(str(name))
+        grid = tuple((shards or chunks)[str(d)] for d in var.dims)
+        lazy = da.zeros(var.shape, chunks=grid or (), dtype=var.dtype)
+        out[name] = xr.DataArray(lazy, dims=var.dims, attrs=var.attrs)
+        encoding[str(name)] = _encoding(var, chunks, shards)
+    for name, coord in template.coords.items():
+        coord_enc = {k: v for k, v in coord.encoding.items() if k not in _STORAGE_KEYS}
+        encoding[str(name)] = coord_enc
+        out[name].encoding = {}
+    # Coordinates are small and loaded here; data variables are dask placeholders, not written.
+    out = out.assign_coords({k: v.load() for k, v in out.coords.items()})
+    out.to_zarr(
+        version,
+        mode="w-",
+        compute=False,
+        consolidated=False,
+        zarr_format=req.zarr_format,
+        encoding=encoding,
+        write_empty_chunks=True,
+    )
+    write_json_atomic(manifest_dir(version) / "plan.json", plan_json)
+
+
+def write_region(version: Path, name: str, data: xr.DataArray, region: dict[str, slice]) -> None:
+    """Write whole chunks of one variable into an initialised store, after an alignment check."""
+    arr = zarr.open_array(version, path=name, mode="r+")
+    grid = arr.shards or arr.chunks
+    for (dim, sl), chunk, size in zip(region.items(), grid, arr.shape, strict=True):
+        start, stop = sl.start, sl.stop
+        if start % chunk or (stop % chunk and stop != size):
+            raise RunFailed(
+                f"refusing to write {name}[{dim} {start}:{stop}]: not aligned to the chunk "
+                f"length {chunk}; concurrent jobs could tear a chunk"
+            )
+    ds = xr.Dataset({name: data.variable})
+    ds.to_zarr(version, region=region, mode="r+", consolidated=False, write_empty_chunks=True)
+
+
+def check_complete(version: Path, plan_json: Mapping[str, Any]) -> None:
+    """Every job recorded and every chunk present, else :class:`RunFailed`."""
+    fp = str(plan_json["fingerprint"])
+    expected = {int(j[0]) for j in plan_json["job_list"]}
+    missing_jobs = sorted(expected - recorded_jobs(version, fp))
+    if missing_jobs:
+        raise RunFailed(
+            f"{len(missing_jobs)} of {len(expected)} jobs are not recorded as finished "
+            f"(first: {missing_jobs[:5]}); re-run with resume to write only those",
+            [{"id": j} for j in missing_jobs],
+        )
+    group = zarr.open_group(version, mode="r")
+    for name, arr in group.arrays():
+        if arr.nchunks_initialized != arr.nchunks:
+            raise RunFailed(
+                f"{name}: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks are "
+                "missing although every job is recorded; the store was changed behind the run"
+            )
+
+
+def finalise(version: Path, summary: Mapping[str, Any]) -> None:
+    """Consolidate metadata once and mark the version complete."""
+    zarr.consolidate_metadata(version)
+    write_json_atomic(manifest_dir(version) / "complete.json", {**summary, "time": time.time()})
+
+
+def publish(paths: CachePaths, version: Path, keep_versions: int) -> None:
+    """Point the final path at ``version`` atomically and prune old versions."""
+    paths.final.parent.mkdir(parents=True, exist_ok=True)
+    if paths.final.exists() and not paths.final.is_symlink():
+        # A cache not made by this layout (e.g. by zarr-parallel 0.5): keep it as a version.
+        legacy = paths.versions / f"0-legacy-{int(time.time())}"
+        paths.versions.mkdir(parents=True, exist_ok=True)
+        os.replace(paths.final, legacy)
+    link = paths.final.with_name(f".{paths.final.name}.{os.getpid()}.link")
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(os.path.relpath(version, paths.final.parent), link)
+    os.replace(link, paths.final)
+    prune_versions(paths, keep_versions)
+
+
+def prune_versions(paths: CachePaths, keep_versions: int) -> None:
+    """Remove complete versions beyond the newest ``keep_versions`` (never the current one)."""
+    current = paths.current()
+    complete = [v for v in paths.all_versions() if is_complete(v) and v != current]
+    keep = max(0, keep_versions - 1)
+    for old in complete[: max(0, len(complete) - keep)]:
+        logger.info("removing old version %s", old)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def array_checksum(values: np.ndarray) -> str:
+    """CRC32 of an array's bytes (what a job wrote), as hex."""
+    import zlib
+
+    return f"{zlib.crc32(np.ascontiguousarray(values).view(np.uint8).ravel()):08x}"

@@ -1,0 +1,251 @@
+"""The target: the source after preprocessors and per-variable transforms, applied lazily.
+
+Before the transforms run, every source dimension gets an integer index coordinate
+(``_zpi_<dim>``). Transforms carry these along like any coordinate, so afterwards each target
+index says exactly which source index it came from, whatever the selections, flips, rolls or
+renames did. That mapping, with the source layout, is what the planner aligns to.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from zarr_parallel.errors import RequestError
+from zarr_parallel.plan import ArrayInput, AxisMap, canonical_json
+from zarr_parallel.request import CacheRequest
+from zarr_parallel.source import Source, SourceLayout, _file_state, open_source
+from zarr_parallel.transforms import apply_transforms
+
+logger = logging.getLogger(__name__)
+
+INDEX_PREFIX = "_zpi_"
+SOURCE_ATTR = "_zp_source"
+
+
+@dataclass(frozen=True)
+class Target:
+    """The lazily transformed dataset, ready to be planned and written.
+
+    ``dataset`` still carries the index coordinates; :meth:`template` and :meth:`region`
+    give clean views without them.
+    """
+
+    dataset: xr.Dataset
+    layout: SourceLayout
+    chunks: Mapping[str, dict[str, int]]
+    shards: Mapping[str, dict[str, int]] | None
+    sources: Mapping[str, str | None]
+
+    @property
+    def variables(self) -> list[str]:
+        """Data variables written by jobs."""
+        return [str(v) for v in self.dataset.data_vars]
+
+    def clean(self, ds: xr.Dataset) -> xr.Dataset:
+        """Drop the index coordinates and bookkeeping attributes."""
+        ds = ds.drop_vars([c for c in ds.coords if str(c).startswith(INDEX_PREFIX)])
+        for var in ds.data_vars.values():
+            var.attrs.pop(SOURCE_ATTR, None)
+        return ds
+
+    def template(self) -> xr.Dataset:
+        """The target without index coordinates (lazy data)."""
+        return self.clean(self.dataset.copy())
+
+    def array_inputs(self) -> list[ArrayInput]:
+        """Planner inputs: per variable, how target indices map onto source chunks."""
+        inputs = []
+        for name in self.variables:
+            var = self.dataset[name]
+            src = self.sources.get(name)
+            vlayout = self.layout.variables.get(src) if src else None
+            axes = []
+            for dim in var.dims:
+                axes.append(self._axis(var, str(dim), vlayout))
+            fixed = 1
+            if vlayout is not None:
+                for c in var.coords.values():
+                    cname = str(c.name)
+                    if cname.startswith(INDEX_PREFIX) and c.ndim == 0:
+                        sdim = cname[len(INDEX_PREFIX) :]
+                        if sdim in vlayout.dims:
+                            bounds = np.asarray(vlayout.boundaries[vlayout.dims.index(sdim)])
+                            k = int(np.searchsorted(bounds, int(c.values), side="right") - 1)
+                            fixed *= int(bounds[k + 1] - bounds[k])
+            write = tuple(
+                (self.shards or {}).get(name, {}).get(str(d), self.chunks[name][str(d)])
+                for d in var.dims
+            )
+            read_itemsize = vlayout.read_itemsize if vlayout else var.dtype.itemsize
+            inputs.append(
+                ArrayInput(name, tuple(axes), write, int(var.dtype.itemsize), read_itemsize, fixed)
+            )
+        return inputs
+
+    def _axis(self, var: xr.DataArray, dim: str, vlayout: Any) -> AxisMap:
+        size = int(var.sizes[dim])
+        for c in var.coords.values():
+            cname = str(c.name)
+            if cname.startswith(INDEX_PREFIX) and c.dims == (dim,):
+                sdim = cname[len(INDEX_PREFIX) :]
+                if vlayout is not None and sdim in vlayout.dims:
+                    bounds = np.asarray(vlayout.boundaries[vlayout.dims.index(sdim)])
+                    src_idx = np.asarray(c.values, dtype=np.int64)
+                    chunk_of = np.searchsorted(bounds, src_idx, side="right") - 1
+                    return AxisMap(dim, chunk_of, np.diff(bounds))
+        # No mapping known (a dimension a transform made): conservatively one chunk.
+        return AxisMap(dim, np.zeros(size, dtype=np.int64), np.array([max(size, 1)]))
+
+
+def build_target(req: CacheRequest, source: Source | None = None) -> Target:
+    """Apply the request's transforms lazily to the source and resolve the target chunks."""
+    source = source or open_source(req)
+    ds = source.dataset.copy()
+    if req.variables is not None:
+        missing = [v for v in req.variables if v not in ds.data_vars]
+        if missing:
+            raise RequestError(
+                "variables",
+                missing,
+                "are not variables of the source",
+                f"Use names from {sorted(map(str, ds.data_vars))}",
+            )
+        ds = ds[list(req.variables)]
+    ds = ds.assign_coords(
+        {f"{INDEX_PREFIX}{d}": (d, np.arange(n, dtype=np.int64)) for d, n in ds.sizes.items()}
+    )
+    for name in ds.data_vars:
+        ds[name].attrs = {**ds[name].attrs, SOURCE_ATTR: str(name)}
+    ds = apply_transforms(ds, req.preprocessors, "preprocessors")
+    if req.variables:
+        parts = []
+        for name, specs in req.variables.items():
+            if name not in ds.data_vars:
+                raise RequestError(
+                    f"variables['{name}']",
+                    name,
+                    "is no longer in the data after preprocessors",
+                    "Name the variable as the preprocessors leave it",
+                )
+            parts.append(apply_transforms(ds[[name]], specs, f"variables['{name}']", name))
+        try:
+            ds = xr.merge(parts, join="exact", combine_attrs="override", compat="override")
+        except ValueError as e:
+            raise RequestError(
+                "variables",
+                list(req.variables),
+                f"per-variable transforms left variables on different coordinates ({e})",
+                "Select the same region for every variable (use preprocessors for that)",
+            ) from e
+        ds.attrs = dict(source.dataset.attrs)
+    ds.attrs = {**ds.attrs, **req.add_attrs}
+    for dim, n in ds.sizes.items():
+        if n == 0:
+            raise RequestError(
+                "preprocessors",
+                req.preprocessors,
+                f"leave no data along {dim!r}",
+                "Widen the selection",
+            )
+    sources = {str(v): ds[v].attrs.get(SOURCE_ATTR) for v in ds.data_vars}
+    chunks = _resolve_chunks(req, ds, source.layout, sources)
+    shards = _resolve_shards(req, ds, chunks)
+    return Target(ds, source.layout, chunks, shards, sources)
+
+
+def _source_dim(var: xr.DataArray, dim: str) -> str | None:
+    for c in var.coords.values():
+        if str(c.name).startswith(INDEX_PREFIX) and c.dims == (dim,):
+            return str(c.name)[len(INDEX_PREFIX) :]
+    return None
+
+
+def _resolve_chunks(
+    req: CacheRequest, ds: xr.Dataset, layout: SourceLayout, sources: Mapping[str, str | None]
+) -> dict[str, dict[str, int]]:
+    asked = {} if req.chunks == "auto" else dict(req.chunks)
+    unknown = [d for d in asked if d not in ds.dims]
+    if unknown:
+        raise RequestError(
+            f"chunks['{unknown[0]}']",
+            asked[unknown[0]],
+            "names no dimension of the target",
+            f"Use dimensions of the target: {sorted(map(str, ds.dims))}",
+        )
+    out: dict[str, dict[str, int]] = {}
+    for name in ds.data_vars:
+        var = ds[name]
+        src = sources.get(str(name))
+        vlayout = layout.variables.get(src) if src else None
+        per: dict[str, int] = {}
+        for dim in var.dims:
+            size = int(var.sizes[dim])
+            if str(dim) in asked:
+                c = asked[str(dim)]
+                per[str(dim)] = size if c == -1 else min(int(c), size)
+                continue
+            sdim = _source_dim(var, str(dim))
+            if vlayout is not None and sdim in vlayout.dims:
+                per[str(dim)] = min(vlayout.typical_chunk(sdim), size)
+            else:
+                per[str(dim)] = size
+            per[str(dim)] = max(per[str(dim)], 1)
+        out[str(name)] = per
+    return out
+
+
+def _resolve_shards(
+    req: CacheRequest, ds: xr.Dataset, chunks: Mapping[str, dict[str, int]]
+) -> dict[str, dict[str, int]] | None:
+    if not req.shards:
+        return None
+    out: dict[str, dict[str, int]] = {}
+    for name, per in chunks.items():
+        shard = {}
+        for dim, c in per.items():
+            s = req.shards.get(dim, c)
+            s = int(ds.sizes[dim]) if s == -1 else s
+            if s % c:
+                raise RequestError(
+                    f"shards['{dim}']",
+                    s,
+                    f"must be a multiple of the chunk length {c}",
+                    f"Use {c * max(1, math.ceil(s / c))}",
+                )
+            shard[dim] = s
+        out[name] = shard
+    return out
+
+
+_SOURCE_FIELDS = {"data_uri", "engine", "open_options", "storage_options"}
+
+
+def cached_source(req: CacheRequest) -> Source:
+    """Open a source once per process (planning, recommendations and jobs share it).
+
+    The key holds the files' sizes and modification times, so a changed source is reopened.
+    """
+    uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
+    state = canonical_json([_file_state(u) for u in uris])
+    return _cached_source(req.model_dump_json(include=_SOURCE_FIELDS), state)
+
+
+@lru_cache(maxsize=4)
+def _cached_source(source_json: str, state: str) -> Source:
+    fields = CacheRequest.model_validate_json(source_json)
+    return open_source(fields)
+
+
+@lru_cache(maxsize=8)
+def cached_target(request_json: str) -> Target:
+    """Open and transform once per process (workers run many jobs of one request)."""
+    req = CacheRequest.model_validate_json(request_json)
+    return build_target(req, cached_source(req))

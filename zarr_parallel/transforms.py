@@ -1,0 +1,327 @@
+"""The registry of named, declarative, pure data transforms.
+
+Preprocessors and per-variable transforms arrive as data, ``{"type": NAME, **kwargs}``, from the
+Python API, a request file or the Prefect UI. They are looked up here by name; nothing the user
+writes is evaluated. Plug-ins add names through the ``zarr_parallel.transforms`` entry point group:
+each entry point loads a callable ``fn(ds, ctx, **kwargs) -> xarray.Dataset``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from zarr_parallel.errors import RequestError
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "zarr_parallel.transforms"
+
+
+@dataclass(frozen=True)
+class TransformContext:
+    """Where a transform runs: ``variable`` is set for per-variable transforms.
+
+    ``parameter`` names the request field for error messages, e.g. ``preprocessors[0]``.
+    """
+
+    parameter: str
+    variable: str | None = None
+
+
+Transform = Callable[..., xr.Dataset]
+_BUILTIN: dict[str, Transform] = {}
+_ALIASES = {"subset": "sel", "reverse_axis": "reverse", "tiled": "tiled"}
+
+
+def register(name: str) -> Callable[[Transform], Transform]:
+    """Register a built-in transform under ``name``."""
+
+    def deco(fn: Transform) -> Transform:
+        _BUILTIN[name] = fn
+        return fn
+
+    return deco
+
+
+@cache
+def _plugins() -> dict[str, Transform]:
+    found: dict[str, Transform] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            found[ep.name] = ep.load()
+        except Exception as e:  # a broken plug-in must not break the built-ins
+            logger.warning("could not load transform plug-in %s: %s", ep.name, e)
+    return found
+
+
+def known_transforms() -> list[str]:
+    """Names accepted in ``{"type": NAME}``, built-in, aliases and plug-ins."""
+    return sorted({*_BUILTIN, *(a for a in _ALIASES if a != "tiled"), *_plugins()})
+
+
+def lookup(name: str, parameter: str) -> Transform:
+    """The transform registered as ``name``; a :class:`RequestError` naming the known ones."""
+    canonical = _ALIASES.get(name, name)
+    if canonical in _BUILTIN:
+        return _BUILTIN[canonical]
+    plugins = _plugins()
+    if name in plugins:
+        return plugins[name]
+    if name == "tiled":
+        raise RequestError(
+            parameter,
+            name,
+            "0.5's 'tiled' is the 'tiles' request option here",
+            "Remove it from the list and set tiles={'latitude': 64, 'longitude': 64}",
+        )
+    raise RequestError(
+        parameter,
+        name,
+        "is not a known transform",
+        f"Use one of {known_transforms()}, or register a plug-in in the "
+        f"'{ENTRY_POINT_GROUP}' entry point group",
+    )
+
+
+def validate_spec(spec: Any, parameter: str) -> dict[str, Any]:
+    """Check one ``{"type": NAME, ...}`` entry and return a copy of it."""
+    if not isinstance(spec, Mapping) or "type" not in spec:
+        raise RequestError(
+            parameter,
+            spec,
+            "must be a mapping with a 'type' key",
+            "Write e.g. {'type': 'sel', 'time': ['2020-01-01', '2020-01-31']}",
+        )
+    lookup(str(spec["type"]), f"{parameter}.type")
+    return dict(spec)
+
+
+def apply_transforms(
+    ds: xr.Dataset, specs: Sequence[Mapping[str, Any]], parameter: str, variable: str | None = None
+) -> xr.Dataset:
+    """Apply ``specs`` in order; errors name the failing entry."""
+    for i, spec in enumerate(specs):
+        where = f"{parameter}[{i}]"
+        kwargs = {k: v for k, v in spec.items() if k != "type"}
+        fn = lookup(str(spec["type"]), f"{where}.type")
+        ctx = TransformContext(where, variable)
+        try:
+            ds = fn(ds, ctx, **kwargs)
+        except RequestError:
+            raise
+        except Exception as e:
+            raise RequestError(
+                where,
+                dict(spec),
+                f"failed: {type(e).__name__}: {e}",
+                "Check the transform's arguments against the data's dimensions and coordinates",
+            ) from e
+    return ds
+
+
+def _indexer(value: Any, positional: bool) -> Any:
+    """Two items are a slice, three a slice with a step; anything else passes through."""
+    if isinstance(value, list | tuple):
+        if len(value) == 2:
+            return slice(value[0], value[1])
+        if len(value) == 3:
+            return slice(value[0], value[1], value[2])
+        return list(value)
+    if isinstance(value, Mapping) and {"start", "stop"} & set(value):
+        return slice(value.get("start"), value.get("stop"), value.get("step"))
+    return value
+
+
+def _check_dims(ds: xr.Dataset, names: Sequence[str], ctx: TransformContext) -> None:
+    for d in names:
+        if d not in ds.dims:
+            raise RequestError(
+                f"{ctx.parameter}.{d}",
+                d,
+                "is not a dimension of the data",
+                f"Use one of {sorted(map(str, ds.dims))}",
+            )
+
+
+def _select(
+    ds: xr.Dataset, ctx: TransformContext, indexers: Mapping[str, Any], positional: bool
+) -> xr.Dataset:
+    _check_dims(ds, list(indexers), ctx)
+    out = ds
+    for dim, raw in indexers.items():
+        idx = _indexer(raw, positional)
+        try:
+            selected = out.isel({dim: idx}) if positional else out.sel({dim: idx})
+        except KeyError as e:
+            raise RequestError(
+                f"{ctx.parameter}.{dim}",
+                raw,
+                f"selects labels not in the data ({e})",
+                f"Use labels within {_range_text(out, dim)}",
+            ) from e
+        if dim in selected.dims and selected.sizes[dim] == 0:
+            hint = f"Use labels within {_range_text(out, dim)}"
+            if isinstance(idx, slice) and not positional and dim in out.indexes:
+                flipped = out.sel({dim: slice(idx.stop, idx.start, idx.step)})
+                if flipped.sizes[dim] > 0:
+                    hint = (
+                        f"{dim} is stored in the other order; write the ends as "
+                        f"[{idx.stop!r}, {idx.start!r}]"
+                    )
+            raise RequestError(
+                f"{ctx.parameter}.{dim}", raw, "selects nothing (outside the data)", hint
+            )
+        out = selected
+    return out
+
+
+def _range_text(ds: xr.Dataset, dim: str) -> str:
+    if dim not in ds.coords or ds.sizes[dim] == 0:
+        return f"0..{ds.sizes.get(dim, 0) - 1}"
+    values = ds[dim].values
+    return f"{values[0]}..{values[-1]}"
+
+
+@register("sel")
+def _sel(ds: xr.Dataset, ctx: TransformContext, **indexers: Any) -> xr.Dataset:
+    """Label selection; two-item lists are slices with inclusive ends."""
+    return _select(ds, ctx, indexers, positional=False)
+
+
+@register("isel")
+def _isel(ds: xr.Dataset, ctx: TransformContext, **indexers: Any) -> xr.Dataset:
+    """Positional selection; two-item lists are slices (stop exclusive)."""
+    return _select(ds, ctx, indexers, positional=True)
+
+
+@register("rename")
+def _rename(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
+    """Rename variables or dimensions: xarray's form or 0.5's ``{var_id, new_name}``."""
+    if "var_id" in kwargs or "new_name" in kwargs:
+        mapping: dict[str, str] = {kwargs["var_id"]: kwargs["new_name"]}
+    elif "new_name_or_name_dict" in kwargs:
+        value = kwargs.pop("new_name_or_name_dict")
+        if isinstance(value, str):
+            if ctx.variable is None:
+                raise RequestError(
+                    ctx.parameter,
+                    value,
+                    "a single new name only works per variable",
+                    "Give a mapping {'old': 'new'}, or put it under variables",
+                )
+            mapping = {ctx.variable: value}
+        else:
+            mapping = dict(value)
+        mapping.update(kwargs)
+    else:
+        mapping = dict(kwargs.get("name_dict", kwargs))
+    missing = [k for k in mapping if k not in ds.variables and k not in ds.dims]
+    if missing:
+        raise RequestError(
+            ctx.parameter,
+            missing,
+            "names nothing in the data",
+            f"Rename one of {sorted(map(str, ds.variables))}",
+        )
+    return ds.rename(mapping)
+
+
+@register("reverse")
+def _reverse(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
+    """Flip dimensions, e.g. ``{"type": "reverse", "dim": "latitude"}``."""
+    dims = kwargs.get("dims", kwargs.get("dim", kwargs.get("axis")))
+    names = [dims] if isinstance(dims, str) else list(dims or [])
+    _check_dims(ds, names, ctx)
+    return ds.isel({d: slice(None, None, -1) for d in names})
+
+
+@register("roll")
+def _roll(ds: xr.Dataset, ctx: TransformContext, **shifts: Any) -> xr.Dataset:
+    """Roll along dimensions, coordinates included (e.g. longitude 0..360 to -180..180)."""
+    roll_coords = bool(shifts.pop("roll_coords", True))
+    shifts = dict(shifts.pop("shifts", shifts))
+    _check_dims(ds, list(shifts), ctx)
+    return ds.roll({k: int(v) for k, v in shifts.items()}, roll_coords=roll_coords)
+
+
+@register("transpose")
+def _transpose(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
+    """Reorder dimensions."""
+    dims = list(kwargs.get("dims", []))
+    _check_dims(ds, [d for d in dims if d != "..."], ctx)
+    return ds.transpose(*dims)
+
+
+@register("sortby")
+def _sortby(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
+    """Sort by coordinate values."""
+    return ds.sortby(kwargs.get("variables"), ascending=bool(kwargs.get("ascending", True)))
+
+
+@register("squeeze")
+def _squeeze(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
+    """Drop length-1 dimensions."""
+    return ds.squeeze(kwargs.get("dim"), drop=bool(kwargs.get("drop", False)))
+
+
+@register("drop_vars")
+def _drop_vars(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
+    """Drop variables by name."""
+    names = kwargs.get("names", kwargs.get("name"))
+    names = [names] if isinstance(names, str) else list(names or [])
+    return ds.drop_vars(names, errors=kwargs.get("errors", "raise"))
+
+
+@register("assign_attrs")
+def _assign_attrs(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
+    """Set attributes: on the variable in a per-variable list, else on the dataset."""
+    attrs = dict(kwargs.get("attrs", kwargs))
+    if ctx.variable is not None:
+        ds = ds.copy()
+        ds[ctx.variable].attrs.update(attrs)
+        return ds
+    return ds.assign_attrs(attrs)
+
+
+@register("astype")
+def _astype(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
+    """Cast data variables (the one in a per-variable list, else all) to ``dtype``."""
+    dtype = np.dtype(kwargs["dtype"])
+    names = [ctx.variable] if ctx.variable else list(ds.data_vars)
+    out = ds.copy()
+    for name in names:
+        var = out[name]
+        out[name] = var.astype(dtype, keep_attrs=True)
+        out[name].encoding = {
+            k: v
+            for k, v in var.encoding.items()
+            if k not in ("dtype", "scale_factor", "add_offset")
+        }
+    return out
+
+
+@register("encoding")
+def _encoding(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
+    """Set storage encoding keys of a variable (``dtype``, ``_FillValue``, ``units``...)."""
+    allowed = {"dtype", "_FillValue", "scale_factor", "add_offset", "units", "calendar"}
+    bad = sorted(set(kwargs) - allowed)
+    if bad:
+        raise RequestError(
+            ctx.parameter,
+            bad,
+            "are not encoding keys this transform sets",
+            f"Use only {sorted(allowed)}",
+        )
+    names = [ctx.variable] if ctx.variable else list(ds.data_vars)
+    out = ds.copy()
+    for name in names:
+        out[name].encoding = {**out[name].encoding, **kwargs}
+    return out

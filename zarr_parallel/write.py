@@ -1,0 +1,149 @@
+"""Run one write job: read its region once, transform, write whole chunks, record it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import psutil
+
+from zarr_parallel.store import array_checksum, plan_record, record_job, write_region
+from zarr_parallel.target import cached_target
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PeakMemory:
+    """Peak resident memory above the starting level, sampled in a thread."""
+
+    interval: float = 0.005
+    start: int = 0
+    peak: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def increase(self) -> int:
+        """Peak bytes above the level at start."""
+        return max(0, self.peak - self.start)
+
+    def _run(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, proc.memory_info().rss)
+
+
+@contextmanager
+def measure_peak() -> Iterator[PeakMemory]:
+    """Measure the peak RSS increase of the block."""
+    rss = psutil.Process().memory_info().rss
+    meter = PeakMemory(start=rss, peak=rss)
+    thread = threading.Thread(target=meter._run, daemon=True)
+    thread.start()
+    try:
+        yield meter
+    finally:
+        meter._stop.set()
+        thread.join()
+        meter.peak = max(meter.peak, psutil.Process().memory_info().rss)
+
+
+@lru_cache(maxsize=8)
+def _plan_jobs(version: str) -> tuple[str, dict[int, tuple[list[str], list[list[Any]], int]]]:
+    rec = plan_record(Path(version))
+    if rec is None:
+        raise FileNotFoundError(f"{version} has no plan.json: it was not initialised")
+    jobs = {int(j[0]): (list(j[1]), [list(r) for r in j[2]], int(j[3])) for j in rec["job_list"]}
+    return str(rec["fingerprint"]), jobs
+
+
+def run_job(
+    request_json: str, version: str, job_id: int, generate_stats: bool = False
+) -> dict[str, Any]:
+    """Write job ``job_id`` of the plan stored in ``version`` and record it.
+
+    Returns the job's record: id, region, fingerprint, bytes, checksums, duration, peak memory
+    (and per-variable statistics when asked).
+    """
+    t0 = time.perf_counter()
+    fp, jobs = _plan_jobs(version)
+    variables, region, estimate = jobs[job_id]
+    target = cached_target(request_json)
+    slices = {str(d): slice(int(a), int(b)) for d, a, b in region}
+    written = 0
+    checksums: dict[str, str] = {}
+    stats: dict[str, dict[str, float]] = {}
+    with measure_peak() as peak, dask.config.set(scheduler="synchronous"):
+        for name in variables:
+            var = target.dataset[name]
+            sel = {d: s for d, s in slices.items() if d in var.dims}
+            part = target.clean(var.isel(sel).to_dataset())[name]
+            part = part.load()
+            write_region(Path(version), name, part, sel)
+            values = part.values
+            written += values.nbytes
+            checksums[name] = array_checksum(values)
+            if generate_stats:
+                stats[name] = _stats(values)
+            del part, values
+    record = {
+        "id": job_id,
+        "region": region,
+        "variables": variables,
+        "fingerprint": fp,
+        "bytes": written,
+        "checksums": checksums,
+        "seconds": round(time.perf_counter() - t0, 4),
+        "peak_memory": peak.increase,
+        "estimated_memory": estimate,
+        "pid": os.getpid(),
+        "host": os.uname().nodename,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+    if generate_stats:
+        record["stats"] = stats
+    record_job(Path(version), record)
+    return record
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    if not np.issubdtype(values.dtype, np.number):
+        return {"count": float(values.size)}
+    finite = values[np.isfinite(values)] if np.issubdtype(values.dtype, np.floating) else values
+    return {
+        "count": float(values.size),
+        "nan_count": float(values.size - finite.size),
+        "min": float(finite.min()) if finite.size else float("nan"),
+        "max": float(finite.max()) if finite.size else float("nan"),
+        "sum": float(finite.sum(dtype="float64")) if finite.size else 0.0,
+    }
+
+
+def merge_stats(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Combine per-job statistics into per-variable count/min/max/mean/NaN-count."""
+    out: dict[str, dict[str, float]] = {}
+    for rec in records:
+        for name, s in rec.get("stats", {}).items():
+            acc = out.setdefault(
+                name, {"count": 0.0, "nan_count": 0.0, "min": np.inf, "max": -np.inf, "sum": 0.0}
+            )
+            acc["count"] += s.get("count", 0.0)
+            acc["nan_count"] += s.get("nan_count", 0.0)
+            acc["sum"] += s.get("sum", 0.0)
+            if "min" in s and np.isfinite(s["min"]):
+                acc["min"] = min(acc["min"], s["min"])
+                acc["max"] = max(acc["max"], s["max"])
+    for acc in out.values():
+        valid = acc["count"] - acc["nan_count"]
+        acc["mean"] = acc.pop("sum") / valid if valid else float("nan")
+    return out
