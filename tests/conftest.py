@@ -1,0 +1,71 @@
+"""Shared fixtures: one ERA5-like dataset factory and one Prefect API per test session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+from zarr_parallel.examples import make_era5_like  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api() -> Iterator[str]:
+    """One temporary Prefect API for the whole session, exported to subprocesses.
+
+    Dask workers and CLI subprocesses inherit ``PREFECT_API_URL`` and so never start a
+    temporary server of their own (DESIGN §6).
+    """
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        url = str(PREFECT_API_URL.value())
+        previous = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            yield url
+        finally:
+            if previous is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous
+
+
+@pytest.fixture(scope="session")
+def era5_factory(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Make (and cache per session) ERA5-like netCDF4 datasets: ``era5_factory(**kwargs)``.
+
+    Keyword arguments are those of :func:`zarr_parallel.examples.make_era5_like`; the same
+    arguments give the same files.
+    """
+    made: dict[str, list[Path]] = {}
+
+    def make(**kwargs: Any) -> list[Path]:
+        key = repr(sorted(kwargs.items()))
+        if key not in made:
+            folder = tmp_path_factory.mktemp("era5")
+            made[key] = make_era5_like(folder, **kwargs)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def era5_files(era5_factory: Any) -> list[Path]:
+    """Three files of 24, 24 and 12 hourly steps, HDF5 chunks (6, 40, 72), 73 × 144 grid."""
+    return era5_factory(n_files=3, steps_per_file=[24, 24, 12], chunks=(6, 40, 72))
+
+
+@pytest.fixture(scope="session")
+def era5_archive_files(era5_factory: Any) -> list[Path]:
+    """Four files of 24 steps in the archive layout: one step × full grid per chunk."""
+    return era5_factory(n_files=4, steps_per_file=24)
