@@ -11,7 +11,8 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -78,8 +79,11 @@ def write_flow(prepared: Prepared) -> list[dict[str, Any]]:
     groups = group_jobs(prepared.todo)
     if len(groups) < len(prepared.todo):
         logger.info("%d jobs grouped into %d write tasks", len(prepared.todo), len(groups))
-    progress = create_progress_artifact(
-        0.0, key=artifact_key("zp-progress", prepared), description="Share of write jobs done"
+    progress = cast(
+        UUID,
+        create_progress_artifact(
+            0.0, key=artifact_key("zp-progress", prepared), description="Share of write jobs done"
+        ),
     )
     task = write_task.with_options(retries=req.retries, retry_delay_seconds=1)
     futures = [
@@ -88,8 +92,7 @@ def write_flow(prepared: Prepared) -> list[dict[str, Any]]:
     ]
     results: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    done = 0
-    for fut in as_completed(futures):
+    for done, fut in enumerate(as_completed(futures), start=1):
         fut.wait()
         state = fut.state
         group = groups[futures.index(fut)]
@@ -106,7 +109,6 @@ def write_flow(prepared: Prepared) -> list[dict[str, Any]]:
                         "message": state.message,
                     }
                 )
-        done += 1
         update_progress_artifact(progress, 100.0 * done / max(1, len(futures)))
     if failed:
         names = "; ".join(f"job {f['id']} {f['region']}" for f in failed[:10])

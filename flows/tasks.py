@@ -47,8 +47,7 @@ def finish_task(
 def artifact_key(prefix: str, prepared_or_path: Any) -> str:
     """A keyed artifact name (``^[a-z0-9-]*$``) for this cache."""
     name = str(
-        (getattr(prepared_or_path, "paths", None)
-        and prepared_or_path.paths.final.name)
+        (getattr(prepared_or_path, "paths", None) and prepared_or_path.paths.final.name)
         or prepared_or_path
     )
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

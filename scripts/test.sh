@@ -12,4 +12,4 @@ if [ -x scripts/slurm-local.sh ] || [ -f scripts/slurm-local.sh ]; then
   bash scripts/slurm-local.sh start
 fi
 python -m pytest -q "$@"
-mkdocs build --strict -q
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict -q

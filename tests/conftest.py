@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
-from zarr_parallel.examples import make_era5_like  # noqa: E402
+from zarr_parallel.examples import make_era5_like
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

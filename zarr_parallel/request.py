@@ -60,6 +60,7 @@ class CacheRequest(BaseModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec storage options for remote sources"
     )
+    # -- [sources] fields go here --
     preprocessors: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Transforms applied in order: [{'type': 'sel', 'time': [start, end]}, ...]",
@@ -73,6 +74,7 @@ class CacheRequest(BaseModel):
     shards: dict[str, int] | None = Field(
         None, description="Zarr v3 shard shape {dim: size}, multiples of chunks (optional)"
     )
+    # -- [tiling] fields go here --
     cache_store: str | None = Field(None, description="Final path of the cache")
     cache_dir: str | None = Field(None, description="Directory for <cache_name><cache_label>.zarr")
     cache_name: str | None = Field(
@@ -97,6 +99,7 @@ class CacheRequest(BaseModel):
         None, description="Address of an existing dask scheduler (dask_distributed)"
     )
     slurm: SlurmOptions = Field(default_factory=SlurmOptions, description="SLURM settings")
+    # -- [parallel] fields go here --
     retries: int = Field(2, ge=0, le=20, description="Retries of a failed write job")
     overwrite: bool = Field(True, description="Replace a cache whose request or source changed")
     resume: bool | Literal["auto"] = Field(
@@ -105,9 +108,11 @@ class CacheRequest(BaseModel):
     recommend_changes: Literal["halt", "apply", "proceed"] = Field(
         "halt", description="When the plan re-reads source chunks: halt, apply the best, or proceed"
     )
+    # -- [reliability] fields go here --
     keep_versions: int = Field(2, ge=1, description="Complete versions kept beside the cache")
     generate_stats: bool = Field(False, description="Gather count/min/max/mean/NaN per variable")
     log_level: int = Field(0, ge=0, le=2, description="0 quiet, 1 info, 2 debug")
+    # -- [deployments] fields go here --
 
     @field_validator("deploy_mode", mode="before")
     @classmethod
@@ -240,10 +245,14 @@ def build_request(base_dir: str | Path | None = None, **fields: Any) -> CacheReq
 
 
 _FIXES = {
-    "chunks": "Give positive sizes per dimension, e.g. {'time': 48}, -1 for a whole dimension, or 'auto'",
+    "chunks": (
+        "Give positive sizes per dimension, e.g. {'time': 48}, -1 for a whole dimension, or 'auto'"
+    ),
     "deploy_mode": "Use 'series', 'dask_distributed' or 'SLURM'",
     "recommend_changes": "Use 'halt', 'apply' or 'proceed'",
-    "engine": "Leave it unset to detect from data_uri, or name one of h5netcdf, netcdf4, kerchunk, zarr",
+    "engine": (
+        "Leave it unset to detect from data_uri, or name one of h5netcdf, netcdf4, kerchunk, zarr"
+    ),
     "num_jobs": "Use a positive whole number",
     "log_level": "Use 0, 1 or 2",
 }

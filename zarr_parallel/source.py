@@ -381,5 +381,7 @@ def source_stem(req: CacheRequest) -> str:
         stems = [s.removesuffix(suffix) for s in stems]
     if len(stems) == 1:
         return stems[0] or "cache"
-    common = os.path.commonprefix(stems).rstrip("_-. 0123456789")
+    # A character-wise common prefix is what is wanted here: "era5_2020" and "era5_2021" share
+    # the stem "era5".
+    common = os.path.commonprefix(stems).rstrip("_-. 0123456789")  # noqa: RUF071
     return common or "cache"

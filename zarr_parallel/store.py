@@ -105,6 +105,7 @@ class CachePaths:
 
 def resolve_paths(req: CacheRequest) -> CachePaths:
     """The final cache path of a request; refuses paths that cannot be written."""
+    value: str | None
     if req.cache_store is not None:
         final = Path(req.cache_store).expanduser()
         parameter, value = "cache_store", req.cache_store
@@ -324,4 +325,4 @@ def array_checksum(values: np.ndarray) -> str:
     """CRC32 of an array's bytes (what a job wrote), as hex."""
     import zlib
 
-    return f"{zlib.crc32(np.ascontiguousarray(values).view(np.uint8).ravel()):08x}"
+    return f"{zlib.crc32(np.ascontiguousarray(values).data):08x}"
