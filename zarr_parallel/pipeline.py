@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from zarr_parallel.errors import RecommendationsPending, RequestError
 from zarr_parallel.plan import Limits, Plan, plan_jobs
+from zarr_parallel.preflight import run_preflight
 from zarr_parallel.recommend import Recommendation, recommend
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.store import (
@@ -117,6 +118,8 @@ def prepare(req: CacheRequest) -> Prepared:
             target, plan = make_plan(req)
             logger.info("applied recommendation: %s", applied.sentence)
     version, status, todo = _choose_version(req, paths, plan)
+    if status != "up_to_date":
+        run_preflight(req, paths, target, plan, source, todo)
     return Prepared(req, paths, plan, version, status, todo, recs, applied, source.layout.to_json())
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from zarr_parallel.errors import RequestError
 from zarr_parallel.plan import canonical_json, fingerprint
+from zarr_parallel.remote import MASK, check_no_secrets, is_secret_key, redact
 from zarr_parallel.transforms import validate_spec
 from zarr_parallel.units import parse_duration, parse_memory
 
@@ -61,6 +62,26 @@ class CacheRequest(BaseModel):
         default_factory=dict, description="fsspec storage options for remote sources"
     )
     # -- [sources] fields go here --
+    keep_packing: bool = Field(
+        False,
+        description="Write packed variables (ints with scale_factor/add_offset) packed, as the "
+        "source stores them; default: decoded as xarray decodes them",
+    )
+    remote_concurrency: int = Field(
+        8, ge=1, le=256, description="Most remote requests in flight per worker (URLs, S3)"
+    )
+    remote_retries: int = Field(
+        6,
+        ge=0,
+        le=30,
+        description="Retries of a transient remote error (5xx, 429, reset, timeout), with backoff",
+    )
+    check_free_space: bool = Field(
+        True, description="Refuse to start when the cache's filesystem lacks space or inodes"
+    )
+    free_space_reserve: str | int = Field(
+        "0", description="Space to leave free on the cache's filesystem, e.g. '50GB'"
+    )
     preprocessors: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Transforms applied in order: [{'type': 'sel', 'time': [start, end]}, ...]",
@@ -210,6 +231,7 @@ class CacheRequest(BaseModel):
                 "shards",
                 "add_attrs",
                 "zarr_format",
+                "keep_packing",
             }
         )
         return fingerprint(canonical_json(content))
@@ -227,7 +249,9 @@ def build_request(base_dir: str | Path | None = None, **fields: Any) -> CacheReq
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "request"
-        value = err.get("input")
+        # Never echo a credential back (error text is logged and shown in Prefect).
+        secret = bool(err["loc"]) and is_secret_key(str(err["loc"][-1]))
+        value = MASK if secret else redact(err.get("input"))
         if err["type"] == "extra_forbidden":
             raise RequestError(
                 loc,
@@ -266,6 +290,7 @@ def is_remote(uri: str) -> bool:
 def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
     updates: dict[str, Any] = {}
     # Sources.
+    check_no_secrets(req.data_uri, req.storage_options)
     uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
     if not uris:
         raise RequestError("data_uri", req.data_uri, "names no source", "Give a path, glob or list")
@@ -299,6 +324,8 @@ def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
     # Memory and time strings parse now, not mid-run.
     limit = req.memory_bytes
     reserve = req.reserve_bytes
+    if req.free_space_reserve not in (0, "0"):
+        parse_memory(req.free_space_reserve, "free_space_reserve")
     if reserve >= limit:
         raise RequestError(
             "memory_limit",

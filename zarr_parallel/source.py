@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
+from zarr_parallel import combine, remote
 from zarr_parallel.errors import RequestError
 from zarr_parallel.plan import canonical_json, fingerprint
 from zarr_parallel.request import CacheRequest, is_remote
@@ -62,6 +65,8 @@ class SourceLayout:
     concat_dim: str | None
     variables: Mapping[str, VarLayout]
     digest: str
+    #: True when data is read over the network (a URL, or references to URLs).
+    remote: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """JSON description (stored in the cache's manifest)."""
@@ -89,6 +94,8 @@ class Source:
 
     dataset: xr.Dataset
     layout: SourceLayout
+    #: A kerchunk source's reference document (read once; layout and checks use it).
+    refs: Mapping[str, Any] | None = None
 
 
 def detect_engine(req: CacheRequest) -> str:
@@ -114,16 +121,18 @@ def detect_engine(req: CacheRequest) -> str:
 def open_source(req: CacheRequest) -> Source:
     """Open the request's source lazily and inspect its chunk layout."""
     engine = detect_engine(req)
-    uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
+    uris = _expand_remote_globs(req)
+    refs: dict[str, Any] = {}
     try:
         if engine == "kerchunk":
-            ds = _open_kerchunk(uris[0], req)
+            refs = _kerchunk_refs(uris[0], req)
+            ds = _open_kerchunk(refs, req)
         elif engine == "zarr":
             ds = xr.open_dataset(
                 uris[0],
                 engine="zarr",
                 chunks={},
-                storage_options=req.storage_options or None,
+                storage_options=_options(uris[0], req) or None,
                 **req.open_options,
             )
         else:
@@ -133,13 +142,15 @@ def open_source(req: CacheRequest) -> Source:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RequestError(
             "data_uri",
-            req.data_uri,
-            f"could not be opened as {engine} ({type(e).__name__}: {e})",
-            "Check that the files are complete netCDF4/HDF5, kerchunk JSON or Zarr, and that "
-            "engine matches them",
+            remote.redact(req.data_uri),
+            remote.redact_text(
+                f"could not be opened as {engine} ({remote.describe_failure(e)}: {e})"
+            ),
+            "Check that the files are complete netCDF4/HDF5, kerchunk JSON or Zarr, that "
+            "engine matches them, and for URLs that they exist and the credentials allow reading",
         ) from e
     if engine == "kerchunk":
-        layout_vars = _kerchunk_layout(uris[0], ds, req)
+        layout_vars = _kerchunk_layout(refs, ds)
         files, concat_dim = [uris[0]], None
     elif engine == "zarr":
         layout_vars = _zarr_layout(uris[0], ds, req)
@@ -147,14 +158,36 @@ def open_source(req: CacheRequest) -> Source:
     else:
         layout_vars = _hdf5_layout(files, ds, concat_dim, file_lengths, req)
     stats = [_file_state(f) for f in files]
+    if refs:
+        # A remote reference file has no mtime: its content identifies the source's state.
+        stats.append([fingerprint(canonical_json(refs))])
+    if concat_dim is None:
+        for dim in ds.dims:
+            if dim in ds.coords and np.issubdtype(ds[dim].dtype, np.datetime64):
+                combine.check_steps(ds, str(dim), files, [int(ds.sizes[dim])])
     digest = fingerprint(
         canonical_json([engine, list(files), concat_dim, stats]),
         canonical_json(
             {k: [v.dims, v.boundaries, v.read_itemsize] for k, v in layout_vars.items()}
         ),
     )
-    layout = SourceLayout(engine, tuple(files), concat_dim, layout_vars, digest)
-    return Source(ds, layout)
+    is_url = any(is_remote(f) for f in files) or (bool(refs) and _remote_protocol(refs) != "file")
+    layout = SourceLayout(engine, tuple(files), concat_dim, layout_vars, digest, is_url)
+    return Source(ds, layout, refs or None)
+
+
+@lru_cache(maxsize=8)
+def _read_concurrency(request_json: str) -> int:
+    return CacheRequest.model_validate_json(request_json).remote_concurrency
+
+
+def read_settings(request_json: str, layout: SourceLayout) -> dict[str, Any]:
+    """Dask settings for a job's reads: ``remote_concurrency`` threads for remote sources, so
+    that many chunk requests are in flight; synchronous for local files (HDF5 reads are
+    serialised behind one lock anyway)."""
+    if layout.remote:
+        return {"scheduler": "threads", "num_workers": _read_concurrency(request_json)}
+    return {"scheduler": "synchronous"}
 
 
 def _file_state(path: str) -> list[Any]:
@@ -169,24 +202,70 @@ def _file_state(path: str) -> list[Any]:
     return [path, st.st_size, st.st_mtime_ns]
 
 
+def _options(uri: str, req: CacheRequest) -> dict[str, Any]:
+    """fsspec options for opening ``uri`` in this process ({} for local paths)."""
+    if not is_remote(uri):
+        return {}
+    return remote.fsspec_options(
+        req.storage_options, remote.protocol_of(uri), req.remote_concurrency, req.remote_retries
+    )
+
+
+def _expand_remote_globs(req: CacheRequest) -> list[str]:
+    """``data_uri`` as a list, with remote glob patterns (``s3://bucket/era5_*.nc``) expanded."""
+    import fsspec
+
+    uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
+    out: list[str] = []
+    for uri in uris:
+        protocol = remote.protocol_of(uri)
+        if not is_remote(uri) or protocol in ("http", "https") or not glob_magic(uri):
+            out.append(uri)
+            continue
+        fs = fsspec.filesystem(protocol, **_options(uri, req))
+        found = sorted(fs.glob(uri))
+        if not found:
+            raise RequestError(
+                "data_uri", remote.redact_url(uri), "matches no files", "Check the pattern"
+            )
+        out += [f if "://" in f else f"{protocol}://{f}" for f in found]
+    return out
+
+
+def glob_magic(uri: str) -> bool:
+    """True when a path has glob characters."""
+    return any(c in uri for c in "*?[")
+
+
+def _h5_target(uri: str, req: CacheRequest) -> Any:
+    """What h5py and xarray open: the path itself, or an fsspec file object for a URL."""
+    if not is_remote(uri):
+        return uri
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri, **_options(uri, req))
+    return fs.open(path, "rb")
+
+
 def _open_netcdf(
     uris: Sequence[str], engine: str, req: CacheRequest
 ) -> tuple[xr.Dataset, list[str], str | None, list[int]]:
     opts = {"engine": engine, "chunks": {}, **req.open_options}
     if len(uris) == 1:
-        return xr.open_dataset(uris[0], **opts), [uris[0]], None, []
+        return xr.open_dataset(_h5_target(uris[0], req), **opts), [uris[0]], None, []
     parts = []
     for uri in uris:
         try:
-            parts.append(xr.open_dataset(uri, **opts))
+            parts.append(xr.open_dataset(_h5_target(uri, req), **opts))
         except Exception as e:
             raise RequestError(
                 "data_uri",
-                uri,
-                f"could not be opened ({type(e).__name__}: {e})",
-                "Remove or replace the damaged file",
+                remote.redact_url(uri),
+                remote.redact_text(f"could not be opened ({remote.describe_failure(e)}: {e})"),
+                "Remove or replace the damaged file (for a URL: check it exists and may be read)",
             ) from e
     concat_dim = _concat_dim(parts, uris)
+    combine.check_calendars(parts, uris, concat_dim)
     order = sorted(range(len(parts)), key=lambda i: _first_label(parts[i], concat_dim))
     parts = [parts[i] for i in order]
     files = [uris[i] for i in order]
@@ -207,7 +286,10 @@ def _open_netcdf(
             f"files do not combine along {concat_dim!r} ({e})",
             "Use files that share the same grid and variables",
         ) from e
-    return ds, files, concat_dim, [int(p.sizes[concat_dim]) for p in parts]
+    lengths = [int(p.sizes[concat_dim]) for p in parts]
+    combine.check_steps(ds, concat_dim, files, lengths)
+    ds = combine.harmonise_time_encoding(ds, parts, concat_dim)
+    return ds, files, concat_dim, lengths
 
 
 def _first_label(ds: xr.Dataset, dim: str) -> Any:
@@ -247,7 +329,7 @@ def _hdf5_layout(
         dims = tuple(str(d) for d in var.dims)
         per_file: list[tuple[tuple[int, ...], tuple[int, ...], int, bool]] = []
         for f in files if (concat_dim and concat_dim in dims) else files[:1]:
-            per_file.append(_hdf5_chunks(h5py, f, str(name), group, var))
+            per_file.append(_hdf5_chunks(h5py, _h5_target(f, req), str(name), group, var))
         boundaries: list[tuple[int, ...]] = []
         for i, dim in enumerate(dims):
             if concat_dim == dim:
@@ -272,7 +354,7 @@ def _hdf5_layout(
 
 
 def _hdf5_chunks(
-    h5py: Any, path: str, name: str, group: str | None, var: xr.DataArray
+    h5py: Any, path: Any, name: str, group: str | None, var: xr.DataArray
 ) -> tuple[tuple[int, ...], tuple[int, ...], int, bool]:
     """(shape, chunk shape, stored item size, contiguous) of one variable in one file."""
     try:
@@ -296,32 +378,49 @@ def _hdf5_chunks(
 
 
 def _kerchunk_refs(path: str, req: CacheRequest) -> dict[str, Any]:
+    """The reference file's JSON (read once: layout inspection needs nothing else)."""
     import fsspec
 
-    with fsspec.open(path, "rt", **req.storage_options.get(path.split("://")[0], {})) as f:
-        data = json.load(f)
+    with fsspec.open(path, "rt", **_options(path, req)) as f:
+        return dict(json.load(f))
+
+
+def _refs_only(data: Mapping[str, Any]) -> dict[str, Any]:
     return dict(data.get("refs", data))
 
 
-def _remote_protocol(refs: Mapping[str, Any]) -> str:
-    for value in refs.values():
-        if isinstance(value, list) and value and isinstance(value[0], str) and "://" in value[0]:
-            return value[0].split("://")[0]
+_TEMPLATE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
+
+
+def referenced_urls(data: Mapping[str, Any]) -> list[str]:
+    """The distinct files a kerchunk reference document points at (templates filled in)."""
+    templates = {str(k): str(v) for k, v in dict(data.get("templates") or {}).items()}
+    seen: dict[str, None] = {}
+    for value in _refs_only(data).values():
+        if isinstance(value, list) and value and isinstance(value[0], str) and value[0]:
+            url = _TEMPLATE.sub(lambda m: templates.get(m.group(1), m.group(0)), value[0])
+            seen.setdefault(url, None)
+    return list(seen)
+
+
+def _remote_protocol(data: Mapping[str, Any]) -> str:
+    for url in referenced_urls(data):
+        if "://" in url:
+            return url.split("://")[0]
     return "file"
 
 
-def _open_kerchunk(path: str, req: CacheRequest) -> xr.Dataset:
-    refs = _kerchunk_refs(path, req)
-    protocol = _remote_protocol(refs)
-    so = {
-        "fo": path,
-        "remote_protocol": protocol,
-        **(
-            {"remote_options": req.storage_options.get(protocol, {})}
-            if protocol in req.storage_options
-            else {}
-        ),
-    }
+def _open_kerchunk(data: dict[str, Any], req: CacheRequest) -> xr.Dataset:
+    protocol = _remote_protocol(data)
+    so: dict[str, Any] = {"fo": data, "remote_protocol": protocol}
+    if protocol != "file":
+        # Zarr opens the reference filesystem asynchronously; its target must match.
+        so["remote_options"] = {
+            **remote.fsspec_options(
+                req.storage_options, protocol, req.remote_concurrency, req.remote_retries
+            ),
+            "asynchronous": True,
+        }
     return xr.open_dataset(
         "reference://",
         engine="zarr",
@@ -331,8 +430,8 @@ def _open_kerchunk(path: str, req: CacheRequest) -> xr.Dataset:
     )
 
 
-def _kerchunk_layout(path: str, ds: xr.Dataset, req: CacheRequest) -> dict[str, VarLayout]:
-    refs = _kerchunk_refs(path, req)
+def _kerchunk_layout(data: Mapping[str, Any], ds: xr.Dataset) -> dict[str, VarLayout]:
+    refs = _refs_only(data)
     layouts: dict[str, VarLayout] = {}
     for name, var in ds.data_vars.items():
         meta_raw = refs.get(f"{name}/.zarray") or refs.get(f"{name}/zarr.json")
@@ -353,7 +452,7 @@ def _kerchunk_layout(path: str, ds: xr.Dataset, req: CacheRequest) -> dict[str, 
 def _zarr_layout(path: str, ds: xr.Dataset, req: CacheRequest) -> dict[str, VarLayout]:
     import zarr
 
-    group = zarr.open_group(path, mode="r", storage_options=req.storage_options or None)
+    group = zarr.open_group(path, mode="r", storage_options=_options(path, req) or None)
     layouts: dict[str, VarLayout] = {}
     for name, var in ds.data_vars.items():
         arr = group[str(name)]

@@ -25,6 +25,7 @@ import xarray as xr
 import zarr
 
 from zarr_parallel.errors import RequestError, RunFailed
+from zarr_parallel.provenance import provenance_attrs
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.source import source_stem
 from zarr_parallel.target import Target
@@ -202,11 +203,16 @@ def iter_job_records(version: Path) -> Iterator[dict[str, Any]]:
 
 
 def _encoding(
-    var: xr.DataArray, chunks: dict[str, int], shards: dict[str, int] | None
+    var: xr.DataArray,
+    chunks: dict[str, int],
+    shards: dict[str, int] | None,
+    keep_packing: bool = False,
 ) -> dict[str, Any]:
     enc = {k: v for k, v in var.encoding.items() if k not in _STORAGE_KEYS}
-    if _PACKING_KEYS & set(enc):
+    if _PACKING_KEYS & set(enc) and not keep_packing:
         # Decoded as xarray decodes (DESIGN §2a): write the floats, not the packed integers.
+        # With keep_packing, dtype/scale_factor/add_offset/_FillValue stay: xarray packs on
+        # write exactly as the source was packed, and decodes the cache to the same values.
         for key in (*_PACKING_KEYS, "dtype", "_FillValue", "missing_value"):
             enc.pop(key, None)
     enc["chunks"] = tuple(chunks[str(d)] for d in var.dims)
@@ -227,7 +233,13 @@ def initialise_store(
         shutil.rmtree(version)
     version.parent.mkdir(parents=True, exist_ok=True)
     template = target.template()
-    out = xr.Dataset(coords={k: v for k, v in template.coords.items()}, attrs=template.attrs)
+    attrs = {
+        **template.attrs,
+        **provenance_attrs(
+            req.data_uri, req.engine, req.digest(), str(plan_json.get("fingerprint", ""))
+        ),
+    }
+    out = xr.Dataset(coords={k: v for k, v in template.coords.items()}, attrs=attrs)
     encoding: dict[str, dict[str, Any]] = {}
     for name, var in template.data_vars.items():
         chunks = target.chunks[str(name)]
@@ -235,7 +247,7 @@ def initialise_store(
         grid = tuple((shards or chunks)[str(d)] for d in var.dims)
         lazy = da.zeros(var.shape, chunks=grid or (), dtype=var.dtype)
         out[name] = xr.DataArray(lazy, dims=var.dims, attrs=var.attrs)
-        encoding[str(name)] = _encoding(var, chunks, shards)
+        encoding[str(name)] = _encoding(var, chunks, shards, req.keep_packing)
     for name, coord in template.coords.items():
         coord_enc = {k: v for k, v in coord.encoding.items() if k not in _STORAGE_KEYS}
         encoding[str(name)] = coord_enc

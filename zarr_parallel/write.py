@@ -17,6 +17,7 @@ import dask
 import numpy as np
 import psutil
 
+from zarr_parallel.source import read_settings
 from zarr_parallel.store import array_checksum, plan_record, record_job, write_region
 from zarr_parallel.target import cached_target
 
@@ -83,7 +84,7 @@ def run_job(
     written = 0
     checksums: dict[str, str] = {}
     stats: dict[str, dict[str, float]] = {}
-    with measure_peak() as peak, dask.config.set(scheduler="synchronous"):
+    with measure_peak() as peak, dask.config.set(**read_settings(request_json, target.layout)):
         for name in variables:
             var = target.dataset[name]
             sel = {d: s for d, s in slices.items() if d in var.dims}

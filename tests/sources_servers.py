@@ -1,0 +1,275 @@
+"""Real servers on loopback for the remote-source tests: HTTP with ranges, and S3 (moto).
+
+Not mocks: the HTTP server speaks HTTP/1.1 over a socket (HEAD, GET, single byte ranges) and
+can fail a deterministic ~30 % of requests the way real archives do (503/500 replies, connection
+resets, bodies cut short); the S3 server is moto's standalone server in its own process, with
+authentication enforced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+@dataclass
+class Stats:
+    """What the server saw: every request, and the failures it injected."""
+
+    requests: list[tuple[str, str, str | None, int]] = field(default_factory=list)
+    injected: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def ranges(self, path: str) -> Counter[tuple[int, int]]:
+        """Successful GET byte ranges of one file (start, end inclusive) and their counts."""
+        out: Counter[tuple[int, int]] = Counter()
+        with self.lock:
+            for method, p, rng, status in self.requests:
+                if method == "GET" and p == path and rng and status == 206:
+                    a, b = rng.split("-")
+                    out[(int(a), int(b))] += 1
+        return out
+
+
+def _failures_for(key: str) -> int:
+    """Deterministic number of failed attempts before success: 70 % none, 20 % one, 10 % two.
+
+    About 29 % of all requests fail ((0.2 + 0.2) / 1.4), spread over every kind of request.
+    """
+    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 10
+    return 0 if h < 7 else (1 if h < 9 else 2)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
+        return
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        srv = self.server
+        path = self.path.split("?")[0]
+        rng_header = self.headers.get("Range")
+        key = f"{self.command} {path} {rng_header}"
+        if srv.flaky:
+            with srv.stats.lock:
+                srv.attempts[key] += 1
+                attempt = srv.attempts[key]
+            if attempt <= _failures_for(key):
+                self._fail(attempt + int(hashlib.md5(key.encode()).hexdigest()[:2], 16), body)
+                return
+        file = (srv.root / path.lstrip("/")).resolve()
+        if not file.is_file() or srv.root not in file.parents:
+            self._reply(404, b"not found", body)
+            return
+        if path in srv.forbidden:
+            self._reply(403, b"forbidden", body)
+            return
+        data = file.read_bytes()
+        size = len(data)
+        if rng_header:
+            m = _RANGE.match(rng_header.strip())
+            if not m or (not m.group(1) and not m.group(2)):
+                self._reply(416, b"", body)
+                return
+            if m.group(1):
+                start = int(m.group(1))
+                end = min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
+            else:
+                start, end = max(0, size - int(m.group(2))), size - 1
+            if start >= size:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                self._record(416, None)
+                return
+            chunk = data[start : end + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Content-Length", str(len(chunk)))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            if body:
+                self.wfile.write(chunk)
+            self._record(206, f"{start}-{end}")
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+        self._record(200, None)
+
+    def _reply(self, status: int, payload: bytes, body: bool) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if body:
+            self.wfile.write(payload)
+        self._record(status, None)
+
+    def _fail(self, kind: int, body: bool) -> None:
+        mode = ("503", "500", "reset", "truncate")[kind % (4 if body else 3)]
+        with self.server.stats.lock:
+            self.server.stats.injected[mode] += 1
+        if mode in ("503", "500"):
+            self._reply(int(mode), b"try again", body)
+            return
+        if mode == "reset":
+            # Close without a reply: the client sees the connection drop.
+            self.close_connection = True
+            self.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            self.connection.close()
+            return
+        # Promise a body and send only part of it, then drop the connection.
+        self.send_response(206 if self.headers.get("Range") else 200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"x" * 10)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def _record(self, status: int, rng: str | None) -> None:
+        with self.server.stats.lock:
+            self.server.stats.requests.append((self.command, self.path.split("?")[0], rng, status))
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: Path, flaky: bool) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root = root.resolve()
+        self.flaky = flaky
+        self.stats = Stats()
+        self.attempts: Counter[str] = Counter()
+        self.forbidden: set[str] = set()
+
+
+@dataclass
+class HTTPService:
+    """A running server: its base URL, what it saw, and the paths it refuses (403)."""
+
+    url: str
+    stats: Stats
+    server: _Server
+
+    def forbid(self, path: str) -> None:
+        """Answer 403 for ``path`` from now on."""
+        self.server.forbidden.add(path)
+
+
+@contextmanager
+def serve_http(root: Path, flaky: bool = False) -> Iterator[HTTPService]:
+    """Serve ``root`` over HTTP on 127.0.0.1 (a free port) until the block ends."""
+    server = _Server(root, flaky)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield HTTPService(f"http://127.0.0.1:{server.server_address[1]}", server.stats, server)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class S3Service:
+    """A moto S3 server with authentication enforced and one IAM user's keys."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+
+@contextmanager
+def serve_s3(log_path: Path) -> Iterator[S3Service]:
+    """Run moto's server on loopback in a subprocess, with authentication enforced.
+
+    moto checks signatures only after ``INITIAL_NO_AUTH_ACTION_COUNT`` unauthenticated actions;
+    the first one creates an IAM user whose access key the tests then use, so a wrong secret
+    really is refused.
+    """
+    import boto3
+
+    port = _free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        env.pop(name, None)
+    server = shutil.which("moto_server") or ""
+    cmd = (
+        [server, "-H", "127.0.0.1", "-p", str(port)]
+        if server
+        else [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    )
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"moto server did not start: {log_path.read_text()[-2000:]}"
+                    ) from None
+                time.sleep(0.1)
+        iam = boto3.client(
+            "iam",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
+        )
+        iam.create_user(UserName="cache-reader")
+        key = iam.create_access_key(UserName="cache-reader")["AccessKey"]
+        iam.put_user_policy(
+            UserName="cache-reader",
+            PolicyName="s3-all",
+            PolicyDocument='{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", '
+            '"Action": "s3:*", "Resource": "*"}]}',
+        )
+        yield S3Service(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
