@@ -34,6 +34,7 @@ class Stats:
 
     requests: list[tuple[str, str, str | None, int]] = field(default_factory=list)
     injected: Counter[str] = field(default_factory=Counter)
+    failed: list[tuple[str, str, str | None, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def ranges(self, path: str) -> Counter[tuple[int, int]]:
@@ -137,6 +138,9 @@ class _Handler(BaseHTTPRequestHandler):
         mode = ("503", "500", "reset", "truncate")[kind % (4 if body else 3)]
         with self.server.stats.lock:
             self.server.stats.injected[mode] += 1
+            self.server.stats.failed.append(
+                (self.command, self.path.split("?")[0], self.headers.get("Range"), mode)
+            )
         if mode in ("503", "500"):
             self._reply(int(mode), b"try again", body)
             return
@@ -184,6 +188,13 @@ class HTTPService:
     def forbid(self, path: str) -> None:
         """Answer 403 for ``path`` from now on."""
         self.server.forbidden.add(path)
+
+    def reset_failures(self) -> None:
+        """Start the deterministic failure pattern afresh (every key fails again)."""
+        with self.stats.lock:
+            self.server.attempts.clear()
+            self.stats.injected.clear()
+            self.stats.failed.clear()
 
 
 @contextmanager

@@ -301,7 +301,12 @@ def check_remote_files(req: CacheRequest, source: Source) -> None:
     from zarr_parallel.remote import check_readable
     from zarr_parallel.source import referenced_urls
 
-    urls = [f for f in source.layout.files if "://" in f and not f.startswith("file://")]
+    urls = [
+        f
+        for f in source.layout.files
+        # A Zarr store is a folder (its metadata was read to open it); files are probed.
+        if "://" in f and not f.startswith("file://") and source.layout.engine != "zarr"
+    ]
     if source.refs is not None:
         urls += referenced_urls(source.refs)
     if urls:

@@ -192,16 +192,15 @@ class _RedactingFactory:
 
     def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
         record = self.inner(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string is the logger's problem, not ours
+            return record
         secrets = secret_values()
-        if secrets:
-            try:
-                message = record.getMessage()
-            except Exception:  # a broken format string is the logger's problem, not ours
-                return record
-            if any(s in message for s in secrets):
-                for s in secrets:
-                    message = message.replace(s, MASK)
-                record.msg, record.args = message, None
+        if any(s in message for s in secrets) or ("://" in message and _URL.search(message)):
+            safe = redact_text(message)
+            if safe != message:
+                record.msg, record.args = safe, None
         return record
 
 
@@ -432,6 +431,11 @@ async def _retrying_client(**kwargs: Any) -> Any:
 # Existence checks
 
 
+def _status_text(status: int) -> str:
+    known = {401: "unauthorised", 403: "forbidden", 404: "not found", 410: "gone"}
+    return f"{status} {known[status]}" if status in known else f"HTTP {status}"
+
+
 def describe_failure(exc: BaseException) -> str:
     """A short reason for a failed remote access: ``404 not found``, ``403 forbidden``..."""
     seen: set[int] = set()
@@ -440,9 +444,7 @@ def describe_failure(exc: BaseException) -> str:
         seen.add(id(e))
         status = getattr(e, "status", None)
         if isinstance(status, int):
-            return {401: "401 unauthorised", 403: "403 forbidden", 404: "404 not found"}.get(
-                status, f"HTTP {status}"
-            )
+            return _status_text(status)
         if isinstance(e, PermissionError):
             return "access denied"
         e = e.__cause__ or e.__context__
@@ -496,9 +498,19 @@ def check_readable(
 async def _probe_all(fs: Any, urls: list[str], concurrency: int) -> list[tuple[str, str]]:
     sem = asyncio.Semaphore(concurrency)
 
+    http = "http" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
     async def probe(url: str) -> tuple[str, str] | None:
         async with sem:
             try:
+                if http:
+                    # A HEAD gives the status itself (fsspec reports every failure as "not found").
+                    session = await fs.set_session()
+                    async with session.head(url, allow_redirects=True, **fs.kwargs) as r:
+                        if r.status < 400:
+                            return None
+                        if r.status not in (405, 501):  # HEAD refused: ask fsspec below
+                            return url, _status_text(r.status)
                 await fs._info(url)
             except Exception as e:
                 return url, describe_failure(e)

@@ -139,16 +139,24 @@ def open_source(req: CacheRequest) -> Source:
             ds, files, concat_dim, file_lengths = _open_netcdf(uris, engine, req)
     except RequestError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # libraries raise many types for an unreadable source
+        text = f"{type(e).__name__}: {e}"
+        # Say which URLs cannot be read, and why, rather than the library's first error (a
+        # Zarr store is a folder: its URL itself is not a file to probe).
+        urls = [u for u in uris if is_remote(u) and engine != "zarr"]
+        urls += referenced_urls(refs) if refs else []
+        if urls:
+            remote.check_readable(
+                urls, req.storage_options, req.remote_concurrency, req.remote_retries
+            )
+        safe = remote.redact_text(text)
         raise RequestError(
             "data_uri",
             remote.redact(req.data_uri),
-            remote.redact_text(
-                f"could not be opened as {engine} ({remote.describe_failure(e)}: {e})"
-            ),
+            f"could not be opened as {engine} ({safe})",
             "Check that the files are complete netCDF4/HDF5, kerchunk JSON or Zarr, that "
             "engine matches them, and for URLs that they exist and the credentials allow reading",
-        ) from e
+        ) from (e if safe == text else None)
     if engine == "kerchunk":
         layout_vars = _kerchunk_layout(refs, ds)
         files, concat_dim = [uris[0]], None

@@ -225,7 +225,14 @@ def _resolve_shards(
     return out
 
 
-_SOURCE_FIELDS = {"data_uri", "engine", "open_options", "storage_options"}
+_SOURCE_FIELDS = {
+    "data_uri",
+    "engine",
+    "open_options",
+    "storage_options",
+    "remote_concurrency",
+    "remote_retries",
+}
 
 
 def cached_source(req: CacheRequest) -> Source:
