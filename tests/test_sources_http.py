@@ -15,29 +15,20 @@ from typing import Any
 import numpy as np
 import pytest
 import xarray as xr
-from sources_servers import HTTPService, serve_http
+from sources_support import (
+    CHUNKS,
+    RUN,
+    HTTPService,
+    assert_same_cache,
+    kerchunk_refs,
+    local_reference_cache,
+    serve_http,
+)
 
 from zarr_parallel import RequestError, RunFailed, ZarrParallelAssembler
 from zarr_parallel.pipeline import prepare
 from zarr_parallel.request import build_request
 from zarr_parallel.target import _cached_source
-
-RUN = {"deploy_mode": "series", "memory_limit": "300MB"}
-CHUNKS = {"time": 12}
-
-
-def _kerchunk(files: list[Path], base_url: str) -> dict[str, Any]:
-    from kerchunk.combine import MultiZarrToZarr
-    from kerchunk.hdf import SingleHdf5ToZarr
-
-    singles = []
-    for f in files:
-        with open(f, "rb") as fh:
-            singles.append(SingleHdf5ToZarr(fh, f"{base_url}/{f.name}").translate())
-    combined = MultiZarrToZarr(
-        singles, concat_dims=["time"], identical_dims=["latitude", "longitude"]
-    ).translate()
-    return dict(combined)
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +42,14 @@ def served(
     files = sorted(root.glob("*.nc"))
     with serve_http(root) as plain, serve_http(root, flaky=True) as flaky:
         for name, svc in (("plain", plain), ("flaky", flaky)):
-            (root / f"{name}.json").write_text(json.dumps(_kerchunk(files, svc.url)))
+            (root / f"{name}.json").write_text(json.dumps(kerchunk_refs(files, svc.url)))
         yield {"root": root, "files": files, "plain": plain, "flaky": flaky}
 
 
 @pytest.fixture(scope="module")
-def local_cache(served: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def local_cache(era5_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The cache of the same files read locally: what every remote cache must equal."""
-    out = tmp_path_factory.mktemp("local") / "local.zarr"
-    ZarrParallelAssembler([str(f) for f in served["files"]], chunks=CHUNKS).cache(
-        cache_store=str(out), **RUN
-    )
-    return out
+    return local_reference_cache(era5_files, tmp_path_factory.mktemp("local"))
 
 
 def _data_chunks(refs: dict[str, Any], base_url: str) -> dict[tuple[str, int, int], str]:
@@ -81,27 +68,6 @@ def _data_gets(svc: HTTPService, chunks: dict[tuple[str, int, int], str]) -> dic
     for (path, a, b), key in chunks.items():
         counts[key] = svc.stats.ranges(path)[(a, b)]
     return counts
-
-
-def assert_same_cache(cache: Path, reference: Path) -> None:
-    """Same data, coordinates, dtypes, encodings and attributes (provenance aside), and
-    byte-identical array metadata and chunk files."""
-    a, b = xr.open_zarr(cache), xr.open_zarr(reference)
-    prov = [k for k in a.attrs if k.startswith("zarr_parallel_")]
-    assert prov, "provenance attributes are missing"
-    xr.testing.assert_identical(a.drop_attrs(deep=False), b.drop_attrs(deep=False))
-    assert {k: v for k, v in a.attrs.items() if k not in prov} == {
-        k: v for k, v in b.attrs.items() if not k.startswith("zarr_parallel_")
-    }
-    for name in a.variables:
-        assert a[name].dtype == b[name].dtype
-    ra, rb = cache.resolve(), reference.resolve()
-    files_a = sorted(p.relative_to(ra) for p in ra.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(rb) for p in rb.rglob("*") if p.is_file())
-    arrays = [p for p in files_a if p.parts[0] not in (".zarr-parallel", "zarr.json")]
-    assert arrays == [p for p in files_b if p.parts[0] not in (".zarr-parallel", "zarr.json")]
-    for rel in arrays:
-        assert (ra / rel).read_bytes() == (rb / rel).read_bytes(), rel
 
 
 def test_kerchunk_over_http_equals_local_and_fetches_each_chunk_once(

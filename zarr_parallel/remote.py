@@ -356,7 +356,6 @@ def fsspec_options(
         config.setdefault("retries", {"max_attempts": retries + 1, "mode": "standard"})
         config.setdefault("max_pool_connections", concurrency)
         opts["config_kwargs"] = config
-        opts.setdefault("retries", retries + 1)
     return opts
 
 

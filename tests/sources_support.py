@@ -1,4 +1,5 @@
-"""Real servers on loopback for the remote-source tests: HTTP with ranges, and S3 (moto).
+"""Support for the source tests: real servers on loopback (HTTP with ranges, S3 with moto),
+kerchunk references pointing at them, and the cache comparison they all use.
 
 Not mocks: the HTTP server speaks HTTP/1.1 over a socket (HEAD, GET, single byte ranges) and
 can fail a deterministic ~30 % of requests the way real archives do (503/500 replies, connection
@@ -25,7 +26,66 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import xarray as xr
+
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def kerchunk_refs(files: list[Path], base_url: str) -> dict[str, Any]:
+    """A kerchunk reference document joining ``files`` along time, pointing at ``base_url``."""
+    from kerchunk.combine import MultiZarrToZarr
+    from kerchunk.hdf import SingleHdf5ToZarr
+
+    singles = []
+    for f in files:
+        with open(f, "rb") as fh:
+            singles.append(SingleHdf5ToZarr(fh, f"{base_url}/{f.name}").translate())
+    combined = MultiZarrToZarr(
+        singles, concat_dims=["time"], identical_dims=["latitude", "longitude"]
+    ).translate()
+    return dict(combined)
+
+
+#: Run settings of every source test that is not about deploy modes.
+RUN: dict[str, Any] = {"deploy_mode": "series", "memory_limit": "300MB"}
+#: Target chunks aligned with the test files' HDF5 chunks (6 steps).
+CHUNKS = {"time": 12}
+_LOCAL: dict[str, Path] = {}
+
+
+def local_reference_cache(files: list[Path], folder: Path) -> Path:
+    """The cache of ``files`` read locally (made once per session): what remote caches equal."""
+    from zarr_parallel import ZarrParallelAssembler
+
+    key = repr([str(f) for f in files])
+    if key not in _LOCAL:
+        out = folder / "local.zarr"
+        ZarrParallelAssembler([str(f) for f in files], chunks=CHUNKS).cache(
+            cache_store=str(out), **RUN
+        )
+        _LOCAL[key] = out
+    return _LOCAL[key]
+
+
+def assert_same_cache(cache: Path, reference: Path) -> None:
+    """Same data, coordinates, dtypes, encodings and attributes (provenance aside), and
+    byte-identical array metadata and chunk files."""
+    a, b = xr.open_zarr(cache), xr.open_zarr(reference)
+    prov = [k for k in a.attrs if k.startswith("zarr_parallel_")]
+    assert prov, "provenance attributes are missing"
+    xr.testing.assert_identical(a.drop_attrs(deep=False), b.drop_attrs(deep=False))
+    assert {k: v for k, v in a.attrs.items() if k not in prov} == {
+        k: v for k, v in b.attrs.items() if not k.startswith("zarr_parallel_")
+    }
+    for name in a.variables:
+        assert a[name].dtype == b[name].dtype
+    ra, rb = cache.resolve(), reference.resolve()
+    files_a = sorted(p.relative_to(ra) for p in ra.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(rb) for p in rb.rglob("*") if p.is_file())
+    arrays = [p for p in files_a if p.parts[0] not in (".zarr-parallel", "zarr.json")]
+    assert arrays == [p for p in files_b if p.parts[0] not in (".zarr-parallel", "zarr.json")]
+    for rel in arrays:
+        assert (ra / rel).read_bytes() == (rb / rel).read_bytes(), rel
 
 
 @dataclass
