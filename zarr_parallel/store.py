@@ -58,6 +58,8 @@ _STORAGE_KEYS = {
     "least_significant_digit",
     "quantize_mode",
     "significant_digits",
+    # netCDF's list of auxiliary coordinates (e.g. CDS's "number expver"): xarray rebuilds it.
+    "coordinates",
 }
 _PACKING_KEYS = {"scale_factor", "add_offset"}
 

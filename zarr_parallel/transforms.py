@@ -245,11 +245,32 @@ def _reverse(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset
 
 @register("roll")
 def _roll(ds: xr.Dataset, ctx: TransformContext, **shifts: Any) -> xr.Dataset:
-    """Roll along dimensions, coordinates included (e.g. longitude 0..360 to -180..180)."""
+    """Roll along dimensions, coordinates included.
+
+    ``wrap_longitude: true`` also rewrites the rolled coordinates' values into -180..180, so
+    ``{"type": "roll", "longitude": 720, "wrap_longitude": true}`` turns ERA5's 0..359.75 into
+    -180..179.75 (the values must then increase, else the shift was not half the circle).
+    """
     roll_coords = bool(shifts.pop("roll_coords", True))
+    wrap = bool(shifts.pop("wrap_longitude", False))
     shifts = dict(shifts.pop("shifts", shifts))
     _check_dims(ds, list(shifts), ctx)
-    return ds.roll({k: int(v) for k, v in shifts.items()}, roll_coords=roll_coords)
+    out = ds.roll({k: int(v) for k, v in shifts.items()}, roll_coords=roll_coords)
+    for dim in shifts if wrap else ():
+        if dim not in out.coords:
+            continue
+        lon = out[dim]
+        wrapped = (lon + 180.0) % 360.0 - 180.0
+        if wrapped.size > 1 and not bool((wrapped.diff(dim) > 0).all()):
+            raise RequestError(
+                ctx.parameter,
+                {dim: shifts[dim]},
+                f"does not leave {dim} increasing within -180..180",
+                f"Roll by half the length of {dim} ({out.sizes[dim] // 2})",
+            )
+        wrapped.attrs, wrapped.encoding = lon.attrs, lon.encoding
+        out = out.assign_coords({dim: wrapped})
+    return out
 
 
 @register("transpose")
