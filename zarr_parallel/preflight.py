@@ -200,7 +200,9 @@ def estimate_version(
     data_bytes = 0
     total_bytes = 0
     chunk_files = 0
-    dirs = 2  # the version folder and its manifest folder
+    # The versions folder, the version, its manifest and job-record folders, and a few files
+    # beside them: the final link, the lock file, temporary files of atomic writes.
+    dirs = 4 + 4
     meta_docs = 1  # the root group
     for name in target.variables:
         var = template[name]
