@@ -95,6 +95,8 @@ class Stats:
     requests: list[tuple[str, str, str | None, int]] = field(default_factory=list)
     injected: Counter[str] = field(default_factory=Counter)
     failed: list[tuple[str, str, str | None, str]] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def ranges(self, path: str) -> Counter[tuple[int, int]]:
@@ -131,6 +133,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=True)
 
     def _serve(self, body: bool) -> None:
+        srv = self.server
+        with srv.stats.lock:
+            srv.stats.in_flight += 1
+            srv.stats.max_in_flight = max(srv.stats.max_in_flight, srv.stats.in_flight)
+        try:
+            if srv.delay:
+                time.sleep(srv.delay)
+            self._answer(body)
+        finally:
+            with srv.stats.lock:
+                srv.stats.in_flight -= 1
+
+    def _answer(self, body: bool) -> None:
         srv = self.server
         path = self.path.split("?")[0]
         rng_header = self.headers.get("Range")
@@ -235,6 +250,8 @@ class _Server(ThreadingHTTPServer):
         self.stats = Stats()
         self.attempts: Counter[str] = Counter()
         self.forbidden: set[str] = set()
+        #: Seconds each request waits before it is answered (to make overlap observable).
+        self.delay = 0.0
 
 
 @dataclass

@@ -179,3 +179,22 @@ def test_zarr_store_over_http(served: dict[str, Any], local_cache: Path, tmp_pat
     for name in ("t2m", "d2m"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
         assert a[name].dtype == b[name].dtype
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_remote_concurrency_bounds_requests_in_flight(
+    served: dict[str, Any], tmp_path: Path, concurrency: int
+) -> None:
+    svc: HTTPService = served["plain"]
+    svc.server.delay = 0.02
+    try:
+        with svc.stats.lock:
+            svc.stats.max_in_flight = 0
+        ZarrParallelAssembler(
+            f"{svc.url}/plain.json", chunks=CHUNKS, remote_concurrency=concurrency
+        ).cache(cache_store=str(tmp_path / "c.zarr"), **RUN)
+    finally:
+        svc.server.delay = 0.0
+    # Never more than asked; and with room, the reads really overlap.
+    assert svc.stats.max_in_flight <= concurrency
+    assert svc.stats.max_in_flight == concurrency
