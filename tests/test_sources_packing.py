@@ -115,3 +115,23 @@ def test_keep_packing_round_trips_the_integers(packed_file: Path, tmp_path: Path
         assert _stored_bytes(result.path, name) < 0.75 * _stored_bytes(decoded.path, name)
     for job in _jobs(result.path):
         assert job["peak_memory"] <= job["estimated_memory"] + FIRST_USE, job
+
+
+def test_packing_asked_by_the_encoding_transform_is_kept(
+    era5_files: list[Path], tmp_path: Path
+) -> None:
+    pack = {
+        "type": "encoding",
+        "dtype": "int16",
+        "scale_factor": 0.01,
+        "add_offset": 280.0,
+        "_FillValue": -32767,
+    }
+    result = ZarrParallelAssembler(
+        [str(p) for p in era5_files], chunks={"time": 12}, variables={"t2m": [pack]}
+    ).cache(cache_store=str(tmp_path / "asked.zarr"), **RUN)
+    stored = zarr.open_array(result.path, path="t2m", mode="r")
+    assert stored.dtype == np.dtype("int16")
+    src = xr.open_mfdataset(era5_files, engine="h5netcdf").t2m.values
+    out = xr.open_zarr(result.path).t2m.values
+    np.testing.assert_allclose(out, src, atol=0.005 + 1e-6)

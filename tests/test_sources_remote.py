@@ -50,6 +50,14 @@ def test_environment_references_and_modes_are_accepted(options: dict[str, object
     check_no_secrets("s3://bucket/a.json", options)
 
 
+def test_secrets_in_open_options_are_refused() -> None:
+    opts = {"backend_kwargs": {"storage_options": {"secret": "abcd1234"}}}
+    with pytest.raises(
+        RequestError, match=r"open_options\.backend_kwargs\.storage_options\.secret"
+    ):
+        check_no_secrets("s3://bucket/a.zarr", {}, opts)
+
+
 def test_urls_with_credentials_are_refused() -> None:
     with pytest.raises(RequestError, match=r"https://me:\*\*\*@host"):
         check_no_secrets("https://me:pw1234@host/a.json", {})

@@ -220,8 +220,14 @@ def install_log_redaction() -> None:
 # Validation
 
 
-def check_no_secrets(data_uri: str | list[str], storage_options: Mapping[str, Any]) -> None:
+def check_no_secrets(
+    data_uri: str | list[str],
+    storage_options: Mapping[str, Any],
+    open_options: Mapping[str, Any] | None = None,
+) -> None:
     """Refuse credentials written into the request (see the module docstring).
+
+    ``open_options`` is searched too: it can hold ``backend_kwargs.storage_options``.
 
     Raises
     ------
@@ -245,7 +251,8 @@ def check_no_secrets(data_uri: str | list[str], storage_options: Mapping[str, An
                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; for HTTP(S) use storage_options "
                 '{"https": {"headers": {"Authorization": "Bearer ${MY_TOKEN}"}}}',
             )
-    for path, key, value in _walk(storage_options, "storage_options"):
+    found = [*_walk(storage_options, "storage_options"), *_walk(open_options or {}, "open_options")]
+    for path, key, value in found:
         if is_secret_key(key) and not isinstance(value, Mapping | bool) and value is not None:
             if _from_env_only(value) or (isinstance(value, str) and value in _NOT_SECRET_VALUES):
                 continue

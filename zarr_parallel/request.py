@@ -290,7 +290,7 @@ def is_remote(uri: str) -> bool:
 def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
     updates: dict[str, Any] = {}
     # Sources.
-    check_no_secrets(req.data_uri, req.storage_options)
+    check_no_secrets(req.data_uri, req.storage_options, req.open_options)
     uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
     if not uris:
         raise RequestError("data_uri", req.data_uri, "names no source", "Give a path, glob or list")

@@ -29,6 +29,7 @@ from zarr_parallel.provenance import provenance_attrs
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.source import source_stem
 from zarr_parallel.target import Target
+from zarr_parallel.transforms import PACKING_ASKED
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,8 @@ def _encoding(
     keep_packing: bool = False,
 ) -> dict[str, Any]:
     enc = {k: v for k, v in var.encoding.items() if k not in _STORAGE_KEYS}
-    if _PACKING_KEYS & set(enc) and not keep_packing:
+    asked = bool(enc.pop(PACKING_ASKED, False))
+    if _PACKING_KEYS & set(enc) and not keep_packing and not asked:
         # Decoded as xarray decodes (DESIGN §2a): write the floats, not the packed integers.
         # With keep_packing, dtype/scale_factor/add_offset/_FillValue stay: xarray packs on
         # write exactly as the source was packed, and decodes the cache to the same values.

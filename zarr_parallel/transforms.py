@@ -39,6 +39,8 @@ class TransformContext:
 Transform = Callable[..., xr.Dataset]
 _BUILTIN: dict[str, Transform] = {}
 _ALIASES = {"subset": "sel", "reverse_axis": "reverse", "tiled": "tiled"}
+#: Encoding key set by the ``encoding`` transform when it asks for packing (see store).
+PACKING_ASKED = "_zp_packing_asked"
 
 
 def register(name: str) -> Callable[[Transform], Transform]:
@@ -343,6 +345,8 @@ def _encoding(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Datase
         )
     names = [ctx.variable] if ctx.variable else list(ds.data_vars)
     out = ds.copy()
+    # Packing asked for here is kept even when the source's own packing is decoded away.
+    marker = {PACKING_ASKED: True} if {"scale_factor", "add_offset"} & set(kwargs) else {}
     for name in names:
-        out[name].encoding = {**out[name].encoding, **kwargs}
+        out[name].encoding = {**out[name].encoding, **kwargs, **marker}
     return out
