@@ -7,6 +7,8 @@ concatenation dimension of a multi-file source. It is never inferred from dask.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import os
@@ -255,16 +257,36 @@ def _h5_target(uri: str, req: CacheRequest) -> Any:
     return fs.open(path, "rb")
 
 
+#: Datasets read through Python file objects (remote netCDF), closed at exit: HDF5 files left
+#: to the interpreter's final teardown outlive their file objects and crash it.
+_FILE_OBJECT_DATASETS: list[xr.Dataset] = []
+
+
+def _close_file_object_datasets() -> None:
+    while _FILE_OBJECT_DATASETS:
+        with contextlib.suppress(Exception):
+            _FILE_OBJECT_DATASETS.pop().close()
+
+
+def _open_nc(uri: str, req: CacheRequest, opts: dict[str, Any]) -> xr.Dataset:
+    ds = xr.open_dataset(_h5_target(uri, req), **opts)
+    if is_remote(uri):
+        if not _FILE_OBJECT_DATASETS:
+            atexit.register(_close_file_object_datasets)
+        _FILE_OBJECT_DATASETS.append(ds)
+    return ds
+
+
 def _open_netcdf(
     uris: Sequence[str], engine: str, req: CacheRequest
 ) -> tuple[xr.Dataset, list[str], str | None, list[int]]:
     opts = {"engine": engine, "chunks": {}, **req.open_options}
     if len(uris) == 1:
-        return xr.open_dataset(_h5_target(uris[0], req), **opts), [uris[0]], None, []
+        return _open_nc(uris[0], req, opts), [uris[0]], None, []
     parts = []
     for uri in uris:
         try:
-            parts.append(xr.open_dataset(_h5_target(uri, req), **opts))
+            parts.append(_open_nc(uri, req, opts))
         except Exception as e:
             raise RequestError(
                 "data_uri",
