@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 from sources_support import (
@@ -25,6 +26,7 @@ from sources_support import (
     serve_http,
 )
 
+import zarr_parallel
 from zarr_parallel import RequestError, RunFailed, ZarrParallelAssembler
 from zarr_parallel.pipeline import prepare
 from zarr_parallel.request import build_request
@@ -98,7 +100,15 @@ def test_kerchunk_over_http_equals_local_and_fetches_each_chunk_once(
         assert out[name].attrs == src[name].attrs
     # Every source chunk was fetched exactly once, by one job.
     assert set(_data_gets(svc, chunks).values()) == {1}
+    # Provenance on the root group, under its own keys; the source's attributes unchanged.
     assert out.attrs["zarr_parallel_source"] == uri
+    assert out.attrs["zarr_parallel_request_fingerprint"] == prepared.request.digest()
+    assert out.attrs["zarr_parallel_plan_fingerprint"] == result.summary["fingerprint"]
+    assert out.attrs["zarr_parallel_version"] == zarr_parallel.__version__
+    assert pd.Timestamp(out.attrs["zarr_parallel_written"]).tzinfo is not None
+    assert {k: v for k, v in out.attrs.items() if not k.startswith("zarr_parallel_")} == src.attrs
+    for name in ("t2m", "d2m"):
+        assert not any(k.startswith("zarr_parallel") for k in out[name].attrs)
 
 
 def test_flaky_server_gives_the_same_cache_through_retries(
