@@ -62,7 +62,10 @@ def limits_for(req: CacheRequest) -> Limits:
 def make_plan(req: CacheRequest) -> tuple[Target, Plan]:
     """Open (cached), transform and plan a request."""
     target = build_target(req, cached_source(req))
-    return target, plan_jobs(target.array_inputs(), limits_for(req), req.digest())
+    inputs, limits = target.array_inputs(), limits_for(req)
+    if target.tiling is not None:
+        target.tiling.check_fits(inputs, limits)  # refuse with the largest tile that fits
+    return target, plan_jobs(inputs, limits, req.digest())
 
 
 @dataclass

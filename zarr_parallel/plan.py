@@ -92,6 +92,11 @@ class AxisMap:
         """Target indices where the source chunk changes, with 0 and ``size``."""
         return self._runs[0]
 
+    @property
+    def needed(self) -> int:
+        """Source elements needed along this axis: the target length (tiled axes differ)."""
+        return self.size
+
     def touched(self, starts: IntArray, stops: IntArray) -> IntArray:
         """Source elements decompressed along this axis to read each segment ``[start, stop)``.
 
@@ -154,6 +159,11 @@ class ArrayInput:
     def shape(self) -> tuple[int, ...]:
         """Target shape."""
         return tuple(a.size for a in self.axes)
+
+    @property
+    def needed_elems(self) -> int:
+        """Source elements the target needs (read amplification's denominator)."""
+        return math.prod(ax.needed for ax in self.axes)
 
     def signature(self) -> str:
         """Variables with equal signatures share their jobs."""
@@ -601,7 +611,7 @@ def _make_jobs(
         )
         read += touched * a.fixed_touched * a.read_itemsize
         write += lengths * a.itemsize
-        needed += math.prod(a.shape) * a.read_itemsize
+        needed += a.needed_elems * a.read_itemsize
     jobs: list[Job] = []
     dims = lead.dims
     for flat, idx in enumerate(np.ndindex(*[len(b) - 1 for b in bounds])):

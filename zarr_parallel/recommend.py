@@ -15,6 +15,7 @@ from zarr_parallel.plan import Plan
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.source import Source
 from zarr_parallel.target import INDEX_PREFIX, Target
+from zarr_parallel.tiling import tile_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def recommend(
     candidates: list[tuple[dict[str, Any], str, bool, int]] = []
     candidates += _selection_candidates(req, source, target)
     candidates += _chunk_candidates(req, target, plan)
+    candidates += tile_candidates(req, target)
     out: list[Recommendation] = []
     seen: set[str] = set()
     for changes, sentence, keeps, magnitude in candidates:
@@ -93,7 +95,8 @@ def _selection_candidates(
 ) -> list[tuple[dict[str, Any], str, bool, int]]:
     """Move the start and end of 2-item ``sel``/``isel`` slices to source chunk boundaries."""
     out: list[tuple[dict[str, Any], str, bool, int]] = []
-    ds = target.dataset
+    # A tiled target's selections are judged on the data before tiling.
+    ds = target.tiling.base if target.tiling is not None else target.dataset
     for i, spec in enumerate(req.preprocessors):
         kind = {"sel": "sel", "subset": "sel", "isel": "isel"}.get(str(spec.get("type")))
         if kind is None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from zarr_parallel.errors import RequestError
 from zarr_parallel.plan import canonical_json, fingerprint
 from zarr_parallel.remote import MASK, check_no_secrets, is_secret_key, redact
+from zarr_parallel.tiles import request_tiles
 from zarr_parallel.transforms import validate_spec
 from zarr_parallel.units import parse_duration, parse_memory
 
@@ -96,6 +97,11 @@ class CacheRequest(BaseModel):
         None, description="Zarr v3 shard shape {dim: size}, multiples of chunks (optional)"
     )
     # -- [tiling] fields go here --
+    tiles: dict[str, Any] | None = Field(
+        None,
+        description="Tiled cache: {size: {latitude: 64, longitude: 64}, overlap: 0, edge: "
+        "error|drop|pad, fill_value, dim: tile, within, order}, or just {latitude: 64, ...}",
+    )
     cache_store: str | None = Field(None, description="Final path of the cache")
     cache_dir: str | None = Field(None, description="Directory for <cache_name><cache_label>.zarr")
     cache_name: str | None = Field(
@@ -229,6 +235,7 @@ class CacheRequest(BaseModel):
                 "variables",
                 "chunks",
                 "shards",
+                "tiles",
                 "add_attrs",
                 "zarr_format",
                 "keep_packing",
@@ -354,9 +361,12 @@ def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
                 raise RequestError(
                     f"shards['{dim}']", size, "must be positive", "Use a multiple of the chunk"
                 )
-    # Transforms: every name must be known now.
+    # Tiles (also 0.5's trailing 'tiled' preprocessor), then transforms: every name known now.
+    updates["tiles"], preprocessors = request_tiles(
+        req.tiles, req.preprocessors, req.chunks, req.shards
+    )
     updates["preprocessors"] = [
-        validate_spec(s, f"preprocessors[{i}]") for i, s in enumerate(req.preprocessors)
+        validate_spec(s, f"preprocessors[{i}]") for i, s in enumerate(preprocessors)
     ]
     if req.variables is not None:
         if not req.variables:

@@ -22,6 +22,8 @@ from zarr_parallel.errors import RequestError
 from zarr_parallel.plan import ArrayInput, AxisMap, canonical_json
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.source import Source, SourceLayout, _file_state, open_source
+from zarr_parallel.tiles import TileSpec
+from zarr_parallel.tiling import Tiling, tile_dataset
 from zarr_parallel.transforms import apply_transforms
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class Target:
     chunks: Mapping[str, dict[str, int]]
     shards: Mapping[str, dict[str, int]] | None
     sources: Mapping[str, str | None]
+    tiling: Tiling | None = None
 
     @property
     def variables(self) -> list[str]:
@@ -91,6 +94,10 @@ class Target:
         return inputs
 
     def _axis(self, var: xr.DataArray, dim: str, vlayout: Any) -> AxisMap:
+        if self.tiling is not None:
+            tiled = self.tiling.axis(var, dim, vlayout, self._axis)
+            if tiled is not None:
+                return tiled
         size = int(var.sizes[dim])
         for c in var.coords.values():
             cname = str(c.name)
@@ -155,10 +162,15 @@ def build_target(req: CacheRequest, source: Source | None = None) -> Target:
                 f"leave no data along {dim!r}",
                 "Widen the selection",
             )
+    tiling = None
+    if req.tiles is not None:
+        ds, tiling = tile_dataset(ds, TileSpec.parse(req.tiles))
     sources = {str(v): ds[v].attrs.get(SOURCE_ATTR) for v in ds.data_vars}
     chunks = _resolve_chunks(req, ds, source.layout, sources)
+    if tiling is not None:
+        chunks = tiling.fix_chunks(chunks, req.chunks)
     shards = _resolve_shards(req, ds, chunks)
-    return Target(ds, source.layout, chunks, shards, sources)
+    return Target(ds, source.layout, chunks, shards, sources, tiling)
 
 
 def _source_dim(var: xr.DataArray, dim: str) -> str | None:

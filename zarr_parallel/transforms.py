@@ -81,8 +81,10 @@ def lookup(name: str, parameter: str) -> Transform:
         raise RequestError(
             parameter,
             name,
-            "0.5's 'tiled' is the 'tiles' request option here",
-            "Remove it from the list and set tiles={'latitude': 64, 'longitude': 64}",
+            "0.5's 'tiled' is the 'tiles' request option here; it is translated only as the "
+            "last preprocessor (nothing may transform the tiles afterwards)",
+            "Move it to the end of preprocessors, or remove it and set "
+            "tiles={'latitude': 64, 'longitude': 64}",
         )
     raise RequestError(
         parameter,
