@@ -309,12 +309,12 @@ class Tiling:
             for t, ax in zip(self.tiles, tile_axis.axes, strict=True)
         )
         sizes = {t.name: t.size for t in self.tiles}
-        along = f" and {{{', '.join(others)}}}" if others else ""
+        along = f", target chunks {{{', '.join(others)}}}" if others else ""
         problem = (
-            f"one tile of {arr.name!r} ({sizes}{along}) with the source chunks it touches "
-            f"({{{src}}} along the tiled dimensions) needs about {format_bytes(memory)}, more "
-            f"than the {format_bytes(limits.memory_budget)} a job may use (memory_limit minus "
-            "memory_reserve)"
+            f"one tile of {arr.name!r} (tiles.size={sizes}{along}) with the source chunks it "
+            f"touches ({{{src}}} along the tiled dimensions) needs about "
+            f"{format_bytes(memory)}, more than the {format_bytes(limits.memory_budget)} a job "
+            "may use (memory_limit minus memory_reserve)"
         )
         raise_to = f"raise memory_limit by at least {format_bytes(memory - limits.memory_budget)}"
         if fitting is not None:
