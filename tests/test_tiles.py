@@ -193,10 +193,16 @@ def test_tiles_sharing_chunks_share_a_job() -> None:
                 assert seen.setdefault(chunk, job.id) == job.id  # each chunk in one job
     assert sorted(seen) == [(i, j) for i in range(2) for j in range(2)]
     assert plan.needed_bytes == 80 * 144 * 4
-    # Too little memory for two tile rows: split per tile, and the re-reads are counted.
-    tight = plan_jobs([arr], Limits(int(4 * 20 * 24 * 4 * 4 * 2.5)))
-    assert tight.read_amplification > 1.0
-    assert tight.notes
+    # Room for one tile row but not two: cut at tile rows (one box, one read per job), and the
+    # re-reads of the chunk rows shared by two jobs are counted.
+    row = 40 * 144 * 4 + 3 * 6 * 20 * 24 * 4
+    rows = plan_jobs([arr], Limits(row + 1000))
+    assert rows.read_amplification == 2.0
+    assert all(job.region[0][1] % 6 == 0 and job.region[0][2] % 6 == 0 for job in rows.jobs)
+    assert rows.notes
+    # Not even a row: single tiles, each re-reading its chunk.
+    tiles_only = plan_jobs([arr], Limits(row - 1000))
+    assert tiles_only.read_amplification > rows.read_amplification
 
 
 # -- the option -------------------------------------------------------------------------------

@@ -97,6 +97,13 @@ class AxisMap:
         """Source elements needed along this axis: the target length (tiled axes differ)."""
         return self.size
 
+    def split_levels(self, chunk: int) -> list[IntArray]:
+        """Boundaries to cut units at when they exceed the budget, coarsest first.
+
+        The write grid here; a tiled axis first cuts at tile rows (see ``zarr_parallel.tiles``).
+        """
+        return [write_grid(self.size, chunk)]
+
     def touched(self, starts: IntArray, stops: IntArray) -> IntArray:
         """Source elements decompressed along this axis to read each segment ``[start, stop)``.
 
@@ -503,11 +510,16 @@ def _plan_group(
             key=lambda d: -int(np.diff(units[d]).max()) / lead.write_chunks[d],
         )
         for d in order:
-            fine = write_grid(lead.axes[d].size, lead.write_chunks[d])
-            if len(fine) == len(units[d]):
-                continue
-            units[d] = fine
-            split.append(lead.axes[d].dim)
+            # Coarse cuts first (a tiled axis cuts whole tile rows before single tiles).
+            for fine in lead.axes[d].split_levels(lead.write_chunks[d]):
+                fine = np.union1d(fine, units[d]).astype(np.int64)
+                if len(fine) == len(units[d]):
+                    continue
+                units[d] = fine
+                if lead.axes[d].dim not in split:
+                    split.append(lead.axes[d].dim)
+                if cost.fits(units, limits):
+                    break
             if cost.fits(units, limits):
                 break
         if split:

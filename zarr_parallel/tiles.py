@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from zarr_parallel.errors import RequestError
-from zarr_parallel.plan import AxisMap, IntArray
+from zarr_parallel.plan import AxisMap, IntArray, write_grid
 
 #: Keys of the long form of the ``tiles`` option; a mapping with none of them is the short form.
 OPTION_KEYS = (
@@ -540,6 +540,20 @@ class TileAxisMap(AxisMap):
         out = np.zeros(starts.size, dtype=np.int64)
         np.add.at(out, seg, cost)
         return out
+
+    def split_levels(self, chunk: int) -> list[IntArray]:
+        """Cuts at whole tile rows first (one box per job), then at ever shorter runs of tiles.
+
+        Level ``k`` cuts wherever the tile positions along the tiled dimensions after the
+        ``k``-th are all zero, on the write grid (``chunk`` tiles per chunk or shard).
+        """
+        grid = write_grid(self.size, chunk)
+        levels: list[IntArray] = []
+        for k in range(len(self.tiles)):
+            inner = math.prod(self.counts[k + 1 :])
+            cuts = np.concatenate([np.arange(0, self.size, inner), [self.size]])
+            levels.append(np.intersect1d(cuts, grid).astype(np.int64))
+        return levels
 
     def tile_touched(self) -> int:
         """The most source elements (over the tiled dimensions) one tile alone decompresses."""

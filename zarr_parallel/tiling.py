@@ -575,6 +575,25 @@ def tile_candidates(req: Any, target: Any) -> list[tuple[dict[str, Any], str, bo
             )
         if below + above:
             aligned[t.name] = min(below + above, key=lambda s: abs(s - t.size))
+    # Smaller chunks along the other dimensions let a job hold whole rows of tiles.
+    asked = {} if req.chunks == "auto" else dict(req.chunks)
+    var = target.dataset[name]
+    for dim in map(str, var.dims):
+        if dim == spec.dim or dim in tiling.within_dims:
+            continue
+        chunk = target.chunks[name][dim]
+        ax = target._axis(var, dim, vlayout)
+        src = int(ax.chunk_len.max()) if ax.chunk_len.size else 1
+        smaller = (chunk // 2) // src * src
+        if 0 < smaller < chunk:
+            out.append(
+                (
+                    {"chunks": {**asked, dim: smaller}},
+                    f"set chunks['{dim}'] to {smaller} (smaller jobs hold whole rows of tiles)",
+                    True,
+                    chunk - smaller,
+                )
+            )
     if len(aligned) > 1:
         out.append(
             (
