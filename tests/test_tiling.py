@@ -262,8 +262,8 @@ def test_memory_refusal_names_the_largest_tile_that_fits(
 
 def test_recommended_tile_size_is_applied(era5_files: list[Path], tmp_path: Path) -> None:
     """Tiles of 30 x 48 over chunks of 40 x 72 share chunks across every tile row and column: at
-    3 MB the whole grid is too big for one job, so chunks are re-read; a source-aligned tile size
-    reads each once."""
+    3 MB the whole grid is too big for one job, so tile rows re-read chunk rows; a source-aligned
+    tile size reads each chunk once."""
     fields: dict[str, Any] = {
         "tiles": {"latitude": 30, "longitude": 48, "edge": "pad"},
         "memory_limit": "3MB",
@@ -272,19 +272,19 @@ def test_recommended_tile_size_is_applied(era5_files: list[Path], tmp_path: Path
     }
     with pytest.raises(RecommendationsPending) as err:
         run(era5_files, tmp_path, **fields)
-    assert err.value.plan.read_amplification == pytest.approx(3.0)
-    best = err.value.recommendations[0]
-    assert best.read_amplification == pytest.approx(1.0)
-    assert set(best.changes) == {"tiles"}
-    sizes = [r.changes["tiles"]["size"] for r in err.value.recommendations]
-    assert {"latitude": 20, "longitude": 48} in sizes  # divides the chunk of 40
-    assert {"latitude": 20, "longitude": 36} in sizes  # both aligned
+    assert err.value.plan.read_amplification > 1.4
+    recs = err.value.recommendations
+    assert recs[0].read_amplification == pytest.approx(1.0)
+    tile_recs = {repr(r.changes["tiles"]["size"]): r for r in recs if "tiles" in r.changes}
+    for aligned in ({"latitude": 20, "longitude": 48}, {"latitude": 20, "longitude": 36}):
+        assert tile_recs[repr(aligned)].read_amplification == pytest.approx(1.0)
     result = run(era5_files, tmp_path, recommend_changes="apply", **fields)
     assert result.summary["read_amplification"] == pytest.approx(1.0)
+    applied = result.summary["applied_recommendation"]["changes"]
+    assert applied == recs[0].changes
     cache = xr.open_zarr(result.path)
-    applied = best.changes["tiles"]
-    assert cache.attrs["tiles"]["size"] == applied["size"]
-    assert_tiles_match(cache, source(era5_files)[["t2m"]], applied["size"], edge="pad")
+    size = applied.get("tiles", fields["tiles"]).get("size", {"latitude": 30, "longitude": 48})
+    assert_tiles_match(cache, source(era5_files)[["t2m"]], size, edge="pad")
 
 
 def test_recommended_tile_order(era5_factory: Any, tmp_path: Path) -> None:
