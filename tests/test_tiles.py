@@ -230,6 +230,7 @@ def test_short_and_long_forms_agree() -> None:
         ({"size": {"latitude": 8}, "within": {"latitude": "tile"}}, r"tiles\.within"),
         ({"size": {"latitude": 8}, "latitude": 4}, r"tiles\.latitude"),
         ({"size": {"latitude": 8}, "fill_value": "x"}, r"tiles\.fill_value"),
+        ({"size": {"latitude": 8}, "fill_value": float("inf")}, r"tiles\.fill_value"),
         ([64, 64], r"tiles="),
     ],
 )

@@ -138,6 +138,14 @@ class TileSpec:
             )
         if isinstance(self.fill_value, float) and math.isnan(self.fill_value):
             object.__setattr__(self, "fill_value", None)  # None means NaN: one spelling
+        elif self.fill_value is not None and not math.isfinite(self.fill_value):
+            # Infinities do not survive the request's JSON on the way to the workers.
+            raise RequestError(
+                "tiles.fill_value",
+                self.fill_value,
+                "must be finite",
+                "Use a finite number, or leave it unset for NaN",
+            )
         if not isinstance(self.dim, str) or not self.dim or self.dim in tiled:
             raise RequestError(
                 "tiles.dim",
