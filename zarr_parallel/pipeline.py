@@ -131,7 +131,7 @@ def recommendations_message(plan: Plan, recs: list[Recommendation]) -> str:
     lines = [
         f"The plan reads {plan.read_amplification:.2f}x the source bytes it needs "
         f"({format_bytes(plan.read_bytes)} read for {format_bytes(plan.needed_bytes)}): the "
-        "selection or target chunks cut source chunks.",
+        "selection, the target chunks or the tiles cut source chunks.",
     ]
     if recs:
         lines.append("Recommendations, best first:")
