@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from itertools import product
+from itertools import pairwise, product
 
 import numpy as np
 import pytest
@@ -264,3 +264,38 @@ def test_chunks_must_leave_tiles_whole() -> None:
         request_tiles({"latitude": 8}, [], {"tile": 4}, None)
     tiles, _ = request_tiles({"latitude": 8}, [], {"tile": 1, "time": 24}, {"tile": 16})
     assert tiles is not None
+
+
+@settings(max_examples=40, deadline=None)
+@given(tiled_axes(), st.integers(1, 4), st.floats(0.0, 1.0))
+def test_tiled_plans_cover_once_within_budget(
+    case: tuple[list[DimTiles], list[AxisMap]], min_jobs: int, slack: float
+) -> None:
+    tiles, axes = case
+    tmap = TileAxisMap.build("tile", tiles, axes)
+    within = tuple(WithinTileAxisMap.build(f"w{k}", d.size) for k, d in enumerate(tiles))
+    arr = ArrayInput("v", (tmap, *within), (1, *(d.size for d in tiles)), 4, 4)
+    one_tile = 4 * tmap.tile_touched() + 3 * 4 * math.prod(d.size for d in tiles)
+    everything = 4 * int(tmap.touched(np.array([0]), np.array([tmap.size]))[0]) + 3 * 4 * (
+        tmap.size * math.prod(d.size for d in tiles)
+    )
+    budget = int(one_tile + slack * (everything - one_tile))
+    plan = plan_jobs([arr], Limits(budget, min_jobs=min_jobs))
+    # Coverage and disjoint writes: the tile ranges partition the tiles.
+    ranges = sorted((j.region[0][1], j.region[0][2]) for j in plan.jobs)
+    assert ranges[0][0] == 0 and ranges[-1][1] == tmap.size
+    assert all(a[1] == b[0] for a, b in pairwise(ranges))
+    assert all(j.region[1:] == tuple((w.dim, 0, w.size) for w in within) for j in plan.jobs)
+    # Budget.
+    assert all(j.memory <= budget for j in plan.jobs)
+    # Honest read cost: the sum of what each job's boxes decompress, over the distinct elements.
+    assert plan.read_bytes == 4 * sum(
+        int(tmap.touched(np.array([a]), np.array([b]))[0]) for a, b in ranges
+    )
+    assert plan.needed_bytes == 4 * tmap.needed
+    if plan.read_amplification == 1.0 and all(d.covered == d.length for d in tiles):
+        owner: dict[tuple[int, ...], int] = {}
+        for job in plan.jobs:
+            for t in range(job.region[0][1], job.region[0][2]):
+                for chunk in tile_chunks(tiles, axes, t):
+                    assert owner.setdefault(chunk, job.id) == job.id
