@@ -287,6 +287,21 @@ def test_recommended_tile_size_is_applied(era5_files: list[Path], tmp_path: Path
     assert_tiles_match(cache, source(era5_files)[["t2m"]], size, edge="pad")
 
 
+def test_dropping_recommends_padding(era5_files: list[Path], tmp_path: Path) -> None:
+    """Dropped rows are read anyway (they share chunks with kept ones): padding keeps them."""
+    req = build_request(
+        data_uri=[str(p) for p in era5_files],
+        chunks={"time": 12},
+        tiles={"latitude": 20, "longitude": 48, "edge": "drop"},
+        cache_store=str(tmp_path / "x.zarr"),
+    )
+    with pytest.raises(RecommendationsPending) as err:
+        prepare(req)
+    best = err.value.recommendations[0]
+    assert best.changes["tiles"]["edge"] == "pad"
+    assert best.read_amplification == pytest.approx(1.0)
+
+
 def test_recommended_tile_order(era5_factory: Any, tmp_path: Path) -> None:
     """Source chunks span all latitudes and 16 longitudes: tiles numbered along longitude share
     every chunk with the next tile row; numbered along latitude, a column of tiles is one unit."""

@@ -544,6 +544,15 @@ def tile_candidates(req: Any, target: Any) -> list[tuple[dict[str, Any], str, bo
                     1,
                 )
             )
+    if spec.edge == "drop" and any(t.covered < t.length for t in tiling.tiles):
+        out.append(
+            (
+                {"tiles": {**base, "edge": "pad"}},
+                "set tiles.edge to 'pad' (keep the remainder the dropped tiles read anyway)",
+                True,
+                1,
+            )
+        )
     name = tiling.variables[0]
     vlayout = None
     source = target.sources.get(name)
