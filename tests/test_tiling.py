@@ -242,7 +242,7 @@ def test_memory_refusal_names_the_largest_tile_that_fits(
     with pytest.raises(PlanError, match=r"memory_limit.*one tile of 't2m'.*needs about") as err:
         run(era5_files, tmp_path, **fields)
     assert err.value.parameter == "memory_limit"
-    assert "500.00 kB" in str(err.value)  # the budget
+    assert "more than the 500.00 kB a job may use" in str(err.value)  # the budget
     assert list(tmp_path.iterdir()) == []  # nothing written
     found = re.search(r"tiles\.size=(\{[^}]*\})", err.value.fix)
     assert found, err.value.fix

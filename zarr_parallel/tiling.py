@@ -333,7 +333,9 @@ class Tiling:
                     else ""
                 )
             )
-        return PlanError("memory_limit", format_bytes(limits.memory_budget), problem, fix)
+        # The value shown is memory_limit itself (the budget plus the reserve, where known).
+        limit = limits.memory_budget + int(getattr(limits, "reserve", 0))
+        return PlanError("memory_limit", format_bytes(limit), problem, fix)
 
     def _largest_fitting(
         self, estimate: Callable[[Sequence[DimTiles]], int], budget: int
