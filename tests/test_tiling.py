@@ -223,6 +223,7 @@ def test_integer_variables_need_a_fill_value_to_pad(era5_files: list[Path]) -> N
         "data_uri": [str(p) for p in era5_files],
         "variables": {"t2m": [{"type": "astype", "dtype": "int32"}]},
         "cache_store": "/tmp/never-written.zarr",
+        "deploy_mode": "series",
     }
     with pytest.raises(RequestError, match=r"tiles\.fill_value.*int32"):
         build_target(build_request(**fields, tiles={"latitude": 20, "edge": "pad"}))
@@ -262,6 +263,7 @@ def test_memory_refusal_names_the_largest_tile_that_fits(
         memory_limit="1MB",
         memory_reserve="500KB",
         tiles={"size": fitting, "edge": "pad"},
+        deploy_mode="series",
     )
     _, plan = make_plan(req)  # the suggested tiles plan within the same limit
     assert plan.max_job_memory <= plan.memory_budget
@@ -272,26 +274,35 @@ def test_recommended_tile_size_is_applied(era5_files: list[Path], tmp_path: Path
     3 MB the whole grid is too big for one job, so tile rows re-read chunk rows; a source-aligned
     tile size reads each chunk once."""
     fields: dict[str, Any] = {
+        "data_uri": [str(p) for p in era5_files],
+        "chunks": {"time": 12},
         "tiles": {"latitude": 30, "longitude": 48, "edge": "pad"},
+        "variables": {"t2m": {}},
+        "cache_store": str(tmp_path / "planned.zarr"),
+        "deploy_mode": "series",
+        # A budget this small cannot run a Python process: these requests are only planned.
         "memory_limit": "3MB",
         "memory_reserve": "1MB",
-        "variables": {"t2m": {}},
     }
     with pytest.raises(RecommendationsPending) as err:
-        run(era5_files, tmp_path, **fields)
+        prepare(build_request(**fields))
     assert err.value.plan.read_amplification > 1.4
     recs = err.value.recommendations
     assert recs[0].read_amplification == pytest.approx(1.0)
     tile_recs = {repr(r.changes["tiles"]["size"]): r for r in recs if "tiles" in r.changes}
     for aligned in ({"latitude": 20, "longitude": 48}, {"latitude": 20, "longitude": 36}):
         assert tile_recs[repr(aligned)].read_amplification == pytest.approx(1.0)
-    result = run(era5_files, tmp_path, recommend_changes="apply", **fields)
+    applied = prepare(build_request(**fields, recommend_changes="apply"))
+    assert applied.applied is not None and applied.applied.changes == recs[0].changes
+    assert applied.plan.read_amplification == pytest.approx(1.0)
+    assert list(tmp_path.iterdir()) == []  # planning wrote nothing
+    # The aligned tiles, written for real (with room for the interpreter).
+    aligned = tile_recs[repr({"latitude": 20, "longitude": 48})].changes["tiles"]
+    result = run(era5_files, tmp_path, tiles=aligned, variables={"t2m": {}})
     assert result.summary["read_amplification"] == pytest.approx(1.0)
-    applied = result.summary["applied_recommendation"]["changes"]
-    assert applied == recs[0].changes
     cache = xr.open_zarr(result.path)
-    size = applied.get("tiles", fields["tiles"]).get("size", {"latitude": 30, "longitude": 48})
-    assert_tiles_match(cache, source(era5_files)[["t2m"]], size, edge="pad")
+    assert cache.attrs["tiles"]["size"] == {"latitude": 20, "longitude": 48}
+    assert_tiles_match(cache, source(era5_files)[["t2m"]], aligned["size"], edge="pad")
 
 
 def test_dropping_recommends_padding(era5_files: list[Path], tmp_path: Path) -> None:
@@ -301,6 +312,7 @@ def test_dropping_recommends_padding(era5_files: list[Path], tmp_path: Path) -> 
         chunks={"time": 12},
         tiles={"latitude": 20, "longitude": 48, "edge": "drop"},
         cache_store=str(tmp_path / "x.zarr"),
+        deploy_mode="series",
     )
     with pytest.raises(RecommendationsPending) as err:
         prepare(req)
@@ -320,6 +332,7 @@ def test_recommended_tile_order(era5_factory: Any, tmp_path: Path) -> None:
         cache_store=str(tmp_path / "x.zarr"),
         memory_limit="2MB",
         memory_reserve="1MB",
+        deploy_mode="series",
     )
     with pytest.raises(RecommendationsPending) as err:
         prepare(req)
@@ -369,6 +382,7 @@ def test_resume_writes_only_the_missing_tiles(era5_files: list[Path], tmp_path: 
         "num_jobs": 4,
         "recommend_changes": "proceed",
         "cache_store": str(tmp_path / "tiled.zarr"),
+        "deploy_mode": "series",
     }
     prepared = prepare(build_request(**fields))
     assert len(prepared.todo) >= 4
