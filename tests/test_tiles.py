@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zarr_parallel.errors import RequestError
-from zarr_parallel.plan import ArrayInput, AxisMap, Limits, plan_jobs
+from zarr_parallel.plan import ArrayInput, AxisMap, Limits, job_memory, plan_jobs
 from zarr_parallel.tiles import (
     DimTiles,
     TileAxisMap,
@@ -195,7 +195,7 @@ def test_tiles_sharing_chunks_share_a_job() -> None:
     assert plan.needed_bytes == 80 * 144 * 4
     # Room for one tile row but not two: cut at tile rows (one box, one read per job), and the
     # re-reads of the chunk rows shared by two jobs are counted.
-    row = 40 * 144 * 4 + 3 * 6 * 20 * 24 * 4
+    row = int(job_memory(40 * 144, 6 * 20 * 24, 4, 4))
     rows = plan_jobs([arr], Limits(row + 1000))
     assert rows.read_amplification == 2.0
     assert all(job.region[0][1] % 6 == 0 and job.region[0][2] % 6 == 0 for job in rows.jobs)
@@ -275,10 +275,10 @@ def test_tiled_plans_cover_once_within_budget(
     tmap = TileAxisMap.build("tile", tiles, axes)
     within = tuple(WithinTileAxisMap.build(f"w{k}", d.size) for k, d in enumerate(tiles))
     arr = ArrayInput("v", (tmap, *within), (1, *(d.size for d in tiles)), 4, 4)
-    one_tile = 4 * tmap.tile_touched() + 3 * 4 * math.prod(d.size for d in tiles)
-    everything = 4 * int(tmap.touched(np.array([0]), np.array([tmap.size]))[0]) + 3 * 4 * (
-        tmap.size * math.prod(d.size for d in tiles)
-    )
+    tile_elems = math.prod(d.size for d in tiles)
+    one_tile = int(job_memory(tmap.tile_touched(), tile_elems, 4, 4))
+    all_touched = int(tmap.touched(np.array([0]), np.array([tmap.size]))[0])
+    everything = int(job_memory(all_touched, tmap.size * tile_elems, 4, 4))
     budget = int(one_tile + slack * (everything - one_tile))
     plan = plan_jobs([arr], Limits(budget, min_jobs=min_jobs))
     # Coverage and disjoint writes: the tile ranges partition the tiles.
