@@ -63,3 +63,15 @@ class RunFailed(ZarrParallelError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.failed))
+
+
+class CacheLocked(ZarrParallelError):
+    """Another run holds the cache's lock file; ``.holder`` says who (host, pid, start time)."""
+
+    def __init__(self, path: Any, holder: Any, message: str) -> None:
+        self.path = path
+        self.holder = holder
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.holder, str(self)))

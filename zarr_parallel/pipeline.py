@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zarr_parallel.errors import RecommendationsPending, RequestError
+from zarr_parallel.faults import fault_point
+from zarr_parallel.lock import CacheLock
 from zarr_parallel.plan import Limits, Plan, plan_jobs
 from zarr_parallel.preflight import run_preflight
 from zarr_parallel.recommend import Recommendation, recommend
@@ -23,10 +25,13 @@ from zarr_parallel.request import CacheRequest
 from zarr_parallel.store import (
     CachePaths,
     check_complete,
+    clean_stale_links,
+    clean_temporary,
     finalise,
     initialise_store,
     is_complete,
     iter_job_records,
+    plan_differences,
     plan_record,
     publish,
     recorded_jobs,
@@ -120,10 +125,13 @@ def prepare(req: CacheRequest) -> Prepared:
             req = req.model_copy(update=applied.changes)
             target, plan = make_plan(req)
             logger.info("applied recommendation: %s", applied.sentence)
-    version, status, todo = _choose_version(req, paths, plan)
+    layout = source.layout.to_json()
+    prepared = Prepared(req, paths, plan, paths.final, "fresh", [], recs, applied, layout)
+    version, status, todo = _choose_version(req, paths, plan, prepared.plan_json())
+    prepared.version, prepared.status, prepared.todo = version, status, todo
     if status != "up_to_date":
         run_preflight(req, paths, target, plan, source, todo)
-    return Prepared(req, paths, plan, version, status, todo, recs, applied, source.layout.to_json())
+    return prepared
 
 
 def recommendations_message(plan: Plan, recs: list[Recommendation]) -> str:
@@ -146,7 +154,7 @@ def recommendations_message(plan: Plan, recs: list[Recommendation]) -> str:
 
 
 def _choose_version(
-    req: CacheRequest, paths: CachePaths, plan: Plan
+    req: CacheRequest, paths: CachePaths, plan: Plan, plan_json: dict[str, Any]
 ) -> tuple[Path, Status, list[int]]:
     fp = plan.fingerprint
     all_ids = [j.id for j in plan.jobs]
@@ -160,8 +168,7 @@ def _choose_version(
                 "overwrite",
                 False,
                 f"{paths.final} holds a cache of a different request or source "
-                f"(fingerprint {str(rec.get('fingerprint') if rec else None)[:12]}, "
-                f"this run {fp[:12]})",
+                f"({_differences(rec, plan_json)})",
                 "Set overwrite=True to publish a new version (the old one is kept), or use a "
                 "new cache_label",
             )
@@ -172,14 +179,25 @@ def _choose_version(
             f"{paths.final} exists and was not made by this version",
             "Set overwrite=True (it is kept beside the new version) or choose another path",
         )
-    staging = [v for v in paths.all_versions() if v != current and not is_complete(v)]
-    matching = [v for v in staging if (plan_record(v) or {}).get("fingerprint") == fp]
+    # Unpublished versions: interrupted runs (no complete.json), or complete but killed before
+    # publishing. Only one with this exact plan fingerprint may be continued; others are cleaned
+    # by initialise, never mixed with this run.
+    others = [v for v in paths.all_versions() if v != current]
+    matching = [v for v in others if (plan_record(v) or {}).get("fingerprint") == fp]
     if req.resume is True and not matching:
+        interrupted = [v for v in others if plan_record(v) is not None and not is_complete(v)]
+        found = (
+            f"the interrupted run {interrupted[-1].name} was of a different request or source "
+            f"({_differences(plan_record(interrupted[-1]), plan_json)})"
+            if interrupted
+            else "no interrupted run of this cache was found"
+        )
         raise RequestError(
             "resume",
             True,
-            "no interrupted run of this request and source was found",
-            "Use resume='auto' (continue if possible, else start afresh)",
+            found,
+            "Use resume='auto' to start afresh (the interrupted run is then discarded), or run "
+            "the same request as before to continue it",
         )
     if matching and req.resume is not False:
         version = matching[-1]
@@ -188,17 +206,40 @@ def _choose_version(
     return paths.next_version(fp), "fresh", all_ids
 
 
+def _differences(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    changes = plan_differences(old, new)
+    return "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "")
+
+
+def run_lock(req: CacheRequest) -> CacheLock:
+    """The lock of the request's cache (a context manager; see :mod:`zarr_parallel.lock`)."""
+    return CacheLock(resolve_paths(req).lock, break_lock=req.break_lock)
+
+
 def initialise(prepared: Prepared) -> None:
-    """Create the staging version (metadata only) unless resuming or up to date."""
-    if prepared.status != "fresh":
-        return
+    """Clean what killed runs left, then create the staging version (metadata only) if fresh.
+
+    The caller holds the cache's lock, so nothing cleaned here belongs to a live run.
+    """
     paths = prepared.paths
     current = paths.current()
+    clean_stale_links(paths)
     # Stale staging versions of other plans are cleaned, never mixed with this run.
     for stale in paths.all_versions():
-        if stale != current and not is_complete(stale):
+        if stale not in (current, prepared.version) and not is_complete(stale):
             logger.info("removing stale staging version %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
+    if prepared.status == "resume":
+        removed = clean_temporary(prepared.version)
+        logger.info(
+            "resuming %s: %d of %d jobs left (%d temporary files of killed writes removed)",
+            prepared.version,
+            len(prepared.todo),
+            len(prepared.plan.jobs),
+            removed,
+        )
+    if prepared.status != "fresh":
+        return
     target = cached_target(prepared.request_json)
     initialise_store(target, prepared.version, prepared.request, prepared.plan_json())
 
@@ -209,8 +250,12 @@ def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) ->
     if prepared.status != "up_to_date":
         plan_json = plan_record(prepared.version) or prepared.plan_json()
         check_complete(prepared.version, plan_json)
+        # Temporary files of attempts that died (retried jobs) must not be published.
+        clean_temporary(prepared.version)
         records = list(iter_job_records(prepared.version))
+        fault_point("before-finalise")
         finalise(prepared.version, {"fingerprint": plan.fingerprint, "jobs": len(plan.jobs)})
+        fault_point("before-publish")
         publish(prepared.paths, prepared.version, req.keep_versions)
     else:
         records = list(iter_job_records(prepared.version))

@@ -136,6 +136,10 @@ class CacheRequest(BaseModel):
         "halt", description="When the plan re-reads source chunks: halt, apply the best, or proceed"
     )
     # -- [reliability] fields go here --
+    break_lock: bool = Field(
+        False,
+        description="Take over a lock left by a run on another host that stopped refreshing it",
+    )
     keep_versions: int = Field(2, ge=1, description="Complete versions kept beside the cache")
     generate_stats: bool = Field(False, description="Gather count/min/max/mean/NaN per variable")
     log_level: int = Field(0, ge=0, le=2, description="0 quiet, 1 info, 2 debug")

@@ -9,13 +9,17 @@ stays readable until then and is kept (``keep_versions``).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import os
 import shutil
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ import xarray as xr
 import zarr
 
 from zarr_parallel.errors import RequestError, RunFailed
+from zarr_parallel.faults import fault_point
 from zarr_parallel.provenance import provenance_attrs
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.source import source_stem
@@ -159,19 +164,141 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON durably: temporary file, fsync, rename."""
+    """Write JSON durably: temporary file, fsync, rename, fsync of the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w") as f:
         json.dump(value, f, sort_keys=True, default=str)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (new or renamed files) durable."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sync_files(files: Iterable[Path], root: Path) -> int:
+    """fsync ``files`` and every folder between them and ``root``; returns files synced.
+
+    Missing files are skipped: Zarr leaves a chunk that holds only the fill value unwritten.
+    """
+    folders: set[Path] = set()
+    count = 0
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        count += 1
+        parent = path.parent
+        # New chunk files may sit in new folders (v3's c/0/1/): make every entry up to root durable.
+        while parent not in folders:
+            folders.add(parent)
+            if parent == root or parent == parent.parent:
+                break
+            parent = parent.parent
+    for folder in folders:
+        fsync_dir(folder)
+    return count
+
+
+@lru_cache(maxsize=256)
+def _file_grid(
+    version: str, name: str
+) -> tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...], Any]:
+    """Dimension names, shape, file grid (shards or chunks) and metadata of one array."""
+    arr = zarr.open_array(version, path=name, mode="r")
+    md = arr.metadata
+    if md.zarr_format == 3:
+        dims = tuple(str(d) for d in (md.dimension_names or ()))
+    else:
+        names = arr.attrs.get("_ARRAY_DIMENSIONS")
+        dims = tuple(str(d) for d in names) if isinstance(names, list) else ()
+    return dims, tuple(arr.shape), tuple(arr.shards or arr.chunks), md
+
+
+def chunk_files(version: Path, name: str, region: Mapping[str, tuple[int, int]]) -> list[Path]:
+    """The chunk (or shard) files of array ``name`` that hold ``region`` (dim → start, stop)."""
+    dims, shape, grid, md = _file_grid(str(version), name)
+    ranges = []
+    for dim, size, chunk in zip(dims, shape, grid, strict=True):
+        start, stop = region.get(dim, (0, size))
+        ranges.append(range(start // chunk, -(-stop // chunk)))
+    return [version / name / md.encode_chunk_key(c) for c in itertools.product(*ranges)]
+
+
+def sync_job(version: Path, record: Mapping[str, Any]) -> int:
+    """fsync every chunk file a job wrote (from its record's variables and region)."""
+    region = {str(d): (int(a), int(b)) for d, a, b in record["region"]}
+    files = [f for name in record["variables"] for f in chunk_files(version, str(name), region)]
+    return sync_files(files, version)
 
 
 def plan_record(version: Path) -> dict[str, Any] | None:
     """The plan stored in a version (present once initialisation finished)."""
     return read_json(manifest_dir(version) / "plan.json")
+
+
+#: Request fields that change how a run goes but not what it writes or how it is planned.
+_RUN_ONLY_FIELDS = {
+    "overwrite",
+    "resume",
+    "log_level",
+    "generate_stats",
+    "retries",
+    "keep_versions",
+    "break_lock",
+    "recommend_changes",
+    "cache_store",
+    "cache_dir",
+    "cache_name",
+    "cache_label",
+}
+
+
+def plan_differences(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+    """What differs between two stored plans (``plan.json``), in words, most telling first.
+
+    Request fields that differ (``field: old → new``), then a changed source (files added or
+    removed, or sizes and modification times), else the job regions.
+    """
+    if not old:
+        return ["the other version has no plan (its initialisation was interrupted)"]
+    out: list[str] = []
+    old_req, new_req = dict(old.get("request") or {}), dict(new.get("request") or {})
+    for key in sorted(set(old_req) | set(new_req)):
+        if key in _RUN_ONLY_FIELDS or old_req.get(key) == new_req.get(key):
+            continue
+        out.append(f"{key}: {_short(old_req.get(key))} → {_short(new_req.get(key))}")
+    old_src, new_src = dict(old.get("layout") or {}), dict(new.get("layout") or {})
+    if old_src.get("digest") != new_src.get("digest"):
+        old_files, new_files = set(old_src.get("files", [])), set(new_src.get("files", []))
+        if old_files != new_files:
+            added = sorted(os.path.basename(f) for f in new_files - old_files)
+            gone = sorted(os.path.basename(f) for f in old_files - new_files)
+            out.append(f"source files added {added[:3]}, removed {gone[:3]}")
+        else:
+            out.append("the source files changed (size or modification time)")
+    if not out and old.get("fingerprint") != new.get("fingerprint"):
+        out.append("the job regions differ (the plan changed)")
+    return out
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def is_complete(version: Path) -> bool:
@@ -193,8 +320,16 @@ def recorded_jobs(version: Path, fingerprint: str) -> set[int]:
 
 
 def record_job(version: Path, record: Mapping[str, Any]) -> None:
-    """Record a finished job (after its chunks are written)."""
+    """Record a finished job, once its chunks are durable.
+
+    The job's chunk files (named by the record's ``variables`` and ``region``) and their folders
+    are fsynced first, so a record always means the data survives a crash of the machine, not
+    only of the process. The record itself is written atomically and durably.
+    """
+    sync_job(version, record)
+    fault_point("job-written")
     write_json_atomic(manifest_dir(version) / "jobs" / f"{int(record['id']):06d}.json", record)
+    fault_point("job-recorded")
 
 
 def iter_job_records(version: Path) -> Iterator[dict[str, Any]]:
@@ -267,6 +402,9 @@ def initialise_store(
         encoding=encoding,
         write_empty_chunks=True,
     )
+    # Metadata and coordinates durable before plan.json says the version is initialised.
+    sync_files((p for p in version.rglob("*") if p.is_file()), version)
+    fault_point("init")
     write_json_atomic(manifest_dir(version) / "plan.json", plan_json)
 
 
@@ -324,7 +462,33 @@ def publish(paths: CachePaths, version: Path, keep_versions: int) -> None:
         link.unlink()
     os.symlink(os.path.relpath(version, paths.final.parent), link)
     os.replace(link, paths.final)
+    fsync_dir(paths.final.parent)
     prune_versions(paths, keep_versions)
+
+
+#: Suffixes of temporary files: Zarr's chunk writes (``.partial``) and this package's (``.tmp``).
+TEMPORARY_SUFFIXES = (".partial", ".tmp")
+
+
+def clean_temporary(version: Path) -> int:
+    """Remove temporary files a killed run left in a version; returns how many.
+
+    Zarr writes each chunk to ``<key>.<uuid>.partial`` and renames it into place, so a killed
+    write leaves the temporary file, never a torn chunk; the job is not recorded and runs again.
+    """
+    removed = 0
+    for path in version.rglob("*"):
+        if path.name.endswith(TEMPORARY_SUFFIXES) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def clean_stale_links(paths: CachePaths) -> None:
+    """Remove half-made publish links a killed run left beside the cache (caller holds the lock)."""
+    for link in paths.final.parent.glob(f".{paths.final.name}.*.link"):
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
 
 
 def prune_versions(paths: CachePaths, keep_versions: int) -> None:
