@@ -122,6 +122,14 @@ def resolve_paths(req: CacheRequest) -> CachePaths:
         name = f"{req.cache_name or source_stem(req)}{req.cache_label}.zarr"
         final = Path(str(req.cache_dir)).expanduser() / name
         parameter, value = "cache_dir", req.cache_dir
+        # The name (source stem + label) must stay one folder inside cache_dir.
+        if os.path.dirname(name) or name in (".", ".."):
+            raise RequestError(
+                "cache_name",
+                req.cache_name or name,
+                f"would make the cache {name!r}, which is not a plain folder name in cache_dir",
+                "Set cache_name to a plain name such as 'era5'",
+            )
     final = Path(os.path.abspath(final))
     if final.exists() and not final.is_symlink() and final.is_file():
         raise RequestError(
@@ -215,7 +223,7 @@ def sync_files(files: Iterable[Path], root: Path) -> int:
 
 
 @lru_cache(maxsize=256)
-def _file_grid(
+def array_grid(
     version: str, name: str
 ) -> tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...], Any]:
     """Dimension names, shape, file grid (shards or chunks) and metadata of one array."""
@@ -231,7 +239,7 @@ def _file_grid(
 
 def chunk_files(version: Path, name: str, region: Mapping[str, tuple[int, int]]) -> list[Path]:
     """The chunk (or shard) files of array ``name`` that hold ``region`` (dim → start, stop)."""
-    dims, shape, grid, md = _file_grid(str(version), name)
+    dims, shape, grid, md = array_grid(str(version), name)
     ranges = []
     for dim, size, chunk in zip(dims, shape, grid, strict=True):
         start, stop = region.get(dim, (0, size))

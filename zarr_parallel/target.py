@@ -19,6 +19,7 @@ import numpy as np
 import xarray as xr
 
 from zarr_parallel.errors import RequestError
+from zarr_parallel.names import check_names
 from zarr_parallel.plan import ArrayInput, AxisMap, canonical_json
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.source import Source, SourceLayout, _file_state, open_source
@@ -116,6 +117,7 @@ def build_target(req: CacheRequest, source: Source | None = None) -> Target:
     """Apply the request's transforms lazily to the source and resolve the target chunks."""
     source = source or open_source(req)
     ds = source.dataset.copy()
+    check_names(ds, "data_uri", req.data_uri, "the source has")
     if req.variables is not None:
         missing = [v for v in req.variables if v not in ds.data_vars]
         if missing:
@@ -132,6 +134,7 @@ def build_target(req: CacheRequest, source: Source | None = None) -> Target:
     for name in ds.data_vars:
         ds[name].attrs = {**ds[name].attrs, SOURCE_ATTR: str(name)}
     ds = apply_transforms(ds, req.preprocessors, "preprocessors")
+    check_names(ds, "preprocessors", req.preprocessors, "the preprocessors give")
     if req.variables:
         parts = []
         for name, specs in req.variables.items():
@@ -153,6 +156,7 @@ def build_target(req: CacheRequest, source: Source | None = None) -> Target:
                 "Select the same region for every variable (use preprocessors for that)",
             ) from e
         ds.attrs = dict(source.dataset.attrs)
+        check_names(ds, "variables", req.variables, "the per-variable transforms give")
     ds.attrs = {**ds.attrs, **req.add_attrs}
     for dim, n in ds.sizes.items():
         if n == 0:
