@@ -120,8 +120,9 @@ def write_flow(prepared: Prepared) -> list[dict[str, Any]]:
     if failed:
         names = "; ".join(f"job {f['id']} {f['region']}" for f in failed[:10])
         raise RunFailed(
-            f"{len(failed)} of {len(prepared.todo)} jobs failed ({names}). Finished jobs stay "
-            "recorded: run again with resume='auto' to write only the rest",
+            f"{len(failed)} of {len(prepared.todo)} jobs failed ({names}); first error: "
+            f"{failed[0]['message']}. Finished jobs stay recorded: run again with "
+            "resume='auto' to write only the rest",
             failed,
         )
     return results
@@ -204,6 +205,14 @@ def _parser() -> argparse.ArgumentParser:
         help="override a request field (YAML value; dotted keys reach nested fields)",
     )
     p.add_argument("--plan-only", action="store_true", help="same as the plan command")
+    p.add_argument(
+        "--verify-mode",
+        choices=("auto", "full", "sample"),
+        default="auto",
+        help="verify: compare every chunk (full), a seeded sample, or full up to 2 GB (auto)",
+    )
+    p.add_argument("--sample", type=int, default=16, help="verify: chunks sampled per variable")
+    p.add_argument("--seed", type=int, default=0, help="verify: seed of the sample")
     return p
 
 
@@ -231,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "verify":
             from zarr_parallel.verify import verify_cache
 
-            report = verify_cache(req)
+            report = verify_cache(req, args.verify_mode, args.sample, args.seed)
             print(report.text())
             return 0 if report.ok else 1
         make_plan  # noqa: B018 - imported for symmetry; the flow plans itself

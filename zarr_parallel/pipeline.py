@@ -18,7 +18,7 @@ from typing import Any, Literal
 from zarr_parallel.errors import RecommendationsPending, RequestError
 from zarr_parallel.faults import fault_point
 from zarr_parallel.lock import CacheLock
-from zarr_parallel.plan import Limits, Plan, plan_jobs
+from zarr_parallel.plan import Limits, Plan, fingerprint, plan_jobs
 from zarr_parallel.preflight import run_preflight
 from zarr_parallel.recommend import Recommendation, recommend
 from zarr_parallel.request import CacheRequest
@@ -70,7 +70,10 @@ def make_plan(req: CacheRequest) -> tuple[Target, Plan]:
     inputs, limits = target.array_inputs(), limits_for(req)
     if target.tiling is not None:
         target.tiling.check_fits(inputs, limits)  # refuse with the largest tile that fits
-    return target, plan_jobs(inputs, limits, req.digest())
+    # The fingerprint covers the request, the source's state (files, sizes, modification times,
+    # chunk layout) and the plan: a changed source is never resumed into or reported up to date.
+    digest = fingerprint(req.digest(), target.layout.digest)
+    return target, plan_jobs(inputs, limits, digest)
 
 
 @dataclass
