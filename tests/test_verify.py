@@ -52,7 +52,7 @@ def _kinds(report: Any, variable: str) -> set[str]:
 
 
 def test_sound_cache_passes(cache: tuple[CacheRequest, Path]) -> None:
-    req, version = cache
+    req, _ = cache
     report = verify_cache(req)
     assert report.ok, report.text()
     assert report.mode == "full"
