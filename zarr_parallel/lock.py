@@ -86,7 +86,8 @@ class LockHolder:
                 heartbeat=st.st_mtime,
             )
         except (ValueError, KeyError, TypeError):
-            return cls("", 0, 0.0, st.st_mtime, f"unreadable:{st.st_ino}:{st.st_mtime_ns}", "")
+            token = f"unreadable:{st.st_ino}:{st.st_mtime_ns}"
+            return cls("", 0, 0.0, st.st_mtime, token, "", heartbeat=st.st_mtime)
 
     def describe(self) -> str:
         """Host, pid and start time in words."""

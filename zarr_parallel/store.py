@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -453,7 +454,10 @@ def check_complete(version: Path, plan_json: Mapping[str, Any]) -> None:
 
 def finalise(version: Path, summary: Mapping[str, Any]) -> None:
     """Consolidate metadata once and mark the version complete."""
-    zarr.consolidate_metadata(version)
+    with warnings.catch_warnings():
+        # zarr warns about the .zarr-parallel manifest folder: it is ours, not a Zarr node.
+        warnings.filterwarnings("ignore", message=".*not recognized as a component")
+        zarr.consolidate_metadata(version)
     write_json_atomic(manifest_dir(version) / "complete.json", {**summary, "time": time.time()})
 
 
