@@ -150,6 +150,9 @@ class CacheLock:
         Seconds without heartbeat after which a lock from another host counts as stale.
     heartbeat
         Seconds between heartbeats while held (0 disables the thread).
+    guard
+        The file whose ``flock`` serialises breakers (default ``<path>.break``). It is never
+        deleted: a waiter could otherwise lock a deleted file while a newcomer locks a new one.
     """
 
     def __init__(
@@ -158,8 +161,10 @@ class CacheLock:
         break_lock: bool = False,
         stale_after: float = STALE_AFTER_SECONDS,
         heartbeat: float = HEARTBEAT_SECONDS,
+        guard: Path | None = None,
     ) -> None:
         self.path = Path(path)
+        self.guard = Path(guard) if guard else self.path.with_name(f"{self.path.name}.break")
         self.break_lock = break_lock
         self.stale_after = stale_after
         self.heartbeat = heartbeat
@@ -265,7 +270,8 @@ class CacheLock:
     @contextlib.contextmanager
     def _break_guard(self) -> Iterator[None]:
         """Serialise lock breakers on this cache (best effort where flock is unsupported)."""
-        guard = self.path.with_name(f"{self.path.name}.break")
+        guard = self.guard
+        guard.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:

@@ -23,6 +23,7 @@ from zarr_parallel.preflight import run_preflight
 from zarr_parallel.recommend import Recommendation, recommend
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.store import (
+    LOCK_GUARD,
     CachePaths,
     check_complete,
     clean_stale_links,
@@ -216,7 +217,8 @@ def _differences(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
 
 def run_lock(req: CacheRequest) -> CacheLock:
     """The lock of the request's cache (a context manager; see :mod:`zarr_parallel.lock`)."""
-    return CacheLock(resolve_paths(req).lock, break_lock=req.break_lock)
+    paths = resolve_paths(req)
+    return CacheLock(paths.lock, break_lock=req.break_lock, guard=paths.versions / LOCK_GUARD)
 
 
 def initialise(prepared: Prepared) -> None:

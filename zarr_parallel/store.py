@@ -40,6 +40,8 @@ from zarr_parallel.transforms import PACKING_ASKED
 logger = logging.getLogger(__name__)
 
 MANIFEST_DIR = ".zarr-parallel"
+#: In the versions folder: the file whose flock serialises breakers of a stale lock.
+LOCK_GUARD = ".lock-break"
 #: Encoding keys that describe the source's storage, not the data; never copied to the cache.
 _STORAGE_KEYS = {
     "chunksizes",

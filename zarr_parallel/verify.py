@@ -37,6 +37,7 @@ import zarr
 from zarr_parallel.errors import RecommendationsPending
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.store import (
+    LOCK_GUARD,
     MANIFEST_DIR,
     TEMPORARY_SUFFIXES,
     array_grid,
@@ -550,8 +551,8 @@ def location_snapshot(final: str | Path) -> dict[str, str]:
     """The state of everything at a cache location, to compare before and after a run.
 
     Maps the final path's link target and the SHA-256 of every file under the final path's
-    versions folder and beside it (lock files included) by relative path; equal snapshots mean
-    nothing there changed.
+    versions folder and beside it, by relative path; equal snapshots mean nothing there changed.
+    Lock files are left out: taking, releasing or breaking a lock changes no cache.
     """
 
     final = Path(final)
@@ -565,6 +566,8 @@ def location_snapshot(final: str | Path) -> dict[str, str]:
     for path in sorted(parent.rglob("*")):
         rel = path.relative_to(parent)
         if not rel.parts[0].startswith(prefix) or path.is_symlink():
+            continue
+        if rel.parts[0].startswith(f"{prefix}.lock") or rel.name == LOCK_GUARD:
             continue
         if path.is_file():
             out[rel.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()

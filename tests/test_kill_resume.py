@@ -1,0 +1,257 @@
+"""Kill a whole run (SIGKILL of the flow process) at several points, then resume it.
+
+The killed runs are real ``python -m flows.cache run REQUEST.yaml`` processes. Deterministic
+points come from the ``ZARR_PARALLEL_FAULT`` hook (the process SIGKILLs itself there, see
+:mod:`zarr_parallel.faults`); one run is killed from outside at whatever point it has reached.
+Each resumed cache must be byte-identical to an uninterrupted run, and only the jobs not recorded
+before the kill may be written again: counted from the job records (each names the pid that wrote
+it) and from the chunk files' modification times.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+import xarray as xr
+import yaml
+
+from zarr_parallel.api import run_request
+from zarr_parallel.errors import RequestError
+from zarr_parallel.request import build_request
+from zarr_parallel.store import CachePaths, chunk_files, is_complete, iter_job_records, plan_record
+from zarr_parallel.verify import cache_differences, location_snapshot, verify_cache
+
+CHUNKS = {"time": 12, "latitude": 40, "longitude": 72}
+OTHER_CHUNKS = {"time": 24, "latitude": 40, "longitude": 72}
+
+
+def _fields(files: list[Path], store: Path, chunks: dict[str, int] = CHUNKS) -> dict[str, Any]:
+    return {
+        "data_uri": [str(p) for p in files],
+        "chunks": chunks,
+        "cache_store": str(store),
+        "deploy_mode": "series",
+        "memory_limit": "300MB",
+        "num_jobs": 10,
+        "retries": 0,
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(era5_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run of the request the killed runs make."""
+    store = tmp_path_factory.mktemp("reference") / "era5.zarr"
+    result = run_request(build_request(**_fields(era5_files, store)))
+    assert result.summary["jobs"] == 10
+    return store
+
+
+@pytest.fixture(scope="module")
+def other_reference(era5_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run with other target chunks."""
+    store = tmp_path_factory.mktemp("reference") / "other.zarr"
+    run_request(build_request(**_fields(era5_files, store, OTHER_CHUNKS)))
+    return store
+
+
+def _request_file(fields: dict[str, Any], folder: Path) -> Path:
+    path = folder / "request.yaml"
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+def _cli(request: Path, fault: str | None) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    if fault:
+        env["ZARR_PARALLEL_FAULT"] = fault
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cache", "run", str(request)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _killed_run(request: Path, fault: str) -> None:
+    proc = _cli(request, f"kill@{fault}")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed at {fault}: {err[-2000:]}"
+
+
+def _chunk_mtimes(version: Path) -> dict[int, dict[Path, int]]:
+    """Per recorded plan job, the modification time of each chunk file it covers."""
+    plan = plan_record(version)
+    assert plan is not None
+    out: dict[int, dict[Path, int]] = {}
+    for job_id, variables, region, *_ in plan["job_list"]:
+        bounds = {d: (a, b) for d, a, b in region}
+        files = [f for name in variables for f in chunk_files(version, name, bounds)]
+        out[job_id] = {f: f.stat().st_mtime_ns for f in files if f.exists()}
+    return out
+
+
+def _check_resumed(
+    store: Path, reference: Path, recorded_before: set[int], before: dict[int, dict[Path, int]]
+) -> None:
+    """Byte-identical to the reference; only unrecorded jobs were written again."""
+    version = store.resolve()
+    assert cache_differences(store, reference) == []
+    records = {r["id"]: r for r in iter_job_records(version)}
+    assert set(records) == set(range(10))
+    rewritten = {i for i, r in records.items() if r["pid"] == os.getpid()}
+    assert rewritten == set(range(10)) - recorded_before
+    for job_id in recorded_before:
+        for path, mtime in before[job_id].items():
+            assert path.stat().st_mtime_ns == mtime, f"job {job_id} rewrote {path}"
+    # Nothing of the killed run is left beside the cache: one version, no lock, no temp link.
+    paths = CachePaths(store)
+    assert paths.all_versions() == [version]
+    assert not paths.lock.exists()
+    assert not list(store.parent.glob(f".{store.name}.*"))
+
+
+@pytest.mark.parametrize(
+    ("fault", "resume", "recorded"),
+    [
+        pytest.param("init", "auto", 0, id="during-init"),
+        pytest.param("job-written#2", True, 1, id="mid-writes-chunks-unrecorded"),
+        pytest.param("job-recorded#4", "auto", 4, id="mid-writes-after-a-record"),
+        pytest.param("before-finalise", True, 10, id="between-writes-and-publish"),
+        pytest.param("before-publish", "auto", 10, id="complete-not-yet-published"),
+    ],
+)
+def test_kill_then_resume(
+    era5_files: list[Path],
+    reference: Path,
+    tmp_path: Path,
+    fault: str,
+    resume: bool | str,
+    recorded: int,
+) -> None:
+    fields = _fields(era5_files, tmp_path / "out" / "era5.zarr")
+    store = Path(fields["cache_store"])
+    _killed_run(_request_file(fields, tmp_path), fault)
+    paths = CachePaths(store)
+    assert not store.exists(), "a killed run must not publish"
+    assert paths.lock.exists(), "the killed run's lock is left behind (and broken on resume)"
+    (staging,) = paths.all_versions()
+    recorded_before = {r["id"] for r in iter_job_records(staging)}
+    assert len(recorded_before) == recorded
+    if fault == "init":
+        assert plan_record(staging) is None
+        with pytest.raises(RequestError, match=r"resume=True: no interrupted run"):
+            run_request(build_request(**fields, resume=True))
+        before: dict[int, dict[Path, int]] = {}
+    else:
+        assert is_complete(staging) == (fault == "before-publish")
+        before = _chunk_mtimes(staging)
+    time.sleep(0.01)  # a rewrite would get a later mtime_ns
+    result = run_request(build_request(**fields, resume=resume))
+    assert result.summary["resumed"] == (fault != "init")
+    assert result.summary["jobs_run"] == 10 - recorded
+    assert result.summary["jobs_skipped"] == (recorded if fault != "init" else 0)
+    _check_resumed(store, reference, recorded_before, before)
+    if fault != "init":
+        assert store.resolve() == staging, "the interrupted version itself is completed"
+    assert verify_cache(build_request(**fields)).ok
+
+
+def test_kill_from_outside_mid_writes(
+    era5_files: list[Path], reference: Path, tmp_path: Path
+) -> None:
+    """No hook: SIGKILL from outside as soon as the first job is recorded."""
+    fields = _fields(era5_files, tmp_path / "out" / "era5.zarr")
+    store = Path(fields["cache_store"])
+    proc = _cli(_request_file(fields, tmp_path), None)
+    jobs = CachePaths(store).versions
+    try:
+        deadline = time.time() + 300
+        while not list(jobs.glob("*/.zarr-parallel/jobs/*.json")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    (staging,) = CachePaths(store).all_versions()
+    recorded_before = {r["id"] for r in iter_job_records(staging)}
+    assert 1 <= len(recorded_before) < 10 or store.exists()
+    if store.exists():
+        pytest.skip("the machine finished the whole run before the kill landed")
+    before = _chunk_mtimes(staging)
+    time.sleep(0.01)
+    result = run_request(build_request(**fields))  # resume="auto", the default
+    assert result.summary["resumed"]
+    _check_resumed(store, reference, recorded_before, before)
+
+
+def test_published_cache_survives_a_killed_run_and_other_requests_never_mix(
+    era5_files: list[Path], reference: Path, other_reference: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "out" / "era5.zarr"
+    old = _fields(era5_files, store)
+    new = _fields(era5_files, store, OTHER_CHUNKS)
+    run_request(build_request(**old))
+    published = store.resolve()
+    source = xr.open_mfdataset(era5_files, engine="h5netcdf")
+    # A new request frozen mid-writes: the published cache stays complete and readable.
+    proc = _cli(_request_file(new, tmp_path), "stop@job-recorded#1")
+    try:
+        deadline = time.time() + 300
+        while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert store.resolve() == published
+        with xr.open_zarr(store) as cache:
+            np.testing.assert_array_equal(cache.t2m.values, source.t2m.values)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert store.resolve() == published
+    assert cache_differences(store, reference) == []
+    assert verify_cache(build_request(**old)).ok
+    staging = next(v for v in CachePaths(store).all_versions() if v != published)
+    recorded_before = {r["id"] for r in iter_job_records(staging)}
+    assert len(recorded_before) == 1
+
+    # Keep a copy of this state: one branch resumes, the other starts another request.
+    shutil.copytree(tmp_path / "out", tmp_path / "copy", symlinks=True)
+
+    # Resuming the killed run with a different request is refused, saying what differs.
+    third = _fields(era5_files, store, {"time": 60, "latitude": 40, "longitude": 72})
+    snapshot = location_snapshot(store)
+    with pytest.raises(RequestError, match=r"resume=True: the interrupted run .*chunks: "):
+        run_request(build_request(**third, resume=True))
+    assert location_snapshot(store) == snapshot
+
+    # The same request resumes: only unrecorded jobs are written, and it is then published.
+    result = run_request(build_request(**new, resume=True))
+    assert result.summary["jobs_run"] == result.summary["jobs"] - 1
+    assert store.resolve() == staging
+    assert cache_differences(store, other_reference) == []
+    assert published.is_dir(), "the previous version is kept (keep_versions=2)"
+
+    # In the copy, another request with resume='auto' starts afresh and cleans the stale
+    # staging version instead of mixing with it.
+    copy = tmp_path / "copy" / "era5.zarr"
+    third = {**third, "cache_store": str(copy)}
+    stale = CachePaths(copy).versions / staging.name
+    assert stale.is_dir()
+    result = run_request(build_request(**third))
+    assert not result.summary["resumed"] and not stale.exists()
+    assert result.summary["jobs_run"] == result.summary["jobs"]
+    assert verify_cache(build_request(**third)).ok
