@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from zarr_parallel.errors import RecommendationsPending, RequestError
+from zarr_parallel.errors import RecommendationsPending, RequestError, RunFailed
 from zarr_parallel.faults import fault_point
 from zarr_parallel.lock import CacheLock
 from zarr_parallel.plan import Limits, Plan, fingerprint, plan_jobs
@@ -246,7 +246,14 @@ def initialise(prepared: Prepared) -> None:
     if prepared.status != "fresh":
         return
     target = cached_target(prepared.request_json)
-    initialise_store(target, prepared.version, prepared.request, prepared.plan_json())
+    try:
+        initialise_store(target, prepared.version, prepared.request, prepared.plan_json())
+    except OSError as e:
+        raise RunFailed(
+            f"could not initialise the cache's new version {prepared.version} ({e}); nothing "
+            f"was published and {paths.final} is unchanged. Fix the cause (space, "
+            "permissions) and run again"
+        ) from e
 
 
 def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) -> dict[str, Any]:
@@ -259,9 +266,16 @@ def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) ->
         clean_temporary(prepared.version)
         records = list(iter_job_records(prepared.version))
         fault_point("before-finalise")
-        finalise(prepared.version, {"fingerprint": plan.fingerprint, "jobs": len(plan.jobs)})
-        fault_point("before-publish")
-        publish(prepared.paths, prepared.version, req.keep_versions)
+        try:
+            finalise(prepared.version, {"fingerprint": plan.fingerprint, "jobs": len(plan.jobs)})
+            fault_point("before-publish")
+            publish(prepared.paths, prepared.version, req.keep_versions)
+        except OSError as e:
+            raise RunFailed(
+                f"every job finished but publishing {prepared.version} failed ({e}); "
+                f"{prepared.paths.final} is unchanged. Fix the cause and run again: the "
+                "finished jobs are kept and only publishing is repeated"
+            ) from e
     else:
         records = list(iter_job_records(prepared.version))
     summary: dict[str, Any] = {

@@ -23,6 +23,7 @@ DEPLOY_MODES = ("series", "dask_distributed", "slurm")
 ENGINES = ("h5netcdf", "netcdf4", "kerchunk", "zarr")
 DEFAULT_DEPLOY_MODE = "series"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]*$")
+_TYPE_TAG = re.compile(r"^(bool|int|float|str|none|[a-z]+\[.*\])$")
 
 
 class SlurmOptions(BaseModel):
@@ -259,7 +260,8 @@ def build_request(base_dir: str | Path | None = None, **fields: Any) -> CacheReq
         req = CacheRequest(**fields)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "request"
+        # Drop pydantic's union-member tags ('bool', "dict[str,int]"...) from the location.
+        loc = ".".join(str(p) for p in err["loc"] if not _TYPE_TAG.match(str(p))) or "request"
         # Never echo a credential back (error text is logged and shown in Prefect).
         secret = bool(err["loc"]) and is_secret_key(str(err["loc"][-1]))
         value = MASK if secret else redact(err.get("input"))

@@ -294,6 +294,7 @@ def _open_netcdf(
                 remote.redact_text(f"could not be opened ({remote.describe_failure(e)}: {e})"),
                 "Remove or replace the damaged file (for a URL: check it exists and may be read)",
             ) from e
+    _check_same_variables(parts, uris)
     concat_dim = _concat_dim(parts, uris)
     combine.check_calendars(parts, uris, concat_dim)
     order = sorted(range(len(parts)), key=lambda i: _first_label(parts[i], concat_dim))
@@ -320,6 +321,22 @@ def _open_netcdf(
     combine.check_steps(ds, concat_dim, files, lengths)
     ds = combine.harmonise_time_encoding(ds, parts, concat_dim)
     return ds, files, concat_dim, lengths
+
+
+def _check_same_variables(parts: Sequence[xr.Dataset], uris: Sequence[str]) -> None:
+    """Refuse files holding different variables: xarray would fill the gaps with NaN."""
+    first = sorted(map(str, parts[0].data_vars))
+    for uri, part in zip(uris[1:], parts[1:], strict=True):
+        names = sorted(map(str, part.data_vars))
+        if names != first:
+            a, b = os.path.basename(uris[0]), os.path.basename(uri)
+            raise RequestError(
+                "data_uri",
+                [a, b],
+                f"files hold different variables ({a} has {first}, {b} has {names}); joining "
+                "them would invent missing values",
+                "Use files of one dataset with the same variables in each, or list only those",
+            )
 
 
 def _first_label(ds: xr.Dataset, dim: str) -> Any:
