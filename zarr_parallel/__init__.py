@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from zarr_parallel.api import CacheHandle, CacheResult, ZarrParallelAssembler
 from zarr_parallel.errors import (
+    CacheLocked,
     PlanError,
     RecommendationsPending,
     RequestError,
@@ -18,6 +19,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "CacheHandle",
+    "CacheLocked",
     "CacheResult",
     "PlanError",
     "RecommendationsPending",
