@@ -445,13 +445,54 @@ def check_complete(version: Path, plan_json: Mapping[str, Any]) -> None:
             f"(first: {missing_jobs[:5]}); re-run with resume to write only those",
             [{"id": j} for j in missing_jobs],
         )
-    group = zarr.open_group(version, mode="r")
-    for name, arr in group.arrays():
-        if arr.nchunks_initialized != arr.nchunks:
-            raise RunFailed(
-                f"{name}: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks are "
-                "missing although every job is recorded; the store was changed behind the run"
-            )
+    # Every chunk (or shard) file of every array, not only a count: a job whose files vanished
+    # loses its record, so the next run writes it again instead of publishing a hole.
+    lost: dict[str, list[Path]] = {}
+    for name in array_names(version):
+        missing = missing_chunk_files(version, name)
+        if missing:
+            lost[name] = missing
+    if lost:
+        jobs = _jobs_covering(version, plan_json, lost)
+        for job_id in jobs:
+            (manifest_dir(version) / "jobs" / f"{job_id:06d}.json").unlink(missing_ok=True)
+        name, files = next(iter(lost.items()))
+        raise RunFailed(
+            f"{sum(map(len, lost.values()))} chunk files are missing although their jobs were "
+            f"recorded (first: {files[0].relative_to(version)}); the store was changed behind "
+            f"the run. The records of jobs {jobs[:10]} were removed: run again with "
+            "resume='auto' to write them again",
+            [{"id": j} for j in jobs],
+        )
+
+
+def array_names(version: Path) -> list[str]:
+    """Names of every array (data variables and coordinates) of a version."""
+    with warnings.catch_warnings():
+        # zarr warns about the .zarr-parallel manifest folder: it is ours, not a Zarr node.
+        warnings.filterwarnings("ignore", message=".*not recognized as a component")
+        return sorted(str(n) for n, _ in zarr.open_group(version, mode="r").arrays())
+
+
+def missing_chunk_files(version: Path, name: str) -> list[Path]:
+    """The chunk (or shard) files of array ``name`` that do not exist (one listing, no stats)."""
+    dims, shape, _, _ = array_grid(str(version), name)
+    expected = chunk_files(version, name, {d: (0, s) for d, s in zip(dims, shape, strict=True)})
+    present = {os.path.join(root, f) for root, _, files in os.walk(version / name) for f in files}
+    return [p for p in expected if str(p) not in present]
+
+
+def _jobs_covering(
+    version: Path, plan_json: Mapping[str, Any], lost: Mapping[str, list[Path]]
+) -> list[int]:
+    out = []
+    for job_id, variables, region, *_ in plan_json["job_list"]:
+        bounds = {str(d): (int(a), int(b)) for d, a, b in region}
+        for name in variables:
+            if name in lost and set(chunk_files(version, name, bounds)) & set(lost[name]):
+                out.append(int(job_id))
+                break
+    return sorted(out)
 
 
 def finalise(version: Path, summary: Mapping[str, Any]) -> None:
@@ -471,6 +512,8 @@ def publish(paths: CachePaths, version: Path, keep_versions: int) -> None:
         legacy = paths.versions / f"0-legacy-{int(time.time())}"
         paths.versions.mkdir(parents=True, exist_ok=True)
         os.replace(paths.final, legacy)
+        # Complete, so it is kept like any previous version and never cleaned as staging.
+        write_json_atomic(manifest_dir(legacy) / "complete.json", {"legacy": True})
     link = paths.final.with_name(f".{paths.final.name}.{os.getpid()}.link")
     if link.is_symlink() or link.exists():
         link.unlink()
