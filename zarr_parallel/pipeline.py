@@ -37,6 +37,7 @@ from zarr_parallel.store import (
     publish,
     recorded_jobs,
     resolve_paths,
+    unrecord_job,
 )
 from zarr_parallel.target import Target, build_target, cached_source, cached_target
 from zarr_parallel.units import format_bytes
@@ -256,6 +257,51 @@ def initialise(prepared: Prepared) -> None:
         ) from e
 
 
+def _verify_staging(prepared: Prepared) -> None:
+    """Compare the staging version with the source; refuse to publish a mismatch."""
+    from zarr_parallel.verify import verify_cache
+
+    full = prepared.request.verify_before_publish == "full"
+    report = verify_cache(
+        prepared.request,
+        "full" if full else "sample",
+        version=prepared.version,
+        staging=True,
+    )
+    if not report.ok:
+        # Un-record the jobs whose regions hold a problem: the next run writes them again.
+        plan_json = plan_record(prepared.version) or prepared.plan_json()
+        bad = sorted(
+            {
+                int(job_id)
+                for job_id, variables, region, *_ in plan_json["job_list"]
+                for p in report.problems
+                if p.region and p.variable in variables and _overlap(region, p.region)
+            }
+        )
+        for job_id in bad:
+            unrecord_job(prepared.version, job_id)
+        raise RunFailed(
+            f"the new version does not match its source, so it was not published; the records "
+            f"of jobs {bad[:10]} were removed: run again to write them again.\n{report.text()}",
+            [{"id": j} for j in bad],
+        )
+    logger.info(
+        "verified %s before publishing: %d chunks", prepared.version, report.chunks_compared
+    )
+
+
+def _overlap(a: Any, b: Any) -> bool:
+    """True when two regions (``[dim, start, stop]`` lists) share an element."""
+    bounds = {str(d): (int(lo), int(hi)) for d, lo, hi in a}
+    for d, lo, hi in b:
+        if str(d) in bounds:
+            alo, ahi = bounds[str(d)]
+            if int(hi) <= alo or ahi <= int(lo):
+                return False
+    return True
+
+
 def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) -> dict[str, Any]:
     """Check completeness, consolidate, publish and summarise."""
     req, plan = prepared.request, prepared.plan
@@ -266,6 +312,8 @@ def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) ->
         clean_temporary(prepared.version)
         records = list(iter_job_records(prepared.version))
         fault_point("before-finalise")
+        if req.verify_before_publish != "off":
+            _verify_staging(prepared)
         try:
             finalise(prepared.version, {"fingerprint": plan.fingerprint, "jobs": len(plan.jobs)})
             fault_point("before-publish")

@@ -141,6 +141,10 @@ class CacheRequest(BaseModel):
         False,
         description="Take over a lock left by a run on another host that stopped refreshing it",
     )
+    verify_before_publish: Literal["off", "sample", "full"] = Field(
+        "off",
+        description="Compare the new version with the source (a sample or all) before publishing",
+    )
     keep_versions: int = Field(2, ge=1, description="Complete versions kept beside the cache")
     generate_stats: bool = Field(False, description="Gather count/min/max/mean/NaN per variable")
     log_level: int = Field(0, ge=0, le=2, description="0 quiet, 1 info, 2 debug")

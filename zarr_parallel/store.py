@@ -343,6 +343,12 @@ def record_job(version: Path, record: Mapping[str, Any]) -> None:
     fault_point("job-recorded")
 
 
+def unrecord_job(version: Path, job_id: int) -> None:
+    """Remove a job's record (its chunks are missing or wrong): the next run writes it again."""
+    (manifest_dir(version) / "jobs" / f"{int(job_id):06d}.json").unlink(missing_ok=True)
+    fsync_dir(manifest_dir(version) / "jobs")
+
+
 def iter_job_records(version: Path) -> Iterator[dict[str, Any]]:
     """Every job record of a version."""
     for p in sorted((manifest_dir(version) / "jobs").glob("*.json")):
@@ -455,7 +461,7 @@ def check_complete(version: Path, plan_json: Mapping[str, Any]) -> None:
     if lost:
         jobs = _jobs_covering(version, plan_json, lost)
         for job_id in jobs:
-            (manifest_dir(version) / "jobs" / f"{job_id:06d}.json").unlink(missing_ok=True)
+            unrecord_job(version, job_id)
         name, files = next(iter(lost.items()))
         raise RunFailed(
             f"{sum(map(len, lost.values()))} chunk files are missing although their jobs were "

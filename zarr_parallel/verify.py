@@ -172,6 +172,7 @@ def verify_cache(
     seed: int = 0,
     version: str | Path | None = None,
     full_bytes: int = FULL_BYTES,
+    staging: bool = False,
 ) -> VerifyReport:
     """Check a request's cache against its manifest and its source.
 
@@ -189,6 +190,9 @@ def verify_cache(
         Check this version folder instead of the published one (e.g. a staging version).
     full_bytes
         Uncompressed size up to which ``auto`` compares in full.
+    staging
+        ``version`` is a staging version checked before publishing: it is not complete yet and
+        its fingerprint is the run's own (``verify_before_publish``).
 
     Returns
     -------
@@ -216,7 +220,7 @@ def verify_cache(
         prepared = prepare(probe.model_copy(update={"recommend_changes": "proceed"}))
     target = cached_target(prepared.request_json)
     current = prepared.plan_json()
-    _check_manifest(chosen, stored, current, report, out)
+    _check_manifest(chosen, stored, current, report, out, staging)
 
     data_vars = [str(v) for v in target.template().data_vars]
     _check_files(chosen, report, out)
@@ -269,11 +273,12 @@ def _check_manifest(
     current: Mapping[str, Any],
     report: VerifyReport,
     out: _Collector,
+    staging: bool = False,
 ) -> None:
     if stored is None:
         out.add(Problem("manifest", f"{MANIFEST_DIR}/plan.json is missing or unreadable"))
         return
-    if not is_complete(version):
+    if not staging and not is_complete(version):
         out.add(
             Problem("manifest", f"{MANIFEST_DIR}/complete.json is missing: never checked complete")
         )
