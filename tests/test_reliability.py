@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from zarr_parallel import faults
 from zarr_parallel.api import run_request
 from zarr_parallel.errors import RequestError, RunFailed
 from zarr_parallel.names import path_problem
@@ -261,10 +262,13 @@ def test_cache_dir_names_stay_inside_it(era5_files: list[Path], tmp_path: Path) 
 
 
 def test_fault_hook_is_inert_unless_set_and_counts_its_points() -> None:
+    # Load the module by path: it imports nothing of the package, so the subprocesses start fast.
     code = (
-        "from zarr_parallel.faults import fault_point\n"
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('faults', {str(faults.__file__)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "for i in range(3):\n"
-        "    fault_point('job-recorded'); fault_point('init'); print(i, flush=True)\n"
+        "    m.fault_point('job-recorded'); m.fault_point('init'); print(i, flush=True)\n"
     )
 
     def run(spec: str | None) -> subprocess.CompletedProcess[str]:
