@@ -251,7 +251,15 @@ def chunk_files(version: Path, name: str, region: Mapping[str, tuple[int, int]])
 
 
 def sync_job(version: Path, record: Mapping[str, Any]) -> int:
-    """fsync every chunk file a job wrote (from its record's variables and region)."""
+    """fsync every chunk file a job wrote (from its record's variables and region).
+
+    A record without ``variables`` and ``region`` cannot say which files are its own: then the
+    whole system is synced (slower, still correct).
+    """
+    if "region" not in record or "variables" not in record:
+        logger.warning("job record without variables/region: syncing every file system")
+        os.sync()
+        return 0
     region = {str(d): (int(a), int(b)) for d, a, b in record["region"]}
     files = [f for name in record["variables"] for f in chunk_files(version, str(name), region)]
     return sync_files(files, version)
