@@ -225,7 +225,9 @@ def verify_cache(
     data_vars = [str(v) for v in target.template().data_vars]
     _check_files(chosen, report, out)
     try:
-        cache = xr.open_zarr(chosen, consolidated=None, chunks=None, decode_timedelta=True)
+        # A staging version is consolidated only when published.
+        consolidated = False if staging else None
+        cache = xr.open_zarr(chosen, consolidated=consolidated, chunks=None, decode_timedelta=True)
     except Exception as e:  # a store whose metadata cannot be read cannot be checked further
         out.add(Problem("metadata", f"cannot be opened as Zarr ({type(e).__name__}: {e})"))
         report.seconds = time.perf_counter() - t0
