@@ -161,6 +161,14 @@ def resolve_paths(req: CacheRequest) -> CachePaths:
     return CachePaths(final)
 
 
+@contextlib.contextmanager
+def quiet_manifest() -> Iterator[None]:
+    """Silence zarr's warning about the ``.zarr-parallel`` folder: it is ours, not a Zarr node."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not recognized as a component")
+        yield
+
+
 def manifest_dir(version: Path) -> Path:
     """The manifest folder of a version."""
     return version / MANIFEST_DIR
@@ -445,7 +453,8 @@ def write_region(version: Path, name: str, data: xr.DataArray, region: dict[str,
                 f"length {chunk}; concurrent jobs could tear a chunk"
             )
     ds = xr.Dataset({name: data.variable})
-    ds.to_zarr(version, region=region, mode="r+", consolidated=False, write_empty_chunks=True)
+    with quiet_manifest():
+        ds.to_zarr(version, region=region, mode="r+", consolidated=False, write_empty_chunks=True)
 
 
 def check_complete(version: Path, plan_json: Mapping[str, Any]) -> None:
@@ -482,9 +491,7 @@ def check_complete(version: Path, plan_json: Mapping[str, Any]) -> None:
 
 def array_names(version: Path) -> list[str]:
     """Names of every array (data variables and coordinates) of a version."""
-    with warnings.catch_warnings():
-        # zarr warns about the .zarr-parallel manifest folder: it is ours, not a Zarr node.
-        warnings.filterwarnings("ignore", message=".*not recognized as a component")
+    with quiet_manifest():
         return sorted(str(n) for n, _ in zarr.open_group(version, mode="r").arrays())
 
 
@@ -511,9 +518,7 @@ def _jobs_covering(
 
 def finalise(version: Path, summary: Mapping[str, Any]) -> None:
     """Consolidate metadata once and mark the version complete."""
-    with warnings.catch_warnings():
-        # zarr warns about the .zarr-parallel manifest folder: it is ours, not a Zarr node.
-        warnings.filterwarnings("ignore", message=".*not recognized as a component")
+    with quiet_manifest():
         zarr.consolidate_metadata(version)
     write_json_atomic(manifest_dir(version) / "complete.json", {**summary, "time": time.time()})
 

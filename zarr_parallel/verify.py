@@ -45,6 +45,7 @@ from zarr_parallel.store import (
     missing_chunk_files,
     plan_differences,
     plan_record,
+    quiet_manifest,
     resolve_paths,
 )
 from zarr_parallel.target import Target, cached_target
@@ -227,7 +228,10 @@ def verify_cache(
     try:
         # A staging version is consolidated only when published.
         consolidated = False if staging else None
-        cache = xr.open_zarr(chosen, consolidated=consolidated, chunks=None, decode_timedelta=True)
+        with quiet_manifest():
+            cache = xr.open_zarr(
+                chosen, consolidated=consolidated, chunks=None, decode_timedelta=True
+            )
     except Exception as e:  # a store whose metadata cannot be read cannot be checked further
         out.add(Problem("metadata", f"cannot be opened as Zarr ({type(e).__name__}: {e})"))
         report.seconds = time.perf_counter() - t0
