@@ -72,9 +72,13 @@ class CacheHandle:
 def run_request(request: CacheRequest) -> CacheResult:
     """Run the cache flow for a validated request."""
     from flows.cache import cache_flow
+    from zarr_parallel.store import iter_job_records
 
     summary = cache_flow(request)
-    return CacheResult(Path(summary["cache"]), summary, summary.pop("job_results", []))
+    # Per-job records come from the published version's manifest: they cover every job,
+    # including those a resumed run skipped, without shipping them through the flow's result.
+    jobs = sorted(iter_job_records(Path(summary["version"])), key=lambda r: int(r["id"]))
+    return CacheResult(Path(summary["cache"]), summary, jobs)
 
 
 class ZarrParallelAssembler:

@@ -9,13 +9,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import xarray as xr
 
 from zarr_parallel.errors import ZarrParallelError
 from zarr_parallel.plan import Plan
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.source import Source
-from zarr_parallel.target import INDEX_PREFIX, Target
+from zarr_parallel.target import INDEX_PREFIX, Target, indexed_source
 from zarr_parallel.tiling import tile_candidates
+from zarr_parallel.transforms import apply_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -93,42 +95,56 @@ def recommend(
 def _selection_candidates(
     req: CacheRequest, source: Source, target: Target
 ) -> list[tuple[dict[str, Any], str, bool, int]]:
-    """Move the start and end of 2-item ``sel``/``isel`` slices to source chunk boundaries."""
+    """Move the start and end of 2-item ``sel``/``isel`` slices to source chunk boundaries.
+
+    Each candidate is written in the terms the selection sees: the data after the preprocessors
+    before it (so a selection after a ``reverse`` gets its ends in the reversed order), with
+    labels for ``sel`` and positions for ``isel``.
+    """
     out: list[tuple[dict[str, Any], str, bool, int]] = []
+    indexed = indexed_source(req, source)
     # A tiled target's selections are judged on the data before tiling.
-    ds = target.tiling.base if target.tiling is not None else target.dataset
+    final = target.tiling.base if target.tiling is not None else target.dataset
     for i, spec in enumerate(req.preprocessors):
         kind = {"sel": "sel", "subset": "sel", "isel": "isel"}.get(str(spec.get("type")))
         if kind is None:
             continue
+        before: xr.Dataset | None = None
         for dim, value in spec.items():
             if dim == "type" or not isinstance(value, list | tuple) or len(value) != 2:
                 continue
-            coord = f"{INDEX_PREFIX}{dim}"
-            if coord not in ds.coords or ds[coord].ndim != 1:
+            if before is None:
+                before = apply_transforms(indexed, req.preprocessors[:i], "preprocessors")
+            coord = _index_coord(before, dim)
+            if coord is None or coord not in final.coords or final[coord].ndim != 1:
                 continue
-            idx = np.sort(np.asarray(ds[coord].values, dtype=np.int64))
-            if idx.size == 0 or not np.all(np.diff(idx) == 1):
+            kept = np.sort(np.asarray(final[coord].values, dtype=np.int64))
+            if kept.size == 0 or not np.all(np.diff(kept) == 1):
                 continue
-            bounds = _source_bounds(source, dim)
+            bounds = _source_bounds(source, coord[len(INDEX_PREFIX) :])
             if bounds is None:
                 continue
-            a, b = int(idx[0]), int(idx[-1]) + 1
+            a, b = int(kept[0]), int(kept[-1]) + 1
             lo = int(bounds[np.searchsorted(bounds, a, side="right") - 1])
             hi = int(bounds[np.searchsorted(bounds, b, side="left")])
             inner_lo = int(bounds[np.searchsorted(bounds, a, side="left")])
             inner_hi = int(bounds[np.searchsorted(bounds, b, side="right") - 1])
-            labels = source.dataset[dim].values if dim in source.dataset.coords else None
+            position_source = np.asarray(before[coord].values, dtype=np.int64)
             for new_a, new_b, keeps, verb in (
                 (lo, hi, True, "widen"),
                 (inner_lo, inner_hi, False, "narrow"),
             ):
                 if (new_a, new_b) == (a, b) or new_b <= new_a:
                     continue
+                positions = np.flatnonzero((position_source >= new_a) & (position_source < new_b))
+                if positions.size != new_b - new_a or not np.all(np.diff(positions) == 1):
+                    continue  # not one run of positions where the selection applies
+                first, last = int(positions[0]), int(positions[-1])
                 if kind == "isel":
-                    new_value: list[Any] = [new_a, new_b]
-                elif labels is not None:
-                    new_value = [_label(labels[new_a]), _label(labels[new_b - 1])]
+                    new_value: list[Any] = [first, last + 1]
+                elif dim in before.coords:
+                    labels = before[dim].values
+                    new_value = [_label(labels[first]), _label(labels[last])]
                 else:
                     continue
                 pre = copy.deepcopy(req.preprocessors)
@@ -142,6 +158,14 @@ def _selection_candidates(
                     )
                 )
     return out
+
+
+def _index_coord(ds: xr.Dataset, dim: str) -> str | None:
+    """The index coordinate along ``dim`` (named after the source dimension)."""
+    for name, c in ds.coords.items():
+        if str(name).startswith(INDEX_PREFIX) and c.dims == (dim,):
+            return str(name)
+    return None
 
 
 def _label(value: Any) -> Any:

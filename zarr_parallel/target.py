@@ -113,9 +113,12 @@ class Target:
         return AxisMap(dim, np.zeros(size, dtype=np.int64), np.array([max(size, 1)]))
 
 
-def build_target(req: CacheRequest, source: Source | None = None) -> Target:
-    """Apply the request's transforms lazily to the source and resolve the target chunks."""
-    source = source or open_source(req)
+def indexed_source(req: CacheRequest, source: Source) -> xr.Dataset:
+    """The source's requested variables with an index coordinate per dimension, untransformed.
+
+    Applying the first ``k`` preprocessors to it gives the data as preprocessor ``k`` sees it,
+    still saying which source index each position came from.
+    """
     ds = source.dataset.copy()
     check_names(ds, "data_uri", req.data_uri, "the source has")
     if req.variables is not None:
@@ -133,7 +136,13 @@ def build_target(req: CacheRequest, source: Source | None = None) -> Target:
     )
     for name in ds.data_vars:
         ds[name].attrs = {**ds[name].attrs, SOURCE_ATTR: str(name)}
-    ds = apply_transforms(ds, req.preprocessors, "preprocessors")
+    return ds
+
+
+def build_target(req: CacheRequest, source: Source | None = None) -> Target:
+    """Apply the request's transforms lazily to the source and resolve the target chunks."""
+    source = source or open_source(req)
+    ds = apply_transforms(indexed_source(req, source), req.preprocessors, "preprocessors")
     check_names(ds, "preprocessors", req.preprocessors, "the preprocessors give")
     if req.variables:
         parts = []
