@@ -63,6 +63,7 @@ def limits_for(req: CacheRequest) -> Limits:
         memory_budget=req.memory_bytes - req.reserve_bytes,
         min_jobs=min_jobs,
         time_budget=req.timeout_seconds / 2,
+        reserve=req.reserve_bytes,
     )
 
 

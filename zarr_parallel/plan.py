@@ -13,10 +13,12 @@ and time budgets allow.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -75,11 +77,27 @@ class AxisMap:
         object.__setattr__(self, "_runs", (starts, prefix))
 
     @classmethod
-    def uniform(cls, dim: str, size: int, source_chunk: int, start: int = 0) -> AxisMap:
-        """Map a step-1 selection ``[start, start + size)`` of a regularly chunked source axis."""
+    def uniform(
+        cls,
+        dim: str,
+        size: int,
+        source_chunk: int,
+        start: int = 0,
+        source_size: int | None = None,
+    ) -> AxisMap:
+        """Map a step-1 selection ``[start, start + size)`` of a regularly chunked source axis.
+
+        ``source_size`` is the source axis length (default: the selection's end); the last
+        source chunk is cut short there.
+
+        >>> AxisMap.uniform("latitude", 721, 100).chunk_len[-2:].tolist()
+        [100, 21]
+        """
+        source_size = start + size if source_size is None else source_size
         idx = np.arange(start, start + size, dtype=np.int64)
-        n_chunks = max(1, math.ceil((start + size) / source_chunk))
+        n_chunks = max(1, math.ceil(source_size / source_chunk))
         lens = np.full(n_chunks, source_chunk, dtype=np.int64)
+        lens[-1] = max(1, source_size - source_chunk * (n_chunks - 1))
         return cls(dim, idx // source_chunk, lens)
 
     @property
@@ -115,12 +133,16 @@ class AxisMap:
         last = np.searchsorted(run_starts, stops - 1, side="right") - 1
         return np.asarray(prefix[last + 1] - prefix[first], dtype=np.int64)
 
-    def digest(self) -> str:
-        """Stable digest of the mapping (for grouping and fingerprints)."""
+    @cached_property
+    def _digest(self) -> str:
         h = hashlib.sha256(self.dim.encode())
         h.update(self.chunk_of.tobytes())
         h.update(self.chunk_len.tobytes())
         return h.hexdigest()
+
+    def digest(self) -> str:
+        """Stable digest of the mapping (for grouping and fingerprints)."""
+        return self._digest
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,11 +212,15 @@ class Limits:
         Split into at least this many jobs where alignment allows (``num_jobs``).
     time_budget
         Seconds one job may take (a share of ``worker_timeout``); ``None`` for no limit.
+    reserve
+        The interpreter reserve subtracted from ``memory_limit`` to get ``memory_budget``
+        (only used to word errors in the user's terms).
     """
 
     memory_budget: int
     min_jobs: int = 1
     time_budget: float | None = None
+    reserve: int = 0
 
     def __post_init__(self) -> None:
         if self.memory_budget <= 0:
@@ -361,23 +387,30 @@ def plan_jobs(arrays: Sequence[ArrayInput], limits: Limits, request_digest: str 
     groups: dict[str, list[ArrayInput]] = {}
     for arr in arrays:
         groups.setdefault(arr.signature(), []).append(arr)
-    ordered = sorted(groups.values(), key=lambda g: g[0].name)
-    total_min = limits.min_jobs
+    ordered = [_Group.build(members, limits) for members in groups.values()]
+    ordered.sort(key=lambda g: g.members[0].name)
+    shares = _share_jobs(
+        limits.min_jobs,
+        [_group_bytes(g.members) for g in ordered],
+        [g.capacity for g in ordered],
+    )
     jobs: list[Job] = []
     group_plans: list[GroupPlan] = []
     notes: list[str] = []
     read = needed = written = 0
-    for members in ordered:
-        share = max(1, math.ceil(total_min * _group_bytes(members) / _total_bytes(arrays)))
-        gplan, group_jobs, g_read, g_needed, g_notes = _plan_group(
-            members, limits, share, first_id=len(jobs)
-        )
+    for group, share in zip(ordered, shares, strict=True):
+        gplan, group_jobs, g_read, g_needed, g_notes = group.plan(limits, share, len(jobs))
         jobs.extend(group_jobs)
         group_plans.append(gplan)
         notes.extend(g_notes)
         read += g_read
         needed += g_needed
         written += sum(j.write_bytes for j in group_jobs)
+    if sum(g.capacity for g in ordered) < limits.min_jobs:
+        notes.append(
+            f"num_jobs={limits.min_jobs} asked, but whole aligned units allow only {len(jobs)} "
+            "jobs; cutting units further would make jobs re-read source chunks"
+        )
     digest = fingerprint(
         request_digest,
         canonical_json([[a.name, a.signature(), a.itemsize, a.read_itemsize] for a in arrays]),
@@ -399,8 +432,32 @@ def _group_bytes(members: Sequence[ArrayInput]) -> int:
     return sum(math.prod(a.shape) * a.itemsize for a in members)
 
 
-def _total_bytes(arrays: Sequence[ArrayInput]) -> int:
-    return max(1, sum(math.prod(a.shape) * a.itemsize for a in arrays))
+def _share_jobs(min_jobs: int, weights: Sequence[int], capacities: Sequence[int]) -> list[int]:
+    """Spread ``min_jobs`` over groups by weight, none above its capacity (its unit count).
+
+    What a full group cannot take goes to the others, so the total reaches ``min_jobs``
+    whenever the capacities allow.
+
+    >>> _share_jobs(4, [4, 16], [2, 2])
+    [2, 2]
+    >>> _share_jobs(6, [1, 1, 1], [100, 1, 100])
+    [3, 1, 3]
+    """
+    shares = [1] * len(weights)
+    fixed: set[int] = set()
+    while True:
+        free = [i for i in range(len(weights)) if i not in fixed]
+        remaining = min_jobs - sum(shares[i] for i in fixed)
+        total = sum(max(1, weights[i]) for i in free)
+        capped = False
+        for i in free:
+            want = max(1, math.ceil(remaining * max(1, weights[i]) / max(1, total)))
+            shares[i] = min(want, max(1, capacities[i]))
+            if want >= capacities[i]:
+                fixed.add(i)
+                capped = True
+        if not capped or not free:
+            return shares
 
 
 def write_grid(size: int, chunk: int) -> IntArray:
@@ -409,7 +466,9 @@ def write_grid(size: int, chunk: int) -> IntArray:
     >>> write_grid(10, 4).tolist()
     [0, 4, 8, 10]
     """
-    return np.unique(np.concatenate([np.arange(0, size, chunk), [size]])).astype(np.int64)
+    grid = np.arange(0, size + chunk, chunk, dtype=np.int64)
+    grid[-1] = size  # the last chunk may be partial (or the array empty)
+    return grid if size else grid[:1]
 
 
 def unit_boundaries(axis: AxisMap, chunk: int) -> IntArray:
@@ -418,7 +477,29 @@ def unit_boundaries(axis: AxisMap, chunk: int) -> IntArray:
     >>> unit_boundaries(AxisMap.uniform("t", 10, 3), 2).tolist()
     [0, 6, 10]
     """
-    return np.intersect1d(write_grid(axis.size, chunk), axis.source_boundaries).astype(np.int64)
+    bounds = axis.source_boundaries  # sorted, with 0 and the size: keep those on the write grid
+    return bounds[(bounds % chunk == 0) | (bounds == axis.size)]
+
+
+#: Beyond this many combinations of per-dimension extremes, cost bounds use the (safe, maybe
+#: pessimistic) product of per-dimension maxima instead of the exact maximum.
+_MAX_COMBINATIONS = 4096
+
+
+def _pareto(touched: IntArray, lengths: IntArray) -> IntArray:
+    """The (touched, length) pairs no other segment beats in both: rows of an (n, 2) array.
+
+    Job memory and duration grow with both figures, so the largest job over a grid of segments
+    is found among combinations of these pairs.
+    """
+    t_max, l_max = touched.max(), lengths.max()
+    if np.any((touched == t_max) & (lengths == l_max)):
+        return np.array([[t_max, l_max]], dtype=np.int64)  # the usual case: one segment wins
+    order = np.lexsort((-lengths, -touched))  # touched descending, then length descending
+    t, ln = touched[order], lengths[order]
+    best_before = np.maximum.accumulate(np.concatenate([[-1], ln[:-1]]))
+    keep = ln > best_before
+    return np.stack([t[keep], ln[keep]], axis=1)
 
 
 class _GroupCost:
@@ -433,19 +514,25 @@ class _GroupCost:
         return self.axes[d].touched(starts, stops), stops - starts
 
     def bound(self, bounds: Sequence[IntArray]) -> tuple[int, float]:
-        """Upper bound of any job's memory and duration for these segments."""
-        t_max = l_max = 1
-        for d, b in enumerate(bounds):
-            touched, lengths = self.segment_stats(d, b)
-            t_max *= int(touched.max())
-            l_max *= int(lengths.max())
-        memory = max(
-            int(job_memory(t_max * a.fixed_touched, l_max, a.itemsize, a.read_itemsize))
-            for a in self.members
-        )
-        moved = sum(
-            t_max * a.fixed_touched * a.read_itemsize + l_max * a.itemsize for a in self.members
-        )
+        """The largest job memory and duration over the jobs these segments make."""
+        fronts = [_pareto(*self.segment_stats(d, b)) for d, b in enumerate(bounds)]
+        if math.prod(len(f) for f in fronts) > _MAX_COMBINATIONS:
+            fronts = [f.max(axis=0, keepdims=True) for f in fronts]
+        memory, moved = 0, 0
+        for combo in itertools.product(*fronts):
+            t = math.prod(int(p[0]) for p in combo)
+            ln = math.prod(int(p[1]) for p in combo)
+            memory = max(
+                memory,
+                *(
+                    int(job_memory(t * a.fixed_touched, ln, a.itemsize, a.read_itemsize))
+                    for a in self.members
+                ),
+            )
+            moved = max(
+                moved,
+                sum(t * a.fixed_touched * a.read_itemsize + ln * a.itemsize for a in self.members),
+            )
         return memory, moved / ASSUMED_THROUGHPUT
 
     def fits(self, bounds: Sequence[IntArray], limits: Limits) -> bool:
@@ -474,132 +561,160 @@ def _largest_fitting(lo: int, hi: int, ok: Any) -> int:
     return lo
 
 
-def _plan_group(
-    members: Sequence[ArrayInput], limits: Limits, min_jobs: int, first_id: int
-) -> tuple[GroupPlan, list[Job], int, int, list[str]]:
-    lead = members[0]
-    names = tuple(a.name for a in members)
-    ndim = len(lead.axes)
-    notes: list[str] = []
-    cost = _GroupCost(members)
+@dataclass
+class _Group:
+    """Variables planned together, with their units (cut to the budget where needed)."""
 
-    if ndim == 0:
-        mem = max(int(job_memory(a.fixed_touched, 1, a.itemsize, a.read_itemsize)) for a in members)
-        _check_unit_fits(members, mem, limits, ())
-        read = sum(a.fixed_touched * a.read_itemsize for a in members)
-        need = sum(a.read_itemsize for a in members)
-        job = Job(first_id, names, (), mem, read, sum(a.itemsize for a in members))
-        return GroupPlan(names, (), (), (), ()), [job], read, need, notes
+    members: Sequence[ArrayInput]
+    cost: _GroupCost
+    units: list[IntArray]
+    split: list[str]
+    notes: list[str]
 
-    if any(a.size == 0 for a in lead.axes):
-        empty = [a.dim for a in lead.axes if a.size == 0]
-        raise PlanError(
-            "preprocessors",
-            empty,
-            f"the selection leaves no data along {empty} for {list(names)}",
-            "Widen the selection so every dimension keeps at least one element",
-        )
+    @property
+    def capacity(self) -> int:
+        """Most jobs whole units allow."""
+        return math.prod(len(u) - 1 for u in self.units) if self.units else 1
 
-    units = [unit_boundaries(ax, c) for ax, c in zip(lead.axes, lead.write_chunks, strict=True)]
-    split: list[str] = []
-    # Units too large for the budget: cut them at write-grid boundaries, widest-over-write-grid
-    # first. Those source chunks are then read by several jobs (read amplification > 1).
-    if not cost.fits(units, limits):
-        order = sorted(
-            range(ndim),
-            key=lambda d: -int(np.diff(units[d]).max()) / lead.write_chunks[d],
-        )
-        for d in order:
-            # Coarse cuts first (a tiled axis cuts whole tile rows before single tiles).
-            for fine in lead.axes[d].split_levels(lead.write_chunks[d]):
-                fine = np.union1d(fine, units[d]).astype(np.int64)
-                if len(fine) == len(units[d]):
-                    continue
-                units[d] = fine
-                if lead.axes[d].dim not in split:
-                    split.append(lead.axes[d].dim)
+    @classmethod
+    def build(cls, members: Sequence[ArrayInput], limits: Limits) -> _Group:
+        lead = members[0]
+        names = [a.name for a in members]
+        cost = _GroupCost(members)
+        if any(a.size == 0 for a in lead.axes):
+            empty = [a.dim for a in lead.axes if a.size == 0]
+            raise PlanError(
+                "preprocessors",
+                empty,
+                f"the selection leaves no data along {empty} for {names}",
+                "Widen the selection so every dimension keeps at least one element",
+            )
+        if not lead.axes:
+            memory = max(
+                int(job_memory(a.fixed_touched, 1, a.itemsize, a.read_itemsize)) for a in members
+            )
+            _check_unit_fits(members, memory, limits)
+            return cls(members, cost, [], [], [])
+        units = [unit_boundaries(ax, c) for ax, c in zip(lead.axes, lead.write_chunks, strict=True)]
+        split: list[str] = []
+        notes: list[str] = []
+        # Units too large for the budget: cut them at write-grid boundaries, widest-over-write-
+        # grid first. Those source chunks are then read by several jobs (read amplification > 1).
+        if not cost.fits(units, limits):
+            order = sorted(
+                range(len(units)),
+                key=lambda d: -int(np.diff(units[d]).max()) / lead.write_chunks[d],
+            )
+            for d in order:
+                # Coarse cuts first (a tiled axis cuts whole tile rows before single tiles).
+                for fine in lead.axes[d].split_levels(lead.write_chunks[d]):
+                    fine = np.union1d(fine, units[d]).astype(np.int64)
+                    if len(fine) == len(units[d]):
+                        continue
+                    units[d] = fine
+                    if lead.axes[d].dim not in split:
+                        split.append(lead.axes[d].dim)
+                    if cost.fits(units, limits):
+                        break
                 if cost.fits(units, limits):
                     break
-            if cost.fits(units, limits):
-                break
-        if split:
+            if split:
+                notes.append(
+                    f"{','.join(names)}: units along {split} exceed the memory budget; split at "
+                    "target chunk boundaries, so some source chunks are read by more than one job"
+                )
+        if not cost.fits(units, limits):
+            memory, _ = cost.bound(units)
+            _check_unit_fits(members, memory, limits)
             notes.append(
-                f"{','.join(names)}: units along {split} exceed the memory budget; split at "
-                "target chunk boundaries, so some source chunks are read by more than one job"
+                f"{','.join(names)}: one write chunk is estimated to take longer than the time "
+                "budget (half of worker_timeout); raise worker_timeout or choose smaller chunks"
             )
-    if not cost.fits(units, limits):
-        memory, _ = cost.bound(units)
-        _check_unit_fits(members, memory, limits, tuple(units))
+        return cls(members, cost, units, split, notes)
 
-    n_units = [len(u) - 1 for u in units]
-    per_job = [1] * ndim
-    # Grow jobs innermost dimension first: contiguous slabs, few large writes.
-    for d in reversed(range(ndim)):
+    def plan(
+        self, limits: Limits, min_jobs: int, first_id: int
+    ) -> tuple[GroupPlan, list[Job], int, int, list[str]]:
+        """Grow jobs to the budgets, then split them until there are ``min_jobs``."""
+        members, cost, units = self.members, self.cost, self.units
+        lead = members[0]
+        names = tuple(a.name for a in members)
+        if not units:
+            mem = max(
+                int(job_memory(a.fixed_touched, 1, a.itemsize, a.read_itemsize)) for a in members
+            )
+            read = sum(a.fixed_touched * a.read_itemsize for a in members)
+            need = sum(a.read_itemsize for a in members)
+            job = Job(first_id, names, (), mem, read, sum(a.itemsize for a in members))
+            return GroupPlan(names, (), (), (), ()), [job], read, need, list(self.notes)
+        ndim = len(units)
+        n_units = [len(u) - 1 for u in units]
+        per_job = [1] * ndim
+        # Grow jobs innermost dimension first: contiguous slabs, few large writes.
+        for d in reversed(range(ndim)):
 
-        def ok(m: int, d: int = d) -> bool:
-            trial = list(per_job)
-            trial[d] = m
-            return cost.fits([_pack(u, k) for u, k in zip(units, trial, strict=True)], limits)
+            def ok(m: int, d: int = d) -> bool:
+                trial = list(per_job)
+                trial[d] = m
+                return cost.fits([_pack(u, k) for u, k in zip(units, trial, strict=True)], limits)
 
-        per_job[d] = _largest_fitting(1, n_units[d], ok)
+            per_job[d] = _largest_fitting(1, n_units[d], ok)
 
-    def count(pj: Sequence[int]) -> int:
-        return math.prod(math.ceil(n / k) for n, k in zip(n_units, pj, strict=True))
+        def count(pj: Sequence[int]) -> int:
+            return math.prod(math.ceil(n / k) for n, k in zip(n_units, pj, strict=True))
 
-    # Honour the minimum number of jobs by splitting the outermost dimensions first.
-    for d in range(ndim):
-        if count(per_job) >= min_jobs:
-            break
-        hi = per_job[d]
+        # Honour the minimum number of jobs by splitting the outermost dimensions first.
+        for d in range(ndim):
+            if count(per_job) >= min_jobs:
+                break
 
-        def enough(m: int, d: int = d) -> bool:
-            trial = list(per_job)
-            trial[d] = m
-            return count(trial) >= min_jobs
+            def enough(m: int, d: int = d) -> bool:
+                trial = list(per_job)
+                trial[d] = m
+                return count(trial) >= min_jobs
 
-        if enough(1):
-            # Largest m whose count still meets min_jobs (count falls as m grows).
-            lo, top = 1, hi
-            while lo < top:
-                mid = (lo + top + 1) // 2
-                if enough(mid):
-                    lo = mid
-                else:
-                    top = mid - 1
-            per_job[d] = lo
-        else:
-            per_job[d] = 1
-    if count(per_job) < min_jobs:
-        notes.append(
-            f"{','.join(names)}: num_jobs={min_jobs} asked, but whole aligned units allow only "
-            f"{count(per_job)} jobs"
-        )
+            # Largest m whose count still meets min_jobs (count falls as m grows), else 1.
+            per_job[d] = _largest_fitting(1, per_job[d], enough) if enough(1) else 1
 
-    bounds = [_pack(u, k) for u, k in zip(units, per_job, strict=True)]
-    jobs, read, need = _make_jobs(members, cost, bounds, first_id)
-    gplan = GroupPlan(names, lead.dims, tuple(n_units), tuple(per_job), tuple(split))
-    return gplan, jobs, read, need, notes
+        # Same number of jobs, evened out: 4 units in 2 jobs are 2 + 2, not 3 + 1.
+        per_job = [math.ceil(n / math.ceil(n / k)) for n, k in zip(n_units, per_job, strict=True)]
+        bounds = [_pack(u, k) for u, k in zip(units, per_job, strict=True)]
+        jobs, read, need = _make_jobs(members, cost, bounds, first_id)
+        gplan = GroupPlan(names, lead.dims, tuple(n_units), tuple(per_job), tuple(self.split))
+        return gplan, jobs, read, need, list(self.notes)
 
 
-def _check_unit_fits(
-    members: Sequence[ArrayInput], memory: int, limits: Limits, units: tuple[IntArray, ...]
-) -> None:
+def _check_unit_fits(members: Sequence[ArrayInput], memory: int, limits: Limits) -> None:
     if memory <= limits.memory_budget:
         return
     lead = members[0]
+    names = [a.name for a in members]
+    shown = f"{names}" if len(names) <= 4 else f"{names[:3]} and {len(names) - 3} more"
     src = ", ".join(f"{ax.dim}: {int(ax.chunk_len.max())}" for ax in lead.axes if ax.chunk_len.size)
     tgt = ", ".join(f"{ax.dim}: {c}" for ax, c in zip(lead.axes, lead.write_chunks, strict=True))
+    limit = limits.memory_budget + limits.reserve
+    reserve = f" minus the {format_bytes(limits.reserve)} reserve" if limits.reserve else ""
     raise PlanError(
         "memory_limit",
-        format_bytes(limits.memory_budget),
+        format_bytes(limit),
         (
-            f"one write chunk of {[a.name for a in members]} ({{{tgt}}}) with the source chunks "
-            f"it touches ({{{src}}}) needs about {format_bytes(memory)}, more than the "
-            f"{format_bytes(limits.memory_budget)} a job may use (memory_limit minus the reserve)"
+            f"one write chunk of {shown} ({{{tgt}}}) with the source chunks it touches "
+            f"({{{src}}}) needs about {format_bytes(memory)}, more than the "
+            f"{format_bytes(limits.memory_budget)} a job may use (memory_limit{reserve})"
         ),
-        f"Raise memory_limit to at least {format_bytes(memory * 1.15 + 1)} plus the reserve, or "
-        "choose smaller target chunks",
+        f"Raise memory_limit to at least {format_bytes(_round_up(memory + limits.reserve))}, "
+        "or choose smaller target chunks",
     )
+
+
+def _round_up(nbytes: int) -> int:
+    """Round up to two significant digits, for limits people type.
+
+    >>> _round_up(654_680_000), _round_up(1_000)
+    (660000000, 1000)
+    """
+    step = 10 ** max(0, len(str(int(nbytes))) - 2)
+    return -(-int(nbytes) // step) * step
 
 
 def _make_jobs(
