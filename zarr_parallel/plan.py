@@ -478,7 +478,8 @@ def unit_boundaries(axis: AxisMap, chunk: int) -> IntArray:
     [0, 6, 10]
     """
     bounds = axis.source_boundaries  # sorted, with 0 and the size: keep those on the write grid
-    return bounds[(bounds % chunk == 0) | (bounds == axis.size)]
+    keep = (bounds % chunk == 0) | (bounds == axis.size)
+    return np.asarray(bounds[keep], dtype=np.int64)
 
 
 #: Beyond this many combinations of per-dimension extremes, cost bounds use the (safe, maybe
@@ -713,7 +714,7 @@ def _round_up(nbytes: int) -> int:
     >>> _round_up(654_680_000), _round_up(1_000)
     (660000000, 1000)
     """
-    step = 10 ** max(0, len(str(int(nbytes))) - 2)
+    step: int = 10 ** max(0, len(str(int(nbytes))) - 2)
     return -(-int(nbytes) // step) * step
 
 
