@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from zarr_parallel.errors import PlanError
 from zarr_parallel.plan import (
+    REGION_COPIES,
     ArrayInput,
     AxisMap,
     Job,
@@ -108,7 +109,9 @@ class VarCase:
 
 
 def brute_job_memory(job: Job, var: VarCase) -> int:
-    touched = math.prod(brute_touched(a, s, e) for a, (_, s, e) in zip(var.axes, job.region))
+    touched = math.prod(
+        brute_touched(a, s, e) for a, (_, s, e) in zip(var.axes, job.region, strict=True)
+    )
     region = math.prod(e - s for _, s, e in job.region)
     return int(job_memory(touched * var.fixed, region, var.itemsize, var.read_itemsize))
 
@@ -116,12 +119,14 @@ def brute_job_memory(job: Job, var: VarCase) -> int:
 def finest_max_memory(var: VarCase) -> int:
     """Largest estimate over one-write-chunk jobs: the least any valid plan can need."""
     grids = [
-        list(zip(write_grid(len(a.indices), c)[:-1], write_grid(len(a.indices), c)[1:]))
-        for a, c in zip(var.axes, var.chunks)
+        list(
+            zip(write_grid(len(a.indices), c)[:-1], write_grid(len(a.indices), c)[1:], strict=True)
+        )
+        for a, c in zip(var.axes, var.chunks, strict=True)
     ]
     best = 0
     for box in itertools.product(*grids):
-        region = tuple((a.dim, int(s), int(e)) for a, (s, e) in zip(var.axes, box))
+        region = tuple((a.dim, int(s), int(e)) for a, (s, e) in zip(var.axes, box, strict=True))
         best = max(best, brute_job_memory(Job(0, (var.name,), region, 0, 0, 0), var))
     return best
 
@@ -235,7 +240,8 @@ def test_plan_invariants(case: tuple[list[VarCase], Limits]) -> None:
         owner: dict[tuple[int, ...], int] = {}
         for job in jobs:
             ranges = [
-                range(s // c, -(-e // c)) for (_, s, e), c in zip(job.region, var.chunks)
+                range(s // c, -(-e // c))
+                for (_, s, e), c in zip(job.region, var.chunks, strict=True)
             ]
             for key in itertools.product(*ranges):
                 assert key not in owner, f"chunk {key} written by jobs {owner[key]} and {job.id}"
@@ -244,7 +250,7 @@ def test_plan_invariants(case: tuple[list[VarCase], Limits]) -> None:
         group = next(g for g in plan.groups if var.name in g.variables)
         group_vars = [v for v in variables if v.name in group.variables]
         for job in jobs:
-            for (dim, s, e), c, axis in zip(job.region, var.chunks, var.axes):
+            for (dim, s, e), c, axis in zip(job.region, var.chunks, var.axes, strict=True):
                 n = len(axis.indices)
                 assert s % c == 0 and (e % c == 0 or e == n), (dim, s, e, c)
                 if dim not in group.split_dims:
@@ -258,7 +264,9 @@ def test_plan_invariants(case: tuple[list[VarCase], Limits]) -> None:
             else:
                 assert job.memory >= brute_job_memory(job, var)
         read_total += sum(
-            math.prod(brute_touched(a, s, e) for a, (_, s, e) in zip(var.axes, j.region))
+            math.prod(
+                brute_touched(a, s, e) for a, (_, s, e) in zip(var.axes, j.region, strict=True)
+            )
             * var.fixed
             * var.read_itemsize
             for j in jobs
@@ -267,7 +275,9 @@ def test_plan_invariants(case: tuple[list[VarCase], Limits]) -> None:
         if all(a.aligned for a in var.axes) and not group.split_dims:
             seen: dict[tuple[int, ...], int] = {}
             for job in jobs:
-                ids = [set(a.chunk_ids[s:e]) for a, (_, s, e) in zip(var.axes, job.region)]
+                ids = [
+                    set(a.chunk_ids[s:e]) for a, (_, s, e) in zip(var.axes, job.region, strict=True)
+                ]
                 for key in itertools.product(*ids):
                     assert key not in seen, f"source chunk {key} read by two jobs"
                     seen[key] = job.id
@@ -275,9 +285,7 @@ def test_plan_invariants(case: tuple[list[VarCase], Limits]) -> None:
         assert plan.read_bytes == read_total
     else:
         assert plan.read_bytes >= read_total
-    assert plan.needed_bytes == sum(
-        math.prod(v.shape) * v.read_itemsize for v in variables
-    )
+    assert plan.needed_bytes == sum(math.prod(v.shape) * v.read_itemsize for v in variables)
     # A dropped dimension whose chunk is longer than one (fixed > 1) is a cut chunk too.
     aligned = all(a.aligned and v.fixed == 1 for v in variables for a in v.axes)
     if aligned and not any(g.split_dims for g in plan.groups):
@@ -346,7 +354,7 @@ def test_selection_mid_chunk() -> None:
     assert _regions(plan) == [(0, 12)]
     assert plan.read_bytes == 18 * 4 and plan.needed_bytes == 12 * 4
     assert plan.read_amplification == 1.5
-    assert plan.jobs[0].memory == 18 * 4 + 3 * 12 * 4
+    assert plan.jobs[0].memory == 18 * 4 + REGION_COPIES * 12 * 4
 
 
 def test_misaligned_target_chunks() -> None:
@@ -360,23 +368,25 @@ def test_misaligned_target_chunks() -> None:
 
 
 def test_budget_split() -> None:
-    """One source chunk of 24 × 10 and target chunks of 4 × 10, in a budget of 2000 bytes.
+    """One source chunk of 24 × 10 and target chunks of 4 × 10, in a budget of 2600 bytes.
 
-    The unit (all 240 elements) needs 240·4 + 3·240·4 = 3840 bytes: too much, so it is cut at
+    The unit (all 240 elements) needs 240·4 + 5·240·4 = 5760 bytes: too much, so it is cut at
     target chunk boundaries. Each job still reads the whole source chunk (960 bytes); two target
-    chunks (80 elements, 960 bytes of region copies) fit, three (1440) do not.
+    chunks (80 elements, 5·320 = 1600 bytes of region copies) fit, three (2400) do not.
     """
+    assert REGION_COPIES == 5
     arr = ArrayInput("t2m", (_axis("time", [0, 24]), _axis("latitude", [0, 10])), (4, 10), 4, 4)
-    plan = plan_jobs([arr], Limits(2000))
+    plan = plan_jobs([arr], Limits(2600))
     assert _regions(plan) == [(0, 8), (8, 16), (16, 24)]
-    assert [j.memory for j in plan.jobs] == [1920, 1920, 1920]
+    assert [j.memory for j in plan.jobs] == [2560, 2560, 2560]
     assert plan.groups[0].split_dims == ("time",)
     assert plan.read_amplification == 3.0
     assert any("exceed the memory budget" in n for n in plan.notes)
     with pytest.raises(PlanError, match="memory_limit") as info:
-        plan_jobs([arr], Limits(1000))  # one target chunk needs 960 + 480 bytes
-    assert info.value.parameter == "memory_limit"
-    assert "1.44 kB" in str(info.value) and "Raise memory_limit" in info.value.fix
+        plan_jobs([arr], Limits(1000, reserve=500))  # one target chunk needs 960 + 800 bytes
+    assert info.value.parameter == "memory_limit" and info.value.value == "1.50 kB"
+    assert "needs about 1.76 kB, more than the 1.00 kB a job may use" in str(info.value)
+    assert "Raise memory_limit to at least 2.30 kB" in info.value.fix
 
 
 def test_num_jobs_minimum() -> None:
@@ -422,13 +432,14 @@ def test_variables_sharing_a_grid_share_jobs() -> None:
     # Four units in two jobs: two each, not three and one.
     assert _regions(plan) == [(0, 12), (12, 24)]
     # Variables are written one after another: memory is the largest one's, not the sum.
-    assert plan.jobs[0].memory == 12 * 4 + 3 * 12 * 4
+    assert plan.jobs[0].memory == 12 * 4 + REGION_COPIES * 12 * 4
 
 
 def test_packed_source_memory() -> None:
     """int16 on disk decoded to float32: the decoded copy of the chunks is counted."""
     arr = ArrayInput("t2m", (_axis("time", [0, 10]),), (10,), 4, 2)
-    assert plan_jobs([arr], Limits(BIG)).jobs[0].memory == 10 * 2 + 10 * 4 + 3 * 10 * 4
+    memory = 10 * 2 + 10 * 4 + REGION_COPIES * 10 * 4
+    assert plan_jobs([arr], Limits(BIG)).jobs[0].memory == memory
 
 
 def test_time_budget_splits() -> None:

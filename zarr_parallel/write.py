@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -59,6 +60,36 @@ def measure_peak() -> Iterator[PeakMemory]:
         meter.peak = max(meter.peak, psutil.Process().memory_info().rss)
 
 
+def release_freed_memory() -> None:
+    """Hand memory the job freed back to the system (glibc; DESIGN §5).
+
+    By default glibc raises its mmap threshold after the first large block is freed, so later
+    arrays come from the heap, and once freed they stay resident: a worker's RSS then grows
+    variable after variable and job after job beyond what any job holds, and the memory
+    estimate stops being an upper bound. A fixed threshold (as ``MALLOC_MMAP_THRESHOLD_`` sets)
+    keeps large arrays in their own mappings, returned when freed, and ``malloc_trim`` returns
+    the freed small blocks (e.g. decompressed source chunks after assembly). No-op off glibc.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@lru_cache(maxsize=1)
+def _glibc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+        return libc
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        logger.debug("glibc's mallopt/malloc_trim unavailable; freed memory may stay resident")
+        return None
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_MMAP_THRESHOLD = 1 << 20  # blocks of 1 MiB or more get their own mapping
+
+
 @lru_cache(maxsize=8)
 def _plan_jobs(version: str) -> tuple[str, dict[int, tuple[list[str], list[list[Any]], int]]]:
     rec = plan_record(Path(version))
@@ -77,6 +108,7 @@ def run_job(
     (and per-variable statistics when asked).
     """
     t0 = time.perf_counter()
+    release_freed_memory()
     fp, jobs = _plan_jobs(version)
     variables, region, estimate = jobs[job_id]
     target = cached_target(request_json)
@@ -90,6 +122,7 @@ def run_job(
             sel = {d: s for d, s in slices.items() if d in var.dims}
             part = target.clean(var.isel(sel).to_dataset())[name]
             part = part.load()
+            release_freed_memory()  # the source chunks the region was assembled from
             write_region(Path(version), name, part, sel)
             values = part.values
             written += values.nbytes
@@ -97,6 +130,7 @@ def run_job(
             if generate_stats:
                 stats[name] = _stats(values)
             del part, values
+            release_freed_memory()
     record = {
         "id": job_id,
         "region": region,

@@ -1,0 +1,127 @@
+"""The memory model is a promise (DESIGN §5): a job's estimate is an upper bound of its real peak.
+
+Each case plans a real request, then runs one write job in a fresh Python process (as a worker
+would) and compares the peak RSS increase the job measured (``write.measure_peak``) with the
+planner's estimate. The grids are large enough (tens of MB per job) for the peak to stand well
+above the noise of the interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zarr_parallel.pipeline import initialise, prepare
+from zarr_parallel.request import build_request
+
+_RUN_ONE_JOB = """
+import json, sys
+from zarr_parallel.write import run_job
+record = run_job(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "True")
+print(json.dumps(record))
+"""
+
+
+@pytest.fixture(scope="session")
+def archive_grid(era5_factory: Any) -> list[Path]:
+    """Two files of 48 steps, 181 × 360 (0.5°): HDF5 chunks of one step × full grid."""
+    return era5_factory(n_files=2, steps_per_file=48, nlat=181, nlon=360)
+
+
+@pytest.fixture(scope="session")
+def block_grid(era5_factory: Any) -> list[Path]:
+    """The same grid in HDF5 chunks of 24 steps × 91 × 180 rows and columns."""
+    return era5_factory(n_files=2, steps_per_file=48, nlat=181, nlon=360, chunks=(24, 91, 180))
+
+
+@pytest.fixture(scope="session")
+def four_variable_grid(era5_factory: Any) -> list[Path]:
+    """The archive layout with four variables."""
+    return era5_factory(
+        n_files=2, steps_per_file=48, nlat=181, nlon=360, variables=("t2m", "d2m", "u10", "v10")
+    )
+
+
+@pytest.fixture(scope="session")
+def packed_grid(era5_factory: Any) -> list[Path]:
+    """Packed int16 with scale_factor/add_offset (as ERA5 ships), decoded to float32."""
+    return era5_factory(n_files=2, steps_per_file=48, nlat=181, nlon=360, packed=True)
+
+
+CASES = {
+    # Aligned: each job reads exactly its region.
+    "aligned": ("archive_grid", {"chunks": {"time": 48}}),
+    # A selection starting and ending inside 24-step chunks: whole chunks are decompressed for
+    # part of them, and target chunks (16 steps) that cut the source chunks.
+    "cut-chunks": (
+        "block_grid",
+        {
+            "preprocessors": [
+                {"type": "isel", "time": [5, 77]},
+                {"type": "reverse", "dim": "latitude"},
+            ],
+            "chunks": {"time": 16, "latitude": 60, "longitude": 120},
+            "recommend_changes": "proceed",
+        },
+    ),
+    # int16 on disk, float32 in memory: the decoded copy counts.
+    "packed": ("packed_grid", {"chunks": {"time": 24}}),
+    # Four variables one after another, a fill value to encode, and statistics gathered:
+    # what the first variables freed must not pile up under the last one.
+    "four-variables-stats": (
+        "four_variable_grid",
+        {
+            "chunks": {"time": 48},
+            "variables": {"u10": [{"type": "encoding", "_FillValue": -9999.0}]}
+            | {v: {} for v in ("t2m", "d2m", "v10")},
+            "generate_stats": True,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_estimate_bounds_measured_peak(
+    case: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    fixture, fields = CASES[case]
+    files: list[Path] = request.getfixturevalue(fixture)
+    req = build_request(
+        data_uri=[str(p) for p in files],
+        cache_store=str(tmp_path / "m.zarr"),
+        deploy_mode="series",
+        memory_limit="2GB",
+        **fields,
+    )
+    prepared = prepare(req)
+    initialise(prepared)
+    # The largest job: where the estimate is tightest.
+    job = max(prepared.plan.jobs, key=lambda j: j.memory)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _RUN_ONE_JOB,
+            prepared.request_json,
+            str(prepared.version),
+            str(job.id),
+            str(req.generate_stats),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    peak, estimate = record["peak_memory"], record["estimated_memory"]
+    region_bytes = job.write_bytes // len(job.variables)  # one variable's region, decoded
+    print(f"{case}: estimate {estimate / 1e6:.1f} MB, measured peak {peak / 1e6:.1f} MB")
+    # The measurement is real: the job held at least its region of one variable at once.
+    assert peak >= 0.9 * region_bytes, (peak, region_bytes)
+    # The promise: the estimate is an upper bound of the real peak.
+    assert peak <= estimate, f"{case}: measured {peak} B above the estimate {estimate} B"
