@@ -198,14 +198,22 @@ class CacheRequest(BaseModel):
                         {"type": k, **(a if isinstance(a, dict) else {})} for k, a in specs.items()
                     ]
                 )
-            else:
+            elif isinstance(specs, list | tuple):
                 out[name] = list(specs)
+            else:
+                raise ValueError(
+                    f"variables[{name!r}]={specs!r} must be {{}} or a list of transforms"
+                )
         return out
 
     @field_validator("chunks", mode="before")
     @classmethod
     def _chunks(cls, v: Any) -> Any:
-        return "auto" if v is None else v
+        if v is None:
+            return "auto"
+        if isinstance(v, str) and v != "auto":
+            raise ValueError("must be 'auto' (keep the source's chunks), None or {dim: size}")
+        return v
 
     @field_validator("preprocessors", mode="before")
     @classmethod
@@ -264,8 +272,7 @@ def build_request(base_dir: str | Path | None = None, **fields: Any) -> CacheReq
         req = CacheRequest(**fields)
     except ValidationError as e:
         err = e.errors()[0]
-        # Drop pydantic's union-member tags ('bool', "dict[str,int]"...) from the location.
-        loc = ".".join(str(p) for p in err["loc"] if not _TYPE_TAG.match(str(p))) or "request"
+        loc = _parameter_name(err["loc"])
         # Never echo a credential back (error text is logged and shown in Prefect).
         secret = bool(err["loc"]) and is_secret_key(str(err["loc"][-1]))
         value = MASK if secret else redact(err.get("input"))
@@ -280,9 +287,33 @@ def build_request(base_dir: str | Path | None = None, **fields: Any) -> CacheReq
             raise RequestError(loc, None, "is required", f"Set {loc}") from None
         msg = str(err["msg"]).removeprefix("Value error, ")
         raise RequestError(
-            loc, value, msg, _FIXES.get(loc.split(".")[0], "See the request reference")
+            loc, value, msg, _FIXES.get(re.split(r"[.\[]", loc)[0], "See the request reference")
         ) from None
     return _check(req, Path(base_dir) if base_dir else None)
+
+
+def _parameter_name(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as the user writes it: ``chunks['time']``, ``slurm.qos``.
+
+    Pydantic adds the union member it tried (``dict[str,int]``, ``literal['auto']``...) to the
+    location; those are not names the user wrote and are dropped.
+    """
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif "[" in part or _TYPE_TAG.match(part):
+            continue
+        elif not name:
+            name = part
+        elif name in _NESTED_MODELS:
+            name += f".{part}"
+        else:
+            name += f"['{part}']"
+    return name or "request"
+
+
+_NESTED_MODELS = {"slurm"}
 
 
 _FIXES = {
@@ -296,6 +327,8 @@ _FIXES = {
     ),
     "num_jobs": "Use a positive whole number",
     "log_level": "Use 0, 1 or 2",
+    "variables": "Map each variable to {} or to a list such as [{'type': 'rename', ...}]",
+    "zarr_format": "Use 3 (the default) or 2",
 }
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 import warnings
@@ -151,13 +152,18 @@ def resolve_paths(req: CacheRequest) -> CachePaths:
             f"cannot be created: {ancestor} is a file",
             "Choose a folder you can write to",
         )
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    # Try it: permission bits say nothing to root, and read-only mounts deny everyone.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".zarr-parallel-probe-", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
         raise RequestError(
             parameter,
             value,
-            f"is not writable ({ancestor} denies writing)",
+            f"is not writable ({ancestor}: {e.strerror or e})",
             "Choose a folder you can write to, or fix its permissions",
-        )
+        ) from e
     return CachePaths(final)
 
 

@@ -165,10 +165,12 @@ def _select(
         try:
             selected = out.isel({dim: idx}) if positional else out.sel({dim: idx})
         except KeyError as e:
+            # xarray's text suggests a `method` keyword this transform does not take.
+            detail = str(e).strip("\"'").split(". Try setting")[0]
             raise RequestError(
                 f"{ctx.parameter}.{dim}",
                 raw,
-                f"selects labels not in the data ({e})",
+                f"selects labels not in the data ({detail})",
                 f"Use labels within {_range_text(out, dim)}",
             ) from e
         if dim in selected.dims and selected.sizes[dim] == 0:
@@ -191,7 +193,10 @@ def _range_text(ds: xr.Dataset, dim: str) -> str:
     if dim not in ds.coords or ds.sizes[dim] == 0:
         return f"0..{ds.sizes.get(dim, 0) - 1}"
     values = ds[dim].values
-    return f"{values[0]}..{values[-1]}"
+    if np.issubdtype(values.dtype, np.datetime64):
+        ends = np.datetime_as_string(values[[0, -1]], unit="s")
+        return f"{ends[0]} .. {ends[1]}"
+    return f"{values[0]} .. {values[-1]}"
 
 
 @register("sel")
