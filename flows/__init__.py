@@ -7,3 +7,6 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+# A temporary API on a fresh PREFECT_HOME migrates its database first: on a busy machine that
+# takes longer than Prefect's 20 s default, and the run fails before it starts.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")

@@ -159,10 +159,10 @@ def _publish_plan(prepared: Prepared) -> None:
 def _publish_recommendations(request: CacheRequest, e: RecommendationsPending) -> None:
     from zarr_parallel.store import resolve_paths
 
-    name = resolve_paths(request).final.name
+    final = resolve_paths(request).final
     md = "# Run halted on recommendations\n\n" + str(e).replace("\n  ", "\n- ")
     create_markdown_artifact(
-        md, key=artifact_key("zp-recommendations", name), description="Recommendations"
+        md, key=artifact_key("zp-recommendations", final), description="Recommendations"
     )
 
 
@@ -218,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 done, 1 failed, 2 invalid, 3 halted)."""
-    from zarr_parallel.pipeline import make_plan, prepare
+    from zarr_parallel.pipeline import prepare
     from zarr_parallel.request import load_request_file
 
     args = _parser().parse_args(argv)
@@ -243,7 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = verify_cache(req, args.verify_mode, args.sample, args.seed)
             print(report.text())
             return 0 if report.ok else 1
-        make_plan  # noqa: B018 - imported for symmetry; the flow plans itself
         summary = cache_flow(req)
     except RecommendationsPending as e:
         print(str(e), file=sys.stderr)
@@ -256,6 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ZarrParallelError as e:
         print(f"failed: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if "ephemeral Prefect API" not in str(e):
+            raise
+        print(
+            f"failed: {e}\nStart a Prefect server and set PREFECT_API_URL, or allow the temporary "
+            "API more time with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+            file=sys.stderr,
+        )
         return 1
     print(format_summary(summary))
     return 0
@@ -282,6 +290,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  jobs                {summary['jobs_run']} run, {summary['jobs_skipped']} skipped, "
         f"{summary['jobs']} planned",
         f"  read amplification  {summary['read_amplification']:.2f}",
+        f"  memory per job      estimate up to {format_bytes(summary['max_job_memory'])}"
+        + (
+            f", measured peak {format_bytes(summary['max_peak_memory'])}"
+            if summary.get("max_peak_memory")
+            else ""
+        ),
         f"  written             {format_bytes(summary['bytes_written'])}",
         f"  wall time           {summary['seconds']:.1f} s",
     ]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -45,10 +48,13 @@ def finish_task(
 
 
 def artifact_key(prefix: str, prepared_or_path: Any) -> str:
-    """A keyed artifact name (``^[a-z0-9-]*$``) for this cache."""
-    name = str(
-        (getattr(prepared_or_path, "paths", None) and prepared_or_path.paths.final.name)
-        or prepared_or_path
-    )
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return f"{prefix}-{slug}"[:100].rstrip("-")
+    """A keyed artifact name (``^[a-z0-9-]*$``) for this cache.
+
+    The cache's name, then a short hash of its full path: runs of one cache share the key (the
+    UI shows their history), and two caches of the same name in different folders do not.
+    """
+    paths = getattr(prepared_or_path, "paths", None)
+    final = paths.final if paths is not None else Path(str(prepared_or_path))
+    slug = re.sub(r"[^a-z0-9]+", "-", final.name.lower()).strip("-")[:60].rstrip("-")
+    tag = hashlib.sha256(os.path.abspath(final).encode()).hexdigest()[:8]
+    return f"{prefix}-{slug}-{tag}"

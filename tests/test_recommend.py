@@ -120,3 +120,32 @@ def test_target_chunk_recommendation(era5_files: list[Path], tmp_path: Path) -> 
     assert all(r.read_amplification == 1.0 for r in e.recommendations)
     # Closest to what was asked first.
     assert e.recommendations[0].changes["chunks"]["time"] == 3
+
+
+def test_python_door_raises_and_publishes(era5_files: list[Path], tmp_path: Path) -> None:
+    """Through ZarrParallelAssembler: RecommendationsPending with the recommendations as data,
+    a keyed markdown artifact in the Prefect API, and nothing written; then apply."""
+    from prefect.artifacts import Artifact
+
+    from flows.tasks import artifact_key
+    from zarr_parallel import ZarrParallelAssembler
+
+    zp = ZarrParallelAssembler(
+        [str(p) for p in era5_files], preprocessors=MID_CHUNK, variables=["t2m"], cache_label="_r"
+    )
+    with pytest.raises(RecommendationsPending) as info:
+        zp.cache(cache_dir=str(tmp_path / "c"), deploy_mode="series")
+    recs = info.value.recommendations
+    assert isinstance(info.value, ValueError)
+    assert [r.read_amplification for r in recs[:2]] == [1.0, 1.0]
+    assert all(isinstance(r.changes, dict) and r.job_memory_bytes > 0 and r.sentence for r in recs)
+    assert not (tmp_path / "c").exists()
+    final = tmp_path / "c" / "era5_like_r.zarr"
+    art = Artifact.get(artifact_key("zp-recommendations", final))
+    assert art is not None and recs[0].sentence.split(":")[0] in str(art.data)
+
+    result = zp.cache(
+        cache_dir=str(tmp_path / "c"), deploy_mode="series", recommend_changes="apply"
+    )
+    assert result.summary["read_amplification"] == 1.0
+    assert result.summary["applied_recommendation"]["changes"] == recs[0].changes

@@ -337,6 +337,7 @@ def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) ->
         "jobs_skipped": len(plan.jobs) - len(prepared.todo),
         "read_amplification": round(plan.read_amplification, 4),
         "max_job_memory": plan.max_job_memory,
+        "max_peak_memory": max((int(r.get("peak_memory", 0)) for r in records), default=0),
         "bytes_written": sum(int(r.get("bytes", 0)) for r in results),
         "seconds": round(time.time() - started, 3),
         "fingerprint": plan.fingerprint,
