@@ -26,6 +26,7 @@ from prefect.futures import as_completed
 from flows.runners import make_task_runner
 from flows.tasks import artifact_key, finish_task, initialise_task, plan_task, write_task
 from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
+from zarr_parallel.logs import set_log_level
 from zarr_parallel.pipeline import Prepared, recommendations_message, run_lock
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.units import format_bytes
@@ -46,6 +47,7 @@ def group_jobs(job_ids: Sequence[int], max_tasks: int = MAX_TASKS) -> list[list[
 @flow(name="zarr-parallel-cache", log_prints=False)
 def cache_flow(request: CacheRequest) -> dict[str, Any]:
     """Cache a source dataset into Zarr as the request says, and return the run summary."""
+    set_log_level(request.log_level)  # deployments run the flow in a worker process
     # One run per cache at a time: the lock is taken before planning (fail fast) and held
     # until publish; a lock left by a dead run is broken (see zarr_parallel.lock).
     with run_lock(request):
@@ -233,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         req = load_request_file(request_path, args.overrides)
+        set_log_level(req.log_level)
         if command == "plan":
             prepared = prepare(req)
             _print_plan(prepared)

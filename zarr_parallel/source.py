@@ -183,6 +183,22 @@ def open_source(req: CacheRequest) -> Source:
     )
     is_url = any(is_remote(f) for f in files) or (bool(refs) and _remote_protocol(refs) != "file")
     layout = SourceLayout(engine, tuple(files), concat_dim, layout_vars, digest, is_url)
+    logger.info(
+        "source: %d file(s) via %s%s, variables %s",
+        len(files),
+        engine,
+        f", joined along {concat_dim!r}" if concat_dim else "",
+        sorted(layout_vars),
+    )
+    for v in layout_vars.values():
+        logger.debug(
+            "layout of %s: dims %s, shape %s, chunks %s%s",
+            v.name,
+            v.dims,
+            v.shape,
+            [sorted({int(x) for x in np.diff(b)}) for b in v.boundaries],
+            " (contiguous)" if v.contiguous else "",
+        )
     return Source(ds, layout, refs or None)
 
 

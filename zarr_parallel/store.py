@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -169,9 +170,22 @@ def resolve_paths(req: CacheRequest) -> CachePaths:
 
 @contextlib.contextmanager
 def quiet_manifest() -> Iterator[None]:
-    """Silence zarr's warning about the ``.zarr-parallel`` folder: it is ours, not a Zarr node."""
+    """Hide the two zarr warnings every run would print at the calls below, and no others.
+
+    The manifest folder inside each version (``.zarr-parallel``) is ours, not a Zarr node, so
+    zarr warns whenever it lists the group; and zarr warns that consolidated metadata is not
+    part of the v3 specification (we consolidate on purpose, once, at the end; xarray and zarr
+    read it).
+    """
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not recognized as a component")
+        warnings.filterwarnings(
+            "ignore",
+            message=f"Object at {re.escape(MANIFEST_DIR)} is not recognized",
+            category=UserWarning,
+        )
+        warnings.filterwarnings(
+            "ignore", message="Consolidated metadata is currently not part", category=UserWarning
+        )
         yield
 
 

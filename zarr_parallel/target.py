@@ -183,6 +183,7 @@ def build_target(req: CacheRequest, source: Source | None = None) -> Target:
     if tiling is not None:
         chunks = tiling.fix_chunks(chunks, req.chunks)
     shards = _resolve_shards(req, ds, chunks)
+    logger.debug("target: sizes %s, chunks %s, shards %s", dict(ds.sizes), chunks, shards)
     return Target(ds, source.layout, chunks, shards, sources, tiling)
 
 
