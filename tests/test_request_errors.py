@@ -306,12 +306,16 @@ def test_memory_limit_in_request(era5_files: list[Path], tmp_path: Path) -> None
 # An existing cache is never touched by a run that fails
 
 
-@pytest.fixture
-def complete_cache(era5_files: list[Path], tmp_path: Path) -> tuple[ZarrParallelAssembler, Path]:
+@pytest.fixture(scope="module")
+def complete_cache(
+    era5_files: list[Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ZarrParallelAssembler, Path]:
+    """One complete cache shared by the failing runs below (each checks it is unchanged)."""
     zp = ZarrParallelAssembler(
         [str(p) for p in era5_files], chunks={"time": 12}, variables=["t2m"], cache_label="_v1"
     )
-    result = zp.cache(cache_dir=str(tmp_path / "caches"), deploy_mode="series")
+    caches = tmp_path_factory.mktemp("existing") / "caches"
+    result = zp.cache(cache_dir=str(caches), deploy_mode="series")
     assert result.path.is_symlink()
     return zp, result.path
 

@@ -33,7 +33,8 @@ IntArray = npt.NDArray[np.int64]
 #: region, an encoded copy (when a fill value or dtype is encoded), the encoder's contiguous
 #: chunk copies, its compressed buffers (as large as the chunks for data that barely
 #: compresses), and one more for library buffers and allocator slack (DESIGN §5). Measured peaks
-#: reach about 4.4 regions (tests/test_memory_model.py): 1 + 5 is an upper bound with a margin.
+#: are 2.8 regions for aligned jobs and 3.8 with an encoded fill value on incompressible data
+#: (tests/test_memory_model.py), against 6 estimated (the touched chunks plus these five).
 REGION_COPIES = 5
 #: Throughput assumed when sizing jobs against the time budget (bytes per second, conservative).
 ASSUMED_THROUGHPUT = 20e6

@@ -81,7 +81,8 @@ def recommend(
                 alt.read_amplification,
                 alt.max_job_memory,
                 f"{sentence}: read amplification {alt.read_amplification:.2f} "
-                f"(now {plan.read_amplification:.2f}), {len(alt.jobs)} jobs of at most "
+                f"(now {plan.read_amplification:.2f}), {len(alt.jobs)} job"
+                f"{'s' if len(alt.jobs) != 1 else ''} of at most "
                 f"{alt.max_job_memory / 1e6:.0f} MB",
                 keeps,
                 magnitude,

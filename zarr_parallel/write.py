@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -70,13 +71,22 @@ def release_freed_memory() -> None:
     keeps large arrays in their own mappings, returned when freed, and ``malloc_trim`` returns
     the freed small blocks (e.g. decompressed source chunks after assembly). No-op off glibc.
     """
-    libc = _glibc()
+    libc = _prepare_process()
     if libc is not None:
         libc.malloc_trim(0)
 
 
 @lru_cache(maxsize=1)
-def _glibc() -> Any:
+def _prepare_process() -> Any:
+    """Once per process, before its first job is measured: glibc's settings, and the imports
+    the first write would otherwise make mid-job.
+
+    xarray looks for a ``dask.distributed`` client on every write, importing ``distributed``
+    (about 20 MB) the first time. Library start-up is what ``memory_reserve`` pays for; done
+    here, it is not counted as the first job's memory.
+    """
+    with contextlib.suppress(ImportError):  # distributed is a dependency; stay safe anyway
+        import distributed  # noqa: F401
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
