@@ -346,3 +346,68 @@ def test_stats_and_handle(zarr_source: Path, tmp_path: Path) -> None:
         assert got["min"] == float(np.nanmin(values))
         assert got["max"] == float(np.nanmax(values))
         assert got["mean"] == pytest.approx(float(np.nanmean(values, dtype="float64")), rel=1e-12)
+
+
+@pytest.fixture(scope="session")
+def contiguous_files(
+    era5_files: list[Path], tmp_path_factory: pytest.TempPathFactory
+) -> list[Path]:
+    """Two netCDF4 files with contiguous (unchunked) variables: one chunk per file."""
+    folder = tmp_path_factory.mktemp("contiguous")
+    src = _open_nc(era5_files).load()
+    paths = []
+    for i, part in enumerate((src.isel(time=slice(0, 30)), src.isel(time=slice(30, 60)))):
+        for var in part.variables.values():
+            var.encoding = {}
+        path = folder / f"flat_{i}.nc"
+        part.to_netcdf(
+            path,
+            engine="netcdf4",
+            encoding={v: {"contiguous": True} for v in ("t2m", "d2m")},
+        )
+        paths.append(path)
+    return paths
+
+
+def test_contiguous_netcdf4_engine(contiguous_files: list[Path], tmp_path: Path) -> None:
+    """Contiguous variables count as one chunk per file; engine='netcdf4' reads them."""
+    from zarr_parallel.request import build_request
+    from zarr_parallel.source import open_source
+
+    req = build_request(
+        data_uri=[str(p) for p in contiguous_files],
+        engine="netcdf4",
+        cache_store=str(tmp_path / "flat.zarr"),
+    )
+    layout = open_source(req).layout.variables["t2m"]
+    assert layout.contiguous and layout.boundaries == ((0, 30, 60), (0, 73), (0, 144))
+    zp = ZarrParallelAssembler(
+        [str(p) for p in contiguous_files], engine="netcdf4", chunks={"time": 10}
+    )
+    result = zp.cache(cache_store=str(tmp_path / "flat.zarr"), deploy_mode="series", num_jobs=2)
+    expected = xr.open_mfdataset(contiguous_files, engine="netcdf4", combine="by_coords")
+    assert_cache_equals(result, expected)
+    # Units are whole files (30 steps): two jobs, each reading its file once.
+    assert [j["region"][0][1:] for j in result.jobs] == [[0, 30], [30, 60]]
+    assert result.summary["read_amplification"] == 1.0
+
+
+def test_zarr_v2_source(era5_files: list[Path], tmp_path: Path) -> None:
+    """A Zarr v2 store as source (detected from '.zarr'), positional selection, rename."""
+    store = tmp_path / "src_v2.zarr"
+    ds = _open_nc(era5_files)[["d2m"]]
+    for var in ds.variables.values():
+        var.encoding = {}
+    ds.chunk({"time": 12, "latitude": 73, "longitude": 72}).to_zarr(
+        store, zarr_format=2, consolidated=True
+    )
+    zp = ZarrParallelAssembler(
+        str(store),
+        preprocessors=[{"type": "isel", "time": [12, 48]}],
+        variables={"d2m": [{"type": "rename", "new_name_or_name_dict": "dew"}]},
+    )
+    result = zp.cache(cache_store=str(tmp_path / "out.zarr"), deploy_mode="series")
+    expected = xr.open_zarr(store).isel(time=slice(12, 48)).rename({"d2m": "dew"})
+    assert_cache_equals(result, expected)
+    assert _chunks(result.path, "dew") == (12, 73, 72)
+    assert result.summary["read_amplification"] == 1.0
