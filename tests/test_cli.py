@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import yaml
+from core_support import open_cache
 from prefect.artifacts import Artifact
 
 from flows.cache import main
@@ -79,7 +80,7 @@ def test_run_plan_and_up_to_date(
     final = tmp_path / "requests" / "out" / "era5_like_cli.zarr"
     assert "zarr-parallel: done" in out and str(final) in out
     assert "read amplification  1.00" in out and "measured peak" in out
-    xr.testing.assert_identical(xr.open_zarr(final).load(), _source(era5_files)[["t2m"]].load())
+    xr.testing.assert_identical(open_cache(final), _source(era5_files)[["t2m"]].load())
     plan_rows = {r["figure"]: r["value"] for r in _artifact(artifact_key("zp-plan", final))}
     assert plan_rows["read amplification"] == "1.00" and plan_rows["status"] == "fresh"
     results = _artifact(artifact_key("zp-results", final))
@@ -198,14 +199,14 @@ def test_halt_apply_proceed(
     assert "read amplification  1.00" in out and "applied             widen" in out
     src = _source(era5_files)
     widened = src.sel(time=slice("2020-01-01T00:00", "2020-01-02T23:00"))[["d2m"]]
-    xr.testing.assert_identical(xr.open_zarr(final).load(), widened.load())
+    xr.testing.assert_identical(open_cache(final), widened.load())
     assert "Applied: widen" in _artifact(artifact_key("zp-recommendations", final))
 
     assert main(["run", str(req_file), "--set", "recommend_changes=proceed"]) == 0
     out = capsys.readouterr().out
     assert "read amplification  1.17" in out
     asked = src.sel(time=slice(*MID_CHUNK["time"]))[["d2m"]]
-    xr.testing.assert_identical(xr.open_zarr(final).load(), asked.load())
+    xr.testing.assert_identical(open_cache(final), asked.load())
 
 
 def test_run_failure_exits_1(
@@ -275,4 +276,4 @@ def test_cli_without_prefect_api(era5_files: list[Path], tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "zarr-parallel: done" in proc.stdout
     final = tmp_path / "out" / "era5_like.zarr"
-    xr.testing.assert_identical(xr.open_zarr(final).load(), _source(era5_files)[["t2m"]].load())
+    xr.testing.assert_identical(open_cache(final), _source(era5_files)[["t2m"]].load())

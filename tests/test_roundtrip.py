@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from core_support import open_cache
 
 from zarr_parallel import CacheHandle, CacheResult, ZarrParallelAssembler
 
@@ -38,7 +39,7 @@ def assert_cache_equals(result: CacheResult | CacheHandle, expected: xr.Dataset)
     """The published cache is identical to ``expected``, dtypes included; returns it."""
     assert isinstance(result, CacheResult)
     assert result.path.is_symlink(), "the final path is a link to the published version"
-    cache = xr.open_zarr(result.path).load()
+    cache = open_cache(result.path)
     expected = expected.load()
     xr.testing.assert_identical(cache, expected)
     # assert_identical compares values, not dtypes: float32 and float64 of equal values pass.
