@@ -69,7 +69,7 @@ class Bad:
 CASES = [
     # Request fields
     Bad("chunks-zero", {"chunks": {"time": 0}}, "chunks['time']", "must be a positive integer"),
-    Bad("chunks-not-a-number", {"chunks": {"time": "big"}}, "chunks.time", "'big'"),
+    Bad("chunks-not-a-number", {"chunks": {"time": "big"}}, "chunks['time']", "'big'"),
     Bad("chunks-unknown-dim", {"chunks": {"level": 4}}, "chunks['level']", "names no dimension"),
     Bad("memory-not-a-size", {"memory_limit": "lots"}, "memory_limit", "'lots': is not a memory"),
     Bad("memory-under-reserve", {"memory_limit": "100MB"}, "memory_limit", "256MB interpreter"),

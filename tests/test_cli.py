@@ -90,6 +90,10 @@ def test_run_plan_and_up_to_date(
     assert main(["run", str(req_file)]) == 0
     assert "zarr-parallel: up to date" in capsys.readouterr().out
 
+    # verify reads the same request file and checks the published cache (exit 0 when good).
+    assert main(["verify", str(req_file), "--verify-mode", "full"]) == 0
+    capsys.readouterr()
+
 
 def test_set_overrides(era5_files: list[Path], tmp_path: Path) -> None:
     """--set values are YAML; dotted keys reach the slurm block; the file is not changed."""

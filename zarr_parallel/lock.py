@@ -172,6 +172,7 @@ class CacheLock:
         self.held = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._made: list[Path] = []  # folders acquire() created, deepest first
 
     # -- taking and giving back --------------------------------------------------------------
 
@@ -221,6 +222,10 @@ class CacheLock:
 
     def acquire(self) -> CacheLock:
         """Take the lock, breaking a provably dead one; else raise :class:`CacheLocked`."""
+        missing = self.path.parent
+        while not missing.exists() and missing != missing.parent:
+            self._made.append(missing)
+            missing = missing.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(_ATTEMPTS):
             if self._try_create():
@@ -321,6 +326,14 @@ class CacheLock:
         if holder is not None and holder.token == self.token:
             self.path.unlink()
             logger.debug("released lock %s", self.path)
+            # A run that failed before writing leaves the disk as it found it: the folders made
+            # for the lock go again if nothing else was put in them.
+            for folder in self._made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            self._made = []
         else:
             logger.error(
                 "lock %s was taken from this run while it ran (broken by hand?)", self.path
