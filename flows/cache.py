@@ -7,41 +7,30 @@ API, the CLI and the Prefect deployments all run :func:`cache_flow`.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, cast
-from uuid import UUID
+from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
-from prefect.futures import as_completed
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.runners import make_task_runner
-from flows.tasks import artifact_key, finish_task, initialise_task, plan_task, write_task
+from flows.runners import (
+    current_api_url,
+    make_task_runner,
+    open_cluster,
+    worker_settings,
+    worker_sizing,
+)
+from flows.tasks import artifact_key, finish_task, initialise_task, plan_task
+from flows.write import MAX_TASKS, group_jobs, write_flow
 from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.pipeline import Prepared, recommendations_message, run_lock
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.units import format_bytes
 
-#: Most write task runs per flow run: submitting a task costs ~0.1 s on a DaskTaskRunner.
-MAX_TASKS = 200
-
-
-def group_jobs(job_ids: Sequence[int], max_tasks: int = MAX_TASKS) -> list[list[int]]:
-    """Split job ids into at most ``max_tasks`` consecutive groups (one task each)."""
-    ids = list(job_ids)
-    if not ids:
-        return []
-    size = math.ceil(len(ids) / max_tasks)
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
+__all__ = ["MAX_TASKS", "cache_flow", "group_jobs", "main", "write_flow"]
 
 
 @flow(name="zarr-parallel-cache", log_prints=False)
@@ -73,61 +62,36 @@ def _cache_run(request: CacheRequest) -> dict[str, Any]:
     )
     if prepared.status == "up_to_date":
         return finish_task(prepared, [], started)
-    initialise_task(prepared)
-    results = write_flow.with_options(task_runner=make_task_runner(prepared))(prepared)
-    summary = finish_task(prepared, results, started)
-    _publish_results(prepared, results, summary)
-    return summary
-
-
-@flow(name="zarr-parallel-write")
-def write_flow(prepared: Prepared) -> list[dict[str, Any]]:
-    """Map the write tasks over this run's task runner and gather per-job results."""
-    logger = get_run_logger()
     req = prepared.request
+    sizing = worker_sizing(req, prepared.plan.max_job_memory, len(prepared.todo))
+    initialise_task(prepared)
     groups = group_jobs(prepared.todo)
-    if len(groups) < len(prepared.todo):
-        logger.info("%d jobs grouped into %d write tasks", len(prepared.todo), len(groups))
-    progress = cast(
-        UUID,
-        create_progress_artifact(
-            0.0, key=artifact_key("zp-progress", prepared), description="Share of write jobs done"
-        ),
-    )
-    task = write_task.with_options(retries=req.retries, retry_delay_seconds=1)
-    futures = [
-        task.submit(prepared.request_json, str(prepared.version), g, req.generate_stats)
-        for g in groups
-    ]
-    results: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    for done, fut in enumerate(as_completed(futures), start=1):
-        fut.wait()
-        state = fut.state
-        group = groups[futures.index(fut)]
-        if state.is_completed():
-            results.extend(fut.result())
-        else:
-            for job_id in group:
-                job = prepared.plan.job(job_id)
-                failed.append(
-                    {
-                        "id": job_id,
-                        "region": job.describe(),
-                        "state": state.name,
-                        "message": state.message,
-                    }
-                )
-        update_progress_artifact(progress, 100.0 * done / max(1, len(futures)))
-    if failed:
-        names = "; ".join(f"job {f['id']} {f['region']}" for f in failed[:10])
-        raise RunFailed(
-            f"{len(failed)} of {len(prepared.todo)} jobs failed ({names}); first error: "
-            f"{failed[0]['message']}. Finished jobs stay recorded: run again with "
-            "resume='auto' to write only the rest",
-            failed,
+    api_url = current_api_url()
+    with open_cluster(req, prepared.version, sizing, api_url) as cluster:
+        logger.info(
+            "%s: %d write jobs in %d tasks on %d workers of %s each (ready in %.1f s)",
+            req.deploy_mode,
+            len(prepared.todo),
+            len(groups),
+            cluster.concurrency,
+            format_bytes(sizing.memory),
+            cluster.ready_seconds,
         )
-    return results
+        with worker_settings(api_url):
+            runner = make_task_runner(cluster)
+            results = write_flow.with_options(task_runner=runner)(
+                prepared.request_json, str(prepared.version), groups, cluster.address
+            )
+    summary = finish_task(prepared, results, started)
+    summary.update(
+        deploy_mode=req.deploy_mode,
+        workers=cluster.concurrency,
+        write_tasks=len(groups),
+        worker_memory=sizing.memory,
+        cluster_ready_seconds=round(cluster.ready_seconds, 3),
+        job_results=results,
+    )
+    return summary
 
 
 def _publish_plan(prepared: Prepared) -> None:
@@ -166,25 +130,6 @@ def _publish_recommendations(request: CacheRequest, e: RecommendationsPending) -
     create_markdown_artifact(
         md, key=artifact_key("zp-recommendations", final), description="Recommendations"
     )
-
-
-def _publish_results(
-    prepared: Prepared, results: list[dict[str, Any]], summary: dict[str, Any]
-) -> None:
-    rows = [
-        {
-            "job": r["id"],
-            "state": "Completed",
-            "region": ", ".join(f"{d} {a}:{b}" for d, a, b in r["region"]),
-            "seconds": r["seconds"],
-            "bytes written": r["bytes"],
-            "peak memory": r["peak_memory"],
-            "estimated memory": r["estimated_memory"],
-            "host": r["host"],
-        }
-        for r in sorted(results, key=lambda r: r["id"])
-    ]
-    create_table_artifact(rows, key=artifact_key("zp-results", prepared), description="Write jobs")
 
 
 # ---------------------------------------------------------------------------------------------

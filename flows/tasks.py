@@ -5,15 +5,19 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from zarr_parallel.execution import JobMemoryExceeded, job_process_limit, run_job_isolated
 from zarr_parallel.pipeline import Prepared, finish, initialise, prepare
 from zarr_parallel.request import CacheRequest
-from zarr_parallel.write import run_job
+from zarr_parallel.store import manifest_dir, plan_record, read_json, recorded_jobs
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -28,15 +32,77 @@ def initialise_task(prepared: Prepared) -> None:
     initialise(prepared)
 
 
-@task(name="write", cache_policy=NO_CACHE)
+def _retry_unless_memory(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: a job that outgrew its memory would only do so again."""
+    return not isinstance(state.data, JobMemoryExceeded)
+
+
+@task(name="write", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_memory)
 def write_task(
     request_json: str, version: str, job_ids: list[int], generate_stats: bool = False
 ) -> list[dict[str, Any]]:
-    """Run a group of write jobs; each is recorded in the manifest as it finishes."""
-    results = []
+    """Run a group of write jobs, each in this worker's job process under ``worker_timeout``.
+
+    Each job is recorded in the manifest as it finishes; a retry of the group skips the jobs
+    already recorded. A job that passes its deadline has its process killed (not merely
+    abandoned) and the task fails, so Prefect retries it.
+    """
+    from prefect import get_run_logger
+    from prefect.runtime import task_run
+
+    req = CacheRequest.model_validate_json(request_json)
+    plan = plan_record(Path(version)) or {}
+    fp = str(plan.get("fingerprint"))
+    regions = {int(j[0]): (j[1], j[2]) for j in plan.get("job_list", [])}
+    done = recorded_jobs(Path(version), fp)
+    limit = job_process_limit(req.deploy_mode, req.memory_bytes)
+    attempt = int(task_run.run_count or 1)
+    logger = get_run_logger()
+    worker = {
+        "pid": os.getpid(),
+        "host": os.uname().nodename,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+    results: list[dict[str, Any]] = []
     for job_id in job_ids:
-        results.append(run_job(request_json, version, job_id, generate_stats))
+        if job_id in done:
+            # Finished by an earlier attempt of this task: keep its record, do not rewrite.
+            results.append({**read_job_record(Path(version), job_id), "attempts": attempt - 1})
+            continue
+        variables, region = regions.get(job_id, ([], []))
+        describe = f"job {job_id} {describe_region(variables, region)}"
+        started = time.time()
+        record = run_job_isolated(
+            request_json,
+            version,
+            job_id,
+            generate_stats,
+            timeout=req.timeout_seconds,
+            memory_limit=limit,
+            describe=describe,
+            log_level=req.log_level,
+        )
+        finished = time.time()
+        record.update(
+            attempts=attempt,
+            started=started,
+            finished=finished,
+            worker={**worker, "rss": psutil.Process().memory_info().rss},
+        )
+        logger.debug("%s done in %.1f s", describe, finished - started)
+        results.append(record)
     return results
+
+
+def describe_region(variables: Sequence[str], region: Sequence[Sequence[Any]]) -> str:
+    """``t2m,d2m[time 0:24, latitude 0:721]``: a job's region for messages."""
+    dims = ", ".join(f"{d} {a}:{b}" for d, a, b in region)
+    return f"{','.join(variables)}[{dims}]"
+
+
+def read_job_record(version: Path, job_id: int) -> dict[str, Any]:
+    """The manifest record of a finished job."""
+    return read_json(manifest_dir(version) / "jobs" / f"{job_id:06d}.json") or {"id": job_id}
 
 
 @task(name="finish", cache_policy=NO_CACHE)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zarr_parallel.errors import RecommendationsPending, RequestError, RunFailed
+from zarr_parallel.execution import WORKER_OVERHEAD
 from zarr_parallel.faults import fault_point
 from zarr_parallel.lock import CacheLock
 from zarr_parallel.plan import Limits, Plan, fingerprint, plan_jobs
@@ -59,8 +60,10 @@ def limits_for(req: CacheRequest) -> Limits:
     """The planner's budgets for a request (DESIGN §2a, Sizing)."""
     workers = worker_count(req)
     min_jobs = req.num_jobs or (1 if workers == 1 else 2 * workers)
+    # Beside a dask worker process the job process gets less ([parallel], execution.py).
+    overhead = 0 if req.deploy_mode == "series" else WORKER_OVERHEAD
     return Limits(
-        memory_budget=req.memory_bytes - req.reserve_bytes,
+        memory_budget=max(req.memory_bytes - req.reserve_bytes - overhead, 1),
         min_jobs=min_jobs,
         time_budget=req.timeout_seconds / 2,
         reserve=req.reserve_bytes,

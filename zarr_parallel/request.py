@@ -44,6 +44,22 @@ class SlurmOptions(BaseModel):
     )
     interface: str | None = Field(None, description="Network interface of the workers, e.g. ib0")
     cores: int = Field(1, ge=1, description="Cores per SLURM job (one worker process each)")
+    # -- [parallel] SLURM fields --
+    walltime: str | int | None = Field(
+        None,
+        description="Most walltime per SLURM job (e.g. the partition's limit, '12:00:00'); "
+        "default: the jobs one worker runs, each within worker_timeout, plus 5 minutes",
+    )
+    log_directory: str | None = Field(
+        None, description="Folder for the SLURM job logs; default: the version's manifest"
+    )
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, v: Any) -> Any:
+        if v is not None:
+            parse_duration(v, "slurm.walltime")
+        return v
 
 
 class CacheRequest(BaseModel):
