@@ -69,3 +69,48 @@ def era5_files(era5_factory: Any) -> list[Path]:
 def era5_archive_files(era5_factory: Any) -> list[Path]:
     """Four files of 24 steps in the archive layout: one step × full grid per chunk."""
     return era5_factory(n_files=4, steps_per_file=24)
+
+
+# -- [parallel] fixtures: fault-injection plug-ins and the local SLURM --
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+@pytest.fixture(scope="session")
+def fault_plugins() -> Path:
+    """Make the test-only transform plug-ins (tests/plugins) visible to every process.
+
+    They are found through their entry points, as a user's plug-in would be: on ``sys.path``
+    here and on ``PYTHONPATH`` for workers, SLURM jobs and job processes started from now on.
+    """
+    import sys
+
+    from zarr_parallel import execution, transforms
+
+    path = str(PLUGINS)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if path not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([path, *parts])
+    transforms._plugins.cache_clear()
+    execution.shutdown()  # job processes started before this would not see the plug-ins
+    return PLUGINS
+
+
+@pytest.fixture(scope="session")
+def slurm() -> str:
+    """The local single-node SLURM (``scripts/slurm-local.sh start``); fails under CI=true."""
+    import shutil
+    import subprocess
+
+    script = Path(__file__).parents[1] / "scripts" / "slurm-local.sh"
+    ok = shutil.which("sbatch") is not None and (
+        subprocess.run(["bash", str(script), "status"], capture_output=True).returncode == 0
+    )
+    if not ok:
+        message = f"SLURM is not running here: run `bash {script} start` (as root)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return "localhost"

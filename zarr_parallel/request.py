@@ -21,7 +21,7 @@ from zarr_parallel.units import parse_duration, parse_memory
 
 DEPLOY_MODES = ("series", "dask_distributed", "slurm")
 ENGINES = ("h5netcdf", "netcdf4", "kerchunk", "zarr")
-DEFAULT_DEPLOY_MODE = "series"
+DEFAULT_DEPLOY_MODE = "dask_distributed"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]*$")
 _TYPE_TAG = re.compile(r"^(bool|int|float|str|none|[a-z]+\[.*\])$")
 

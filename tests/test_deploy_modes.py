@@ -1,0 +1,232 @@
+"""The deploy modes: one contract (the same cache from every mode) and what each mode derives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+from deploy_helpers import assert_same_cache, job_records, run_cache, squeue_ids
+
+from flows.runners import slurm_cluster_kwargs, worker_environment, worker_sizing
+from zarr_parallel.api import ZarrParallelAssembler
+from zarr_parallel.errors import RequestError
+from zarr_parallel.request import DEFAULT_DEPLOY_MODE, build_request
+from zarr_parallel.sizing import size_workers
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def reference(era5_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test request cached in series mode."""
+    store = tmp_path_factory.mktemp("reference") / "reference.zarr"
+    run_cache(era5_files, store, deploy_mode="series")
+    return store
+
+
+def test_default_deploy_mode_is_local_dask() -> None:
+    assert DEFAULT_DEPLOY_MODE == "dask_distributed"
+    req = build_request(data_uri=__file__, cache_store="/tmp/x.zarr")
+    assert req.deploy_mode == "dask_distributed"
+
+
+@pytest.mark.slurm
+def test_every_deploy_mode_writes_the_same_cache(
+    era5_files: list[Path], reference: Path, tmp_path: Path, slurm: str, prefect_api: str
+) -> None:
+    dask_run = run_cache(
+        era5_files,
+        tmp_path / "dask.zarr",
+        deploy_mode="dask_distributed",
+        simultaneous_worker_limit=2,
+    )
+    slurm_run = run_cache(
+        era5_files, tmp_path / "slurm.zarr", deploy_mode="SLURM", simultaneous_worker_limit=2
+    )
+    for run in (dask_run, slurm_run):
+        assert_same_cache(run.path, reference)
+        assert run.summary["workers"] == 2
+    # The same values and dtypes as xarray reads from the source.
+    out = xr.open_zarr(slurm_run.path)
+    src = xr.open_mfdataset(era5_files, engine="h5netcdf")
+    for name in ("t2m", "d2m"):
+        np.testing.assert_array_equal(out[name].values, src[name].values)
+        assert out[name].dtype == src[name].dtype
+    # The dask jobs ran in two worker processes other than this one.
+    pids = {r["pid"] for r in job_records(dask_run)}
+    assert len(pids) == 2 and os.getpid() not in pids
+    # The SLURM jobs really ran in SLURM jobs, which are gone now.
+    records = job_records(slurm_run)
+    slurm_ids = {r["slurm_job_id"] for r in records}
+    assert None not in slurm_ids and len(slurm_ids) == 2
+    assert not slurm_ids & squeue_ids()
+    # Their logs show workers that used the session's API and started no Prefect server.
+    logs = Path(slurm_run.summary["version"]) / ".zarr-parallel" / "slurm-logs"
+    text = "".join(p.read_text() for p in logs.glob("*.err"))
+    assert "Starting temporary server" not in text
+    script = (logs / "job-script.sh").read_text()
+    assert f"export PREFECT_API_URL={prefect_api}" in script
+    assert "export PREFECT_SERVER_EPHEMERAL_ENABLED=false" in script
+
+
+def test_results_and_progress_artifacts(
+    era5_files: list[Path], reference: Path, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    run = run_cache(
+        era5_files,
+        tmp_path / "artifacts.zarr",
+        deploy_mode="dask_distributed",
+        simultaneous_worker_limit=2,
+    )
+    assert_same_cache(run.path, reference)
+    with get_client(sync_client=True) as client:
+        [table] = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["zp-results-artifacts-zarr"])
+            )
+        )
+        [progress] = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["zp-progress-artifacts-zarr"])
+            )
+        )
+    rows: list[dict[str, Any]] = __import__("json").loads(str(table.data))
+    assert [r["job"] for r in rows] == list(range(run.summary["jobs"]))
+    assert {r["state"] for r in rows} == {"Completed"}
+    assert all(r["attempts"] == 1 for r in rows)
+    assert all(r["peak memory"] != "-" and r["estimated memory"] != "-" for r in rows)
+    assert float(str(progress.data)) == 100.0
+    # Every per-job result carries what the table shows.
+    for job in run.jobs:
+        assert job["attempts"] == 1 and job["bytes"] > 0
+        assert job["peak_memory"] >= 0 and job["estimated_memory"] > 0
+        assert job["worker"]["pid"] != os.getpid()
+
+
+def test_unguarded_script_runs_on_a_local_cluster_without_worker_servers(
+    era5_files: list[Path], reference: Path, tmp_path: Path
+) -> None:
+    """A plain script (no ``if __name__ == "__main__"``) with no PREFECT_API_URL: the flow
+    starts one temporary Prefect server and the workers use it; none starts its own."""
+    script = tmp_path / "user_script.py"
+    store = tmp_path / "script.zarr"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            from zarr_parallel import ZarrParallelAssembler
+            zp = ZarrParallelAssembler({[str(p) for p in era5_files]!r}, chunks={{"time": 12}})
+            result = zp.cache(cache_store={str(store)!r}, num_jobs=4, memory_limit="1GB",
+                              simultaneous_worker_limit=2)
+            print("DONE", result.summary["workers"], result.summary["deploy_mode"])
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DONE 2 dask_distributed" in proc.stdout
+    assert proc.stderr.count("Starting temporary server") == 1, proc.stderr[-3000:]
+    assert_same_cache(store, reference)
+
+
+def _request(**fields: Any) -> Any:
+    return build_request(data_uri=__file__, cache_store="/tmp/x.zarr", **fields)
+
+
+def test_slurm_job_script_carries_derived_memory_and_walltime(tmp_path: Path) -> None:
+    from dask_jobqueue.slurm import SLURMCluster
+
+    req = _request(
+        deploy_mode="SLURM",
+        memory_limit="4GB",
+        worker_timeout="20:00",
+        simultaneous_worker_limit=3,
+        slurm={
+            "partition": "compute",
+            "account": "climate",
+            "qos": "short",
+            "directives": ["--constraint=intel"],
+            "prologue": ["module load netcdf"],
+        },
+    )
+    # 10 jobs on 3 workers: 4 jobs per worker of at most 20 minutes, plus 5 minutes.
+    sizing = worker_sizing(req, max_job_estimate=1_000_000_000, jobs=10)
+    assert sizing.workers == 3
+    # 1.1 GB + 256 MB reserve + 300 MB worker process = 1.656 GB = 1580 MiB (rounded up).
+    assert sizing.memory == 1_656_000_000
+    kwargs = slurm_cluster_kwargs(req, sizing, "http://prefect.example:4200/api", tmp_path)
+    cluster = SLURMCluster(**kwargs)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    lines = script.splitlines()
+    assert "#SBATCH --mem=1580M" in lines
+    assert "#SBATCH -t 1:25:00" in lines
+    assert "#SBATCH -p compute" in lines
+    assert "#SBATCH -A climate" in lines
+    assert "#SBATCH --qos=short" in lines
+    assert "#SBATCH --constraint=intel" in lines
+    assert lines.index("module load netcdf") < lines.index(
+        "export PREFECT_API_URL=http://prefect.example:4200/api"
+    )
+    assert "export PREFECT_SERVER_EPHEMERAL_ENABLED=false" in lines
+    assert "export DASK_LOGGING__DISTRIBUTED=warning" in lines
+    # Workers retire two minutes before the walltime; one thread, no nanny.
+    assert "--lifetime 4980s" in script and "--nthreads 1" in script
+    assert "--no-nanny" in script
+
+
+def test_slurm_memory_is_capped_at_memory_limit_and_walltime_at_slurm_walltime() -> None:
+    req = _request(
+        deploy_mode="slurm",
+        memory_limit="2GB",
+        worker_timeout="1:00:00",
+        slurm={"walltime": "2:00:00"},
+    )
+    sizing = worker_sizing(req, max_job_estimate=1_600_000_000, jobs=8)
+    assert sizing.memory == 2_000_000_000
+    assert sizing.walltime == 7200 and sizing.lifetime == 7080
+    with pytest.raises(RequestError, match=r"slurm\.walltime"):
+        worker_sizing(
+            _request(deploy_mode="slurm", worker_timeout="1:00:00", slurm={"walltime": "30:00"}),
+            max_job_estimate=10**6,
+            jobs=1,
+        )
+    with pytest.raises(RequestError, match=r"slurm\.walltime"):
+        _request(slurm={"walltime": "soon"})
+
+
+def test_concurrency_is_the_worker_limit_or_the_jobs() -> None:
+    common = dict(max_job_estimate=10**6, memory_limit=10**9, reserve=10**8, timeout=60.0)
+    assert size_workers(jobs=3, max_workers=8, worker_overhead=0, **common).workers == 3
+    assert size_workers(jobs=30, max_workers=8, worker_overhead=0, **common).workers == 8
+
+
+def test_worker_environment_names_the_flow_api_and_quiets_dask() -> None:
+    env = worker_environment(_request(log_level=1), "http://127.0.0.1:4200/api")
+    assert env == {
+        "PREFECT_API_URL": "http://127.0.0.1:4200/api",
+        "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
+        "DASK_LOGGING__DISTRIBUTED": "info",
+    }
+
+
+def test_api_default_is_the_request_default() -> None:
+    import inspect
+
+    default = inspect.signature(ZarrParallelAssembler.cache).parameters["deploy_mode"].default
+    assert default == "dask_distributed"
