@@ -391,6 +391,9 @@ def open_cluster(
         {
             "distributed.scheduler.allowed-failures": 0,
             "distributed.deploy.lost-worker-timeout": "2s",
+            # Hand a worker a task only when its thread is free, so that a worker that dies
+            # takes no queued task down with it and a slow job holds no other back.
+            "distributed.scheduler.worker-saturation": 1.0,
         }
     ):
         if mode == "dask_distributed" and req.scheduler_address:

@@ -183,7 +183,7 @@ def write_flow(
     _publish_results(name, results, failures)
     update_progress_artifact(progress, 100.0 * len(results) / max(1, total))
     if failures:
-        first = "; ".join(f"job {f['id']} {f['region']}: {f['message']}" for f in failures[:5])
+        first = "; ".join(_failure_text(f) for f in failures[:5])
         more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
         raise RunFailed(
             f"{len(failures)} of {total} write jobs failed: {first}{more}. The {len(results)} "
@@ -191,6 +191,13 @@ def write_flow(
             failures,
         )
     return results
+
+
+def _failure_text(failure: dict[str, Any]) -> str:
+    head = f"job {failure['id']} {failure['region']}"
+    message = str(failure["message"])
+    # Job processes name the job and region themselves; do not say it twice.
+    return message if message.startswith(head) else f"{head}: {message}"
 
 
 def _ids(ids: Sequence[int]) -> str:
@@ -234,12 +241,16 @@ def _cancel(future: PrefectFuture[Any]) -> None:
 
 
 def _run_count(task_run_id: UUID) -> int:
-    """Attempts a task run made (1 when the API cannot say)."""
+    """Attempts a task run made: 0 when it never started (a task still queued on a worker that
+    died is lost with it, through no fault of its own), 1 when the API cannot say."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
     try:
         with get_client(sync_client=True) as client:
-            return max(1, int(client.read_task_run(task_run_id).run_count))
+            return max(0, int(client.read_task_run(task_run_id).run_count))
+    except ObjectNotFound:
+        return 0
     except Exception:
         return 1
 

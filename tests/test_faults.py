@@ -1,0 +1,118 @@
+"""Faults made for real on a local dask cluster: a worker killed mid-job, a job that hangs.
+
+The ``test_hold`` plug-in (tests/plugins) blocks the write job holding one time step while a
+marker file exists; the test then kills the worker running it, or lets the deadline pass.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from deploy_helpers import (
+    assert_same_cache,
+    hold_spec,
+    job_records,
+    run_cache,
+    started_lines,
+    when_blocked,
+)
+
+from zarr_parallel.errors import RunFailed
+
+
+@pytest.fixture(scope="module")
+def reference(era5_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test request cached in series mode, without faults."""
+    store = tmp_path_factory.mktemp("reference") / "reference.zarr"
+    run_cache(era5_files, store, deploy_mode="series")
+    return store
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _held_job(result_jobs: list[dict[str, Any]], index: int) -> dict[str, Any]:
+    return next(
+        j for j in result_jobs if any(d == "time" and a <= index < b for d, a, b in j["region"])
+    )
+
+
+def test_worker_killed_mid_job_is_retried_to_an_identical_cache(
+    era5_files: list[Path], reference: Path, tmp_path: Path, fault_plugins: Path
+) -> None:
+    spec, marker, started = hold_spec(tmp_path, index=30)
+    killed: dict[str, Any] = {}
+
+    def kill_worker(info: dict[str, Any]) -> None:
+        # The blocked job process's parent is the dask worker process running the task.
+        killed.update(info)
+        os.kill(info["ppid"], signal.SIGKILL)
+        time.sleep(0.5)
+        marker.unlink()
+
+    thread = when_blocked(started, kill_worker)
+    result = run_cache(
+        era5_files,
+        tmp_path / "killed.zarr",
+        deploy_mode="dask_distributed",
+        simultaneous_worker_limit=2,
+        preprocessors=[spec],
+    )
+    thread.join(1)
+    assert killed, "the held job never started"
+    assert _gone(killed["ppid"]) and _gone(killed["pid"])
+    assert_same_cache(result.path, reference)
+    held = _held_job(result.jobs, 30)
+    assert held["attempts"] == 2
+    assert held["job_process"]["pid"] != killed["pid"]
+    assert all(j["attempts"] == 1 for j in result.jobs if j is not held)
+    assert len(job_records(result)) == result.summary["jobs"]
+
+
+def test_hung_job_is_killed_at_worker_timeout_retried_then_reported_and_resumable(
+    era5_files: list[Path], reference: Path, tmp_path: Path, fault_plugins: Path
+) -> None:
+    spec, marker, started = hold_spec(tmp_path, index=30)
+    store = tmp_path / "hung.zarr"
+    fields: dict[str, Any] = {
+        "deploy_mode": "dask_distributed",
+        "simultaneous_worker_limit": 2,
+        "worker_timeout": 10,
+        "retries": 1,
+        "preprocessors": [spec],
+    }
+    t0 = time.monotonic()
+    with pytest.raises(
+        RunFailed,
+        match=r"job \d+ t2m,d2m\[time 24:36, .*\] did not finish within worker_timeout=0:00:10",
+    ) as e:
+        run_cache(era5_files, store, **fields)
+    elapsed = time.monotonic() - t0
+    # Two attempts, each stopped at its deadline: their processes were killed, not abandoned.
+    attempts = started_lines(started)
+    assert len(attempts) == 2 and attempts[0]["pid"] != attempts[1]["pid"]
+    assert all(_gone(a["pid"]) for a in attempts)
+    assert elapsed < 300
+    [failure] = e.value.failed
+    assert failure["attempts"] == 2 and failure["state"] == "Failed"
+    # Every other job finished and stays recorded; the cache was not published.
+    version = next(store.with_name("hung.zarr.versions").iterdir())
+    recorded = list((version / ".zarr-parallel" / "jobs").glob("*.json"))
+    assert len(recorded) >= 1 and not store.exists()
+    # Once the hang is gone, the run resumes and writes only the failed job.
+    marker.unlink()
+    result = run_cache(era5_files, store, **fields)
+    assert result.summary["resumed"] is True
+    assert result.summary["jobs_run"] == 1
+    assert result.summary["jobs_skipped"] == len(recorded)
+    assert_same_cache(result.path, reference)
