@@ -1,0 +1,106 @@
+"""The SLURM deploy mode on the local single-node SLURM: faults made by SLURM itself.
+
+``scripts/slurm-local.sh start`` provides the cluster (scripts/test.sh runs it); under
+``CI=true`` these tests fail rather than skip when it is missing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_helpers import (
+    assert_same_cache,
+    hold_spec,
+    job_records,
+    run_cache,
+    squeue_ids,
+    when_blocked,
+)
+
+from zarr_parallel.errors import RunFailed
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def reference(era5_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test request cached in series mode, without faults."""
+    store = tmp_path_factory.mktemp("reference") / "reference.zarr"
+    run_cache(era5_files, store, deploy_mode="series")
+    return store
+
+
+def test_scancel_of_a_worker_job_mid_job_is_retried_to_an_identical_cache(
+    era5_files: list[Path], reference: Path, tmp_path: Path, fault_plugins: Path, slurm: str
+) -> None:
+    spec, marker, started = hold_spec(tmp_path, index=30)
+    cancelled: dict[str, Any] = {}
+
+    def cancel_job(info: dict[str, Any]) -> None:
+        cancelled.update(info)
+        subprocess.run(["scancel", str(info["slurm_job_id"])], check=True)
+        time.sleep(0.5)
+        marker.unlink()
+
+    thread = when_blocked(started, cancel_job)
+    result = run_cache(
+        era5_files,
+        tmp_path / "scancel.zarr",
+        deploy_mode="SLURM",
+        simultaneous_worker_limit=2,
+        preprocessors=[spec],
+    )
+    thread.join(1)
+    assert cancelled.get("slurm_job_id"), "the held job never ran in a SLURM job"
+    assert_same_cache(result.path, reference)
+    held = next(
+        j for j in result.jobs if any(d == "time" and a <= 30 < b for d, a, b in j["region"])
+    )
+    assert held["attempts"] == 2
+    assert held["slurm_job_id"] != cancelled["slurm_job_id"]
+    ids = {r["slurm_job_id"] for r in job_records(result)}
+    assert None not in ids and not ids & squeue_ids()
+
+
+def test_job_over_its_memory_is_killed_by_slurm_and_reported(
+    era5_files: list[Path], tmp_path: Path, fault_plugins: Path, slurm: str
+) -> None:
+    # The job holding time step 30 takes 1.5 GB more than its estimate; its SLURM job asks for
+    # the estimate + 10 % + the interpreters (~560 MB here), so SLURM kills it.
+    balloon = {"type": "test_balloon", "nbytes": 1_500_000_000, "index": 30, "seconds": 30}
+    t0 = time.monotonic()
+    with pytest.raises(RunFailed, match=r"killed by SLURM for exceeding its memory limit") as e:
+        run_cache(
+            era5_files,
+            tmp_path / "balloon.zarr",
+            deploy_mode="SLURM",
+            simultaneous_worker_limit=2,
+            memory_limit="2GB",
+            preprocessors=[balloon],
+        )
+    [failure] = e.value.failed
+    assert failure["region"].startswith("t2m,d2m[time 24:36")
+    # Not retried: it would only be killed again.
+    assert failure["attempts"] == 1
+    assert time.monotonic() - t0 < 300
+
+
+def test_worker_jobs_that_never_start_end_the_run(
+    era5_files: list[Path], tmp_path: Path, slurm: str
+) -> None:
+    # Every worker job fails in its prologue: replacements are tried, then the run gives up.
+    t0 = time.monotonic()
+    with pytest.raises(RunFailed, match=r"no SLURM worker job is running or queued"):
+        run_cache(
+            era5_files,
+            tmp_path / "never.zarr",
+            deploy_mode="SLURM",
+            simultaneous_worker_limit=1,
+            retries=1,
+            slurm={"prologue": ["echo 'site setup failed' >&2", "exit 3"]},
+        )
+    assert time.monotonic() - t0 < 300
