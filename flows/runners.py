@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlparse
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from zarr_parallel.execution import WORKER_OVERHEAD
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.sizing import WorkerSizing, size_workers, slurm_duration
@@ -407,6 +409,7 @@ def open_cluster(
             cluster = _local_cluster(sizing, env, req.log_level)
             handle = ClusterHandle(mode, cluster.scheduler_address, sizing, cluster=cluster)
             stack_close = [cluster]
+            _register_prewarm(cluster.scheduler_address)
             cluster.wait_for_workers(sizing.workers, timeout=STARTUP_TIMEOUT)
         elif mode == "slurm":
             from dask_jobqueue.slurm import SLURMCluster
@@ -426,6 +429,7 @@ def open_cluster(
             handle.logs = logs
             handle.job_script = cluster.job_script()
             (logs / "job-script.sh").write_text(handle.job_script)
+            _register_prewarm(cluster.scheduler_address)
             cluster.scale(sizing.workers)
             stack_close = [cluster]
         else:  # pragma: no cover - the request model allows no other value
@@ -487,6 +491,33 @@ def _local_cluster(sizing: WorkerSizing, env: dict[str, str], log_level: int) ->
         name="zarr-parallel",
         silence_logs=level,
     )
+
+
+def _prewarm() -> None:
+    import flows.tasks  # noqa: F401 - Prefect and the task module, before the first task
+    from zarr_parallel.execution import prewarm
+
+    prewarm()
+
+
+class PrewarmPlugin(WorkerPlugin):
+    """dask worker plugin: import the task code and start the job process as a worker joins,
+    so that the first write task does not wait for them."""
+
+    name = "zarr-parallel-prewarm"
+
+    def setup(self, worker: Any) -> None:
+        threading.Thread(target=_prewarm, name="zarr-parallel-prewarm", daemon=True).start()
+
+
+def _register_prewarm(address: str) -> None:
+    from distributed import Client
+
+    try:
+        with Client(address, timeout="30s") as client:  # type: ignore[no-untyped-call]
+            client.register_plugin(PrewarmPlugin())
+    except Exception as e:  # an optimisation only
+        logger.debug("could not register the prewarm plugin: %s", e)
 
 
 def make_task_runner(handle: ClusterHandle) -> Any:

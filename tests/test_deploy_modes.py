@@ -165,8 +165,8 @@ def test_slurm_job_script_carries_derived_memory_and_walltime(tmp_path: Path) ->
     # 10 jobs on 3 workers: 4 jobs per worker of at most 20 minutes, plus 5 minutes.
     sizing = worker_sizing(req, max_job_estimate=1_000_000_000, jobs=10)
     assert sizing.workers == 3
-    # 1.1 GB + 256 MB reserve + 300 MB worker process = 1.656 GB = 1580 MiB (rounded up).
-    assert sizing.memory == 1_656_000_000
+    # 1.1 GB + 256 MB reserve + 250 MB worker process = 1.606 GB = 1532 MiB (rounded up).
+    assert sizing.memory == 1_606_000_000
     kwargs = slurm_cluster_kwargs(req, sizing, "http://prefect.example:4200/api", tmp_path)
     cluster = SLURMCluster(**kwargs)
     try:
@@ -174,7 +174,7 @@ def test_slurm_job_script_carries_derived_memory_and_walltime(tmp_path: Path) ->
     finally:
         cluster.close()
     lines = script.splitlines()
-    assert "#SBATCH --mem=1580M" in lines
+    assert "#SBATCH --mem=1532M" in lines
     assert "#SBATCH -t 1:25:00" in lines
     assert "#SBATCH -p compute" in lines
     assert "#SBATCH -A climate" in lines

@@ -41,10 +41,10 @@ logger = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 300.0
 #: How often the worker checks the job process's deadline and memory, in seconds.
 POLL_INTERVAL = 0.1
-#: Resident memory of a dask worker process that runs Prefect tasks, beside its job process
-#: (measured: ~230 MB on Python 3.11 with Prefect 3.8 and distributed 2026.8; see
-#: docs/deploy-modes.md). Counted inside ``memory_limit`` in the dask_distributed and SLURM modes.
-WORKER_OVERHEAD = 300 * 10**6
+#: Resident memory of a dask worker process that runs Prefect tasks, beside its job process.
+#: Measured here at 184-189 MB (Python 3.11, Prefect 3.8, distributed 2026.8, after several
+#: tasks); counted inside ``memory_limit`` in the dask_distributed and SLURM modes.
+WORKER_OVERHEAD = 250 * 10**6
 
 
 def job_process_limit(deploy_mode: str, memory_limit: int) -> int | None:
@@ -93,6 +93,7 @@ class JobProcess:
         self._env = env or {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
+        self._starting = threading.Lock()
         self.jobs_run = 0
 
     @property
@@ -106,8 +107,11 @@ class JobProcess:
 
     def start(self, timeout: float = STARTUP_TIMEOUT) -> None:
         """Start the process and wait until it has imported the write path."""
-        if self.alive():
-            return
+        with self._starting:  # a prewarming thread may be starting it already
+            if not self.alive():
+                self._start(timeout)
+
+    def _start(self, timeout: float) -> None:
         ours, theirs = socket.socketpair()
         env = {**os.environ, **self._env, "ZARR_PARALLEL_JOB_PROCESS": "1"}
         try:
@@ -285,6 +289,19 @@ def job_process() -> Iterator[JobProcess]:
     finally:
         with _lock:
             _idle.append(proc)
+
+
+def prewarm() -> None:
+    """Start this process's job process now, before the first job needs it."""
+    proc = JobProcess()
+    with _lock:
+        if _idle:
+            return
+        _idle.append(proc)
+    try:
+        proc.start()
+    except JobInterrupted as e:  # the first job will try again and report it
+        logger.warning("could not start a job process ahead of time: %s", e)
 
 
 def run_job_isolated(
