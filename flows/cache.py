@@ -247,6 +247,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  written             {format_bytes(summary['bytes_written'])}",
         f"  wall time           {summary['seconds']:.1f} s",
     ]
+    if summary.get("workers"):
+        lines.append(
+            f"  ran on              {summary['workers']} {summary['deploy_mode']} worker(s), "
+            f"{summary['write_tasks']} write tasks"
+        )
     if summary.get("applied_recommendation"):
         lines.append(f"  applied             {summary['applied_recommendation']['sentence']}")
     return "\n".join(lines)

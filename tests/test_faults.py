@@ -116,3 +116,25 @@ def test_hung_job_is_killed_at_worker_timeout_retried_then_reported_and_resumabl
     assert result.summary["jobs_run"] == 1
     assert result.summary["jobs_skipped"] == len(recorded)
     assert_same_cache(result.path, reference)
+
+
+def test_job_process_over_its_memory_is_killed_and_not_retried(
+    era5_files: list[Path], tmp_path: Path, fault_plugins: Path
+) -> None:
+    # Outside SLURM the worker polices its job process: 1 GB more than a job needs, against a
+    # 1 GB limit, is stopped and reported, and not retried (it would only grow again).
+    balloon = {"type": "test_balloon", "nbytes": 1_000_000_000, "index": 30, "seconds": 30}
+    t0 = time.monotonic()
+    with pytest.raises(RunFailed, match=r"used [\d.]+ [MG]B, more than its limit of 1\.00 GB") as e:
+        run_cache(
+            era5_files,
+            tmp_path / "balloon.zarr",
+            deploy_mode="series",
+            memory_limit="1GB",
+            retries=2,
+            preprocessors=[balloon],
+        )
+    [failure] = e.value.failed
+    assert failure["region"].startswith("t2m,d2m[time 24:36")
+    assert failure["attempts"] == 1
+    assert time.monotonic() - t0 < 120
