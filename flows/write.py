@@ -127,11 +127,17 @@ def write_flow(
     failed: dict[int, dict[str, Any]] = {}
     completed_jobs = 0
     max_replacements = max(1, (handle.concurrency if handle else 1) * (req.retries + 1))
+    last_check = time.monotonic()
     while running:
         try:
             index, future = done_q.get(timeout=1.0)
         except queue.Empty:
-            message = handle.check(max_replacements) if handle else None
+            index, future = -1, None
+        if handle is not None and (future is None or time.monotonic() - last_check > 2.0):
+            # Between completions, and at least every 2 s: replace ended SLURM jobs, and stop
+            # waiting for tasks no worker can run.
+            last_check = time.monotonic()
+            message = handle.check(max_replacements)
             if message:
                 logger.error("giving up on %d write tasks: %s", len(running), message)
                 for i, sub in running.items():
@@ -139,6 +145,7 @@ def write_flow(
                     for job_id in groups[i]:
                         failed[job_id] = {"state": "Crashed", "message": message}
                 running.clear()
+        if future is None:
             continue
         current = running.get(index)
         if current is None or current.future is not future:

@@ -138,3 +138,43 @@ def test_job_process_over_its_memory_is_killed_and_not_retried(
     assert failure["region"].startswith("t2m,d2m[time 24:36")
     assert failure["attempts"] == 1
     assert time.monotonic() - t0 < 120
+
+
+def test_job_process_killed_mid_job_is_retried(
+    era5_files: list[Path], reference: Path, tmp_path: Path, fault_plugins: Path
+) -> None:
+    # The job process dies under the worker (as by the kernel's OOM killer): the task fails
+    # with the reason, Prefect retries it in a new job process, and the cache is complete.
+    spec, marker, started = hold_spec(tmp_path, index=30)
+
+    def kill_job_process(info: dict[str, Any]) -> None:
+        os.kill(info["pid"], signal.SIGKILL)
+        marker.unlink()
+
+    thread = when_blocked(started, kill_job_process)
+    result = run_cache(
+        era5_files, tmp_path / "job-killed.zarr", deploy_mode="series", preprocessors=[spec]
+    )
+    thread.join(1)
+    [info] = started_lines(started)
+    assert _gone(info["pid"])
+    assert_same_cache(result.path, reference)
+    held = _held_job(result.jobs, 30)
+    assert held["attempts"] == 2 and held["job_process"]["pid"] != info["pid"]
+
+
+def test_job_errors_keep_their_type_across_the_process_boundary(tmp_path: Path) -> None:
+    from zarr_parallel.execution import JobProcess
+
+    proc = JobProcess()
+    try:
+        with pytest.raises(FileNotFoundError, match=r"has no plan\.json") as e:
+            proc.run(
+                {"request_json": "{}", "version": str(tmp_path / "nothing"), "job_id": 0},
+                timeout=60,
+            )
+        assert any("in the job process" in note for note in getattr(e.value, "__notes__", []))
+        assert proc.alive()  # an error in a job leaves the process serving
+    finally:
+        proc.close()
+    assert not proc.alive()
