@@ -65,7 +65,7 @@ def size_workers(
     ...                  reserve=256 * 10**6, worker_overhead=250 * 10**6, timeout=1800)
     >>> s.workers, s.memory, s.walltime, s.lifetime
     (4, 1606000000, 5700.0, 5580.0)
-    >>> size_workers(jobs=1, max_workers=4, max_job_estimate=3 * 10**9, memory_limit=4 * 10**9,
+    >>> size_workers(jobs=1, max_workers=4, max_job_estimate=35 * 10**8, memory_limit=4 * 10**9,
     ...              reserve=256 * 10**6, worker_overhead=250 * 10**6, timeout=60).memory
     4000000000
     """
