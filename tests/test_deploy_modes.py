@@ -230,3 +230,14 @@ def test_api_default_is_the_request_default() -> None:
 
     default = inspect.signature(ZarrParallelAssembler.cache).parameters["deploy_mode"].default
     assert default == "dask_distributed"
+
+
+def test_memory_limit_must_leave_room_beside_the_worker_process() -> None:
+    from zarr_parallel.pipeline import limits_for
+
+    with pytest.raises(RequestError, match=r"memory_limit='500MB': leaves nothing for jobs"):
+        limits_for(_request(memory_limit="500MB", deploy_mode="dask_distributed"))
+    # In series mode there is no worker process beside the job process.
+    assert limits_for(_request(memory_limit="500MB", deploy_mode="series")).memory_budget == (
+        500_000_000 - 256_000_000
+    )

@@ -62,8 +62,18 @@ def limits_for(req: CacheRequest) -> Limits:
     min_jobs = req.num_jobs or (1 if workers == 1 else 2 * workers)
     # Beside a dask worker process the job process gets less ([parallel], execution.py).
     overhead = 0 if req.deploy_mode == "series" else WORKER_OVERHEAD
+    budget = req.memory_bytes - req.reserve_bytes - overhead
+    if budget <= 0:
+        raise RequestError(
+            "memory_limit",
+            req.memory_limit,
+            f"leaves nothing for jobs after the {format_bytes(req.reserve_bytes)} interpreter "
+            f"reserve and the {format_bytes(overhead)} dask worker process of each worker",
+            f"Raise memory_limit above {format_bytes(req.reserve_bytes + overhead)} (1GB or more "
+            "is sensible), or use deploy_mode='series'",
+        )
     return Limits(
-        memory_budget=max(req.memory_bytes - req.reserve_bytes - overhead, 1),
+        memory_budget=budget,
         min_jobs=min_jobs,
         time_budget=req.timeout_seconds / 2,
         reserve=req.reserve_bytes,
