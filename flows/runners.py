@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds without any connected worker after which a local or external cluster is given up.
 NO_WORKER_GRACE = 120.0
+#: Least seconds between two ``squeue`` calls while some SLURM worker is missing.
+SQUEUE_INTERVAL = 5.0
 #: Seconds local workers may take to start and connect.
 STARTUP_TIMEOUT = 120.0
 #: dask's log level per request ``log_level``.
@@ -198,6 +200,7 @@ class ClusterHandle:
     _replaced: int = 0
     _replacing: dict[str, str] = field(default_factory=dict)
     _last_note: float = 0.0
+    _squeue_at: float = 0.0
 
     @property
     def concurrency(self) -> int:
@@ -242,6 +245,11 @@ class ClusterHandle:
                 )
             return None
         ids = self.slurm_job_ids()
+        if len(names) >= self.sizing.workers:
+            return None  # all workers connected: nothing to ask SLURM
+        if now - self._squeue_at < SQUEUE_INTERVAL:
+            return None
+        self._squeue_at = now
         queued = squeue_states(set(ids.values()))
         live = set(names)
         for name, job in list(self.cluster.workers.items()):
@@ -282,7 +290,7 @@ class ClusterHandle:
         self.cluster.scale(self.sizing.workers)
         return None
 
-    def explain(self, worker_name: str | None, wait: float = 0.0) -> str | None:
+    def explain(self, worker_name: str | None, wait: float = 0.0) -> EndReason | None:
         """Why a worker went away, when SLURM said so in the job's log."""
         if self.mode != "slurm" or worker_name is None or self.logs is None:
             return None
@@ -300,8 +308,19 @@ class ClusterHandle:
 _MEM_RE = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)")
 
 
-def slurm_end_reason(logs: Path, job_id: str) -> str | None:
-    """What SLURM wrote about the end of job ``job_id`` in its log, as a sentence."""
+@dataclass(frozen=True)
+class EndReason:
+    """Why SLURM ended a worker job: ``kind`` is memory, walltime or cancelled."""
+
+    kind: str
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def slurm_end_reason(logs: Path, job_id: str) -> EndReason | None:
+    """What SLURM wrote about the end of job ``job_id`` in its log."""
     from zarr_parallel.units import format_bytes
 
     text = ""
@@ -315,14 +334,17 @@ def slurm_end_reason(logs: Path, job_id: str) -> str | None:
     m = _MEM_RE.search(text)
     if m or "Exceeded job memory limit" in text:
         used = f" ({format_bytes(int(m.group(1)))} > {format_bytes(int(m.group(2)))})" if m else ""
-        return (
+        return EndReason(
+            "memory",
             f"SLURM job {job_id} was killed by SLURM for exceeding its memory limit{used}: "
-            "the job used more than its estimate; raise memory_limit or report the request"
+            "the job used more than its estimate; raise memory_limit or report the request",
         )
     if "DUE TO TIME LIMIT" in text:
-        return f"SLURM job {job_id} was killed by SLURM at its walltime"
+        return EndReason("walltime", f"SLURM job {job_id} was killed by SLURM at its walltime")
     if "CANCELLED" in text:
-        return f"SLURM job {job_id} was cancelled (scancel, preemption or node failure)"
+        return EndReason(
+            "cancelled", f"SLURM job {job_id} was cancelled (scancel, preemption or node failure)"
+        )
     return None
 
 

@@ -163,9 +163,9 @@ def write_flow(
         if outcome.state == "Crashed":
             used = sub.attempts_before + _run_count(future.task_run_id)
             reason = handle.explain(outcome.worker, wait=5.0) if handle else None
-            what = reason or f"the worker running it was lost ({outcome.message})"
+            what = str(reason or f"the worker running it was lost ({outcome.message})")
             _mark_crashed(future.task_run_id, what)
-            memory_kill = reason is not None and "memory" in reason
+            memory_kill = reason is not None and reason.kind == "memory"
             if not memory_kill and used <= req.retries:
                 logger.warning(
                     "write task for jobs %s: %s; retrying (attempt %d of %d)",
