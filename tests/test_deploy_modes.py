@@ -21,6 +21,8 @@ from zarr_parallel.request import DEFAULT_DEPLOY_MODE, build_request
 from zarr_parallel.sizing import size_workers
 
 ROOT = Path(__file__).parents[1]
+# A hang must fail the test, not the CI run.
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,9 @@ from deploy_helpers import (
 
 from zarr_parallel.errors import RunFailed
 
+# A hang must fail the test, not the CI run.
+pytestmark = pytest.mark.timeout(900)
+
 
 @pytest.fixture(scope="module")
 def reference(era5_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:

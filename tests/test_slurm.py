@@ -23,7 +23,8 @@ from deploy_helpers import (
 
 from zarr_parallel.errors import RunFailed
 
-pytestmark = pytest.mark.slurm
+# A hang must fail the test, not the CI run.
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
