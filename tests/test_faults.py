@@ -181,3 +181,21 @@ def test_job_errors_keep_their_type_across_the_process_boundary(tmp_path: Path) 
     finally:
         proc.close()
     assert not proc.alive()
+
+
+def test_job_process_follows_the_callers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Credentials set after a first run must reach the next job: a changed environment
+    # replaces the job process.
+    from zarr_parallel.execution import JobProcess
+
+    proc = JobProcess()
+    try:
+        proc.start()
+        first = proc.pid
+        proc.start()
+        assert proc.pid == first
+        monkeypatch.setenv("ZP_TEST_ARCHIVE_TOKEN", "changed")
+        proc.start()
+        assert proc.pid != first and first is not None and _gone(first)
+    finally:
+        proc.close()

@@ -94,6 +94,7 @@ class JobProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._starting = threading.Lock()
+        self._started_env: dict[str, str] = {}
         self.jobs_run = 0
 
     @property
@@ -108,12 +109,19 @@ class JobProcess:
     def start(self, timeout: float = STARTUP_TIMEOUT) -> None:
         """Start the process and wait until it has imported the write path."""
         with self._starting:  # a prewarming thread may be starting it already
+            if self.alive() and self._started_env != self._environment():
+                # The caller's environment changed (credentials, PYTHONPATH...): a process
+                # started before would read the source with the old one.
+                self.close()
             if not self.alive():
                 self._start(timeout)
 
+    def _environment(self) -> dict[str, str]:
+        return {**os.environ, **self._env, "ZARR_PARALLEL_JOB_PROCESS": "1"}
+
     def _start(self, timeout: float) -> None:
         ours, theirs = socket.socketpair()
-        env = {**os.environ, **self._env, "ZARR_PARALLEL_JOB_PROCESS": "1"}
+        env = self._started_env = self._environment()
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "zarr_parallel.execution", str(theirs.fileno())],
