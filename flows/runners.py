@@ -21,10 +21,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlparse
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -251,6 +251,14 @@ class ClusterHandle:
             return None
         self._squeue_at = now
         queued = squeue_states(set(ids.values()))
+        if not workers and not queued and now - self._last_worker > NO_WORKER_GRACE:
+            # Nothing connected, nothing queued or running for a while: submission fails
+            # (sbatch errors are in the flow's log) or every job ended without a replacement.
+            return (
+                f"no SLURM worker has been connected for {NO_WORKER_GRACE:.0f} s and no worker "
+                f"job of this run is queued or running (see the flow log for sbatch errors, "
+                f"and the job logs in {self.logs})"
+            )
         live = set(names)
         for name, job in list(self.cluster.workers.items()):
             job_id = getattr(job, "job_id", None)
@@ -420,42 +428,14 @@ def open_cluster(
             "distributed.scheduler.worker-saturation": 1.0,
         }
     ):
-        if mode == "dask_distributed" and req.scheduler_address:
-            from distributed import Client
-
-            client: Any = Client(req.scheduler_address, timeout="60s")  # type: ignore[no-untyped-call]
-            handle = ClusterHandle(mode, req.scheduler_address, sizing, client=client)
-            logger.info("using the dask scheduler at %s", req.scheduler_address)
-            stack_close: list[Any] = [client]
-        elif mode == "dask_distributed":
-            cluster = _local_cluster(sizing, env, req.log_level)
-            handle = ClusterHandle(mode, cluster.scheduler_address, sizing, cluster=cluster)
-            stack_close = [cluster]
-            _register_prewarm(cluster.scheduler_address)
-            cluster.wait_for_workers(sizing.workers, timeout=STARTUP_TIMEOUT)
-        elif mode == "slurm":
-            from dask_jobqueue.slurm import SLURMCluster
-
-            if is_loopback(api_url):
-                logger.warning(
-                    "the Prefect API %s is on loopback: SLURM jobs on other nodes cannot reach "
-                    "it (fine for a single-node SLURM). Set PREFECT_API_URL to a server the "
-                    "compute nodes reach",
-                    api_url,
-                )
-            logs = log_directory(req, version)
-            logs.mkdir(parents=True, exist_ok=True)
-            cluster = SLURMCluster(**slurm_cluster_kwargs(req, sizing, api_url, logs))
-            cluster = cast(Any, cluster)
-            handle = ClusterHandle(mode, cluster.scheduler_address, sizing, cluster=cluster)
-            handle.logs = logs
-            handle.job_script = cluster.job_script()
-            (logs / "job-script.sh").write_text(handle.job_script)
-            _register_prewarm(cluster.scheduler_address)
-            cluster.scale(sizing.workers)
-            stack_close = [cluster]
-        else:  # pragma: no cover - the request model allows no other value
-            raise ValueError(f"unknown deploy_mode {mode!r}")
+        stack_close: list[Any] = []
+        try:
+            handle = _start(req, version, sizing, api_url, env, stack_close)
+        except BaseException:
+            for obj in stack_close:
+                with suppress(Exception):
+                    obj.close()
+            raise
     assert handle.address is not None
     handle.ready_seconds = time.monotonic() - t0
     with _active_lock:
@@ -470,6 +450,52 @@ def open_cluster(
                 obj.close()
             except Exception as e:  # closing must not hide the run's own outcome
                 logger.warning("closing %s failed: %s", type(obj).__name__, e)
+
+
+def _start(
+    req: CacheRequest,
+    version: Path,
+    sizing: WorkerSizing,
+    api_url: str | None,
+    env: dict[str, str],
+    stack_close: list[Any],
+) -> ClusterHandle:
+    """Start or connect to the cluster; what must be closed goes into ``stack_close`` at once."""
+    mode = req.deploy_mode
+    if mode == "dask_distributed" and req.scheduler_address:
+        from distributed import Client
+
+        client: Any = Client(req.scheduler_address, timeout="60s")  # type: ignore[no-untyped-call]
+        stack_close.append(client)
+        logger.info("using the dask scheduler at %s", req.scheduler_address)
+        return ClusterHandle(mode, req.scheduler_address, sizing, client=client)
+    if mode == "dask_distributed":
+        cluster = _local_cluster(sizing, env, req.log_level)
+        stack_close.append(cluster)
+        _register_prewarm(cluster.scheduler_address)
+        cluster.wait_for_workers(sizing.workers, timeout=STARTUP_TIMEOUT)
+        return ClusterHandle(mode, cluster.scheduler_address, sizing, cluster=cluster)
+    if mode == "slurm":
+        from dask_jobqueue.slurm import SLURMCluster
+
+        if is_loopback(api_url):
+            logger.warning(
+                "the Prefect API %s is on loopback: SLURM jobs on other nodes cannot reach "
+                "it (fine for a single-node SLURM). Set PREFECT_API_URL to a server the "
+                "compute nodes reach",
+                api_url,
+            )
+        logs = log_directory(req, version)
+        logs.mkdir(parents=True, exist_ok=True)
+        slurm: Any = SLURMCluster(**slurm_cluster_kwargs(req, sizing, api_url, logs))
+        stack_close.append(slurm)
+        handle = ClusterHandle(mode, slurm.scheduler_address, sizing, cluster=slurm, logs=logs)
+        handle.job_script = slurm.job_script()
+        (logs / "job-script.sh").write_text(handle.job_script)
+        _register_prewarm(slurm.scheduler_address)
+        slurm.scale(sizing.workers)
+        return handle
+    raise ValueError(f"unknown deploy_mode {mode!r}")  # pragma: no cover - validated before
 
 
 def _local_cluster(sizing: WorkerSizing, env: dict[str, str], log_level: int) -> Any:

@@ -17,7 +17,13 @@ from prefect.cache_policies import NO_CACHE
 from zarr_parallel.execution import JobMemoryExceeded, job_process_limit, run_job_isolated
 from zarr_parallel.pipeline import Prepared, finish, initialise, prepare
 from zarr_parallel.request import CacheRequest
-from zarr_parallel.store import manifest_dir, plan_record, read_json, recorded_jobs
+from zarr_parallel.store import (
+    manifest_dir,
+    plan_record,
+    read_json,
+    recorded_jobs,
+    write_json_atomic,
+)
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -57,6 +63,7 @@ def write_task(
     done = recorded_jobs(Path(version), fp)
     limit = job_process_limit(req.deploy_mode, req.memory_bytes)
     attempt = int(task_run.run_count or 1)
+    mark_attempt(Path(version), str(task_run.id), attempt)
     logger = get_run_logger()
     worker = {
         "pid": os.getpid(),
@@ -92,6 +99,21 @@ def write_task(
         logger.debug("%s done in %.1f s", describe, finished - started)
         results.append(record)
     return results
+
+
+def mark_attempt(version: Path, task_run_id: str, attempt: int) -> None:
+    """Note that attempt ``attempt`` of a write task run began (the flow counts attempts of
+    runs whose worker died from these notes: the Prefect API may not have recorded them yet)."""
+    write_json_atomic(
+        manifest_dir(version) / "attempts" / f"{task_run_id}.json",
+        {"attempt": attempt, "pid": os.getpid(), "time": time.time()},
+    )
+
+
+def attempts_made(version: Path, task_run_id: str) -> int:
+    """Attempts a write task run began: 0 when it never started."""
+    note = read_json(manifest_dir(version) / "attempts" / f"{task_run_id}.json")
+    return int(note["attempt"]) if note else 0
 
 
 def describe_region(variables: Sequence[str], region: Sequence[Sequence[Any]]) -> str:

@@ -34,7 +34,13 @@ from prefect.artifacts import (
 from prefect.futures import PrefectFuture
 
 from flows.runners import ClusterHandle, active_cluster
-from flows.tasks import artifact_key, describe_region, read_job_record, write_task
+from flows.tasks import (
+    artifact_key,
+    attempts_made,
+    describe_region,
+    read_job_record,
+    write_task,
+)
 from zarr_parallel.errors import RunFailed
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.store import plan_record, recorded_jobs
@@ -161,7 +167,7 @@ def write_flow(
             update_progress_artifact(progress, 100.0 * completed_jobs / max(1, total))
             continue
         if outcome.state == "Crashed":
-            used = sub.attempts_before + _run_count(future.task_run_id)
+            used = sub.attempts_before + attempts_made(Path(version), str(future.task_run_id))
             reason = handle.explain(outcome.worker, wait=5.0) if handle else None
             what = str(reason or f"the worker running it was lost ({outcome.message})")
             _mark_crashed(future.task_run_id, what)
@@ -179,7 +185,7 @@ def write_flow(
             outcome.message = what
             attempts = used
         else:
-            attempts = sub.attempts_before + _run_count(future.task_run_id)
+            attempts = sub.attempts_before + attempts_made(Path(version), str(future.task_run_id))
         for job_id in groups[index]:
             failed[job_id] = {
                 "state": outcome.state,
@@ -245,21 +251,6 @@ def _cancel(future: PrefectFuture[Any]) -> None:
             wrapped.cancel()
     except Exception:  # best effort: the cluster is being given up anyway
         pass
-
-
-def _run_count(task_run_id: UUID) -> int:
-    """Attempts a task run made: 0 when it never started (a task still queued on a worker that
-    died is lost with it, through no fault of its own), 1 when the API cannot say."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        with get_client(sync_client=True) as client:
-            return max(0, int(client.read_task_run(task_run_id).run_count))
-    except ObjectNotFound:
-        return 0
-    except Exception:
-        return 1
 
 
 def _mark_crashed(task_run_id: UUID, message: str) -> None:
