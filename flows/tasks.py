@@ -24,6 +24,7 @@ from zarr_parallel.store import (
     recorded_jobs,
     write_json_atomic,
 )
+from zarr_parallel.write import run_job
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -51,7 +52,8 @@ def write_task(
 
     Each job is recorded in the manifest as it finishes; a retry of the group skips the jobs
     already recorded. A job that passes its deadline has its process killed (not merely
-    abandoned) and the task fails, so Prefect retries it.
+    abandoned) and the task fails, so Prefect retries it. In series mode jobs run in the flow
+    process itself, without a job process.
     """
     from prefect import get_run_logger
     from prefect.runtime import task_run
@@ -79,16 +81,20 @@ def write_task(
         variables, region = regions.get(job_id, ([], []))
         describe = f"job {job_id} {describe_region(variables, region)}"
         started = time.time()
-        record = run_job_isolated(
-            request_json,
-            version,
-            job_id,
-            generate_stats,
-            timeout=req.timeout_seconds,
-            memory_limit=limit,
-            describe=describe,
-            log_level=req.log_level,
-        )
+        if req.deploy_mode == "series":
+            # In the flow process, as series mode promises (and a debugger can follow it).
+            record = run_job(request_json, version, job_id, generate_stats)
+        else:
+            record = run_job_isolated(
+                request_json,
+                version,
+                job_id,
+                generate_stats,
+                timeout=req.timeout_seconds,
+                memory_limit=limit,
+                describe=describe,
+                log_level=req.log_level,
+            )
         finished = time.time()
         record.update(
             attempts=attempt,

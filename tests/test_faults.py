@@ -124,15 +124,18 @@ def test_hung_job_is_killed_at_worker_timeout_retried_then_reported_and_resumabl
 def test_job_process_over_its_memory_is_killed_and_not_retried(
     era5_files: list[Path], tmp_path: Path, fault_plugins: Path
 ) -> None:
-    # Outside SLURM the worker polices its job process: 1 GB more than a job needs, against a
-    # 1 GB limit, is stopped and reported, and not retried (it would only grow again).
+    # Outside SLURM the worker polices its job process: 1 GB more than a job needs, against
+    # the 750 MB a job process gets of a 1 GB limit, is stopped and reported, and not retried
+    # (it would only grow again).
     balloon = {"type": "test_balloon", "nbytes": 1_000_000_000, "index": 30, "seconds": 30}
     t0 = time.monotonic()
-    with pytest.raises(RunFailed, match=r"used [\d.]+ [MG]B, more than its limit of 1\.00 GB") as e:
+    limit = r"used [\d.]+ [MG]B, more than its limit of 750\.00 MB"
+    with pytest.raises(RunFailed, match=limit) as e:
         run_cache(
             era5_files,
             tmp_path / "balloon.zarr",
-            deploy_mode="series",
+            deploy_mode="dask_distributed",
+            simultaneous_worker_limit=2,
             memory_limit="1GB",
             retries=2,
             preprocessors=[balloon],
@@ -156,7 +159,11 @@ def test_job_process_killed_mid_job_is_retried(
 
     thread = when_blocked(started, kill_job_process)
     result = run_cache(
-        era5_files, tmp_path / "job-killed.zarr", deploy_mode="series", preprocessors=[spec]
+        era5_files,
+        tmp_path / "job-killed.zarr",
+        deploy_mode="dask_distributed",
+        simultaneous_worker_limit=2,
+        preprocessors=[spec],
     )
     thread.join(1)
     [info] = started_lines(started)

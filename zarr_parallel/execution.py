@@ -1,8 +1,8 @@
 """Run write jobs in a long-lived child process, under a real deadline and memory limit.
 
 A Prefect ``timeout_seconds`` on a synchronous task marks the run timed out but leaves its
-thread running (DESIGN §6), and a thread cannot be stopped from outside. So every write job
-runs in a *job process*: a child of the worker (or of the flow process in series mode) that
+thread running (DESIGN §6), and a thread cannot be stopped from outside. So every write job of
+the dask_distributed and SLURM modes runs in a *job process*: a child of the worker that
 imports the libraries once and keeps its per-process caches of the opened source and target
 (:func:`zarr_parallel.target.cached_target`) from job to job. The worker sends it one job at a
 time and waits with a deadline; a job that passes ``worker_timeout`` (or, where the caller asks,
@@ -117,7 +117,12 @@ class JobProcess:
                 self._start(timeout)
 
     def _environment(self) -> dict[str, str]:
-        return {**os.environ, **self._env, "ZARR_PARALLEL_JOB_PROCESS": "1"}
+        return {
+            **os.environ,
+            **self._env,
+            "ZARR_PARALLEL_JOB_PROCESS": "1",
+            "ZARR_PARALLEL_WORKER_PID": str(os.getpid()),
+        }
 
     def _start(self, timeout: float) -> None:
         ours, theirs = socket.socketpair()

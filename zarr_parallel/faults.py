@@ -45,4 +45,12 @@ def fault_point(name: str) -> None:
         _counts[name] = _counts.get(name, 0) + 1
         hit = _counts[name] == int(nth or 1)
     if hit:
-        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
+        sig = signal.SIGKILL if action == "kill" else signal.SIGSTOP
+        if os.environ.get("ZARR_PARALLEL_JOB_PROCESS") == "1":
+            # In a job process (zarr_parallel.execution) the run is its parent, the worker:
+            # that is what dies or freezes. A frozen parent simply gets no further job from it;
+            # a killed one takes this process with it.
+            os.kill(os.getppid(), sig)
+            if action != "kill":
+                return
+        os.kill(os.getpid(), sig)

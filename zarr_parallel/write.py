@@ -151,7 +151,8 @@ def run_job(
         "seconds": round(time.perf_counter() - t0, 4),
         "peak_memory": peak.increase,
         "estimated_memory": estimate,
-        "pid": os.getpid(),
+        # The worker that ran the job (the parent of its job process, see execution.py).
+        "pid": int(os.environ.get("ZARR_PARALLEL_WORKER_PID") or os.getpid()),
         "host": os.uname().nodename,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
