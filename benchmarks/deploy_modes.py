@@ -13,7 +13,7 @@ ships) is made once under ``benchmarks/data/`` (git-ignored). The target is
 - orchestration overhead: the share of the wall time during which no write job was running
   (planning, cluster and SLURM job start-up, task submission, publish);
 - per worker: the peak resident memory of the worker process and of its job process, against
-  the worker's memory limit.
+  the worker's memory limit (in series mode: the peak of this process, which ran the jobs).
 
 A Prefect API is needed: ``PREFECT_API_URL`` if set, else a temporary server started before the
 first timed run (its start-up is not counted). The SLURM mode needs a running SLURM
@@ -101,6 +101,13 @@ def run_mode(mode: str, paths: list[Path], workers: int, out: Path) -> dict[str,
         row["job_process_rss"] = max(
             row["job_process_rss"], int(j.get("job_process", {}).get("max_rss", 0))
         )
+    if mode == "series":
+        # Jobs ran in this process: its peak resident memory so far (series runs first).
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        for row in per_worker.values():
+            row["worker_rss"], row["job_process_rss"] = peak, 0
     figures = {
         "mode": mode,
         "wall_s": wall,
@@ -166,7 +173,7 @@ def report(runs: list[dict[str, Any]]) -> str:
             f"{format_bytes(r['largest_peak'])}"
         )
         for key, w in sorted(r["per_worker"].items()):
-            total = w["job_process_rss"] + (0 if r["mode"] == "series" else w["worker_rss"])
+            total = w["job_process_rss"] + w["worker_rss"]
             lines.append(
                 f"    {key:<34} {w['jobs']:3d} jobs  worker {format_bytes(w['worker_rss']):>10}"
                 f"  job process {format_bytes(w['job_process_rss']):>10}  total "
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--modes", default="series,dask_distributed,slurm")
+    parser.add_argument("--modes", default="series,dask_distributed,slurm", help="series first")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     paths = make_source(args.files, args.steps)
