@@ -86,7 +86,7 @@ def run_mode(mode: str, paths: list[Path], workers: int, out: Path) -> dict[str,
     )
     wall = time.perf_counter() - t0
     assert isinstance(result, CacheResult)
-    jobs = result.jobs
+    jobs = result.summary["job_results"]  # this run's jobs, with attempts and workers
     intervals = sorted((j["started"], j["finished"]) for j in jobs)
     busy = _union(intervals)
     per_worker: dict[str, dict[str, Any]] = {}

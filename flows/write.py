@@ -103,7 +103,9 @@ def write_flow(
     req = CacheRequest.model_validate_json(request_json)
     plan = plan_record(Path(version)) or {}
     jobs = {int(j[0]): j for j in plan.get("job_list", [])}
-    name = Path(version).parent.name.removesuffix(".versions")
+    versions = Path(version).parent
+    # The cache's final path (``P`` beside ``P.versions``) keys its artifacts.
+    name = str(versions.with_name(versions.name.removesuffix(".versions")))
     handle = active_cluster(cluster_address)
     total = sum(len(g) for g in groups)
     progress = cast(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,25 +92,25 @@ def test_results_and_progress_artifacts(
         simultaneous_worker_limit=2,
     )
     assert_same_cache(run.path, reference)
+    from flows.tasks import artifact_key
+
+    results_key = artifact_key("zp-results", run.path)
+    progress_key = artifact_key("zp-progress", run.path)
     with get_client(sync_client=True) as client:
         [table] = client.read_latest_artifacts(
-            artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["zp-results-artifacts-zarr"])
-            )
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[results_key]))
         )
         [progress] = client.read_latest_artifacts(
-            artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["zp-progress-artifacts-zarr"])
-            )
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[progress_key]))
         )
-    rows: list[dict[str, Any]] = __import__("json").loads(str(table.data))
+    rows: list[dict[str, Any]] = json.loads(str(table.data))
     assert [r["job"] for r in rows] == list(range(run.summary["jobs"]))
     assert {r["state"] for r in rows} == {"Completed"}
     assert all(r["attempts"] == 1 for r in rows)
     assert all(r["peak memory"] != "-" and r["estimated memory"] != "-" for r in rows)
     assert float(str(progress.data)) == 100.0
     # Every per-job result carries what the table shows.
-    for job in run.jobs:
+    for job in run.summary["job_results"]:
         assert job["attempts"] == 1 and job["bytes"] > 0
         assert job["peak_memory"] >= 0 and job["estimated_memory"] > 0
         assert job["worker"]["pid"] != os.getpid()

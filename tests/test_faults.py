@@ -75,10 +75,10 @@ def test_worker_killed_mid_job_is_retried_to_an_identical_cache(
     assert killed, "the held job never started"
     assert _gone(killed["ppid"]) and _gone(killed["pid"])
     assert_same_cache(result.path, reference)
-    held = _held_job(result.jobs, 30)
+    held = _held_job(result.summary["job_results"], 30)
     assert held["attempts"] == 2
     assert held["job_process"]["pid"] != killed["pid"]
-    assert all(j["attempts"] == 1 for j in result.jobs if j is not held)
+    assert all(j["attempts"] == 1 for j in result.summary["job_results"] if j is not held)
     assert len(job_records(result)) == result.summary["jobs"]
 
 
@@ -169,7 +169,7 @@ def test_job_process_killed_mid_job_is_retried(
     [info] = started_lines(started)
     assert _gone(info["pid"])
     assert_same_cache(result.path, reference)
-    held = _held_job(result.jobs, 30)
+    held = _held_job(result.summary["job_results"], 30)
     assert held["attempts"] == 2 and held["job_process"]["pid"] != info["pid"]
 
 

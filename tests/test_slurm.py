@@ -59,7 +59,9 @@ def test_scancel_of_a_worker_job_mid_job_is_retried_to_an_identical_cache(
     assert cancelled.get("slurm_job_id"), "the held job never ran in a SLURM job"
     assert_same_cache(result.path, reference)
     held = next(
-        j for j in result.jobs if any(d == "time" and a <= 30 < b for d, a, b in j["region"])
+        j
+        for j in result.summary["job_results"]
+        if any(d == "time" and a <= 30 < b for d, a, b in j["region"])
     )
     assert held["attempts"] == 2
     assert held["slurm_job_id"] != cancelled["slurm_job_id"]
