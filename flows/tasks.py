@@ -59,6 +59,11 @@ def write_task(
     from prefect.runtime import task_run
 
     req = CacheRequest.model_validate_json(request_json)
+    if req.deploy_mode != "series":
+        # On a worker, print what log_level asks for, as the flow process does.
+        from zarr_parallel.logs import set_log_level
+
+        set_log_level(req.log_level)
     plan = plan_record(Path(version)) or {}
     fp = str(plan.get("fingerprint"))
     regions = {int(j[0]): (j[1], j[2]) for j in plan.get("job_list", [])}

@@ -44,7 +44,6 @@ from flows.tasks import (
 from zarr_parallel.errors import RunFailed
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.store import plan_record, recorded_jobs
-from zarr_parallel.units import format_bytes
 
 #: Most write task runs per flow run: submitting a task costs ~0.1 s on a DaskTaskRunner.
 MAX_TASKS = 200
@@ -311,12 +310,12 @@ def _publish_results(
                 "attempts": r.get("attempts"),
                 "region": describe_region(r.get("variables", []), r.get("region", [])),
                 "seconds": r.get("seconds"),
-                "bytes written": format_bytes(int(r.get("bytes", 0))),
-                "peak memory": format_bytes(int(peak)) if peak is not None else "-",
-                "estimated memory": format_bytes(int(estimate)) if estimate else "-",
-                "peak / estimate": f"{peak / estimate:.2f}" if peak and estimate else "-",
+                "bytes written": r.get("bytes"),
+                "peak memory": peak,
+                "estimated memory": estimate,
+                "peak / estimate": round(peak / estimate, 2) if peak and estimate else None,
                 "host": r.get("host"),
-                "slurm job": r.get("slurm_job_id") or "-",
+                "slurm job": r.get("slurm_job_id"),
                 "message": "",
             }
         )
@@ -328,12 +327,12 @@ def _publish_results(
                 "attempts": f.get("attempts"),
                 "region": f["region"],
                 "seconds": None,
-                "bytes written": "-",
-                "peak memory": "-",
-                "estimated memory": "-",
-                "peak / estimate": "-",
-                "host": "-",
-                "slurm job": "-",
+                "bytes written": None,
+                "peak memory": None,
+                "estimated memory": None,
+                "peak / estimate": None,
+                "host": None,
+                "slurm job": None,
                 "message": f["message"],
             }
         )
