@@ -12,4 +12,5 @@ if [ -x scripts/slurm-local.sh ] || [ -f scripts/slurm-local.sh ]; then
   bash scripts/slurm-local.sh start
 fi
 python -m pytest -q "$@"
+python -m benchmarks.suite --size quick --repeat 1 --cases misaligned  # [bench] smoke: figures printed, not asserted
 NO_MKDOCS_2_WARNING=1 mkdocs build --strict -q

@@ -82,8 +82,10 @@ def limits_for(req: CacheRequest) -> Limits:
 
 def make_plan(req: CacheRequest) -> tuple[Target, Plan]:
     """Open (cached), transform and plan a request."""
+    from zarr_parallel.fastread import mark_fast
+
     target = build_target(req, cached_source(req))
-    inputs, limits = target.array_inputs(), limits_for(req)
+    inputs, limits = mark_fast(target, req, target.array_inputs()), limits_for(req)
     if target.tiling is not None:
         target.tiling.check_fits(inputs, limits)  # refuse with the largest tile that fits
     # The fingerprint covers the request, the source's state (files, sizes, modification times,

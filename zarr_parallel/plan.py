@@ -168,6 +168,9 @@ class ArrayInput:
     fixed_touched
         Source elements touched per target element along source dimensions that the target
         dropped (e.g. a scalar selection): the product of their touched chunk lengths.
+    fast
+        Written by the fast path (raw chunk reads streamed in slabs, :func:`fast_job_memory`)
+        rather than through xarray (:func:`job_memory`).
     """
 
     name: str
@@ -176,6 +179,7 @@ class ArrayInput:
     itemsize: int
     read_itemsize: int
     fixed_touched: int = 1
+    fast: bool = False
 
     def __post_init__(self) -> None:
         if len(self.axes) != len(self.write_chunks):
@@ -197,6 +201,32 @@ class ArrayInput:
     def needed_elems(self) -> int:
         """Source elements the target needs (read amplification's denominator)."""
         return math.prod(ax.needed for ax in self.axes)
+
+    @property
+    def source_chunk_elems(self) -> int:
+        """Elements of the largest source chunk this variable touches."""
+        return self.fixed_touched * math.prod(
+            int(a.chunk_len.max()) if a.chunk_len.size else 1 for a in self.axes
+        )
+
+    def memory(self, touched: Any, lengths: Sequence[Any]) -> Any:
+        """Estimated peak bytes of jobs with these per-dimension region lengths.
+
+        ``touched`` is the source elements touched (product over dimensions), ``lengths`` the
+        region lengths per dimension (ints or arrays that broadcast together).
+        """
+        region = math.prod(lengths) if lengths else 1
+        if not self.fast or not lengths:
+            return job_memory(
+                touched * self.fixed_touched, region, self.itemsize, self.read_itemsize
+            )
+        return fast_job_memory(
+            lengths,
+            self.write_chunks,
+            self.itemsize,
+            self.read_itemsize,
+            self.source_chunk_elems,
+        )
 
     def signature(self) -> str:
         """Variables with equal signatures share their jobs."""
@@ -349,6 +379,86 @@ def job_memory(
     """
     decoded = touched_elems * itemsize if itemsize != read_itemsize else 0
     return touched_elems * read_itemsize + decoded + REGION_COPIES * region_elems * itemsize
+
+
+#: Slabs a fast-path job streams its region in (along the first dimension, at write-chunk
+#: boundaries): one slab is encoded while the next is read (zarr_parallel.write._copy_fast).
+FAST_SLABS = 4
+
+
+def fast_slab_bounds(start: int, stop: int, chunk: int, slabs: int = FAST_SLABS) -> IntArray:
+    """Boundaries of the slabs a fast-path job streams ``[start, stop)`` in.
+
+    At most ``slabs`` pieces of whole write chunks (the last may end at ``stop``).
+
+    >>> fast_slab_bounds(0, 96, 48).tolist()
+    [0, 48, 96]
+    >>> fast_slab_bounds(0, 500, 48).tolist()
+    [0, 144, 288, 432, 500]
+    """
+    n_chunks = max(1, math.ceil((stop - start) / chunk))
+    per = math.ceil(n_chunks / min(slabs, n_chunks))
+    edges = np.arange(start, stop, per * chunk, dtype=np.int64)
+    return np.concatenate([edges, [stop]]).astype(np.int64)
+
+
+#: Fast path: most write chunks zarr encodes at once (``async.concurrency`` during its writes) and
+#: the bytes each holds then (a contiguous copy and the compressed result), in chunk sizes.
+FAST_WRITE_INFLIGHT = 4
+FAST_WRITE_COPIES = 2
+#: Fast path: most reader threads (zarr_parallel.fastread caps its pool at this), and the bytes
+#: each holds per source chunk (the stored bytes, inflated, un-shuffled), in chunk sizes.
+FAST_READ_THREADS = 4
+FAST_READ_COPIES = 3
+#: Fast path: allowance over the counted buffers for allocator and interpreter churn. Measured on
+#: the 4.2 GB benchmark (benchmarks/results/full.json): peaks of 0.99-1.002x the counted buffers.
+FAST_MARGIN = 1.1
+
+
+def fast_slab_len(length: Any, chunk: int) -> tuple[Any, Any]:
+    """Longest slab and number of slabs of a region ``length`` long (see :func:`fast_slab_bounds`).
+
+    >>> fast_slab_len(500, 48)
+    (144, 4)
+    """
+    n_chunks = np.maximum(1, -(-np.asarray(length) // chunk))
+    per = -(-n_chunks // np.minimum(FAST_SLABS, n_chunks)) * chunk
+    slab = np.minimum(per, length)
+    n_slabs = -(-np.asarray(length) // per)
+    if np.ndim(slab) == 0:
+        return int(slab), int(n_slabs)
+    return slab, n_slabs
+
+
+def fast_job_memory(
+    lengths: Sequence[Any],
+    write_chunks: Sequence[int],
+    itemsize: int,
+    read_itemsize: int,
+    source_chunk_elems: int,
+) -> Any:
+    """Estimated peak bytes of a fast-path job with these region lengths (DESIGN §5).
+
+    The job streams its region in slabs along the first dimension: the slab being read (raw
+    items, plus a decoded copy when decoding changes the item size), the previous slab being
+    written when there are several, the chunks zarr encodes at once and the source chunks the
+    reader threads hold, with a :data:`FAST_MARGIN` allowance.
+
+    >>> fast_job_memory([96, 721, 1440], [48, 180, 360], 4, 4, 721 * 1440)
+    602857728
+    """
+    slab0, n_slabs = fast_slab_len(lengths[0], int(write_chunks[0]))
+    slab = slab0 * (math.prod(lengths[1:]) if len(lengths) > 1 else 1)
+    held = slab * read_itemsize
+    if itemsize != read_itemsize:
+        held = held + slab * itemsize
+    held = held + np.where(np.asarray(n_slabs) > 1, slab * itemsize, 0)
+    chunk_elems = math.prod(int(c) for c in write_chunks)
+    in_slab = -(-slab // chunk_elems)
+    writing = FAST_WRITE_COPIES * np.minimum(FAST_WRITE_INFLIGHT, in_slab) * chunk_elems * itemsize
+    reading = FAST_READ_THREADS * FAST_READ_COPIES * source_chunk_elems * read_itemsize
+    total = (held + writing + reading) * FAST_MARGIN
+    return int(total) if np.ndim(total) == 0 else total.astype(np.int64)
 
 
 def fingerprint(*parts: str | bytes) -> str:
@@ -527,13 +637,9 @@ class _GroupCost:
         for combo in itertools.product(*fronts):
             t = math.prod(int(p[0]) for p in combo)
             ln = math.prod(int(p[1]) for p in combo)
-            memory = max(
-                memory,
-                *(
-                    int(job_memory(t * a.fixed_touched, ln, a.itemsize, a.read_itemsize))
-                    for a in self.members
-                ),
-            )
+            lengths = [int(p[1]) for p in combo]
+            # ArrayInput.memory: job_memory, or the fast path's model (monotone in each length).
+            memory = max(memory, *(int(a.memory(t, lengths)) for a in self.members))
             moved = max(
                 moved,
                 sum(t * a.fixed_touched * a.read_itemsize + ln * a.itemsize for a in self.members),
@@ -733,14 +839,17 @@ def _make_jobs(
     stats = [cost.segment_stats(d, b) for d, b in enumerate(bounds)]
     touched = _outer([s[0] for s in stats])
     lengths = _outer([s[1] for s in stats])
+    ndim = len(stats)
+    per_dim = [
+        s[1].astype(np.int64).reshape([-1 if k == d else 1 for k in range(ndim)])
+        for d, s in enumerate(stats)
+    ]
     mem = np.zeros_like(touched)
     read = np.zeros_like(touched)
     write = np.zeros_like(touched)
     needed = 0
     for a in members:
-        mem = np.maximum(
-            mem, job_memory(touched * a.fixed_touched, lengths, a.itemsize, a.read_itemsize)
-        )
+        mem = np.maximum(mem, np.broadcast_to(a.memory(touched, per_dim), mem.shape))
         read += touched * a.fixed_touched * a.read_itemsize
         write += lengths * a.itemsize
         needed += a.needed_elems * a.read_itemsize

@@ -1,0 +1,247 @@
+"""Every contender of the benchmark, run one at a time in a fresh process by the suite.
+
+``python -m benchmarks.contenders NAME CASE_JSON STORE`` runs contender ``NAME`` on the case and
+prints one JSON line of measurements (``RESULT {...}``). Figures measured here, inside the
+contender's process: end-to-end and data-phase seconds, bytes read from the source (``rchar`` of
+/proc/<pid>/io, summed over the processes that read), peak RSS per worker process, and for
+zarr-parallel each job's estimated and measured peak memory. The suite adds CPU time, output
+file counts and equality with the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# A temporary Prefect API starts per run (part of end to end); give it time on a loaded machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+#: zarr-parallel 0.5.0's venv python (set by the suite).
+ZP050_PYTHON = "ZP050_PYTHON"
+#: Where this project's SLURM mode is available (scripts/slurm-local.sh).
+MEMORY_LIMIT = "2GB"
+
+
+def rchar() -> int:
+    """Bytes this process has read through read(2)-like calls (``/proc/self/io``)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _maxrss() -> tuple[int, int]:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return own, kids
+
+
+def _preprocessors(case: dict[str, Any]) -> list[dict[str, Any]]:
+    box = case.get("box") or {}
+    if not box:
+        return []
+    return [{"type": "isel", **{d: list(v) for d, v in box.items()}}]
+
+
+# ---------------------------------------------------------------------------------------------
+# zarr-parallel (this project)
+
+
+def _zarr_parallel(mode: str) -> Callable[[dict[str, Any], str], dict[str, Any]]:
+    def run(case: dict[str, Any], store: str) -> dict[str, Any]:
+        # Imported before the clock starts, as the other contenders' libraries are.
+        import flows.cache  # noqa: F401
+        from zarr_parallel import ZarrParallelAssembler
+        from zarr_parallel.store import iter_job_records
+
+        options: dict[str, Any] = {}
+        if mode != "series":
+            options["simultaneous_worker_limit"] = case["cores"]
+        zp = ZarrParallelAssembler(
+            case["files"], preprocessors=_preprocessors(case), chunks=case["chunks"]
+        )
+        r0 = rchar()
+        t0 = time.perf_counter()
+        result: Any = zp.cache(
+            cache_store=store,
+            deploy_mode=mode,
+            memory_limit=MEMORY_LIMIT,
+            recommend_changes="proceed",
+            **options,
+        )
+        e2e = time.perf_counter() - t0
+        own_read = rchar() - r0
+        records = list(iter_job_records(Path(result.summary["version"])))
+        starts = [r["started"] for r in records]
+        ends = [r["started"] + r["seconds"] for r in records]
+        measured = [r.get("read_bytes") for r in records]
+        pids = {r["pid"] for r in records}
+        return {
+            "e2e_s": e2e,
+            "data_s": max(ends) - min(starts),
+            # Jobs measure their own process's reads (/proc/self/io) while they run.
+            "read_bytes": sum(m for m in measured if m is not None),
+            "process_read_bytes": own_read,
+            "jobs": len(records),
+            "worker_processes": len(pids),
+            "worker_peaks": [[r["peak_rss"], MEMORY_LIMIT] for r in records],
+            "estimates": [[r["estimated_memory"], r["peak_memory"]] for r in records],
+            "fast_read": sum(bool(r.get("fast_read")) for r in records),
+            "plan_read_amplification": result.summary.get("read_amplification"),
+        }
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# plain xarray + dask
+
+
+def _open(case: dict[str, Any], chunks: dict[str, int]) -> Any:
+    import xarray as xr
+
+    ds = xr.open_mfdataset(
+        case["files"], engine="h5netcdf", chunks=chunks, combine="by_coords", parallel=False
+    )
+    box = case.get("box") or {}
+    if box:
+        ds = ds.isel({d: slice(*v) for d, v in box.items()})
+    return ds
+
+
+def _target_chunks(case: dict[str, Any], ds: Any) -> dict[str, int]:
+    return {d: (ds.sizes[d] if c == -1 else min(c, ds.sizes[d])) for d, c in case["chunks"].items()}
+
+
+def _xarray(open_with: str, distributed: bool) -> Callable[[dict[str, Any], str], dict[str, Any]]:
+    def run(case: dict[str, Any], store: str) -> dict[str, Any]:
+        # Imported before counting, so module files read on import are not counted as source.
+        import dask.array  # noqa: F401
+        import h5netcdf  # noqa: F401
+        import xarray  # noqa: F401
+        import zarr  # noqa: F401
+
+        client = None
+        extra: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        if distributed:
+            from dask.distributed import Client, LocalCluster
+
+            cluster = LocalCluster(n_workers=case["cores"], threads_per_worker=1)
+            client = Client(cluster)
+            base = sum(client.run(rchar).values())
+        r0 = rchar()
+        dims = ("time", "latitude", "longitude")
+        src_chunks = dict(zip(dims, case["source_chunks"], strict=True))
+        first = _open(case, src_chunks if open_with == "source" else {})
+        target = {d: c for d, c in _target_chunks(case, first).items()}
+        ds = first if open_with == "source" else _open(case, target)
+        ds = ds.chunk(target)
+        for v in ds.variables.values():
+            v.encoding.pop("chunks", None)
+            v.encoding.pop("preferred_chunks", None)
+        delayed = ds.to_zarr(store, mode="w", zarr_format=3, compute=False, consolidated=True)
+        t1 = time.perf_counter()
+        delayed.compute()
+        t2 = time.perf_counter()
+        read = rchar() - r0
+        if client is not None:
+            read += sum(client.run(rchar).values()) - base
+            peaks = client.run(lambda: _maxrss()[0])
+            extra["worker_peaks"] = [[p, "none"] for p in peaks.values()]
+            client.close()
+            cluster.close()
+        return {"e2e_s": t2 - t0, "data_s": t2 - t1, "read_bytes": read, **extra}
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# the floor
+
+
+def _floor(case: dict[str, Any], store: str) -> dict[str, Any]:
+    from benchmarks.floor import run_floor
+
+    t0 = time.perf_counter()
+    out = run_floor(case["files"], store, case["chunks"], case.get("box"), processes=case["cores"])
+    e2e = time.perf_counter() - t0
+    return {
+        "e2e_s": e2e,
+        "data_s": e2e,
+        "read_bytes": out["read_bytes"],
+        "worker_peaks": [[out["worker_peak_rss"], "none"]],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# zarr-parallel 0.5.0 (its own virtualenv, run as a subprocess of this process)
+
+
+def _zp050(mode: str) -> Callable[[dict[str, Any], str], dict[str, Any]]:
+    def run(case: dict[str, Any], store: str) -> dict[str, Any]:
+        import subprocess
+
+        python = os.environ.get(ZP050_PYTHON)
+        if not python:
+            raise RuntimeError("zarr-parallel 0.5.0 is not installed (no ZP050_PYTHON)")
+        script = Path(__file__).with_name("zp050_run.py")
+        proc = subprocess.run(
+            [python, str(script), mode, json.dumps(case), store],
+            capture_output=True,
+            text=True,
+            timeout=case.get("timeout", 3600),
+            stdin=subprocess.DEVNULL,
+        )
+        for line in proc.stdout.splitlines():
+            if line.startswith("RESULT "):
+                return dict(json.loads(line[7:]))
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(" | ".join(tail) or f"exit code {proc.returncode}")
+
+    return run
+
+
+CONTENDERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
+    "zarr-parallel series": _zarr_parallel("series"),
+    "zarr-parallel dask_distributed": _zarr_parallel("dask_distributed"),
+    "zarr-parallel SLURM": _zarr_parallel("SLURM"),
+    "xarray+dask (source chunks)": _xarray("source", distributed=False),
+    "xarray+dask distributed (source chunks)": _xarray("source", distributed=True),
+    "xarray+dask (target chunks)": _xarray("target", distributed=False),
+    "zarr-parallel 0.5.0 series": _zp050("series"),
+    "zarr-parallel 0.5.0 dask_distributed": _zp050("dask_distributed"),
+    "floor": _floor,
+}
+
+
+def main(argv: list[str]) -> int:
+    """Run one contender and print its measurements as ``RESULT {json}``."""
+    name, case_json, store = argv
+    case = json.loads(case_json)
+    try:
+        out = CONTENDERS[name](case, store)
+        out["ok"] = True
+    except BaseException as e:  # every failure is a result to record, with its reason
+        out = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
+    own, kids = _maxrss()
+    out["max_process_rss"] = max(own, kids)
+    print("RESULT " + json.dumps(out, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
