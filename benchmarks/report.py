@@ -115,7 +115,10 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
         if not merged:
             merged = results
             continue
-        merged["cases"].update(results["cases"])
+        for name, case in results["cases"].items():
+            key = f"{name} ({path.stem})" if name in merged["cases"] else name
+            case["case"]["name"] = key
+            merged["cases"][key] = case
         extra = merged["info"].setdefault("extra_runs", [])
         extra.append(
             f"{path.name}: run {results['info'].get('started')}, load average at start "

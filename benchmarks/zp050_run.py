@@ -54,7 +54,11 @@ def main() -> None:
     kwargs = {}
     if mode != "series":
         kwargs = {"simultaneous_worker_limit": case["cores"], "num_jobs": case["cores"]}
-    zp.cache(store, deploy_mode=mode, recommend_changes=False, memory_limit="2GB", **kwargs)
+    try:
+        zp.cache(store, deploy_mode=mode, recommend_changes=False, memory_limit="2GB", **kwargs)
+    except Exception as e:  # recorded as this mode's failure, with its reason
+        print("RESULT " + json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"[:400]}))
+        return
     e2e = time.perf_counter() - t0
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {
