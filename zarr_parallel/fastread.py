@@ -484,7 +484,7 @@ def _as_index(values: np.ndarray) -> slice | np.ndarray:
     return values
 
 
-def _groups(picks: np.ndarray, keys: np.ndarray, local: np.ndarray) -> list[tuple[int, Any, Any]]:
+def _groups(keys: np.ndarray, local: np.ndarray) -> list[tuple[int, Any, Any]]:
     """Group target positions by chunk key: (key, target positions, positions in the chunk)."""
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
@@ -530,7 +530,7 @@ def _chunk_tasks(
             clen = chunk_len(first, axis)
             keys = p // clen
             local = p - keys * clen
-        per_dim.append(_groups(p, keys, local))
+        per_dim.append(_groups(keys, local))
     fixed_file: int | None = None
     fixed_origin: dict[int, int] = {}
     fixed_local: dict[int, int] = {}
