@@ -208,7 +208,10 @@ def _zp050(mode: str) -> Callable[[dict[str, Any], str], dict[str, Any]]:
         )
         for line in proc.stdout.splitlines():
             if line.startswith("RESULT "):
-                return dict(json.loads(line[7:]))
+                result = dict(json.loads(line[7:]))
+                if not result.get("ok"):
+                    raise RuntimeError(result.get("error", "failed"))
+                return result
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(" | ".join(tail) or f"exit code {proc.returncode}")
 

@@ -386,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue  # run once, or failed every time so far (the reason is recorded)
                 store = str(work / f"{name.replace(' ', '_').replace('/', '_')}.zarr")
                 r = run_contender(name, case, store, args.timeout, env)
+                if r.get("ok") and ("e2e_s" not in r or "data_s" not in r):
+                    r = {**r, "ok": False, "error": r.get("error", "no timings reported")}
                 if r.get("ok") and not any(x.get("ok") for x in runs[name]):
                     r["files"] = count_files(store)
                     try:
