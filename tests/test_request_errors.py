@@ -243,7 +243,11 @@ def test_bad_input(
     error: type[Exception],
     parameter: str,
     pattern: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The memory figures in the messages are the xarray path's model (the fast read path has
+    # its own, zarr_parallel.plan.fast_job_memory).
+    monkeypatch.setenv("ZARR_PARALLEL_FAST_READ", "0")
     (tmp_path / "afile").write_text("not a folder")
     before = _tree(tmp_path)
     fields = {"data_uri": [str(p) for p in era5_files], **init}
