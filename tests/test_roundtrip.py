@@ -415,3 +415,33 @@ def test_zarr_v2_source(era5_files: list[Path], tmp_path: Path) -> None:
     assert_cache_equals(result, expected)
     assert _chunks(result.path, "dew") == (12, 73, 72)
     assert result.summary["read_amplification"] == 1.0
+
+
+@pytest.mark.parametrize("fast_read", ["1", "0"])
+def test_missing_value_without_fill_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_read: str
+) -> None:
+    """A variable marked only by ``missing_value`` (no ``_FillValue``) caches with NaNs there.
+
+    Both read paths: the raw HDF5 chunk reader and xarray's.
+    """
+    monkeypatch.setenv("ZARR_PARALLEL_FAST_READ", fast_read)
+    rng = np.random.default_rng(3)
+    values = rng.random((6, 4, 5)).astype("f4")
+    values[0, 0, 0] = values[5, 3, 4] = -999.0
+    src = xr.Dataset(
+        {"t2m": (("time", "latitude", "longitude"), values)},
+        coords={"time": np.arange(6.0), "latitude": np.arange(4.0), "longitude": np.arange(5.0)},
+    )
+    path = tmp_path / "mv.nc"
+    src.to_netcdf(
+        path,
+        engine="h5netcdf",
+        encoding={
+            "t2m": {"missing_value": np.float32(-999), "_FillValue": None, "chunksizes": (2, 4, 5)}
+        },
+    )
+    zp = ZarrParallelAssembler(str(path), chunks={"time": 3}, variables={"t2m": {}})
+    result = zp.cache(cache_store=str(tmp_path / "out.zarr"), deploy_mode="series")
+    cache = assert_cache_equals(result, _open_nc([path]))
+    assert int(cache["t2m"].isnull().sum()) == 2

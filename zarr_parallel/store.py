@@ -407,6 +407,11 @@ def _encoding(
         # write exactly as the source was packed, and decodes the cache to the same values.
         for key in (*_PACKING_KEYS, "dtype", "_FillValue", "missing_value"):
             enc.pop(key, None)
+    if enc.get("missing_value") is not None and enc.get("_FillValue") is None:
+        # A Zarr array always has a fill value; left unset it would be NaN/0 and xarray's
+        # region writes would refuse it as conflicting with missing_value. CF treats both as
+        # "missing", so the source's missing_value becomes the array's fill value too.
+        enc["_FillValue"] = enc["missing_value"]
     enc["chunks"] = tuple(chunks[str(d)] for d in var.dims)
     if shards:
         enc["shards"] = tuple(shards[str(d)] for d in var.dims)
