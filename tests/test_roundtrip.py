@@ -243,6 +243,8 @@ def test_kerchunk_detected_reverse_and_descending_slice(
     assert float(cache.latitude[0]) == -90.0 and float(cache.latitude[-1]) == -10.0
     # Latitudes -90..-10 are exactly the source's second HDF5 chunk (rows 40..72): aligned.
     assert result.summary["read_amplification"] == 1.0
+    # Provenance names the engine that read the source, not just "detected".
+    assert xr.open_zarr(result.path).attrs["zarr_parallel_engine"] == "kerchunk"
 
 
 # ------------------------------------------------------------------------------------------

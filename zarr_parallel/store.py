@@ -433,7 +433,7 @@ def initialise_store(
     attrs = {
         **template.attrs,
         **provenance_attrs(
-            req.data_uri, req.engine, req.digest(), str(plan_json.get("fingerprint", ""))
+            req.data_uri, target.layout.engine, req.digest(), str(plan_json.get("fingerprint", ""))
         ),
     }
     out = xr.Dataset(coords={k: v for k, v in template.coords.items()}, attrs=attrs)
