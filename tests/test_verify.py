@@ -158,6 +158,19 @@ def test_changed_source_is_reported_stale(
     assert [p.kind for p in report.problems] == ["stale"]
 
 
+def test_verify_waits_for_no_run(cache: tuple[CacheRequest, Path]) -> None:
+    """Verifying while a live run holds the cache's lock is refused, naming the holder."""
+    from zarr_parallel.errors import CacheLocked
+    from zarr_parallel.pipeline import run_lock
+
+    req, _ = cache
+    with run_lock(req), pytest.raises(CacheLocked, match=f"pid {os.getpid()}"):
+        verify_cache(req)
+    # Released: verification runs, and leaves no lock behind.
+    assert verify_cache(req).ok
+    assert not Path(str(req.cache_store) + ".lock").exists()
+
+
 def test_no_cache_yet(era5_files: list[Path], tmp_path: Path) -> None:
     report = verify_cache(build_request(**_fields(era5_files, tmp_path / "none.zarr")))
     assert not report.ok and "no published cache" in report.problems[0].message

@@ -199,7 +199,33 @@ def verify_cache(
     -------
     VerifyReport
         ``ok``, the problems by variable and region, and ``text()`` for people.
+
+    Raises
+    ------
+    CacheLocked
+        Checking the published version while a run holds the cache's lock.
     """
+    from zarr_parallel.pipeline import run_lock
+
+    paths = resolve_paths(req)
+    if version is None and paths.current() is not None:
+        # A run publishing a new version (and cleaning old ones) while this reads the current
+        # one would make the verdict meaningless: hold the cache's lock, as a run does. A live
+        # run's lock raises CacheLocked, naming it.
+        with run_lock(req):
+            return _verify(req, mode, sample_chunks, seed, None, full_bytes, staging)
+    return _verify(req, mode, sample_chunks, seed, version, full_bytes, staging)
+
+
+def _verify(
+    req: CacheRequest,
+    mode: Mode,
+    sample_chunks: int,
+    seed: int,
+    version: str | Path | None,
+    full_bytes: int,
+    staging: bool,
+) -> VerifyReport:
     from zarr_parallel.pipeline import prepare
 
     t0 = time.perf_counter()
