@@ -384,60 +384,80 @@ def _hdf5_layout(
     file_lengths: Sequence[int],
     req: CacheRequest,
 ) -> dict[str, VarLayout]:
-    import h5py
-
     group = req.open_options.get("group")
+    names = [str(n) for n in ds.data_vars]
+    along = [n for n in names if concat_dim and concat_dim in ds[n].dims]
+    # Each file is opened once for all its variables (a remote file costs round trips): the
+    # first file for every variable, the others only for those concatenated across files.
+    per_file = [
+        _hdf5_chunks(_h5_target(f, req), names if i == 0 else along, group, ds)
+        for i, f in enumerate(files if along else files[:1])
+    ]
     layouts: dict[str, VarLayout] = {}
-    for name, var in ds.data_vars.items():
+    for name in names:
+        var = ds[name]
         dims = tuple(str(d) for d in var.dims)
-        per_file: list[tuple[tuple[int, ...], tuple[int, ...], int, bool]] = []
-        for f in files if (concat_dim and concat_dim in dims) else files[:1]:
-            per_file.append(_hdf5_chunks(h5py, _h5_target(f, req), str(name), group, var))
+        mine = [table[name] for table in per_file] if name in along else [per_file[0][name]]
         boundaries: list[tuple[int, ...]] = []
         for i, dim in enumerate(dims):
             if concat_dim == dim:
                 offsets = np.cumsum([0, *file_lengths])
                 bounds: list[int] = []
-                for off, (shape, chunk, _, _) in zip(offsets[:-1], per_file, strict=True):
+                for off, (shape, chunk, _, _) in zip(offsets[:-1], mine, strict=True):
                     bounds.extend(int(off + b) for b in range(0, shape[i], chunk[i]))
                 bounds.append(int(offsets[-1]))
                 boundaries.append(tuple(bounds))
             else:
-                shape, chunk, _, _ = per_file[0]
+                shape, chunk, _, _ = mine[0]
                 boundaries.append((*range(0, shape[i], chunk[i]), shape[i]))
-        layouts[str(name)] = VarLayout(
-            str(name),
+        layouts[name] = VarLayout(
+            name,
             dims,
             tuple(int(s) for s in var.shape),
             tuple(boundaries),
-            per_file[0][2],
-            per_file[0][3],
+            mine[0][2],
+            mine[0][3],
         )
     return layouts
 
 
+_Chunking = tuple[tuple[int, ...], tuple[int, ...], int, bool]
+
+
 def _hdf5_chunks(
-    h5py: Any, path: Any, name: str, group: str | None, var: xr.DataArray
-) -> tuple[tuple[int, ...], tuple[int, ...], int, bool]:
-    """(shape, chunk shape, stored item size, contiguous) of one variable in one file."""
+    path: Any, names: Sequence[str], group: str | None, ds: xr.Dataset
+) -> dict[str, _Chunking]:
+    """(shape, chunk shape, stored item size, contiguous) of each named variable in one file."""
+    import h5py
+
     try:
-        with h5py.File(path, "r") as f:
-            node = f[group][name] if group else f[name]
-            shape = tuple(int(s) for s in node.shape)
-            chunks = node.chunks
-            itemsize = int(node.dtype.itemsize)
+        closing = contextlib.closing(path) if hasattr(path, "read") else contextlib.nullcontext()
+        with closing, h5py.File(path, "r") as f:
+            root = f[group] if group else f
+            out: dict[str, _Chunking] = {}
+            for name in names:
+                node = root[name]
+                shape = tuple(int(s) for s in node.shape)
+                chunks = node.chunks
+                itemsize = int(node.dtype.itemsize)
+                if chunks is None:
+                    out[name] = (shape, tuple(max(1, s) for s in shape), itemsize, True)
+                else:
+                    out[name] = (shape, tuple(int(c) for c in chunks), itemsize, False)
+            return out
     except (OSError, KeyError):
         # Not HDF5 (netCDF3 classic): read as contiguous, one chunk per file.
-        enc_dtype = np.dtype(var.encoding.get("dtype", var.dtype))
-        return (
-            tuple(int(s) for s in var.shape),
-            tuple(max(1, int(s)) for s in var.shape),
-            int(enc_dtype.itemsize),
-            True,
-        )
-    if chunks is None:
-        return shape, tuple(max(1, s) for s in shape), itemsize, True
-    return shape, tuple(int(c) for c in chunks), itemsize, False
+        out = {}
+        for name in names:
+            var = ds[name]
+            enc_dtype = np.dtype(var.encoding.get("dtype", var.dtype))
+            out[name] = (
+                tuple(int(s) for s in var.shape),
+                tuple(max(1, int(s)) for s in var.shape),
+                int(enc_dtype.itemsize),
+                True,
+            )
+        return out
 
 
 def _kerchunk_refs(path: str, req: CacheRequest) -> dict[str, Any]:
