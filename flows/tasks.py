@@ -14,8 +14,14 @@ import psutil
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from zarr_parallel.execution import JobMemoryExceeded, job_process_limit, run_job_isolated
+from zarr_parallel.execution import (
+    JobError,
+    JobMemoryExceeded,
+    job_process_limit,
+    run_job_isolated,
+)
 from zarr_parallel.pipeline import Prepared, finish, initialise, prepare
+from zarr_parallel.remote import redact_text
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.store import (
     manifest_dir,
@@ -86,20 +92,28 @@ def write_task(
         variables, region = regions.get(job_id, ([], []))
         describe = f"job {job_id} {describe_region(variables, region)}"
         started = time.time()
-        if req.deploy_mode == "series":
-            # In the flow process, as series mode promises (and a debugger can follow it).
-            record = run_job(request_json, version, job_id, generate_stats)
-        else:
-            record = run_job_isolated(
-                request_json,
-                version,
-                job_id,
-                generate_stats,
-                timeout=req.timeout_seconds,
-                memory_limit=limit,
-                describe=describe,
-                log_level=req.log_level,
-            )
+        try:
+            if req.deploy_mode == "series":
+                # In the flow process, as series mode promises (and a debugger can follow it).
+                record = run_job(request_json, version, job_id, generate_stats)
+            else:
+                record = run_job_isolated(
+                    request_json,
+                    version,
+                    job_id,
+                    generate_stats,
+                    timeout=req.timeout_seconds,
+                    memory_limit=limit,
+                    describe=describe,
+                    log_level=req.log_level,
+                )
+        except Exception as e:
+            # The message becomes the task's state message, stored by the Prefect API and shown
+            # in the UI: a signed URL from a kerchunk reference or a secret must not land there.
+            safe = redact_text(str(e))
+            if safe != str(e):
+                raise JobError(f"{type(e).__name__}: {safe}") from None
+            raise
         finished = time.time()
         record.update(
             attempts=attempt,

@@ -206,3 +206,33 @@ def test_job_process_follows_the_callers_environment(monkeypatch: pytest.MonkeyP
         assert proc.pid != first and first is not None and _gone(first)
     finally:
         proc.close()
+
+
+def test_failed_job_message_keeps_no_secret(
+    era5_files: list[Path], tmp_path: Path, fault_plugins: Path
+) -> None:
+    """A job failing with a signed URL in its error (as a remote read can) reaches the run's
+    error and the task's state in the Prefect API with the signature masked."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    signed = "https://archive.example/era5.nc?X-Amz-Signature=topsecret123"
+    fail = {"type": "test_fail", "message": f"GET {signed} returned 403", "index": 30}
+    with pytest.raises(RunFailed, match=r"X-Amz-Signature=\*\*\* returned 403") as e:
+        run_cache(era5_files, tmp_path / "f.zarr", deploy_mode="series", preprocessors=[fail])
+    assert "topsecret123" not in str(e.value)
+
+    async def task_messages() -> list[str]:
+        async with get_client() as client:
+            flows = await client.read_flow_runs(limit=5, sort="START_TIME_DESC")
+            ids = [f.id for f in flows]
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
+            )
+        return [str(r.state.message) for r in runs if r.state is not None]
+
+    messages = asyncio.run(task_messages())
+    assert any("X-Amz-Signature=***" in m for m in messages), messages
+    assert not any("topsecret123" in m for m in messages)

@@ -96,3 +96,12 @@ def balloon(
         del extra
 
     return _on_block(ds, dim, index, action)
+
+
+def fail(ds: xr.Dataset, ctx: Any, message: str, index: int = 0, dim: str = "time") -> xr.Dataset:
+    """Make the job that computes ``index`` along ``dim`` raise ``OSError(message)``."""
+
+    def action() -> None:
+        raise OSError(message)
+
+    return _on_block(ds, dim, index, action)
