@@ -262,14 +262,14 @@ class Tiling:
         for arr in inputs:
             if arr.name not in self.variables:
                 continue
-            touched = region = 1
+            touched = 1
+            lengths: list[int] = []
             for ax, chunk in zip(arr.axes, arr.write_chunks, strict=True):
                 grid = write_grid(ax.size, chunk)
                 touched *= int(ax.touched(grid[:-1], grid[1:]).max())
-                region *= int(np.diff(grid).max())
-            memory = int(
-                job_memory(touched * arr.fixed_touched, region, arr.itemsize, arr.read_itemsize)
-            )
+                lengths.append(int(np.diff(grid).max()))
+            # The planner's own model for this array (whichever read path writes it).
+            memory = int(arr.memory(touched, lengths))
             if memory > limits.memory_budget:
                 raise self._refusal(arr, memory, limits)
 
