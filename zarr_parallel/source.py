@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -130,13 +131,19 @@ def open_source(req: CacheRequest) -> Source:
             refs = _kerchunk_refs(uris[0], req)
             ds = _open_kerchunk(refs, req)
         elif engine == "zarr":
-            ds = xr.open_dataset(
-                uris[0],
-                engine="zarr",
-                chunks={},
-                storage_options=_options(uris[0], req) or None,
-                **req.open_options,
-            )
+            with warnings.catch_warnings():
+                # A store without consolidated metadata is read member by member, as intended;
+                # xarray's advice to consolidate it is not the user's concern here.
+                warnings.filterwarnings(
+                    "ignore", "Failed to open Zarr store with consolidated", RuntimeWarning
+                )
+                ds = xr.open_dataset(
+                    uris[0],
+                    engine="zarr",
+                    chunks={},
+                    storage_options=_options(uris[0], req) or None,
+                    **req.open_options,
+                )
         else:
             ds, files, concat_dim, file_lengths = _open_netcdf(uris, engine, req)
     except RequestError:
