@@ -1,9 +1,16 @@
-"""Helpers shared by the core tests (round trips, CLI)."""
+"""Helpers shared by the core tests (round trips, CLI, runs frozen at a fault point)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import xarray as xr
 
 from zarr_parallel.provenance import PREFIX as PROVENANCE
@@ -14,3 +21,33 @@ def open_cache(path: Path) -> xr.Dataset:
     cache = xr.open_zarr(path).load()
     cache.attrs = {k: v for k, v in cache.attrs.items() if not k.startswith(PROVENANCE)}
     return cache
+
+
+def cli_run(request: Path, fault: str | None = None) -> subprocess.Popen[str]:
+    """``python -m flows.cache run REQUEST`` in a subprocess, with ``ZARR_PARALLEL_FAULT=fault``."""
+    env = dict(os.environ)
+    if fault:
+        env["ZARR_PARALLEL_FAULT"] = fault
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cache", "run", str(request)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@contextmanager
+def frozen_run(request: Path, point: str) -> Iterator[subprocess.Popen[str]]:
+    """A CLI run of ``request`` stopped (SIGSTOP) at the fault point ``point``, e.g.
+    ``job-recorded#1``; yields it stopped (SIGCONT resumes it) and kills it on the way out."""
+    proc = cli_run(request, f"stop@{point}")
+    try:
+        deadline = time.time() + 300
+        while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, f"the run never reached {point}"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.kill()

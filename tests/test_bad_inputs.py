@@ -15,8 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ import psutil
 import pytest
 import xarray as xr
 import yaml
+from core_support import frozen_run
 
 from flows.cache import main
 from zarr_parallel import transforms
@@ -293,29 +292,14 @@ def test_disk_fills_mid_write(
     new = {**old, "variables": None, "chunks": OTHER, "num_jobs": 4}
     request = tmp_path / "request.yaml"
     request.write_text(yaml.safe_dump({k: v for k, v in new.items() if v is not None}))
-    env = {**os.environ, "ZARR_PARALLEL_FAULT": "stop@job-recorded#1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cache", "run", str(request)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     filler: Path | None = None
-    try:
-        deadline = time.time() + 300
-        while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline
-            time.sleep(0.05)
+    with frozen_run(request, "job-recorded#1") as proc:
         if mounted:
             filler = _fill_disk(disk)
         else:
             psutil.Process(proc.pid).rlimit(psutil.RLIMIT_FSIZE, (4096, 4096))
         os.kill(proc.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
     assert proc.returncode == 1, err
     reason = "No space left on device" if mounted else "File too large"
     assert "run failed:" in err and reason in err and "resume" in err, err[-3000:]

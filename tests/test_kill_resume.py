@@ -13,17 +13,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 import xarray as xr
 import yaml
+from core_support import cli_run, frozen_run
 
 from zarr_parallel.api import run_request
 from zarr_parallel.errors import RequestError
@@ -70,21 +68,8 @@ def _request_file(fields: dict[str, Any], folder: Path) -> Path:
     return path
 
 
-def _cli(request: Path, fault: str | None) -> subprocess.Popen[str]:
-    env = dict(os.environ)
-    if fault:
-        env["ZARR_PARALLEL_FAULT"] = fault
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.cache", "run", str(request)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _killed_run(request: Path, fault: str) -> None:
-    proc = _cli(request, f"kill@{fault}")
+    proc = cli_run(request, f"kill@{fault}")
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL, f"the run was not killed at {fault}: {err[-2000:]}"
 
@@ -173,7 +158,7 @@ def test_kill_from_outside_mid_writes(
     """No hook: SIGKILL from outside as soon as the first job is recorded."""
     fields = _fields(era5_files, tmp_path / "out" / "era5.zarr")
     store = Path(fields["cache_store"])
-    proc = _cli(_request_file(fields, tmp_path), None)
+    proc = cli_run(_request_file(fields, tmp_path))
     jobs = CachePaths(store).versions
     try:
         deadline = time.time() + 300
@@ -207,20 +192,12 @@ def test_published_cache_survives_a_killed_run_and_other_requests_never_mix(
     published = store.resolve()
     source = xr.open_mfdataset(era5_files, engine="h5netcdf")
     # A new request frozen mid-writes: the published cache stays complete and readable.
-    proc = _cli(_request_file(new, tmp_path), "stop@job-recorded#1")
-    try:
-        deadline = time.time() + 300
-        while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline
-            time.sleep(0.05)
+    with frozen_run(_request_file(new, tmp_path), "job-recorded#1") as proc:
         assert store.resolve() == published
         with xr.open_zarr(store) as cache:
             np.testing.assert_array_equal(cache.t2m.values, source.t2m.values)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
-    finally:
-        proc.kill()
     assert store.resolve() == published
     assert cache_differences(store, reference) == []
     assert verify_cache(build_request(**old)).ok

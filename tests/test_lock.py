@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+from core_support import frozen_run
 
 from zarr_parallel.api import run_request
 from zarr_parallel.errors import CacheLocked
@@ -243,20 +244,7 @@ def test_concurrent_run_fails_fast_naming_the_holder(
 ) -> None:
     """A real run frozen mid-writes holds the lock; a second run on the cache is refused."""
     request, fields = _request_file(era5_files, tmp_path)
-    env = {**os.environ, "ZARR_PARALLEL_FAULT": "stop@job-recorded#1"}
-    first = subprocess.Popen(
-        [sys.executable, "-m", "flows.cache", "run", str(request)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.time() + 300
-        while psutil.Process(first.pid).status() != psutil.STATUS_STOPPED:
-            assert first.poll() is None, first.communicate()
-            assert time.time() < deadline, "the first run never reached its first job record"
-            time.sleep(0.05)
+    with frozen_run(request, "job-recorded#1") as first:
         versions = sorted((tmp_path / "out" / "c.zarr.versions").iterdir())
         with pytest.raises(CacheLocked) as info:
             run_request(build_request(**fields))
@@ -267,8 +255,6 @@ def test_concurrent_run_fails_fast_naming_the_holder(
         os.kill(first.pid, signal.SIGCONT)
         _, err = first.communicate(timeout=300)
         assert first.returncode == 0, err
-    finally:
-        first.kill()
     result = run_request(build_request(**fields))
     assert result.status == "up to date"
 

@@ -5,17 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 import yaml
 import zarr
+from core_support import frozen_run
 
 from flows.cache import main
 from zarr_parallel.api import run_request
@@ -220,26 +217,11 @@ def test_verify_before_publish_refuses_damage_and_the_rerun_repairs_it(
     fields = {**_fields(era5_files, store), "verify_before_publish": "full", "retries": 0}
     request = tmp_path / "request.yaml"
     request.write_text(yaml.safe_dump(fields))
-    env = {**os.environ, "ZARR_PARALLEL_FAULT": "stop@before-finalise"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cache", "run", str(request)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.time() + 300
-        while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline
-            time.sleep(0.05)
+    with frozen_run(request, "before-finalise") as proc:
         (staging,) = [v for v in (tmp_path / "out" / "c.zarr.versions").iterdir() if v.is_dir()]
         zarr.open_array(staging, path="t2m", mode="r+")[0:12, 0:40, 0:72] = np.float32(1.0)
         os.kill(proc.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
     assert proc.returncode == 1, err
     assert "does not match its source, so it was not published" in err
     assert "t2m [time 0:12, latitude 0:40, longitude 0:72]" in err
