@@ -39,6 +39,7 @@ from typing import Any
 import psutil
 
 from zarr_parallel.errors import CacheLocked
+from zarr_parallel.store import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +129,6 @@ def _pid_alive(pid: int, pid_start: float) -> bool:
         return True
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class CacheLock:
     """The lock of one cache; use :func:`cache_lock` or ``acquire``/``release``.
 
@@ -206,7 +198,7 @@ class CacheLock:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return True
 
     def _try_create_excl(self, tmp: Path) -> bool:
