@@ -77,6 +77,17 @@ PLUGINS = Path(__file__).parent / "plugins"
 
 
 @pytest.fixture(scope="session")
+def reference(era5_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The deploy-mode tests' request (``deploy_helpers.run_cache``) cached in series mode,
+    without faults: what every mode and every faulty run must equal byte for byte."""
+    from deploy_helpers import run_cache
+
+    store = tmp_path_factory.mktemp("reference") / "reference.zarr"
+    run_cache(era5_files, store, deploy_mode="series")
+    return store
+
+
+@pytest.fixture(scope="session")
 def fault_plugins() -> Path:
     """Make the test-only transform plug-ins (tests/plugins) visible to every process.
 

@@ -26,14 +26,6 @@ ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.timeout(900)
 
 
-@pytest.fixture(scope="module")
-def reference(era5_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test request cached in series mode."""
-    store = tmp_path_factory.mktemp("reference") / "reference.zarr"
-    run_cache(era5_files, store, deploy_mode="series")
-    return store
-
-
 def test_default_deploy_mode_is_local_dask() -> None:
     assert DEFAULT_DEPLOY_MODE == "dask_distributed"
     req = build_request(data_uri=__file__, cache_store="/tmp/x.zarr")

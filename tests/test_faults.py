@@ -29,14 +29,6 @@ from zarr_parallel.errors import RunFailed
 pytestmark = pytest.mark.timeout(900)
 
 
-@pytest.fixture(scope="module")
-def reference(era5_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test request cached in series mode, without faults."""
-    store = tmp_path_factory.mktemp("reference") / "reference.zarr"
-    run_cache(era5_files, store, deploy_mode="series")
-    return store
-
-
 def _gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -27,14 +27,6 @@ from zarr_parallel.errors import RunFailed
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def reference(era5_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test request cached in series mode, without faults."""
-    store = tmp_path_factory.mktemp("reference") / "reference.zarr"
-    run_cache(era5_files, store, deploy_mode="series")
-    return store
-
-
 def test_scancel_of_a_worker_job_mid_job_is_retried_to_an_identical_cache(
     era5_files: list[Path], reference: Path, tmp_path: Path, fault_plugins: Path, slurm: str
 ) -> None:
