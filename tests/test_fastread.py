@@ -325,15 +325,22 @@ def test_chunks_decoded_in_place_equal_both_decoders(
 
 
 def test_threads_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ZARR_PARALLEL_THREADS", "3")
-    assert fastread.reader_threads() == 3
+    from zarr_parallel.plan import FAST_READ_THREADS
+
+    monkeypatch.setenv("ZARR_PARALLEL_THREADS", "1")
+    assert fastread.reader_threads() == 1
+    monkeypatch.setenv("ZARR_PARALLEL_THREADS", str(FAST_READ_THREADS + 5))
+    assert fastread.reader_threads() == FAST_READ_THREADS  # the memory model's cap
     monkeypatch.delenv("ZARR_PARALLEL_THREADS")
-    assert fastread.reader_threads() == len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
+    assert fastread.reader_threads() == min(cores, FAST_READ_THREADS)
 
 
 def test_fast_memory_model_counts_slabs_not_the_region() -> None:
     from zarr_parallel.plan import (
         FAST_MARGIN,
+        FAST_READ_COPIES,
+        FAST_READ_THREADS,
         ArrayInput,
         AxisMap,
         Limits,
@@ -367,6 +374,6 @@ def test_fast_memory_model_counts_slabs_not_the_region() -> None:
     # Decoding that changes the item size (packed int16 -> float32) holds a decoded copy, and
     # the readers hold int16 chunks.
     packed = fast_job_memory([48, 721, 1440], (48, 180, 360), 4, 2, grid)
-    reader_chunks = 4 * 3 * grid  # FAST_READ_THREADS x FAST_READ_COPIES source chunks
+    reader_chunks = FAST_READ_THREADS * FAST_READ_COPIES * grid  # source chunks the readers hold
     expected = (slab_bytes // 2 - reader_chunks * 2) * FAST_MARGIN
     assert packed - one_slab == pytest.approx(expected, abs=2)

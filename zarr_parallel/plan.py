@@ -407,9 +407,16 @@ def fast_slab_bounds(start: int, stop: int, chunk: int, slabs: int = FAST_SLABS)
 FAST_WRITE_INFLIGHT = 4
 FAST_WRITE_COPIES = 2
 #: Fast path: most reader threads (zarr_parallel.fastread caps its pool at this), and the bytes
-#: each holds per source chunk (the stored bytes, inflated, un-shuffled), in chunk sizes.
-FAST_READ_THREADS = 4
+#: each holds per source chunk (the stored bytes, inflated, un-shuffled), in chunk sizes. Two
+#: are enough: inflating (libdeflate, GIL released) costs ~1.1 CPU s per GB here, encoding the
+#: output with zstd ~6 s per GB, so two readers keep ahead of the encoders; more would only hold
+#: more chunks.
+FAST_READ_THREADS = 2
 FAST_READ_COPIES = 3
+#: Fast path: what each thread running at once (readers and encoders) touches besides the counted
+#: buffers the first time a process runs a job: its allocator arena and stack. Measured with the
+#: kernel's exact peak (VmHWM) in fresh job processes: +8-11 MB at 2 readers and 4 encoders.
+FAST_THREAD_BYTES = 2 * 2**20
 #: Fast path: allowance over the counted buffers for allocator and interpreter churn. Measured on
 #: the 4.2 GB benchmark (benchmarks/results/full.json): peaks of 0.99-1.002x the counted buffers.
 FAST_MARGIN = 1.1
@@ -441,11 +448,12 @@ def fast_job_memory(
 
     The job streams its region in slabs along the first dimension: the slab being read (raw
     items, plus a decoded copy when decoding changes the item size), the previous slab being
-    written when there are several, the chunks zarr encodes at once and the source chunks the
-    reader threads hold, with a :data:`FAST_MARGIN` allowance.
+    written when there are several, the chunks zarr encodes at once, the source chunks the
+    reader threads hold and what each of those threads touches (:data:`FAST_THREAD_BYTES`),
+    with a :data:`FAST_MARGIN` allowance.
 
     >>> fast_job_memory([96, 721, 1440], [48, 180, 360], 4, 4, 721 * 1440)
-    602857728
+    589289395
     """
     slab0, n_slabs = fast_slab_len(lengths[0], int(write_chunks[0]))
     slab = slab0 * (math.prod(lengths[1:]) if len(lengths) > 1 else 1)
@@ -457,7 +465,8 @@ def fast_job_memory(
     in_slab = -(-slab // chunk_elems)
     writing = FAST_WRITE_COPIES * np.minimum(FAST_WRITE_INFLIGHT, in_slab) * chunk_elems * itemsize
     reading = FAST_READ_THREADS * FAST_READ_COPIES * source_chunk_elems * read_itemsize
-    total = (held + writing + reading) * FAST_MARGIN
+    threads = (FAST_READ_THREADS + FAST_WRITE_INFLIGHT) * FAST_THREAD_BYTES
+    total = (held + writing + reading + threads) * FAST_MARGIN
     return int(total) if np.ndim(total) == 0 else total.astype(np.int64)
 
 
