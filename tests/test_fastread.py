@@ -369,6 +369,9 @@ def test_fast_memory_model_counts_slabs_not_the_region() -> None:
     eight_slabs_worth = fast_job_memory([384, 721, 1440], (48, 180, 360), 4, 4, grid)
     slab_bytes = 48 * grid * 4
     assert two_slabs - one_slab == pytest.approx(slab_bytes * FAST_MARGIN, abs=2)
+    # Two slabs of unequal length (48 + 24 steps): the shorter one is what is held beside.
+    uneven = fast_job_memory([72, 721, 1440], (48, 180, 360), 4, 4, grid)
+    assert uneven - one_slab == pytest.approx(slab_bytes // 2 * FAST_MARGIN, abs=2)
     # 8 chunk rows stream as 4 slabs of 2 rows: the estimate follows the slab, not the region.
     assert eight_slabs_worth - two_slabs == pytest.approx(2 * slab_bytes * FAST_MARGIN, abs=2)
     # Decoding that changes the item size (packed int16 -> float32) holds a decoded copy, and

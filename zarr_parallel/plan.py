@@ -460,7 +460,11 @@ def fast_job_memory(
     held = slab * read_itemsize
     if itemsize != read_itemsize:
         held = held + slab * itemsize
-    held = held + np.where(np.asarray(n_slabs) > 1, slab * itemsize, 0)
+    # The previous slab is written while the next is read: two full slabs when there are three
+    # or more; with two, the second is the shorter rest of the region.
+    rest = (np.asarray(lengths[0]) - slab0) * (slab // np.maximum(slab0, 1))
+    previous = np.where(np.asarray(n_slabs) > 2, slab, np.where(np.asarray(n_slabs) == 2, rest, 0))
+    held = held + previous * itemsize
     chunk_elems = math.prod(int(c) for c in write_chunks)
     in_slab = -(-slab // chunk_elems)
     writing = FAST_WRITE_COPIES * np.minimum(FAST_WRITE_INFLIGHT, in_slab) * chunk_elems * itemsize
