@@ -182,7 +182,8 @@ def _choose_version(
     current = paths.current()
     if current is not None and is_complete(current):
         rec = plan_record(current)
-        if rec and rec.get("fingerprint") == fp:
+        # A version made by a re-cache append records the full plan it equals.
+        if rec and fp in (rec.get("fingerprint"), rec.get("full_fingerprint")):
             return current, "up_to_date", []
         if not req.overwrite:
             raise RequestError(

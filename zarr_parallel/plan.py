@@ -17,7 +17,7 @@ import itertools
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -883,3 +883,57 @@ def _outer(vectors: Iterable[IntArray]) -> IntArray:
     for v in vectors:
         out = np.multiply.outer(out, v.astype(np.int64))
     return out
+
+
+def plan_jobs_from(
+    arrays: Sequence[ArrayInput],
+    limits: Limits,
+    request_digest: str,
+    dim: str,
+    start: int,
+) -> Plan:
+    """Plan only the part of ``arrays`` from index ``start`` along ``dim`` (an append).
+
+    Arrays without ``dim`` are left out: nothing of them is written. ``start`` must be a
+    boundary of every remaining array's write grid, so the jobs stay aligned; the returned jobs'
+    regions are in the full arrays' index space and tile ``[start, size)`` along ``dim``.
+
+    >>> arr = ArrayInput("t2m", (AxisMap.uniform("time", 10, 3),), (4,), 4, 4)
+    >>> [j.region for j in plan_jobs_from([arr], Limits(10**6), "", "time", 8).jobs]
+    [(('time', 8, 10),)]
+
+    Raises
+    ------
+    ValueError
+        When no array has ``dim``, or ``start`` is outside it or not on its write grid.
+    """
+    tail: list[ArrayInput] = []
+    for arr in arrays:
+        if dim not in arr.dims:
+            continue
+        d = arr.dims.index(dim)
+        axis = arr.axes[d]
+        if not 0 <= start < axis.size:
+            raise ValueError(f"{arr.name}: start {start} is outside {dim} of length {axis.size}")
+        if start % arr.write_chunks[d]:
+            raise ValueError(
+                f"{arr.name}: start {start} is not on the write grid of {dim} "
+                f"(chunk length {arr.write_chunks[d]})"
+            )
+        axes = list(arr.axes)
+        axes[d] = AxisMap(dim, axis.chunk_of[start:], axis.chunk_len)
+        tail.append(replace(arr, axes=tuple(axes)))
+    if not tail:
+        raise ValueError(f"no array has the dimension {dim!r}")
+    sub = plan_jobs(tail, limits, request_digest)
+    jobs = tuple(
+        replace(
+            job,
+            region=tuple(
+                (d, a + start, b + start) if d == dim else (d, a, b) for d, a, b in job.region
+            ),
+        )
+        for job in sub.jobs
+    )
+    digest = fingerprint(sub.fingerprint, canonical_json(["from", dim, start]))
+    return replace(sub, jobs=jobs, fingerprint=digest)

@@ -70,6 +70,11 @@ class SourceLayout:
     digest: str
     #: True when data is read over the network (a URL, or references to URLs).
     remote: bool = False
+    #: Per file, what identified its state when opened (see ``_file_state``); re-caching compares
+    #: these to tell unchanged files from rewritten ones.
+    file_states: tuple[Any, ...] = ()
+    #: Per file, its length along ``concat_dim`` (multi-file sources only).
+    file_lengths: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """JSON description (stored in the cache's manifest)."""
@@ -78,6 +83,8 @@ class SourceLayout:
             "files": list(self.files),
             "concat_dim": self.concat_dim,
             "digest": self.digest,
+            "file_states": list(self.file_states),
+            "file_lengths": list(self.file_lengths),
             "variables": {
                 name: {
                     "dims": list(v.dims),
@@ -126,6 +133,7 @@ def open_source(req: CacheRequest) -> Source:
     engine = detect_engine(req)
     uris = _expand_remote_globs(req)
     refs: dict[str, Any] = {}
+    file_lengths: list[int] = []
     try:
         if engine == "kerchunk":
             refs = _kerchunk_refs(uris[0], req)
@@ -189,7 +197,16 @@ def open_source(req: CacheRequest) -> Source:
         ),
     )
     is_url = any(is_remote(f) for f in files) or (bool(refs) and _remote_protocol(refs) != "file")
-    layout = SourceLayout(engine, tuple(files), concat_dim, layout_vars, digest, is_url)
+    layout = SourceLayout(
+        engine,
+        tuple(files),
+        concat_dim,
+        layout_vars,
+        digest,
+        is_url,
+        tuple(stats[: len(files)]),
+        tuple(file_lengths),
+    )
     logger.info(
         "source: %d file(s) via %s%s, variables %s",
         len(files),
