@@ -12,9 +12,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.control import cache_slot, decide_on_recommendations, revalidate
 from flows.runners import (
     current_api_url,
     make_task_runner,
@@ -27,6 +28,7 @@ from flows.write import MAX_TASKS, group_jobs, write_flow
 from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.pipeline import Prepared, recommendations_message, run_lock
+from zarr_parallel.recommend import Recommendation
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.units import format_bytes
 
@@ -35,15 +37,36 @@ __all__ = ["MAX_TASKS", "cache_flow", "group_jobs", "main", "write_flow"]
 
 @flow(name="zarr-parallel-cache", log_prints=False)
 def cache_flow(request: CacheRequest) -> dict[str, Any]:
-    """Cache a source dataset into Zarr as the request says, and return the run summary."""
+    """Cache a source dataset into Zarr as the request says, and return the run summary.
+
+    In a deployment run a plan that halts on recommendations pauses until someone decides in the
+    UI (apply / proceed / cancel), and runs on one cache target queue behind each other
+    (:mod:`flows.control`); ad hoc runs raise :class:`RecommendationsPending` instead.
+    """
     set_log_level(request.log_level)  # deployments run the flow in a worker process
-    # One run per cache at a time: the lock is taken before planning (fail fast) and held
-    # until publish; a lock left by a dead run is broken (see zarr_parallel.lock).
-    with run_lock(request):
-        return _cache_run(request)
+    request = revalidate(request)
+    applied: Recommendation | None = None
+    while True:
+        try:
+            # Deployment runs queue for the cache's slot; then the lock (taken before planning,
+            # held until publish; a dead run's lock is broken, see zarr_parallel.lock) keeps
+            # any other writer out. A pause for a decision happens outside both.
+            with cache_slot(request), run_lock(request):
+                summary = _cache(request)
+        except RecommendationsPending as e:
+            outcome = decide_on_recommendations(request, e)
+            if isinstance(outcome, State):
+                # Cancelled in the UI: returning the state makes it the run's final state.
+                return outcome  # type: ignore[return-value]
+            request, applied = outcome
+            continue
+        if applied is not None:
+            summary["applied_recommendation"] = applied.to_json()
+        return summary
 
 
-def _cache_run(request: CacheRequest) -> dict[str, Any]:
+def _cache(request: CacheRequest) -> dict[str, Any]:
+    """One pass of the cache run's steps, inside the flow run."""
     logger = get_run_logger()
     started = time.time()
     try:

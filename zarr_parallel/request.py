@@ -165,6 +165,13 @@ class CacheRequest(BaseModel):
     generate_stats: bool = Field(False, description="Gather count/min/max/mean/NaN per variable")
     log_level: int = Field(0, ge=0, le=2, description="0 quiet, 1 info, 2 debug")
     # -- [deployments] fields go here --
+    pause_timeout: str | int | float = Field(
+        "1:00:00",
+        description=(
+            "Deployment runs that halt on recommendations pause this long for a decision in "
+            "the UI ('1:00:00', '30min' or seconds), then fail"
+        ),
+    )
 
     @field_validator("deploy_mode", mode="before")
     @classmethod
@@ -400,6 +407,7 @@ def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
             "Raise memory_limit or lower memory_reserve",
         )
     req.timeout_seconds  # noqa: B018 - parse now so a bad value fails before planning
+    parse_duration(req.pause_timeout, "pause_timeout")
     # Chunks.
     if isinstance(req.chunks, dict):
         for dim, size in req.chunks.items():

@@ -266,9 +266,12 @@ def cached_source(req: CacheRequest) -> Source:
 
     The key holds the files' sizes and modification times, so a changed source is reopened.
     """
+    return _cached_source(req.model_dump_json(include=_SOURCE_FIELDS), _source_state(req))
+
+
+def _source_state(req: CacheRequest) -> str:
     uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
-    state = canonical_json([_file_state(u) for u in uris])
-    return _cached_source(req.model_dump_json(include=_SOURCE_FIELDS), state)
+    return canonical_json([_file_state(u) for u in uris])
 
 
 @lru_cache(maxsize=4)
@@ -277,8 +280,17 @@ def _cached_source(source_json: str, state: str) -> Source:
     return open_source(fields)
 
 
-@lru_cache(maxsize=8)
 def cached_target(request_json: str) -> Target:
-    """Open and transform once per process (workers run many jobs of one request)."""
+    """Open and transform once per process (workers run many jobs of one request).
+
+    Keyed like :func:`cached_source` by the files' state too: a long-lived process (a notebook,
+    a reused dask worker) must not write a rewritten source's old values.
+    """
+    req = CacheRequest.model_validate_json(request_json)
+    return _cached_target(request_json, _source_state(req))
+
+
+@lru_cache(maxsize=8)
+def _cached_target(request_json: str, state: str) -> Target:
     req = CacheRequest.model_validate_json(request_json)
     return build_target(req, cached_source(req))

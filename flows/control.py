@@ -1,0 +1,204 @@
+"""What a flow run coordinates with the Prefect API besides its tasks.
+
+- :func:`in_deployment_run`: deployment runs (from the UI, the API or a schedule) pause for
+  decisions; ad hoc runs (CLI, Python) never wait for a human.
+- :func:`cache_slot`: a global concurrency limit of 1 per cache target, so two deployment runs
+  never write one cache at once (the second waits for the first).
+- :func:`decide_on_recommendations`: pause a deployment run that halted on recommendations until
+  someone chooses, in the UI or through the API, to apply one, proceed as asked or cancel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, Literal
+
+import pydantic
+from prefect import State, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import FlowPauseTimeout, ObjectAlreadyExists
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.states import Cancelled
+
+from flows.tasks import artifact_key
+from zarr_parallel.errors import RecommendationsPending
+from zarr_parallel.pipeline import recommendations_message
+from zarr_parallel.recommend import Recommendation
+from zarr_parallel.request import CacheRequest, build_request
+from zarr_parallel.store import resolve_paths
+from zarr_parallel.units import format_duration, parse_duration
+
+#: How often a paused run asks the API whether it was resumed (seconds).
+PAUSE_POLL_SECONDS = 2
+
+
+def in_deployment_run() -> bool:
+    """True inside a run created from a deployment (also in its subflows)."""
+    from prefect.runtime import deployment
+
+    try:
+        return deployment.id is not None
+    except Exception:  # no API reachable: not a deployment run either
+        return False
+
+
+def revalidate(request: CacheRequest) -> CacheRequest:
+    """Validate a request as the CLI and the Python API do (idempotent).
+
+    Deployment parameters arrive checked against the schema only: globs are expanded, relative
+    paths resolved (against the working directory the deployment's pull step set) and transform
+    names looked up here, on every run, so a scheduled run sees the files present *now*.
+    """
+    return build_request(**request.model_dump())
+
+
+def slot_name(request: CacheRequest) -> str:
+    """The global concurrency limit guarding this request's cache target."""
+    final = resolve_paths(request).final
+    slug = re.sub(r"[^a-z0-9]+", "-", final.name.lower()).strip("-")[:60]
+    digest = hashlib.sha256(str(final).encode()).hexdigest()[:10]
+    return f"zarr-parallel-{slug}-{digest}"
+
+
+@contextmanager
+def cache_slot(request: CacheRequest) -> Iterator[str | None]:
+    """Hold the cache target's concurrency slot (limit 1) in deployment runs.
+
+    Ad hoc runs do not take it: they are guarded by the cache's lock file, which refuses a second
+    writer instead of queueing it. The slot's lease is renewed while held and expires if the run's
+    process dies, so a crashed run cannot block the cache for ever.
+    """
+    if not in_deployment_run():
+        yield None
+        return
+    name = slot_name(request)
+    with get_client(sync_client=True) as client, suppress(ObjectAlreadyExists):
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    get_run_logger().info("waiting for the cache's concurrency slot %s (limit 1)", name)
+    with concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+        get_run_logger().info("holding %s", name)
+        yield name
+
+
+class RecommendationChoice(RunInput):
+    """The decision that resumes a run paused on recommendations."""
+
+    decision: Literal["apply", "proceed", "cancel"] = pydantic.Field(
+        "apply",
+        description=(
+            "apply: use the recommendation numbered below; proceed: run as asked (source "
+            "chunks are re-read); cancel: end the run, nothing is written"
+        ),
+    )
+    recommendation: int = pydantic.Field(
+        1, ge=1, description="Which recommendation to apply (1 = the best, as listed)"
+    )
+
+
+class ProceedOrCancel(RunInput):
+    """The decision when no aligned alternative was found."""
+
+    decision: Literal["proceed", "cancel"] = pydantic.Field(
+        "proceed",
+        description=(
+            "No aligned alternative was found. proceed: run as asked (source chunks are "
+            "re-read); cancel: end the run, nothing is written"
+        ),
+    )
+
+
+def _choice_type(n_recommendations: int) -> type[RecommendationChoice | ProceedOrCancel]:
+    """The input form for this pause: the recommendation number is limited to those listed."""
+    if n_recommendations == 0:
+        return ProceedOrCancel
+    return pydantic.create_model(
+        "RecommendationChoice",
+        __base__=RecommendationChoice,
+        recommendation=(
+            int,
+            pydantic.Field(
+                1,
+                ge=1,
+                le=n_recommendations,
+                description="Which recommendation to apply (1 = the best, as listed)",
+            ),
+        ),
+    )
+
+
+def decide_on_recommendations(
+    request: CacheRequest, pending: RecommendationsPending
+) -> tuple[CacheRequest, Recommendation | None] | State[Any]:
+    """Pause a deployment run until someone decides what to do about the recommendations.
+
+    Outside deployment runs ``pending`` is raised again (the CLI exits with code 3). Returns the
+    request to plan again (a recommendation applied, or ``recommend_changes="proceed"``) with the
+    recommendation applied if any, or a Cancelled state to end the run with. A pause without a
+    decision within ``pause_timeout`` ends the run as failed, saying so.
+    """
+    if not in_deployment_run():
+        raise pending
+    logger = get_run_logger()
+    recs = pending.recommendations
+    key = artifact_key("zp-recommendations", resolve_paths(request).final.name)
+    timeout = parse_duration(request.pause_timeout, "pause_timeout")
+    text = recommendations_message(pending.plan, recs)
+    description = (
+        "## The plan re-reads source chunks\n\n"
+        + text.replace("\n  ", "\n- ")
+        + "\n\nChoose **apply** (with the recommendation's number), **proceed** or **cancel**."
+    )
+    logger.warning(
+        "pausing for a decision on %d recommendation(s) (waiting up to %s): %s",
+        len(recs),
+        format_duration(timeout),
+        text,
+    )
+    choice_type = _choice_type(len(recs))
+    try:
+        choice = pause_flow_run(
+            wait_for_input=choice_type.with_initial_data(description=description),
+            timeout=int(timeout),
+            poll_interval=PAUSE_POLL_SECONDS,
+        )
+    except FlowPauseTimeout:
+        message = (
+            f"Paused on recommendations for {format_duration(timeout)} without a decision; "
+            "nothing was written. Run again and decide sooner (pause_timeout), or set "
+            "recommend_changes to 'apply' or 'proceed'.\n\n" + text
+        )
+        create_markdown_artifact(
+            "# Pause timed out\n\n" + message.replace("\n  ", "\n- "),
+            key=key,
+            description="Recommendations (pause timed out)",
+        )
+        raise RecommendationsPending(pending.plan, recs, message) from None
+    if choice.decision == "cancel":
+        logger.info("cancelled on the recommendations; nothing was written")
+        create_markdown_artifact(
+            "# Cancelled on recommendations\n\nNothing was written.\n\n" + description,
+            key=key,
+            description="Recommendations (cancelled)",
+        )
+        return Cancelled(message="Cancelled on the recommendations; nothing was written")
+    if choice.decision == "proceed":
+        logger.info("proceeding as asked (recommend_changes='proceed')")
+        return request.model_copy(update={"recommend_changes": "proceed"}), None
+    assert isinstance(choice, RecommendationChoice)  # "apply" is offered only with recommendations
+    chosen = recs[choice.recommendation - 1]
+    logger.info("applying recommendation %d: %s", choice.recommendation, chosen.sentence)
+    create_markdown_artifact(
+        f"# Applied recommendation {choice.recommendation}\n\n{chosen.sentence}\n\n"
+        f"Changes: `{chosen.changes}`\n\n" + description,
+        key=key,
+        description="Recommendations (applied)",
+    )
+    # The chosen changes are final: plan them as asked, without halting again.
+    return request.model_copy(update={**chosen.changes, "recommend_changes": "proceed"}), chosen

@@ -1,0 +1,170 @@
+"""The re-cache flow and its command line: ``python -m flows.recache REQUEST.yaml``.
+
+Keeps a published cache current with its source doing the least work
+(:mod:`zarr_parallel.recache`): *up to date* → no writes; *append* → only the new region is
+written into a copy-on-write new version; *full* → the cache flow runs (new version, published
+atomically). The decision and its reason are published as the ``zp-recache-<cache>`` artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.cache import _publish_plan, _publish_results, cache_flow, format_summary, write_flow
+from flows.control import cache_slot, revalidate
+from flows.runners import make_task_runner
+from flows.tasks import artifact_key, finish_task, initialise_task
+from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
+from zarr_parallel.recache import (
+    AppendNotPossible,
+    AppendPrepared,
+    Decision,
+    decide,
+    link_unchanged,
+)
+from zarr_parallel.request import CacheRequest
+
+
+@task(name="decide", cache_policy=NO_CACHE)
+def decide_task(
+    request: CacheRequest, allow_append: bool = True
+) -> tuple[Decision, AppendPrepared | None]:
+    """Compare the source with the published cache: up to date, append or full (no writes)."""
+    return decide(request, allow_append)
+
+
+@task(name="link-unchanged-chunks", cache_policy=NO_CACHE)
+def link_task(prepared: AppendPrepared) -> dict[str, Any]:
+    """Hard-link the unchanged chunk files of the published version into the new one."""
+    return link_unchanged(prepared).to_json()
+
+
+@flow(name="zarr-parallel-recache", log_prints=False)
+def recache_flow(
+    request: CacheRequest, allow_append: bool = True, check_only: bool = False
+) -> dict[str, Any]:
+    """Bring a cache up to date with its source: no writes, an append, or a full re-cache.
+
+    Args:
+        request: The cache to keep current (the same request model as the cache flow).
+        allow_append: Append new steps when the source only grew; False re-caches in full.
+        check_only: Only decide and report what a run would do; write nothing.
+    """
+    logger = get_run_logger()
+    started = time.time()
+    request = revalidate(request)
+    with cache_slot(request):
+        decision, prepared = decide_task(request, allow_append)
+        _publish_decision(decision)
+        logger.info("re-cache: %s: %s", decision.action, decision.reason)
+        if check_only or decision.action == "up_to_date":
+            return _report(decision, started, check_only)
+        if decision.action == "append":
+            assert prepared is not None
+            try:
+                summary = _append(prepared, started)
+            except AppendNotPossible as e:
+                decision = Decision(
+                    "full",
+                    f"the append was abandoned ({e}); re-caching in full",
+                    decision.cache,
+                    base_version=decision.base_version,
+                )
+                _publish_decision(decision)
+                logger.warning("%s", decision.reason)
+            else:
+                return {**summary, "status": "appended", "recache": decision.to_json()}
+    # A full re-cache is the cache flow itself (it takes the slot again, pauses on
+    # recommendations in deployment runs, and publishes a new version atomically).
+    summary = cache_flow(request)
+    return {**summary, "recache": decision.to_json()}
+
+
+def _append(prepared: AppendPrepared, started: float) -> dict[str, Any]:
+    _publish_plan(prepared)
+    initialise_task(prepared)
+    reused = link_task(prepared)
+    results: list[dict[str, Any]] = []
+    if prepared.todo:
+        results = write_flow.with_options(task_runner=make_task_runner(prepared))(prepared)
+    summary = finish_task(prepared, results, started)
+    _publish_results(prepared, results, summary)
+    return {**summary, "reused_chunks": reused}
+
+
+def _report(decision: Decision, started: float, check_only: bool) -> dict[str, Any]:
+    status = "up to date" if decision.action == "up_to_date" else f"would {decision.action}"
+    return {
+        "status": status,
+        "cache": decision.cache,
+        "version": decision.base_version,
+        "jobs": 0,
+        "jobs_run": 0,
+        "jobs_skipped": 0,
+        "read_amplification": 1.0,
+        "bytes_written": 0,
+        "seconds": round(time.time() - started, 3),
+        "check_only": check_only,
+        "recache": decision.to_json(),
+    }
+
+
+def _publish_decision(decision: Decision) -> None:
+    name = decision.cache.rstrip("/").split("/")[-1]
+    create_markdown_artifact(
+        decision.markdown(),
+        key=artifact_key("zp-recache", name),
+        description=f"Re-cache decision: {decision.action}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flows.recache REQUEST.yaml [--set k=v] [--check] [--no-append]``.
+
+    Exit codes as the cache CLI: 0 done or up to date, 1 failed, 2 invalid, 3 halted.
+    """
+    from zarr_parallel.request import load_request_file
+
+    p = argparse.ArgumentParser(
+        prog="python -m flows.recache",
+        description="Bring the cache of REQUEST.yaml up to date with its source.",
+    )
+    p.add_argument("request", help="request file (YAML or JSON)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--check", action="store_true", help="only report what a run would do")
+    p.add_argument("--no-append", action="store_true", help="re-cache in full when it changed")
+    args = p.parse_args(argv)
+    try:
+        req = load_request_file(args.request, args.overrides)
+        summary = recache_flow(req, allow_append=not args.no_append, check_only=args.check)
+    except RecommendationsPending as e:
+        print(str(e), file=sys.stderr)
+        return 3
+    except RunFailed as e:
+        print(f"run failed: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"invalid request: {e}", file=sys.stderr)
+        return 2
+    except ZarrParallelError as e:
+        print(f"failed: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    print(f"  re-cache            {summary['recache']['action']}: {summary['recache']['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
