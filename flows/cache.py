@@ -15,7 +15,12 @@ from typing import Any
 from prefect import State, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.control import cache_slot, decide_on_recommendations, revalidate
+from flows.control import (
+    cache_slot,
+    decide_on_recommendations,
+    patient_temporary_api,
+    revalidate,
+)
 from flows.runners import (
     current_api_url,
     make_task_runner,
@@ -42,6 +47,9 @@ def cache_flow(request: CacheRequest) -> dict[str, Any]:
     In a deployment run a plan that halts on recommendations pauses until someone decides in the
     UI (apply / proceed / cancel), and runs on one cache target queue behind each other
     (:mod:`flows.control`); ad hoc runs raise :class:`RecommendationsPending` instead.
+
+    Args:
+        request: What to cache and how (the request model of the Python API and the CLI).
     """
     set_log_level(request.log_level)  # deployments run the flow in a worker process
     request = revalidate(request)
@@ -214,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = verify_cache(req, args.verify_mode, args.sample, args.seed)
             print(report.text())
             return 0 if report.ok else 1
-        summary = cache_flow(req)
+        with patient_temporary_api():
+            summary = cache_flow(req)
     except RecommendationsPending as e:
         print(str(e), file=sys.stderr)
         return 3

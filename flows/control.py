@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
+from uuid import uuid4
 
 import pydantic
 from prefect import State, get_run_logger
@@ -22,10 +24,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import FlowPauseTimeout, ObjectAlreadyExists
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
-from prefect.states import Cancelled
+from prefect.context import FlowRunContext
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.input import RunInput, keyset_from_paused_state
+from prefect.states import Cancelled, Paused
+from prefect.utilities.engine import propose_state_sync
 
 from flows.tasks import artifact_key
 from zarr_parallel.errors import RecommendationsPending
@@ -37,6 +40,34 @@ from zarr_parallel.units import format_duration, parse_duration
 
 #: How often a paused run asks the API whether it was resumed (seconds).
 PAUSE_POLL_SECONDS = 2
+#: The server lets a pause expire this long after the run stopped waiting (see :func:`_pause`).
+PAUSE_GRACE_SECONDS = 120
+
+#: Seconds the CLI waits for a temporary local API to start (Prefect's default is 20).
+TEMPORARY_API_STARTUP_SECONDS = 120
+
+R = TypeVar("R", bound=RunInput)
+
+
+@contextmanager
+def patient_temporary_api(seconds: int = TEMPORARY_API_STARTUP_SECONDS) -> Iterator[None]:
+    """Give a temporary local Prefect API time to start (runs with no ``PREFECT_API_URL``).
+
+    Prefect waits 20 s for it by default, which a loaded machine can exceed; the CLI then
+    failed before doing anything. A longer setting of the user's is kept.
+    """
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    current = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    if PREFECT_API_URL.value() or current >= seconds:
+        yield
+        return
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: seconds}):
+        yield
 
 
 def in_deployment_run() -> bool:
@@ -84,7 +115,10 @@ def cache_slot(request: CacheRequest) -> Iterator[str | None]:
     get_run_logger().info("waiting for the cache's concurrency slot %s (limit 1)", name)
     with concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
         get_run_logger().info("holding %s", name)
-        yield name
+        try:
+            yield name
+        finally:
+            get_run_logger().info("releasing %s", name)
 
 
 class RecommendationChoice(RunInput):
@@ -133,6 +167,43 @@ def _choice_type(n_recommendations: int) -> type[RecommendationChoice | ProceedO
     )
 
 
+def _pause(choice_type: type[R], timeout: float) -> R | None:
+    """Pause this flow run until it is resumed with input; None after ``timeout`` seconds.
+
+    Like :func:`prefect.flow_runs.pause_flow_run`, except that the server-side expiry comes a
+    grace period after this run stops waiting: the run then fails with its own message. (When
+    the server's pause expires first it refuses the run's own final state and records only "The
+    flow was failed and never resumed".) The server still fails the run at expiry if its process
+    died while paused.
+    """
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        raise RuntimeError("only a flow run can pause")
+    run_id = context.flow_run.id
+    proposed: State[Any] = Paused(
+        timeout_seconds=int(timeout) + PAUSE_GRACE_SECONDS,
+        reschedule=False,
+        pause_key=f"recommendations-{uuid4().hex[:12]}",
+    )
+    keyset = keyset_from_paused_state(proposed)
+    proposed.state_details.run_input_keyset = {str(k): v for k, v in keyset.items()}
+    with get_client(sync_client=True) as client:
+        state = propose_state_sync(client, proposed, flow_run_id=run_id)
+        if not state.is_paused():
+            raise RuntimeError(f"the run could not pause: the API answered {state}")
+        choice_type.save(keyset)
+        deadline = time.monotonic() + timeout
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_running():
+                # Loaded synchronously here (the async variant is for async callers).
+                return cast(R, choice_type.load(keyset))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(PAUSE_POLL_SECONDS, left))
+
+
 def decide_on_recommendations(
     request: CacheRequest, pending: RecommendationsPending
 ) -> tuple[CacheRequest, Recommendation | None] | State[Any]:
@@ -161,14 +232,8 @@ def decide_on_recommendations(
         format_duration(timeout),
         text,
     )
-    choice_type = _choice_type(len(recs))
-    try:
-        choice = pause_flow_run(
-            wait_for_input=choice_type.with_initial_data(description=description),
-            timeout=int(timeout),
-            poll_interval=PAUSE_POLL_SECONDS,
-        )
-    except FlowPauseTimeout:
+    choice = _pause(_choice_type(len(recs)).with_initial_data(description=description), timeout)
+    if choice is None:
         message = (
             f"Paused on recommendations for {format_duration(timeout)} without a decision; "
             "nothing was written. Run again and decide sooner (pause_timeout), or set "
@@ -179,7 +244,7 @@ def decide_on_recommendations(
             key=key,
             description="Recommendations (pause timed out)",
         )
-        raise RecommendationsPending(pending.plan, recs, message) from None
+        raise RecommendationsPending(pending.plan, recs, message)
     if choice.decision == "cancel":
         logger.info("cancelled on the recommendations; nothing was written")
         create_markdown_artifact(

@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.cache import _publish_plan, _publish_results, cache_flow, format_summary, write_flow
-from flows.control import cache_slot, revalidate
+from flows.control import cache_slot, patient_temporary_api, revalidate
 from flows.runners import make_task_runner
 from flows.tasks import artifact_key, finish_task, initialise_task
 from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         req = load_request_file(args.request, args.overrides)
-        summary = recache_flow(req, allow_append=not args.no_append, check_only=args.check)
+        with patient_temporary_api():
+            summary = recache_flow(req, allow_append=not args.no_append, check_only=args.check)
     except RecommendationsPending as e:
         print(str(e), file=sys.stderr)
         return 3

@@ -138,7 +138,12 @@ class CacheRequest(BaseModel):
     simultaneous_worker_limit: int | None = Field(
         None, ge=1, description="Most workers at once; default: the machine's cores"
     )
-    deploy_mode: str = Field(DEFAULT_DEPLOY_MODE, description="series, dask_distributed or SLURM")
+    deploy_mode: str = Field(
+        DEFAULT_DEPLOY_MODE,
+        description="series, dask_distributed or SLURM",
+        # A choice list in the Prefect UI form, checked by the API (Python is case-insensitive).
+        json_schema_extra={"enum": ["series", "dask_distributed", "SLURM", "slurm"]},
+    )
     scheduler_address: str | None = Field(
         None, description="Address of an existing dask scheduler (dask_distributed)"
     )

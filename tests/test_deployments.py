@@ -1,0 +1,532 @@
+"""Deployments against a real Prefect server, a real process work pool and a real worker.
+
+One ``prefect server start`` on loopback (SQLite under the module's temporary folder, its own
+``PREFECT_HOME``), the deployments of ``deployments/prefect.yaml`` deployed with
+``python -m deployments`` (``prefect deploy --all``), and one ``prefect worker start`` process.
+The flow runs are created through the API and executed by the worker in their own processes;
+they are submitted together (a module fixture) so their start-up overlaps. The session's own
+temporary Prefect API (tests/conftest.py) is left alone: every client and subprocess here is
+given this server's URL explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+import pytest
+import xarray as xr
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.sorting import ArtifactSort
+from prefect.exceptions import PrefectHTTPStatusError
+
+from flows.cache import cache_flow
+from flows.tasks import artifact_key
+from zarr_parallel.request import build_request
+from zarr_parallel.store import CachePaths
+
+pytestmark = pytest.mark.prefect_server
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+PROJECT = Path(__file__).resolve().parent.parent
+#: Generous: the machine may be loaded; these are deadlines for real processes, not timings.
+SERVER_START_SECONDS = 240
+RUN_SECONDS = 600
+
+
+def _unavailable(message: str) -> None:
+    """A service this module needs did not start: fail in CI, skip elsewhere."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _base_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="INFO",
+    )
+    return env
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process this module started (its own process group), then reap it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A real ``prefect server start`` on 127.0.0.1 with SQLite under a temporary folder."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = _base_env(home / "server")
+    env.update(
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        # No schedule should fire during the tests (the re-cache deployment's cron is checked
+        # as stored; its runs are started through the API).
+        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
+    )
+    log = home / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "prefect", "server", "start"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _unavailable(f"prefect server did not start on {url}:\n{_tail(log)}")
+            time.sleep(0.5)
+        yield {"url": url, "home": home, "log": log}
+    finally:
+        _stop(proc)
+
+
+def _client(server: dict[str, Any]) -> SyncPrefectClient:
+    return SyncPrefectClient(server["url"])
+
+
+@pytest.fixture(scope="module")
+def deployed(server: dict[str, Any]) -> dict[str, Any]:
+    """``python -m deployments``: the process pool and every deployment of prefect.yaml."""
+    env = _base_env(server["home"] / "deploy")
+    env["PREFECT_API_URL"] = server["url"]
+    out = subprocess.run(
+        [sys.executable, "-m", "deployments"],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_SECONDS,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with _client(server) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+        pool = client.read_work_pool("zarr-parallel")
+    return {"deployments": deployments, "pool": pool, "output": out.stdout}
+
+
+@pytest.fixture(scope="module")
+def worker(server: dict[str, Any], deployed: dict[str, Any]) -> Iterator[Path]:
+    """A real ``prefect worker start`` polling the process pool."""
+    env = _base_env(server["home"] / "worker")
+    env.update(PREFECT_API_URL=server["url"], PREFECT_WORKER_QUERY_SECONDS="1")
+    log = server["home"] / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "zarr-parallel"],
+            cwd=server["home"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            _unavailable(f"prefect worker did not start:\n{_tail(log)}")
+        yield log
+    finally:
+        _stop(proc)
+
+
+def _create_run(server: dict[str, Any], deployment: str, parameters: dict[str, Any]) -> UUID:
+    with _client(server) as client:
+        dep = client.read_deployment_by_name(deployment)
+        return client.create_flow_run_from_deployment(dep.id, parameters=parameters).id
+
+
+def _wait(
+    server: dict[str, Any], run_id: UUID, worker_log: Path, *, paused: bool = False
+) -> FlowRun:
+    deadline = time.monotonic() + RUN_SECONDS
+    with _client(server) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            state = run.state
+            if state is not None and (state.is_final() or (paused and state.is_paused())):
+                return run
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"flow run {run_id} still {state} after {RUN_SECONDS} s:\n" + _tail(worker_log)
+                )
+            time.sleep(1)
+
+
+def _artifact(server: dict[str, Any], key: str) -> Any:
+    with _client(server) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            sort=ArtifactSort.UPDATED_DESC,
+            limit=1,
+        )
+    assert found, f"no artifact {key!r} on the server"
+    return found[0]
+
+
+def _logs(server: dict[str, Any], run_id: UUID) -> list[Any]:
+    with _client(server) as client:
+        return list(
+            client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# All runs of the module, submitted together
+
+
+@pytest.fixture(scope="module")
+def runs(
+    server: dict[str, Any],
+    deployed: dict[str, Any],
+    worker: Path,
+    era5_factory: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("deployment-runs")
+    files = list(era5_factory(n_files=5, steps_per_file=[24, 24, 12, 24, 24], chunks=(6, 40, 72)))
+    src = root / "src"
+    src.mkdir()
+    for f in files[:3]:
+        shutil.copy2(f, src / f.name)
+    common = {"data_uri": str(src / "*.nc"), "deploy_mode": "series", "memory_limit": "300MB"}
+    # A selection that cuts source chunks (time 3..56 of chunks of 6): recommendations.
+    cut = [{"type": "isel", "time": [3, 57]}]
+    # The re-cache deployment's cache: made here (three files), then the source grows by two.
+    grow = root / "grow"
+    grow.mkdir()
+    for f in files[:3]:
+        shutil.copy2(f, grow / f.name)
+    grown_cache = root / "grown.zarr"
+    grown_request = {
+        **common,
+        "data_uri": str(grow / "*.nc"),
+        "cache_store": str(grown_cache),
+        "chunks": {"time": 24},
+    }
+    cache_flow(build_request(**grown_request))  # under the session's API, in this process
+    for f in files[3:]:
+        shutil.copy2(f, grow / f.name)
+    with _client(server) as client:
+        before = len(client.read_flow_runs())
+    params = {
+        # Two ad hoc runs on one cache at once: the per-target slot makes them take turns.
+        "adhoc_a": {
+            **common,
+            "cache_store": str(root / "adhoc.zarr"),
+            "chunks": {"time": 24},
+            "preprocessors": cut,
+            "recommend_changes": "apply",
+        },
+        "adhoc_b": {
+            **common,
+            "cache_store": str(root / "adhoc.zarr"),
+            "chunks": {"time": 24},
+            "preprocessors": cut,
+            "recommend_changes": "apply",
+        },
+        "pause_apply": {**common, "cache_store": str(root / "paused.zarr"), "preprocessors": cut},
+        "pause_cancel": {**common, "cache_store": str(root / "cancel.zarr"), "preprocessors": cut},
+        "pause_timeout": {
+            **common,
+            "cache_store": str(root / "timeout.zarr"),
+            "preprocessors": cut,
+            "pause_timeout": 3,
+        },
+    }
+    ids = {
+        name: _create_run(server, "zarr-parallel-cache/cache", {"request": p})
+        for name, p in params.items()
+    }
+    ids["recache"] = _create_run(
+        server, "zarr-parallel-recache/recache-nightly", {"request": grown_request}
+    )
+    return {
+        "root": root,
+        "src": src,
+        "ids": ids,
+        "params": params,
+        "before": before,
+        "grown_cache": grown_cache,
+        "grow": grow,
+        "worker_log": worker,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_deployments_as_prefect_yaml_says(deployed: dict[str, Any]) -> None:
+    deps = deployed["deployments"]
+    assert set(deps) == {"cache", "recache-nightly"}
+    assert deployed["pool"].type == "process"
+    for dep in deps.values():
+        assert dep.work_pool_name == "zarr-parallel"
+        assert dep.enforce_parameter_schema is True
+        assert dep.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT)}}
+        ]
+        assert "zarr-parallel" in dep.tags
+    cache, recache = deps["cache"], deps["recache-nightly"]
+    assert cache.entrypoint == "flows/cache.py:cache_flow"
+    assert recache.entrypoint == "flows/recache.py:recache_flow"
+    # The UI form is the request model: nested, described, with defaults and limits.
+    schema = cache.parameter_openapi_schema
+    assert schema["required"] == ["request"]
+    model = schema["definitions"]["CacheRequest"]
+    assert model["required"] == ["data_uri"] and model["additionalProperties"] is False
+    props = model["properties"]
+    assert all(p.get("description") for p in props.values()), "every field is described"
+    assert props["num_jobs"]["anyOf"][0]["minimum"] == 1
+    assert props["log_level"]["maximum"] == 2
+    assert props["recommend_changes"]["enum"] == ["halt", "apply", "proceed"]
+    assert props["recommend_changes"]["default"] == "halt"
+    assert "SLURM" in props["deploy_mode"]["enum"]
+    assert props["pause_timeout"]["default"] == "1:00:00"
+    # The scheduled re-cache: cron, its own parameters, one run at a time.
+    assert [s.schedule.cron for s in recache.schedules] == ["30 5 * * *"]
+    assert set(recache.parameter_openapi_schema["properties"]) == {
+        "request",
+        "allow_append",
+        "check_only",
+    }
+    assert recache.parameters["request"]["recommend_changes"] == "apply"
+    assert recache.concurrency_options is not None
+    assert recache.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    assert recache.global_concurrency_limit is not None
+    assert recache.global_concurrency_limit.limit == 1
+
+
+def test_bad_parameters_are_rejected_before_a_run(
+    server: dict[str, Any], deployed: dict[str, Any], tmp_path: Path
+) -> None:
+    ok = {"data_uri": str(tmp_path / "*.nc"), "cache_dir": str(tmp_path)}
+    bad = [
+        ({**ok, "num_jobs": 0}, "request.num_jobs"),
+        ({**ok, "recommend_changes": "maybe"}, "request.recommend_changes"),
+        ({**ok, "deploy_mode": "cloud"}, "request.deploy_mode"),
+        ({**ok, "chunks": {"time": "a lot"}}, "request.chunks"),
+        ({**ok, "colour": "blue"}, "'colour' was unexpected"),
+        ({"cache_dir": str(tmp_path)}, "'data_uri' is a required property"),
+    ]
+    with _client(server) as client:
+        dep = client.read_deployment_by_name("zarr-parallel-cache/cache")
+        before = len(client.read_flow_runs(flow_run_filter=FlowRunFilter()))
+        for request, expected in bad:
+            with pytest.raises(PrefectHTTPStatusError, match="409") as info:
+                client.create_flow_run_from_deployment(dep.id, parameters={"request": request})
+            assert expected in info.value.response.text
+        assert len(client.read_flow_runs()) == before  # no run was created
+
+
+def test_adhoc_runs_through_the_worker_take_turns(
+    server: dict[str, Any], runs: dict[str, Any]
+) -> None:
+    ids = runs["ids"]
+    states = {n: _wait(server, ids[n], runs["worker_log"]).state for n in ("adhoc_a", "adhoc_b")}
+    for name, state in states.items():
+        assert state is not None and state.is_completed(), f"{name}: {state}"
+    cache = Path(runs["params"]["adhoc_a"]["cache_store"])
+    # The recommendation was applied: the selection widened to whole source chunks [0, 60).
+    out = xr.open_zarr(cache)
+    src = xr.open_mfdataset(sorted(runs["src"].glob("*.nc")), engine="h5netcdf")
+    xr.testing.assert_equal(out.t2m, src.t2m.isel(time=slice(0, 60)))
+    assert out.t2m.dtype == src.t2m.dtype and out.t2m.attrs == src.t2m.attrs
+    # Artifacts read back through the API.
+    plan = _artifact(server, artifact_key("zp-plan", cache.name))
+    assert "read amplification" in str(plan.data)
+    recs = _artifact(server, artifact_key("zp-recommendations", cache.name))
+    assert "Applied: widen preprocessors[0].time to [0, 60]" in str(recs.data)
+    results = _artifact(server, artifact_key("zp-results", cache.name))
+    assert "Completed" in str(results.data)
+    progress = _artifact(server, artifact_key("zp-progress", cache.name))
+    assert float(progress.data) == 100.0
+    # One run wrote the cache, the other found it up to date; they held the slot in turn.
+    turns = []
+    for name in ("adhoc_a", "adhoc_b"):
+        logs = _logs(server, ids[name])
+        held = [log.timestamp for log in logs if log.message.startswith("holding zarr-parallel-")]
+        freed = [log.timestamp for log in logs if log.message.startswith("releasing zarr-")]
+        assert held and freed, f"{name} never held the cache's slot"
+        turns.append((held[0], freed[-1]))
+    first, second = sorted(turns)
+    assert second[0] >= first[1], "the second run took the slot before the first released it"
+    assert len(CachePaths(cache).all_versions()) == 1
+
+
+def test_pause_on_recommendations_and_resume_with_apply(
+    server: dict[str, Any], runs: dict[str, Any]
+) -> None:
+    run_id = runs["ids"]["pause_apply"]
+    run = _wait(server, run_id, runs["worker_log"], paused=True)
+    assert run.state is not None and run.state.is_paused(), run.state
+    cache = Path(runs["params"]["pause_apply"]["cache_store"])
+    assert not cache.exists(), "nothing is written while paused"
+    recs = _artifact(server, artifact_key("zp-recommendations", cache.name))
+    assert "widen preprocessors[0].time to [0, 60]" in str(recs.data)
+    with _client(server) as client:
+        keyset = run.state.state_details.run_input_keyset
+        assert keyset is not None
+        schema = client.read_flow_run_input(run_id, keyset["schema"])
+        assert '"enum":["apply","proceed","cancel"]' in schema.replace(" ", "")
+        # The typed input is checked by the API: only listed recommendations can be applied.
+        refused = client.resume_flow_run(
+            run_id, run_input={"decision": "apply", "recommendation": 9}
+        )
+        assert refused.status.value == "REJECT"
+        accepted = client.resume_flow_run(
+            run_id, run_input={"decision": "apply", "recommendation": 1}
+        )
+        assert accepted.status.value == "ACCEPT"
+    run = _wait(server, run_id, runs["worker_log"])
+    assert run.state is not None and run.state.is_completed(), run.state
+    out = xr.open_zarr(cache)
+    src = xr.open_mfdataset(sorted(runs["src"].glob("*.nc")), engine="h5netcdf")
+    xr.testing.assert_equal(out.d2m, src.d2m.isel(time=slice(0, 60)))
+    applied = _artifact(server, artifact_key("zp-recommendations", cache.name))
+    assert "Applied recommendation 1" in str(applied.data) or "Applied:" in str(applied.data)
+
+
+def test_pause_cancel_and_timeout_end_clearly(server: dict[str, Any], runs: dict[str, Any]) -> None:
+    cancel_id = runs["ids"]["pause_cancel"]
+    run = _wait(server, cancel_id, runs["worker_log"], paused=True)
+    with _client(server) as client:
+        client.resume_flow_run(cancel_id, run_input={"decision": "cancel"})
+    run = _wait(server, cancel_id, runs["worker_log"])
+    assert run.state is not None and run.state.is_cancelled(), run.state
+    assert "nothing was written" in str(run.state.message)
+    timed_out = _wait(server, runs["ids"]["pause_timeout"], runs["worker_log"])
+    assert timed_out.state is not None and timed_out.state.is_failed()
+    assert "without a decision; nothing was written" in str(timed_out.state.message)
+    for name in ("pause_cancel", "pause_timeout"):
+        store = Path(runs["params"][name]["cache_store"])
+        assert not store.exists() and not CachePaths(store).versions.exists()
+
+
+def test_scheduled_recache_deployment_appends(server: dict[str, Any], runs: dict[str, Any]) -> None:
+    run = _wait(server, runs["ids"]["recache"], runs["worker_log"])
+    assert run.state is not None and run.state.is_completed(), run.state
+    cache = runs["grown_cache"]
+    decision = _artifact(server, artifact_key("zp-recache", cache.name))
+    assert "Re-cache: append" in str(decision.data)
+    assert "2 new source file(s)" in str(decision.data)
+    out = xr.open_zarr(cache)
+    src = xr.open_mfdataset(sorted(runs["grow"].glob("*.nc")), engine="h5netcdf")
+    np.testing.assert_array_equal(out.time.values, src.time.values)
+    np.testing.assert_array_equal(out.t2m.values, src.t2m.values)
+
+
+def test_all_runs_came_from_the_deployments(server: dict[str, Any], runs: dict[str, Any]) -> None:
+    with _client(server) as client:
+        found = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(runs["ids"].values())))
+        )
+    assert len(found) == len(runs["ids"])
+    assert all(r.deployment_id is not None for r in found)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line without any server
+
+
+def test_cli_runs_without_a_server_and_halts_with_exit_3(
+    era5_files: list[Path], tmp_path: Path
+) -> None:
+    request = tmp_path / "request.yaml"
+    request.write_text(
+        f"data_uri: [{', '.join(str(p) for p in era5_files)}]\n"
+        f"cache_dir: {tmp_path}\ndeploy_mode: series\nmemory_limit: 300MB\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cache", "run", str(request)],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_SECONDS,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "zarr-parallel: done" in done.stdout
+    # An ad hoc run never pauses: it halts with the recommendations and exit code 3 (here under
+    # the session's API, which is quicker to reach than a new temporary one).
+    halted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cache",
+            "run",
+            str(request),
+            "--set",
+            "preprocessors=[{type: isel, time: [3, 57]}]",
+            "--set",
+            "cache_label=_cut",
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_SECONDS,
+    )
+    assert halted.returncode == 3, halted.stderr[-3000:]
+    assert "Recommendations, best first" in halted.stderr
