@@ -101,7 +101,11 @@ def _append(prepared: AppendPrepared, started: float) -> dict[str, Any]:
 
 
 def _report(decision: Decision, started: float, check_only: bool) -> dict[str, Any]:
-    status = "up to date" if decision.action == "up_to_date" else f"would {decision.action}"
+    status = {
+        "up_to_date": "up to date",
+        "append": "would append",
+        "full": "would re-cache in full",
+    }[decision.action]
     return {
         "status": status,
         "cache": decision.cache,
