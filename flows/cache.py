@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prefect import State, flow, get_run_logger
@@ -73,15 +73,24 @@ def cache_flow(request: CacheRequest) -> dict[str, Any]:
         return summary
 
 
-def _cache(request: CacheRequest) -> dict[str, Any]:
-    """One pass of the cache run's steps, inside the flow run."""
+def _cache(
+    request: CacheRequest,
+    prepared: Prepared | None = None,
+    after_initialise: Callable[[Prepared], Any] | None = None,
+) -> dict[str, Any]:
+    """One pass of the cache run's steps, inside the flow run.
+
+    The re-cache flow (:mod:`flows.recache`) runs the same steps with its own ``prepared`` (an
+    append's plan) and reuses the unchanged chunks ``after_initialise``.
+    """
     logger = get_run_logger()
     started = time.time()
-    try:
-        prepared = plan_task(request)
-    except RecommendationsPending as e:
-        _publish_recommendations(request, e)
-        raise
+    if prepared is None:
+        try:
+            prepared = plan_task(request)
+        except RecommendationsPending as e:
+            _publish_recommendations(request, e)
+            raise
     _publish_plan(prepared)
     logger.info(
         "plan: %d jobs, read amplification %.2f, largest job %s (budget %s), %s",
@@ -96,6 +105,8 @@ def _cache(request: CacheRequest) -> dict[str, Any]:
     req = prepared.request
     sizing = worker_sizing(req, prepared.plan.max_job_memory, len(prepared.todo))
     initialise_task(prepared)
+    if after_initialise is not None:
+        after_initialise(prepared)
     groups = group_jobs(prepared.todo)
     api_url = current_api_url()
     with open_cluster(req, prepared.version, sizing, api_url) as cluster:

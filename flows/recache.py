@@ -18,10 +18,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.cache import _publish_plan, _publish_results, cache_flow, format_summary, write_flow
+from flows.cache import _cache, cache_flow, format_summary
 from flows.control import cache_slot, patient_temporary_api, revalidate
-from flows.runners import make_task_runner
-from flows.tasks import artifact_key, finish_task, initialise_task
+from flows.tasks import artifact_key
 from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
 from zarr_parallel.recache import (
     AppendNotPossible,
@@ -70,7 +69,7 @@ def recache_flow(
         if decision.action == "append":
             assert prepared is not None
             try:
-                summary = _append(prepared, started)
+                summary = _append(prepared)
             except AppendNotPossible as e:
                 decision = Decision(
                     "full",
@@ -88,15 +87,14 @@ def recache_flow(
     return {**summary, "recache": decision.to_json()}
 
 
-def _append(prepared: AppendPrepared, started: float) -> dict[str, Any]:
-    _publish_plan(prepared)
-    initialise_task(prepared)
-    reused = link_task(prepared)
-    results: list[dict[str, Any]] = []
-    if prepared.todo:
-        results = write_flow.with_options(task_runner=make_task_runner(prepared))(prepared)
-    summary = finish_task(prepared, results, started)
-    _publish_results(prepared, results, summary)
+def _append(prepared: AppendPrepared) -> dict[str, Any]:
+    """The cache flow's steps with the append's plan; unchanged chunks are reused first."""
+    reused: dict[str, Any] = {}
+
+    def reuse(p: Any) -> None:
+        reused.update(link_task(p))
+
+    summary = _cache(prepared.request, prepared=prepared, after_initialise=reuse)
     return {**summary, "reused_chunks": reused}
 
 
