@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from flows.control import patient_temporary_api
 from flows.recache import recache_flow
@@ -57,7 +58,7 @@ def main() -> None:
     src.mkdir()
     for f in files[: -args.new]:
         os.link(f, src / f.name)
-    fields = {
+    fields: dict[str, Any] = {
         "data_uri": str(src / "*.nc"),
         "chunks": {"time": 48, "latitude": 181, "longitude": 360},
         "deploy_mode": "series",
