@@ -286,6 +286,11 @@ def runs(
         },
         "pause_apply": {**common, "cache_store": str(root / "paused.zarr"), "preprocessors": cut},
         "pause_cancel": {**common, "cache_store": str(root / "cancel.zarr"), "preprocessors": cut},
+        "pause_proceed": {
+            **common,
+            "cache_store": str(root / "proceed.zarr"),
+            "preprocessors": cut,
+        },
         "pause_timeout": {
             **common,
             "cache_store": str(root / "timeout.zarr"),
@@ -445,6 +450,23 @@ def test_pause_on_recommendations_and_resume_with_apply(
     xr.testing.assert_equal(out.d2m, src.d2m.isel(time=slice(0, 60)))
     applied = _artifact(server, artifact_key("zp-recommendations", cache.name))
     assert "Applied recommendation 1" in str(applied.data) or "Applied:" in str(applied.data)
+
+
+def test_pause_resume_with_proceed_runs_as_asked(
+    server: dict[str, Any], runs: dict[str, Any]
+) -> None:
+    run_id = runs["ids"]["pause_proceed"]
+    run = _wait(server, run_id, runs["worker_log"], paused=True)
+    assert run.state is not None and run.state.is_paused(), run.state
+    with _client(server) as client:
+        assert client.resume_flow_run(run_id, run_input={"decision": "proceed"}).status.value == (
+            "ACCEPT"
+        )
+    run = _wait(server, run_id, runs["worker_log"])
+    assert run.state is not None and run.state.is_completed(), run.state
+    out = xr.open_zarr(runs["params"]["pause_proceed"]["cache_store"])
+    src = xr.open_mfdataset(sorted(runs["src"].glob("*.nc")), engine="h5netcdf")
+    xr.testing.assert_equal(out.t2m, src.t2m.isel(time=slice(3, 57)))  # the selection as asked
 
 
 def test_pause_cancel_and_timeout_end_clearly(server: dict[str, Any], runs: dict[str, Any]) -> None:
