@@ -402,3 +402,23 @@ def test_interrupted_append_resumes(era5_all: list[Path], tmp_path: Path) -> Non
     assert CachePaths(cache).current() == prepared.version
     ref = xr.open_mfdataset(sorted(src.glob("*.nc")), engine="h5netcdf")
     np.testing.assert_array_equal(xr.open_zarr(cache).d2m.values, ref.d2m.values)
+
+
+def test_tiled_cache_appends_like_a_fresh_one(era5_all: list[Path], tmp_path: Path) -> None:
+    tiles = {"latitude": 40, "longitude": 72, "edge": "pad"}
+    src = _source(tmp_path / "src", era5_all[:3])
+    cache, fresh = tmp_path / "tiled.zarr", tmp_path / "fresh.zarr"
+    recache_flow(_request(src, cache, tiles=tiles))
+    _source(src, era5_all[3:])
+    summary = recache_flow(_request(src, cache, tiles=tiles))
+    assert summary["recache"]["action"] == "append", summary["recache"]["reason"]
+    cache_flow(_request(src, fresh, tiles=tiles))
+    ours, theirs = CachePaths(cache).current(), CachePaths(fresh).current()
+    assert ours is not None and theirs is not None
+    xr.testing.assert_identical(
+        _without_provenance(xr.open_zarr(cache)), _without_provenance(xr.open_zarr(fresh))
+    )
+    for name in ("t2m", "d2m"):
+        a, b = _chunk_files(ours, name), _chunk_files(theirs, name)
+        assert a.keys() == b.keys()
+        assert all(a[k].read_bytes() == b[k].read_bytes() for k in a)
