@@ -22,6 +22,7 @@ from flows.cache import _cache, cache_flow, format_summary
 from flows.control import cache_slot, patient_temporary_api, revalidate
 from flows.tasks import artifact_key
 from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
+from zarr_parallel.pipeline import run_lock
 from zarr_parallel.recache import (
     AppendNotPossible,
     AppendPrepared,
@@ -60,7 +61,9 @@ def recache_flow(
     logger = get_run_logger()
     started = time.time()
     request = revalidate(request)
-    with cache_slot(request):
+    # The decision and an append happen under the cache's slot and lock, as a cache run's steps
+    # do; a full re-cache is the cache flow, which takes them itself.
+    with cache_slot(request), run_lock(request):
         decision, prepared = decide_task(request, allow_append)
         _publish_decision(decision)
         logger.info("re-cache: %s: %s", decision.action, decision.reason)
