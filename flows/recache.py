@@ -22,6 +22,7 @@ from flows.cache import _cache, cache_flow, format_summary
 from flows.control import cache_slot, patient_temporary_api, revalidate
 from flows.tasks import artifact_key
 from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
+from zarr_parallel.logs import set_log_level
 from zarr_parallel.pipeline import run_lock
 from zarr_parallel.recache import (
     AppendNotPossible,
@@ -60,6 +61,7 @@ def recache_flow(
     """
     logger = get_run_logger()
     started = time.time()
+    set_log_level(request.log_level)  # deployments run the flow in a worker process
     request = revalidate(request)
     # The decision and an append happen under the cache's slot and lock, as a cache run's steps
     # do; a full re-cache is the cache flow, which takes them itself.
