@@ -218,7 +218,7 @@ def decide_on_recommendations(
         raise pending
     logger = get_run_logger()
     recs = pending.recommendations
-    key = artifact_key("zp-recommendations", resolve_paths(request).final.name)
+    key = artifact_key("zp-recommendations", resolve_paths(request).final)
     timeout = parse_duration(request.pause_timeout, "pause_timeout")
     text = recommendations_message(pending.plan, recs)
     description = (

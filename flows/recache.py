@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -125,10 +126,9 @@ def _report(decision: Decision, started: float, check_only: bool) -> dict[str, A
 
 
 def _publish_decision(decision: Decision) -> None:
-    name = decision.cache.rstrip("/").split("/")[-1]
     create_markdown_artifact(
         decision.markdown(),
-        key=artifact_key("zp-recache", name),
+        key=artifact_key("zp-recache", Path(decision.cache)),
         description=f"Re-cache decision: {decision.action}",
     )
 

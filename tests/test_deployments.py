@@ -398,13 +398,13 @@ def test_adhoc_runs_through_the_worker_take_turns(
     xr.testing.assert_equal(out.t2m, src.t2m.isel(time=slice(0, 60)))
     assert out.t2m.dtype == src.t2m.dtype and out.t2m.attrs == src.t2m.attrs
     # Artifacts read back through the API.
-    plan = _artifact(server, artifact_key("zp-plan", cache.name))
+    plan = _artifact(server, artifact_key("zp-plan", cache))
     assert "read amplification" in str(plan.data)
-    recs = _artifact(server, artifact_key("zp-recommendations", cache.name))
+    recs = _artifact(server, artifact_key("zp-recommendations", cache))
     assert "Applied: widen preprocessors[0].time to [0, 60]" in str(recs.data)
-    results = _artifact(server, artifact_key("zp-results", cache.name))
+    results = _artifact(server, artifact_key("zp-results", cache))
     assert "Completed" in str(results.data)
-    progress = _artifact(server, artifact_key("zp-progress", cache.name))
+    progress = _artifact(server, artifact_key("zp-progress", cache))
     assert float(progress.data) == 100.0
     # One run wrote the cache, the other found it up to date; they held the slot in turn.
     turns = []
@@ -427,7 +427,7 @@ def test_pause_on_recommendations_and_resume_with_apply(
     assert run.state is not None and run.state.is_paused(), run.state
     cache = Path(runs["params"]["pause_apply"]["cache_store"])
     assert not cache.exists(), "nothing is written while paused"
-    recs = _artifact(server, artifact_key("zp-recommendations", cache.name))
+    recs = _artifact(server, artifact_key("zp-recommendations", cache))
     assert "widen preprocessors[0].time to [0, 60]" in str(recs.data)
     with _client(server) as client:
         keyset = run.state.state_details.run_input_keyset
@@ -448,7 +448,7 @@ def test_pause_on_recommendations_and_resume_with_apply(
     out = xr.open_zarr(cache)
     src = xr.open_mfdataset(sorted(runs["src"].glob("*.nc")), engine="h5netcdf")
     xr.testing.assert_equal(out.d2m, src.d2m.isel(time=slice(0, 60)))
-    applied = _artifact(server, artifact_key("zp-recommendations", cache.name))
+    applied = _artifact(server, artifact_key("zp-recommendations", cache))
     assert "Applied recommendation 1" in str(applied.data) or "Applied:" in str(applied.data)
 
 
@@ -489,7 +489,7 @@ def test_scheduled_recache_deployment_appends(server: dict[str, Any], runs: dict
     run = _wait(server, runs["ids"]["recache"], runs["worker_log"])
     assert run.state is not None and run.state.is_completed(), run.state
     cache = runs["grown_cache"]
-    decision = _artifact(server, artifact_key("zp-recache", cache.name))
+    decision = _artifact(server, artifact_key("zp-recache", cache))
     assert "Re-cache: append" in str(decision.data)
     assert "2 new source file(s)" in str(decision.data)
     out = xr.open_zarr(cache)

@@ -108,7 +108,7 @@ def _without_provenance(ds: xr.Dataset) -> xr.Dataset:
 def _artifact(cache: Path, prefix: str = "zp-recache") -> str:
     from flows.tasks import artifact_key
 
-    art = Artifact.get(artifact_key(prefix, cache.name))
+    art = Artifact.get(artifact_key(prefix, cache))
     assert art is not None, f"no {prefix} artifact for {cache.name}"
     return str(art.data)
 
