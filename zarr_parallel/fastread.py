@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -325,13 +325,16 @@ class FastVar:
     decoded_dtype: np.dtype[Any]
     dtype: np.dtype[Any]
 
-    @property
+    @cached_property
     def file_starts(self) -> tuple[int, ...]:
-        """Where each file starts along the concatenated axis (and the total length)."""
+        """Where each file starts along the concatenated axis (and the total length).
+
+        Read once per :class:`FastVar`, which is made per source state (a file grown in place
+        gets a new one), so the starts are never those of an older file.
+        """
         return _file_starts(self.files, self.source_name, self.group, self.concat_axis)
 
 
-@lru_cache(maxsize=64)
 def _file_starts(
     files: tuple[str, ...], name: str, group: str | None, axis: int | None
 ) -> tuple[int, ...]:

@@ -266,10 +266,11 @@ def cached_source(req: CacheRequest) -> Source:
 
     The key holds the files' sizes and modification times, so a changed source is reopened.
     """
-    return _cached_source(req.model_dump_json(include=_SOURCE_FIELDS), _source_state(req))
+    return _cached_source(req.model_dump_json(include=_SOURCE_FIELDS), source_state(req))
 
 
-def _source_state(req: CacheRequest) -> str:
+def source_state(req: CacheRequest) -> str:
+    """The source files' state (sizes and modification times): a key for per-process caches."""
     uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
     return canonical_json([_file_state(u) for u in uris])
 
@@ -287,7 +288,7 @@ def cached_target(request_json: str) -> Target:
     a reused dask worker) must not write a rewritten source's old values.
     """
     req = CacheRequest.model_validate_json(request_json)
-    return _cached_target(request_json, _source_state(req))
+    return _cached_target(request_json, source_state(req))
 
 
 @lru_cache(maxsize=8)

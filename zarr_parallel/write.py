@@ -33,7 +33,7 @@ from zarr_parallel.store import (
     write_region,
     write_values,
 )
-from zarr_parallel.target import Target, cached_target
+from zarr_parallel.target import Target, cached_target, source_state
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +227,15 @@ def run_job(
 FAST_READ_ENV = fastread.FAST_READ_ENV
 
 
-@lru_cache(maxsize=64)
 def _fast_var(request_json: str, name: str) -> fastread.FastVar | None:
+    # Keyed by the source's state as cached_target is: a source file grown or rewritten in
+    # place (a re-cache in a long-lived process) must not be read by a stale index.
+    req = CacheRequest.model_validate_json(request_json)
+    return _cached_fast_var(request_json, source_state(req), name)
+
+
+@lru_cache(maxsize=64)
+def _cached_fast_var(request_json: str, state: str, name: str) -> fastread.FastVar | None:
     req = CacheRequest.model_validate_json(request_json)
     return fastread.fast_plan(cached_target(request_json), req, name)
 
