@@ -19,7 +19,7 @@ from zarr_parallel.errors import RecommendationsPending, RequestError, RunFailed
 from zarr_parallel.execution import WORKER_OVERHEAD
 from zarr_parallel.faults import fault_point
 from zarr_parallel.lock import CacheLock
-from zarr_parallel.plan import Limits, Plan, fingerprint, plan_jobs
+from zarr_parallel.plan import ArrayInput, Limits, Plan, fingerprint, plan_jobs
 from zarr_parallel.preflight import run_preflight
 from zarr_parallel.recommend import Recommendation, recommend
 from zarr_parallel.request import CacheRequest
@@ -80,12 +80,17 @@ def limits_for(req: CacheRequest) -> Limits:
     )
 
 
-def make_plan(req: CacheRequest) -> tuple[Target, Plan]:
-    """Open (cached), transform and plan a request."""
+def plan_inputs(target: Target, req: CacheRequest) -> list[ArrayInput]:
+    """The planner's inputs: the target's arrays, marked where the fast path will write them."""
     from zarr_parallel.fastread import mark_fast
 
+    return mark_fast(target, req, target.array_inputs())
+
+
+def make_plan(req: CacheRequest) -> tuple[Target, Plan]:
+    """Open (cached), transform and plan a request."""
     target = build_target(req, cached_source(req))
-    inputs, limits = mark_fast(target, req, target.array_inputs()), limits_for(req)
+    inputs, limits = plan_inputs(target, req), limits_for(req)
     if target.tiling is not None:
         target.tiling.check_fits(inputs, limits)  # refuse with the largest tile that fits
     # The fingerprint covers the request, the source's state (files, sizes, modification times,

@@ -40,7 +40,7 @@ import zarr
 from pydantic import ValidationError
 
 from zarr_parallel.errors import RecommendationsPending, ZarrParallelError
-from zarr_parallel.pipeline import Prepared, Status, limits_for, prepare
+from zarr_parallel.pipeline import Prepared, Status, limits_for, plan_inputs, prepare
 from zarr_parallel.plan import canonical_json, fingerprint, plan_jobs_from
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.store import (
@@ -459,8 +459,9 @@ def _prepare_append(
     digest = fingerprint(
         req.digest(), target.layout.digest, "append-onto", str(rec.get("fingerprint"))
     )
+    # The same inputs as the full plan: jobs the fast path writes are sized by its model.
     plan = plan_jobs_from(
-        target.array_inputs(), limits_for(req), digest, decision.dim, decision.start
+        plan_inputs(target, req), limits_for(req), digest, decision.dim, decision.start
     )
     fp = plan.fingerprint
     current = paths.current()
