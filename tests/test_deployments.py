@@ -223,11 +223,25 @@ def _artifact(server: dict[str, Any], key: str) -> Any:
     return found[0]
 
 
-def _logs(server: dict[str, Any], run_id: UUID) -> list[Any]:
+def _logs(server: dict[str, Any], run_id: UUID, until: str | None = None) -> list[Any]:
+    """The run's logs; with ``until``, wait (generously) for a message starting with it.
+
+    A run's final state reaches the API before its process has shipped its last log lines
+    (they go in batches), so a finished run's logs can lag behind it.
+    """
+    deadline = time.monotonic() + 120
     with _client(server) as client:
-        return list(
-            client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-        )
+        while True:
+            logs = list(
+                client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+                )
+            )
+            if until is None or any(log.message.startswith(until) for log in logs):
+                return logs
+            if time.monotonic() > deadline:
+                return logs
+            time.sleep(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,10 +423,10 @@ def test_adhoc_runs_through_the_worker_take_turns(
     # One run wrote the cache, the other found it up to date; they held the slot in turn.
     turns = []
     for name in ("adhoc_a", "adhoc_b"):
-        logs = _logs(server, ids[name])
+        logs = _logs(server, ids[name], until="releasing zarr-")
         held = [log.timestamp for log in logs if log.message.startswith("holding zarr-parallel-")]
         freed = [log.timestamp for log in logs if log.message.startswith("releasing zarr-")]
-        assert held and freed, f"{name} never held the cache's slot"
+        assert held and freed, f"{name} never held the cache's slot: {[g.message for g in logs]}"
         turns.append((held[0], freed[-1]))
     first, second = sorted(turns)
     assert second[0] >= first[1], "the second run took the slot before the first released it"
