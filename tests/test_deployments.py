@@ -316,8 +316,14 @@ def runs(
         name: _create_run(server, "zarr-parallel-cache/cache", {"request": p})
         for name, p in params.items()
     }
+    # The re-cache run writes on a local dask cluster (the default deploy mode) that the flow
+    # run starts in the worker's flow process: how the run is executed is not part of what the
+    # cache holds, so it still appends to the cache made in series above.
+    parallel = {"deploy_mode": "dask_distributed", "simultaneous_worker_limit": 2}
     ids["recache"] = _create_run(
-        server, "zarr-parallel-recache/recache-nightly", {"request": grown_request}
+        server,
+        "zarr-parallel-recache/recache-nightly",
+        {"request": {**grown_request, **parallel, "memory_limit": "1GB"}},
     )
     return {
         "root": root,
@@ -506,6 +512,11 @@ def test_scheduled_recache_deployment_appends(server: dict[str, Any], runs: dict
     decision = _artifact(server, artifact_key("zp-recache", cache))
     assert "Re-cache: append" in str(decision.data)
     assert "2 new source file(s)" in str(decision.data)
+    # The append's jobs ran through the cache flow's write subflow on the run's dask workers.
+    logs = _logs(server, runs["ids"]["recache"], until="dask_distributed: ")
+    assert any(g.message.startswith("dask_distributed: ") for g in logs), [g.message for g in logs]
+    written = _artifact(server, artifact_key("zp-results", cache))
+    assert "Completed" in str(written.data)
     out = xr.open_zarr(cache)
     src = xr.open_mfdataset(sorted(runs["grow"].glob("*.nc")), engine="h5netcdf")
     np.testing.assert_array_equal(out.time.values, src.time.values)
