@@ -25,6 +25,7 @@ from core_support import cli_run, frozen_run
 
 from zarr_parallel.api import run_request
 from zarr_parallel.errors import RequestError
+from zarr_parallel.pipeline import make_plan
 from zarr_parallel.request import build_request
 from zarr_parallel.store import CachePaths, chunk_files, is_complete, iter_job_records, plan_record
 from zarr_parallel.verify import cache_differences, location_snapshot, verify_cache
@@ -232,3 +233,34 @@ def test_published_cache_survives_a_killed_run_and_other_requests_never_mix(
     assert not result.summary["resumed"] and not stale.exists()
     assert result.summary["jobs_run"] == result.summary["jobs"]
     assert verify_cache(build_request(**third)).ok
+
+
+def test_resume_and_up_to_date_across_run_settings(
+    era5_files: list[Path], reference: Path, tmp_path: Path
+) -> None:
+    """Run settings split the same content into other jobs: a killed run, run again with
+    another ``num_jobs``, continues with its own plan; the finished cache is up to date in
+    another deploy mode."""
+    fields = _fields(era5_files, tmp_path / "out" / "era5.zarr")
+    store = Path(fields["cache_store"])
+    _killed_run(_request_file(fields, tmp_path), "job-recorded#3")
+    (staging,) = CachePaths(store).all_versions()
+    recorded_before = {r["id"] for r in iter_job_records(staging)}
+    assert len(recorded_before) == 3
+    before = _chunk_mtimes(staging)
+    other = build_request(**{**fields, "num_jobs": 4})
+    stored = plan_record(staging)
+    assert stored is not None and make_plan(other)[1].fingerprint != stored["fingerprint"]
+
+    result = run_request(other)
+    assert result.summary["resumed"] and result.summary["jobs"] == 10
+    _check_resumed(store, reference, recorded_before, before)
+
+    again = run_request(
+        build_request(
+            **{**fields, "deploy_mode": "dask_distributed", "memory_limit": "1GB"},
+            simultaneous_worker_limit=2,
+        )
+    )
+    assert again.status == "up to date" and again.summary["jobs_run"] == 0
+    assert CachePaths(store).all_versions() == [store.resolve()]

@@ -9,6 +9,7 @@ is the definition being applied, not the thing under test).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -311,6 +312,26 @@ def test_plan_determinism(case: tuple[list[VarCase], Limits]) -> None:
     assert first == second
     assert first.fingerprint == second.fingerprint
     assert _plan(variables, limits, digest="other").fingerprint != first.fingerprint
+
+
+@PROPERTY_SETTINGS
+@given(plan_cases())
+def test_content_fingerprint_ignores_the_split(case: tuple[list[VarCase], Limits]) -> None:
+    """Another job split of the same arrays (more jobs asked) keeps the content fingerprint;
+    another request changes it; the manifest's copy of a plan reads back as the same plan."""
+    variables, limits = case
+    try:
+        first = _plan(variables, limits)
+        split = _plan(variables, Limits(limits.memory_budget, limits.min_jobs + 3))
+    except PlanError:
+        return
+    assert split.content_fingerprint == first.content_fingerprint != ""
+    if [j.region for j in split.jobs] != [j.region for j in first.jobs]:
+        assert split.fingerprint != first.fingerprint
+    assert _plan(variables, limits, digest="other").content_fingerprint != (
+        first.content_fingerprint
+    )
+    assert Plan.from_json(json.loads(json.dumps(first.to_json()))) == first
 
 
 # ------------------------------------------------------------------------------------------

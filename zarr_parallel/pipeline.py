@@ -38,6 +38,7 @@ from zarr_parallel.store import (
     publish,
     recorded_jobs,
     resolve_paths,
+    same_content,
     unrecord_job,
 )
 from zarr_parallel.target import Target, build_target, cached_source, cached_target
@@ -153,8 +154,8 @@ def prepare(req: CacheRequest) -> Prepared:
             logger.info("applied recommendation: %s", applied.sentence)
     layout = source.layout.to_json()
     prepared = Prepared(req, paths, plan, paths.final, "fresh", [], recs, applied, layout)
-    version, status, todo = _choose_version(req, paths, plan, prepared.plan_json())
-    prepared.version, prepared.status, prepared.todo = version, status, todo
+    version, status, todo, plan = _choose_version(req, paths, plan, prepared.plan_json())
+    prepared.version, prepared.status, prepared.todo, prepared.plan = version, status, todo, plan
     if status != "up_to_date":
         run_preflight(req, paths, target, plan, source, todo)
     return prepared
@@ -181,15 +182,26 @@ def recommendations_message(plan: Plan, recs: list[Recommendation]) -> str:
 
 def _choose_version(
     req: CacheRequest, paths: CachePaths, plan: Plan, plan_json: dict[str, Any]
-) -> tuple[Path, Status, list[int]]:
+) -> tuple[Path, Status, list[int], Plan]:
+    """The version to write (or keep), what it is, the jobs to run and the plan they come from.
+
+    A version holding the same content counts whatever plan made it (store.same_content): a
+    request run again in another deploy mode or with another memory limit is up to date, and
+    an interrupted run of it continues with its own plan's jobs if they fit this run's budget.
+    """
     fp = plan.fingerprint
     all_ids = [j.id for j in plan.jobs]
     current = paths.current()
     if current is not None and is_complete(current):
         rec = plan_record(current)
-        # A version made by a re-cache append records the full plan it equals.
-        if rec and fp in (rec.get("fingerprint"), rec.get("full_fingerprint")):
-            return current, "up_to_date", []
+        if same_content(rec, plan_json):
+            if (
+                rec
+                and rec.get("content_fingerprint") == plan.content_fingerprint != ""
+                and (rec.get("fingerprint") != fp)
+            ):
+                plan = Plan.from_json(rec)  # report the jobs that made it, not this split
+            return current, "up_to_date", [], plan
         if not req.overwrite:
             raise RequestError(
                 "overwrite",
@@ -211,6 +223,19 @@ def _choose_version(
     # by initialise, never mixed with this run.
     others = [v for v in paths.all_versions() if v != current]
     matching = [v for v in others if (plan_record(v) or {}).get("fingerprint") == fp]
+    if not matching and req.resume is not False:
+        adopted = _adoptable(others, plan, plan_json)
+        if adopted is not None:
+            version, stored = adopted
+            done = recorded_jobs(version, stored.fingerprint)
+            logger.info(
+                "continuing the interrupted run %s with its own plan (%d jobs, %d done): it "
+                "writes the same content as this request's plan",
+                version.name,
+                len(stored.jobs),
+                len(done),
+            )
+            return version, "resume", [j.id for j in stored.jobs if j.id not in done], stored
     if req.resume is True and not matching:
         interrupted = [v for v in others if plan_record(v) is not None and not is_complete(v)]
         found = (
@@ -229,8 +254,28 @@ def _choose_version(
     if matching and req.resume is not False:
         version = matching[-1]
         done = recorded_jobs(version, fp)
-        return version, "resume", [i for i in all_ids if i not in done]
-    return paths.next_version(fp), "fresh", all_ids
+        return version, "resume", [i for i in all_ids if i not in done], plan
+    return paths.next_version(fp), "fresh", all_ids, plan
+
+
+def _adoptable(
+    versions: list[Path], plan: Plan, plan_json: dict[str, Any]
+) -> tuple[Path, Plan] | None:
+    """The latest unpublished version of the same content whose jobs fit ``plan``'s budget."""
+    for version in reversed(versions):
+        rec = plan_record(version)
+        if not same_content(rec, plan_json) or rec is None or "job_list" not in rec:
+            continue
+        stored = Plan.from_json(rec)
+        if stored.max_job_memory <= plan.memory_budget:
+            return version, stored
+        logger.info(
+            "not continuing %s: its jobs need up to %s, more than this run's budget %s",
+            version.name,
+            format_bytes(stored.max_job_memory),
+            format_bytes(plan.memory_budget),
+        )
+    return None
 
 
 def _differences(old: dict[str, Any] | None, new: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -311,6 +311,9 @@ class Plan:
     write_bytes: int
     fingerprint: str
     notes: tuple[str, ...] = ()
+    #: What the cache holds (request content, source state, arrays), whatever the job split:
+    #: equal for runs of one request in any deploy mode, worker count or memory limit.
+    content_fingerprint: str = ""
 
     @property
     def read_amplification(self) -> float:
@@ -337,6 +340,7 @@ class Plan:
             "needed_bytes": self.needed_bytes,
             "write_bytes": self.write_bytes,
             "fingerprint": self.fingerprint,
+            "content_fingerprint": self.content_fingerprint,
             "notes": list(self.notes),
         }
 
@@ -355,10 +359,53 @@ class Plan:
                 for g in self.groups
             ],
             "job_list": [
-                [j.id, list(j.variables), [list(r) for r in j.region], j.memory, j.read_bytes]
+                [
+                    j.id,
+                    list(j.variables),
+                    [list(r) for r in j.region],
+                    j.memory,
+                    j.read_bytes,
+                    j.write_bytes,
+                ]
                 for j in self.jobs
             ],
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        """The plan a manifest stored (:meth:`to_json`), e.g. to continue an interrupted run."""
+        jobs = tuple(
+            Job(
+                int(j[0]),
+                tuple(str(v) for v in j[1]),
+                tuple((str(d), int(a), int(b)) for d, a, b in j[2]),
+                int(j[3]),
+                int(j[4]),
+                int(j[5]) if len(j) > 5 else 0,
+            )
+            for j in data["job_list"]
+        )
+        groups = tuple(
+            GroupPlan(
+                tuple(g["variables"]),
+                tuple(g["dims"]),
+                tuple(g["unit_counts"]),
+                tuple(g["units_per_job"]),
+                tuple(g["split_dims"]),
+            )
+            for g in data.get("groups", [])
+        )
+        return cls(
+            jobs=jobs,
+            groups=groups,
+            memory_budget=int(data["memory_budget"]),
+            read_bytes=int(data["read_bytes"]),
+            needed_bytes=int(data["needed_bytes"]),
+            write_bytes=int(data["write_bytes"]),
+            fingerprint=str(data["fingerprint"]),
+            notes=tuple(data.get("notes", ())),
+            content_fingerprint=str(data.get("content_fingerprint", "")),
+        )
 
 
 def job_memory(
@@ -538,10 +585,11 @@ def plan_jobs(arrays: Sequence[ArrayInput], limits: Limits, request_digest: str 
             f"num_jobs={limits.min_jobs} asked, but whole aligned units allow only {len(jobs)} "
             "jobs; cutting units further would make jobs re-read source chunks"
         )
+    arrays_json = canonical_json(
+        [[a.name, a.signature(), a.itemsize, a.read_itemsize] for a in arrays]
+    )
     digest = fingerprint(
-        request_digest,
-        canonical_json([[a.name, a.signature(), a.itemsize, a.read_itemsize] for a in arrays]),
-        canonical_json([[j.variables, j.region] for j in jobs]),
+        request_digest, arrays_json, canonical_json([[j.variables, j.region] for j in jobs])
     )
     return Plan(
         jobs=tuple(jobs),
@@ -552,6 +600,7 @@ def plan_jobs(arrays: Sequence[ArrayInput], limits: Limits, request_digest: str 
         write_bytes=written,
         fingerprint=digest,
         notes=tuple(notes),
+        content_fingerprint=fingerprint(request_digest, arrays_json),
     )
 
 

@@ -132,14 +132,16 @@ class AppendPrepared(Prepared):
 
     decision: Decision | None = None
     full_fingerprint: str = ""
+    full_content_fingerprint: str = ""
 
     def plan_json(self) -> dict[str, Any]:
         """The manifest's plan, with what the append was made from."""
         return {
             **super().plan_json(),
             # The full plan this version equals: later runs of the same request find it up to
-            # date (pipeline._choose_version accepts either fingerprint).
+            # date (store.same_content accepts either).
             "full_fingerprint": self.full_fingerprint,
+            "full_content_fingerprint": self.full_content_fingerprint,
             "recache": self.decision.to_json() if self.decision else None,
         }
 
@@ -183,10 +185,18 @@ def decide(req: CacheRequest, allow_append: bool = True) -> tuple[Decision, Appe
         )
         return Decision("full", reason, name, base_version=base), None
     if full.status == "up_to_date":
-        reason = (
-            f"the request and the source are unchanged (plan fingerprint "
-            f"{full.plan.fingerprint[:12]} matches the published version {base})"
-        )
+        stored_request = (plan_record(current) or {}).get("request")
+        if stored_request and stored_request != full.request.model_dump(mode="json"):
+            # Same content (store.same_content), other run settings: nothing to write.
+            reason = (
+                "the source and the request's content are unchanged (only how the run is "
+                "executed differs, e.g. memory_limit, num_jobs or deploy_mode)"
+            )
+        else:
+            reason = (
+                f"the request and the source are unchanged (plan fingerprint "
+                f"{full.plan.fingerprint[:12]} matches the published version {base})"
+            )
         return Decision("up_to_date", reason, name, base_version=base), None
     req = full.request  # as the full run would write it (a recommendation may be applied)
     rec = plan_record(current) or {}
@@ -490,6 +500,7 @@ def _prepare_append(
         layout=target.layout.to_json(),
         decision=decision,
         full_fingerprint=full.plan.fingerprint,
+        full_content_fingerprint=full.plan.content_fingerprint,
     )
 
 

@@ -315,6 +315,22 @@ _RUN_ONLY_FIELDS = {
 }
 
 
+def same_content(stored: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """True when the version whose ``plan.json`` is ``stored`` holds what plan ``new`` writes.
+
+    The same plan, or the same content planned differently: another deploy mode, worker count
+    or memory limit splits the same arrays into other jobs, and writes the same bytes. A
+    re-cache append also records the full plan it equals (``full_*`` keys).
+    """
+    if not stored:
+        return False
+    for key in ("fingerprint", "content_fingerprint"):
+        value = new.get(key)
+        if value and value in (stored.get(key), stored.get(f"full_{key}")):
+            return True
+    return False
+
+
 def plan_differences(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
     """What differs between two stored plans (``plan.json``), in words, most telling first.
 

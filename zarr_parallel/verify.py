@@ -47,6 +47,7 @@ from zarr_parallel.store import (
     plan_record,
     quiet_manifest,
     resolve_paths,
+    same_content,
 )
 from zarr_parallel.target import Target, cached_target
 
@@ -279,12 +280,7 @@ def _verify(
             report.chunks_total += math.prod(
                 math.ceil(s / g) for s, g in zip(shape, grid, strict=True)
             )
-            if (
-                mode == "full"
-                and jobs
-                and stored
-                and stored.get("fingerprint") == current.get("fingerprint")
-            ):
+            if mode == "full" and jobs and same_content(stored, current):
                 blocks = _job_blocks(jobs, name, records)
             elif mode == "full":
                 blocks = ((r, None) for r in _chunk_regions(dims, shape, grid))
@@ -328,7 +324,7 @@ def _check_manifest(
                 region,
             )
         )
-    if fp != current.get("fingerprint"):
+    if not same_content(stored, current):
         changes = plan_differences(stored, current)
         out.add(
             Problem(
