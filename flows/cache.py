@@ -220,12 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().print_usage(sys.stderr)
         print("error: give a command (run, plan, verify) and a request file", file=sys.stderr)
         return 2
-    try:
+
+    def run() -> int:
         req = load_request_file(request_path, args.overrides)
         set_log_level(req.log_level)
         if command == "plan":
-            prepared = prepare(req)
-            _print_plan(prepared)
+            _print_plan(prepare(req))
             return 0
         if command == "verify":
             from zarr_parallel.verify import verify_cache
@@ -235,6 +235,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if report.ok else 1
         with patient_temporary_api():
             summary = cache_flow(req)
+        print(format_summary(summary))
+        return 0
+
+    return exit_code(run)
+
+
+def exit_code(run: Callable[[], int]) -> int:
+    """Run a command-line body; zarr-parallel's errors become the documented exit codes.
+
+    0 done or up to date (what ``run`` returns), 1 run failed, 2 invalid request, 3 halted on
+    recommendations; each error is printed to stderr. Shared by ``flows.cache`` and
+    ``flows.recache``.
+    """
+    try:
+        return run()
     except RecommendationsPending as e:
         print(str(e), file=sys.stderr)
         return 3
@@ -256,8 +271,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    print(format_summary(summary))
-    return 0
 
 
 def _print_plan(prepared: Prepared) -> None:

@@ -19,10 +19,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.cache import _cache, cache_flow, format_summary
+from flows.cache import _cache, cache_flow, exit_code, format_summary
 from flows.control import cache_slot, patient_temporary_api, revalidate
 from flows.tasks import artifact_key
-from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.pipeline import run_lock
 from zarr_parallel.recache import (
@@ -153,25 +152,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="only report what a run would do")
     p.add_argument("--no-append", action="store_true", help="re-cache in full when it changed")
     args = p.parse_args(argv)
-    try:
+
+    def run() -> int:
         req = load_request_file(args.request, args.overrides)
         with patient_temporary_api():
             summary = recache_flow(req, allow_append=not args.no_append, check_only=args.check)
-    except RecommendationsPending as e:
-        print(str(e), file=sys.stderr)
-        return 3
-    except RunFailed as e:
-        print(f"run failed: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"invalid request: {e}", file=sys.stderr)
-        return 2
-    except ZarrParallelError as e:
-        print(f"failed: {e}", file=sys.stderr)
-        return 1
-    print(format_summary(summary))
-    print(f"  re-cache            {summary['recache']['action']}: {summary['recache']['reason']}")
-    return 0
+        print(format_summary(summary))
+        recache = summary["recache"]
+        print(f"  re-cache            {recache['action']}: {recache['reason']}")
+        return 0
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":
