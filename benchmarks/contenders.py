@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from zarr_parallel.write import rchar
+
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -29,18 +31,6 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 ZP050_PYTHON = "ZP050_PYTHON"
 #: Where this project's SLURM mode is available (scripts/slurm-local.sh).
 MEMORY_LIMIT = "2GB"
-
-
-def rchar() -> int:
-    """Bytes this process has read through read(2)-like calls (``/proc/self/io``)."""
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("rchar:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def _maxrss() -> tuple[int, int]:

@@ -91,6 +91,7 @@ def _maxrss() -> int:
 
 
 def _rchar() -> int:
+    # Not zarr_parallel.write.rchar: the floor's pool processes must not import the project.
     with open("/proc/self/io") as f:
         for line in f:
             if line.startswith("rchar:"):

@@ -171,7 +171,7 @@ def run_job(
     checksums: dict[str, str] = {}
     stats: dict[str, dict[str, float]] = {}
     fast: dict[str, int] = {}
-    rchar = _rchar()
+    read_before = rchar()
     with measure_peak() as peak, dask.config.set(**read_settings(request_json, target.layout)):
         for name in variables:
             var = target.dataset[name]
@@ -211,7 +211,7 @@ def run_job(
         "peak_rss": peak.peak,
         # Bytes this process read while the job ran (/proc/self/io rchar: source chunks, plus
         # a few KB of store metadata), and the source bytes the fast path read per variable.
-        "read_bytes": _rchar() - rchar if rchar >= 0 else None,
+        "read_bytes": rchar() - read_before if read_before >= 0 else None,
         "fast_read": fast,
         # The worker that ran the job (the parent of its job process, see execution.py).
         "pid": int(os.environ.get("ZARR_PARALLEL_WORKER_PID") or os.getpid()),
@@ -318,7 +318,7 @@ def _merge_parts(parts: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _rchar() -> int:
+def rchar() -> int:
     """Bytes this process has read (``rchar`` of /proc/self/io), or -1 where unavailable."""
     try:
         with open("/proc/self/io") as f:
