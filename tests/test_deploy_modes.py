@@ -240,3 +240,84 @@ def test_memory_limit_must_leave_room_beside_the_worker_process() -> None:
     assert limits_for(_request(memory_limit="500MB", deploy_mode="series")).memory_budget == (
         500_000_000 - 256_000_000
     )
+
+
+def test_existing_scheduler_runs_the_jobs_and_is_left_running(
+    era5_files: list[Path], reference: Path, tmp_path: Path
+) -> None:
+    """``scheduler_address``: the write tasks run on the workers of a scheduler started outside
+    the run (``dask scheduler`` and ``dask worker --nthreads 1``, as the docs say), the cache is
+    the same bytes, and the run leaves that cluster as it found it."""
+    import socket
+
+    from distributed import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    log = (tmp_path / "cluster.log").open("w")
+    python_m = [sys.executable, "-m"]
+    procs = [
+        subprocess.Popen(
+            [
+                *python_m,
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+            ],
+            env=env,
+            stdout=log,
+            stderr=log,
+        ),
+    ]
+    try:
+        procs.append(
+            subprocess.Popen(
+                [
+                    *python_m,
+                    "distributed.cli.dask_worker",
+                    address,
+                    "--nthreads",
+                    "1",
+                    "--nworkers",
+                    "2",
+                    "--memory-limit",
+                    "1GB",
+                    "--no-dashboard",
+                ],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        )
+        with Client(address, timeout="120s") as client:
+            client.wait_for_workers(2, timeout=180)
+            worker_pids = set(client.run(os.getpid).values())
+            result = run_cache(
+                era5_files,
+                tmp_path / "remote.zarr",
+                deploy_mode="dask_distributed",
+                scheduler_address=address,
+            )
+            assert_same_cache(result.path, reference)
+            assert {r["pid"] for r in job_records(result)} <= worker_pids
+            # Still there, with the same workers: the run closed only its own client.
+            assert set(client.run(os.getpid).values()) == worker_pids
+        assert all(p.poll() is None for p in procs)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        log.close()
