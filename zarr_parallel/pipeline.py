@@ -195,11 +195,7 @@ def _choose_version(
     if current is not None and is_complete(current):
         rec = plan_record(current)
         if same_content(rec, plan_json):
-            if (
-                rec
-                and rec.get("content_fingerprint") == plan.content_fingerprint != ""
-                and (rec.get("fingerprint") != fp)
-            ):
+            if rec and _split_differently(rec, plan):
                 plan = Plan.from_json(rec)  # report the jobs that made it, not this split
             return current, "up_to_date", [], plan
         if not req.overwrite:
@@ -224,7 +220,7 @@ def _choose_version(
     others = [v for v in paths.all_versions() if v != current]
     matching = [v for v in others if (plan_record(v) or {}).get("fingerprint") == fp]
     if not matching and req.resume is not False:
-        adopted = _adoptable(others, plan, plan_json)
+        adopted = _adoptable(others, plan)
         if adopted is not None:
             version, stored = adopted
             done = recorded_jobs(version, stored.fingerprint)
@@ -258,13 +254,15 @@ def _choose_version(
     return paths.next_version(fp), "fresh", all_ids, plan
 
 
-def _adoptable(
-    versions: list[Path], plan: Plan, plan_json: dict[str, Any]
-) -> tuple[Path, Plan] | None:
-    """The latest unpublished version of the same content whose jobs fit ``plan``'s budget."""
+def _adoptable(versions: list[Path], plan: Plan) -> tuple[Path, Plan] | None:
+    """The latest unpublished version of the same content whose jobs fit ``plan``'s budget.
+
+    Only a full run's version: a re-cache append's plan covers its new region alone, and the
+    re-cache flow continues its own.
+    """
     for version in reversed(versions):
         rec = plan_record(version)
-        if not same_content(rec, plan_json) or rec is None or "job_list" not in rec:
+        if rec is None or "job_list" not in rec or not _split_differently(rec, plan):
             continue
         stored = Plan.from_json(rec)
         if stored.max_job_memory <= plan.memory_budget:
@@ -276,6 +274,13 @@ def _adoptable(
             format_bytes(plan.memory_budget),
         )
     return None
+
+
+def _split_differently(rec: dict[str, Any], plan: Plan) -> bool:
+    """A stored full plan of the same content as ``plan`` with other jobs."""
+    return rec.get("content_fingerprint") == plan.content_fingerprint and (
+        rec.get("fingerprint") != plan.fingerprint
+    )
 
 
 def _differences(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
