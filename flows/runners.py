@@ -557,6 +557,31 @@ class PrewarmPlugin(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         threading.Thread(target=_prewarm, name="zarr-parallel-prewarm", daemon=True).start()
 
+    def teardown(self, worker: Any) -> None:
+        # The worker is closing: its job process goes now. And the worker must really end:
+        # SLURM workers (no nanny) were seen stuck after a scancel, cancelling event-loop tasks
+        # for ever, outliving their job where SLURM tracks processes by parentage
+        # (proctrack/linuxproc) and holding their memory on the node.
+        from zarr_parallel import execution
+
+        execution.shutdown()
+        threading.Thread(
+            target=_exit_after, args=(EXIT_GRACE_SECONDS,), name="zarr-parallel-exit", daemon=True
+        ).start()
+
+
+#: Seconds a closing worker gets to exit by itself before it is ended (``os._exit``).
+EXIT_GRACE_SECONDS = 30.0
+
+
+def _exit_after(seconds: float) -> None:
+    time.sleep(seconds)
+    logger.warning(
+        "worker pid %d still running %.0f s after closing: ending it", os.getpid(), seconds
+    )
+    logging.shutdown()
+    os._exit(0)
+
 
 def _register_prewarm(address: str) -> None:
     from distributed import Client

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,13 @@ def test_every_deploy_mode_writes_the_same_cache(
     assert "Starting temporary server" not in text
     script = (logs / "job-script.sh").read_text()
     assert f"export PREFECT_API_URL={prefect_api}" in script
+    # No worker of that cluster outlives the run (SLURM tracks processes by parentage here, so
+    # a worker stuck on its way out would stay: the prewarm plugin's teardown ends it).
+    (address,) = set(re.findall(r"tcp://[\w.\-]+:\d+", script))
+    deadline = time.monotonic() + 120
+    while _processes_with(address):
+        assert time.monotonic() < deadline, f"workers left running: {_processes_with(address)}"
+        time.sleep(1)
     assert "export PREFECT_SERVER_EPHEMERAL_ENABLED=false" in script
 
 
@@ -240,6 +249,17 @@ def test_memory_limit_must_leave_room_beside_the_worker_process() -> None:
     assert limits_for(_request(memory_limit="500MB", deploy_mode="series")).memory_budget == (
         500_000_000 - 256_000_000
     )
+
+
+def _processes_with(text: str) -> list[int]:
+    """Pids of the processes whose command line contains ``text``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any(text in part for part in proc.info["cmdline"] or []):
+            found.append(proc.info["pid"])
+    return found
 
 
 def test_existing_scheduler_runs_the_jobs_and_is_left_running(
