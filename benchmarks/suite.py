@@ -11,19 +11,22 @@ asserted: CI runs ``--size quick --repeat 1`` to keep the scripts working.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from benchmarks.datasets import (
     DATA,
@@ -183,34 +186,88 @@ def remove_store(store: str) -> None:
 # Running
 
 
+class TreeCPU:
+    """CPU seconds of a contender's processes, sampled while it runs.
+
+    Every ``interval`` seconds: the contender process and its descendants, and the SLURM worker
+    processes (dask-jobqueue's ``SLURMCluster`` workers, children of slurmd, not of the
+    contender) started since, with their descendants. Each process counts its own user + system
+    time (children excluded, so nothing is counted twice), as last seen; a process living less
+    than one interval may be missed. ``getrusage(RUSAGE_CHILDREN)`` misses what is not reaped
+    through the tree: the job processes of dask workers, and all of SLURM's.
+    """
+
+    def __init__(self, root: int, since: float, interval: float = 0.25) -> None:
+        self.root, self.since, self.interval = root, since, interval
+        self.seen: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-cpu", daemon=True)
+
+    def __enter__(self) -> TreeCPU:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def seconds(self) -> float:
+        """CPU seconds of every process seen."""
+        return sum(self.seen.values())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        """Record the CPU time of every process of the tree now."""
+        tops: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            tops.append(psutil.Process(self.root))
+        for proc in psutil.process_iter(["cmdline", "create_time"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.info["create_time"] >= self.since and "SLURMCluster" in cmd:
+                tops.append(proc)
+        for top in tops:
+            with contextlib.suppress(psutil.Error):
+                for proc in (top, *top.children(recursive=True)):
+                    with contextlib.suppress(psutil.Error):
+                        t = proc.cpu_times()
+                        key = (proc.pid, proc.create_time())
+                        self.seen[key] = max(self.seen.get(key, 0.0), t.user + t.system)
+
+
 def run_contender(
     name: str, case: dict[str, Any], store: str, timeout: float, env: dict[str, str]
 ) -> dict[str, Any]:
-    """Run one contender in a fresh process; add wall time and CPU seconds of its process tree."""
+    """Run one contender in a fresh process; add wall time and CPU seconds of its processes."""
     remove_store(store)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.contenders", name, json.dumps(case), store],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
-        stdout, stderr = proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as e:
-        return {"ok": False, "error": f"timed out after {timeout:.0f} s ({e})"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.contenders", name, json.dumps(case), store],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    with TreeCPU(proc.pid, time.time() - 1) as cpu:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            proc.kill()
+            proc.communicate()
+            return {"ok": False, "error": f"timed out after {timeout:.0f} s ({e})"}
     wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result: dict[str, Any] = {"ok": False, "error": (stderr or stdout).strip()[-400:]}
     for line in stdout.splitlines():
         if line.startswith("RESULT "):
             result = json.loads(line[7:])
     result["process_wall_s"] = wall
-    result["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["cpu_s"] = cpu.seconds
     return result
 
 
