@@ -94,6 +94,30 @@ def when_blocked(
     return thread
 
 
+def run_held(
+    files: list[Path],
+    store: Path,
+    act: Callable[[dict[str, Any]], None],
+    index: int = 30,
+    **fields: Any,
+) -> tuple[CacheResult, Path]:
+    """Cache with the job holding time ``index`` blocked by ``test_hold``; once it blocks,
+    ``act(info)`` on it (info: its pid, parent pid, SLURM job id), then let it go on.
+
+    Returns the run's result and the plug-in's log of blocked attempts (:func:`started_lines`).
+    """
+    spec, marker, started = hold_spec(store.parent, index)
+
+    def act_then_release(info: dict[str, Any]) -> None:
+        act(info)
+        marker.unlink(missing_ok=True)
+
+    thread = when_blocked(started, act_then_release)
+    result = run_cache(files, store, preprocessors=[spec], **fields)
+    thread.join(1)
+    return result, started
+
+
 def squeue_ids() -> set[str]:
     """Job ids SLURM still lists."""
     out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout

@@ -19,8 +19,8 @@ from deploy_helpers import (
     hold_spec,
     job_records,
     run_cache,
+    run_held,
     started_lines,
-    when_blocked,
 )
 
 from zarr_parallel.errors import RunFailed
@@ -45,7 +45,6 @@ def _held_job(result_jobs: list[dict[str, Any]], index: int) -> dict[str, Any]:
 def test_worker_killed_mid_job_is_retried_to_an_identical_cache(
     era5_files: list[Path], reference: Path, tmp_path: Path, fault_plugins: Path
 ) -> None:
-    spec, marker, started = hold_spec(tmp_path, index=30)
     killed: dict[str, Any] = {}
 
     def kill_worker(info: dict[str, Any]) -> None:
@@ -53,17 +52,14 @@ def test_worker_killed_mid_job_is_retried_to_an_identical_cache(
         killed.update(info)
         os.kill(info["ppid"], signal.SIGKILL)
         time.sleep(0.5)
-        marker.unlink()
 
-    thread = when_blocked(started, kill_worker)
-    result = run_cache(
+    result, _ = run_held(
         era5_files,
         tmp_path / "killed.zarr",
+        kill_worker,
         deploy_mode="dask_distributed",
         simultaneous_worker_limit=2,
-        preprocessors=[spec],
     )
-    thread.join(1)
     assert killed, "the held job never started"
     assert _gone(killed["ppid"]) and _gone(killed["pid"])
     assert_same_cache(result.path, reference)
@@ -143,21 +139,16 @@ def test_job_process_killed_mid_job_is_retried(
 ) -> None:
     # The job process dies under the worker (as by the kernel's OOM killer): the task fails
     # with the reason, Prefect retries it in a new job process, and the cache is complete.
-    spec, marker, started = hold_spec(tmp_path, index=30)
-
     def kill_job_process(info: dict[str, Any]) -> None:
         os.kill(info["pid"], signal.SIGKILL)
-        marker.unlink()
 
-    thread = when_blocked(started, kill_job_process)
-    result = run_cache(
+    result, started = run_held(
         era5_files,
         tmp_path / "job-killed.zarr",
+        kill_job_process,
         deploy_mode="dask_distributed",
         simultaneous_worker_limit=2,
-        preprocessors=[spec],
     )
-    thread.join(1)
     [info] = started_lines(started)
     assert _gone(info["pid"])
     assert_same_cache(result.path, reference)

@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 from deploy_helpers import (
     assert_same_cache,
-    hold_spec,
     job_records,
     run_cache,
+    run_held,
     squeue_ids,
-    when_blocked,
 )
 
 from zarr_parallel.errors import RunFailed
@@ -30,24 +29,20 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 def test_scancel_of_a_worker_job_mid_job_is_retried_to_an_identical_cache(
     era5_files: list[Path], reference: Path, tmp_path: Path, fault_plugins: Path, slurm: str
 ) -> None:
-    spec, marker, started = hold_spec(tmp_path, index=30)
     cancelled: dict[str, Any] = {}
 
     def cancel_job(info: dict[str, Any]) -> None:
         cancelled.update(info)
         subprocess.run(["scancel", str(info["slurm_job_id"])], check=True)
         time.sleep(0.5)
-        marker.unlink()
 
-    thread = when_blocked(started, cancel_job)
-    result = run_cache(
+    result, _ = run_held(
         era5_files,
         tmp_path / "scancel.zarr",
+        cancel_job,
         deploy_mode="SLURM",
         simultaneous_worker_limit=2,
-        preprocessors=[spec],
     )
-    thread.join(1)
     assert cancelled.get("slurm_job_id"), "the held job never ran in a SLURM job"
     assert_same_cache(result.path, reference)
     held = next(
