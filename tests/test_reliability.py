@@ -160,16 +160,23 @@ def test_legacy_cache_at_the_final_path(era5_files: list[Path], tmp_path: Path) 
     assert verify_cache(build_request(**_fields(era5_files, store))).ok
 
 
-def test_resume_removes_leftover_temporary_files(era5_files: list[Path], tmp_path: Path) -> None:
-    """A killed chunk write leaves ``<key>.<uuid>.partial``: never published, never mixed."""
+def _unpublished_copy(files: list[Path], tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A reference cache, and a second one turned back into an interrupted staging version
+    (link and complete.json removed): (reference, cache path, its version folder)."""
     reference = tmp_path / "ref.zarr"
-    run_request(build_request(**_fields(era5_files, reference)))
+    run_request(build_request(**_fields(files, reference)))
     store = tmp_path / "c.zarr"
-    run_request(build_request(**_fields(era5_files, store)))
+    run_request(build_request(**_fields(files, store)))
     version = store.resolve()
-    # Turn the published version back into an interrupted staging version with debris.
     os.unlink(store)
     (version / ".zarr-parallel" / "complete.json").unlink()
+    return reference, store, version
+
+
+def test_resume_removes_leftover_temporary_files(era5_files: list[Path], tmp_path: Path) -> None:
+    """A killed chunk write leaves ``<key>.<uuid>.partial``: never published, never mixed."""
+    # An interrupted staging version with debris.
+    reference, store, version = _unpublished_copy(era5_files, tmp_path)
     jobs = sorted((version / ".zarr-parallel" / "jobs").glob("*.json"))
     jobs[-1].unlink()
     (version / "t2m" / "c" / "0" / "0" / "0.3f2a.partial").write_bytes(b"torn")
@@ -184,13 +191,7 @@ def test_chunk_lost_after_its_record_is_rewritten_not_published(
     era5_files: list[Path], tmp_path: Path
 ) -> None:
     """The completeness check looks at files, not only records: a hole is never published."""
-    reference = tmp_path / "ref.zarr"
-    run_request(build_request(**_fields(era5_files, reference)))
-    store = tmp_path / "c.zarr"
-    run_request(build_request(**_fields(era5_files, store)))
-    version = store.resolve()
-    os.unlink(store)
-    (version / ".zarr-parallel" / "complete.json").unlink()
+    reference, store, version = _unpublished_copy(era5_files, tmp_path)
     (version / "d2m" / "c" / "2" / "1" / "0").unlink()  # time 24:36, latitude 40:73
     with pytest.raises(RunFailed, match=r"d2m/c/2/1/0\); the store was changed") as info:
         run_request(build_request(**_fields(era5_files, store, resume=True)))
