@@ -301,6 +301,20 @@ def test_slabs_keep_the_checksum_of_the_whole_region() -> None:
     ]
 
 
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, 9), n=st.integers(0, 300), seed=st.integers(0, 2**32 - 1))
+def test_unshuffle_is_the_inverse_of_hdf5_shuffle(size: int, n: int, seed: int) -> None:
+    # HDF5's shuffle stores byte k of every element in plane k; trailing bytes stay as they are.
+    raw = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+    whole = n // size * size
+    shuffled = np.concatenate([raw[:whole].reshape(-1, size).T.reshape(-1), raw[whole:]])
+    out = np.empty_like(raw)
+    fastread._unshuffle_into(shuffled, out, size)
+    np.testing.assert_array_equal(out, raw)
+    back = np.frombuffer(fastread.unshuffle(shuffled.data, size), np.uint8)
+    np.testing.assert_array_equal(back, raw)
+
+
 def test_chunks_decoded_in_place_equal_both_decoders(
     sources: dict[str, list[Path]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
