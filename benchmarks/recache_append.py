@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.control import patient_temporary_api
+from flows.control import temporary_api_settings
 from flows.recache import recache_flow
 from zarr_parallel.examples import make_era5_like
 from zarr_parallel.request import build_request
@@ -66,7 +66,7 @@ def main() -> None:
         "keep_versions": 3,
     }
     print(f"source: {len(files)} files x 24 steps x {nlat} x {nlon}, 2 float32 variables")
-    with patient_temporary_api():
+    with temporary_api_settings():
         for label, allow_append in (("append", True), ("full re-cache", False)):
             cache = root / f"cache-{'append' if allow_append else 'full'}.zarr"
             shutil.rmtree(cache.with_name(cache.name + ".versions"), ignore_errors=True)

@@ -18,8 +18,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.control import (
     cache_slot,
     decide_on_recommendations,
-    patient_temporary_api,
     revalidate,
+    temporary_api_settings,
+    without_flow_heartbeat,
 )
 from flows.runners import (
     current_api_url,
@@ -119,7 +120,7 @@ def _cache(
             format_bytes(sizing.memory),
             cluster.ready_seconds,
         )
-        with worker_settings(api_url):
+        with worker_settings(api_url), without_flow_heartbeat():
             runner = make_task_runner(cluster)
             results = write_flow.with_options(task_runner=runner)(
                 prepared.request_json, str(prepared.version), groups, cluster.address
@@ -233,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = verify_cache(req, args.verify_mode, args.sample, args.seed)
             print(report.text())
             return 0 if report.ok else 1
-        with patient_temporary_api():
+        with temporary_api_settings():
             summary = cache_flow(req)
         print(format_summary(summary))
         return 0

@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.cache import _cache, cache_flow, exit_code, format_summary
-from flows.control import cache_slot, patient_temporary_api, revalidate
+from flows.control import cache_slot, revalidate, temporary_api_settings
 from flows.tasks import artifact_key
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.pipeline import run_lock
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         req = load_request_file(args.request, args.overrides)
-        with patient_temporary_api():
+        with temporary_api_settings():
             summary = recache_flow(req, allow_append=not args.no_append, check_only=args.check)
         print(format_summary(summary))
         recache = summary["recache"]

@@ -281,3 +281,25 @@ def test_cli_without_prefect_api(era5_files: list[Path], tmp_path: Path) -> None
     assert "zarr-parallel: done" in proc.stdout
     final = tmp_path / "out" / "era5_like.zarr"
     xr.testing.assert_identical(open_cache(final), _source(era5_files)[["t2m"]].load())
+
+
+def test_temporary_api_runs_send_no_heartbeats() -> None:
+    # Ad hoc runs on a temporary API (which ends with the process) skip Prefect's flow-run
+    # heartbeat, which delays the end of every run by up to 1 s; with a lasting API it stays on.
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    from flows.control import TEMPORARY_API_STARTUP_SECONDS, temporary_api_settings
+
+    default = PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value()
+    assert default is not None
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), temporary_api_settings():
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None
+        startup = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        assert startup >= TEMPORARY_API_STARTUP_SECONDS
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}), temporary_api_settings():
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == default

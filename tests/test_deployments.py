@@ -11,6 +11,7 @@ given this server's URL explicitly.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -33,6 +34,7 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
     LogFilter,
     LogFilterFlowRunId,
 )
@@ -437,6 +439,40 @@ def test_adhoc_runs_through_the_worker_take_turns(
     first, second = sorted(turns)
     assert second[0] >= first[1], "the second run took the slot before the first released it"
     assert len(CachePaths(cache).all_versions()) == 1
+
+
+def test_only_the_cache_run_sends_heartbeats(server: dict[str, Any], runs: dict[str, Any]) -> None:
+    # A deployment run tells the API it lives (Prefect's flow-run heartbeat, for crash
+    # detection); its write subflow, in the same process, does not repeat it, because every
+    # heartbeating run ends up to 1 s late (flows.control.without_flow_heartbeat).
+    # One of the two ad hoc runs on one cache wrote it (the other found it up to date).
+    parents = [runs["ids"][name] for name in ("adhoc_a", "adhoc_b")]
+    children = []
+    for run_id in parents:
+        state = _wait(server, run_id, runs["worker_log"]).state
+        assert state is not None and state.is_completed(), state
+        with _client(server) as client:
+            children += client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])
+                )
+            )
+    assert children, "neither cache run started a write subflow"
+    ids = [f"prefect.flow-run.{r}" for r in [*parents, *(c.id for c in children)]]
+    body = json.dumps(
+        {
+            "filter": {"event": {"name": ["prefect.flow-run.heartbeat"]}, "resource": {"id": ids}},
+            "limit": 50,  # the API's largest page
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"{server['url']}/events/filter", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:
+        events = json.load(r)["events"]
+    beating = {e["resource"]["prefect.resource.id"] for e in events}
+    assert {f"prefect.flow-run.{p}" for p in parents} <= beating
+    assert not {f"prefect.flow-run.{c.id}" for c in children} & beating
 
 
 def test_pause_on_recommendations_and_resume_with_apply(

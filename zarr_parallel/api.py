@@ -72,11 +72,13 @@ class CacheHandle:
 def run_request(request: CacheRequest) -> CacheResult:
     """Run the cache flow for a validated request."""
     from flows.cache import cache_flow
+    from flows.control import temporary_api_settings
     from zarr_parallel.logs import set_log_level
     from zarr_parallel.store import iter_job_records
 
     set_log_level(request.log_level)  # after Prefect (imported above) set up its logging
-    summary = cache_flow(request)
+    with temporary_api_settings():
+        summary = cache_flow(request)
     # Per-job records come from the published version's manifest: they cover every job,
     # including those a resumed run skipped, without shipping them through the flow's result.
     jobs = sorted(iter_job_records(Path(summary["version"])), key=lambda r: int(r["id"]))
