@@ -210,6 +210,8 @@ def _zp050(mode: str) -> Callable[[dict[str, Any], str], dict[str, Any]]:
 
 CONTENDERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "zarr-parallel series": _zarr_parallel("series"),
+    # The same, run by the suite with PREFECT_API_URL set to a running server it started.
+    "zarr-parallel series (Prefect server)": _zarr_parallel("series"),
     "zarr-parallel dask_distributed": _zarr_parallel("dask_distributed"),
     "zarr-parallel SLURM": _zarr_parallel("SLURM"),
     "xarray+dask (source chunks)": _xarray("source", distributed=False),

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,12 @@ TARGETS: dict[str, dict[str, Any]] = {
     "aligned": {"chunks": {"time": 1, "latitude": -1, "longitude": -1}, "box": None},
     "cut": {"chunks": MISALIGNED, "box": {"latitude": [100, 400], "longitude": [200, 900]}},
 }
+#: Series mode against a running ``prefect server`` (as deployments and any user with
+#: ``PREFECT_API_URL`` run): no temporary API starts inside the timing.
+WITH_SERVER = "zarr-parallel series (Prefect server)"
 DEFAULT_CONTENDERS = (
     "zarr-parallel series",
+    WITH_SERVER,
     "zarr-parallel dask_distributed",
     "zarr-parallel SLURM",
     "xarray+dask (source chunks)",
@@ -60,9 +64,18 @@ DEFAULT_CONTENDERS = (
     "zarr-parallel 0.5.0 dask_distributed",
     "floor",
 )
-XARRAY = ("xarray+dask (source chunks)", "xarray+dask distributed (source chunks)")
+XARRAY = (
+    "xarray+dask (source chunks)",
+    "xarray+dask distributed (source chunks)",
+    "xarray+dask (target chunks)",
+)
 ZP050 = ("zarr-parallel 0.5.0 series", "zarr-parallel 0.5.0 dask_distributed")
-OURS = ("zarr-parallel series", "zarr-parallel dask_distributed", "zarr-parallel SLURM")
+OURS = (
+    "zarr-parallel series",
+    WITH_SERVER,
+    "zarr-parallel dask_distributed",
+    "zarr-parallel SLURM",
+)
 
 
 def machine() -> dict[str, Any]:
@@ -237,6 +250,55 @@ class TreeCPU:
                         t = proc.cpu_times()
                         key = (proc.pid, proc.create_time())
                         self.seen[key] = max(self.seen.get(key, 0.0), t.user + t.system)
+
+
+@contextlib.contextmanager
+def prefect_server(folder: Path) -> Iterator[str]:
+    """A real ``prefect server start`` on loopback (SQLite under ``folder``); yields its API URL."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(folder),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = (folder / "server.log").open("w")
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*command, "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{url}/health", timeout=2) as r,
+            ):
+                if r.status == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not start; see {folder / 'server.log'}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 def run_contender(
@@ -423,6 +485,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zarr-parallel 0.5.0: {status}", flush=True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        envs = {name: env for name in contenders}
+        if WITH_SERVER in contenders:
+            url = stack.enter_context(prefect_server(work / "prefect-server"))
+            envs[WITH_SERVER] = {**env, "PREFECT_API_URL": url}
+            print(f"Prefect server for {WITH_SERVER!r}: {url}", flush=True)
+        results = _run_cases(args, contenders, once, envs, work, info)
+    if args.docs:
+        from benchmarks.report import write_docs
+
+        write_docs(results, args.size)
+    return 0
+
+
+def _run_cases(
+    args: argparse.Namespace,
+    contenders: list[str],
+    once: set[str],
+    envs: dict[str, dict[str, str]],
+    work: Path,
+    info: dict[str, Any],
+) -> dict[str, Any]:
+    """Every case × contender × repetition; writes and returns the results."""
     results: dict[str, Any] = {"info": info, "cases": {}}
     for item in build_cases(args):
         spec, target = item["spec"], item["target"]
@@ -442,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if rep and (name in once or not any(r.get("ok") for r in runs[name])):
                     continue  # run once, or failed every time so far (the reason is recorded)
                 store = str(work / f"{name.replace(' ', '_').replace('/', '_')}.zarr")
-                r = run_contender(name, case, store, args.timeout, env)
+                r = run_contender(name, case, store, args.timeout, envs[name])
                 if r.get("ok") and ("e2e_s" not in r or "data_s" not in r):
                     r = {**r, "ok": False, "error": r.get("error", "no timings reported")}
                 if r.get("ok") and not any(x.get("ok") for x in runs[name]):
@@ -479,11 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.results) if args.results else RESULTS / f"{args.size}.json"
     out.write_text(json.dumps(results, indent=1, default=str))
     print(f"\nresults: {out}")
-    if args.docs:
-        from benchmarks.report import write_docs
-
-        write_docs(results, args.size)
-    return 0
+    return results
 
 
 def _difference(expected: dict[str, Any], got: dict[str, Any]) -> str:
