@@ -135,7 +135,9 @@ def ensure_dataset(spec: DatasetSpec, root: Path = DATA, workers: int | None = N
 def ensure_kerchunk(spec: DatasetSpec, files: Sequence[Path]) -> Path:
     """A combined kerchunk reference JSON of the files (what zarr-parallel 0.5 reads)."""
     out = files[0].parent / "references.json"
-    if out.exists():
+    # The reference names the files by absolute path: a dataset folder that was moved needs a
+    # new one (0.5.0 then failed reading every chunk).
+    if out.exists() and str(files[0]) in out.read_text():
         return out
     from kerchunk.combine import MultiZarrToZarr
     from kerchunk.hdf import SingleHdf5ToZarr

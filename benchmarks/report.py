@@ -62,9 +62,10 @@ def results_markdown(results: dict[str, Any], size: str) -> str:
         f"### Results: `{size}` size, run {info.get('started')}",
         "",
         f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB memory, "
-        f"{m['disk_free_gib']} GiB free disk, Python {m['python']}; load average at start "
-        f"{m['load_average']}, at end {info.get('load_average_end')} (the machine was shared "
-        "with other work: absolute times are noisy, ratios within a run less so).",
+        f"{m['disk_free_gib']} GiB free disk ({m.get('disk', 'disk not recorded')}), "
+        f"Python {m['python']}; load average at start "
+        f"{m['load_average']}, at end {info.get('load_average_end')} (a virtual machine: "
+        "absolute times drift between runs, ratios within a run less so).",
         "",
         *(f"Also: {x}." for x in info.get("extra_runs", [])),
         "",
@@ -127,11 +128,41 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
     return merged
 
 
+def take_runs(results: dict[str, Any], rerun: Path) -> dict[str, Any]:
+    """Put the contenders of ``rerun`` (a later run of some contenders on the same cases, e.g.
+    after one failed for a reason of the benchmark's own) in place of their runs in ``results``.
+    The replaced contenders are named in the run's info."""
+    other = json.loads(rerun.read_text())
+    for name, case in other["cases"].items():
+        if name not in results["cases"]:
+            continue
+        target = results["cases"][name]
+        for contender, runs in case["runs"].items():
+            target["runs"][contender] = runs
+            results["info"].setdefault("extra_runs", []).append(
+                f"{contender} on {name}: re-run {other['info'].get('started')} ({rerun.name}), "
+                f"load average at start {other['info']['machine']['load_average']}"
+            )
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.report RESULTS.json [MORE.json ...]`` (default: results/full.json)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    paths = [Path(a) for a in args] or [ROOT / "benchmarks" / "results" / "full.json"]
-    write_docs(merge(paths), paths[0].stem)
+    """``python -m benchmarks.report RESULTS.json [MORE.json ...] [--runs-from RERUN.json ...]``.
+
+    Several results files become one page (default: results/full.json); ``--runs-from`` puts a
+    later run's contenders in place of theirs on the same cases.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report")
+    p.add_argument("results", nargs="*", type=Path)
+    p.add_argument("--runs-from", action="append", default=[], type=Path, metavar="RERUN.json")
+    args = p.parse_args(argv)
+    paths = args.results or [ROOT / "benchmarks" / "results" / "full.json"]
+    results = merge(paths)
+    for rerun in args.runs_from:
+        results = take_runs(results, rerun)
+    write_docs(results, paths[0].stem)
     return 0
 
 
