@@ -21,6 +21,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -560,9 +561,55 @@ def write_values(
     arr = arr.with_config({"write_empty_chunks": True})
     from zarr_parallel.plan import FAST_WRITE_INFLIGHT
 
+    if arr.shards is None:
+        _write_chunkwise(arr, ordered, values, FAST_WRITE_INFLIGHT)
+        return
     # The memory model counts FAST_WRITE_INFLIGHT chunks being encoded at once.
     with zarr.config.set({"async.concurrency": FAST_WRITE_INFLIGHT}):
         arr[tuple(ordered.values())] = values
+
+
+def _write_chunkwise(
+    arr: Any, region: Mapping[str, slice], values: np.ndarray, threads: int
+) -> None:
+    """Hand zarr one whole chunk at a time from a reused buffer, ``threads`` chunks at once.
+
+    Given a region of many chunks, zarr makes a new chunk-sized buffer for each chunk, fills it
+    with the fill value and copies the chunk into it before encoding: two passes over the data,
+    on fresh pages (job processes return freed memory to the system, see write.py). A value of
+    exactly one chunk's shape is encoded as it is, so each thread copies its chunk into its own
+    buffer, reused from chunk to chunk. Chunks at the array's edge go through zarr's padding.
+    """
+    chunks = tuple(int(c) for c in arr.chunks)
+    bounds = list(region.values())
+    local = threading.local()
+
+    def write(corner: tuple[int, ...]) -> None:
+        box = tuple(
+            slice(a, min(a + c, int(sl.stop)))
+            for a, c, sl in zip(corner, chunks, bounds, strict=True)
+        )
+        part = values[
+            tuple(
+                slice(b.start - sl.start, b.stop - sl.start)
+                for b, sl in zip(box, bounds, strict=True)
+            )
+        ]
+        if part.shape != chunks:
+            arr[box] = part
+            return
+        buffer = getattr(local, "buffer", None)
+        if buffer is None:
+            buffer = local.buffer = np.empty(chunks, dtype=values.dtype)
+        np.copyto(buffer, part)
+        arr[box] = buffer
+
+    corners = itertools.product(
+        *(range(int(sl.start), int(sl.stop), c) for sl, c in zip(bounds, chunks, strict=True))
+    )
+    with ThreadPoolExecutor(threads, thread_name_prefix="zp-chunk") as pool:
+        for done in [pool.submit(write, corner) for corner in corners]:
+            done.result()
 
 
 def check_complete(version: Path, plan_json: Mapping[str, Any]) -> None:
