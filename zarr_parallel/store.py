@@ -290,7 +290,12 @@ def sync_job(version: Path, record: Mapping[str, Any]) -> int:
         os.sync()
         return 0
     region = {str(d): (int(a), int(b)) for d, a, b in record["region"]}
-    files = [f for name in record["variables"] for f in chunk_files(version, str(name), region)]
+    return sync_region(version, [str(n) for n in record["variables"]], region)
+
+
+def sync_region(version: Path, names: Sequence[str], region: Mapping[str, tuple[int, int]]) -> int:
+    """fsync the chunk files of arrays ``names`` that hold ``region`` (and their folders)."""
+    files = [f for name in names for f in chunk_files(version, name, region)]
     return sync_files(files, version)
 
 

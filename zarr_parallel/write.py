@@ -27,11 +27,10 @@ from zarr_parallel.request import CacheRequest
 from zarr_parallel.source import read_settings
 from zarr_parallel.store import (
     array_checksum,
-    chunk_files,
     crc32,
     plan_record,
     record_job,
-    sync_files,
+    sync_region,
     write_region,
     write_values,
 )
@@ -311,8 +310,7 @@ def _copy_fast(
 
 def _sync_slab(version: str, name: str, slab: dict[str, slice]) -> int:
     """fsync the chunk files of one written slab (and their folders); returns files synced."""
-    region = {d: (int(s.start), int(s.stop)) for d, s in slab.items()}
-    return sync_files(chunk_files(Path(version), name, region), Path(version))
+    return sync_region(Path(version), [name], {d: (s.start, s.stop) for d, s in slab.items()})
 
 
 def slab_slices(region: slice, chunk: int) -> list[slice]:
