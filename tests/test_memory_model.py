@@ -131,3 +131,52 @@ def test_estimate_bounds_measured_peak(
     assert peak >= 0.9 * region_bytes, (peak, region_bytes)
     # The promise: the estimate is an upper bound of the real peak.
     assert peak <= estimate, f"{case}: measured {peak} B above the estimate {estimate} B"
+
+
+_WRITE_ONE_THREAD = """
+import json, sys
+import numpy as np, zarr
+from zarr_parallel import store
+from zarr_parallel.write import release_freed_memory, _high_water_mark, _reset_high_water_mark
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS"))
+
+release_freed_memory()
+shape = (48, 270, 360)  # a whole chunk, then an edge chunk of 90 rows
+arr = zarr.create_array(sys.argv[1], shape=shape, chunks=(48, 180, 360), dtype="f4")
+arr = arr.with_config({"write_empty_chunks": True})
+region = {d: slice(0, n) for d, n in zip("tyx", shape)}
+# Random mantissas cut to 8 bits: the compressed chunk is about half a chunk.
+bits = np.random.default_rng(0).random(shape, dtype=np.float32).view(np.uint32)
+values = (bits & np.uint32(0xFFFF0000)).view(np.float32)
+store._write_chunkwise(arr, region, values, 1)  # the thread's arena settles
+release_freed_memory()
+base = rss()
+assert _reset_high_water_mark()
+store._write_chunkwise(arr, region, values, 1)
+print(json.dumps(_high_water_mark() - base))
+"""
+
+
+def test_a_writing_thread_holds_what_the_model_counts(tmp_path: Path) -> None:
+    """One encoding thread holds at most FAST_WRITE_COPIES chunks (a copy and its encoding).
+
+    The thread reuses one buffer for whole chunks; zarr pads an edge chunk into a buffer of its
+    own, so a thread that kept its reused buffer meanwhile would hold three.
+    """
+    from zarr_parallel.plan import FAST_WRITE_COPIES
+
+    out = subprocess.run(
+        [sys.executable, "-c", _WRITE_ONE_THREAD, str(tmp_path / "w.zarr")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    peak = json.loads(out.stdout.strip().splitlines()[-1])
+    chunk_bytes = 48 * 180 * 360 * 4
+    print(f"one writing thread: {peak / chunk_bytes:.2f} chunks held at the peak")
+    assert peak >= chunk_bytes  # real: a whole chunk was copied and encoded
+    assert peak <= FAST_WRITE_COPIES * chunk_bytes

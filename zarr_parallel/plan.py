@@ -497,7 +497,8 @@ def fast_job_memory(
     items, plus a decoded copy when decoding changes the item size), the previous slab being
     written when there are several, the chunks zarr encodes at once, the source chunks the
     reader threads hold and what each of those threads touches (:data:`FAST_THREAD_BYTES`),
-    with a :data:`FAST_MARGIN` allowance.
+    with a :data:`FAST_MARGIN` allowance. A single-slab job reads, then writes (variables
+    follow one another too), so its readers' and encoders' buffers never coexist.
 
     >>> fast_job_memory([96, 721, 1440], [48, 180, 360], 4, 4, 721 * 1440)
     589289395
@@ -517,7 +518,9 @@ def fast_job_memory(
     writing = FAST_WRITE_COPIES * np.minimum(FAST_WRITE_INFLIGHT, in_slab) * chunk_elems * itemsize
     reading = FAST_READ_THREADS * FAST_READ_COPIES * source_chunk_elems * read_itemsize
     threads = (FAST_READ_THREADS + FAST_WRITE_INFLIGHT) * FAST_THREAD_BYTES
-    total = (held + writing + reading + threads) * FAST_MARGIN
+    # Reading overlaps writing only while a previous slab is written (write._copy_fast).
+    buffers = np.where(np.asarray(n_slabs) > 1, writing + reading, np.maximum(writing, reading))
+    total = (held + buffers + threads) * FAST_MARGIN
     return int(total) if np.ndim(total) == 0 else total.astype(np.int64)
 
 

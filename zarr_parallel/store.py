@@ -601,6 +601,9 @@ def _write_chunkwise(
             )
         ]
         if part.shape != chunks:
+            # zarr pads an edge chunk into a new buffer: let go of this thread's first, so a
+            # thread never holds more than one chunk-sized copy (the memory model's count).
+            local.buffer = None
             arr[box] = part
             return
         buffer = getattr(local, "buffer", None)
