@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zarr_parallel.write import rchar
+from zarr_parallel.write import high_water_mark, rchar
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -34,7 +34,9 @@ MEMORY_LIMIT = "2GB"
 
 
 def _maxrss() -> tuple[int, int]:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # This process's own peak from the kernel's VmHWM, not ru_maxrss: Linux carries ru_maxrss
+    # over an exec, so it would report at least the suite's resident size when it started us.
+    own = high_water_mark() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return own, kids
 

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from zarr_parallel.write import high_water_mark
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
 TARGET_CHUNKS = {"time": 48, "latitude": 180, "longitude": 360}
@@ -103,9 +105,7 @@ def run_mode(mode: str, paths: list[Path], workers: int, out: Path) -> dict[str,
         )
     if mode == "series":
         # Jobs ran in this process: its peak resident memory so far (series runs first).
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = high_water_mark()
         for row in per_worker.values():
             row["worker_rss"], row["job_process_rss"] = peak, 0
     figures = {

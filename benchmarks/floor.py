@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from zarr_parallel.fastread import unshuffle
+from zarr_parallel.write import high_water_mark
 
 DIMS = ("time", "latitude", "longitude")
 
@@ -86,7 +87,8 @@ def _work(args: tuple[Any, ...]) -> tuple[int, int, int]:
 def _maxrss() -> int:
     import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    # VmHWM: ru_maxrss would carry the parent's resident size over a fork or an exec.
+    return high_water_mark() or int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _rchar() -> int:

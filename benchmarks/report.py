@@ -128,16 +128,19 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
     return merged
 
 
-def take_runs(results: dict[str, Any], rerun: Path) -> dict[str, Any]:
-    """Put the contenders of ``rerun`` (a later run of some contenders on the same cases, e.g.
-    after one failed for a reason of the benchmark's own) in place of their runs in ``results``.
-    The replaced contenders are named in the run's info."""
+def take_runs(results: dict[str, Any], rerun: Path, only: Sequence[str] = ()) -> dict[str, Any]:
+    """Put the contenders of ``rerun`` (another run of some contenders on the same cases, e.g.
+    after one failed for a reason of the benchmark's own, or an earlier run of a contender the
+    later one left out) in place of their runs in ``results``; ``only`` those, if given.
+    The contenders taken are named in the run's info."""
     other = json.loads(rerun.read_text())
     for name, case in other["cases"].items():
         if name not in results["cases"]:
             continue
         target = results["cases"][name]
         for contender, runs in case["runs"].items():
+            if only and contender not in only:
+                continue
             target["runs"][contender] = runs
             results["info"].setdefault("extra_runs", []).append(
                 f"{contender} on {name}: re-run {other['info'].get('started')} ({rerun.name}), "
@@ -147,21 +150,23 @@ def take_runs(results: dict[str, Any], rerun: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.report RESULTS.json [MORE.json ...] [--runs-from RERUN.json ...]``.
+    """``python -m benchmarks.report RESULTS.json [MORE.json ...] [--runs-from RUN.json[=A,B]]``.
 
-    Several results files become one page (default: results/full.json); ``--runs-from`` puts a
-    later run's contenders in place of theirs on the same cases.
+    Several results files become one page (default: results/full.json); ``--runs-from`` puts
+    another run's contenders (all, or those named after ``=``) in place of theirs on the same
+    cases.
     """
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.report")
     p.add_argument("results", nargs="*", type=Path)
-    p.add_argument("--runs-from", action="append", default=[], type=Path, metavar="RERUN.json")
+    p.add_argument("--runs-from", action="append", default=[], metavar="RUN.json[=A,B]")
     args = p.parse_args(argv)
     paths = args.results or [ROOT / "benchmarks" / "results" / "full.json"]
     results = merge(paths)
-    for rerun in args.runs_from:
-        results = take_runs(results, rerun)
+    for spec in args.runs_from:
+        path, _, names = spec.partition("=")
+        results = take_runs(results, Path(path), [n for n in names.split(",") if n])
     write_docs(results, paths[0].stem)
     return 0
 

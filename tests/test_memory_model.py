@@ -137,7 +137,7 @@ _WRITE_ONE_THREAD = """
 import json, sys
 import numpy as np, zarr
 from zarr_parallel import store
-from zarr_parallel.write import release_freed_memory, _high_water_mark, _reset_high_water_mark
+from zarr_parallel.write import high_water_mark, release_freed_memory, reset_high_water_mark
 
 def rss():
     with open("/proc/self/status") as f:
@@ -154,9 +154,9 @@ values = (bits & np.uint32(0xFFFF0000)).view(np.float32)
 store._write_chunkwise(arr, region, values, 1)  # the thread's arena settles
 release_freed_memory()
 base = rss()
-assert _reset_high_water_mark()
+assert reset_high_water_mark()
 store._write_chunkwise(arr, region, values, 1)
-print(json.dumps(_high_water_mark() - base))
+print(json.dumps(high_water_mark() - base))
 """
 
 

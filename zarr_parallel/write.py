@@ -68,7 +68,7 @@ def measure_peak() -> Iterator[PeakMemory]:
     the exact peak, which sampling can miss. Elsewhere (series mode runs jobs in the caller's
     process, whose high-water mark is not ours to reset) a thread samples the RSS.
     """
-    exact = os.environ.get("ZARR_PARALLEL_JOB_PROCESS") == "1" and _reset_high_water_mark()
+    exact = os.environ.get("ZARR_PARALLEL_JOB_PROCESS") == "1" and reset_high_water_mark()
     rss = psutil.Process().memory_info().rss
     meter = PeakMemory(start=rss, peak=rss)
     thread = threading.Thread(target=meter._run, daemon=True)
@@ -80,20 +80,20 @@ def measure_peak() -> Iterator[PeakMemory]:
         thread.join()
         meter.peak = max(meter.peak, psutil.Process().memory_info().rss)
         if exact:
-            meter.peak = max(meter.peak, _high_water_mark())
+            meter.peak = max(meter.peak, high_water_mark())
 
 
-def _reset_high_water_mark() -> bool:
+def reset_high_water_mark() -> bool:
     """Reset this process's peak RSS (Linux ≥ 4.0); False where that is not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _high_water_mark() > 0
+        return high_water_mark() > 0
     except OSError:
         return False
 
 
-def _high_water_mark() -> int:
+def high_water_mark() -> int:
     """Peak RSS of this process since start or the last reset (``VmHWM``), or 0."""
     try:
         with open("/proc/self/status") as f:
