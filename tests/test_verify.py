@@ -95,6 +95,23 @@ def test_silently_rewritten_chunk_is_caught(cache: tuple[CacheRequest, Path]) ->
     assert "34560 of 34560 values differ" in values[0].message
 
 
+def test_changed_or_lost_attributes_are_caught(cache: tuple[CacheRequest, Path]) -> None:
+    """Attributes are part of the cache: a changed unit or a lost global attribute is reported."""
+    req, version = cache
+    t2m = zarr.open_array(version, path="t2m", mode="r+")
+    assert t2m.attrs["units"] == "K"  # the source's
+    t2m.attrs["units"] = "degC"
+    root = zarr.open_group(version, mode="r+")
+    lost = next(k for k in root.attrs if not k.startswith(("zarr", "_")))
+    del root.attrs[lost]
+    zarr.consolidate_metadata(version)  # as published: verify reads the consolidated copy
+    report = verify_cache(req)
+    meta = [(p.variable, p.message) for p in report.problems if p.kind == "metadata"]
+    assert ("t2m", "attribute 'units' is 'degC' in the cache, 'K' from the source") in meta
+    assert (None, f"dataset attribute {lost!r} is not in the cache") in meta
+    assert len(meta) == 2, meta
+
+
 def test_deleted_chunk_is_caught(cache: tuple[CacheRequest, Path]) -> None:
     req, version = cache
     (version / "d2m" / "c" / "4" / "0" / "1").unlink()

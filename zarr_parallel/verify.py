@@ -6,7 +6,9 @@ version of a request's cache:
 1. the manifest: ``plan.json`` and ``complete.json`` present, every planned job recorded under
    the plan's fingerprint, and the fingerprint still the one this request and source give now;
 2. every chunk (or shard) file of every array exists, and no temporary file is left;
-3. the values: each region read back from the cache equals the same region built from the source
+3. the metadata: variables and coordinates with their dims, shape and dtype, and every attribute
+   the source gives (a variable's or the dataset's) with the same value;
+4. the values: each region read back from the cache equals the same region built from the source
    through the same target-building code the writers use (:mod:`zarr_parallel.target`), in full,
    or on a seeded sample of chunks for caches larger than ``full_bytes``. In full mode each job's
    region is also checked against the CRC32 its writer recorded.
@@ -405,7 +407,9 @@ def _check_metadata(cache: xr.Dataset, target: Target, out: _Collector) -> set[s
                 )
             )
             continue
+        _check_attrs(got.attrs, want.attrs, out, name)
         ok.add(name)
+    _check_attrs(cache.attrs, template.attrs, out, None)
     for name, want in template.coords.items():
         name = str(name)
         if name not in cache.coords:
@@ -419,6 +423,53 @@ def _check_metadata(cache: xr.Dataset, target: Target, out: _Collector) -> set[s
         if not same:
             out.add(Problem("values", f"coordinate {name} differs from the source"))
     return ok
+
+
+def _check_attrs(
+    got: Mapping[Any, Any], want: Mapping[Any, Any], out: _Collector, name: str | None
+) -> None:
+    """Every attribute the source gives is in the cache with the same value (the cache may add
+    its own, such as provenance)."""
+    where = "" if name else "dataset "
+    for key, value in want.items():
+        if key not in got:
+            out.add(Problem("metadata", f"{where}attribute {key!r} is not in the cache", name))
+        elif not _same_attr(got[key], value):
+            out.add(
+                Problem(
+                    "metadata",
+                    f"{where}attribute {key!r} is {got[key]!r} in the cache, {value!r} from the "
+                    "source",
+                    name,
+                )
+            )
+
+
+def _same_attr(a: Any, b: Any) -> bool:
+    """Attribute values equal after a trip through Zarr's JSON (tuples become lists, numpy
+    scalars plain numbers, NaN stays NaN).
+
+    >>> _same_attr([1, 2], (1, 2)), _same_attr(np.float32(0.5), 0.5), _same_attr("K", "C")
+    (True, True, False)
+    """
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str) and isinstance(b, str) and a == b
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        return (
+            isinstance(a, Mapping)
+            and isinstance(b, Mapping)
+            and a.keys() == b.keys()
+            and all(_same_attr(a[k], b[k]) for k in a)
+        )
+    try:
+        x, y = np.asarray(a), np.asarray(b)
+        if x.shape != y.shape:
+            return False
+        if x.dtype.kind in "fc" or y.dtype.kind in "fc":
+            return bool(np.array_equal(x, y, equal_nan=True))
+        return bool(np.array_equal(x, y))
+    except (TypeError, ValueError):
+        return bool(a == b)
 
 
 def _job_blocks(
