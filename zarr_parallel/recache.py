@@ -52,6 +52,7 @@ from zarr_parallel.store import (
 )
 from zarr_parallel.target import Target, build_target, cached_source, cached_target
 from zarr_parallel.units import format_bytes
+from zarr_parallel.verify import values_equal
 
 logger = logging.getLogger(__name__)
 
@@ -246,14 +247,6 @@ def _names(files: Sequence[str]) -> str:
     return ", ".join(shown) + more
 
 
-def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    if a.shape != b.shape:
-        return False
-    if a.dtype.kind in "fc" and b.dtype.kind in "fc":
-        return bool(np.array_equal(a, b, equal_nan=True))
-    return bool(np.array_equal(a, b))
-
-
 def _append_decision(
     req: CacheRequest, target: Target, current: Path, old_layout: dict[str, Any], name: str
 ) -> Decision:
@@ -310,7 +303,9 @@ def _append_decision(
             return full(f"the coordinate {cname!r} is new")
         old_c = cache.coords[cname]
         cut = coord.isel({d: slice(0, int(cache.sizes[d])) for d in coord.dims if d in grown})
-        if cut.dims != old_c.dims or not _same(np.asarray(cut.values), np.asarray(old_c.values)):
+        if cut.dims != old_c.dims or not values_equal(
+            np.asarray(cut.values), np.asarray(old_c.values)
+        ):
             return full(f"the coordinate {cname!r} changed within the cached range")
     for vname, var in template.data_vars.items():
         old_v = cache[vname]
@@ -429,7 +424,7 @@ def _check_changed_files(
                 if (
                     layout.files
                     and layout.files[0] in changed
-                    and not _same(np.asarray(var.values), np.asarray(cache[vname].values))
+                    and not values_equal(np.asarray(var.values), np.asarray(cache[vname].values))
                 ):
                     return f"the values of {vname!r} changed in {_names(layout.files[:1])}"
                 continue
@@ -437,7 +432,7 @@ def _check_changed_files(
             for a, b in _windows(rows, max(1, budget // row_bytes)):
                 new = np.asarray(var.isel({dim: slice(a, b)}).values)
                 old = np.asarray(cache[vname].isel({dim: slice(a, b)}).values)
-                if not _same(new, old):
+                if not values_equal(new, old):
                     return (
                         f"values of {vname!r} at {dim} {a}:{b} differ from the cache: source "
                         f"file(s) {_names(changed)} were rewritten"

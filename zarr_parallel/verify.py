@@ -462,14 +462,18 @@ def _same_attr(a: Any, b: Any) -> bool:
             and all(_same_attr(a[k], b[k]) for k in a)
         )
     try:
-        x, y = np.asarray(a), np.asarray(b)
-        if x.shape != y.shape:
-            return False
-        if x.dtype.kind in "fc" or y.dtype.kind in "fc":
-            return bool(np.array_equal(x, y, equal_nan=True))
-        return bool(np.array_equal(x, y))
+        return values_equal(np.asarray(a), np.asarray(b))
     except (TypeError, ValueError):
         return bool(a == b)
+
+
+def values_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same shape and values, NaN equal to NaN where both are floating point."""
+    if a.shape != b.shape:
+        return False
+    if a.dtype.kind in "fc" and b.dtype.kind in "fc":
+        return bool(np.array_equal(a, b, equal_nan=True))
+    return bool(np.array_equal(a, b))
 
 
 def _job_blocks(
