@@ -268,20 +268,17 @@ def test_existing_scheduler_runs_the_jobs_and_is_left_running(
     """``scheduler_address``: the write tasks run on the workers of a scheduler started outside
     the run (``dask scheduler`` and ``dask worker --nthreads 1``, as the docs say), the cache is
     the same bytes, and the run leaves that cluster as it found it."""
-    import socket
-
     from distributed import Client
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     log = (tmp_path / "cluster.log").open("w")
     python_m = [sys.executable, "-m"]
+    # The scheduler picks its own port and says which in its scheduler file: a port picked here
+    # and freed could be taken by another process before the scheduler binds it (seen in CI).
+    scheduler_file = tmp_path / "scheduler.json"
     procs = [
         subprocess.Popen(
             [
@@ -290,7 +287,9 @@ def test_existing_scheduler_runs_the_jobs_and_is_left_running(
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(port),
+                "0",
+                "--scheduler-file",
+                str(scheduler_file),
                 "--no-dashboard",
             ],
             env=env,
@@ -299,6 +298,17 @@ def test_existing_scheduler_runs_the_jobs_and_is_left_running(
         ),
     ]
     try:
+        deadline = time.monotonic() + 120
+        address = ""
+        while not address:
+            assert procs[0].poll() is None, "the dask scheduler exited (see cluster.log)"
+            assert time.monotonic() < deadline, (
+                "the dask scheduler wrote no scheduler file in 120 s"
+            )
+            try:
+                address = json.loads(scheduler_file.read_text())["address"]
+            except (OSError, ValueError, KeyError):  # not written yet, or half written
+                time.sleep(0.2)
         procs.append(
             subprocess.Popen(
                 [
