@@ -1,7 +1,9 @@
-"""Faults made for real on a local dask cluster: a worker killed mid-job, a job that hangs.
+"""Faults made for real on a local dask cluster: a worker killed mid-job, a job that hangs, the
+flow process killed while its workers write.
 
 The ``test_hold`` plug-in (tests/plugins) blocks the write job holding one time step while a
-marker file exists; the test then kills the worker running it, or lets the deadline pass.
+marker file exists; the test then kills the worker running it, or the whole run, or lets the
+deadline pass.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from typing import Any
 
 import psutil
 import pytest
+import yaml
+from core_support import cli_run
 from deploy_helpers import (
     assert_same_cache,
     hold_spec,
     job_records,
     run_cache,
     run_held,
+    squeue_ids,
     started_lines,
 )
 
@@ -154,6 +159,82 @@ def test_job_process_killed_mid_job_is_retried(
     assert_same_cache(result.path, reference)
     held = _held_job(result.summary["job_results"], 30)
     assert held["attempts"] == 2 and held["job_process"]["pid"] != info["pid"]
+
+
+@pytest.mark.parametrize(
+    "mode", ["dask_distributed", pytest.param("SLURM", marks=pytest.mark.slurm)]
+)
+def test_killed_flow_process_leaves_no_worker_writing_and_resumes_to_an_identical_cache(
+    era5_files: list[Path],
+    reference: Path,
+    tmp_path: Path,
+    fault_plugins: Path,
+    request: pytest.FixtureRequest,
+    mode: str,
+) -> None:
+    """SIGKILL of the flow process (the scheduler's host) while a job is mid-write.
+
+    Its workers must not go on writing into the staging version once the run is gone: a
+    resumed run would then write the same chunks at the same time. Every process of the run
+    (local workers and their job processes, or the SLURM job) has to end by itself, and the
+    resumed run must give the uninterrupted cache, writing only the jobs not yet recorded.
+    """
+    if mode == "SLURM":
+        request.getfixturevalue("slurm")
+    spec, marker, started = hold_spec(tmp_path, index=30)
+    store = tmp_path / "out" / "killed.zarr"
+    fields: dict[str, Any] = {
+        "data_uri": [str(p) for p in era5_files],
+        "cache_store": str(store),
+        "chunks": {"time": 12},
+        "num_jobs": 4,
+        "memory_limit": "1GB",
+        "deploy_mode": mode,
+        "simultaneous_worker_limit": 2,
+        "preprocessors": [spec],
+    }
+    request_file = tmp_path / "request.yaml"
+    request_file.write_text(yaml.safe_dump(fields))
+    proc = cli_run(request_file)
+    try:
+        deadline = time.monotonic() + 300
+        while not started_lines(started):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the held job never started"
+            time.sleep(0.05)
+        [held] = started_lines(started)
+        run_processes = psutil.Process(proc.pid).children(recursive=True)
+        if mode == "dask_distributed":  # local workers are the flow process's children
+            assert held["ppid"] in {p.pid for p in run_processes}
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    pids = {p.pid for p in run_processes} | {held["pid"], held["ppid"]}
+    killed_at = time.monotonic()
+    while time.monotonic() < killed_at + 120:
+        left = {pid for pid in pids if not _gone(pid)}
+        queued = {held["slurm_job_id"]} & squeue_ids() if mode == "SLURM" else set()
+        if not left and not queued:
+            break
+        time.sleep(0.5)
+    print(f"{mode}: the killed run's processes ended within {time.monotonic() - killed_at:.1f} s")
+    assert not left, f"processes of the killed run still run: {sorted(left)}"
+    assert not queued, f"the killed run's SLURM job {held['slurm_job_id']} is still queued"
+    assert not store.exists(), "a killed run must not publish"
+    (staging,) = store.with_name("killed.zarr.versions").iterdir()
+    recorded = {int(p.stem) for p in (staging / ".zarr-parallel" / "jobs").glob("*.json")}
+    # The held job is let go; the same request resumes the interrupted version.
+    marker.unlink()
+    result = run_cache(
+        era5_files, store, deploy_mode=mode, simultaneous_worker_limit=2, preprocessors=[spec]
+    )
+    assert result.summary["resumed"] is True
+    # Only the jobs not recorded before the kill ran again; the held one is among them.
+    assert result.summary["jobs_skipped"] == len(recorded)
+    assert result.summary["jobs_run"] == result.summary["jobs"] - len(recorded) >= 1
+    assert Path(result.summary["version"]) == staging
+    assert_same_cache(result.path, reference)
 
 
 def test_job_errors_keep_their_type_across_the_process_boundary(tmp_path: Path) -> None:
