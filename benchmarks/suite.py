@@ -407,6 +407,13 @@ def summarise(runs: list[dict[str, Any]], case: dict[str, Any]) -> dict[str, Any
         "runs": len(ok),
         "e2e_s": round(e2e, 2),
         "data_s": round(data, 2),
+        # The spread of the repetitions: on a shared VM one contender's runs can differ by a
+        # quarter, so a reader should see how far a median can be trusted.
+        "e2e_range": [round(min(r["e2e_s"] for r in ok), 1), round(max(r["e2e_s"] for r in ok), 1)],
+        "data_range": [
+            round(min(r["data_s"] for r in ok), 1),
+            round(max(r["data_s"] for r in ok), 1),
+        ],
         "e2e_MBps": round(nbytes / e2e / 1e6, 1),
         "data_MBps": round(nbytes / data / 1e6, 1),
         "cpu_s": round(statistics.median(r["cpu_s"] for r in ok), 1),
@@ -626,12 +633,19 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
+def _with_range(median: float, spread: list[float] | None, runs: int) -> str:
+    """A median, with the range of the runs when there were several."""
+    if runs < 2 or not spread:
+        return f"{median}"
+    return f"{median} ({spread[0]}–{spread[1]})"
+
+
 def markdown_table(case: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
     """One case's results as a Markdown table."""
     head = (
-        "| contender | end to end (s) | data phase (s) | MB/s e2e | MB/s data | CPU s | CPU use | "
-        "largest process RSS | worker peak / limit | estimate ÷ peak | read amplification | "
-        "files | equal |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| contender | end to end (s), median (range) | data phase (s) | MB/s e2e | MB/s data | "
+        "CPU s | CPU use | largest process RSS | worker peak / limit | estimate ÷ peak | "
+        "read amplification | files | equal |\n" + "|---" * 13 + "|"
     )
     rows = [f"**{case['name']}** ({fmt_bytes(case['uncompressed_bytes'])} uncompressed)", "", head]
     for name, r in summary.items():
@@ -646,7 +660,9 @@ def markdown_table(case: dict[str, Any], summary: dict[str, dict[str, Any]]) -> 
         est = r.get("estimate_over_peak")
         amp = r.get("read_amplification")
         rows.append(
-            f"| {name} | {r['e2e_s']} | {r['data_s']} | {r['e2e_MBps']} | {r['data_MBps']} | "
+            f"| {name} | {_with_range(r['e2e_s'], r.get('e2e_range'), r['runs'])} | "
+            f"{_with_range(r['data_s'], r.get('data_range'), r['runs'])} | "
+            f"{r['e2e_MBps']} | {r['data_MBps']} | "
             f"{r.get('cpu_s', '-')} | {r['cpu_utilisation']:.0%} | "
             f"{fmt_bytes(r['max_process_rss'])} | {peak} | "
             f"{f'{est[0]}–{est[1]}' if est else '-'} | {amp if amp is not None else '-'} | "
