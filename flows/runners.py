@@ -558,13 +558,14 @@ class PrewarmPlugin(WorkerPlugin):
         threading.Thread(target=_prewarm, name="zarr-parallel-prewarm", daemon=True).start()
 
     def teardown(self, worker: Any) -> None:
-        # The worker is closing: its job process goes now. And the worker must really end:
-        # SLURM workers (no nanny) were seen stuck after a scancel, cancelling event-loop tasks
-        # for ever, outliving their job where SLURM tracks processes by parentage
+        # The worker is closing: its job processes go now, a busy one too (the scheduler has
+        # given its job to another worker), and it starts no more. And the worker must really
+        # end: SLURM workers (no nanny) were seen stuck after a scancel, cancelling event-loop
+        # tasks for ever, outliving their job where SLURM tracks processes by parentage
         # (proctrack/linuxproc) and holding their memory on the node.
         from zarr_parallel import execution
 
-        execution.shutdown()
+        execution.close_worker()
         threading.Thread(
             target=_exit_after, args=(EXIT_GRACE_SECONDS,), name="zarr-parallel-exit", daemon=True
         ).start()

@@ -17,6 +17,8 @@ from prefect.cache_policies import NO_CACHE
 from zarr_parallel.execution import (
     JobError,
     JobMemoryExceeded,
+    WorkerClosing,
+    closing,
     job_process_limit,
     run_job_isolated,
 )
@@ -46,8 +48,9 @@ def initialise_task(prepared: Prepared) -> None:
 
 
 def _retry_unless_memory(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: a job that outgrew its memory would only do so again."""
-    return not isinstance(state.data, JobMemoryExceeded)
+    """Prefect retry condition: a job that outgrew its memory would only do so again, and a
+    closing worker retries nothing (the flow gives the task to another worker)."""
+    return not isinstance(state.data, JobMemoryExceeded | WorkerClosing) and not closing()
 
 
 @task(name="write", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_memory)

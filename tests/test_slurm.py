@@ -18,6 +18,7 @@ from deploy_helpers import (
     run_cache,
     run_held,
     squeue_ids,
+    started_lines,
 )
 
 from zarr_parallel.errors import RunFailed
@@ -94,3 +95,65 @@ def test_worker_jobs_that_never_start_end_the_run(
             slurm={"prologue": ["echo 'site setup failed' >&2", "exit 3"]},
         )
     assert time.monotonic() - t0 < 300
+
+
+def test_worker_retiring_at_its_lifetime_mid_job_is_replaced_to_an_identical_cache(
+    era5_files: list[Path], reference: Path, tmp_path: Path, fault_plugins: Path, slurm: str
+) -> None:
+    """A run longer than ``slurm.walltime`` allows one worker job: the worker retires before
+    its walltime (``--lifetime``) while it runs a job, a replacement SLURM job takes over, and
+    the cache is complete and identical (dask-jobqueue alone does not resubmit, its #691).
+
+    The held job passes ``worker_timeout`` (60 s) and is retried; the worker's lifetime
+    (walltime 180 s − 120 s, at least half the walltime: 90 s, ± 10 s) ends it during one of
+    those attempts. The job is let go only once that worker is gone. Meanwhile no two attempts
+    of the job may run at once: the retiring worker stops its job and retries nothing, since
+    the scheduler has given the job to the replacement.
+    """
+    import psutil
+
+    retired: dict[str, Any] = {}
+    overlaps: list[list[dict[str, Any]]] = []
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def wait_for_retirement(info: dict[str, Any]) -> None:
+        retired.update(info)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and alive(info["ppid"]):
+            running = [a for a in started_lines(started) if alive(a["pid"])]
+            if len({a["ppid"] for a in running}) > 1:
+                overlaps.append(running)
+            time.sleep(0.2)
+        if not alive(info["ppid"]):
+            retired["ended"] = time.time()
+
+    started = tmp_path / "hold.started"
+    t0 = time.monotonic()
+    result, _ = run_held(
+        era5_files,
+        tmp_path / "lifetime.zarr",
+        wait_for_retirement,
+        deploy_mode="SLURM",
+        simultaneous_worker_limit=1,
+        worker_timeout=60,
+        slurm={"walltime": "0:03:00"},
+    )
+    assert retired.get("slurm_job_id"), "the held job never ran in a SLURM job"
+    assert "ended" in retired, "the worker holding the job never retired"
+    assert not overlaps, f"two attempts of the held job ran at once: {overlaps[0]}"
+    assert_same_cache(result.path, reference)
+    held = next(
+        j
+        for j in result.summary["job_results"]
+        if any(d == "time" and a <= 30 < b for d, a, b in j["region"])
+    )
+    # Finished by another SLURM job than the one that retired; none is left behind.
+    assert held["slurm_job_id"] != retired["slurm_job_id"]
+    ids = {r["slurm_job_id"] for r in job_records(result)}
+    assert None not in ids and not ids & squeue_ids()
+    assert time.monotonic() - t0 < 600

@@ -76,6 +76,12 @@ class JobProcessDied(JobInterrupted):
     """The job process ended without an answer (killed from outside, or crashed)."""
 
 
+class WorkerClosing(JobInterrupted):
+    """This worker is closing (its run ended, its SLURM job was cancelled or reached its
+    lifetime): it starts no job, and the job it was running was stopped. The scheduler has
+    given the work to another worker; a retry here would only run it twice at once."""
+
+
 class JobError(ZarrParallelError):
     """A job raised an exception that could not be carried across processes as it was."""
 
@@ -180,6 +186,9 @@ class JobProcess:
         """
         self.start()
         assert self._proc is not None and self._conn is not None
+        if _closing.is_set():  # closed while this process was starting
+            self.kill()
+            raise WorkerClosing("this worker is closing: it starts no more jobs")
         what = describe or f"job {job.get('job_id')}"
         proc = psutil.Process(self._proc.pid)
         try:
@@ -247,6 +256,13 @@ class JobProcess:
             self._proc.kill()
             return self._proc.wait()
 
+    def interrupt(self) -> None:
+        """SIGKILL the process from another thread; the thread running its job sees it end
+        (:class:`JobProcessDied`) and cleans up."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
     def kill(self) -> None:
         """Kill the process (SIGKILL) and reap it."""
         if self._proc is not None and self._proc.poll() is None:
@@ -289,26 +305,67 @@ def _exit_text(code: int | None) -> str:
 # A pool per process: one job process per thread that runs jobs at once (one, on our workers).
 
 _idle: list[JobProcess] = []
+_busy: set[JobProcess] = set()
 _lock = threading.Lock()
+_closing = threading.Event()
 
 
 @contextmanager
 def job_process() -> Iterator[JobProcess]:
-    """A job process for the calling thread: reused when idle, started when none is."""
+    """A job process for the calling thread: reused when idle, started when none is.
+
+    Raises
+    ------
+    WorkerClosing
+        This process is closing (:func:`close_worker`).
+    """
     with _lock:
+        if _closing.is_set():
+            raise WorkerClosing("this worker is closing: it starts no more jobs")
         proc = _idle.pop() if _idle else JobProcess()
+        _busy.add(proc)
     try:
         yield proc
+    except JobProcessDied as e:
+        if _closing.is_set():
+            raise WorkerClosing(f"this worker is closing: its job was stopped ({e})") from e
+        raise
     finally:
         with _lock:
-            _idle.append(proc)
+            _busy.discard(proc)
+            if not _closing.is_set():
+                _idle.append(proc)
+
+
+def closing() -> bool:
+    """True once this process is closing (:func:`close_worker`)."""
+    return _closing.is_set()
+
+
+def close_worker() -> None:
+    """This worker is closing: stop its job processes, the busy one too, and start no more.
+
+    A dask worker that closes while it runs a job (its run ended, its SLURM job was cancelled
+    or reached its ``--lifetime``) has been removed by the scheduler, which gives the job to
+    another worker. The job must not go on writing here meanwhile, nor be retried here: two
+    attempts of one job would write the same chunks at once. Its process is killed; its
+    chunks are written again by the other attempt (a job's record is written only at its end).
+    """
+    with _lock:
+        _closing.set()
+        idle, _idle[:] = list(_idle), []
+        busy = list(_busy)
+    for proc in idle:
+        proc.kill()
+    for proc in busy:
+        proc.interrupt()
 
 
 def prewarm() -> None:
     """Start this process's job process now, before the first job needs it."""
     proc = JobProcess()
     with _lock:
-        if _idle:
+        if _idle or _closing.is_set():
             return
         _idle.append(proc)
     try:
