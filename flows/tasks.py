@@ -47,13 +47,13 @@ def initialise_task(prepared: Prepared) -> None:
     initialise(prepared)
 
 
-def _retry_unless_memory(task: Any, task_run: Any, state: Any) -> bool:
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect retry condition: a job that outgrew its memory would only do so again, and a
     closing worker retries nothing (the flow gives the task to another worker)."""
     return not isinstance(state.data, JobMemoryExceeded | WorkerClosing) and not closing()
 
 
-@task(name="write", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_memory)
+@task(name="write", cache_policy=NO_CACHE, retry_condition_fn=_worth_retrying)
 def write_task(
     request_json: str, version: str, job_ids: list[int], generate_stats: bool = False
 ) -> list[dict[str, Any]]:
