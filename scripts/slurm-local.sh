@@ -5,9 +5,9 @@
 #   bash scripts/slurm-local.sh status   # exit 0 when the node is up and idle/mixed/allocated
 #   bash scripts/slurm-local.sh stop     # stop slurmd, slurmctld and munged
 #
-# Idempotent: a second `start` finds everything running and only waits for the node. Needs root
-# (it installs packages and starts daemons) on Debian/Ubuntu; no systemd: the daemons are started
-# directly. Memory limits are enforced by polling (jobacct_gather/linux + OverMemoryKill), so a
+# Idempotent: a second `start` finds everything running and only waits for the node; a cold start
+# begins with an empty queue. Needs root (it installs packages and starts daemons) on
+# Debian/Ubuntu; no systemd: the daemons are started directly. Memory limits are enforced by polling (jobacct_gather/linux + OverMemoryKill), so a
 # job that outgrows its --mem is killed by SLURM, as on a real cluster.
 set -euo pipefail
 
@@ -159,8 +159,10 @@ start() {
     stop_slurm
   fi
   if ! alive "$CTLD_PID"; then
-    log "starting slurmctld"
-    slurmctld
+    # -c: a cold start forgets the jobs of an earlier life of this machine's SLURM (a killed test
+    # run's workers), which slurmctld would otherwise recover and hold the node with.
+    log "starting slurmctld (clean state)"
+    slurmctld -c
   fi
   if ! alive "$SLURMD_PID"; then
     log "starting slurmd"

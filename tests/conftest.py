@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,4 +125,15 @@ def slurm() -> str:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+    # The tests count on an empty node: jobs a killed earlier test run left in this local queue
+    # (its dask workers, waiting for a scheduler that is gone) would hold its cores.
+    leftover = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True)
+    if leftover.stdout.split():
+        subprocess.run(["scancel", *leftover.stdout.split()], check=False)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True)
+            if not queue.stdout.split():
+                break
+            time.sleep(0.5)
     return "localhost"
