@@ -633,11 +633,14 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
-def _with_range(median: float, spread: list[float] | None, runs: int) -> str:
-    """A median, with the range of the runs when there were several."""
+def _with_range(median: float, spread: list[float] | None, runs: int, most: int = 1) -> str:
+    """A median, with the range of the runs when there were several.
+
+    A contender that ran fewer times than the case's others (``--once``) says how often.
+    """
     if runs < 2 or not spread:
-        return f"{median}"
-    return f"{median} ({spread[0]}–{spread[1]})"
+        return f"{median} ({runs} run)" if runs < most else f"{median}"
+    return f"{median} ({spread[0]}–{spread[1]})" + (f", {runs} runs" if runs < most else "")
 
 
 def markdown_table(case: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
@@ -648,6 +651,7 @@ def markdown_table(case: dict[str, Any], summary: dict[str, dict[str, Any]]) -> 
         "read amplification | files | equal |\n" + "|---" * 13 + "|"
     )
     rows = [f"**{case['name']}** ({fmt_bytes(case['uncompressed_bytes'])} uncompressed)", "", head]
+    most = max((r["runs"] for r in summary.values() if r.get("ok")), default=1)
     for name, r in summary.items():
         if not r.get("ok"):
             rows.append(f"| {name} | failed: {r.get('error', '')[:120]} |" + " |" * 11)
@@ -660,8 +664,8 @@ def markdown_table(case: dict[str, Any], summary: dict[str, dict[str, Any]]) -> 
         est = r.get("estimate_over_peak")
         amp = r.get("read_amplification")
         rows.append(
-            f"| {name} | {_with_range(r['e2e_s'], r.get('e2e_range'), r['runs'])} | "
-            f"{_with_range(r['data_s'], r.get('data_range'), r['runs'])} | "
+            f"| {name} | {_with_range(r['e2e_s'], r.get('e2e_range'), r['runs'], most)} | "
+            f"{_with_range(r['data_s'], r.get('data_range'), r['runs'], most)} | "
             f"{r['e2e_MBps']} | {r['data_MBps']} | "
             f"{r.get('cpu_s', '-')} | {r['cpu_utilisation']:.0%} | "
             f"{fmt_bytes(r['max_process_rss'])} | {peak} | "
