@@ -125,15 +125,17 @@ def slurm() -> str:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+
     # The tests count on an empty node: jobs a killed earlier test run left in this local queue
     # (its dask workers, waiting for a scheduler that is gone) would hold its cores.
-    leftover = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True)
-    if leftover.stdout.split():
-        subprocess.run(["scancel", *leftover.stdout.split()], check=False)
+    def queued() -> list[str]:
+        return subprocess.run(
+            ["squeue", "-h", "-o", "%i"], capture_output=True, text=True
+        ).stdout.split()
+
+    if leftover := queued():
+        subprocess.run(["scancel", *leftover], check=False)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True)
-            if not queue.stdout.split():
-                break
+        while queued() and time.monotonic() < deadline:
             time.sleep(0.5)
     return "localhost"
