@@ -107,15 +107,19 @@ def worker_settings(api_url: str | None) -> Iterator[None]:
         yield
 
 
-def worker_environment(req: CacheRequest, api_url: str | None) -> dict[str, str]:
-    """Environment of worker processes: the flow's Prefect API, no temporary server, quiet dask.
+def worker_environment(req: CacheRequest, api_url: str | None, cores: int) -> dict[str, str]:
+    """Environment of worker processes: the flow's Prefect API, no temporary server, quiet dask,
+    and the cores each worker may use.
 
     A worker that finds no API URL would start a temporary Prefect server of its own (DESIGN
     §6), so the URL of the flow's API — the temporary one too — is handed over explicitly.
+    ``cores`` becomes ``ZARR_PARALLEL_THREADS``: workers sharing a node each get their share,
+    so that their readers and encoders do not start a thread per core of the whole node.
     """
     env = {
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
         "DASK_LOGGING__DISTRIBUTED": _DASK_LEVELS.get(req.log_level, "warning"),
+        "ZARR_PARALLEL_THREADS": str(max(1, cores)),
     }
     if api_url:
         env["PREFECT_API_URL"] = api_url
@@ -145,7 +149,8 @@ def slurm_cluster_kwargs(
     prologue from the request's ``slurm:`` block.
     """
     s = req.slurm
-    env = worker_environment(req, api_url)
+    # A SLURM job has the cores it asked for (--cpus-per-task), whatever the node has.
+    env = worker_environment(req, api_url, s.cores)
     prologue = [*s.prologue, *(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))]
     directives = [*([f"--qos={s.qos}"] if s.qos else []), *s.directives]
     mem_mib = -(-sizing.memory // 2**20)
@@ -415,7 +420,10 @@ def open_cluster(
     if mode == "series":
         yield ClusterHandle(mode, None, sizing)
         return
-    env = worker_environment(req, api_url)
+    from zarr_parallel.fastread import process_cores
+
+    # Local workers share this machine's cores (SLURM jobs get their own, above).
+    env = worker_environment(req, api_url, process_cores() // sizing.workers)
     t0 = time.monotonic()
     # Quiet dask in this process as well, and let a dead worker's task fail at once (it then
     # becomes a Prefect retry) instead of being re-run up to three times behind Prefect's back.

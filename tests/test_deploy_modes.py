@@ -20,6 +20,7 @@ from deploy_helpers import assert_same_cache, job_records, run_cache, squeue_ids
 from flows.runners import slurm_cluster_kwargs, worker_environment, worker_sizing
 from zarr_parallel.api import ZarrParallelAssembler
 from zarr_parallel.errors import RequestError
+from zarr_parallel.plan import FAST_READ_THREADS
 from zarr_parallel.request import DEFAULT_DEPLOY_MODE, build_request
 from zarr_parallel.sizing import size_workers
 
@@ -59,6 +60,13 @@ def test_every_deploy_mode_writes_the_same_cache(
     # The dask jobs ran in two worker processes other than this one.
     pids = {r["pid"] for r in job_records(dask_run)}
     assert len(pids) == 2 and os.getpid() not in pids
+    # Each job process read and encoded with its worker's share of the cores; a SLURM job's
+    # with the cores it asked for.
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    for run, cores in ((dask_run, share), (slurm_run, 1)):
+        for j in run.summary["job_results"]:
+            assert j["job_process"]["encoders"] == cores
+            assert j["job_process"]["readers"] == min(cores, FAST_READ_THREADS)
     # The SLURM jobs really ran in SLURM jobs, which are gone now.
     records = job_records(slurm_run)
     slurm_ids = {r["slurm_job_id"] for r in records}
@@ -193,6 +201,9 @@ def test_slurm_job_script_carries_derived_memory_and_walltime(tmp_path: Path) ->
     )
     assert "export PREFECT_SERVER_EPHEMERAL_ENABLED=false" in lines
     assert "export DASK_LOGGING__DISTRIBUTED=warning" in lines
+    # The job reads and encodes with the cores it asked for, not the node's.
+    assert f"#SBATCH --cpus-per-task={req.slurm.cores}" in lines
+    assert f"export ZARR_PARALLEL_THREADS={req.slurm.cores}" in lines
     # Workers retire two minutes before the walltime; one thread, no nanny.
     assert "--lifetime 4980s" in script and "--nthreads 1" in script
     assert "--no-nanny" in script
@@ -225,12 +236,40 @@ def test_concurrency_is_the_worker_limit_or_the_jobs() -> None:
 
 
 def test_worker_environment_names_the_flow_api_and_quiets_dask() -> None:
-    env = worker_environment(_request(log_level=1), "http://127.0.0.1:4200/api")
+    env = worker_environment(_request(log_level=1), "http://127.0.0.1:4200/api", cores=3)
     assert env == {
         "PREFECT_API_URL": "http://127.0.0.1:4200/api",
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
         "DASK_LOGGING__DISTRIBUTED": "info",
+        "ZARR_PARALLEL_THREADS": "3",
     }
+    # More workers than cores: each still gets a thread.
+    assert worker_environment(_request(), None, cores=0)["ZARR_PARALLEL_THREADS"] == "1"
+
+
+def test_job_processes_use_their_workers_share_of_the_cores_or_the_users_zarr_setting(
+    era5_files: list[Path], reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cores = len(os.sched_getaffinity(0))
+    alone = run_cache(
+        era5_files,
+        tmp_path / "alone.zarr",
+        deploy_mode="dask_distributed",
+        simultaneous_worker_limit=1,
+    )
+    # A user who configured zarr's thread pool keeps it; the readers still take the share.
+    monkeypatch.setenv("ZARR_THREADING__MAX_WORKERS", "3")
+    user = run_cache(
+        era5_files,
+        tmp_path / "user.zarr",
+        deploy_mode="dask_distributed",
+        simultaneous_worker_limit=2,
+    )
+    for run, share, encoders in ((alone, cores, cores), (user, max(1, cores // 2), 3)):
+        assert_same_cache(run.path, reference)
+        for j in run.summary["job_results"]:
+            assert j["job_process"]["encoders"] == encoders
+            assert j["job_process"]["readers"] == min(share, FAST_READ_THREADS)
 
 
 def test_api_default_is_the_request_default() -> None:

@@ -171,7 +171,8 @@ class JobProcess:
     ) -> dict[str, Any]:
         """Run one job (keyword arguments of :func:`zarr_parallel.write.run_job`).
 
-        Returns the job's record, with ``job_process`` (pid, peak RSS) added.
+        Returns the job's record, with ``job_process`` (pid, reader and encoder threads, peak
+        RSS) added.
 
         Raises
         ------
@@ -428,13 +429,34 @@ def _portable(error: BaseException) -> bytes:
         return pickle.dumps(JobError(f"{type(error).__name__}: {error}"))
 
 
+def _share_cores() -> None:
+    """Give zarr's encoding threads this process's cores, unless the user configured them.
+
+    zarr encodes chunks on a thread pool sized by ``threading.max_workers`` (by default, a
+    thread per core plus four). Two workers on two cores would each start six: more threads
+    than cores, and the time lost switching between them.
+    """
+    if "ZARR_THREADING__MAX_WORKERS" in os.environ:
+        return
+    import zarr
+
+    from zarr_parallel.fastread import process_cores
+
+    zarr.config.set({"threading.max_workers": process_cores()})
+
+
 def _serve(fd: int) -> None:
     conn = Connection(fd)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     import resource
 
+    import zarr
+
+    from zarr_parallel.fastread import reader_threads
     from zarr_parallel.write import run_job
+
+    _share_cores()
 
     conn.send(("ready", os.getpid()))
     while True:
@@ -450,6 +472,9 @@ def _serve(fd: int) -> None:
             record = run_job(**job)
             record["job_process"] = {
                 "pid": os.getpid(),
+                # The threads it read and encoded with (its share of the cores).
+                "readers": reader_threads(),
+                "encoders": zarr.config.get("threading.max_workers"),
                 # ru_maxrss is in KiB on Linux: the most this process has held so far.
                 "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             }

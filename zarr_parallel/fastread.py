@@ -79,22 +79,27 @@ INDEX_ONLY_TRANSFORMS = frozenset(
 _CF_KEYS = ("_FillValue", "missing_value", "scale_factor", "add_offset", "_Unsigned")
 
 
-def reader_threads() -> int:
-    """Threads used to read and inflate chunks: the cores this process may use, at most
-    :data:`~zarr_parallel.plan.FAST_READ_THREADS`.
+def process_cores() -> int:
+    """Cores this process may use: ``ZARR_PARALLEL_THREADS`` if set, else its CPU affinity.
 
-    ``ZARR_PARALLEL_THREADS`` overrides the cores (e.g. 1 where workers share a node's cores).
+    Worker processes that share a node set ``ZARR_PARALLEL_THREADS`` to their share of its
+    cores (:func:`flows.runners.worker_environment`), so that they do not each start a thread
+    per core and fight over the same cores.
     """
     env = os.environ.get("ZARR_PARALLEL_THREADS")
     if env:
-        cores = int(env)
-    else:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - not Linux
-            cores = os.cpu_count() or 1
+        return max(1, int(env))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def reader_threads() -> int:
+    """Threads used to read and inflate chunks: :func:`process_cores`, at most
+    :data:`~zarr_parallel.plan.FAST_READ_THREADS`."""
     # The memory model counts at most FAST_READ_THREADS chunks in flight.
-    return max(1, min(cores, FAST_READ_THREADS))
+    return min(process_cores(), FAST_READ_THREADS)
 
 
 # ---------------------------------------------------------------------------------------------
