@@ -114,12 +114,13 @@ def worker_environment(req: CacheRequest, api_url: str | None, cores: int) -> di
     A worker that finds no API URL would start a temporary Prefect server of its own (DESIGN
     §6), so the URL of the flow's API — the temporary one too — is handed over explicitly.
     ``cores`` becomes ``ZARR_PARALLEL_THREADS``: workers sharing a node each get their share,
-    so that their readers and encoders do not start a thread per core of the whole node.
+    so that their readers and encoders do not start a thread per core of the whole node. A
+    ``ZARR_PARALLEL_THREADS`` set in the flow's environment wins (the user knows the nodes).
     """
     env = {
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
         "DASK_LOGGING__DISTRIBUTED": _DASK_LEVELS.get(req.log_level, "warning"),
-        "ZARR_PARALLEL_THREADS": str(max(1, cores)),
+        "ZARR_PARALLEL_THREADS": os.environ.get("ZARR_PARALLEL_THREADS") or str(max(1, cores)),
     }
     if api_url:
         env["PREFECT_API_URL"] = api_url

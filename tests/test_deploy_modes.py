@@ -162,8 +162,12 @@ def _request(**fields: Any) -> Any:
     return build_request(data_uri=__file__, cache_store="/tmp/x.zarr", **fields)
 
 
-def test_slurm_job_script_carries_derived_memory_and_walltime(tmp_path: Path) -> None:
+def test_slurm_job_script_carries_derived_memory_and_walltime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from dask_jobqueue.slurm import SLURMCluster
+
+    monkeypatch.delenv("ZARR_PARALLEL_THREADS", raising=False)
 
     req = _request(
         deploy_mode="SLURM",
@@ -235,7 +239,10 @@ def test_concurrency_is_the_worker_limit_or_the_jobs() -> None:
     assert size_workers(jobs=30, max_workers=8, worker_overhead=0, **common).workers == 8
 
 
-def test_worker_environment_names_the_flow_api_and_quiets_dask() -> None:
+def test_worker_environment_names_the_flow_api_and_quiets_dask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ZARR_PARALLEL_THREADS", raising=False)
     env = worker_environment(_request(log_level=1), "http://127.0.0.1:4200/api", cores=3)
     assert env == {
         "PREFECT_API_URL": "http://127.0.0.1:4200/api",
@@ -245,11 +252,15 @@ def test_worker_environment_names_the_flow_api_and_quiets_dask() -> None:
     }
     # More workers than cores: each still gets a thread.
     assert worker_environment(_request(), None, cores=0)["ZARR_PARALLEL_THREADS"] == "1"
+    # The user's own setting wins.
+    monkeypatch.setenv("ZARR_PARALLEL_THREADS", "4")
+    assert worker_environment(_request(), None, cores=1)["ZARR_PARALLEL_THREADS"] == "4"
 
 
 def test_job_processes_use_their_workers_share_of_the_cores_or_the_users_zarr_setting(
     era5_files: list[Path], reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("ZARR_PARALLEL_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0))
     alone = run_cache(
         era5_files,
