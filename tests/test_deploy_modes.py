@@ -35,6 +35,13 @@ def test_default_deploy_mode_is_local_dask() -> None:
     assert req.deploy_mode == "dask_distributed"
 
 
+def _assert_job_threads(run: Any, share: int, encoders: int) -> None:
+    """Every job of ``run`` read with ``share`` cores' threads and encoded with ``encoders``."""
+    for j in run.summary["job_results"]:
+        assert j["job_process"]["encoders"] == encoders
+        assert j["job_process"]["readers"] == min(share, FAST_READ_THREADS)
+
+
 @pytest.mark.slurm
 def test_every_deploy_mode_writes_the_same_cache(
     era5_files: list[Path], reference: Path, tmp_path: Path, slurm: str, prefect_api: str
@@ -63,10 +70,8 @@ def test_every_deploy_mode_writes_the_same_cache(
     # Each job process read and encoded with its worker's share of the cores; a SLURM job's
     # with the cores it asked for.
     share = max(1, len(os.sched_getaffinity(0)) // 2)
-    for run, cores in ((dask_run, share), (slurm_run, 1)):
-        for j in run.summary["job_results"]:
-            assert j["job_process"]["encoders"] == cores
-            assert j["job_process"]["readers"] == min(cores, FAST_READ_THREADS)
+    _assert_job_threads(dask_run, share, share)
+    _assert_job_threads(slurm_run, 1, 1)
     # The SLURM jobs really ran in SLURM jobs, which are gone now.
     records = job_records(slurm_run)
     slurm_ids = {r["slurm_job_id"] for r in records}
@@ -278,9 +283,7 @@ def test_job_processes_use_their_workers_share_of_the_cores_or_the_users_zarr_se
     )
     for run, share, encoders in ((alone, cores, cores), (user, max(1, cores // 2), 3)):
         assert_same_cache(run.path, reference)
-        for j in run.summary["job_results"]:
-            assert j["job_process"]["encoders"] == encoders
-            assert j["job_process"]["readers"] == min(share, FAST_READ_THREADS)
+        _assert_job_threads(run, share, encoders)
 
 
 def test_api_default_is_the_request_default() -> None:
