@@ -224,6 +224,11 @@ CONTENDERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     # The same, run by the suite with PREFECT_API_URL set to a running server it started.
     "zarr-parallel series (Prefect server)": _zarr_parallel("series"),
     "zarr-parallel dask_distributed": _zarr_parallel("dask_distributed"),
+    # The same with other threads per job process, set by the suite (suite.THREAD_VARIANTS).
+    "zarr-parallel dask_distributed (1 reader, 2 encoders)": _zarr_parallel("dask_distributed"),
+    "zarr-parallel dask_distributed (all cores, zarr's default pool)": _zarr_parallel(
+        "dask_distributed"
+    ),
     "zarr-parallel SLURM": _zarr_parallel("SLURM"),
     "xarray+dask (source chunks)": _xarray("source", distributed=False),
     "xarray+dask distributed (source chunks)": _xarray("source", distributed=True),

@@ -64,6 +64,20 @@ DEFAULT_CONTENDERS = (
     "zarr-parallel 0.5.0 dask_distributed",
     "floor",
 )
+#: The dask_distributed mode with other threads per job process than its worker's share of the
+#: cores (one reader and one encoder each on 2 cores), run by ``python -m benchmarks.threads``.
+SHARE_OF_CORES = "zarr-parallel dask_distributed"
+THREAD_VARIANTS = {
+    f"{SHARE_OF_CORES} (1 reader, 2 encoders)": {
+        "ZARR_PARALLEL_THREADS": "1",
+        "ZARR_THREADING__MAX_WORKERS": "2",
+    },
+    # Before 2026-12-03: every job process took all cores, and zarr its default pool.
+    f"{SHARE_OF_CORES} (all cores, zarr's default pool)": {
+        "ZARR_PARALLEL_THREADS": str(os.cpu_count() or 1),
+        "ZARR_THREADING__MAX_WORKERS": str(min(32, (os.cpu_count() or 1) + 4)),
+    },
+}
 XARRAY = (
     "xarray+dask (source chunks)",
     "xarray+dask distributed (source chunks)",
@@ -519,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        envs = {name: env for name in contenders}
+        envs = {name: {**env, **THREAD_VARIANTS.get(name, {})} for name in contenders}
         if WITH_SERVER in contenders:
             url = stack.enter_context(prefect_server(work / "prefect-server"))
             envs[WITH_SERVER] = {**env, "PREFECT_API_URL": url}
