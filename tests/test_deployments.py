@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +39,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.exceptions import PrefectHTTPStatusError
+from server_support import PROJECT, deploy, prefect_server, prefect_worker, tail
 
 from flows.cache import cache_flow
 from flows.tasks import artifact_key
@@ -49,100 +48,19 @@ from zarr_parallel.store import CachePaths
 
 pytestmark = pytest.mark.prefect_server
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
-PROJECT = Path(__file__).resolve().parent.parent
-#: Generous: the machine may be loaded; these are deadlines for real processes, not timings.
-SERVER_START_SECONDS = 240
 RUN_SECONDS = 600
 #: Longer than the server's event persister flush interval (5 s), so stored events are complete.
 EVENT_BATCH_SECONDS = 7
 
 
-def _unavailable(message: str) -> None:
-    """A service this module needs did not start: fail in CI, skip elsewhere."""
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _base_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_LOGGING_LEVEL="INFO",
-    )
-    return env
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a process this module started (its own process group), then reap it."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A real ``prefect server start`` on 127.0.0.1 with SQLite under a temporary folder."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = _base_env(home / "server")
-    env.update(
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-        # No schedule should fire during the tests (the re-cache deployment's cron is checked
-        # as stored; its runs are started through the API).
-        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
-    )
-    log = home / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "prefect", "server", "start"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                _unavailable(f"prefect server did not start on {url}:\n{_tail(log)}")
-            time.sleep(0.5)
-        yield {"url": url, "home": home, "log": log}
-    finally:
-        _stop(proc)
+    # No schedule should fire during these tests (the re-cache deployment's cron is checked as
+    # stored; its runs are started through the API). tests/test_schedules.py runs the scheduler.
+    settings = {"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
+    with prefect_server(tmp_path_factory.mktemp("prefect-server"), settings) as found:
+        yield found
 
 
 def _client(server: dict[str, Any]) -> SyncPrefectClient:
@@ -152,16 +70,7 @@ def _client(server: dict[str, Any]) -> SyncPrefectClient:
 @pytest.fixture(scope="module")
 def deployed(server: dict[str, Any]) -> dict[str, Any]:
     """``python -m deployments``: the process pool and every deployment of prefect.yaml."""
-    env = _base_env(server["home"] / "deploy")
-    env["PREFECT_API_URL"] = server["url"]
-    out = subprocess.run(
-        [sys.executable, "-m", "deployments"],
-        cwd=PROJECT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_SECONDS,
-    )
+    out = deploy(server, RUN_SECONDS)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     with _client(server) as client:
         deployments = {d.name: d for d in client.read_deployments()}
@@ -172,25 +81,8 @@ def deployed(server: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def worker(server: dict[str, Any], deployed: dict[str, Any]) -> Iterator[Path]:
     """A real ``prefect worker start`` polling the process pool."""
-    env = _base_env(server["home"] / "worker")
-    env.update(PREFECT_API_URL=server["url"], PREFECT_WORKER_QUERY_SECONDS="1")
-    log = server["home"] / "worker.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "zarr-parallel"],
-            cwd=server["home"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        time.sleep(0.5)
-        if proc.poll() is not None:
-            _unavailable(f"prefect worker did not start:\n{_tail(log)}")
+    with prefect_worker(server) as log:
         yield log
-    finally:
-        _stop(proc)
 
 
 def _create_run(server: dict[str, Any], deployment: str, parameters: dict[str, Any]) -> UUID:
@@ -211,7 +103,7 @@ def _wait(
                 return run
             if time.monotonic() > deadline:
                 pytest.fail(
-                    f"flow run {run_id} still {state} after {RUN_SECONDS} s:\n" + _tail(worker_log)
+                    f"flow run {run_id} still {state} after {RUN_SECONDS} s:\n" + tail(worker_log)
                 )
             time.sleep(1)
 
