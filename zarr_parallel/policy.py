@@ -276,8 +276,8 @@ def check_request(request: Any, policy: Policy, workdir: str | Path | None = Non
                 uri,
                 "lies outside the folders deployment runs may read",
                 policy,
-                f"Use a source under {_listing(policy.source_roots)}, or ask the operator to add its "
-                "folder to [sources] roots in the policy file",
+                f"Use a source under {_listing(policy.source_roots)}, or ask the operator to add "
+                "its folder to [sources] roots in the policy file",
             )
     for name in ("storage_options", "open_options"):
         for parameter, url in _option_urls(getattr(request, name), name):
@@ -449,7 +449,6 @@ def check_references(urls: Iterable[str], request: Any) -> None:
                 request.data_uri,
                 f"is a kerchunk reference to {url}, outside the folders deployment runs may read",
                 policy,
-                "Use a reference whose files lie under "
-                f"{_listing(policy.source_roots)}",
+                f"Use a reference whose files lie under {_listing(policy.source_roots)}",
             )
     check_env_references(request, hosts, policy)
