@@ -263,3 +263,35 @@ def test_command_line_and_python_runs_keep_their_freedom(
         cache_store=str(outside), **RUN
     )
     assert result.path == outside and outside.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The work pool
+
+
+def test_deploying_locks_an_existing_pools_template(tmp_path: Path) -> None:
+    # A pool made by hand (Prefect's process template: runs may set command and env) is brought
+    # in line by python -m deployments, which says so.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
+
+    from deployments.__main__ import ensure_work_pool, job_template
+
+    name = f"zp-policy-{uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(
+            WorkPoolCreate(
+                name=name,
+                type="process",
+                base_job_template=ProcessWorker.get_default_base_job_template(),
+            )
+        )
+        policy = str(tmp_path / "policy.toml")
+        assert ensure_work_pool(name, policy) == "updated"
+        template = client.read_work_pool(name).base_job_template
+        assert template == job_template(policy)
+        assert template["job_configuration"]["env"][POLICY_ENV] == policy
+        assert "env" not in template["variables"]["properties"]
+        assert ensure_work_pool(name, policy) == "unchanged"
+        client.delete_work_pool(name)

@@ -124,8 +124,9 @@ class Prepared:
         """The plan as stored in the version's manifest."""
         return {
             **self.plan.to_json(),
-            # Masked as a second defence: literal secrets were refused at validation.
-            "request": redact(self.request.model_dump(mode="json")),
+            # Masked as a second defence (literal secrets were refused at validation); the
+            # environment's values are not looked for, so the stored request reads back as is.
+            "request": redact(self.request.model_dump(mode="json"), env_values=False),
             "layout": self.layout,
         }
 

@@ -233,29 +233,31 @@ def redact_text(text: str) -> str:
     return out
 
 
-def redact(value: Any, headers: bool = False) -> Any:
+def redact(value: Any, headers: bool = False, env_values: bool = True) -> Any:
     """A copy of ``value`` (dicts, lists, strings) safe to log or store.
 
     Values of secret-named keys, and of headers not on the harmless list, are masked unless
-    they are made of ``${NAME}`` references; strings are passed through :func:`redact_text`.
-    ``headers`` says that ``value`` is a mapping of HTTP headers.
+    they are made of ``${NAME}`` references; strings are passed through :func:`redact_text`
+    (with ``env_values=False`` only their URLs are redacted: a stored request must read back
+    the same whatever the environment holds). ``headers`` says that ``value`` is a mapping of
+    HTTP headers.
     """
     if isinstance(value, Mapping):
-        return {k: _redact_item(k, v, headers) for k, v in value.items()}
+        return {k: _redact_item(k, v, headers, env_values) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(redact(v) for v in value)
+        return type(value)(redact(v, env_values=env_values) for v in value)
     if isinstance(value, str):
-        return redact_text(value)
+        return redact_text(value) if env_values else _URL.sub(lambda m: redact_url(m[0]), value)
     return value
 
 
-def _redact_item(key: Any, value: Any, headers: bool) -> Any:
+def _redact_item(key: Any, value: Any, headers: bool, env_values: bool) -> Any:
     if isinstance(value, Mapping):
-        return redact(value, headers=_is_headers(key))
+        return redact(value, headers=_is_headers(key), env_values=env_values)
     secret = is_secret_key(key) or (headers and not is_harmless_header(key))
     if secret and value is not None and not isinstance(value, bool) and not _from_env_only(value):
         return MASK
-    return redact(value)
+    return redact(value, env_values=env_values)
 
 
 class _RedactingFactory:
