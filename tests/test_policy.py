@@ -244,6 +244,11 @@ def test_a_kerchunk_reference_may_point_only_into_the_roots(
         cache_flow(request)
     assert e.value.parameter == "data_uri"
     assert not (workdir / "caches").exists()
+    # Generated references cannot be listed before they are read: refused.
+    gen = {**kerchunk_refs(files, str(workdir / "data")), "gen": [{"key": "t2m/0.0.0"}]}
+    (workdir / "data" / "gen.json").write_text(json.dumps(gen))
+    with pytest.raises(RequestError, match=r"generated \('gen'\) references"):
+        cache_flow(_request(data_uri="data/gen.json", cache_dir="caches"))
     # One whose files lie inside is fine (the policy names the folder holding them).
     as_deployment.write_text(
         f'[sources]\nroots = ["{outside}", "{workdir}"]\n[caches]\nroots = ["{workdir}"]\n'

@@ -424,23 +424,36 @@ def active_policy() -> Policy | None:
     return found[0] if found else None
 
 
-def check_references(urls: Iterable[str], request: Any) -> None:
+def check_references(refs: Mapping[str, Any], request: Any) -> None:
     """Refuse a kerchunk reference that points outside the enforced policy's roots and hosts.
 
-    ``urls`` are the files the reference names (templates filled in); local paths are relative
-    to the working directory, as fsspec reads them. Does nothing outside a policed run.
+    Every file the reference names (templates filled in) is checked; local paths are relative
+    to the working directory, as fsspec reads them. References generated from a ``gen`` rule
+    cannot be listed without generating them, so a policed run refuses them. Does nothing
+    outside a policed run.
 
     Raises
     ------
     RequestError
         On ``data_uri``, naming the first reference target that is not allowed.
     """
+    from zarr_parallel.source import referenced_urls
+
     found = _ACTIVE.get()
     if found is None:
         return
     policy, workdir = found
+    if refs.get("gen"):
+        raise _refuse(
+            "data_uri",
+            request.data_uri,
+            "is a kerchunk reference with generated ('gen') references, whose targets cannot "
+            "be checked before they are read",
+            policy,
+            "Use a reference that lists its targets (kerchunk's default output)",
+        )
     hosts: list[str] = []
-    for url in urls:
+    for url in referenced_urls(refs):
         if _is_url(url):
             hosts.append(_check_host("data_uri", url, policy))
         elif not path_allowed(_local(url), policy.source_roots, workdir):

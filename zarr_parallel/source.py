@@ -138,7 +138,7 @@ def open_source(req: CacheRequest) -> Source:
         if engine == "kerchunk":
             refs = _kerchunk_refs(uris[0], req)
             # In a deployment run the reference may only lead where the operator's policy allows.
-            policy.check_references(referenced_urls(refs), req)
+            policy.check_references(refs, req)
             ds = _open_kerchunk(refs, req)
         elif engine == "zarr":
             with warnings.catch_warnings():
