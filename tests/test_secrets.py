@@ -232,3 +232,59 @@ def test_canary_secrets_reach_no_file_log_or_database(
     # The right database: the runs' parameters are in it (with the references, not values).
     assert b"${ZP_CANARY_TOKEN}" in stored and str(tmp_path / "cli.zarr").encode() in stored
     assert not [n for n in needles if n in stored]
+
+
+# ---------------------------------------------------------------------------------------------
+# Redirects
+
+
+@pytest.fixture
+def redirecting(served: Any) -> Iterator[str]:
+    """A server on loopback that redirects every GET/HEAD to the same path on ``served``."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Redirect(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+        def do_HEAD(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", served.url + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_credential_headers_do_not_follow_a_redirect_to_another_host(
+    redirecting: str, served: Any, era5_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiohttp drops Authorization on a redirect to another origin but sends other headers on:
+    # an archive (or an open redirect on it) could forward X-Auth-Token anywhere.
+    import fsspec
+
+    from zarr_parallel.remote import fsspec_options
+
+    monkeypatch.setenv("ZP_CANARY_TOKEN", CANARY_TOKEN)
+    url = f"{redirecting}/{era5_files[0].name}"
+    leaky = {"headers": {"X-Auth-Token": "${ZP_CANARY_TOKEN}", "Accept": "*/*"}}
+    fs = fsspec.filesystem("http", skip_instance_cache=True, **fsspec_options(leaky, "http"))
+    with pytest.raises(Exception, match="not following it with the header") as e:
+        fs.cat_file(url, start=0, end=8)
+    assert CANARY_TOKEN not in str(e.value)
+    assert not any(CANARY_TOKEN in str(h) for h in served.stats.headers)
+    # Harmless headers (and Authorization, which aiohttp drops itself) follow as before.
+    plain = {"headers": {"Accept": "*/*", "Authorization": "Bearer ${ZP_CANARY_TOKEN}"}}
+    fs = fsspec.filesystem("http", skip_instance_cache=True, **fsspec_options(plain, "http"))
+    assert fs.cat_file(url, start=0, end=8) == era5_files[0].read_bytes()[:8]
+    assert not any(CANARY_TOKEN in str(h) for h in served.stats.headers)

@@ -481,6 +481,38 @@ def backoff_delay(attempt: int, base: float = 0.1, cap: float = 10.0) -> float:
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
+#: Request headers aiohttp sets itself, or drops itself on a redirect to another origin.
+_SAFE_ON_REDIRECT = frozenset({"host", "content-length", "authorization", "proxy-authorization"})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+class RedirectRefused(Exception):
+    """A server redirected a request carrying credential headers to another origin."""
+
+
+def _refuse_leaking_redirect(req: Any, resp: Any) -> None:
+    """Refuse to follow a redirect to another origin while credential headers ride along.
+
+    aiohttp drops ``Authorization`` on such a redirect but sends every other header again, so
+    a server (or an open redirect on it) could forward ``X-Auth-Token: ${TOKEN}`` to any host.
+    """
+    if resp.status not in _REDIRECTS or "Location" not in resp.headers:
+        return
+    target = req.url.join(type(req.url)(resp.headers["Location"]))
+    if target.origin() == req.url.origin():
+        return
+    carried = sorted(
+        k for k in req.headers if not is_harmless_header(k) and k.lower() not in _SAFE_ON_REDIRECT
+    )
+    if carried:
+        resp.release()
+        raise RedirectRefused(
+            f"{redact_url(str(req.url))} redirects to another host "
+            f"({redact_url(str(target.origin()))}); not following it with the header(s) "
+            f"{', '.join(carried)}, which would be sent there too"
+        )
+
+
 def _retry_middleware(retries: int) -> Any:
     import aiohttp
 
@@ -489,6 +521,7 @@ def _retry_middleware(retries: int) -> Any:
             last = attempt == retries
             try:
                 resp = await handler(req)
+                _refuse_leaking_redirect(req, resp)
                 if resp.status in RETRY_STATUSES and not last:
                     logger.debug(
                         "%s %s: HTTP %d, retry %d of %d",
