@@ -300,3 +300,40 @@ def test_deploying_locks_an_existing_pools_template(tmp_path: Path) -> None:
         assert "env" not in template["variables"]["properties"]
         assert ensure_work_pool(name, policy) == "unchanged"
         client.delete_work_pool(name)
+
+
+def test_processes_a_policed_run_starts_check_references_too(
+    workdir: Path, era5_files: list[Path], tmp_path: Path
+) -> None:
+    # A job process (or a local dask worker) opens the source again; it inherits the policed
+    # state from the flow's process and reads the same policy file.
+    import subprocess
+    import sys
+
+    from zarr_parallel.policy import POLICED_ENV, enforced
+
+    outside = tmp_path / "private"
+    outside.mkdir()
+    shutil.copy(era5_files[0], outside / era5_files[0].name)
+    refs = kerchunk_refs([outside / era5_files[0].name], str(outside))
+    (workdir / "data" / "sneaky.json").write_text(json.dumps(refs))
+    with enforced(default_policy(workdir), workdir):
+        assert os.environ[POLICED_ENV] == str(workdir)
+        env = {**os.environ, POLICY_ENV: str(tmp_path / "none.toml")}
+    assert POLICED_ENV not in os.environ  # restored when the run ends
+    code = (
+        "from zarr_parallel.request import build_request\n"
+        "from zarr_parallel.source import open_source\n"
+        "open_source(build_request(data_uri='data/sneaky.json', cache_dir='c'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert "kerchunk reference to" in done.stderr and "default policy" in done.stderr
+    # Without the policed state the same process opens it (the local user's freedom).
+    env.pop(POLICED_ENV)
+    ok = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]

@@ -403,25 +403,44 @@ def _check_execution(request: Any, policy: Policy) -> None:
 # Kerchunk references: checked when read, by whoever reads them in a policed run
 
 _ACTIVE: ContextVar[tuple[Policy, str] | None] = ContextVar("zarr_parallel_policy", default=None)
+#: Set while a policed run works, for the processes it starts (job processes, local dask
+#: workers): they read the reference again and check it against the same policy file. Its
+#: value is the deployment's working directory.
+POLICED_ENV = "ZARR_PARALLEL_POLICED_WORKDIR"
 
 
 @contextlib.contextmanager
 def enforced(policy: Policy | None, workdir: str | Path | None = None) -> Iterator[None]:
-    """Check kerchunk references read in this context against ``policy`` (None: no checks)."""
+    """Check kerchunk references read in this context, and in the processes started from it,
+    against ``policy`` (None: no checks)."""
     if policy is None:
         yield
         return
-    token = _ACTIVE.set((policy, str(workdir or os.getcwd())))
+    where = str(workdir or os.getcwd())
+    token = _ACTIVE.set((policy, where))
+    previous = os.environ.get(POLICED_ENV)
+    os.environ[POLICED_ENV] = where
     try:
         yield
     finally:
         _ACTIVE.reset(token)
+        if previous is None:
+            os.environ.pop(POLICED_ENV, None)
+        else:
+            os.environ[POLICED_ENV] = previous
 
 
-def active_policy() -> Policy | None:
-    """The policy enforced in this context, if any."""
+def active_policy() -> tuple[Policy, str] | None:
+    """The policy enforced here and the deployment's working directory, if any.
+
+    In a process a policed run started, the policy file is read again (its path comes from
+    the same fixed ``ZARR_PARALLEL_POLICY``).
+    """
     found = _ACTIVE.get()
-    return found[0] if found else None
+    if found is None and os.environ.get(POLICED_ENV):
+        workdir = os.environ[POLICED_ENV]
+        found = (load_policy(workdir=workdir), workdir)
+    return found
 
 
 def check_references(refs: Mapping[str, Any], request: Any) -> None:
@@ -439,7 +458,7 @@ def check_references(refs: Mapping[str, Any], request: Any) -> None:
     """
     from zarr_parallel.source import referenced_urls
 
-    found = _ACTIVE.get()
+    found = active_policy()
     if found is None:
         return
     policy, workdir = found
