@@ -337,3 +337,15 @@ def test_processes_a_policed_run_starts_check_references_too(
         [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_a_temp_store_outside_the_cache_roots_is_refused(workdir: Path) -> None:
+    # Rechunking's intermediate folder (a request field of its own) is a write location too.
+    class WithTemp(CacheRequest):
+        temp_store: str | None = None
+
+    base = {**RUN, "data_uri": "data/*.nc", "cache_dir": "caches"}
+    check_request(WithTemp(**base, temp_store="scratch"), default_policy(workdir))
+    with pytest.raises(RequestError) as e:
+        check_request(WithTemp(**base, temp_store="/var/tmp"), default_policy(workdir))
+    assert e.value.parameter == "temp_store"

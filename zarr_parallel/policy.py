@@ -357,6 +357,16 @@ def _check_writes(request: Any, policy: Policy, base: Path) -> None:
             f"Put the cache under {_listing(policy.cache_roots)}, or ask the operator to add the "
             "folder to [caches] roots in the policy file",
         )
+    # A scratch folder for intermediates, where the request model has one, is a write too.
+    temp = getattr(request, "temp_store", None)
+    if isinstance(temp, str) and temp and not path_allowed(temp, policy.cache_roots, base):
+        raise _refuse(
+            "temp_store",
+            temp,
+            "lies outside the folders deployment runs may write",
+            policy,
+            f"Leave it unset or use a folder under {_listing(policy.cache_roots)}",
+        )
     logs = request.slurm.log_directory
     if logs and not path_allowed(logs, policy.cache_roots, base):
         raise _refuse(
