@@ -105,13 +105,25 @@ def in_deployment_run() -> bool:
         return False
 
 
+def _is_deployment_run() -> bool:
+    """Like :func:`in_deployment_run`, but an API that cannot answer is an error, not a "no":
+    a deployment run must never go unchecked because a lookup failed."""
+    from prefect.runtime import deployment
+
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    if run is not None and run.deployment_id is not None:
+        return True
+    return deployment.id is not None
+
+
 def deployment_policy() -> Policy | None:
     """The operator's policy in a deployment run; None in ad hoc runs (the local user's own).
 
     Read from the file the work pool's job template names (:mod:`zarr_parallel.policy`), or
     the closed default (only under the deployment's working directory) when there is none.
     """
-    if not in_deployment_run():
+    if not _is_deployment_run():
         return None
     policy = load_policy()
     get_run_logger().info("deployment run: the request is checked against %s", policy.origin)
