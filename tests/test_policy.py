@@ -171,6 +171,12 @@ def test_a_symbolic_link_does_not_lead_out_of_a_root(workdir: Path, tmp_path: Pa
     (workdir / "escape").symlink_to(outside)
     with pytest.raises(RequestError, match="outside the folders deployment runs may write"):
         check_request(_request(data_uri="data/*.nc", cache_dir="escape"), default_policy(workdir))
+    # A file link among the matched files, pointing outside: refused too.
+    source = next((workdir / "data").glob("*.nc"))
+    shutil.copy(source, outside / "private.nc")
+    (workdir / "data" / "zz_link.nc").symlink_to(outside / "private.nc")
+    with pytest.raises(RequestError, match="outside the folders deployment runs may read"):
+        check_request(_request(data_uri="data/*.nc", cache_dir="caches"), default_policy(workdir))
 
 
 def test_env_references_only_as_listed_and_only_towards_their_hosts(workdir: Path) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import glob
 import os
 import tomllib
@@ -215,8 +216,20 @@ def host_allowed(host: str, patterns: Iterable[str]) -> bool:
 
 def path_allowed(path: str | Path, roots: Iterable[str], base: str | Path | None = None) -> bool:
     """True when ``path`` (relative to ``base``; links resolved) lies under one of ``roots``."""
-    real = os.path.realpath(os.path.join(base or os.getcwd(), os.path.expanduser(str(path))))
+    full = os.path.join(base or os.getcwd(), os.path.expanduser(str(path)))
+    if os.path.islink(full):
+        real = os.path.realpath(full)
+    else:
+        # The folder's real path is shared by a glob's many files: resolved once per check.
+        folder, name = os.path.split(os.path.normpath(full))
+        real = os.path.join(_real_folder(folder), name) if name not in ("", "..") else full
+        real = os.path.realpath(real) if name in ("", "..") else real
     return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+@functools.lru_cache(maxsize=256)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def _static_part(path: str) -> str:
@@ -265,6 +278,7 @@ def check_request(request: Any, policy: Policy, workdir: str | Path | None = Non
         Naming the parameter, its value (secrets masked) and the rule that refuses it.
     """
     base = Path(workdir or os.getcwd())
+    _real_folder.cache_clear()  # links may have changed since the last check
     uris = [request.data_uri] if isinstance(request.data_uri, str) else list(request.data_uri)
     hosts: list[str] = []
     for uri in uris:
