@@ -1,15 +1,22 @@
-"""Deploy zarr-parallel's Prefect deployments: ``python -m deployments [prefect deploy options]``.
+"""Deploy zarr-parallel's Prefect deployments: ``python -m deployments [--policy PATH] [options]``.
 
 Run from anywhere with the project's environment active and ``PREFECT_API_URL`` pointing at a
-Prefect server. It creates the process work pool named in ``deployments/prefect.yaml`` if the
-server has none, then runs ``prefect deploy --all`` on that file from the project folder, with
-``ZARR_PARALLEL_PROJECT_DIR`` set to the project folder (the pull step's working directory)
-unless it is set already. Extra arguments go to ``prefect deploy`` (e.g. ``--name cache``
-instead of all).
+Prefect server. It creates the process work pool named in ``deployments/prefect.yaml`` (or
+brings an existing one's job template in line, saying so), then runs ``prefect deploy --all`` on
+that file from the project folder, with ``ZARR_PARALLEL_PROJECT_DIR`` set to the project folder
+(the pull step's working directory) unless it is set already. Extra arguments go to
+``prefect deploy`` (e.g. ``--name cache`` instead of all).
+
+The pool's job template is what keeps a flow run from choosing its own process: runs may not
+set ``command``, ``env`` or ``working_dir`` (the template's variables refuse unknown keys, and
+the API checks every run's job variables against them), and the template itself sets
+``ZARR_PARALLEL_POLICY`` to the operator's policy file (``--policy PATH``, default
+``/etc/zarr-parallel/policy.toml``; see :mod:`zarr_parallel.policy`).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -19,8 +26,12 @@ from typing import Any
 
 import yaml
 
+from zarr_parallel.policy import DEFAULT_POLICY_PATH, POLICY_ENV
+
 PROJECT = Path(__file__).resolve().parent.parent
 PREFECT_FILE = PROJECT / "deployments" / "prefect.yaml"
+#: Job variables a run could use to run code of its choosing on the worker.
+LOCKED_VARIABLES = ("command", "env", "working_dir")
 
 
 def pool_name(prefect_file: Path = PREFECT_FILE) -> str:
@@ -29,40 +40,73 @@ def pool_name(prefect_file: Path = PREFECT_FILE) -> str:
     return str(config["definitions"]["work_pools"]["process"]["name"])
 
 
-def ensure_work_pool(name: str) -> bool:
-    """Create the process work pool ``name`` unless it exists; True when it was created."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+def job_template(policy: str = DEFAULT_POLICY_PATH) -> dict[str, Any]:
+    """The process pool's base job template with the variables a run could abuse removed.
+
+    Prefect's process template lets every run set ``command`` and ``env`` (and the worker
+    merges a run's ``env`` over the template's own), and ``working_dir`` (the flow process
+    imports from it first). Without them in the variables, and with unknown variables refused
+    (``additionalProperties: false``), the API turns such a run away; the fixed ``env`` of the
+    job configuration names the policy file.
+    """
     from prefect.workers.process import ProcessWorker
 
+    template = copy.deepcopy(ProcessWorker.get_default_base_job_template())
+    for name in LOCKED_VARIABLES:
+        template["variables"]["properties"].pop(name, None)
+        template["job_configuration"].pop(name, None)
+    template["variables"]["additionalProperties"] = False
+    template["job_configuration"]["env"] = {POLICY_ENV: policy, "PREFECT_LOGGING_LEVEL": "INFO"}
+    return template
+
+
+def ensure_work_pool(name: str, policy: str = DEFAULT_POLICY_PATH) -> str:
+    """Create the process work pool ``name``, or update its job template to :func:`job_template`.
+
+    Returns what was done: ``"created"``, ``"updated"`` or ``"unchanged"``.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    template = job_template(policy)
     with get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(name)
-            return False
+            pool = client.read_work_pool(name)
         except ObjectNotFound:
             pass
+        else:
+            if pool.base_job_template == template:
+                return "unchanged"
+            client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
+            return "updated"
         try:
             client.create_work_pool(
                 WorkPoolCreate(
                     name=name,
                     type="process",
                     description="zarr-parallel flow runs as local processes",
-                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                    base_job_template=template,
                 )
             )
         except ObjectAlreadyExists:
-            return False
-    return True
+            return "unchanged"
+    return "created"
 
 
-def deploy(extra: Sequence[str] = (), env: dict[str, str] | None = None) -> int:
-    """Create the pool if needed and run ``prefect deploy``; returns its exit code."""
+def deploy(
+    extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    policy: str = DEFAULT_POLICY_PATH,
+) -> int:
+    """Create or update the pool and run ``prefect deploy``; returns its exit code."""
     env = dict(os.environ if env is None else env)
     env.setdefault("ZARR_PARALLEL_PROJECT_DIR", str(PROJECT))
     name = pool_name()
-    if ensure_work_pool(name):
-        print(f"created the process work pool {name!r}")
+    done = ensure_work_pool(name, policy)
+    if done != "unchanged":
+        locked = ", ".join(LOCKED_VARIABLES)
+        print(f"{done} the process work pool {name!r}: runs cannot set {locked}; policy {policy}")
     args = list(extra) or ["--all"]
     command = [
         sys.executable,
@@ -83,7 +127,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
-    return deploy(args)
+    policy = DEFAULT_POLICY_PATH
+    if "--policy" in args:
+        i = args.index("--policy")
+        if i + 1 >= len(args):
+            print("error: --policy needs a path", file=sys.stderr)
+            return 2
+        policy = os.path.abspath(args[i + 1])
+        del args[i : i + 2]
+    return deploy(args, policy=policy)
 
 
 if __name__ == "__main__":

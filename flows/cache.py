@@ -17,8 +17,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.control import (
     cache_slot,
+    checked_request,
     decide_on_recommendations,
-    revalidate,
+    deployment_policy,
     temporary_api_settings,
     without_flow_heartbeat,
 )
@@ -34,6 +35,7 @@ from flows.write import MAX_TASKS, group_jobs, write_flow
 from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.pipeline import Prepared, recommendations_message, run_lock
+from zarr_parallel.policy import enforced
 from zarr_parallel.recommend import Recommendation
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.units import format_bytes
@@ -53,7 +55,14 @@ def cache_flow(request: CacheRequest) -> dict[str, Any]:
         request: What to cache and how (the request model of the Python API and the CLI).
     """
     set_log_level(request.log_level)  # deployments run the flow in a worker process
-    request = revalidate(request)
+    policy = deployment_policy()
+    request = checked_request(request, policy)
+    with enforced(policy):
+        return _cache_until_decided(request)
+
+
+def _cache_until_decided(request: CacheRequest) -> dict[str, Any]:
+    """Run the cache steps; when they halt on recommendations, decide and plan again."""
     applied: Recommendation | None = None
     while True:
         try:

@@ -2,6 +2,8 @@
 
 - :func:`in_deployment_run`: deployment runs (from the UI, the API or a schedule) pause for
   decisions; ad hoc runs (CLI, Python) never wait for a human.
+- :func:`deployment_policy` / :func:`checked_request`: a deployment run's request is untrusted
+  input, checked against the operator's policy before planning (:mod:`zarr_parallel.policy`).
 - :func:`cache_slot`: a global concurrency limit of 1 per cache target, so two deployment runs
   never write one cache at once (the second waits for the first).
 - :func:`decide_on_recommendations`: pause a deployment run that halted on recommendations until
@@ -33,6 +35,7 @@ from prefect.utilities.engine import propose_state_sync
 from flows.tasks import artifact_key
 from zarr_parallel.errors import RecommendationsPending
 from zarr_parallel.pipeline import recommendations_message
+from zarr_parallel.policy import Policy, check_request, load_policy
 from zarr_parallel.recommend import Recommendation
 from zarr_parallel.request import CacheRequest, build_request
 from zarr_parallel.store import resolve_paths
@@ -100,6 +103,50 @@ def in_deployment_run() -> bool:
         return deployment.id is not None
     except Exception:  # no API reachable: not a deployment run either
         return False
+
+
+def _is_deployment_run() -> bool:
+    """Like :func:`in_deployment_run`, but an API that cannot answer is an error, not a "no":
+    a deployment run must never go unchecked because a lookup failed."""
+    from prefect.runtime import deployment
+
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    if run is not None and run.deployment_id is not None:
+        return True
+    return deployment.id is not None
+
+
+def deployment_policy() -> Policy | None:
+    """The operator's policy in a deployment run; None in ad hoc runs (the local user's own).
+
+    Read from the file the work pool's job template names (:mod:`zarr_parallel.policy`), or
+    the closed default (only under the deployment's working directory) when there is none.
+    """
+    if not _is_deployment_run():
+        return None
+    policy = load_policy()
+    get_run_logger().info("deployment run: the request is checked against %s", policy.origin)
+    return policy
+
+
+def checked_request(request: CacheRequest, policy: Policy | None) -> CacheRequest:
+    """:func:`revalidate` the request; in a deployment run check it against ``policy`` too.
+
+    Checked before validation (so a glob outside the allowed folders is not even listed) and
+    after it (the files it matched, the cache path it resolved to).
+
+    Raises
+    ------
+    RequestError
+        Naming the parameter and the policy's rule; the run fails before planning.
+    """
+    if policy is not None:
+        check_request(request, policy)
+    request = revalidate(request)
+    if policy is not None:
+        check_request(request, policy)
+    return request
 
 
 def revalidate(request: CacheRequest) -> CacheRequest:

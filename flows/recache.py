@@ -20,10 +20,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.cache import _cache, cache_flow, exit_code, format_summary
-from flows.control import cache_slot, revalidate, temporary_api_settings
+from flows.control import (
+    cache_slot,
+    checked_request,
+    deployment_policy,
+    temporary_api_settings,
+)
 from flows.tasks import artifact_key
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.pipeline import run_lock
+from zarr_parallel.policy import enforced
 from zarr_parallel.recache import (
     AppendNotPossible,
     AppendPrepared,
@@ -59,10 +65,19 @@ def recache_flow(
         allow_append: Append new steps when the source only grew; False re-caches in full.
         check_only: Only decide and report what a run would do; write nothing.
     """
-    logger = get_run_logger()
     started = time.time()
     set_log_level(request.log_level)  # deployments run the flow in a worker process
-    request = revalidate(request)
+    policy = deployment_policy()
+    request = checked_request(request, policy)
+    with enforced(policy):
+        return _recache(request, allow_append, check_only, started)
+
+
+def _recache(
+    request: CacheRequest, allow_append: bool, check_only: bool, started: float
+) -> dict[str, Any]:
+    """The re-cache flow's steps, on a checked request."""
+    logger = get_run_logger()
     # The decision and an append happen under the cache's slot and lock, as a cache run's steps
     # do; a full re-cache is the cache flow, which takes them itself.
     with cache_slot(request), run_lock(request):
@@ -86,8 +101,9 @@ def recache_flow(
                 logger.warning("%s", decision.reason)
             else:
                 return {**summary, "status": "appended", "recache": decision.to_json()}
-    # A full re-cache is the cache flow itself (it takes the slot again, pauses on
-    # recommendations in deployment runs, and publishes a new version atomically).
+    # A full re-cache is the cache flow itself (it takes the slot again, checks the policy
+    # again, pauses on recommendations in deployment runs, and publishes a new version
+    # atomically).
     summary = cache_flow(request)
     return {**summary, "recache": decision.to_json()}
 

@@ -7,6 +7,7 @@ subprocess is given the server's URL explicitly.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -110,12 +111,26 @@ def prefect_server(home: Path, settings: Mapping[str, str]) -> Iterator[dict[str
         stop(proc)
 
 
-def deploy(server: Mapping[str, Any], timeout: float) -> subprocess.CompletedProcess[str]:
-    """``python -m deployments`` against ``server``: the process pool and every deployment."""
+def write_policy(path: Path, root: Path, hosts: Sequence[str] = ("127.0.0.1",)) -> Path:
+    """An operator policy letting deployment runs read and write under ``root`` (the tests'
+    temporary folders) and reach ``hosts``; the default would allow only the project folder."""
+    base = json.dumps(os.path.realpath(root))  # a TOML basic string is a JSON string
+    path.write_text(
+        f"[sources]\nroots = [{base}]\nhosts = {json.dumps(list(hosts))}\n"
+        f"[caches]\nroots = [{base}]\n"
+    )
+    return path
+
+
+def deploy(
+    server: Mapping[str, Any], timeout: float, policy: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m deployments [--policy P]`` against ``server``: the process pool (whose job
+    template names the policy file) and every deployment."""
     env = base_env(server["home"] / "deploy")
     env["PREFECT_API_URL"] = server["url"]
     return subprocess.run(
-        [sys.executable, "-m", "deployments"],
+        [sys.executable, "-m", "deployments", *(["--policy", str(policy)] if policy else [])],
         cwd=PROJECT,
         env=env,
         capture_output=True,
@@ -125,9 +140,12 @@ def deploy(server: Mapping[str, Any], timeout: float) -> subprocess.CompletedPro
 
 
 @contextmanager
-def prefect_worker(server: Mapping[str, Any], pool: str = "zarr-parallel") -> Iterator[Path]:
-    """A real ``prefect worker start`` polling ``pool`` every second; yields its log file."""
-    env = base_env(server["home"] / "worker")
+def prefect_worker(
+    server: Mapping[str, Any], pool: str = "zarr-parallel", env: Mapping[str, str] | None = None
+) -> Iterator[Path]:
+    """A real ``prefect worker start`` polling ``pool`` every second, with ``env`` added to its
+    environment; yields its log file."""
+    env = {**base_env(server["home"] / "worker"), **(env or {})}
     env.update(PREFECT_API_URL=server["url"], PREFECT_WORKER_QUERY_SECONDS="1")
     log = server["home"] / "worker.log"
     with open(log, "wb") as out:

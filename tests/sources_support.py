@@ -97,6 +97,8 @@ class Stats:
     failed: list[tuple[str, str, str | None, str]] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
+    #: The headers of every request, as received (what a client sent the server).
+    headers: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def ranges(self, path: str) -> Counter[tuple[int, int]]:
@@ -135,6 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, body: bool) -> None:
         srv = self.server
         with srv.stats.lock:
+            srv.stats.headers.append(dict(self.headers.items()))
             srv.stats.in_flight += 1
             srv.stats.max_in_flight = max(srv.stats.max_in_flight, srv.stats.in_flight)
         try:

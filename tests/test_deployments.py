@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -39,10 +40,11 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.exceptions import PrefectHTTPStatusError
-from server_support import PROJECT, deploy, prefect_server, prefect_worker, tail
+from server_support import PROJECT, deploy, prefect_server, prefect_worker, tail, write_policy
 
 from flows.cache import cache_flow
 from flows.tasks import artifact_key
+from zarr_parallel.policy import POLICY_ENV
 from zarr_parallel.request import build_request
 from zarr_parallel.store import CachePaths
 
@@ -51,6 +53,8 @@ pytestmark = pytest.mark.prefect_server
 RUN_SECONDS = 600
 #: Longer than the server's event persister flush interval (5 s), so stored events are complete.
 EVENT_BATCH_SECONDS = 7
+#: The worker's AWS_SECRET_ACCESS_KEY: a value that must never leave it.
+WORKER_CANARY = "canary-worker-secret-6f1c2b9d"
 
 
 @pytest.fixture(scope="module")
@@ -68,20 +72,24 @@ def _client(server: dict[str, Any]) -> SyncPrefectClient:
 
 
 @pytest.fixture(scope="module")
-def deployed(server: dict[str, Any]) -> dict[str, Any]:
-    """``python -m deployments``: the process pool and every deployment of prefect.yaml."""
-    out = deploy(server, RUN_SECONDS)
+def deployed(server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``python -m deployments --policy P``: the process pool and every deployment of
+    prefect.yaml, with an operator policy that lets runs use the tests' temporary folders and
+    the loopback host (the default would allow only the project folder)."""
+    policy = write_policy(server["home"] / "policy.toml", tmp_path_factory.getbasetemp())
+    out = deploy(server, RUN_SECONDS, policy)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     with _client(server) as client:
         deployments = {d.name: d for d in client.read_deployments()}
         pool = client.read_work_pool("zarr-parallel")
-    return {"deployments": deployments, "pool": pool, "output": out.stdout}
+    return {"deployments": deployments, "pool": pool, "output": out.stdout, "policy": policy}
 
 
 @pytest.fixture(scope="module")
 def worker(server: dict[str, Any], deployed: dict[str, Any]) -> Iterator[Path]:
     """A real ``prefect worker start`` polling the process pool."""
-    with prefect_worker(server) as log:
+    # A secret in the worker's environment, which no request may send anywhere.
+    with prefect_worker(server, env={"AWS_SECRET_ACCESS_KEY": WORKER_CANARY}) as log:
         yield log
 
 
@@ -473,6 +481,117 @@ def test_all_runs_came_from_the_deployments(server: dict[str, Any], runs: dict[s
         )
     assert len(found) == len(runs["ids"])
     assert all(r.deployment_id is not None for r in found)
+
+
+# ---------------------------------------------------------------------------------------------
+# The form is untrusted: the pool's template and the operator's policy
+
+
+def test_pool_lets_no_run_set_env_command_or_working_dir(
+    server: dict[str, Any], deployed: dict[str, Any], tmp_path: Path
+) -> None:
+    template = deployed["pool"].base_job_template
+    variables = template["variables"]
+    assert not {"env", "command", "working_dir"} & set(variables["properties"])
+    assert variables["additionalProperties"] is False
+    assert template["job_configuration"]["env"][POLICY_ENV] == str(deployed["policy"])
+    ok = {"data_uri": str(tmp_path / "*.nc"), "cache_dir": str(tmp_path)}
+    hostile = [
+        {"env": {"PYTHONPATH": str(tmp_path)}},
+        {"env": {POLICY_ENV: str(tmp_path / "open.toml")}},
+        {f"env.{POLICY_ENV}": str(tmp_path / "open.toml")},
+        {"command": "sh -c 'id > /tmp/owned'"},
+        {"working_dir": str(tmp_path)},
+    ]
+    with _client(server) as client:
+        dep = client.read_deployment_by_name("zarr-parallel-cache/cache")
+        before = len(client.read_flow_runs())
+        for job_variables in hostile:
+            with pytest.raises(PrefectHTTPStatusError, match="422"):
+                client.create_flow_run_from_deployment(
+                    dep.id, parameters={"request": ok}, job_variables=job_variables
+                )
+        assert len(client.read_flow_runs()) == before  # no run was created
+
+
+@pytest.fixture(scope="module")
+def refused(
+    server: dict[str, Any],
+    deployed: dict[str, Any],
+    worker: Path,
+    era5_files: list[Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Any]]:
+    """Deployment runs the operator's policy refuses, all submitted at once; a loopback HTTP
+    server (an allowed host) serving a netCDF file records every request it gets."""
+    from sources_support import serve_http
+
+    root = tmp_path_factory.mktemp("policy-runs")
+    www = root / "www"
+    www.mkdir()
+    shutil.copy(era5_files[0], www / era5_files[0].name)
+    outside = Path(tempfile.mkdtemp(prefix="zp-outside-policy-"))  # not under the policy's root
+    try:
+        with serve_http(www) as svc:
+            ok = {
+                "data_uri": str(era5_files[0]),
+                "cache_store": str(root / "ok.zarr"),
+                "deploy_mode": "series",
+                "memory_limit": "300MB",
+            }
+            params = {
+                # The issue's exfiltration: the worker's secret in a header, to a URL.
+                "exfiltrate": {
+                    **ok,
+                    "data_uri": f"{svc.url}/{era5_files[0].name}",
+                    "storage_options": {"headers": {"X-Debug": "${AWS_SECRET_ACCESS_KEY}"}},
+                },
+                "outside_source": {**ok, "data_uri": str(PROJECT / "README.md")},
+                "outside_cache": {**ok, "cache_store": str(outside / "stolen.zarr")},
+                "prologue": {**ok, "deploy_mode": "SLURM", "slurm": {"prologue": ["id"]}},
+                "scheduler": {**ok, "scheduler_address": "tcp://127.0.0.1:9"},
+                "allowed": ok,
+            }
+            ids = {
+                name: _create_run(server, "zarr-parallel-cache/cache", {"request": p})
+                for name, p in params.items()
+            }
+            runs = {name: _wait(server, run_id, worker) for name, run_id in ids.items()}
+            yield {"runs": runs, "params": params, "server": svc, "outside": outside}
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("exfiltrate", "storage_options.headers.X-Debug='${AWS_SECRET_ACCESS_KEY}'"),
+        ("outside_source", "data_uri="),
+        ("outside_cache", "cache_store="),
+        ("prologue", "slurm.prologue="),
+        ("scheduler", "scheduler_address="),
+    ],
+)
+def test_policy_refuses_a_deployment_run_before_planning(
+    refused: dict[str, Any], name: str, expected: str
+) -> None:
+    state = refused["runs"][name].state
+    assert state is not None and state.is_failed(), state
+    message = str(state.message)
+    assert expected in message and "policy file" in message, message
+    assert WORKER_CANARY not in message
+
+
+def test_policy_refusals_write_nothing_and_contact_no_one(
+    refused: dict[str, Any], worker: Path
+) -> None:
+    # The run the policy allows completed on the same worker, which the refusals left running.
+    allowed = refused["runs"]["allowed"].state
+    assert allowed is not None and allowed.is_completed(), allowed
+    assert not any(refused["outside"].iterdir()), "a refused run wrote outside the policy's roots"
+    # The exfiltration was refused before any request left the worker.
+    assert refused["server"].stats.requests == [], refused["server"].stats.requests
+    assert WORKER_CANARY not in tail(worker, 100000)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.schedules import IntervalSchedule
-from server_support import PROJECT, deploy, prefect_server, prefect_worker, tail
+from server_support import PROJECT, deploy, prefect_server, prefect_worker, tail, write_policy
 
 from flows.cache import cache_flow
 from zarr_parallel.request import build_request
@@ -63,8 +63,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
 
 @pytest.fixture(scope="module")
-def deployed(server: dict[str, Any]) -> dict[str, Any]:
-    out = deploy(server, RUN_SECONDS)
+def deployed(server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    # The policy lets the scheduled run read and write the tests' temporary folders.
+    policy = write_policy(server["home"] / "policy.toml", tmp_path_factory.getbasetemp())
+    out = deploy(server, RUN_SECONDS, policy)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     with SyncPrefectClient(server["url"]) as client:
         return {d.name: d for d in client.read_deployments()}

@@ -59,7 +59,7 @@ def test_secrets_in_open_options_are_refused() -> None:
 
 
 def test_urls_with_credentials_are_refused() -> None:
-    with pytest.raises(RequestError, match=r"https://me:\*\*\*@host"):
+    with pytest.raises(RequestError, match=r"https://\*\*\*@host"):
         check_no_secrets("https://me:pw1234@host/a.json", {})
     with pytest.raises(RequestError, match=r"X-Amz-Signature=\*\*\*"):
         build_request(
@@ -75,9 +75,9 @@ def test_unknown_secret_field_is_not_echoed() -> None:
 
 def test_redaction() -> None:
     assert redact_url("s3://bucket/key.nc") == "s3://bucket/key.nc"
-    assert redact_url("https://u:p@h/x?token=1&page=2") == "https://u:***@h/x?token=***&page=2"
+    assert redact_url("https://u:p@h/x?token=1&page=2") == "https://***@h/x?token=***&page=2"
     assert redact({"s3": {"secret": "x", "key": "${K}", "endpoint_url": "http://a:b@h"}}) == {
-        "s3": {"secret": "***", "key": "${K}", "endpoint_url": "http://a:***@h"}
+        "s3": {"secret": "***", "key": "${K}", "endpoint_url": "http://***@h"}
     }
 
 
@@ -115,4 +115,4 @@ def test_log_records_lose_secret_values(
         "signing with %s for %s", "wJalrXUtnFEMI-example", "https://u:pw@h/x"
     )
     assert "wJalrXUtnFEMI" not in caplog.text and ":pw@" not in caplog.text
-    assert "signing with *** for https://u:***@h/x" in caplog.text
+    assert "signing with *** for https://***@h/x" in caplog.text

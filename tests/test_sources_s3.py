@@ -173,7 +173,8 @@ def test_wrong_or_literal_credentials_are_refused_without_showing_them(
     with pytest.raises(RequestError, match=r"storage_options\.s3\.secret='\*\*\*'") as e:
         ZarrParallelAssembler(f"s3://{BUCKET}/era5.json", storage_options=literal)
     assert svc.secret_key not in str(e.value)
-    with pytest.raises(RequestError, match="data_uri='https://reader:\\*\\*\\*@"):
+    # The user name is masked too: it can be a token itself.
+    with pytest.raises(RequestError, match=r"data_uri='https://\*\*\*@example\.org"):
         ZarrParallelAssembler("https://reader:hunter22@example.org/era5.json")
 
     wrong = "wrong-secret-0123456789"

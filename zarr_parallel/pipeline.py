@@ -22,6 +22,7 @@ from zarr_parallel.lock import CacheLock
 from zarr_parallel.plan import ArrayInput, Limits, Plan, fingerprint, plan_jobs
 from zarr_parallel.preflight import run_preflight
 from zarr_parallel.recommend import Recommendation, recommend
+from zarr_parallel.remote import redact
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.store import (
     LOCK_GUARD,
@@ -123,7 +124,9 @@ class Prepared:
         """The plan as stored in the version's manifest."""
         return {
             **self.plan.to_json(),
-            "request": self.request.model_dump(mode="json"),
+            # Masked as a second defence (literal secrets were refused at validation); the
+            # environment's values are not looked for, so the stored request reads back as is.
+            "request": redact(self.request.model_dump(mode="json"), env_values=False),
             "layout": self.layout,
         }
 

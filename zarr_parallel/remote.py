@@ -2,20 +2,29 @@
 
 A request is stored (the version's ``plan.json``), shipped to workers as JSON and passed to the
 Prefect flow as its parameter (Prefect keeps flow-run parameters in its database). So a request
-must never hold a secret. The rules, enforced by :func:`check_no_secrets` at validation:
+must never hold a secret. The rules, enforced by :func:`check_no_secrets` at validation, for every
+door (Python, the command line and deployments):
 
 - credentials come from the environment of the flow and of every worker: the cloud SDKs' own
   variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
   ``AWS_PROFILE``...), or ``"${NAME}"`` references inside ``storage_options`` values, expanded
   from the environment only where the options are used (:func:`fsspec_options`), e.g.
   ``{"https": {"headers": {"Authorization": "Bearer ${ARCHIVE_TOKEN}"}}}``;
-- a literal secret in ``storage_options`` (keys such as ``secret``, ``token``, ``password``,
-  headers such as ``Authorization``), a password in a URL (``https://user:pass@host``) or a
-  signature in a URL's query is refused, with its value masked in the message.
+- every HTTP header is taken for a credential unless it is on the short list of harmless ones
+  (:data:`HARMLESS_HEADERS`: ``Accept``, ``User-Agent``, ``Range``...): a literal value of any
+  other header (``X-Auth-Token``, ``Private-Token``, ``X-Debug``...) is refused;
+- a literal value of a secret-named option (``key``, ``secret``, ``token``, ``password``...) is
+  refused, and so is any credential in a URL: a user name or password
+  (``https://user:pass@host``, ``https://TOKEN@host``) or a credential-like query parameter
+  (``?auth=``, ``?token=``, ``?sig=``, ``X-Amz-*``...).
 
-Whatever is logged or recorded passes through :func:`redact` / :func:`redact_text`, and
-:func:`install_log_redaction` masks the values of secret environment variables in every log
-record of the process (botocore's debug log, for one, prints the access key id).
+A deployment run may use only the ``${NAME}`` references the operator's policy lists, towards the
+hosts it lists (:mod:`zarr_parallel.policy`).
+
+Whatever is logged or recorded passes through :func:`redact` / :func:`redact_text` as a second
+defence, and :func:`install_log_redaction` masks the values of secret environment variables (and
+of every variable a ``${NAME}`` reference expanded) in every log record of the process (botocore's
+debug log, for one, prints the access key id).
 
 Transient failures (HTTP 5xx/429, connection resets, truncated bodies, timeouts) are retried
 with exponential backoff inside the job, per request: HTTP(S) through an aiohttp client
@@ -31,7 +40,7 @@ import os
 import random
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -75,8 +84,38 @@ SECRET_KEYS = frozenset(
         "private_key_id",
     }
 )
-#: Query parameters of a URL that carry credentials (pre-signed URLs, SAS tokens...).
-_SECRET_QUERY = re.compile(r"(sig|signature|token|credential|secret|password|key)", re.I)
+#: Storage-option keys that name a credential though not listed above (``x_auth_token``,
+#: ``private_token``, ``github_token``, ``bearer``...): refused as literals too.
+_SECRET_KEY_PART = re.compile(
+    r"(token|secret|passw|passphrase|credential|auth|api_?key|private|cookie|bearer)"
+)
+#: HTTP headers whose values are no credentials: the only ones that may be written literally.
+HARMLESS_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-charset",
+        "accept-encoding",
+        "accept-language",
+        "cache-control",
+        "connection",
+        "content-type",
+        "dnt",
+        "if-match",
+        "if-modified-since",
+        "if-none-match",
+        "if-range",
+        "if-unmodified-since",
+        "pragma",
+        "range",
+        "te",
+        "user-agent",
+    }
+)
+#: Query parameters of a URL that carry credentials (pre-signed URLs, SAS tokens, ``?auth=``...).
+_SECRET_QUERY = re.compile(
+    r"(sig|signature|token|credential|secret|passw|key|auth|session|x-amz-|x-goog-|jwt|code)",
+    re.I,
+)
 #: Environment variables whose values are secrets even if no option names them.
 SECRET_ENV = (
     "AWS_ACCESS_KEY_ID",
@@ -107,8 +146,41 @@ def _norm(key: str) -> str:
 
 
 def is_secret_key(key: Any) -> bool:
-    """True for a storage-option key or HTTP header whose value is a credential."""
-    return isinstance(key, str) and _norm(key) in SECRET_KEYS
+    """True for a storage-option key whose value is a credential (``token``, ``X-Auth-Token``)."""
+    if not isinstance(key, str):
+        return False
+    norm = _norm(key)
+    return norm in SECRET_KEYS or bool(_SECRET_KEY_PART.search(norm))
+
+
+def is_harmless_header(name: Any) -> bool:
+    """True for an HTTP header whose value may be written literally (:data:`HARMLESS_HEADERS`)."""
+    return isinstance(name, str) and name.strip().lower().replace("_", "-") in HARMLESS_HEADERS
+
+
+def _is_headers(key: Any) -> bool:
+    return isinstance(key, str) and _norm(key) in ("headers", "default_headers")
+
+
+def url_credentials(url: str) -> str | None:
+    """What in a URL is a credential (``"a user name"``, ``"the query parameter 'sig'"``...),
+    or None when it holds none.
+
+    >>> url_credentials("https://TOKEN@host/a.nc")
+    'a user name'
+    >>> url_credentials("https://host/a.nc?auth=abc") == "the query parameter 'auth'"
+    True
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if "@" in parts.netloc:
+        return "a user name and password" if parts.password is not None else "a user name"
+    for k, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if _SECRET_QUERY.search(k):
+            return f"the query parameter {k!r}"
+    return None
 
 
 def _from_env_only(value: Any) -> bool:
@@ -123,10 +195,10 @@ def _from_env_only(value: Any) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """A URL without its password and with credential query values masked.
+    """A URL without its user name and password and with credential query values masked.
 
     >>> redact_url("https://me:hunter2@host/a.nc?X-Amz-Signature=abc&v=1")
-    'https://me:***@host/a.nc?X-Amz-Signature=***&v=1'
+    'https://***@host/a.nc?X-Amz-Signature=***&v=1'
     """
     try:
         parts = urlsplit(url)
@@ -134,9 +206,8 @@ def redact_url(url: str) -> str:
         return url
     netloc = parts.netloc
     if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        user, sep, _ = userinfo.partition(":")
-        netloc = f"{user}:{MASK}@{host}" if sep else f"{MASK}@{host}"
+        # A user name can be a token itself (https://TOKEN@host): mask all of it.
+        netloc = f"{MASK}@{netloc.rpartition('@')[2]}"
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
@@ -162,26 +233,31 @@ def redact_text(text: str) -> str:
     return out
 
 
-def redact(value: Any) -> Any:
+def redact(value: Any, headers: bool = False, env_values: bool = True) -> Any:
     """A copy of ``value`` (dicts, lists, strings) safe to log or store.
 
-    Secret keys are masked unless their value is an environment reference; strings are passed
-    through :func:`redact_text`.
+    Values of secret-named keys, and of headers not on the harmless list, are masked unless
+    they are made of ``${NAME}`` references; strings are passed through :func:`redact_text`
+    (with ``env_values=False`` only their URLs are redacted: a stored request must read back
+    the same whatever the environment holds). ``headers`` says that ``value`` is a mapping of
+    HTTP headers.
     """
     if isinstance(value, Mapping):
-        return {
-            k: (
-                MASK
-                if is_secret_key(k) and not _from_env_only(v) and not isinstance(v, Mapping)
-                else redact(v)
-            )
-            for k, v in value.items()
-        }
+        return {k: _redact_item(k, v, headers, env_values) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(redact(v) for v in value)
+        return type(value)(redact(v, env_values=env_values) for v in value)
     if isinstance(value, str):
-        return redact_text(value)
+        return redact_text(value) if env_values else _URL.sub(lambda m: redact_url(m[0]), value)
     return value
+
+
+def _redact_item(key: Any, value: Any, headers: bool, env_values: bool) -> Any:
+    if isinstance(value, Mapping):
+        return redact(value, headers=_is_headers(key), env_values=env_values)
+    secret = is_secret_key(key) or (headers and not is_harmless_header(key))
+    if secret and value is not None and not isinstance(value, bool) and not _from_env_only(value):
+        return MASK
+    return redact(value, env_values=env_values)
 
 
 class _RedactingFactory:
@@ -227,7 +303,9 @@ def check_no_secrets(
 ) -> None:
     """Refuse credentials written into the request (see the module docstring).
 
-    ``open_options`` is searched too: it can hold ``backend_kwargs.storage_options``.
+    ``open_options`` is searched too: it can hold ``backend_kwargs.storage_options``. Every
+    string in the options that is a URL is held to the URL rule (an ``endpoint_url`` or a
+    proxy with a password in it).
 
     Raises
     ------
@@ -235,27 +313,15 @@ def check_no_secrets(
         Naming the parameter, with the secret masked, and how to pass it instead.
     """
     uris = [data_uri] if isinstance(data_uri, str) else list(data_uri)
-    for uri in uris:
-        parts = urlsplit(uri) if "://" in uri else None
-        if parts is None:
-            continue
-        if parts.password is not None or any(
-            _SECRET_QUERY.search(k) for k, _ in parse_qsl(parts.query)
-        ):
-            raise RequestError(
-                "data_uri",
-                redact_url(uri),
-                "holds credentials (a password or a signed query), which would be stored in the "
-                "cache's manifest and in Prefect",
-                "Remove them from the URL and pass them from the environment: for S3 set "
-                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; for HTTP(S) use storage_options "
-                '{"https": {"headers": {"Authorization": "Bearer ${MY_TOKEN}"}}}',
-            )
+    for i, uri in enumerate(uris):
+        _check_url("data_uri" if isinstance(data_uri, str) else f"data_uri[{i}]", uri)
     found = [*_walk(storage_options, "storage_options"), *_walk(open_options or {}, "open_options")]
-    for path, key, value in found:
-        if is_secret_key(key) and not isinstance(value, Mapping | bool) and value is not None:
-            if _from_env_only(value) or (isinstance(value, str) and value in _NOT_SECRET_VALUES):
-                continue
+    for path, key, value, in_headers in found:
+        if isinstance(value, str) and "://" in value:
+            _check_url(path, value)
+        if isinstance(value, Mapping | bool) or value is None or _from_env_only(value):
+            continue
+        if is_secret_key(key) and not (isinstance(value, str) and value in _NOT_SECRET_VALUES):
             raise RequestError(
                 path,
                 MASK,
@@ -265,6 +331,45 @@ def check_no_secrets(
                 "environment of the flow and the workers; for S3 the AWS_* variables are read "
                 "by themselves",
             )
+        if in_headers and not is_harmless_header(key):
+            raise RequestError(
+                path,
+                MASK,
+                "is an HTTP header written into the request; any header but the harmless ones "
+                f"({', '.join(sorted(HARMLESS_HEADERS))}) may carry a credential, and the "
+                "request is stored in the cache's manifest and in Prefect's database",
+                f'Write "${{NAME}}" instead (e.g. "{_example(key)}") and set NAME in the '
+                "environment of the flow and the workers",
+            )
+
+
+def _check_url(parameter: str, url: str) -> None:
+    if "://" not in url:
+        return
+    what = url_credentials(url)
+    if what is not None:
+        raise RequestError(
+            parameter,
+            redact_url(url),
+            f"holds credentials ({what}), which would be stored in the cache's manifest and in "
+            "Prefect",
+            "Remove them from the URL and pass them from the environment: for S3 set "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; for HTTP(S) use storage_options "
+            '{"https": {"headers": {"Authorization": "Bearer ${MY_TOKEN}"}}}',
+        )
+
+
+def env_references(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """``(parameter, NAME)`` for every ``${NAME}`` reference inside ``value`` (options)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from env_references(v, f"{path}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from env_references(v, f"{path}[{i}]")
+    elif isinstance(value, str):
+        for m in _ENV_REF.finditer(value):
+            yield path, m.group(1)
 
 
 def _example(key: str) -> str:
@@ -273,12 +378,13 @@ def _example(key: str) -> str:
     return "${" + re.sub(r"[^A-Z0-9_]", "_", key.upper()) + "}"
 
 
-def _walk(value: Any, path: str) -> Iterable[tuple[str, str, Any]]:
+def _walk(value: Any, path: str, headers: bool = False) -> Iterable[tuple[str, str, Any, bool]]:
+    """``(parameter, key, value, is a header)`` of every item inside nested options."""
     if isinstance(value, Mapping):
         for k, v in value.items():
             sub = f"{path}.{k}"
-            yield sub, str(k), v
-            yield from _walk(v, sub)
+            yield sub, str(k), v, headers
+            yield from _walk(v, sub, _is_headers(k))
     elif isinstance(value, list | tuple):
         for i, v in enumerate(value):
             yield from _walk(v, f"{path}[{i}]")
@@ -375,6 +481,38 @@ def backoff_delay(attempt: int, base: float = 0.1, cap: float = 10.0) -> float:
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
+#: Request headers aiohttp sets itself, or drops itself on a redirect to another origin.
+_SAFE_ON_REDIRECT = frozenset({"host", "content-length", "authorization", "proxy-authorization"})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+class RedirectRefused(Exception):
+    """A server redirected a request carrying credential headers to another origin."""
+
+
+def _refuse_leaking_redirect(req: Any, resp: Any) -> None:
+    """Refuse to follow a redirect to another origin while credential headers ride along.
+
+    aiohttp drops ``Authorization`` on such a redirect but sends every other header again, so
+    a server (or an open redirect on it) could forward ``X-Auth-Token: ${TOKEN}`` to any host.
+    """
+    if resp.status not in _REDIRECTS or "Location" not in resp.headers:
+        return
+    target = req.url.join(type(req.url)(resp.headers["Location"]))
+    if target.origin() == req.url.origin():
+        return
+    carried = sorted(
+        k for k in req.headers if not is_harmless_header(k) and k.lower() not in _SAFE_ON_REDIRECT
+    )
+    if carried:
+        resp.release()
+        raise RedirectRefused(
+            f"{redact_url(str(req.url))} redirects to another host "
+            f"({redact_url(str(target.origin()))}); not following it with the header(s) "
+            f"{', '.join(carried)}, which would be sent there too"
+        )
+
+
 def _retry_middleware(retries: int) -> Any:
     import aiohttp
 
@@ -383,6 +521,7 @@ def _retry_middleware(retries: int) -> Any:
             last = attempt == retries
             try:
                 resp = await handler(req)
+                _refuse_leaking_redirect(req, resp)
                 if resp.status in RETRY_STATUSES and not last:
                     logger.debug(
                         "%s %s: HTTP %d, retry %d of %d",

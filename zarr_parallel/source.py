@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from zarr_parallel import combine, remote
+from zarr_parallel import combine, policy, remote
 from zarr_parallel.errors import RequestError
 from zarr_parallel.plan import canonical_json, fingerprint
 from zarr_parallel.request import CacheRequest, is_remote
@@ -137,6 +137,8 @@ def open_source(req: CacheRequest) -> Source:
     try:
         if engine == "kerchunk":
             refs = _kerchunk_refs(uris[0], req)
+            # In a deployment run the reference may only lead where the operator's policy allows.
+            policy.check_references(refs, req)
             ds = _open_kerchunk(refs, req)
         elif engine == "zarr":
             with warnings.catch_warnings():
