@@ -103,7 +103,8 @@ def test_overwrite_publishes_a_new_version_and_keeps_the_previous(
     store = tmp_path / "c.zarr"
     versions = []
     for t in (12, 24, 60):
-        run_request(build_request(**_fields(era5_files, store, chunks={**CHUNKS, "time": t})))
+        chunks = {**CHUNKS, "time": t}
+        run_request(build_request(**_fields(era5_files, store, chunks=chunks, min_version_age=0)))
         versions.append(store.resolve())
     assert len(set(versions)) == 3
     # keep_versions=2: the current one and the one before; the oldest is pruned.
@@ -145,7 +146,8 @@ def test_publish_is_atomic_for_readers(era5_files: list[Path], tmp_path: Path) -
 
 
 def test_legacy_cache_at_the_final_path(era5_files: list[Path], tmp_path: Path) -> None:
-    """A plain Zarr folder at the final path (e.g. from zarr-parallel 0.5) is never deleted."""
+    """A plain Zarr store at the final path (e.g. from zarr-parallel 0.5) is moved aside, never
+    written into, and never pruned (tests/test_ownership.py covers what is refused)."""
     store = tmp_path / "c.zarr"
     store.mkdir()
     (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
@@ -154,9 +156,7 @@ def test_legacy_cache_at_the_final_path(era5_files: list[Path], tmp_path: Path) 
     assert store.is_dir() and not store.is_symlink()
     run_request(build_request(**_fields(era5_files, store)))
     legacy = [v for v in (tmp_path / "c.zarr.versions").iterdir() if "legacy" in v.name]
-    assert len(legacy) == 1 and (legacy[0] / "zarr.json").exists()
-    # Marked complete: a later run never takes it for stale staging (only keep_versions prunes).
-    assert is_complete(legacy[0])
+    assert len(legacy) == 1 and sorted(os.listdir(legacy[0])) == ["zarr.json"]
     assert verify_cache(build_request(**_fields(era5_files, store))).ok
 
 

@@ -7,6 +7,7 @@ check, consolidate, publish). Flows call these and nothing else.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ from typing import Any, Literal
 from zarr_parallel.errors import RecommendationsPending, RequestError, RunFailed
 from zarr_parallel.execution import WORKER_OVERHEAD
 from zarr_parallel.faults import fault_point
-from zarr_parallel.lock import CacheLock
+from zarr_parallel.lock import CacheLock, held_token
 from zarr_parallel.plan import ArrayInput, Limits, Plan, fingerprint, plan_jobs
 from zarr_parallel.preflight import run_preflight
 from zarr_parallel.recommend import Recommendation, recommend
@@ -27,6 +28,7 @@ from zarr_parallel.store import (
     LOCK_GUARD,
     CachePaths,
     check_complete,
+    check_lock_token,
     clean_stale_links,
     clean_temporary,
     finalise,
@@ -40,6 +42,7 @@ from zarr_parallel.store import (
     resolve_paths,
     same_content,
     unrecord_job,
+    write_fence,
 )
 from zarr_parallel.target import Target, build_target, cached_source, cached_target
 from zarr_parallel.units import format_bytes
@@ -125,6 +128,8 @@ class Prepared:
             **self.plan.to_json(),
             "request": self.request.model_dump(mode="json"),
             "layout": self.layout,
+            # Whose version this is: only this cache path may ever replace or prune it.
+            "cache_path": self.paths.canonical,
         }
 
 
@@ -316,17 +321,21 @@ def initialise(prepared: Prepared) -> None:
             len(prepared.plan.jobs),
             removed,
         )
-    if prepared.status != "fresh":
-        return
-    target = cached_target(prepared.request_json)
-    try:
-        initialise_store(target, prepared.version, prepared.request, prepared.plan_json())
-    except OSError as e:
-        raise RunFailed(
-            f"could not initialise the cache's new version {prepared.version} ({e}); nothing "
-            f"was published and {paths.final} is unchanged. Fix the cause (space, "
-            "permissions) and run again"
-        ) from e
+    if prepared.status == "fresh":
+        target = cached_target(prepared.request_json)
+        try:
+            initialise_store(target, prepared.version, prepared.request, prepared.plan_json())
+        except OSError as e:
+            raise RunFailed(
+                f"could not initialise the cache's new version {prepared.version} ({e}); "
+                f"nothing was published and {paths.final} is unchanged. Fix the cause (space, "
+                "permissions) and run again"
+            ) from e
+    token = held_token(paths.lock)
+    if token is not None and prepared.status != "up_to_date":
+        # Every job checks, before it records, that the run writing this version still holds
+        # the lock (a run whose lock was broken while it was paused must record nothing).
+        write_fence(prepared.version, paths.lock, token)
 
 
 def _verify_staging(prepared: Prepared) -> None:
@@ -377,7 +386,10 @@ def _overlap(a: Any, b: Any) -> bool:
 def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) -> dict[str, Any]:
     """Check completeness, consolidate, publish and summarise."""
     req, plan = prepared.request, prepared.plan
+    token = held_token(prepared.paths.lock)
     if prepared.status != "up_to_date":
+        if token is not None:
+            check_lock_token(prepared.paths.lock, token, "finishing")
         plan_json = plan_record(prepared.version) or prepared.plan_json()
         check_complete(prepared.version, plan_json)
         # Temporary files of attempts that died (retried jobs) must not be published.
@@ -389,7 +401,18 @@ def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) ->
         try:
             finalise(prepared.version, {"fingerprint": plan.fingerprint, "jobs": len(plan.jobs)})
             fault_point("before-publish")
-            publish(prepared.paths, prepared.version, req.keep_versions)
+            fence = (
+                None
+                if token is None
+                else functools.partial(check_lock_token, prepared.paths.lock, token, "publishing")
+            )
+            publish(
+                prepared.paths,
+                prepared.version,
+                req.keep_versions,
+                req.min_version_age_seconds,
+                fence,
+            )
         except OSError as e:
             raise RunFailed(
                 f"every job finished but publishing {prepared.version} failed ({e}); "
