@@ -282,7 +282,7 @@ def _non_zarr_file(root: Path) -> str | None:
     for folder, dirs, files in os.walk(root, followlinks=False):
         dirs.sort()
         rel = os.path.relpath(folder, root)
-        if "zarr.json" in files or ".zarray" in files:
+        if ".zarray" in files or ("zarr.json" in files and _is_v3_array(Path(folder))):
             arrays.append("" if rel == "." else rel)
         for name in sorted(files):
             seen = True
@@ -295,6 +295,11 @@ def _non_zarr_file(root: Path) -> str | None:
             if os.path.islink(os.path.join(folder, d)):
                 return os.path.normpath(os.path.join(rel, d))
     return "" if seen else None
+
+
+def _is_v3_array(folder: Path) -> bool:
+    meta = read_json(folder / "zarr.json") or {}
+    return meta.get("node_type") == "array"
 
 
 def _is_chunk_key(path: str, arrays: Sequence[str]) -> bool:
@@ -954,8 +959,9 @@ def publish(
     fsync_dir(paths.final.parent)
     if previous is not None and previous != version and previous.is_dir():
         # When readers last saw it current: the minimum age before pruning counts from here.
+        # Recorded beside the versions, not in them: a complete version is never written again.
         with contextlib.suppress(OSError):
-            write_json_atomic(manifest_dir(previous) / RETIRED_FILE, {"time": time.time()})
+            write_json_atomic(retired_record(paths, previous), {"time": time.time()})
     prune_versions(paths, keep_versions, min_age)
 
 
@@ -985,12 +991,17 @@ def clean_stale_links(paths: CachePaths) -> None:
             link.unlink()
 
 
-#: In a replaced version's manifest: when it stopped being the published one.
-RETIRED_FILE = "retired.json"
+#: ``P.versions/.retired/<version>.json``: when each replaced version stopped being published.
+RETIRED_DIR = ".retired"
 #: Readers' leases: ``P.versions/.readers/<version>--<host>-<pid>-<random>.json``.
 READERS_DIR = ".readers"
 #: A lease from another host (whose process cannot be checked from here) counts this long.
 LEASE_MAX_AGE = 24 * 3600.0
+
+
+def retired_record(paths: CachePaths, version: Path) -> Path:
+    """Where the time ``version`` was replaced is recorded."""
+    return paths.versions / RETIRED_DIR / f"{version.name}.json"
 
 
 def retired_at(paths: CachePaths, version: Path) -> float:
@@ -999,7 +1010,7 @@ def retired_at(paths: CachePaths, version: Path) -> float:
     Versions replaced before this was recorded count from the current link's time: every
     version that is not current was replaced at or before the current one was published.
     """
-    rec = read_json(manifest_dir(version) / RETIRED_FILE)
+    rec = read_json(retired_record(paths, version))
     if rec and isinstance(rec.get("time"), int | float):
         return float(rec["time"])
     try:
@@ -1050,6 +1061,7 @@ def prune_versions(paths: CachePaths, keep_versions: int, min_age: float = 0.0) 
             continue
         logger.info("removing old version %s", old)
         shutil.rmtree(old, ignore_errors=True)
+        retired_record(paths, old).unlink(missing_ok=True)
 
 
 def crc32(data: Any, value: int = 0) -> int:
