@@ -206,3 +206,60 @@ def test_foreign_zarr_store_is_adopted_and_never_pruned(
     xr.testing.assert_identical(xr.open_zarr(legacy).load(), ds)
     assert (stray / "data.bin").read_bytes() == b"keep me"
     assert [v.name.split("-")[0] for v in CachePaths(store).all_versions()] == ["10"]
+
+
+def _zarr_store(path: Path, **to_zarr: Any) -> None:
+    ds = xr.Dataset({"a": (("t", "x"), np.ones((4, 3)))}, coords={"t": np.arange(4)})
+    ds.to_zarr(path, encoding={"a": {"chunks": (2, 3)}}, **to_zarr)
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        pytest.param(lambda p: p.mkdir(), "empty", id="empty-folder"),
+        pytest.param(lambda p: _zarr_store(p, zarr_format=3), "adoptable", id="zarr3"),
+        pytest.param(lambda p: _zarr_store(p, zarr_format=2), "adoptable", id="zarr2"),
+        pytest.param(
+            lambda p: (_zarr_store(p, zarr_format=3), (p / "2020").write_text("x")),
+            "foreign",
+            id="number-named-file-in-a-group",
+        ),
+        pytest.param(
+            lambda p: (_zarr_store(p, zarr_format=3), (p / "a" / "README").write_text("x")),
+            "foreign",
+            id="file-in-an-array",
+        ),
+        pytest.param(
+            lambda p: (_zarr_store(p, zarr_format=3), os.symlink("/etc", p / "a" / "c" / "9")),
+            "foreign",
+            id="link-inside",
+        ),
+    ],
+)
+def test_what_counts_as_a_zarr_store_of_another_tool(
+    tmp_path: Path, make: Callable[[Path], Any], kind: str
+) -> None:
+    from zarr_parallel.store import inspect_final
+
+    store = tmp_path / "s.zarr"
+    make(store)
+    assert inspect_final(CachePaths(store)).kind == kind
+
+
+def test_something_that_appears_at_the_path_during_the_run_is_not_replaced(
+    tmp_path: Path,
+) -> None:
+    """Pre-flight found nothing; by publish time a folder of files is there: the run fails
+    (exit 1) and leaves it, instead of moving it aside."""
+    from zarr_parallel.errors import RunFailed
+    from zarr_parallel.store import publish
+
+    store = tmp_path / "c.zarr"
+    paths = CachePaths(store)
+    version = paths.version(1, "0" * 12)
+    version.mkdir(parents=True)
+    _folder_with_a_random_file(store)
+    before = _tree(tmp_path)
+    with pytest.raises(RunFailed, match=r"appeared during the run .* was not published"):
+        publish(paths, version, keep_versions=1)
+    assert _tree(tmp_path) == before and not store.is_symlink()
