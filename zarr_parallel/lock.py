@@ -246,7 +246,12 @@ class CacheLock:
             missing = missing.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(_ATTEMPTS):
-            if self._try_create():
+            try:
+                created = self._try_create()
+            except RunFailed:
+                self._remove_made()  # a failed run leaves the disk as it found it
+                raise
+            if created:
                 self.held = True
                 _HELD[str(self.path)] = self.token
                 self._start_heartbeat()
@@ -349,16 +354,20 @@ class CacheLock:
             logger.debug("released lock %s", self.path)
             # A run that failed before writing leaves the disk as it found it: the folders made
             # for the lock go again if nothing else was put in them.
-            for folder in self._made:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-            self._made = []
+            self._remove_made()
         else:
             logger.error(
                 "lock %s was taken from this run while it ran (broken by hand?)", self.path
             )
+
+    def _remove_made(self) -> None:
+        """Remove the folders ``acquire`` made, deepest first, while they are empty."""
+        for folder in self._made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._made = []
 
     # -- heartbeat -----------------------------------------------------------------------------
 

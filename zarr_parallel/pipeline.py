@@ -27,6 +27,7 @@ from zarr_parallel.request import CacheRequest
 from zarr_parallel.store import (
     LOCK_GUARD,
     CachePaths,
+    check_cache_location,
     check_complete,
     check_lock_token,
     clean_stale_links,
@@ -133,8 +134,16 @@ class Prepared:
         }
 
 
-def prepare(req: CacheRequest) -> Prepared:
+def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
     """Validate against the source, plan, apply the recommendation policy and pick the version.
+
+    Parameters
+    ----------
+    req
+        The request.
+    check_location
+        Refuse a cache path holding what the cache does not own
+        (:func:`~zarr_parallel.store.check_cache_location`); ``verify`` plans only to compare.
 
     Raises
     ------
@@ -144,6 +153,8 @@ def prepare(req: CacheRequest) -> Prepared:
         The plan re-reads source chunks and ``recommend_changes="halt"``.
     """
     paths = resolve_paths(req)
+    if check_location:  # verify plans only to compare, and may read a copied cache
+        check_cache_location(req, paths)
     source = cached_source(req)
     target, plan = make_plan(req)
     recs: list[Recommendation] = []
@@ -293,9 +304,15 @@ def _differences(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     return "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "")
 
 
-def run_lock(req: CacheRequest) -> CacheLock:
-    """The lock of the request's cache (a context manager; see :mod:`zarr_parallel.lock`)."""
+def run_lock(req: CacheRequest, writes: bool = True) -> CacheLock:
+    """The lock of the request's cache (a context manager; see :mod:`zarr_parallel.lock`).
+
+    For a run that ``writes``, the cache location is checked first (before the lock file
+    exists): a run never starts on a path holding something it does not own.
+    """
     paths = resolve_paths(req)
+    if writes:
+        check_cache_location(req, paths)
     return CacheLock(paths.lock, break_lock=req.break_lock, guard=paths.versions / LOCK_GUARD)
 
 

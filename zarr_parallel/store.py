@@ -177,16 +177,6 @@ def resolve_paths(req: CacheRequest) -> CachePaths:
                 "Set cache_name to a plain name such as 'era5'",
             )
     final = Path(os.path.abspath(final))
-    check_apart_from_sources(req, CachePaths(final), parameter, value)
-    found = inspect_final(CachePaths(final))
-    if found.kind == "foreign":
-        raise RequestError(
-            parameter,
-            value,
-            f"{final} {found.text}; a run replaces only what it can prove is a zarr-parallel "
-            "cache of this path, so it refuses to start",
-            "Choose another path, or move or delete what is there yourself",
-        )
     ancestor = final.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -210,6 +200,32 @@ def resolve_paths(req: CacheRequest) -> CachePaths:
             "Choose a folder you can write to, or fix its permissions",
         ) from e
     return CachePaths(final)
+
+
+def check_cache_location(req: CacheRequest, paths: CachePaths) -> None:
+    """Refuse, before anything is written, a cache path a run could not safely write.
+
+    What is at the final path must be absent or provably this cache's (see
+    :func:`inspect_final`), and the cache must neither hold nor lie inside a local source.
+    Runs call this before taking the lock; ``verify`` (which only reads) does not.
+
+    Raises
+    ------
+    RequestError
+        On ``cache_store`` (or ``cache_dir``), saying what is there and what to do.
+    """
+    parameter = "cache_store" if req.cache_store is not None else "cache_dir"
+    value = req.cache_store if req.cache_store is not None else req.cache_dir
+    check_apart_from_sources(req, paths, parameter, value)
+    found = inspect_final(paths)
+    if found.kind == "foreign":
+        raise RequestError(
+            parameter,
+            value,
+            f"{paths.final} {found.text}; a run replaces only what it can prove is a "
+            "zarr-parallel cache of this path, so it refuses to start",
+            "Choose another path, or move or delete what is there yourself",
+        )
 
 
 @dataclass(frozen=True)
