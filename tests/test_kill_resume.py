@@ -10,6 +10,7 @@ it) and from the chunk files' modification times.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -198,6 +199,18 @@ def test_kill_from_outside_mid_writes(
     _check_resumed(store, reference, recorded_before, before)
 
 
+def _rehome(copy: Path) -> None:
+    """Make a copied cache's manifests name the copy's path as theirs."""
+    paths = CachePaths(copy)
+    for version in paths.versions.iterdir():
+        for name in ("owner.json", "plan.json"):
+            record = version / ".zarr-parallel" / name
+            if record.exists():
+                data = json.loads(record.read_text())
+                data["cache_path"] = paths.canonical
+                record.write_text(json.dumps(data))
+
+
 def test_published_cache_survives_a_killed_run_and_other_requests_never_mix(
     era5_files: list[Path], reference: Path, other_reference: Path, tmp_path: Path
 ) -> None:
@@ -221,8 +234,11 @@ def test_published_cache_survives_a_killed_run_and_other_requests_never_mix(
     recorded_before = {r["id"] for r in iter_job_records(staging)}
     assert len(recorded_before) == 1
 
-    # Keep a copy of this state: one branch resumes, the other starts another request.
+    # Keep a copy of this state: one branch resumes, the other starts another request. A copied
+    # cache names its old path in its manifests and is refused (tests/test_ownership.py): the
+    # copy is re-homed, as if the same state had been reached at the copy's path.
     shutil.copytree(tmp_path / "out", tmp_path / "copy", symlinks=True)
+    _rehome(tmp_path / "copy" / "era5.zarr")
 
     # Resuming the killed run with a different request is refused, saying what differs.
     third = _fields(era5_files, store, {"time": 60, "latitude": 40, "longitude": 72})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -273,3 +274,116 @@ def test_run_takes_over_a_dead_hosts_lock_only_with_break_lock(
     assert not (tmp_path / "out" / "c.zarr.versions").exists()
     result = run_request(build_request(**fields, break_lock=True))
     assert result.status == "done" and not lock.exists()
+
+
+def _as_if_from_a_dead_host(lock: Path) -> None:
+    """Make a live run's lock look like one from another host whose heartbeat stopped an hour
+    ago (its token unchanged): what a run paused past the stale threshold on a node leaves."""
+    content = json.loads(lock.read_text())
+    content["host"] = "node-17"
+    lock.write_text(json.dumps(content))
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+
+
+def test_paused_run_whose_lock_was_broken_publishes_nothing(
+    era5_files: list[Path], tmp_path: Path
+) -> None:
+    """Pause → break → resume, for real: run A is frozen after its version is complete, run B
+    (another request, break_lock) takes the lock over and publishes; A then wakes up.
+
+    Before the fence, A published its older version over B's. Now A stops with exit 1, naming
+    the lost lock, and B's version stays published.
+    """
+    request_a, fields = _request_file(era5_files, tmp_path)
+    store = Path(fields["cache_store"])
+    request_b = tmp_path / "b.yaml"
+    chunks_b = {**fields["chunks"], "time": 24}
+    request_b.write_text(yaml.safe_dump({**fields, "chunks": chunks_b, "break_lock": True}))
+    with frozen_run(request_a, "before-publish") as a:
+        _as_if_from_a_dead_host(store.with_name("c.zarr.lock"))
+        b = subprocess.run(
+            [sys.executable, "-m", "flows.cache", "run", str(request_b)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert b.returncode == 0, b.stderr[-3000:]
+        newer = store.resolve()
+        os.kill(a.pid, signal.SIGCONT)
+        _, err = a.communicate(timeout=300)
+    assert a.returncode == 1, err[-3000:]
+    assert "no longer holds the lock" in err and "published nothing" in err
+    assert store.resolve() == newer, "the run that lost its lock published over the newer one"
+
+
+def test_job_of_a_run_that_lost_its_lock_records_nothing(
+    era5_files: list[Path], tmp_path: Path
+) -> None:
+    """The fence in every job record: once another run holds the lock, a job of the run that
+    lost it raises before writing its record (so a resume never trusts its chunks)."""
+    from zarr_parallel.errors import RunFailed
+    from zarr_parallel.pipeline import initialise, prepare, run_lock
+    from zarr_parallel.store import recorded_jobs
+    from zarr_parallel.write import run_job
+
+    _, fields = _request_file(era5_files, tmp_path)
+    req = build_request(**fields)
+    with run_lock(req) as lock:
+        prepared = prepare(req)
+        initialise(prepared)
+        first = prepared.todo[0]
+        run_job(prepared.request_json, str(prepared.version), first)
+        _write_lock(lock.path, token="the-other-run")  # another run broke ours and took it
+        with pytest.raises(RunFailed, match="no longer holds the lock") as info:
+            run_job(prepared.request_json, str(prepared.version), prepared.todo[1])
+        assert type(info.value).__name__ == "LockLost"
+        assert recorded_jobs(prepared.version, prepared.plan.fingerprint) == {first}
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Any:
+    """A real 1 MB tmpfs, filled up. Mounting needs root; elsewhere the test cannot run."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs here: {mounted.stderr!r}")
+    try:
+        with open(disk / "filler", "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_lock_on_a_full_disk_leaves_nothing_and_says_so(
+    era5_files: list[Path], full_disk: Path, tmp_path: Path
+) -> None:
+    """Disk full and check_free_space false: the lock's temporary file was left behind for ever
+    and the error was a raw OSError traceback. Now: exit 1, a plain message, nothing left."""
+    from zarr_parallel.errors import RunFailed
+
+    lock = CacheLock(full_disk / "c.zarr.lock")
+    with pytest.raises(RunFailed, match="No space left on device"):
+        lock.acquire()
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+    _, fields = _request_file(era5_files, tmp_path)
+    request = tmp_path / "full.yaml"
+    fields = {**fields, "cache_store": str(full_disk / "c.zarr"), "check_free_space": False}
+    request.write_text(yaml.safe_dump(fields))
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cache", "run", str(request)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    # The last word is the CLI's plain message (Prefect logs the flow's failure above it).
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("run failed: could not write the lock file"), proc.stderr[-3000:]
+    assert "No space left on device" in last
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]

@@ -103,7 +103,8 @@ def test_overwrite_publishes_a_new_version_and_keeps_the_previous(
     store = tmp_path / "c.zarr"
     versions = []
     for t in (12, 24, 60):
-        run_request(build_request(**_fields(era5_files, store, chunks={**CHUNKS, "time": t})))
+        chunks = {**CHUNKS, "time": t}
+        run_request(build_request(**_fields(era5_files, store, chunks=chunks, min_version_age=0)))
         versions.append(store.resolve())
     assert len(set(versions)) == 3
     # keep_versions=2: the current one and the one before; the oldest is pruned.
@@ -145,7 +146,8 @@ def test_publish_is_atomic_for_readers(era5_files: list[Path], tmp_path: Path) -
 
 
 def test_legacy_cache_at_the_final_path(era5_files: list[Path], tmp_path: Path) -> None:
-    """A plain Zarr folder at the final path (e.g. from zarr-parallel 0.5) is never deleted."""
+    """A plain Zarr store at the final path (e.g. from zarr-parallel 0.5) is moved aside, never
+    written into, and never pruned (tests/test_ownership.py covers what is refused)."""
     store = tmp_path / "c.zarr"
     store.mkdir()
     (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
@@ -154,9 +156,7 @@ def test_legacy_cache_at_the_final_path(era5_files: list[Path], tmp_path: Path) 
     assert store.is_dir() and not store.is_symlink()
     run_request(build_request(**_fields(era5_files, store)))
     legacy = [v for v in (tmp_path / "c.zarr.versions").iterdir() if "legacy" in v.name]
-    assert len(legacy) == 1 and (legacy[0] / "zarr.json").exists()
-    # Marked complete: a later run never takes it for stale staging (only keep_versions prunes).
-    assert is_complete(legacy[0])
+    assert len(legacy) == 1 and sorted(os.listdir(legacy[0])) == ["zarr.json"]
     assert verify_cache(build_request(**_fields(era5_files, store))).ok
 
 
@@ -286,3 +286,44 @@ def test_fault_hook_is_inert_unless_set_and_counts_its_points() -> None:
     assert killed.returncode == -9 and killed.stdout.split() == ["0"]
     elsewhere = run("kill@before-publish")
     assert elsewhere.returncode == 0
+
+
+def test_recache_copy_files_are_temporaries(tmp_path: Path) -> None:
+    """Re-cache copies a chunk file (where hard links are refused) through ``.<key>.<pid>.copy``:
+    a killed copy leaves it behind, and a resume must remove it, never publish it."""
+    from zarr_parallel.store import clean_temporary
+
+    version = tmp_path / "1-abc"
+    chunk_dir = version / "t2m" / "c" / "0" / "0"
+    chunk_dir.mkdir(parents=True)
+    (chunk_dir / "0").write_bytes(b"chunk")
+    (chunk_dir / ".1.4242.copy").write_bytes(b"half a chunk")
+    assert clean_temporary(version) == 1
+    assert sorted(p.name for p in chunk_dir.iterdir()) == ["0"]
+
+
+def test_consolidated_metadata_is_durable_before_complete(
+    era5_files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """complete.json promises a readable version after a machine crash: the consolidated
+    metadata must be fsynced before it (observed by recording every fsync's file)."""
+    from zarr_parallel.store import finalise, manifest_dir
+
+    store = tmp_path / "c.zarr"
+    run_request(build_request(**_fields(era5_files, store)))
+    version = store.resolve()
+    (manifest_dir(version) / "complete.json").unlink()
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    finalise(version, {"fingerprint": "x", "jobs": 4})
+    monkeypatch.undo()
+    root = str(version / "zarr.json")
+    complete = next(i for i, p in enumerate(synced) if ".complete.json." in p)
+    assert root in synced[:complete], synced
+    assert '"consolidated_metadata"' in (version / "zarr.json").read_text()

@@ -178,7 +178,8 @@ def test_verify_waits_for_no_run(cache: tuple[CacheRequest, Path]) -> None:
     from zarr_parallel.pipeline import run_lock
 
     req, _ = cache
-    with run_lock(req), pytest.raises(CacheLocked, match=f"pid {os.getpid()}"):
+    # writes=False: the cache here is a copy, which a writing run would refuse to touch.
+    with run_lock(req, writes=False), pytest.raises(CacheLocked, match=f"pid {os.getpid()}"):
         verify_cache(req)
     # Released: verification runs, and leaves no lock behind.
     assert verify_cache(req).ok

@@ -5,12 +5,15 @@ from importlib.metadata import PackageNotFoundError, version
 from zarr_parallel.api import CacheHandle, CacheResult, ZarrParallelAssembler
 from zarr_parallel.errors import (
     CacheLocked,
+    LockLost,
     PlanError,
     RecommendationsPending,
     RequestError,
     RunFailed,
+    VersionUnavailable,
     ZarrParallelError,
 )
+from zarr_parallel.readers import open_cache
 
 try:
     __version__ = version("zarr-parallel")
@@ -21,11 +24,14 @@ __all__ = [
     "CacheHandle",
     "CacheLocked",
     "CacheResult",
+    "LockLost",
     "PlanError",
     "RecommendationsPending",
     "RequestError",
     "RunFailed",
+    "VersionUnavailable",
     "ZarrParallelAssembler",
     "ZarrParallelError",
     "__version__",
+    "open_cache",
 ]

@@ -65,6 +65,19 @@ class RunFailed(ZarrParallelError):
         return (type(self), (str(self), self.failed))
 
 
+class LockLost(RunFailed):
+    """The run no longer holds its cache's lock (another run broke it): it stopped, and
+    published nothing."""
+
+
+class VersionUnavailable(ZarrParallelError, FileNotFoundError):
+    """A cache version a reader opened is missing, incomplete or was pruned while open.
+
+    Raised instead of returning fill values: caches are written with every chunk present, so a
+    missing chunk file always means the version is gone (or damaged).
+    """
+
+
 class CacheLocked(ZarrParallelError):
     """Another run holds the cache's lock file; ``.holder`` says who (host, pid, start time)."""
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import psutil
 
-from zarr_parallel.errors import CacheLocked
+from zarr_parallel.errors import CacheLocked, RunFailed
 from zarr_parallel.store import fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,16 @@ HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 600.0
 #: Tries to take the lock before giving up (each try either takes it, breaks a dead one, or fails).
 _ATTEMPTS = 20
+
+
+#: Lock files this process holds, by path: the token each was taken with. A run's steps look
+#: their token up here to check, before they record or publish, that the lock is still theirs.
+_HELD: dict[str, str] = {}
+
+
+def held_token(path: Path) -> str | None:
+    """The token this process took the lock ``path`` with, or None when it does not hold it."""
+    return _HELD.get(str(path))
 
 
 @dataclass(frozen=True)
@@ -182,10 +192,19 @@ class CacheLock:
     def _try_create(self) -> bool:
         """Create the lock atomically and complete; False when it exists."""
         tmp = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(self._content(), f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self._content(), f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            # A full disk (or quota) fails the write: leave nothing behind, and say so plainly.
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise RunFailed(
+                f"could not write the lock file {self.path} ({e.strerror or e}); nothing was "
+                "written. Free space (or fix permissions) where the cache goes and run again"
+            ) from e
         try:
             os.link(tmp, self.path)
         except FileExistsError:
@@ -206,10 +225,17 @@ class CacheLock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(tmp.read_text())
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(tmp.read_text())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            self.path.unlink()  # ours, and incomplete: nobody may read half a lock
+            raise RunFailed(
+                f"could not write the lock file {self.path} ({e.strerror or e}); nothing was "
+                "written. Free space (or fix permissions) where the cache goes and run again"
+            ) from e
         return True
 
     def acquire(self) -> CacheLock:
@@ -220,8 +246,14 @@ class CacheLock:
             missing = missing.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(_ATTEMPTS):
-            if self._try_create():
+            try:
+                created = self._try_create()
+            except RunFailed:
+                self._remove_made()  # a failed run leaves the disk as it found it
+                raise
+            if created:
                 self.held = True
+                _HELD[str(self.path)] = self.token
                 self._start_heartbeat()
                 logger.debug("took lock %s", self.path)
                 return self
@@ -314,22 +346,28 @@ class CacheLock:
         if not self.held:
             return
         self.held = False
+        if _HELD.get(str(self.path)) == self.token:
+            del _HELD[str(self.path)]
         holder = LockHolder.from_file(self.path)
         if holder is not None and holder.token == self.token:
             self.path.unlink()
             logger.debug("released lock %s", self.path)
             # A run that failed before writing leaves the disk as it found it: the folders made
             # for the lock go again if nothing else was put in them.
-            for folder in self._made:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-            self._made = []
+            self._remove_made()
         else:
             logger.error(
                 "lock %s was taken from this run while it ran (broken by hand?)", self.path
             )
+
+    def _remove_made(self) -> None:
+        """Remove the folders ``acquire`` made, deepest first, while they are empty."""
+        for folder in self._made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._made = []
 
     # -- heartbeat -----------------------------------------------------------------------------
 

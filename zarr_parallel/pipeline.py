@@ -7,6 +7,7 @@ check, consolidate, publish). Flows call these and nothing else.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ from typing import Any, Literal
 from zarr_parallel.errors import RecommendationsPending, RequestError, RunFailed
 from zarr_parallel.execution import WORKER_OVERHEAD
 from zarr_parallel.faults import fault_point
-from zarr_parallel.lock import CacheLock
+from zarr_parallel.lock import CacheLock, held_token
 from zarr_parallel.plan import ArrayInput, Limits, Plan, fingerprint, plan_jobs
 from zarr_parallel.preflight import run_preflight
 from zarr_parallel.recommend import Recommendation, recommend
@@ -27,7 +28,9 @@ from zarr_parallel.request import CacheRequest
 from zarr_parallel.store import (
     LOCK_GUARD,
     CachePaths,
+    check_cache_location,
     check_complete,
+    check_lock_token,
     clean_stale_links,
     clean_temporary,
     finalise,
@@ -41,6 +44,7 @@ from zarr_parallel.store import (
     resolve_paths,
     same_content,
     unrecord_job,
+    write_fence,
 )
 from zarr_parallel.target import Target, build_target, cached_source, cached_target
 from zarr_parallel.units import format_bytes
@@ -128,11 +132,21 @@ class Prepared:
             # environment's values are not looked for, so the stored request reads back as is.
             "request": redact(self.request.model_dump(mode="json"), env_values=False),
             "layout": self.layout,
+            # Whose version this is: only this cache path may ever replace or prune it.
+            "cache_path": self.paths.canonical,
         }
 
 
-def prepare(req: CacheRequest) -> Prepared:
+def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
     """Validate against the source, plan, apply the recommendation policy and pick the version.
+
+    Parameters
+    ----------
+    req
+        The request.
+    check_location
+        Refuse a cache path holding what the cache does not own
+        (:func:`~zarr_parallel.store.check_cache_location`); ``verify`` plans only to compare.
 
     Raises
     ------
@@ -142,6 +156,8 @@ def prepare(req: CacheRequest) -> Prepared:
         The plan re-reads source chunks and ``recommend_changes="halt"``.
     """
     paths = resolve_paths(req)
+    if check_location:  # verify plans only to compare, and may read a copied cache
+        check_cache_location(req, paths)
     source = cached_source(req)
     target, plan = make_plan(req)
     recs: list[Recommendation] = []
@@ -291,9 +307,15 @@ def _differences(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     return "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "")
 
 
-def run_lock(req: CacheRequest) -> CacheLock:
-    """The lock of the request's cache (a context manager; see :mod:`zarr_parallel.lock`)."""
+def run_lock(req: CacheRequest, writes: bool = True) -> CacheLock:
+    """The lock of the request's cache (a context manager; see :mod:`zarr_parallel.lock`).
+
+    For a run that ``writes``, the cache location is checked first (before the lock file
+    exists): a run never starts on a path holding something it does not own.
+    """
     paths = resolve_paths(req)
+    if writes:
+        check_cache_location(req, paths)
     return CacheLock(paths.lock, break_lock=req.break_lock, guard=paths.versions / LOCK_GUARD)
 
 
@@ -319,17 +341,21 @@ def initialise(prepared: Prepared) -> None:
             len(prepared.plan.jobs),
             removed,
         )
-    if prepared.status != "fresh":
-        return
-    target = cached_target(prepared.request_json)
-    try:
-        initialise_store(target, prepared.version, prepared.request, prepared.plan_json())
-    except OSError as e:
-        raise RunFailed(
-            f"could not initialise the cache's new version {prepared.version} ({e}); nothing "
-            f"was published and {paths.final} is unchanged. Fix the cause (space, "
-            "permissions) and run again"
-        ) from e
+    if prepared.status == "fresh":
+        target = cached_target(prepared.request_json)
+        try:
+            initialise_store(target, prepared.version, prepared.request, prepared.plan_json())
+        except OSError as e:
+            raise RunFailed(
+                f"could not initialise the cache's new version {prepared.version} ({e}); "
+                f"nothing was published and {paths.final} is unchanged. Fix the cause (space, "
+                "permissions) and run again"
+            ) from e
+    token = held_token(paths.lock)
+    if token is not None and prepared.status != "up_to_date":
+        # Every job checks, before it records, that the run writing this version still holds
+        # the lock (a run whose lock was broken while it was paused must record nothing).
+        write_fence(prepared.version, paths.lock, token)
 
 
 def _verify_staging(prepared: Prepared) -> None:
@@ -380,7 +406,10 @@ def _overlap(a: Any, b: Any) -> bool:
 def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) -> dict[str, Any]:
     """Check completeness, consolidate, publish and summarise."""
     req, plan = prepared.request, prepared.plan
+    token = held_token(prepared.paths.lock)
     if prepared.status != "up_to_date":
+        if token is not None:
+            check_lock_token(prepared.paths.lock, token, "finishing")
         plan_json = plan_record(prepared.version) or prepared.plan_json()
         check_complete(prepared.version, plan_json)
         # Temporary files of attempts that died (retried jobs) must not be published.
@@ -392,7 +421,18 @@ def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) ->
         try:
             finalise(prepared.version, {"fingerprint": plan.fingerprint, "jobs": len(plan.jobs)})
             fault_point("before-publish")
-            publish(prepared.paths, prepared.version, req.keep_versions)
+            fence = (
+                None
+                if token is None
+                else functools.partial(check_lock_token, prepared.paths.lock, token, "publishing")
+            )
+            publish(
+                prepared.paths,
+                prepared.version,
+                req.keep_versions,
+                req.min_version_age_seconds,
+                fence,
+            )
         except OSError as e:
             raise RunFailed(
                 f"every job finished but publishing {prepared.version} failed ({e}); "

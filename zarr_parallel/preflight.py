@@ -202,7 +202,7 @@ def estimate_version(
     chunk_files = 0
     # The versions folder, the version, its manifest and job-record folders, and a few files
     # beside them: the final link, the lock file, temporary files of atomic writes.
-    dirs = 4 + 4
+    dirs = 4 + 4 + 1  # and .retired (when each replaced version stopped being published)
     meta_docs = 1  # the root group
     for name in target.variables:
         var = template[name]
@@ -228,7 +228,9 @@ def estimate_version(
         data_bytes += _round(coord.size * coord.dtype.itemsize, block)
         dirs += 1 + (1 if req.zarr_format == 3 and coord.ndim else 0)
         meta_docs += 1 if req.zarr_format == 3 else 2
-    manifest_files = 2 + len(plan.jobs)  # plan.json, complete.json, one record per job
+    # plan.json, complete.json, owner.json, lock.json (the run's lock token), the replaced
+    # version's record in .retired, and one record per job.
+    manifest_files = 5 + len(plan.jobs)
     plan_json_bytes = len(json.dumps(plan.to_json(), default=str))
     total_bytes = int(data_bytes * share)
     total_bytes += (meta_docs + manifest_files) * _round(METADATA_BYTES, block)

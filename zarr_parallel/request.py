@@ -167,6 +167,13 @@ class CacheRequest(BaseModel):
         description="Compare the new version with the source (a sample or all) before publishing",
     )
     keep_versions: int = Field(2, ge=1, description="Complete versions kept beside the cache")
+    min_version_age: str | int | float = Field(
+        "1:00:00",
+        description=(
+            "A replaced version is kept at least this long after a publish, for readers that "
+            "opened it ('1:00:00', '30min', seconds; 0: prune at once)"
+        ),
+    )
     generate_stats: bool = Field(False, description="Gather count/min/max/mean/NaN per variable")
     log_level: int = Field(0, ge=0, le=2, description="0 quiet, 1 info, 2 debug")
     # -- [deployments] fields go here --
@@ -268,6 +275,13 @@ class CacheRequest(BaseModel):
     def timeout_seconds(self) -> float:
         """``worker_timeout`` in seconds."""
         return parse_duration(self.worker_timeout, "worker_timeout")
+
+    @property
+    def min_version_age_seconds(self) -> float:
+        """``min_version_age`` in seconds (0 allowed: prune replaced versions at once)."""
+        if self.min_version_age in (0, "0") and not isinstance(self.min_version_age, bool):
+            return 0.0
+        return parse_duration(self.min_version_age, "min_version_age")
 
     def digest(self) -> str:
         """Fingerprint of what determines the cache's content (not how it is run)."""
@@ -413,6 +427,7 @@ def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
         )
     req.timeout_seconds  # noqa: B018 - parse now so a bad value fails before planning
     parse_duration(req.pause_timeout, "pause_timeout")
+    req.min_version_age_seconds  # noqa: B018 - parse now so a bad value fails before planning
     # Chunks.
     if isinstance(req.chunks, dict):
         for dim, size in req.chunks.items():

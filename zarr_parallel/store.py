@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,7 +32,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from zarr_parallel.errors import RequestError, RunFailed
+from zarr_parallel.errors import LockLost, RequestError, RunFailed
 from zarr_parallel.faults import fault_point
 from zarr_parallel.provenance import provenance_attrs
 from zarr_parallel.request import CacheRequest
@@ -102,8 +102,12 @@ class CachePaths:
             return self.final.resolve()
         return None
 
-    def all_versions(self) -> list[Path]:
-        """Existing version folders, oldest first."""
+    @property
+    def canonical(self) -> str:
+        """The final path with its folder's symlinks resolved: what manifests record."""
+        return os.path.join(os.path.realpath(self.final.parent), self.final.name)
+
+    def _numbered(self) -> list[Path]:
         if not self.versions.is_dir():
             return []
         found = [
@@ -111,11 +115,47 @@ class CachePaths:
         ]
         return sorted(found, key=lambda p: int(p.name.split("-")[0]))
 
+    def all_versions(self) -> list[Path]:
+        """Version folders of this cache (owned, see :func:`owns_version`), oldest first.
+
+        Folders in the versions folder that this cache cannot prove it made (copied from another
+        cache, adopted 0.5 stores, anything else) are left out: nothing here ever continues,
+        cleans or prunes them.
+        """
+        return [v for v in self._numbered() if owns_version(self, v)]
+
     def next_version(self, fingerprint: str) -> Path:
-        """A new version folder path for this fingerprint."""
-        existing = self.all_versions()
+        """A new version folder path for this fingerprint (numbered past every folder there)."""
+        existing = self._numbered()
         number = int(existing[-1].name.split("-")[0]) + 1 if existing else 1
         return self.version(number, fingerprint)
+
+
+#: In a version's manifest: the cache path the version was made for, written right after the
+#: version's Zarr metadata (zarr refuses to create a store in a folder that holds anything).
+OWNER_FILE = "owner.json"
+
+
+def version_owner(version: Path) -> str | None:
+    """The cache path a version records as its own, or None when it records none."""
+    for name in (OWNER_FILE, "plan.json"):
+        rec = read_json(manifest_dir(version) / name)
+        if rec and rec.get("cache_path"):
+            return str(rec["cache_path"])
+    return None
+
+
+def owns_version(paths: CachePaths, version: Path) -> bool:
+    """True when ``version`` is provably a version of the cache at ``paths.final``.
+
+    Its manifest names this cache path; versions made before the path was recorded count when
+    they hold a plan with its request (only zarr-parallel writes that).
+    """
+    owner = version_owner(version)
+    if owner is not None:
+        return owner == paths.canonical
+    rec = plan_record(version)
+    return rec is not None and "request" in rec
 
 
 def resolve_paths(req: CacheRequest) -> CachePaths:
@@ -137,13 +177,6 @@ def resolve_paths(req: CacheRequest) -> CachePaths:
                 "Set cache_name to a plain name such as 'era5'",
             )
     final = Path(os.path.abspath(final))
-    if final.exists() and not final.is_symlink() and final.is_file():
-        raise RequestError(
-            parameter,
-            value,
-            f"points at a file ({final}), not a cache",
-            "Choose a path that does not exist yet or is a cache made by zarr-parallel",
-        )
     ancestor = final.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -167,6 +200,159 @@ def resolve_paths(req: CacheRequest) -> CachePaths:
             "Choose a folder you can write to, or fix its permissions",
         ) from e
     return CachePaths(final)
+
+
+def check_cache_location(req: CacheRequest, paths: CachePaths) -> None:
+    """Refuse, before anything is written, a cache path a run could not safely write.
+
+    What is at the final path must be absent or provably this cache's (see
+    :func:`inspect_final`), and the cache must neither hold nor lie inside a local source.
+    Runs call this before taking the lock; ``verify`` (which only reads) does not.
+
+    Raises
+    ------
+    RequestError
+        On ``cache_store`` (or ``cache_dir``), saying what is there and what to do.
+    """
+    parameter = "cache_store" if req.cache_store is not None else "cache_dir"
+    value = req.cache_store if req.cache_store is not None else req.cache_dir
+    check_apart_from_sources(req, paths, parameter, value)
+    found = inspect_final(paths)
+    if found.kind == "foreign":
+        raise RequestError(
+            parameter,
+            value,
+            f"{paths.final} {found.text}; a run replaces only what it can prove is a "
+            "zarr-parallel cache of this path, so it refuses to start",
+            "Choose another path, or move or delete what is there yourself",
+        )
+
+
+@dataclass(frozen=True)
+class FinalState:
+    """What is at a cache's final path, and whether a run may replace it.
+
+    ``kind`` is ``absent``; ``ours`` (a link to a version of this cache); ``empty`` (an empty
+    folder, removed at publish); ``adoptable`` (a Zarr store holding nothing but Zarr metadata
+    and chunk files, e.g. from zarr-parallel 0.5: moved aside at publish and never deleted); or
+    ``foreign`` (anything else: never touched). ``text`` says what is there, in words.
+    """
+
+    kind: str
+    text: str = ""
+
+
+#: File names of Zarr metadata (v3, and v2 with its consolidated ``.zmetadata``).
+_ZARR_METADATA = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
+_V2_CHUNK = re.compile(r"^\d+(\.\d+)*$")
+_V3_CHUNK = re.compile(r"^c([./]\d+)*$")
+
+
+def inspect_final(paths: CachePaths) -> FinalState:
+    """Look at what is at ``paths.final`` (reads only) and say whether a run may replace it."""
+    final = paths.final
+    if final.is_symlink():
+        return _inspect_link(paths)
+    if not final.exists():
+        return FinalState("absent")
+    if not final.is_dir():
+        return FinalState("foreign", "points at a file (or another non-folder entry), not a cache")
+    if (final / MANIFEST_DIR).exists():
+        owner = version_owner(final) or "an unknown path"
+        return FinalState(
+            "foreign", f"is a copy of a zarr-parallel cache version (made for {owner})"
+        )
+    stray = _non_zarr_file(final)
+    if stray is None:
+        return FinalState("empty", "is an empty folder")
+    if stray == "":
+        return FinalState("adoptable", "is a Zarr store made by another tool")
+    return FinalState("foreign", f"is a folder holding files that are not Zarr's ({stray})")
+
+
+def _inspect_link(paths: CachePaths) -> FinalState:
+    final = paths.final
+    target = Path(os.path.realpath(final))
+    versions = Path(os.path.realpath(paths.versions))
+    if target.parent != versions:
+        return FinalState("foreign", f"is a link to {os.readlink(final)}, not to a version of it")
+    if not target.exists():
+        return FinalState("ours")  # a dangling link into our versions folder: only a link
+    owner = version_owner(target)
+    if owner is not None and owner != paths.canonical:
+        return FinalState("foreign", f"is a link to a version of another cache ({owner})")
+    if owner is None and not owns_version(paths, target):
+        return FinalState("foreign", f"is a link to {target}, which no manifest says is ours")
+    return FinalState("ours")
+
+
+def _non_zarr_file(root: Path) -> str | None:
+    """The first file under ``root`` that is neither Zarr metadata nor a chunk file.
+
+    Returns ``""`` when every file is Zarr's, and None when there are no files at all.
+    A chunk file must sit inside an array folder (one holding ``zarr.json`` or ``.zarray``)
+    under a chunk key: ``c/0/1`` or ``c.0.1`` (v3), ``0.1`` or ``0/1`` (v2).
+    """
+    arrays: list[str] = []
+    seen = False
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        dirs.sort()
+        rel = os.path.relpath(folder, root)
+        if ".zarray" in files or ("zarr.json" in files and _is_v3_array(Path(folder))):
+            arrays.append("" if rel == "." else rel)
+        for name in sorted(files):
+            seen = True
+            if name in _ZARR_METADATA:
+                continue
+            path = os.path.normpath(os.path.join(rel, name))
+            if not _is_chunk_key(path, arrays) or os.path.islink(os.path.join(folder, name)):
+                return path
+        for d in list(dirs):
+            if os.path.islink(os.path.join(folder, d)):
+                return os.path.normpath(os.path.join(rel, d))
+    return "" if seen else None
+
+
+def _is_v3_array(folder: Path) -> bool:
+    meta = read_json(folder / "zarr.json") or {}
+    return meta.get("node_type") == "array"
+
+
+def _is_chunk_key(path: str, arrays: Sequence[str]) -> bool:
+    for array in arrays:
+        if array and not path.startswith(array + os.sep):
+            continue
+        key = path[len(array) + 1 :] if array else path
+        if _V3_CHUNK.match(key) or all(_V2_CHUNK.match(p) for p in key.split(os.sep)):
+            return True
+    return False
+
+
+def check_apart_from_sources(
+    req: CacheRequest, paths: CachePaths, parameter: str, value: Any
+) -> None:
+    """Refuse a cache path that holds, or lies inside, a local source path.
+
+    Publishing moves what is at the final path aside and pruning deletes versions, so a
+    cache folder around its own sources (or inside a source store) could destroy them.
+    """
+    final = Path(paths.canonical)
+    versions = Path(os.path.realpath(paths.versions))
+    uris = req.data_uri if isinstance(req.data_uri, list) else [req.data_uri]
+    for uri in uris:
+        text = str(uri)
+        if "://" in text and not text.startswith("file://"):
+            continue
+        source = Path(os.path.realpath(os.path.expanduser(text.removeprefix("file://"))))
+        inside = next((p for p in (final, versions) if source.is_relative_to(p)), None)
+        if inside is not None or final.is_relative_to(source):
+            where = f"holds the source {source}" if inside else f"lies inside the source {source}"
+            raise RequestError(
+                parameter,
+                value,
+                f"the cache {final} {where}; publishing and pruning versions could destroy it",
+                "Choose a cache path outside the source files and folders",
+            )
 
 
 @contextlib.contextmanager
@@ -312,6 +498,7 @@ _RUN_ONLY_FIELDS = {
     "generate_stats",
     "retries",
     "keep_versions",
+    "min_version_age",
     "break_lock",
     "recommend_changes",
     "cache_store",
@@ -388,6 +575,50 @@ def recorded_jobs(version: Path, fingerprint: str) -> set[int]:
     return done
 
 
+#: In a version's manifest: the lock file and token of the run writing the version.
+FENCE_FILE = "lock.json"
+
+
+def write_fence(version: Path, lock: Path, token: str) -> None:
+    """Note in ``version`` that the run holding ``lock`` with ``token`` writes it."""
+    write_json_atomic(manifest_dir(version) / FENCE_FILE, {"lock": str(lock), "token": token})
+
+
+def check_lock_token(lock: Path, token: str, before: str) -> None:
+    """Raise :class:`LockLost` unless the lock file ``lock`` still holds ``token``.
+
+    A run paused long enough for another run to break its lock (``break_lock``) must not
+    record or publish anything when it wakes: the other run may have published since.
+    """
+    rec = read_json(lock)
+    held = rec.get("token") if rec else None
+    if held == token:
+        return
+    how = "another run took it over" if held else "it is gone"
+    raise LockLost(
+        f"this run no longer holds the lock {lock} ({how}: the run was paused past the stale "
+        f"threshold and its lock was broken). It stopped before {before} and published "
+        "nothing; the cache is as the other run left it. Run again when no other run is active"
+    )
+
+
+def check_fence(version: Path, before: str) -> None:
+    """Check that the run writing ``version`` (its fence record) still holds the cache's lock.
+
+    A version without a fence record was written without a lock (direct library use): no check.
+    A version whose manifest vanished was removed by the run that took the lock over.
+    """
+    fence = read_json(manifest_dir(version) / FENCE_FILE)
+    if fence is None:
+        if not (manifest_dir(version) / "plan.json").exists():
+            raise LockLost(
+                f"{version} was removed while this job ran (another run took the cache's lock "
+                f"over and cleaned it); stopped before {before}"
+            )
+        return
+    check_lock_token(Path(str(fence["lock"])), str(fence["token"]), before)
+
+
 def record_job(version: Path, record: Mapping[str, Any]) -> None:
     """Record a finished job, once its chunks are durable.
 
@@ -397,6 +628,7 @@ def record_job(version: Path, record: Mapping[str, Any]) -> None:
     """
     sync_job(version, record)
     fault_point("job-written")
+    check_fence(version, f"recording job {record['id']}")
     write_json_atomic(manifest_dir(version) / "jobs" / f"{int(record['id']):06d}.json", record)
     fault_point("job-recorded")
 
@@ -448,7 +680,13 @@ def initialise_store(
     ``plan.json`` is written last: a version without it was interrupted during initialisation
     and is started again.
     """
+    paths = CachePaths(Path(str(plan_json["cache_path"]))) if "cache_path" in plan_json else None
     if version.exists():
+        if paths is not None and not owns_version(paths, version):
+            raise RunFailed(
+                f"{version} exists and is not a version of {paths.final}; it is left alone. "
+                "Move it away and run again"
+            )
         shutil.rmtree(version)
     version.parent.mkdir(parents=True, exist_ok=True)
     template = target.template()
@@ -482,6 +720,10 @@ def initialise_store(
         encoding=encoding,
         write_empty_chunks=True,
     )
+    if paths is not None:
+        # First thing after zarr made the folder: whose version it is, so that a run killed
+        # before plan.json is written leaves a version the next run may prove is its own.
+        write_json_atomic(manifest_dir(version) / OWNER_FILE, {"cache_path": paths.canonical})
     # Metadata and coordinates durable before plan.json says the version is initialised.
     sync_files((p for p in version.rglob("*") if p.is_file()), version)
     fault_point("init")
@@ -680,33 +922,68 @@ def _jobs_covering(
 
 
 def finalise(version: Path, summary: Mapping[str, Any]) -> None:
-    """Consolidate metadata once and mark the version complete."""
+    """Consolidate metadata once, make it durable, and mark the version complete."""
     with quiet_manifest():
         zarr.consolidate_metadata(version)
+    # complete.json promises a readable version after a crash of the machine: the consolidated
+    # metadata (v3: the root zarr.json; v2: .zmetadata and .zgroup) must be on disk before it.
+    sync_files([version / n for n in ("zarr.json", ".zmetadata", ".zgroup")], version)
     write_json_atomic(manifest_dir(version) / "complete.json", {**summary, "time": time.time()})
 
 
-def publish(paths: CachePaths, version: Path, keep_versions: int) -> None:
-    """Point the final path at ``version`` atomically and prune old versions."""
+def publish(
+    paths: CachePaths,
+    version: Path,
+    keep_versions: int,
+    min_age: float = 0.0,
+    fence: Callable[[], None] | None = None,
+) -> None:
+    """Point the final path at ``version`` atomically and prune old versions.
+
+    What is at the final path is looked at again here (it may have changed since pre-flight):
+    a link to a version of this cache is replaced; an empty folder is removed; a Zarr store of
+    another tool (only Zarr metadata and chunk files) is moved aside to
+    ``P.versions/legacy-<time>`` and never deleted by zarr-parallel; anything else fails the run.
+    ``fence`` (the run's lock check) is called last before the switch.
+    """
     paths.final.parent.mkdir(parents=True, exist_ok=True)
-    if paths.final.exists() and not paths.final.is_symlink():
-        # A cache not made by this layout (e.g. by zarr-parallel 0.5): keep it as a version.
-        legacy = paths.versions / f"0-legacy-{int(time.time())}"
+    found = inspect_final(paths)
+    if found.kind == "foreign":
+        raise RunFailed(
+            f"{paths.final} {found.text}; it appeared during the run and is not this cache's, so "
+            f"{version} was not published. Move it away and run again"
+        )
+    if fence is not None:
+        fence()
+    if found.kind == "empty":
+        os.rmdir(paths.final)
+    elif found.kind == "adoptable":
+        legacy = paths.versions / f"legacy-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         paths.versions.mkdir(parents=True, exist_ok=True)
         os.replace(paths.final, legacy)
-        # Complete, so it is kept like any previous version and never cleaned as staging.
-        write_json_atomic(manifest_dir(legacy) / "complete.json", {"legacy": True})
+        logger.warning(
+            "moved the Zarr store that was at %s to %s; zarr-parallel never deletes it",
+            paths.final,
+            legacy,
+        )
+    previous = paths.current()
     link = paths.final.with_name(f".{paths.final.name}.{os.getpid()}.link")
     if link.is_symlink() or link.exists():
         link.unlink()
     os.symlink(os.path.relpath(version, paths.final.parent), link)
     os.replace(link, paths.final)
     fsync_dir(paths.final.parent)
-    prune_versions(paths, keep_versions)
+    if previous is not None and previous != version and previous.is_dir():
+        # When readers last saw it current: the minimum age before pruning counts from here.
+        # Recorded beside the versions, not in them: a complete version is never written again.
+        with contextlib.suppress(OSError):
+            write_json_atomic(retired_record(paths, previous), {"time": time.time()})
+    prune_versions(paths, keep_versions, min_age)
 
 
-#: Suffixes of temporary files: Zarr's chunk writes (``.partial``) and this package's (``.tmp``).
-TEMPORARY_SUFFIXES = (".partial", ".tmp")
+#: Suffixes of temporary files: Zarr's chunk writes (``.partial``), this package's (``.tmp``) and
+#: re-cache's copies of chunk files where hard links are refused (``.copy``).
+TEMPORARY_SUFFIXES = (".partial", ".tmp", ".copy")
 
 
 def clean_temporary(version: Path) -> int:
@@ -730,14 +1007,77 @@ def clean_stale_links(paths: CachePaths) -> None:
             link.unlink()
 
 
-def prune_versions(paths: CachePaths, keep_versions: int) -> None:
-    """Remove complete versions beyond the newest ``keep_versions`` (never the current one)."""
+#: ``P.versions/.retired/<version>.json``: when each replaced version stopped being published.
+RETIRED_DIR = ".retired"
+#: Readers' leases: ``P.versions/.readers/<version>--<host>-<pid>-<random>.json``.
+READERS_DIR = ".readers"
+#: A lease from another host (whose process cannot be checked from here) counts this long.
+LEASE_MAX_AGE = 24 * 3600.0
+
+
+def retired_record(paths: CachePaths, version: Path) -> Path:
+    """Where the time ``version`` was replaced is recorded."""
+    return paths.versions / RETIRED_DIR / f"{version.name}.json"
+
+
+def retired_at(paths: CachePaths, version: Path) -> float:
+    """When ``version`` stopped being the published version (an upper bound).
+
+    Versions replaced before this was recorded count from the current link's time: every
+    version that is not current was replaced at or before the current one was published.
+    """
+    rec = read_json(retired_record(paths, version))
+    if rec and isinstance(rec.get("time"), int | float):
+        return float(rec["time"])
+    try:
+        return os.lstat(paths.final).st_mtime
+    except OSError:
+        return time.time()
+
+
+def leased_versions(paths: CachePaths) -> set[str]:
+    """Names of the versions a live reader holds a lease on (see :mod:`zarr_parallel.readers`)."""
+    from zarr_parallel.readers import live_lease
+
+    folder = paths.versions / READERS_DIR
+    if not folder.is_dir():
+        return set()
+    held = set()
+    for lease in folder.glob("*.json"):
+        name = live_lease(lease)
+        if name is not None:
+            held.add(name)
+    return held
+
+
+def prune_versions(paths: CachePaths, keep_versions: int, min_age: float = 0.0) -> None:
+    """Remove complete versions beyond the newest ``keep_versions`` (never the current one).
+
+    Only versions of this cache (:meth:`CachePaths.all_versions`) are ever removed, and of those
+    not one that a live reader leased (``open_cache``) or that was replaced less than
+    ``min_age`` seconds ago (a reader may have opened it just before the publish).
+    """
     current = paths.current()
     complete = [v for v in paths.all_versions() if is_complete(v) and v != current]
     keep = max(0, keep_versions - 1)
+    leased = leased_versions(paths)
+    now = time.time()
     for old in complete[: max(0, len(complete) - keep)]:
+        if old.name in leased:
+            logger.info("keeping old version %s: a reader holds a lease on it", old)
+            continue
+        age = now - retired_at(paths, old)
+        if age < min_age:
+            logger.info(
+                "keeping old version %s: replaced %.0f s ago, less than min_version_age (%.0f s)",
+                old,
+                age,
+                min_age,
+            )
+            continue
         logger.info("removing old version %s", old)
         shutil.rmtree(old, ignore_errors=True)
+        retired_record(paths, old).unlink(missing_ok=True)
 
 
 def crc32(data: Any, value: int = 0) -> int:

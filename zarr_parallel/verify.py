@@ -215,7 +215,7 @@ def verify_cache(
         # A run publishing a new version (and cleaning old ones) while this reads the current
         # one would make the verdict meaningless: hold the cache's lock, as a run does. A live
         # run's lock raises CacheLocked, naming it.
-        with run_lock(req):
+        with run_lock(req, writes=False):
             return _verify(req, mode, sample_chunks, seed, None, full_bytes, staging)
     return _verify(req, mode, sample_chunks, seed, version, full_bytes, staging)
 
@@ -245,9 +245,10 @@ def _verify(
     # What this request and source give now, exactly as a run would plan it.
     probe = req.model_copy(update={"overwrite": True, "resume": "auto"})
     try:
-        prepared = prepare(probe)
+        prepared = prepare(probe, check_location=False)
     except RecommendationsPending:
-        prepared = prepare(probe.model_copy(update={"recommend_changes": "proceed"}))
+        proceed = probe.model_copy(update={"recommend_changes": "proceed"})
+        prepared = prepare(proceed, check_location=False)
     target = cached_target(prepared.request_json)
     current = prepared.plan_json()
     _check_manifest(chosen, stored, current, report, out, staging)
