@@ -53,9 +53,7 @@ def normalise_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     ...                   numpy.datetime64("2020-01-03T06:00"))}], "num_jobs": numpy.int64(4)})
     {'preprocessors': [{'type': 'sel', 'time': ['2020-01-02', '2020-01-03T06:00']}], 'num_jobs': 4}
     """
-    out = _normalise(dict(fields), "", 0)
-    assert isinstance(out, dict)  # a mapping stays a mapping
-    return out
+    return _mapping(fields, "", 0)
 
 
 def _child(path: str, key: str) -> str:
