@@ -34,7 +34,7 @@ from flows.tasks import artifact_key, finish_task, initialise_task, plan_task
 from flows.write import MAX_TASKS, group_jobs, write_flow
 from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
 from zarr_parallel.logs import set_log_level
-from zarr_parallel.pipeline import Prepared, recommendations_message, run_lock
+from zarr_parallel.pipeline import Prepared, recommendations_message, run_lock, worker_note
 from zarr_parallel.policy import enforced
 from zarr_parallel.recommend import Recommendation
 from zarr_parallel.request import CacheRequest
@@ -292,7 +292,9 @@ def _print_plan(prepared: Prepared) -> None:
         f"largest job:         {format_bytes(plan.max_job_memory)} of "
         f"{format_bytes(plan.memory_budget)} budget"
     )
-    for note in plan.notes:
+    workers, why = worker_note(prepared.request)
+    print(f"workers:             up to {workers} at once ({prepared.request.deploy_mode})")
+    for note in [*plan.notes, *([why] if why else [])]:
         print(f"note:                {note}")
 
 

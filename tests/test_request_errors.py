@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,113 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], type[Exception], str, str
         "cache_store",
         r"exactly one of cache_store and cache_dir must be given",
     ),
+    # -- values the request's JSON form cannot carry, or that mean nothing ([safety]) --
+    (
+        "timeout-nan",
+        {},
+        {"worker_timeout": float("nan")},
+        RequestError,
+        "worker_timeout",
+        r"worker_timeout=nan: is not a finite number",
+    ),
+    (
+        "timeout-inf",
+        {},
+        {"worker_timeout": float("inf")},
+        RequestError,
+        "worker_timeout",
+        r"worker_timeout=inf: is not a finite number",
+    ),
+    (
+        "timeout-negative",
+        {},
+        {"worker_timeout": -5},
+        RequestError,
+        "worker_timeout",
+        r"worker_timeout=-5: must be a positive, finite duration",
+    ),
+    (
+        "timeout-zero",
+        {},
+        {"worker_timeout": 0},
+        RequestError,
+        "worker_timeout",
+        r"worker_timeout=0: must be a positive, finite duration",
+    ),
+    (
+        "selection-nan",
+        {"preprocessors": [{"type": "sel", "latitude": [float("nan"), 10]}]},
+        {},
+        RequestError,
+        "preprocessors[0].latitude[0]",
+        r"preprocessors\[0\]\.latitude\[0\]=nan: is not a finite number",
+    ),
+    (
+        "chunks-boolean",
+        {"chunks": {"time": True}},
+        {},
+        RequestError,
+        "chunks",
+        r"chunks=\{'time': True\}: the size of 'time' is True, not a number of elements",
+    ),
+    (
+        "num-jobs-boolean",
+        {},
+        {"num_jobs": True},
+        RequestError,
+        "num_jobs",
+        r"num_jobs=True: is True \(true/false\), not a whole number",
+    ),
+    # -- tile dimension names become folders of the cache --
+    (
+        "tiles-within-separator",
+        {"tiles": {"size": {"latitude": 8}, "within": {"latitude": "a/b"}}},
+        {},
+        RequestError,
+        "tiles.within.latitude",
+        r"tiles\.within\.latitude='a/b': contains a path separator",
+    ),
+    (
+        "tiles-within-parent",
+        {"tiles": {"size": {"latitude": 8}, "within": {"latitude": ".."}}},
+        {},
+        RequestError,
+        "tiles.within.latitude",
+        r"tiles\.within\.latitude='\.\.': is a relative path",
+    ),
+    (
+        "tiles-dim-escape",
+        {"tiles": {"latitude": 8, "dim": "../../x"}},
+        {},
+        RequestError,
+        "tiles.dim",
+        r"tiles\.dim='\.\./\.\./x': contains a path separator",
+    ),
+    # -- URL cache paths: no object-store targets yet (a folder named 's3:' was written) --
+    (
+        "cache-store-url",
+        {},
+        {"cache_dir": None, "cache_store": "s3://bucket/x.zarr"},
+        RequestError,
+        "cache_store",
+        r"cache_store='s3://bucket/x\.zarr': is a URL",
+    ),
+    (
+        "cache-dir-url",
+        {},
+        {"cache_dir": "gs://bucket/caches"},
+        RequestError,
+        "cache_dir",
+        r"cache_dir='gs://bucket/caches': is a URL",
+    ),
+    (
+        "cache-store-file-url",
+        {},
+        {"cache_dir": None, "cache_store": "file:///x.zarr"},
+        RequestError,
+        "cache_store",
+        r"cache_store='file:///x\.zarr': is a URL.*without 'file://'",
+    ),
 ]
 
 
@@ -248,6 +356,7 @@ def test_bad_input(
     # The memory figures in the messages are the xarray path's model (the fast read path has
     # its own, zarr_parallel.plan.fast_job_memory).
     monkeypatch.setenv("ZARR_PARALLEL_FAST_READ", "0")
+    monkeypatch.chdir(tmp_path)  # a relative path written by mistake lands where it is seen
     (tmp_path / "afile").write_text("not a folder")
     before = _tree(tmp_path)
     fields = {"data_uri": [str(p) for p in era5_files], **init}
@@ -383,3 +492,142 @@ def test_existing_cache_untouched(
         )
     assert os.readlink(final) == link
     assert _tree(caches) == before
+
+
+# ------------------------------------------------------------------------------------------
+# Request files and --set through the command line: exit 2, a clear message, nothing written
+
+BASE_FILE = "data_uri: {src}\ncache_store: out/x.zarr\ndeploy_mode: series\n"
+
+# (id, more YAML lines, --set overrides, message pattern)
+FILE_CASES: list[tuple[str, str, list[str], str]] = [
+    (
+        "set-into-a-string",
+        "",
+        ["data_uri.x=1"],
+        r"--set data_uri\.x='1': reaches into data_uri, which is a str .*, not a mapping\. "
+        r"Set data_uri itself",
+    ),
+    ("set-nan", "", ["worker_timeout=.nan"], r"worker_timeout=nan: is not a finite number"),
+    ("set-url-cache", "", ["cache_store=s3://bucket/x.zarr"], r"cache_store='s3://.*is a URL"),
+    (
+        "repeated-key",
+        "deploy_mode: SLURM\n",
+        [],
+        r"repeats the key 'deploy_mode' on line 4 \(first on line 3\)\. Keep one of them",
+    ),
+    (
+        "repeated-nested-key",
+        "chunks:\n  time: 12\n  time: 24\n",
+        [],
+        r"repeats the key 'time' on line 6 \(first on line 5\)",
+    ),
+    ("alias", "add_attrs: {a: &x [1, 2], b: *x}\n", [], r"uses the YAML alias \*x on line 4"),
+    ("merge-key", "add_attrs:\n  <<: {a: 1}\n", [], r"uses a YAML merge key \(<<\) on line 5"),
+    ("timeout-nan", "worker_timeout: .nan\n", [], r"worker_timeout=nan: is not a finite"),
+    ("timeout-inf", "worker_timeout: .inf\n", [], r"worker_timeout=inf: is not a finite"),
+    ("timeout-negative", "worker_timeout: -60\n", [], r"worker_timeout=-60: must be a positive"),
+    ("timeout-zero", "worker_timeout: 0\n", [], r"worker_timeout=0: must be a positive"),
+    (
+        "selection-nan",
+        "preprocessors: [{type: sel, latitude: [.nan, 10]}]\n",
+        [],
+        r"preprocessors\[0\]\.latitude\[0\]=nan: is not a finite number",
+    ),
+    ("chunks-true", "chunks: {time: true}\n", [], r"the size of 'time' is True"),
+    ("yes-key", "variables: {on: {}}\n", [], r"variables=True: has a key that is not a string"),
+    ("binary", "add_attrs: {x: !!binary aGVsbG8=}\n", [], r"add_attrs\['x'\]=.*is a bytes"),
+    (
+        "tiles-within-separator",
+        "tiles: {size: {latitude: 8}, within: {latitude: a/b}}\n",
+        [],
+        r"tiles\.within\.latitude='a/b': contains a path separator",
+    ),
+    ("tiles-dim-parent", "tiles: {latitude: 8, dim: '..'}\n", [], r"tiles\.dim='\.\.': is a"),
+]
+
+
+@pytest.mark.parametrize(
+    ("more", "overrides", "pattern"), [c[1:] for c in FILE_CASES], ids=[c[0] for c in FILE_CASES]
+)
+def test_bad_request_file(
+    era5_files: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    more: str,
+    overrides: list[str],
+    pattern: str,
+) -> None:
+    from flows.cache import main
+
+    monkeypatch.chdir(tmp_path)  # a relative path written by mistake lands where it is seen
+    path = tmp_path / "request.yaml"
+    path.write_text(BASE_FILE.format(src=era5_files[0]) + more)
+    sets = [a for o in overrides for a in ("--set", o)]
+    assert main(["run", str(path), *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("invalid request: ") and "Traceback" not in err
+    assert re.search(pattern, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["request.yaml"], "nothing written"
+
+
+# ------------------------------------------------------------------------------------------
+# Memory and worker figures name what works
+
+
+def test_memory_message_names_a_minimum_that_works(era5_files: list[Path], tmp_path: Path) -> None:
+    """dask_distributed: the message shows the user's memory_limit, and its minimum plans.
+
+    Before, it showed the limit without the worker process's allowance ('270.00 MB' for 520MB)
+    and suggested 280 MB, which was then refused.
+    """
+    from zarr_parallel.pipeline import make_plan
+
+    fields = {
+        "data_uri": [str(p) for p in era5_files],
+        "cache_store": str(tmp_path / "m.zarr"),
+        "deploy_mode": "dask_distributed",
+        "chunks": {"time": 60},
+    }
+    with pytest.raises(PlanError) as info:
+        make_plan(build_request(**fields, memory_limit="520MB"))
+    text = str(info.value)
+    assert text.startswith("memory_limit='520.00 MB': ")
+    assert "memory_limit minus the 256.00 MB reserve and the 250.00 MB dask worker" in text
+    minimum = re.search(r"Raise memory_limit to at least ([\d.]+ MB)", text)
+    assert minimum is not None
+    _, plan = make_plan(build_request(**fields, memory_limit=minimum.group(1).replace(" ", "")))
+    assert plan.jobs
+
+
+def test_local_workers_capped_by_memory(
+    era5_files: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """simultaneous_worker_limit=5000 on a small machine: as many workers as memory holds."""
+    import psutil
+
+    from flows.runners import worker_sizing
+    from zarr_parallel.pipeline import make_plan, worker_count
+
+    total = psutil.virtual_memory().total
+    req = build_request(
+        data_uri=[str(p) for p in era5_files],
+        cache_store=str(tmp_path / "w.zarr"),
+        deploy_mode="dask_distributed",
+        simultaneous_worker_limit=5000,
+        memory_limit=total // 3 + 1,  # three such workers do not fit: two do
+        chunks={"time": 6, "latitude": 40, "longitude": 72},
+    )
+    _, plan = make_plan(req)
+    assert len(plan.jobs) > 2
+    assert worker_sizing(req, plan.max_job_memory, len(plan.jobs)).workers == 2
+    assert "simultaneous_worker_limit=5000 local workers of" in caplog.text
+    assert "running 2 at once" in caplog.text
+    # Above the core count (and within memory): a warning, not a refusal.
+    cores = os.cpu_count() or 1
+    caplog.clear()
+    many = req.model_copy(update={"simultaneous_worker_limit": cores + 1, "memory_limit": "1GB"})
+    if total // 10**9 > cores + 1:
+        assert worker_count(many) == cores + 1
+        assert f"more local workers than this machine's {cores} cores" in caplog.text

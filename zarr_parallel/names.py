@@ -11,10 +11,12 @@ refused before anything is written. ``cache_label`` and ``cache_name`` are check
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-import xarray as xr
+from typing import TYPE_CHECKING
 
 from zarr_parallel.errors import RequestError
+
+if TYPE_CHECKING:  # names are checked before xarray is needed (tiles.py stays xarray-free)
+    import xarray as xr
 
 _METADATA_NAMES = {"zarr.json"}
 

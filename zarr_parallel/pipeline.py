@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
+
 from zarr_parallel.errors import RecommendationsPending, RequestError, RunFailed
 from zarr_parallel.execution import WORKER_OVERHEAD
 from zarr_parallel.faults import fault_point
@@ -25,6 +27,7 @@ from zarr_parallel.preflight import run_preflight
 from zarr_parallel.recommend import Recommendation, recommend
 from zarr_parallel.remote import redact
 from zarr_parallel.request import CacheRequest
+from zarr_parallel.sizing import local_workers
 from zarr_parallel.store import (
     LOCK_GUARD,
     CachePaths,
@@ -56,10 +59,31 @@ Status = Literal["fresh", "resume", "up_to_date"]
 
 
 def worker_count(req: CacheRequest) -> int:
-    """Workers running at once: ``simultaneous_worker_limit`` or the machine's cores."""
+    """Workers running at once: ``simultaneous_worker_limit`` or the machine's cores.
+
+    Local workers are capped by the machine's memory (see :func:`worker_note`).
+    """
+    count, note = worker_note(req)
+    if note:
+        _warn_once(note)
+    return count
+
+
+def worker_note(req: CacheRequest) -> tuple[int, str | None]:
+    """Workers running at once, and why that differs from the request (or is unusual)."""
     if req.deploy_mode == "series":
-        return 1
-    return req.simultaneous_worker_limit or os.cpu_count() or 1
+        return 1, None
+    cores = os.cpu_count() or 1
+    if req.deploy_mode == "dask_distributed" and req.scheduler_address is None:
+        memory = int(psutil.virtual_memory().total)
+        return local_workers(req.simultaneous_worker_limit, cores, memory, req.memory_bytes)
+    return req.simultaneous_worker_limit or cores, None
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_once(note: str) -> None:
+    # Planning asks for the count many times (recommendations re-plan); say it once.
+    logger.warning(note)
 
 
 def limits_for(req: CacheRequest) -> Limits:
@@ -83,6 +107,7 @@ def limits_for(req: CacheRequest) -> Limits:
         min_jobs=min_jobs,
         time_budget=req.timeout_seconds / 2,
         reserve=req.reserve_bytes,
+        overhead=overhead,
     )
 
 

@@ -249,12 +249,32 @@ class Limits:
     reserve
         The interpreter reserve subtracted from ``memory_limit`` to get ``memory_budget``
         (only used to word errors in the user's terms).
+    overhead
+        The worker process's allowance, also subtracted from ``memory_limit`` outside series
+        mode (only used to word errors).
     """
 
     memory_budget: int
     min_jobs: int = 1
     time_budget: float | None = None
     reserve: int = 0
+    overhead: int = 0
+
+    @property
+    def memory_limit(self) -> int:
+        """The ``memory_limit`` these budgets come from.
+
+        >>> Limits(14 * 10**6, reserve=256 * 10**6, overhead=250 * 10**6).memory_limit
+        520000000
+        """
+        return self.memory_budget + self.reserve + self.overhead
+
+    def held_back(self) -> str:
+        """What ``memory_limit`` keeps from a job, in words (for error messages)."""
+        parts = [f"the {format_bytes(self.reserve)} reserve"] if self.reserve else []
+        if self.overhead:
+            parts.append(f"the {format_bytes(self.overhead)} dask worker process")
+        return f"memory_limit minus {' and '.join(parts)}" if parts else "memory_limit"
 
     def __post_init__(self) -> None:
         if self.memory_budget <= 0:
@@ -868,18 +888,17 @@ def _check_unit_fits(members: Sequence[ArrayInput], memory: int, limits: Limits)
     shown = f"{names}" if len(names) <= 4 else f"{names[:3]} and {len(names) - 3} more"
     src = ", ".join(f"{ax.dim}: {int(ax.chunk_len.max())}" for ax in lead.axes if ax.chunk_len.size)
     tgt = ", ".join(f"{ax.dim}: {c}" for ax, c in zip(lead.axes, lead.write_chunks, strict=True))
-    limit = limits.memory_budget + limits.reserve
-    reserve = f" minus the {format_bytes(limits.reserve)} reserve" if limits.reserve else ""
+    # The minimum holds back what the budget holds back, so that it is then accepted.
+    minimum = _round_up(memory + limits.memory_limit - limits.memory_budget)
     raise PlanError(
         "memory_limit",
-        format_bytes(limit),
+        format_bytes(limits.memory_limit),
         (
             f"one write chunk of {shown} ({{{tgt}}}) with the source chunks it touches "
             f"({{{src}}}) needs about {format_bytes(memory)}, more than the "
-            f"{format_bytes(limits.memory_budget)} a job may use (memory_limit{reserve})"
+            f"{format_bytes(limits.memory_budget)} a job may use ({limits.held_back()})"
         ),
-        f"Raise memory_limit to at least {format_bytes(_round_up(memory + limits.reserve))}, "
-        "or choose smaller target chunks",
+        f"Raise memory_limit to at least {format_bytes(minimum)}, or choose smaller target chunks",
     )
 
 

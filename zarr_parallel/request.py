@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import glob
 import os
 import re
@@ -13,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zarr_parallel.errors import RequestError
+from zarr_parallel.normalise import normalise_fields
 from zarr_parallel.plan import canonical_json, fingerprint
 from zarr_parallel.remote import MASK, check_no_secrets, is_secret_key, redact
 from zarr_parallel.tiles import request_tiles
@@ -23,6 +23,8 @@ DEPLOY_MODES = ("series", "dask_distributed", "slurm")
 ENGINES = ("h5netcdf", "netcdf4", "kerchunk", "zarr")
 DEFAULT_DEPLOY_MODE = "dask_distributed"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]*$")
+#: A URL scheme (``s3://``, ``gs://``, ``file://``...): not a path a cache may be written to.
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _TYPE_TAG = re.compile(r"^(bool|int|float|str|none|[a-z]+\[.*\])$")
 
 
@@ -44,6 +46,14 @@ class SlurmOptions(BaseModel):
     )
     interface: str | None = Field(None, description="Network interface of the workers, e.g. ib0")
     cores: int = Field(1, ge=1, description="Cores per SLURM job (one worker process each)")
+
+    @field_validator("cores", mode="before")
+    @classmethod
+    def _cores(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"is {v} (true/false), not a whole number")
+        return v
+
     # -- [parallel] SLURM fields --
     walltime: str | int | None = Field(
         None,
@@ -60,6 +70,18 @@ class SlurmOptions(BaseModel):
         if v is not None:
             parse_duration(v, "slurm.walltime")
         return v
+
+
+#: Whole-number fields, where pydantic would otherwise read true/false as 1/0.
+_INT_FIELDS = (
+    "remote_concurrency",
+    "remote_retries",
+    "num_jobs",
+    "simultaneous_worker_limit",
+    "retries",
+    "keep_versions",
+    "log_level",
+)
 
 
 class CacheRequest(BaseModel):
@@ -250,6 +272,23 @@ class CacheRequest(BaseModel):
             raise ValueError("must be 'auto' (keep the source's chunks), None or {dim: size}")
         return v
 
+    @field_validator("chunks", "shards", mode="before")
+    @classmethod
+    def _sizes_not_bool(cls, v: Any) -> Any:
+        # pydantic reads true as 1: a chunk of one element where the user meant something else.
+        if isinstance(v, dict):
+            for dim, size in v.items():
+                if isinstance(size, bool):
+                    raise ValueError(f"the size of {dim!r} is {size}, not a number of elements")
+        return v
+
+    @field_validator(*_INT_FIELDS, mode="before")
+    @classmethod
+    def _int_not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"is {v} (true/false), not a whole number")
+        return v
+
     @field_validator("preprocessors", mode="before")
     @classmethod
     def _preprocessors(cls, v: Any) -> Any:
@@ -307,9 +346,11 @@ def build_request(base_dir: str | Path | None = None, **fields: Any) -> CacheReq
     """Validate request fields into a :class:`CacheRequest`; errors are :class:`RequestError`.
 
     Relative local paths are resolved against ``base_dir`` (the request file's folder), and the
-    caller's lists and dicts are copied, never mutated.
+    caller's lists and dicts are copied, never mutated. The fields are first brought to their
+    plain JSON form (:func:`zarr_parallel.normalise.normalise_fields`: dates become ISO strings,
+    numpy scalars Python numbers...), so the request planned here is the one the workers get.
     """
-    fields = copy.deepcopy(fields)
+    fields = normalise_fields(fields)
     try:
         req = CacheRequest(**fields)
     except ValidationError as e:
@@ -331,7 +372,25 @@ def build_request(base_dir: str | Path | None = None, **fields: Any) -> CacheReq
         raise RequestError(
             loc, value, msg, _FIXES.get(re.split(r"[.\[]", loc)[0], "See the request reference")
         ) from None
-    return _check(req, Path(base_dir) if base_dir else None)
+    return _check_round_trip(_check(req, Path(base_dir) if base_dir else None))
+
+
+def _check_round_trip(req: CacheRequest) -> CacheRequest:
+    """Refuse a request that its JSON form (what workers and resumed runs get) would change.
+
+    The fields were normalised before validation, so this holds unless a validator made a value
+    JSON cannot carry; it is the last guard that the planner and the workers agree.
+    """
+    again = CacheRequest.model_validate_json(req.model_dump_json())
+    if again == req:
+        return req
+    field = next(f for f in CacheRequest.model_fields if getattr(again, f) != getattr(req, f))
+    raise RequestError(
+        field,
+        redact(getattr(req, field)),
+        f"changes on its way to the workers (they would see {redact(getattr(again, field))!r})",
+        "Use plain strings, numbers, true/false, lists and mappings",
+    )
 
 
 def _parameter_name(loc: tuple[int | str, ...]) -> str:
@@ -380,8 +439,30 @@ def is_remote(uri: str) -> bool:
 
 
 def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
-    updates: dict[str, Any] = {}
-    # Sources.
+    updates: dict[str, Any] = {"data_uri": _resolve_sources(req, base)}
+    _check_sizes(req)
+    # Tiles (also 0.5's trailing 'tiled' preprocessor), then transforms: every name known now.
+    updates["tiles"], preprocessors = request_tiles(
+        req.tiles, req.preprocessors, req.chunks, req.shards
+    )
+    updates["preprocessors"] = [
+        validate_spec(s, f"preprocessors[{i}]") for i, s in enumerate(preprocessors)
+    ]
+    if req.variables is not None:
+        if not req.variables:
+            raise RequestError(
+                "variables", {}, "names no variable", "Name at least one, or omit it"
+            )
+        updates["variables"] = {
+            name: [validate_spec(s, f"variables['{name}'][{i}]") for i, s in enumerate(specs)]
+            for name, specs in req.variables.items()
+        }
+    updates.update(_check_location(req, base))
+    return req.model_copy(update=updates)
+
+
+def _resolve_sources(req: CacheRequest, base: Path | None) -> str | list[str]:
+    """``data_uri`` with globs expanded and local paths resolved against ``base``."""
     check_no_secrets(req.data_uri, req.storage_options, req.open_options)
     uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
     if not uris:
@@ -412,8 +493,11 @@ def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
             )
         else:
             resolved.append(path)
-    updates["data_uri"] = resolved[0] if len(resolved) == 1 else resolved
-    # Memory and time strings parse now, not mid-run.
+    return resolved[0] if len(resolved) == 1 else resolved
+
+
+def _check_sizes(req: CacheRequest) -> None:
+    """Memory and time strings parse now, not mid-run; chunk and shard sizes are positive."""
     limit = req.memory_bytes
     reserve = req.reserve_bytes
     if req.free_space_reserve not in (0, "0"):
@@ -428,7 +512,6 @@ def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
     req.timeout_seconds  # noqa: B018 - parse now so a bad value fails before planning
     parse_duration(req.pause_timeout, "pause_timeout")
     req.min_version_age_seconds  # noqa: B018 - parse now so a bad value fails before planning
-    # Chunks.
     if isinstance(req.chunks, dict):
         for dim, size in req.chunks.items():
             if size == -1:
@@ -448,23 +531,11 @@ def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
                 raise RequestError(
                     f"shards['{dim}']", size, "must be positive", "Use a multiple of the chunk"
                 )
-    # Tiles (also 0.5's trailing 'tiled' preprocessor), then transforms: every name known now.
-    updates["tiles"], preprocessors = request_tiles(
-        req.tiles, req.preprocessors, req.chunks, req.shards
-    )
-    updates["preprocessors"] = [
-        validate_spec(s, f"preprocessors[{i}]") for i, s in enumerate(preprocessors)
-    ]
-    if req.variables is not None:
-        if not req.variables:
-            raise RequestError(
-                "variables", {}, "names no variable", "Name at least one, or omit it"
-            )
-        updates["variables"] = {
-            name: [validate_spec(s, f"variables['{name}'][{i}]") for i, s in enumerate(specs)]
-            for name, specs in req.variables.items()
-        }
-    # Cache location.
+
+
+def _check_location(req: CacheRequest, base: Path | None) -> dict[str, str]:
+    """Check where the cache goes; the updates that resolve relative paths against ``base``."""
+    updates: dict[str, str] = {}
     if (req.cache_store is None) == (req.cache_dir is None):
         raise RequestError(
             "cache_store",
@@ -485,25 +556,98 @@ def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
             )
     for field in ("cache_store", "cache_dir"):
         value = getattr(req, field)
+        if value is not None and _URL_RE.match(value):
+            raise RequestError(
+                field,
+                value,
+                "is a URL; caches are written to local or shared file systems only (object "
+                "store targets do not exist yet)",
+                "Give a file system path such as '/data/caches/era5.zarr'"
+                + (" (without 'file://')" if value.lower().startswith("file:") else ""),
+            )
         if value is not None and base is not None and not os.path.isabs(value):
             updates[field] = str(base / value)
-    return req.model_copy(update=updates)
+    return updates
+
+
+class _Refused(Exception):
+    """A request file construct refused by :class:`_RequestLoader` (problem, fix)."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        self.problem, self.fix = problem, fix
+        super().__init__(problem)
+
+
+class _RequestLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases, merge keys or repeated keys.
+
+    A request is a flat mapping of plain values and needs none of YAML's sharing: aliases let a
+    few lines expand into billions of nodes (the loader would run for minutes), and a repeated
+    key silently keeps the last value, so both are refused with the line they are on.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise _Refused(
+                f"uses the YAML alias *{event.anchor} on line {event.start_mark.line + 1}",
+                "Write the value out in full: request files do not use anchors (&) and aliases (*)",
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            line = key_node.start_mark.line + 1
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise _Refused(
+                    f"uses a YAML merge key (<<) on line {line}", "Write the fields out in full"
+                )
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first.get(key)
+            except TypeError:  # a list or mapping as a key: PyYAML refuses it below
+                continue
+            if seen is not None:
+                raise _Refused(
+                    f"repeats the key {key!r} on line {line} (first on line {seen})",
+                    "Keep one of them: YAML would silently use the last",
+                )
+            first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse request YAML with :class:`_RequestLoader`; ``_Refused`` or ``yaml.YAMLError``."""
+    loader = _RequestLoader(text)
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise _Refused("nests too deeply", "Write a plain request") from None
+    finally:
+        loader.dispose()
 
 
 def load_request_file(path: str | Path, overrides: list[str] | None = None) -> CacheRequest:
-    """Read a YAML/JSON request file, apply ``--set key=value`` overrides, and validate it."""
+    """Read a YAML/JSON request file, apply ``--set key=value`` overrides, and validate it.
+
+    The file is read with a loader that refuses YAML aliases, merge keys and repeated keys.
+    """
     path = Path(path)
     if not path.is_file():
         raise RequestError("request", str(path), "is not a file", "Give the path of a YAML request")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = _load_yaml(path.read_text())
+    except _Refused as e:
+        raise RequestError("request", str(path), e.problem, e.fix) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RequestError(
             "request",
             str(path),
             f"is not valid YAML ({e})".replace("\n", " "),
             "Fix the syntax (a flat mapping of request fields)",
         ) from e
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise RequestError(
             "request",
@@ -512,16 +656,33 @@ def load_request_file(path: str | Path, overrides: list[str] | None = None) -> C
             "Write e.g. 'data_uri: data/*.nc' on its own line",
         )
     for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise RequestError("--set", item, "must be key=value", "Write e.g. --set num_jobs=4")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise RequestError(f"--set {key}", raw, "is not a YAML value", "Quote it") from e
-        target = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            target = target.setdefault(p, {})
-        target[parts[-1]] = value
+        _apply_override(data, item)
     return build_request(base_dir=path.parent.resolve(), **data)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``--set key=value`` (a YAML value; dotted keys reach nested mappings)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise RequestError("--set", item, "must be key=value", "Write e.g. --set num_jobs=4")
+    try:
+        value = _load_yaml(raw)
+    except _Refused as e:
+        raise RequestError(f"--set {key}", raw, e.problem, e.fix) from None
+    except yaml.YAMLError as e:
+        raise RequestError(f"--set {key}", raw, "is not a YAML value", "Quote it") from e
+    target = data
+    parts = key.split(".")
+    for i, p in enumerate(parts[:-1]):
+        inner = target.setdefault(p, {})
+        if not isinstance(inner, dict):
+            reached = ".".join(parts[: i + 1])
+            raise RequestError(
+                f"--set {key}",
+                raw,
+                f"reaches into {reached}, which is a {type(inner).__name__} "
+                f"({redact(inner)!r}), not a mapping",
+                f"Set {reached} itself, e.g. --set {reached}=VALUE",
+            )
+        target = inner
+    target[parts[-1]] = value

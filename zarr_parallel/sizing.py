@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from zarr_parallel.units import format_bytes
+
 #: Extra share of the largest job estimate a SLURM job asks for (DESIGN §2a: about 10 %).
 MEMORY_MARGIN = 0.10
 #: Seconds of walltime beyond the jobs themselves: queue-to-worker start-up and retirement.
@@ -78,6 +80,40 @@ def size_workers(
         walltime = min(walltime, max_walltime)
     lifetime = max(walltime - RETIRE_BEFORE, walltime / 2)
     return WorkerSizing(workers, memory, walltime, lifetime)
+
+
+def local_workers(
+    requested: int | None, cores: int, machine_memory: int, worker_memory: int
+) -> tuple[int, str | None]:
+    """Local worker processes at once, and a note when that is not what was asked or usual.
+
+    Each local worker may use ``worker_memory`` (``memory_limit``), so no more start than the
+    machine's memory holds: more would swap or be killed by the kernel. More workers than cores
+    are allowed with a warning, since workers reading remote sources mostly wait on the network.
+
+    >>> local_workers(5000, 2, 25 * 10**9, 2 * 10**9)[0], local_workers(None, 8, 10**10, 10**9)
+    (12, (8, None))
+    >>> local_workers(6, 2, 10**11, 10**9)[0]
+    6
+    """
+    wanted = requested or cores
+    asked = (
+        f"simultaneous_worker_limit={requested}" if requested else f"one worker per core ({cores})"
+    )
+    fit = max(1, machine_memory // max(worker_memory, 1))
+    if wanted > fit:
+        return fit, (
+            f"{asked} local workers of {format_bytes(worker_memory)} (memory_limit) would need "
+            f"{format_bytes(wanted * worker_memory)}, more than this machine's "
+            f"{format_bytes(machine_memory)}: running {fit} at once"
+            + (f" (more than its {cores} cores)" if fit > cores else "")
+        )
+    if wanted > cores:
+        return wanted, (
+            f"{asked} runs more local workers than this machine's {cores} cores; that helps "
+            "only when reads wait on the network (remote sources)"
+        )
+    return wanted, None
 
 
 def slurm_duration(seconds: float) -> str:

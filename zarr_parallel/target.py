@@ -178,6 +178,7 @@ def build_target(req: CacheRequest, source: Source | None = None) -> Target:
     tiling = None
     if req.tiles is not None:
         ds, tiling = tile_dataset(ds, TileSpec.parse(req.tiles))
+        check_names(ds, "tiles", req.tiles, "the tiles give")
     sources = {str(v): ds[v].attrs.get(SOURCE_ATTR) for v in ds.data_vars}
     chunks = _resolve_chunks(req, ds, source.layout, sources)
     if tiling is not None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from zarr_parallel.errors import RequestError
+from zarr_parallel.names import path_problem
 from zarr_parallel.plan import AxisMap, IntArray, write_grid
 
 #: Keys of the long form of the ``tiles`` option; a mapping with none of them is the short form.
@@ -92,6 +93,12 @@ class TileSpec:
     ascending: bool = False
 
     def __post_init__(self) -> None:
+        self._check_lengths()
+        self._check_edge()
+        self._check_names()
+        self._check_order()
+
+    def _check_lengths(self) -> None:
         if not isinstance(self.size, Mapping) or not self.size:
             raise RequestError(
                 "tiles.size",
@@ -125,6 +132,8 @@ class TileSpec:
             self, "overlap", {d: int(overlap.get(d, 0)) for d in self.size}
         )  # complete and in size order
         object.__setattr__(self, "size", {str(d): int(s) for d, s in self.size.items()})
+
+    def _check_edge(self) -> None:
         if self.edge not in EDGES:
             raise RequestError(
                 "tiles.edge", self.edge, "is not an edge policy", "Use 'error', 'drop' or 'pad'"
@@ -146,6 +155,9 @@ class TileSpec:
                 "must be finite",
                 "Use a finite number, or leave it unset for NaN",
             )
+
+    def _check_names(self) -> None:
+        tiled = set(self.size)
         if not isinstance(self.dim, str) or not self.dim or self.dim in tiled:
             raise RequestError(
                 "tiles.dim",
@@ -153,12 +165,15 @@ class TileSpec:
                 "must be a new dimension name, not a tiled dimension",
                 "Use e.g. 'tile'",
             )
+        _check_path_name("tiles.dim", self.dim)
         within = dict(self.within)
         for d in within:
             if d not in tiled:
                 raise RequestError(
                     f"tiles.within.{d}", within[d], "names a dimension that is not tiled", ""
                 )
+        for d, name in within.items():
+            _check_path_name(f"tiles.within.{d}", name)
         names = {d: str(within.get(d, f"{d}_in_tile")) for d in self.size}
         clash = [n for n in names.values() if not n or n in tiled or n == self.dim]
         if clash or len(set(names.values())) != len(names):
@@ -169,6 +184,9 @@ class TileSpec:
                 "Write e.g. within: {latitude: y, longitude: x}",
             )
         object.__setattr__(self, "within", names)
+
+    def _check_order(self) -> None:
+        tiled = set(self.size)
         if self.order is not None:
             order = tuple(str(d) for d in self.order)
             if sorted(order) != sorted(self.size):
@@ -266,6 +284,18 @@ class TileSpec:
     def stride(self, dim: str) -> int:
         """Step between the starts of neighbouring tiles along ``dim``."""
         return self.size[dim] - self.overlap[dim]
+
+
+def _check_path_name(parameter: str, name: Any) -> None:
+    """Refuse a tile dimension name that would not stay a folder inside the cache."""
+    problem = path_problem(name)
+    if problem is not None:
+        raise RequestError(
+            parameter,
+            name,
+            f"{problem}; dimension names become folders of the cache and must stay inside it",
+            "Use a plain name such as 'tile' or 'y'",
+        )
 
 
 def _names(names: set[str]) -> str:

@@ -314,7 +314,7 @@ class Tiling:
             f"one tile of {arr.name!r} (tiles.size={sizes}{along}) with the source chunks it "
             f"touches ({{{src}}} along the tiled dimensions) needs about "
             f"{format_bytes(memory)}, more than the {format_bytes(limits.memory_budget)} a job "
-            "may use (memory_limit minus memory_reserve)"
+            f"may use ({limits.held_back()})"
         )
         raise_to = f"raise memory_limit by at least {format_bytes(memory - limits.memory_budget)}"
         if fitting is not None:
@@ -333,9 +333,8 @@ class Tiling:
                     else ""
                 )
             )
-        # The value shown is memory_limit itself (the budget plus the reserve, where known).
-        limit = limits.memory_budget + int(getattr(limits, "reserve", 0))
-        return PlanError("memory_limit", format_bytes(limit), problem, fix)
+        # The value shown is memory_limit itself (the budget plus what is held back).
+        return PlanError("memory_limit", format_bytes(limits.memory_limit), problem, fix)
 
     def _largest_fitting(
         self, estimate: Callable[[Sequence[DimTiles]], int], budget: int

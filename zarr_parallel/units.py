@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from zarr_parallel.errors import RequestError
@@ -34,9 +35,12 @@ def parse_memory(value: str | int | float, parameter: str = "memory_limit") -> i
     if isinstance(value, bool):
         raise RequestError(parameter, value, "is not a memory size", "Use e.g. '2GB' or '512MiB'")
     if isinstance(value, int | float):
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise RequestError(
-                parameter, value, "must be positive", "Use e.g. '2GB' or a number of bytes"
+                parameter,
+                value,
+                "must be a positive, finite size",
+                "Use e.g. '2GB' or a number of bytes",
             )
         return int(value)
     match = _MEMORY_RE.match(str(value))
@@ -100,8 +104,9 @@ def parse_duration(value: str | int | float, parameter: str = "worker_timeout") 
         if match is None or (unit and unit not in _DURATION_UNITS):
             raise RequestError(parameter, value, "is not a duration", fix)
         seconds = float(match.group(1)) * _DURATION_UNITS.get(unit or "s", 1)
-    if seconds <= 0:
-        raise RequestError(parameter, value, "must be positive", fix)
+    if not math.isfinite(seconds) or seconds <= 0:
+        # NaN compares false with everything: a NaN deadline would never fire.
+        raise RequestError(parameter, value, "must be a positive, finite duration", fix)
     return seconds
 
 
