@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zarr_parallel.errors import RequestError
+from zarr_parallel.open_options import check_open_options, detect_engine
 from zarr_parallel.plan import canonical_json, fingerprint
 from zarr_parallel.remote import MASK, check_no_secrets, is_secret_key, redact
 from zarr_parallel.tiles import request_tiles
@@ -74,7 +75,9 @@ class CacheRequest(BaseModel):
         None, description="h5netcdf, netcdf4, kerchunk or zarr; default: detected from data_uri"
     )
     open_options: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments for xarray.open_dataset"
+        default_factory=dict,
+        description="Reading options for xarray.open_dataset (decode_times, mask_and_scale, "
+        "group...); options that write, or that the run sets itself, are refused",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec storage options for remote sources"
@@ -399,6 +402,8 @@ def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
         else:
             resolved.append(path)
     updates["data_uri"] = resolved[0] if len(resolved) == 1 else resolved
+    # Reading options only: a source is opened read-only whatever the request says.
+    check_open_options(detect_engine(resolved, req.engine), req.open_options)
     # Memory and time strings parse now, not mid-run.
     limit = req.memory_bytes
     reserve = req.reserve_bytes

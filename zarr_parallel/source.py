@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from zarr_parallel import combine, remote
+from zarr_parallel import combine, open_options, remote
 from zarr_parallel.errors import RequestError
 from zarr_parallel.plan import canonical_json, fingerprint
 from zarr_parallel.request import CacheRequest, is_remote
@@ -110,22 +110,7 @@ class Source:
 
 def detect_engine(req: CacheRequest) -> str:
     """The engine named in the request, or detected from ``data_uri``."""
-    if req.engine:
-        return req.engine
-    uris = [req.data_uri] if isinstance(req.data_uri, str) else req.data_uri
-    first = uris[0].rstrip("/")
-    if len(uris) == 1 and first.endswith(".json"):
-        return "kerchunk"
-    if len(uris) == 1 and (
-        first.endswith(".zarr")
-        or (
-            not is_remote(first)
-            and os.path.isdir(first)
-            and any(os.path.exists(os.path.join(first, m)) for m in ("zarr.json", ".zgroup"))
-        )
-    ):
-        return "zarr"
-    return "h5netcdf"
+    return open_options.detect_engine(req.data_uri, req.engine)
 
 
 def open_source(req: CacheRequest) -> Source:
@@ -150,7 +135,7 @@ def open_source(req: CacheRequest) -> Source:
                     engine="zarr",
                     chunks={},
                     storage_options=_options(uris[0], req) or None,
-                    **req.open_options,
+                    **open_options.read_only(engine, req.open_options),
                 )
         else:
             ds, files, concat_dim, file_lengths = _open_netcdf(uris, engine, req)
@@ -320,7 +305,7 @@ def _open_nc(uri: str, req: CacheRequest, opts: dict[str, Any]) -> xr.Dataset:
 def _open_netcdf(
     uris: Sequence[str], engine: str, req: CacheRequest
 ) -> tuple[xr.Dataset, list[str], str | None, list[int]]:
-    opts = {"engine": engine, "chunks": {}, **req.open_options}
+    opts = {"engine": engine, "chunks": {}, **open_options.read_only(engine, req.open_options)}
     if len(uris) == 1:
         return _open_nc(uris[0], req, opts), [uris[0]], None, []
     parts = []
@@ -533,7 +518,7 @@ def _open_kerchunk(data: dict[str, Any], req: CacheRequest) -> xr.Dataset:
         engine="zarr",
         chunks={},
         backend_kwargs={"storage_options": so, "consolidated": False},
-        **req.open_options,
+        **open_options.read_only("kerchunk", req.open_options),
     )
 
 
