@@ -23,6 +23,7 @@ from zarr_parallel.plan import ArrayInput, Limits, Plan, fingerprint, plan_jobs
 from zarr_parallel.preflight import run_preflight
 from zarr_parallel.recommend import Recommendation, recommend
 from zarr_parallel.request import CacheRequest
+from zarr_parallel.source import check_sources
 from zarr_parallel.store import (
     LOCK_GUARD,
     CachePaths,
@@ -386,6 +387,10 @@ def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) ->
         fault_point("before-finalise")
         if req.verify_before_publish != "off":
             _verify_staging(prepared)
+        # Last, after every read: a source that changed during the run (after a job read it)
+        # fails the run here and the published version stays.
+        checked = check_sources(req, (plan_json.get("layout") or {}).get("identity"))
+        logger.debug("source unchanged since planning: %d entries checked", checked)
         try:
             finalise(prepared.version, {"fingerprint": plan.fingerprint, "jobs": len(plan.jobs)})
             fault_point("before-publish")

@@ -289,6 +289,9 @@ class CacheRequest(BaseModel):
                 "keep_packing",
             }
         )
+        if isinstance(content["data_uri"], list):
+            # A list of files is a set: the source orders them along its joining dimension.
+            content["data_uri"] = sorted(content["data_uri"])
         return fingerprint(canonical_json(content))
 
 
