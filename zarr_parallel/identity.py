@@ -27,14 +27,14 @@ grows is one (its size differs).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from zarr_parallel.errors import SourceChanged
-from zarr_parallel.plan import canonical_json, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -70,25 +70,30 @@ def file_state(path: str) -> dict[str, Any]:
 
 def zarr_array_state(folder: str) -> dict[str, Any]:
     """A local Zarr array folder's entry: file count, bytes and a digest of its listing."""
-    listing: list[tuple[str, int, int]] = []
-    for root, dirs, names in os.walk(folder):
-        dirs.sort()
-        for name in names:
-            path = os.path.join(root, name)
+    h = hashlib.sha256()
+    count = total = 0
+    try:
+        for name, size, mtime in sorted(_listing(folder, "")):
+            h.update(f"{name}\0{size}\0{mtime}\n".encode())
+            count += 1
+            total += size
+    except FileNotFoundError:
+        return {"kind": "zarr-array", "missing": True}
+    return {"kind": "zarr-array", "files": count, "bytes": total, "listing": h.hexdigest()[:32]}
+
+
+def _listing(folder: str, prefix: str) -> Iterator[tuple[str, int, int]]:
+    """(relative name, size, st_mtime_ns) of every file under ``folder`` (one stat each)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
             try:
-                st = os.stat(path)
+                if entry.is_dir():
+                    yield from _listing(entry.path, f"{prefix}{entry.name}/")
+                else:
+                    st = entry.stat()
+                    yield f"{prefix}{entry.name}", st.st_size, st.st_mtime_ns
             except FileNotFoundError:  # removed while listed: the digest differs anyway
                 continue
-            listing.append((os.path.relpath(path, folder), st.st_size, st.st_mtime_ns))
-    if not listing and not os.path.isdir(folder):
-        return {"kind": "zarr-array", "missing": True}
-    listing.sort()
-    return {
-        "kind": "zarr-array",
-        "files": len(listing),
-        "bytes": sum(size for _, size, _ in listing),
-        "listing": fingerprint(canonical_json(listing))[:32],
-    }
 
 
 def url_state(url: str, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,13 @@ from zarr_parallel.store import (
     same_content,
     unrecord_job,
 )
-from zarr_parallel.target import Target, build_target, cached_source, cached_target
+from zarr_parallel.target import (
+    Target,
+    build_target,
+    cached_source,
+    cached_target,
+    fresh_source,
+)
 from zarr_parallel.units import format_bytes
 from zarr_parallel.write import merge_stats
 
@@ -140,7 +146,7 @@ def prepare(req: CacheRequest) -> Prepared:
         The plan re-reads source chunks and ``recommend_changes="halt"``.
     """
     paths = resolve_paths(req)
-    source = cached_source(req)
+    source = fresh_source(req)
     target, plan = make_plan(req)
     recs: list[Recommendation] = []
     applied: Recommendation | None = None

@@ -387,17 +387,15 @@ def read_settings(request_json: str, layout: SourceLayout) -> dict[str, Any]:
 
 
 def _file_state(path: str) -> list[Any]:
-    """What identifies a file's state: size and modification time (the URL if remote).
-
-    Per-process caches are keyed by it (:func:`zarr_parallel.target.source_state`).
-    """
+    """What identifies a file's state: size and modification time (the URL if remote)."""
     if is_remote(path):
         return [path]
     st = os.stat(path)
     if os.path.isdir(path):
-        # A Zarr store: the listing of all its files (a chunk rewritten in place leaves the
-        # metadata documents untouched).
-        return [path, identity.zarr_array_state(path)["listing"]]
+        # A Zarr store: its metadata documents (cheap; a chunk rewritten in place is seen by
+        # the identity, see target.fresh_source).
+        meta = [os.path.join(path, m) for m in ("zarr.json", ".zmetadata", ".zgroup")]
+        return [path, [os.stat(m).st_mtime_ns for m in meta if os.path.exists(m)]]
     return [path, st.st_size, st.st_mtime_ns]
 
 
