@@ -135,7 +135,7 @@ def test_file_replaced_after_job_1_of_4_fails_and_keeps_the_published_version(
         lambda: _replace(victim, _warmer),
     )
     assert code == 1, err
-    assert victim.name in err and "changed while the run was copying it" in err
+    assert victim.name in err and "run failed: the source" in err
     assert "inode" in err or "mtime_ns" in err
     assert _published(store) == before
     staging = [v for v in CachePaths(store).all_versions() if v != before[0]]
@@ -203,7 +203,8 @@ def test_a_change_between_jobs_is_detected_for_each_source_kind(
     uri: str | list[str] = data_uri or [str(f) for f in files]
     code, err = _frozen_then_changed(_fields(uri, store), tmp_path, change)
     assert code == 1, err
-    assert expected in err and "changed while the run was copying it" in err
+    assert expected in err and "run failed: the source" in err
+    assert "write jobs failed" not in err  # not "resume to write the rest": it would not help
     assert not store.exists()
 
 
@@ -262,3 +263,15 @@ def test_jobs_check_only_the_files_they_read(era5_files: list[Path], tmp_path: P
 
 def _no(name: str, planned: Any) -> dict[str, Any]:
     raise AssertionError(f"no remote entry expected, got {name}")
+
+
+def test_source_changed_keeps_its_fields_across_processes() -> None:
+    """Jobs run in other processes (dask workers, job processes): the error is pickled."""
+    import pickle
+
+    from zarr_parallel.errors import RunFailed
+
+    error = pickle.loads(pickle.dumps(SourceChanged("/data/a.nc", "size: 1 → 2")))
+    assert isinstance(error, RunFailed)
+    assert (error.path, error.change) == ("/data/a.nc", "size: 1 → 2")
+    assert "/data/a.nc changed while the run was copying it (size: 1 → 2)" in str(error)
