@@ -275,3 +275,37 @@ def test_source_changed_keeps_its_fields_across_processes() -> None:
     assert isinstance(error, RunFailed)
     assert (error.path, error.change) == ("/data/a.nc", "size: 1 → 2")
     assert "/data/a.nc changed while the run was copying it (size: 1 → 2)" in str(error)
+
+
+def test_remote_files_are_identified_by_what_the_server_reports(
+    era5_files: list[Path], tmp_path: Path
+) -> None:
+    """Over real HTTP: a served netCDF file that grows, and a kerchunk reference rewritten on
+    the server, are changes (one HEAD request per entry)."""
+    from sources_support import serve_http
+
+    from zarr_parallel.source import check_sources
+
+    root = tmp_path / "www"
+    files = _copy_files(era5_files, root)
+    with serve_http(root) as svc:
+        (root / "era5.json").write_text(json.dumps(kerchunk_refs(files, svc.url)))
+        store = tmp_path / "c.zarr"
+        netcdf = build_request(**_fields([f"{svc.url}/{f.name}" for f in files], store))
+        kerchunk = build_request(**_fields(f"{svc.url}/era5.json", store))
+        planned = {
+            "netcdf": open_source(netcdf).layout.identity,
+            "kerchunk": open_source(kerchunk).layout.identity,
+        }
+        assert check_sources(netcdf, planned["netcdf"]) == 3
+        assert check_sources(kerchunk, planned["kerchunk"]) == 1
+        with open(files[1], "ab") as f:
+            f.write(b"\0" * 100)
+        with pytest.raises(SourceChanged, match=rf"{files[1].name} changed .*size") as info:
+            check_sources(netcdf, planned["netcdf"])
+        assert info.value.path == f"{svc.url}/{files[1].name}"
+        refs = json.loads((root / "era5.json").read_text())
+        refs["refs"][".zattrs"] = json.dumps({"edited": "yes"})
+        (root / "era5.json").write_text(json.dumps(refs))
+        with pytest.raises(SourceChanged, match=r"era5\.json changed"):
+            check_sources(kerchunk, planned["kerchunk"])

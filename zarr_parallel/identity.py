@@ -18,8 +18,6 @@ Entries, by what they name:
 ``url``
     A remote file: what ``fsspec``'s ``info`` gives that identifies a version (size, ETag,
     Content-MD5, Last-Modified, S3 VersionId...), one HEAD request.
-``content``
-    A remote kerchunk reference: the SHA-256 of its JSON (it has no reliable version header).
 
 A new file matching a glob is not a change: entries are the files the run planned. A file that
 grows is one (its size differs).
@@ -125,8 +123,7 @@ StateOf = Callable[[str, Mapping[str, Any]], dict[str, Any]]
 
 
 def current_state(name: str, planned: Mapping[str, Any], remote: StateOf) -> dict[str, Any]:
-    """The entry ``name`` as it is now, measured as ``planned`` was (``remote`` for URLs and
-    remote content)."""
+    """The entry ``name`` as it is now, measured as ``planned`` was (``remote`` for URLs)."""
     kind = planned.get("kind")
     if kind == "file":
         return file_state(name)

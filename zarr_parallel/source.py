@@ -247,10 +247,12 @@ def record_identity(
     entries: dict[str, dict[str, Any]] = {}
     if engine == "kerchunk":
         ref = files[0]
-        entries[ref] = _content_state(refs) if is_remote(ref) else identity.file_state(ref)
+        # A remote reference by its version headers (a HEAD per check, not the whole JSON;
+        # its content is in the layout digest already).
+        entries[ref] = _entry_state(ref, req)
         for url in referenced_urls(refs):
-            # Files a reference points at on this machine; remote ones are identified by the
-            # reference's own content (one request each per job would cost too much).
+            # Files a reference points at on this machine; remote ones only through the
+            # reference itself (a request per referenced file and job would cost too much).
             if not is_remote(url):
                 path = url.removeprefix("file://")
                 entries[path] = identity.file_state(path)
@@ -268,30 +270,29 @@ def record_identity(
         # request per chunk prefix).
         for doc in _ZARR_ROOT_DOCS:
             url = f"{files[0].rstrip('/')}/{doc}"
-            state = identity.url_state(url, _options(url, req))
+            try:
+                state = identity.url_state(url, _options(url, req))
+            except PermissionError:  # S3 answers 403 for a missing key without list rights
+                continue
             if not state.get("missing"):
                 entries[url] = state
     else:
         for f in files:
-            entries[f] = (
-                identity.url_state(f, _options(f, req)) if is_remote(f) else identity.file_state(f)
-            )
+            entries[f] = _entry_state(f, req)
     return identity.new_identity(entries)
 
 
-def _content_state(refs: Mapping[str, Any]) -> dict[str, Any]:
-    return {"kind": "content", "sha256": fingerprint(canonical_json(refs))}
+def _entry_state(path: str, req: CacheRequest) -> dict[str, Any]:
+    """A file's identity entry: its fsspec info if remote, else its ``stat``."""
+    if is_remote(path):
+        return identity.url_state(path, _options(path, req))
+    return identity.file_state(path)
 
 
 def _remote_checker(req: CacheRequest) -> identity.StateOf:
-    """How a job measures remote entries now (one request each)."""
+    """How a check measures remote entries now (one request each)."""
 
     def state(name: str, planned: Mapping[str, Any]) -> dict[str, Any]:
-        if planned.get("kind") == "content":
-            try:
-                return _content_state(_kerchunk_refs(name, req))
-            except FileNotFoundError:
-                return {"kind": "content", "missing": True}
         return identity.url_state(name, _options(name, req))
 
     return state
