@@ -309,3 +309,48 @@ def test_remote_files_are_identified_by_what_the_server_reports(
         (root / "era5.json").write_text(json.dumps(refs))
         with pytest.raises(SourceChanged, match=r"era5\.json changed"):
             check_sources(kerchunk, planned["kerchunk"])
+
+
+@pytest.mark.timeout(600)
+def test_dask_distributed_job_process_reports_the_change(
+    era5_files: list[Path], tmp_path: Path, fault_plugins: Path
+) -> None:
+    """In a job process of a dask worker: the first job is held (``test_hold``) while a file a
+    later job reads is replaced; that job's check fails the run with SourceChanged."""
+    import threading
+
+    from deploy_helpers import hold_spec, run_cache, started_lines
+
+    files = _copy_files(era5_files, tmp_path / "src")
+    spec, marker, started = hold_spec(tmp_path, index=0)
+    store = tmp_path / "out" / "era5.zarr"
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            run_cache(
+                files,
+                store,
+                deploy_mode="dask_distributed",
+                simultaneous_worker_limit=1,
+                retries=0,
+                preprocessors=[spec],
+            )
+        except Exception as e:  # the outcome is checked below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.time() + 300
+        while not started_lines(started):
+            assert thread.is_alive() and time.time() < deadline, outcome
+            time.sleep(0.1)
+        _replace(files[-1], _warmer)
+    finally:
+        marker.unlink()
+        thread.join(300)
+    error = outcome.get("error")
+    assert isinstance(error, SourceChanged), error
+    assert error.path == str(files[-1])
+    assert not store.exists()
