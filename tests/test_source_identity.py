@@ -34,7 +34,7 @@ from zarr_parallel.identity import check_identity
 from zarr_parallel.pipeline import make_plan
 from zarr_parallel.request import build_request
 from zarr_parallel.source import job_entries, open_source
-from zarr_parallel.store import CachePaths, iter_job_records
+from zarr_parallel.store import CachePaths, iter_job_records, plan_record
 
 CHUNKS = {"time": 12, "latitude": 40, "longitude": 72}
 
@@ -98,15 +98,19 @@ def _warmer(ds: xr.Dataset) -> xr.Dataset:
 
 
 def _frozen_then_changed(
-    fields: dict[str, Any], tmp_path: Path, change: Callable[[], None]
+    fields: dict[str, Any],
+    tmp_path: Path,
+    change: Callable[[], None],
+    point: str = "job-recorded#1",
 ) -> tuple[int, str]:
-    """Run the CLI, freeze it after its first job record, ``change()``, let it go on.
+    """Run the CLI, freeze it at the fault ``point`` (after its first job record), ``change()``,
+    let it go on.
 
     Returns the exit code and stderr.
     """
     request = tmp_path / "request.yaml"
     request.write_text(yaml.safe_dump(fields))
-    with frozen_run(request, "job-recorded#1") as run:
+    with frozen_run(request, point) as run:
         change()
         os.kill(run.pid, signal.SIGCONT)
         _, err = run.communicate(timeout=300)
@@ -117,12 +121,13 @@ def _published(store: Path) -> tuple[Path, str]:
     return store.resolve(), _tree_digest(store.resolve())
 
 
-@pytest.mark.parametrize("which", ["later", "already_read"])
+@pytest.mark.parametrize("which", ["later", "after_all_jobs"])
 def test_file_replaced_after_job_1_of_4_fails_and_keeps_the_published_version(
     era5_files: list[Path], tmp_path: Path, which: str
 ) -> None:
-    """``later``: the file a later job reads is replaced (that job's check stops the run).
-    ``already_read``: the file job 1 read is replaced (the check before publishing stops it)."""
+    """``later``: after job 1 of 4 is recorded, the file a later job reads is replaced (that
+    job's check stops the run). ``after_all_jobs``: every job is recorded when the first file is
+    replaced (only the check before publishing can stop the run)."""
     files = _copy_files(era5_files, tmp_path / "src")
     store = tmp_path / "out" / "era5.zarr"
     uris = [str(f) for f in files]
@@ -133,14 +138,20 @@ def test_file_replaced_after_job_1_of_4_fails_and_keeps_the_published_version(
         _fields(uris, store, add_attrs={"run": 2}),
         tmp_path,
         lambda: _replace(victim, _warmer),
+        "job-recorded#1" if which == "later" else "before-finalise",
     )
     assert code == 1, err
     assert victim.name in err and "run failed: the source" in err
     assert "inode" in err or "mtime_ns" in err
     assert _published(store) == before
     staging = [v for v in CachePaths(store).all_versions() if v != before[0]]
-    recorded = {r["id"] for v in staging for r in iter_job_records(v)}
-    assert recorded and len(recorded) < 4 + 1  # stopped part-way, nothing published
+    (version,) = staging
+    recorded = {r["id"] for r in iter_job_records(version)}
+    jobs = len((plan_record(version) or {})["job_list"])
+    if which == "later":
+        assert 1 <= len(recorded) < jobs  # stopped part-way
+    else:
+        assert len(recorded) == jobs  # every job ran; the publish was refused
 
 
 def test_a_file_that_grows_during_the_run_fails_it(era5_files: list[Path], tmp_path: Path) -> None:
