@@ -14,6 +14,7 @@ import psutil
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from zarr_parallel.errors import SourceChanged
 from zarr_parallel.execution import (
     JobError,
     JobMemoryExceeded,
@@ -48,9 +49,13 @@ def initialise_task(prepared: Prepared) -> None:
 
 
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: a job that outgrew its memory would only do so again, and a
-    closing worker retries nothing (the flow gives the task to another worker)."""
-    return not isinstance(state.data, JobMemoryExceeded | WorkerClosing) and not closing()
+    """Prefect retry condition: a job that outgrew its memory would only do so again, a source
+    that changed stays changed, and a closing worker retries nothing (the flow gives the task
+    to another worker)."""
+    return (
+        not isinstance(state.data, JobMemoryExceeded | WorkerClosing | SourceChanged)
+        and not closing()
+    )
 
 
 @task(name="write", cache_policy=NO_CACHE, retry_condition_fn=_worth_retrying)

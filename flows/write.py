@@ -41,7 +41,7 @@ from flows.tasks import (
     read_job_record,
     write_task,
 )
-from zarr_parallel.errors import RunFailed
+from zarr_parallel.errors import RunFailed, SourceChanged
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.store import plan_record, recorded_jobs
 
@@ -132,6 +132,7 @@ def write_flow(
         submit(i, 0)
     results: list[dict[str, Any]] = []
     failed: dict[int, dict[str, Any]] = {}
+    errors: list[BaseException | None] = []
     completed_jobs = 0
     max_replacements = max(1, (handle.concurrency if handle else 1) * (req.retries + 1))
     last_check = time.monotonic()
@@ -187,6 +188,7 @@ def write_flow(
             attempts = used
         else:
             attempts = sub.attempts_before + attempts_made(Path(version), str(future.task_run_id))
+        errors.append(outcome.error)
         for job_id in groups[index]:
             failed[job_id] = {
                 "state": outcome.state,
@@ -197,14 +199,25 @@ def write_flow(
     _publish_results(name, results, failures)
     update_progress_artifact(progress, 100.0 * len(results) / max(1, total))
     if failures:
-        first = "; ".join(_failure_text(f) for f in failures[:5])
-        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
-        raise RunFailed(
-            f"{len(failures)} of {total} write jobs failed: {first}{more}. The {len(results)} "
-            "finished jobs stay recorded: run again (resume='auto') to write only the rest",
-            failures,
-        )
+        _raise_failed(failures, len(results), total, errors)
     return results
+
+
+def _raise_failed(
+    failures: list[dict[str, Any]], finished: int, total: int, errors: list[BaseException | None]
+) -> None:
+    """Raise the run's failure: the source change if a job saw one, else the failed jobs."""
+    changed = [e for e in errors if isinstance(e, SourceChanged)]
+    if changed:
+        # Resuming would not help: the next run plans the changed source afresh.
+        raise SourceChanged(changed[0].path, changed[0].change)
+    first = "; ".join(_failure_text(f) for f in failures[:5])
+    more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+    raise RunFailed(
+        f"{len(failures)} of {total} write jobs failed: {first}{more}. The {finished} "
+        "finished jobs stay recorded: run again (resume='auto') to write only the rest",
+        failures,
+    )
 
 
 def _failure_text(failure: dict[str, Any]) -> str:

@@ -90,7 +90,7 @@ def test_hung_job_is_killed_at_worker_timeout_retried_then_reported_and_resumabl
     t0 = time.monotonic()
     with pytest.raises(
         RunFailed,
-        match=r"job \d+ t2m,d2m\[time 24:36, .*\] did not finish within worker_timeout=0:00:10",
+        match=r"job \d+ d2m,t2m\[time 24:36, .*\] did not finish within worker_timeout=0:00:10",
     ) as e:
         run_cache(era5_files, store, **fields)
     elapsed = time.monotonic() - t0
@@ -134,7 +134,7 @@ def test_job_process_over_its_memory_is_killed_and_not_retried(
             preprocessors=[balloon],
         )
     [failure] = e.value.failed
-    assert failure["region"].startswith("t2m,d2m[time 24:36")
+    assert failure["region"].startswith("d2m,t2m[time 24:36")
     assert failure["attempts"] == 1
     assert time.monotonic() - t0 < 120
 

@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -312,6 +313,27 @@ def test_plan_determinism(case: tuple[list[VarCase], Limits]) -> None:
     assert first == second
     assert first.fingerprint == second.fingerprint
     assert _plan(variables, limits, digest="other").fingerprint != first.fingerprint
+
+
+@PROPERTY_SETTINGS
+@given(plan_cases(), st.randoms(use_true_random=False))
+def test_plan_ignores_the_order_variables_are_listed_in(
+    case: tuple[list[VarCase], Limits], rng: Any
+) -> None:
+    """The same variables listed in another order → the same jobs and fingerprints."""
+    variables, limits = case
+    shuffled = list(variables)
+    rng.shuffle(shuffled)
+    try:
+        first = _plan(variables, limits)
+    except PlanError:
+        return
+    second = _plan(shuffled, limits)
+    assert first == second
+    assert (first.fingerprint, first.content_fingerprint) == (
+        second.fingerprint,
+        second.content_fingerprint,
+    )
 
 
 @PROPERTY_SETTINGS

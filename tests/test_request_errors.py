@@ -140,7 +140,7 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], type[Exception], str, str
         "memory_limit",
         # One target step (1 x 40 x 72 floats) touches a source chunk of 6 steps: 69 kB read +
         # 5 x 11.5 kB of region copies = 127 kB, above the 100 kB budget.
-        r"memory_limit='356\.00 kB': one write chunk of \['t2m', 'd2m'\] \(\{time: 1, "
+        r"memory_limit='356\.00 kB': one write chunk of \['d2m', 't2m'\] \(\{time: 1, "
         r"latitude: 40, longitude: 72\}\) with the source chunks it touches \(\{time: 6, "
         r"latitude: 40, longitude: 72\}\) needs about 126\.72 kB, more than the 100\.00 kB "
         r"a job may use \(memory_limit minus the 256\.00 kB reserve\)\. Raise memory_limit to "

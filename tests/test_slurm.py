@@ -74,7 +74,7 @@ def test_job_over_its_memory_is_killed_by_slurm_and_reported(
             preprocessors=[balloon],
         )
     [failure] = e.value.failed
-    assert failure["region"].startswith("t2m,d2m[time 24:36")
+    assert failure["region"].startswith("d2m,t2m[time 24:36")
     # Not retried: it would only be killed again.
     assert failure["attempts"] == 1
     assert time.monotonic() - t0 < 300

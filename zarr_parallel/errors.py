@@ -88,3 +88,25 @@ class CacheLocked(ZarrParallelError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.path, self.holder, str(self)))
+
+
+class SourceChanged(RunFailed):
+    """A source file changed after the run planned it; the run stops before publishing.
+
+    ``path`` names the file (or Zarr array folder, or URL) and ``change`` says what differs.
+    """
+
+    def __init__(self, path: str, change: str, message: str | None = None) -> None:
+        self.path = path
+        self.change = change
+        super().__init__(
+            message
+            or (
+                f"the source {path} changed while the run was copying it ({change}); the run "
+                "stops before publishing, so the cache keeps its previous version. Run again "
+                "once the source is stable: the next run plans the source as it is then"
+            )
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.change, str(self)))

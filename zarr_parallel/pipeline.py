@@ -28,6 +28,7 @@ from zarr_parallel.recommend import Recommendation, recommend
 from zarr_parallel.remote import redact
 from zarr_parallel.request import CacheRequest
 from zarr_parallel.sizing import local_workers
+from zarr_parallel.source import check_sources
 from zarr_parallel.store import (
     LOCK_GUARD,
     CachePaths,
@@ -49,7 +50,13 @@ from zarr_parallel.store import (
     unrecord_job,
     write_fence,
 )
-from zarr_parallel.target import Target, build_target, cached_source, cached_target
+from zarr_parallel.target import (
+    Target,
+    build_target,
+    cached_source,
+    cached_target,
+    fresh_source,
+)
 from zarr_parallel.units import format_bytes
 from zarr_parallel.write import merge_stats
 
@@ -183,7 +190,7 @@ def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
     paths = resolve_paths(req)
     if check_location:  # verify plans only to compare, and may read a copied cache
         check_cache_location(req, paths)
-    source = cached_source(req)
+    source = fresh_source(req)
     target, plan = make_plan(req)
     recs: list[Recommendation] = []
     applied: Recommendation | None = None
@@ -443,6 +450,10 @@ def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) ->
         fault_point("before-finalise")
         if req.verify_before_publish != "off":
             _verify_staging(prepared)
+        # Last, after every read: a source that changed during the run (after a job read it)
+        # fails the run here and the published version stays.
+        checked = check_sources(req, (plan_json.get("layout") or {}).get("identity"))
+        logger.debug("source unchanged since planning: %d entries checked", checked)
         try:
             finalise(prepared.version, {"fingerprint": plan.fingerprint, "jobs": len(plan.jobs)})
             fault_point("before-publish")

@@ -581,6 +581,9 @@ def plan_jobs(arrays: Sequence[ArrayInput], limits: Limits, request_digest: str 
     PlanError
         When even a single write chunk with the source chunks it touches exceeds the budget.
     """
+    # By name: the order in which a request lists its variables changes neither the jobs nor
+    # the fingerprint (the same content must be found up to date).
+    arrays = sorted(arrays, key=lambda a: a.name)
     groups: dict[str, list[ArrayInput]] = {}
     for arr in arrays:
         groups.setdefault(arr.signature(), []).append(arr)

@@ -50,7 +50,7 @@ from zarr_parallel.store import (
     recorded_jobs,
     resolve_paths,
 )
-from zarr_parallel.target import Target, build_target, cached_source, cached_target
+from zarr_parallel.target import Target, build_target, cached_target, fresh_source
 from zarr_parallel.units import format_bytes
 from zarr_parallel.verify import values_equal
 
@@ -210,7 +210,7 @@ def decide(req: CacheRequest, allow_append: bool = True) -> tuple[Decision, Appe
         changed = _changed_fields(old_req, req)
         reason = f"the request changed ({', '.join(changed) or 'its content'})"
         return Decision("full", reason, name, base_version=base), None
-    source = cached_source(req)
+    source = fresh_source(req)
     layout = source.layout
     old_layout = rec.get("layout") or {}
     if old_layout.get("digest") == layout.digest:

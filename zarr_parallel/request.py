@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from zarr_parallel.errors import RequestError
 from zarr_parallel.normalise import normalise_fields
+from zarr_parallel.open_options import check_open_options, detect_engine
 from zarr_parallel.plan import canonical_json, fingerprint
 from zarr_parallel.remote import MASK, check_no_secrets, is_secret_key, redact
 from zarr_parallel.tiles import request_tiles
@@ -96,7 +97,9 @@ class CacheRequest(BaseModel):
         None, description="h5netcdf, netcdf4, kerchunk or zarr; default: detected from data_uri"
     )
     open_options: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments for xarray.open_dataset"
+        default_factory=dict,
+        description="Reading options for xarray.open_dataset (decode_times, mask_and_scale, "
+        "group...); options that write, or that the run sets itself, are refused",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec storage options for remote sources"
@@ -339,6 +342,9 @@ class CacheRequest(BaseModel):
                 "keep_packing",
             }
         )
+        if isinstance(content["data_uri"], list):
+            # A list of files is a set: the source orders them along its joining dimension.
+            content["data_uri"] = sorted(content["data_uri"])
         return fingerprint(canonical_json(content))
 
 
@@ -493,6 +499,8 @@ def _resolve_sources(req: CacheRequest, base: Path | None) -> str | list[str]:
             )
         else:
             resolved.append(path)
+    # Reading options only: a source is opened read-only whatever the request says.
+    check_open_options(detect_engine(resolved, req.engine), req.open_options)
     return resolved[0] if len(resolved) == 1 else resolved
 
 

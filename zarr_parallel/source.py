@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from zarr_parallel import combine, policy, remote
+from zarr_parallel import combine, identity, open_options, policy, remote
 from zarr_parallel.errors import RequestError
 from zarr_parallel.plan import canonical_json, fingerprint
 from zarr_parallel.request import CacheRequest, is_remote
@@ -75,6 +75,8 @@ class SourceLayout:
     file_states: tuple[Any, ...] = ()
     #: Per file, its length along ``concat_dim`` (multi-file sources only).
     file_lengths: tuple[int, ...] = ()
+    #: Every source entry as planned (see :mod:`zarr_parallel.identity`); jobs check against it.
+    identity: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON description (stored in the cache's manifest)."""
@@ -85,6 +87,7 @@ class SourceLayout:
             "digest": self.digest,
             "file_states": list(self.file_states),
             "file_lengths": list(self.file_lengths),
+            "identity": self.identity,
             "variables": {
                 name: {
                     "dims": list(v.dims),
@@ -110,26 +113,11 @@ class Source:
 
 def detect_engine(req: CacheRequest) -> str:
     """The engine named in the request, or detected from ``data_uri``."""
-    if req.engine:
-        return req.engine
-    uris = [req.data_uri] if isinstance(req.data_uri, str) else req.data_uri
-    first = uris[0].rstrip("/")
-    if len(uris) == 1 and first.endswith(".json"):
-        return "kerchunk"
-    if len(uris) == 1 and (
-        first.endswith(".zarr")
-        or (
-            not is_remote(first)
-            and os.path.isdir(first)
-            and any(os.path.exists(os.path.join(first, m)) for m in ("zarr.json", ".zgroup"))
-        )
-    ):
-        return "zarr"
-    return "h5netcdf"
+    return open_options.detect_engine(req.data_uri, req.engine)
 
 
 def open_source(req: CacheRequest) -> Source:
-    """Open the request's source lazily and inspect its chunk layout."""
+    """Open the request's source lazily, inspect its chunk layout and record its identity."""
     engine = detect_engine(req)
     uris = _expand_remote_globs(req)
     refs: dict[str, Any] = {}
@@ -141,41 +129,15 @@ def open_source(req: CacheRequest) -> Source:
             policy.check_references(refs, req)
             ds = _open_kerchunk(refs, req)
         elif engine == "zarr":
-            with warnings.catch_warnings():
-                # A store without consolidated metadata is read member by member, as intended;
-                # xarray's advice to consolidate it is not the user's concern here.
-                warnings.filterwarnings(
-                    "ignore", "Failed to open Zarr store with consolidated", RuntimeWarning
-                )
-                ds = xr.open_dataset(
-                    uris[0],
-                    engine="zarr",
-                    chunks={},
-                    storage_options=_options(uris[0], req) or None,
-                    **req.open_options,
-                )
+            ds = _open_zarr(uris[0], req)
         else:
             ds, files, concat_dim, file_lengths = _open_netcdf(uris, engine, req)
     except RequestError:
         raise
     except Exception as e:  # libraries raise many types for an unreadable source
-        text = f"{type(e).__name__}: {e}"
-        # Say which URLs cannot be read, and why, rather than the library's first error (a
-        # Zarr store is a folder: its URL itself is not a file to probe).
-        urls = [u for u in uris if is_remote(u) and engine != "zarr"]
-        urls += referenced_urls(refs) if refs else []
-        if urls:
-            remote.check_readable(
-                urls, req.storage_options, req.remote_concurrency, req.remote_retries
-            )
-        safe = remote.redact_text(text)
-        raise RequestError(
-            "data_uri",
-            remote.redact(req.data_uri),
-            f"could not be opened as {engine} ({safe})",
-            "Check that the files are complete netCDF4/HDF5, kerchunk JSON or Zarr, that "
-            "engine matches them, and for URLs that they exist and the credentials allow reading",
-        ) from (e if safe == text else None)
+        raise _unreadable(e, engine, uris, refs, req) from (
+            e if remote.redact_text(str(e)) == str(e) else None
+        )
     if engine == "kerchunk":
         layout_vars = _kerchunk_layout(refs, ds)
         files, concat_dim = [uris[0]], None
@@ -192,11 +154,15 @@ def open_source(req: CacheRequest) -> Source:
         for dim in ds.dims:
             if dim in ds.coords and np.issubdtype(ds[dim].dtype, np.datetime64):
                 combine.check_steps(ds, str(dim), files, [int(ds.sizes[dim])])
+    ident = record_identity(engine, files, refs, req)
     digest = fingerprint(
         canonical_json([engine, list(files), concat_dim, stats]),
         canonical_json(
             {k: [v.dims, v.boundaries, v.read_itemsize] for k, v in layout_vars.items()}
         ),
+        # Every source entry as planned (a Zarr chunk rewritten in place, a file a reference
+        # points at): a changed source is never resumed into or reported up to date.
+        canonical_json(identity.digest_view(ident)),
     )
     is_url = any(is_remote(f) for f in files) or (bool(refs) and _remote_protocol(refs) != "file")
     layout = SourceLayout(
@@ -208,15 +174,57 @@ def open_source(req: CacheRequest) -> Source:
         is_url,
         tuple(stats[: len(files)]),
         tuple(file_lengths),
+        ident,
     )
+    _log_layout(layout)
+    return Source(ds, layout, refs or None)
+
+
+def _open_zarr(uri: str, req: CacheRequest) -> xr.Dataset:
+    with warnings.catch_warnings():
+        # A store without consolidated metadata is read member by member, as intended;
+        # xarray's advice to consolidate it is not the user's concern here.
+        warnings.filterwarnings(
+            "ignore", "Failed to open Zarr store with consolidated", RuntimeWarning
+        )
+        return xr.open_dataset(
+            uri,
+            engine="zarr",
+            chunks={},
+            storage_options=_options(uri, req) or None,
+            **open_options.read_only("zarr", req.open_options),
+        )
+
+
+def _unreadable(
+    e: Exception, engine: str, uris: Sequence[str], refs: Mapping[str, Any], req: CacheRequest
+) -> RequestError:
+    """The error for a source that could not be opened, naming unreadable URLs if any."""
+    text = f"{type(e).__name__}: {e}"
+    # Say which URLs cannot be read, and why, rather than the library's first error (a
+    # Zarr store is a folder: its URL itself is not a file to probe).
+    urls = [u for u in uris if is_remote(u) and engine != "zarr"]
+    urls += referenced_urls(refs) if refs else []
+    if urls:
+        remote.check_readable(urls, req.storage_options, req.remote_concurrency, req.remote_retries)
+    return RequestError(
+        "data_uri",
+        remote.redact(req.data_uri),
+        f"could not be opened as {engine} ({remote.redact_text(text)})",
+        "Check that the files are complete netCDF4/HDF5, kerchunk JSON or Zarr, that "
+        "engine matches them, and for URLs that they exist and the credentials allow reading",
+    )
+
+
+def _log_layout(layout: SourceLayout) -> None:
     logger.info(
         "source: %d file(s) via %s%s, variables %s",
-        len(files),
-        engine,
-        f", joined along {concat_dim!r}" if concat_dim else "",
-        sorted(layout_vars),
+        len(layout.files),
+        layout.engine,
+        f", joined along {layout.concat_dim!r}" if layout.concat_dim else "",
+        sorted(layout.variables),
     )
-    for v in layout_vars.values():
+    for v in layout.variables.values():
         logger.debug(
             "layout of %s: dims %s, shape %s, chunks %s%s",
             v.name,
@@ -225,7 +233,146 @@ def open_source(req: CacheRequest) -> Source:
             [sorted({int(x) for x in np.diff(b)}) for b in v.boundaries],
             " (contiguous)" if v.contiguous else "",
         )
-    return Source(ds, layout, refs or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Source identity: recorded at planning, checked by every job and before publishing
+
+
+_ZARR_ROOT_DOCS = ("zarr.json", ".zgroup", ".zattrs", ".zmetadata")
+
+
+def record_identity(
+    engine: str, files: Sequence[str], refs: Mapping[str, Any], req: CacheRequest
+) -> identity.Identity:
+    """Each source entry as it is now (see :mod:`zarr_parallel.identity`)."""
+    entries: dict[str, dict[str, Any]] = {}
+    if engine == "kerchunk":
+        ref = files[0]
+        # A remote reference by its version headers (a HEAD per check, not the whole JSON;
+        # its content is in the layout digest already).
+        entries[ref] = _entry_state(ref, req)
+        for url in referenced_urls(refs):
+            # Files a reference points at on this machine; remote ones only through the
+            # reference itself (a request per referenced file and job would cost too much).
+            if not is_remote(url):
+                path = url.removeprefix("file://")
+                entries[path] = identity.file_state(path)
+    elif engine == "zarr" and not is_remote(files[0]):
+        store = files[0]
+        for doc in _ZARR_ROOT_DOCS:
+            if os.path.exists(os.path.join(store, doc)):
+                entries[os.path.join(store, doc)] = identity.file_state(os.path.join(store, doc))
+        with os.scandir(store) as found:
+            for entry in sorted(found, key=lambda d: d.name):
+                if entry.is_dir():
+                    entries[entry.path] = identity.zarr_array_state(entry.path)
+    elif engine == "zarr":
+        # A remote store: its root metadata documents (listing every chunk would cost a
+        # request per chunk prefix).
+        for doc in _ZARR_ROOT_DOCS:
+            url = f"{files[0].rstrip('/')}/{doc}"
+            try:
+                state = identity.url_state(url, _options(url, req))
+            except PermissionError:  # S3 answers 403 for a missing key without list rights
+                continue
+            if not state.get("missing"):
+                entries[url] = state
+    else:
+        for f in files:
+            entries[f] = _entry_state(f, req)
+    return identity.new_identity(entries)
+
+
+def _entry_state(path: str, req: CacheRequest) -> dict[str, Any]:
+    """A file's identity entry: its fsspec info if remote, else its ``stat``."""
+    if is_remote(path):
+        return identity.url_state(path, _options(path, req))
+    return identity.file_state(path)
+
+
+def _remote_checker(req: CacheRequest) -> identity.StateOf:
+    """How a check measures remote entries now (one request each)."""
+
+    def state(name: str, planned: Mapping[str, Any]) -> dict[str, Any]:
+        return identity.url_state(name, _options(name, req))
+
+    return state
+
+
+def check_sources(req: CacheRequest, ident: Mapping[str, Any] | None) -> int:
+    """Check every entry of the planned identity ``ident``; returns how many were checked.
+
+    Raises
+    ------
+    SourceChanged
+        Naming the entry that changed and what changed.
+    """
+    return identity.check_identity(ident, None, _remote_checker(req))
+
+
+def job_entries(
+    planned: Mapping[str, Any],
+    refs: Mapping[str, Any] | None,
+    variables: Sequence[str] | None,
+    concat_range: tuple[int, int] | None,
+) -> list[str]:
+    """The identity entries a job reads.
+
+    ``planned`` is the layout as planned (``SourceLayout.to_json``), ``refs`` a kerchunk
+    source's references, ``variables`` the source variables the job reads (None: all) and
+    ``concat_range`` its source index range along the joining dimension (None: all of it).
+    """
+    entries = dict((planned.get("identity") or {}).get("entries") or {})
+    files = [str(f) for f in planned.get("files") or []]
+    if variables is None or not files:
+        return list(entries)
+    if planned.get("engine") == "zarr":
+        arrays = {os.path.join(files[0].rstrip("/"), v) for v in variables}
+        return [e for e in entries if e in arrays or os.path.basename(e) in _ZARR_ROOT_DOCS]
+    if planned.get("engine") == "kerchunk":
+        return [files[0], *_referenced_entries(refs or {}, variables, entries)]
+    return _files_in_range(files, planned.get("file_lengths") or [], concat_range)
+
+
+def _files_in_range(
+    files: Sequence[str], lengths: Sequence[int], concat_range: tuple[int, int] | None
+) -> list[str]:
+    """The files of a multi-file source holding steps ``[lo, hi)`` along the joining dimension."""
+    if concat_range is None or len(lengths) != len(files):
+        return list(files)
+    starts = np.cumsum([0, *[int(n) for n in lengths]])
+    lo, hi = concat_range
+    return [f for i, f in enumerate(files) if starts[i] < hi and lo < starts[i + 1]]
+
+
+def _referenced_entries(
+    refs: Mapping[str, Any], variables: Sequence[str], entries: Mapping[str, Any]
+) -> list[str]:
+    """The local files a kerchunk reference points at for ``variables`` (identity entries)."""
+    mine = {k: v for k, v in _refs_only(refs).items() if k.split("/")[0] in variables}
+    used = referenced_urls({"refs": mine, "templates": refs.get("templates") or {}})
+    return sorted({u.removeprefix("file://") for u in used} & set(entries))
+
+
+def check_job_sources(
+    req: CacheRequest,
+    planned: Mapping[str, Any],
+    refs: Mapping[str, Any] | None,
+    variables: Sequence[str] | None,
+    concat_range: tuple[int, int] | None,
+) -> int:
+    """Check the entries one job reads (see :func:`job_entries`) before it reads them.
+
+    Returns the number of entries checked.
+
+    Raises
+    ------
+    SourceChanged
+        Naming the entry that changed and what changed.
+    """
+    names = job_entries(planned, refs, variables, concat_range)
+    return identity.check_identity(planned.get("identity"), names, _remote_checker(req))
 
 
 @lru_cache(maxsize=8)
@@ -248,7 +395,8 @@ def _file_state(path: str) -> list[Any]:
         return [path]
     st = os.stat(path)
     if os.path.isdir(path):
-        # A Zarr store: its metadata documents identify its state well enough.
+        # A Zarr store: its metadata documents (cheap; a chunk rewritten in place is seen by
+        # the identity, see target.fresh_source).
         meta = [os.path.join(path, m) for m in ("zarr.json", ".zmetadata", ".zgroup")]
         return [path, [os.stat(m).st_mtime_ns for m in meta if os.path.exists(m)]]
     return [path, st.st_size, st.st_mtime_ns]
@@ -322,7 +470,7 @@ def _open_nc(uri: str, req: CacheRequest, opts: dict[str, Any]) -> xr.Dataset:
 def _open_netcdf(
     uris: Sequence[str], engine: str, req: CacheRequest
 ) -> tuple[xr.Dataset, list[str], str | None, list[int]]:
-    opts = {"engine": engine, "chunks": {}, **req.open_options}
+    opts = {"engine": engine, "chunks": {}, **open_options.read_only(engine, req.open_options)}
     if len(uris) == 1:
         return _open_nc(uris[0], req, opts), [uris[0]], None, []
     parts = []
@@ -535,7 +683,7 @@ def _open_kerchunk(data: dict[str, Any], req: CacheRequest) -> xr.Dataset:
         engine="zarr",
         chunks={},
         backend_kwargs={"storage_options": so, "consolidated": False},
-        **req.open_options,
+        **open_options.read_only("kerchunk", req.open_options),
     )
 
 

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from zarr_parallel.errors import RequestError
+from zarr_parallel.errors import RequestError, SourceChanged
 from zarr_parallel.names import check_names
 from zarr_parallel.plan import ArrayInput, AxisMap, canonical_json
 from zarr_parallel.request import CacheRequest
-from zarr_parallel.source import Source, SourceLayout, _file_state, open_source
+from zarr_parallel.source import Source, SourceLayout, _file_state, check_sources, open_source
 from zarr_parallel.tiles import TileSpec
 from zarr_parallel.tiling import Tiling, tile_dataset
 from zarr_parallel.transforms import apply_transforms
@@ -268,6 +268,27 @@ def cached_source(req: CacheRequest) -> Source:
     The key holds the files' sizes and modification times, so a changed source is reopened.
     """
     return _cached_source(req.model_dump_json(include=_SOURCE_FIELDS), source_state(req))
+
+
+def fresh_source(req: CacheRequest) -> Source:
+    """:func:`cached_source`, reopened if any source entry changed since it was opened.
+
+    The per-process caches are keyed by cheap state (sizes and modification times of the files,
+    a Zarr store's metadata documents); planning checks the full identity (a Zarr chunk
+    rewritten in place) so that a long-lived process never plans from a stale source.
+    """
+    opened = _cached_source.cache_info().misses
+    source = cached_source(req)
+    if _cached_source.cache_info().misses != opened:
+        return source  # just opened: its identity is current
+    try:
+        check_sources(req, source.layout.identity)
+    except SourceChanged as e:
+        logger.info("reopening the source: %s", e.change)
+        _cached_source.cache_clear()
+        _cached_target.cache_clear()
+        source = cached_source(req)
+    return source
 
 
 def source_state(req: CacheRequest) -> str:

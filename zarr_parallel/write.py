@@ -24,7 +24,7 @@ import psutil
 from zarr_parallel import fastread
 from zarr_parallel.plan import fast_slab_bounds
 from zarr_parallel.request import CacheRequest
-from zarr_parallel.source import read_settings
+from zarr_parallel.source import check_job_sources, check_sources, read_settings
 from zarr_parallel.store import (
     array_checksum,
     crc32,
@@ -34,7 +34,7 @@ from zarr_parallel.store import (
     write_region,
     write_values,
 )
-from zarr_parallel.target import Target, cached_target, source_state
+from zarr_parallel.target import INDEX_PREFIX, Target, cached_source, cached_target, source_state
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +145,65 @@ _MMAP_THRESHOLD = 1 << 20  # blocks of 1 MiB or more get their own mapping
 
 
 @lru_cache(maxsize=8)
-def _plan_jobs(version: str) -> tuple[str, dict[int, tuple[list[str], list[list[Any]], int]]]:
+def _plan_jobs(
+    version: str,
+) -> tuple[str, dict[int, tuple[list[str], list[list[Any]], int]], dict[str, Any]]:
+    """The plan's fingerprint, its jobs, and the source layout as planned (with its identity)."""
     rec = plan_record(Path(version))
     if rec is None:
         raise FileNotFoundError(f"{version} has no plan.json: it was not initialised")
     jobs = {int(j[0]): (list(j[1]), [list(r) for r in j[2]], int(j[3])) for j in rec["job_list"]}
-    return str(rec["fingerprint"]), jobs
+    return str(rec["fingerprint"]), jobs, dict(rec.get("layout") or {})
+
+
+def check_job_source(
+    request_json: str, planned: dict[str, Any], variables: list[str], slices: dict[str, slice]
+) -> Target:
+    """The job's target, once the source entries the job reads are checked unchanged since
+    planning (stat calls for local files; see :mod:`zarr_parallel.identity`).
+
+    Raises
+    ------
+    SourceChanged
+        An entry the job reads changed since the run planned it.
+    """
+    req = CacheRequest.model_validate_json(request_json)
+    try:
+        target = cached_target(request_json)
+    except Exception:
+        # A source replaced or cut short may not even open: say that it changed, if it did.
+        check_sources(req, planned.get("identity"))
+        raise
+    sources = [target.sources.get(name) for name in variables]
+    names = None if None in sources else [str(s) for s in sources]
+    # Only a kerchunk job needs the references (which files its variables point at).
+    refs = cached_source(req).refs if planned.get("engine") == "kerchunk" else None
+    check_job_sources(req, planned, refs, names, _concat_range(target, variables, slices))
+    return target
+
+
+def _concat_range(
+    target: Target, variables: list[str], slices: dict[str, slice]
+) -> tuple[int, int] | None:
+    """The job's source index range along the joining dimension (None: unknown, i.e. all)."""
+    dim = target.layout.concat_dim
+    if dim is None:
+        return None
+    coord = f"{INDEX_PREFIX}{dim}"
+    lo, hi = None, None
+    for name in variables:
+        var = target.dataset[name]
+        if coord not in var.coords:
+            return None
+        # The index coordinate's numpy values, sliced directly (xarray's isel costs ~1 ms).
+        index_var = var.coords[coord].variable
+        index = np.asarray(index_var.values)[
+            tuple(slices.get(str(d), slice(None)) for d in index_var.dims)
+        ]
+        if index.size:
+            lo = int(index.min()) if lo is None else min(lo, int(index.min()))
+            hi = int(index.max()) + 1 if hi is None else max(hi, int(index.max()) + 1)
+    return None if lo is None or hi is None else (lo, hi)
 
 
 def run_job(
@@ -164,10 +217,11 @@ def run_job(
     t0 = time.perf_counter()
     release_freed_memory()
     started = time.time()
-    fp, jobs = _plan_jobs(version)
+    fp, jobs, planned = _plan_jobs(version)
     variables, region, estimate = jobs[job_id]
-    target = cached_target(request_json)
     slices = {str(d): slice(int(a), int(b)) for d, a, b in region}
+    # Before reading: a source changed since planning would give a cache half old, half new.
+    target = check_job_source(request_json, planned, variables, slices)
     written = 0
     checksums: dict[str, str] = {}
     stats: dict[str, dict[str, float]] = {}

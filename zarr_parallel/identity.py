@@ -1,0 +1,174 @@
+"""What each source file was when a run planned it, and the check that it still is.
+
+A source that changes while a run copies it gives a cache that is half old, half new. So the
+planner records an *identity* per source entry, stored in the plan (``plan.json``), every job
+checks the entries it reads before reading, and the run checks all of them once more before
+publishing; any difference raises :class:`~zarr_parallel.errors.SourceChanged`.
+
+Entries, by what they name:
+
+``file``
+    A local file (a netCDF file, a kerchunk reference, a file a reference points at, a Zarr
+    store's root metadata document): size, ``st_mtime_ns`` and inode. The inode is compared only
+    on the host that planned (some network file systems number inodes per client).
+``zarr-array``
+    One array folder of a local Zarr store: the number of files, their bytes, and a digest of
+    the listing (relative names, sizes, ``st_mtime_ns``). A chunk rewritten in place changes it
+    even when the store's metadata is untouched.
+``url``
+    A remote file: what ``fsspec``'s ``info`` gives that identifies a version (size, ETag,
+    Content-MD5, Last-Modified, S3 VersionId...), one HEAD request.
+
+A new file matching a glob is not a change: entries are the files the run planned. A file that
+grows is one (its size differs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from zarr_parallel.errors import SourceChanged
+
+logger = logging.getLogger(__name__)
+
+#: Keys of ``fsspec`` ``info()`` that identify a remote file's version.
+_REMOTE_KEYS = (
+    "size",
+    "ETag",
+    "etag",
+    "Content-MD5",
+    "Digest",
+    "Last-Modified",
+    "LastModified",
+    "VersionId",
+    "version_id",
+    "generation",
+    "mtime",
+)
+
+#: Entry fields that say nothing about the content, only where it was seen from.
+_HOST_ONLY = ("ino",)
+
+Identity = dict[str, Any]
+
+
+def file_state(path: str) -> dict[str, Any]:
+    """A local file's entry: size, modification time and inode (or ``missing``)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return {"kind": "file", "missing": True}
+    return {"kind": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def zarr_array_state(folder: str) -> dict[str, Any]:
+    """A local Zarr array folder's entry: file count, bytes and a digest of its listing."""
+    h = hashlib.sha256()
+    count = total = 0
+    try:
+        for name, size, mtime in sorted(_listing(folder, "")):
+            h.update(f"{name}\0{size}\0{mtime}\n".encode())
+            count += 1
+            total += size
+    except FileNotFoundError:
+        return {"kind": "zarr-array", "missing": True}
+    return {"kind": "zarr-array", "files": count, "bytes": total, "listing": h.hexdigest()[:32]}
+
+
+def _listing(folder: str, prefix: str) -> Iterator[tuple[str, int, int]]:
+    """(relative name, size, st_mtime_ns) of every file under ``folder`` (one stat each)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    yield from _listing(entry.path, f"{prefix}{entry.name}/")
+                else:
+                    st = entry.stat()
+                    yield f"{prefix}{entry.name}", st.st_size, st.st_mtime_ns
+            except FileNotFoundError:  # removed while listed: the digest differs anyway
+                continue
+
+
+def url_state(url: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """A remote file's entry from ``fsspec`` ``info`` (one request)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return {"kind": "url", "missing": True}
+    return {"kind": "url", **{k: str(info[k]) for k in _REMOTE_KEYS if info.get(k) is not None}}
+
+
+def new_identity(entries: Mapping[str, Mapping[str, Any]]) -> Identity:
+    """An identity: its entries and the host that recorded them."""
+    return {"host": socket.gethostname(), "entries": {k: dict(v) for k, v in entries.items()}}
+
+
+def digest_view(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries without host-only fields: what enters the source's fingerprint."""
+    return {
+        name: {k: v for k, v in state.items() if k not in _HOST_ONLY}
+        for name, state in sorted(dict(identity.get("entries") or {}).items())
+    }
+
+
+StateOf = Callable[[str, Mapping[str, Any]], dict[str, Any]]
+
+
+def current_state(name: str, planned: Mapping[str, Any], remote: StateOf) -> dict[str, Any]:
+    """The entry ``name`` as it is now, measured as ``planned`` was (``remote`` for URLs)."""
+    kind = planned.get("kind")
+    if kind == "file":
+        return file_state(name)
+    if kind == "zarr-array":
+        return zarr_array_state(name)
+    return remote(name, planned)
+
+
+def describe_change(planned: Mapping[str, Any], now: Mapping[str, Any], same_host: bool) -> str:
+    """What differs between two states of one entry, in words ("" when nothing does)."""
+    if now.get("missing") and not planned.get("missing"):
+        return "it was removed or renamed"
+    diffs = []
+    for key in sorted(set(planned) | set(now)):
+        if key == "kind" or (key in _HOST_ONLY and not same_host):
+            continue
+        if planned.get(key) != now.get(key):
+            label = {"ino": "inode (the file was replaced)", "listing": "chunk files"}.get(key, key)
+            diffs.append(f"{label}: {planned.get(key)} → {now.get(key)}")
+    return "; ".join(diffs)
+
+
+def check_identity(
+    identity: Mapping[str, Any] | None, names: Iterable[str] | None, remote: StateOf
+) -> int:
+    """Check that the entries ``names`` (all when None) are as ``identity`` recorded them.
+
+    Returns the number of entries checked.
+
+    Raises
+    ------
+    SourceChanged
+        Naming the first entry that changed and what changed.
+    """
+    if not identity:
+        return 0  # a plan made before identities were recorded
+    entries: Mapping[str, Mapping[str, Any]] = identity.get("entries") or {}
+    same_host = identity.get("host") == socket.gethostname()
+    count = 0
+    for name in entries if names is None else names:
+        planned = entries.get(name)
+        if planned is None:
+            raise SourceChanged(name, "it was not part of the source when the run planned it")
+        change = describe_change(planned, current_state(name, planned, remote), same_host)
+        if change:
+            raise SourceChanged(name, change)
+        count += 1
+    return count
