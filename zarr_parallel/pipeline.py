@@ -158,6 +158,7 @@ def prepare(req: CacheRequest) -> Prepared:
     prepared.version, prepared.status, prepared.todo, prepared.plan = version, status, todo, plan
     if status != "up_to_date":
         run_preflight(req, paths, target, plan, source, todo)
+    fault_point("planned")
     return prepared
 
 
@@ -317,10 +318,12 @@ def initialise(prepared: Prepared) -> None:
             removed,
         )
     if prepared.status != "fresh":
+        fault_point("initialised")
         return
     target = cached_target(prepared.request_json)
     try:
         initialise_store(target, prepared.version, prepared.request, prepared.plan_json())
+        fault_point("initialised")
     except OSError as e:
         raise RunFailed(
             f"could not initialise the cache's new version {prepared.version} ({e}); nothing "

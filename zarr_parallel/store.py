@@ -155,10 +155,11 @@ def resolve_paths(req: CacheRequest) -> CachePaths:
             "Choose a folder you can write to",
         )
     # Try it: permission bits say nothing to root, and read-only mounts deny everyone.
+    # An unnamed file (O_TMPFILE where the file system has it): a run killed here leaves no
+    # probe file beside the user's files.
     try:
-        fd, probe = tempfile.mkstemp(prefix=".zarr-parallel-probe-", dir=ancestor)
-        os.close(fd)
-        os.unlink(probe)
+        with tempfile.TemporaryFile(prefix=".zarr-parallel-probe-", dir=ancestor):
+            pass
     except OSError as e:
         raise RequestError(
             parameter,
@@ -700,8 +701,10 @@ def publish(paths: CachePaths, version: Path, keep_versions: int) -> None:
     if link.is_symlink() or link.exists():
         link.unlink()
     os.symlink(os.path.relpath(version, paths.final.parent), link)
+    fault_point("publish")
     os.replace(link, paths.final)
     fsync_dir(paths.final.parent)
+    fault_point("published")
     prune_versions(paths, keep_versions)
 
 
@@ -730,14 +733,34 @@ def clean_stale_links(paths: CachePaths) -> None:
             link.unlink()
 
 
+#: Prefix a version is renamed to before it is removed (see :func:`prune_versions`).
+PRUNING_PREFIX = ".pruning-"
+
+
 def prune_versions(paths: CachePaths, keep_versions: int) -> None:
-    """Remove complete versions beyond the newest ``keep_versions`` (never the current one)."""
+    """Remove complete versions beyond the newest ``keep_versions`` (never the current one).
+
+    Each is first renamed out of the versions' names, then removed: a removal cut short (a
+    killed run) must not leave a version that still looks complete or resumable while files
+    are missing from it; a later run of the same request would take it up and fail on it.
+    What a cut-short removal left is removed by the next prune.
+    """
+    for leftover in paths.versions.glob(f"{PRUNING_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     current = paths.current()
     complete = [v for v in paths.all_versions() if is_complete(v) and v != current]
     keep = max(0, keep_versions - 1)
     for old in complete[: max(0, len(complete) - keep)]:
         logger.info("removing old version %s", old)
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(PRUNING_PREFIX + old.name)
+        try:
+            os.replace(old, doomed)
+        except OSError as e:  # pruning is tidying up: the new version is published already
+            logger.warning("could not remove old version %s (%s); the next run tries again", old, e)
+            continue
+        fsync_dir(old.parent)
+        fault_point("prune")
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def crc32(data: Any, value: int = 0) -> int:
