@@ -78,7 +78,7 @@ KILL_OPERATIONS = ("write", "fsync", "replace", "mkdir", "open", "unlink", "rmdi
 
 def _zygote() -> None:
     """Serve run requests (JSON lines on stdin) by forking; report pids and exit codes."""
-    import flows.cache  # noqa: F401 - imported once here, inherited by every fork
+    import flows.cache
     import flows.recache  # noqa: F401
     import zarr_parallel.verify  # noqa: F401
 
@@ -106,9 +106,7 @@ def _zygote() -> None:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 children.discard(pid)
-                code = (
-                    -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-                )
+                code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
                 out.write(json.dumps({"pid": pid, "rc": code}) + "\n")
                 out.flush()
 
@@ -183,7 +181,9 @@ class Zygote:
         else:
             self._codes[msg["pid"]] = msg["rc"]
 
-    def spawn(self, argv: list[str], log: Path, cwd: Path, env: dict[str, str] | None = None) -> int:
+    def spawn(
+        self, argv: list[str], log: Path, cwd: Path, env: dict[str, str] | None = None
+    ) -> int:
         """Fork a run of ``argv`` (``["cache", "run", REQUEST, ...]``); returns its pid."""
         assert self._proc.stdin is not None
         self._token += 1
@@ -217,9 +217,7 @@ class Zygote:
         self._waited.add(pid)
         return self._codes.pop(pid)
 
-    def run(
-        self, argv: list[str], log: Path, cwd: Path, env: dict[str, str] | None = None
-    ) -> int:
+    def run(self, argv: list[str], log: Path, cwd: Path, env: dict[str, str] | None = None) -> int:
         """Run to the end; its exit code."""
         return self.wait(self.spawn(argv, log, cwd, env))
 
@@ -602,9 +600,7 @@ def soak_step(
                 return
         # Resume: usually to the end, sometimes killed again on the way.
         kill = (
-            choose_kill(rng, 2.0, deploy_mode)
-            if rng.random() < nested and attempt < 4
-            else Kill()
+            choose_kill(rng, 2.0, deploy_mode) if rng.random() < nested and attempt < 4 else Kill()
         )
 
 
@@ -692,7 +688,9 @@ def fault_step(scn: Scenario, zygote: Zygote, counts: Counts, spec: str) -> bool
     if code != 0:
         counts.fail(f"{context}: the clean re-run exited {code}: {_tail(rerun)}")
         # Do not let one failure cascade: start the next step from a clean cache.
-        code = zygote.run(scn.argv(content, "--set", "resume=false"), scn.new_log("reset"), scn.root)
+        code = zygote.run(
+            scn.argv(content, "--set", "resume=false"), scn.new_log("reset"), scn.root
+        )
         return True
     check_finished(scn, counts, content, f"{context}, re-run", rerun)
     return True

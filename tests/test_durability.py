@@ -27,7 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_durability import (  # noqa: E402
+from benchmarks.bench_durability import (
     Counts,
     Scenario,
     Zygote,
@@ -38,18 +38,18 @@ from benchmarks.bench_durability import (  # noqa: E402
     soak,
     verify_cli,
 )
-from zarr_parallel import faults  # noqa: E402
-from zarr_parallel.store import PRUNING_PREFIX, CachePaths  # noqa: E402
-from zarr_parallel.verify import location_snapshot  # noqa: E402
+from zarr_parallel import faults
+from zarr_parallel.store import PRUNING_PREFIX, CachePaths
+from zarr_parallel.verify import location_snapshot
 
 #: Kills of the CI soak (the benchmark makes hundreds); more with ZP_SOAK_KILLS=N.
 SOAK_KILLS = int(os.environ.get("ZP_SOAK_KILLS", "24"))
 
 
 @pytest.fixture(scope="module")
-def durability(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-    tuple[Scenario, Zygote]
-]:
+def durability(
+    prefect_api: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Scenario, Zygote]]:
     """The two-request scenario (sources, requests, references) and the run forker."""
     with harness(str(tmp_path_factory.mktemp("durability"))) as made:
         yield made
@@ -127,6 +127,21 @@ def test_resume_after_a_kill_inside_prune(durability: tuple[Scenario, Zygote]) -
     check_finished(scn, counts, "B", "the next run of B")
     assert counts.failures == [] and counts.verified == 1
     assert not list(versions.glob(f"{PRUNING_PREFIX}*")), "the next prune removes the leftover"
+
+
+def test_a_killed_run_leaves_no_probe_file(durability: tuple[Scenario, Zygote]) -> None:
+    """The first file removed under the cache's folder was the writability probe's: a run
+    killed just before it left ``.zarr-parallel-probe-*`` beside the cache for good. The probe
+    is now an unnamed file."""
+    scn, zygote = durability
+    _fresh(scn, zygote, "A")
+    code, _ = _run(scn, zygote, "B", "kill@os.unlink#1")
+    assert code == -signal.SIGKILL
+    assert not list(scn.final.parent.glob(".zarr-parallel-probe-*"))
+    assert _run(scn, zygote, "B")[0] == 0
+    counts = Counts()
+    check_finished(scn, counts, "B", "after the kill")
+    assert counts.failures == []
 
 
 def test_crash_soak(durability: tuple[Scenario, Zygote]) -> None:

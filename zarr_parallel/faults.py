@@ -254,7 +254,9 @@ def _count(operation: str, path: str) -> None:
         state.fired = True
     if fault.action in _ERRNO:
         code = _ERRNO[fault.action]
-        raise OSError(code, f"{os.strerror(code)} (injected: {operation} #{state.operations})", path)
+        raise OSError(
+            code, f"{os.strerror(code)} (injected: {operation} #{state.operations})", path
+        )
     _signal(fault.action)
 
 
@@ -341,8 +343,8 @@ def _install() -> None:
             for name in names:
                 _originals[f"os.{name}"] = getattr(os, name)
                 setattr(os, name, _wrap_os(name, operation))
-        os.open = _wrap_os_open()  # type: ignore[assignment]
-        builtins.open = io.open = _wrap_open()  # type: ignore[assignment]
+        os.open = _wrap_os_open()
+        builtins.open = io.open = _wrap_open()
 
 
 def _uninstall() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -181,7 +182,7 @@ class CacheLock:
 
     def _try_create(self) -> bool:
         """Create the lock atomically and complete; False when it exists."""
-        tmp = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{self.token}.tmp")
         with open(tmp, "w") as f:
             json.dump(self._content(), f)
             f.flush()
@@ -200,6 +201,19 @@ class CacheLock:
                 tmp.unlink()
         fsync_dir(self.path.parent)
         return True
+
+    def _remove_dead_temporaries(self) -> None:
+        """Remove the temporary lock files of processes that are gone.
+
+        A run killed between linking its temporary file as the lock and removing it leaves the
+        file beside the cache; its name carries its pid, so it is recognised as dead (a live
+        run taking the lock at this moment keeps its own).
+        """
+        for tmp in self.path.parent.glob(f"{glob.escape(self.path.name)}.*.tmp"):
+            pid = tmp.name[len(self.path.name) + 1 :].split(".")[0]
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
 
     def _try_create_excl(self, tmp: Path) -> bool:
         try:
@@ -222,6 +236,7 @@ class CacheLock:
         for _ in range(_ATTEMPTS):
             if self._try_create():
                 self.held = True
+                self._remove_dead_temporaries()
                 self._start_heartbeat()
                 logger.debug("took lock %s", self.path)
                 return self
