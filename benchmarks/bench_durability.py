@@ -143,6 +143,10 @@ def _child(req: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
+            from zarr_parallel import faults
+
+            if faults.fired():  # the run may have absorbed the failure: say it happened
+                os.close(os.open(req["log"] + ".fired", os.O_WRONLY | os.O_CREAT, 0o644))
         os._exit(code)
 
 
@@ -434,6 +438,13 @@ def leftovers(scn: Scenario, published: bool = True) -> list[str]:
     return out
 
 
+def _pruning_names(scn: Scenario) -> list[str]:
+    from zarr_parallel.store import PRUNING_PREFIX, CachePaths
+
+    versions = CachePaths(scn.final).versions
+    return [p.name for p in versions.glob(f"{PRUNING_PREFIX}*")] if versions.is_dir() else []
+
+
 def verify_cli(scn: Scenario, content: str) -> tuple[int, str]:
     """``python -m flows.cache verify REQUEST`` (its main, in this process): code and output."""
     from flows.cache import main
@@ -445,9 +456,18 @@ def verify_cli(scn: Scenario, content: str) -> tuple[int, str]:
 
 
 def check_finished(
-    scn: Scenario, counts: Counts, content: str, context: str, log: Path | None = None
+    scn: Scenario,
+    counts: Counts,
+    content: str,
+    context: str,
+    log: Path | None = None,
+    pruning_left: bool = False,
 ) -> None:
-    """After a run of ``content`` ended with exit 0: its reference, verified, nothing left."""
+    """After a run of ``content`` ended with exit 0: its reference, verified, nothing left.
+
+    ``pruning_left``: what a failed removal of an old version left may stay (until the next
+    prune) but nothing else may.
+    """
     if published_content(scn, counts, {content}, context) != content:
         return
     code, text = verify_cli(scn, content)
@@ -457,6 +477,8 @@ def check_finished(
     counts.verified += 1
     published = log is None or "zarr-parallel: up to date" not in log.read_text()
     left = leftovers(scn, published)
+    if pruning_left:
+        left = [x for x in left if not x.endswith(tuple(_pruning_names(scn)))]
     if left:
         counts.fail(f"{context}: left behind {left[:5]}")
     if outside_snapshot(scn) != scn.outside:
@@ -641,9 +663,9 @@ def soak(
 
 #: Each kind of operation is failed with the error a disk gives for it.
 FAULT_ERRORS = {
-    "write": ("enospc", "eio"),
+    "write": ("enospc", "eio", "enospc*"),
     "fsync": ("eio",),
-    "open": ("enospc",),
+    "open": ("enospc", "enospc*"),
     "mkdir": ("enospc",),
     "rename": ("eio",),
     "replace": ("eio",),
@@ -663,22 +685,25 @@ def fault_step(scn: Scenario, zygote: Zygote, counts: Counts, spec: str) -> bool
     before = published_content(scn, counts, set(CONTENTS), "before a faulty run") or "A"
     content = "B" if before == "A" else "A"
     env = {"ZARR_PARALLEL_FAULT": spec, "ZARR_PARALLEL_FAULT_ROOT": str(scn.final.parent)}
-    log = scn.new_log(f"{content}-{spec.replace('@', '_').replace('#', '_')}")
+    log = scn.new_log(f"{content}-{spec.replace('@', '_').replace('#', '_').replace('*', 'p')}")
     code = zygote.run(scn.argv(content), log, scn.root, env)
     counts.runs += 1
     text = log.read_text() if log.exists() else ""
     context = f"run {counts.runs} ({content}, {spec})"
-    injected = "(injected:" in text
+    injected = Path(f"{log}.fired").exists() or "(injected:" in text
     if injected:
         counts.faults += 1
     if code == 0:
         # The fault acted where a failure is harmless (a best-effort clean-up), or not at all.
-        check_finished(scn, counts, content, context, log)
+        # A removal of the old version that failed half-way is finished by the next prune.
+        check_finished(scn, counts, content, context, log, pruning_left=injected)
         return injected
-    if code == RAW_TRACEBACK or "Traceback (most recent call last)" in text:
-        counts.fail(f"{context}: exit {code} with a raw traceback: {_tail(log, 800)}")
-    elif code != 1:
-        counts.fail(f"{context}: exit {code}, expected 1: {_tail(log)}")
+    # Prefect logs the traceback of a failed task; what the user reads last is the CLI's line.
+    last = [line for line in text.splitlines() if line.strip()][-1:] or [""]
+    if code == RAW_TRACEBACK:
+        counts.fail(f"{context}: exit {code}, an uncaught exception: {_tail(log, 800)}")
+    elif code != 1 or not last[0].startswith(("run failed:", "failed:")):
+        counts.fail(f"{context}: exit {code}, expected 1 and a message: {_tail(log)}")
     published_content(scn, counts, {before}, context)
     if outside_snapshot(scn) != scn.outside:
         counts.fail(f"{context}: files outside the cache changed")
@@ -691,9 +716,9 @@ def fault_step(scn: Scenario, zygote: Zygote, counts: Counts, spec: str) -> bool
         code = zygote.run(
             scn.argv(content, "--set", "resume=false"), scn.new_log("reset"), scn.root
         )
-        return True
+        return injected
     check_finished(scn, counts, content, f"{context}, re-run", rerun)
-    return True
+    return injected
 
 
 def fault_sweep(
@@ -703,16 +728,24 @@ def fault_sweep(
     seconds: float = 3600.0,
     stride: int = 1,
     counts: Counts | None = None,
+    after: str | None = None,
 ) -> Counts:
     """For each operation and error: fail its N-th occurrence, N = 1, 1+stride, ... until a run
-    no longer reaches it (or ``seconds`` passed)."""
+    no longer reaches it (or ``seconds`` passed).
+
+    An error written ``eio*`` fails every operation from the N-th on (a disk that stays
+    broken). ``after`` (a point) counts operations from that point on only.
+    """
     counts = counts or Counts()
     started = time.monotonic()
     for operation, errors in (operations or FAULT_ERRORS).items():
         for error in errors:
             n = 1
             while time.monotonic() - started < seconds:
-                if not fault_step(scn, zygote, counts, f"{error}@os.{operation}#{n}"):
+                trigger = f"{after}+os.{operation}" if after else f"os.{operation}"
+                persistent = "*" if error.endswith("*") else ""
+                spec = f"{error.rstrip('*')}@{trigger}#{n}{persistent}"
+                if not fault_step(scn, zygote, counts, spec):
                     break
                 counts.where[f"{error} {operation}"] += 1
                 n += stride

@@ -56,8 +56,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 ENV = "ZARR_PARALLEL_FAULT"
 #: Only file operations on paths under this folder are counted (and failed).
@@ -94,8 +93,7 @@ _ERRNO = {"enospc": errno.ENOSPC, "eio": errno.EIO}
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
-@dataclass(frozen=True)
-class Fault:
+class Fault(NamedTuple):
     """One parsed fault: what to do, and when."""
 
     action: str
