@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -191,7 +192,7 @@ class CacheLock:
 
     def _try_create(self) -> bool:
         """Create the lock atomically and complete; False when it exists."""
-        tmp = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{self.token}.tmp")
         try:
             with open(tmp, "w") as f:
                 json.dump(self._content(), f)
@@ -201,17 +202,14 @@ class CacheLock:
             # A full disk (or quota) fails the write: leave nothing behind, and say so plainly.
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise RunFailed(
-                f"could not write the lock file {self.path} ({e.strerror or e}); nothing was "
-                "written. Free space (or fix permissions) where the cache goes and run again"
-            ) from e
+            raise self._unwritable(e) from e
         try:
             os.link(tmp, self.path)
         except FileExistsError:
             return False
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
-                raise
+                raise self._unwritable(e) from e  # the temporary file goes in `finally`
             # No hard links here (some FUSE and object-store mounts): fall back to O_EXCL.
             return self._try_create_excl(tmp)
         finally:
@@ -219,6 +217,25 @@ class CacheLock:
                 tmp.unlink()
         fsync_dir(self.path.parent)
         return True
+
+    def _unwritable(self, e: OSError) -> RunFailed:
+        return RunFailed(
+            f"could not write the lock file {self.path} ({e.strerror or e}); nothing was "
+            "written. Free space (or fix permissions) where the cache goes and run again"
+        )
+
+    def _remove_dead_temporaries(self) -> None:
+        """Remove the temporary lock files of processes that are gone.
+
+        A run killed between linking its temporary file as the lock and removing it leaves the
+        file beside the cache; its name carries its pid, so it is recognised as dead (a live
+        run taking the lock at this moment keeps its own).
+        """
+        for tmp in self.path.parent.glob(f"{glob.escape(self.path.name)}.*.tmp"):
+            pid = tmp.name[len(self.path.name) + 1 :].split(".")[0]
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
 
     def _try_create_excl(self, tmp: Path) -> bool:
         try:
@@ -254,6 +271,7 @@ class CacheLock:
             if created:
                 self.held = True
                 _HELD[str(self.path)] = self.token
+                self._remove_dead_temporaries()
                 self._start_heartbeat()
                 logger.debug("took lock %s", self.path)
                 return self

@@ -209,6 +209,7 @@ def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
     prepared.version, prepared.status, prepared.todo, prepared.plan = version, status, todo, plan
     if status != "up_to_date":
         run_preflight(req, paths, target, plan, source, todo)
+    fault_point("planned")
     return prepared
 
 
@@ -388,6 +389,7 @@ def initialise(prepared: Prepared) -> None:
         # Every job checks, before it records, that the run writing this version still holds
         # the lock (a run whose lock was broken while it was paused must record nothing).
         write_fence(prepared.version, paths.lock, token)
+    fault_point("initialised")
 
 
 def _verify_staging(prepared: Prepared) -> None:

@@ -188,10 +188,11 @@ def resolve_paths(req: CacheRequest) -> CachePaths:
             "Choose a folder you can write to",
         )
     # Try it: permission bits say nothing to root, and read-only mounts deny everyone.
+    # An unnamed file (O_TMPFILE where the file system has it): a run killed here leaves no
+    # probe file beside the user's files.
     try:
-        fd, probe = tempfile.mkstemp(prefix=".zarr-parallel-probe-", dir=ancestor)
-        os.close(fd)
-        os.unlink(probe)
+        with tempfile.TemporaryFile(prefix=".zarr-parallel-probe-", dir=ancestor):
+            pass
     except OSError as e:
         raise RequestError(
             parameter,
@@ -971,8 +972,10 @@ def publish(
     if link.is_symlink() or link.exists():
         link.unlink()
     os.symlink(os.path.relpath(version, paths.final.parent), link)
+    fault_point("publish")
     os.replace(link, paths.final)
     fsync_dir(paths.final.parent)
+    fault_point("published")
     if previous is not None and previous != version and previous.is_dir():
         # When readers last saw it current: the minimum age before pruning counts from here.
         # Recorded beside the versions, not in them: a complete version is never written again.
@@ -1007,6 +1010,8 @@ def clean_stale_links(paths: CachePaths) -> None:
             link.unlink()
 
 
+#: Prefix a version is renamed to before it is removed (see :func:`prune_versions`).
+PRUNING_PREFIX = ".pruning-"
 #: ``P.versions/.retired/<version>.json``: when each replaced version stopped being published.
 RETIRED_DIR = ".retired"
 #: Readers' leases: ``P.versions/.readers/<version>--<host>-<pid>-<random>.json``.
@@ -1056,7 +1061,14 @@ def prune_versions(paths: CachePaths, keep_versions: int, min_age: float = 0.0) 
     Only versions of this cache (:meth:`CachePaths.all_versions`) are ever removed, and of those
     not one that a live reader leased (``open_cache``) or that was replaced less than
     ``min_age`` seconds ago (a reader may have opened it just before the publish).
+
+    Each is first renamed out of the versions' names, then removed: a removal cut short (a
+    killed run) must not leave a version that still looks complete or resumable while files
+    are missing from it; a later run of the same request would take it up and fail on it.
+    What a cut-short removal left is removed by the next prune.
     """
+    for leftover in paths.versions.glob(f"{PRUNING_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     current = paths.current()
     complete = [v for v in paths.all_versions() if is_complete(v) and v != current]
     keep = max(0, keep_versions - 1)
@@ -1076,7 +1088,15 @@ def prune_versions(paths: CachePaths, keep_versions: int, min_age: float = 0.0) 
             )
             continue
         logger.info("removing old version %s", old)
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(PRUNING_PREFIX + old.name)
+        try:
+            os.replace(old, doomed)
+        except OSError as e:  # pruning is tidying up: the new version is published already
+            logger.warning("could not remove old version %s (%s); the next run tries again", old, e)
+            continue
+        fsync_dir(old.parent)
+        fault_point("prune")
+        shutil.rmtree(doomed, ignore_errors=True)
         retired_record(paths, old).unlink(missing_ok=True)
 
 

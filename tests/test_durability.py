@@ -1,0 +1,255 @@
+"""Durability of real runs: a crash soak, file-operation faults, and runs interleaved.
+
+The runs are real command-line runs (``flows.cache.main``) in processes of their own, forked
+from one process that imported the command line once (``benchmarks.bench_durability.Zygote``):
+each dies for real (SIGKILL), freezes for real (SIGSTOP), or meets a failing file operation made
+by the fault layer of :mod:`zarr_parallel.faults` inside it. Two requests that differ in content
+take turns on one cache path with ``keep_versions: 1``, so every finished run publishes and
+prunes. The invariants (``benchmarks.bench_durability``): the published path always resolves to
+a complete version equal to a reference, nothing outside the cache changes, a failed run exits
+with 1 and a message, and the next run gives the reference byte for byte, passes ``verify`` and
+leaves nothing behind. ``python -m benchmarks.bench_durability`` runs the same with hundreds of
+kills.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_durability import (
+    Counts,
+    Scenario,
+    Zygote,
+    check_finished,
+    fault_step,
+    fault_sweep,
+    harness,
+    published_content,
+    soak,
+    verify_cli,
+)
+from zarr_parallel import faults
+from zarr_parallel.store import PRUNING_PREFIX, CachePaths
+from zarr_parallel.verify import location_snapshot
+
+#: Kills of the CI soak (the benchmark makes hundreds); more with ZP_SOAK_KILLS=N.
+SOAK_KILLS = int(os.environ.get("ZP_SOAK_KILLS", "24"))
+
+
+@pytest.fixture(scope="module")
+def durability(
+    prefect_api: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Scenario, Zygote]]:
+    """The two-request scenario (sources, requests, references) and the run forker."""
+    with harness(str(tmp_path_factory.mktemp("durability"))) as made:
+        yield made
+
+
+def _fresh(scn: Scenario, zygote: Zygote, content: str = "A") -> None:
+    """Start from an empty cache location with ``content`` published."""
+    shutil.rmtree(scn.final.parent, ignore_errors=True)
+    assert zygote.run(scn.argv(content), scn.new_log(f"fresh-{content}"), scn.root) == 0
+
+
+def _run(
+    scn: Scenario, zygote: Zygote, content: str, fault: str | None = None, *extra: str
+) -> tuple[int, str]:
+    env = {"ZARR_PARALLEL_FAULT_ROOT": str(scn.final.parent)}
+    if fault:
+        env["ZARR_PARALLEL_FAULT"] = fault
+    log = scn.new_log(content)
+    code = zygote.run(scn.argv(content, *extra), log, scn.root, env)
+    return code, log.read_text()
+
+
+def test_fault_specs_parse_and_typos_fail() -> None:
+    assert faults.parse("kill@job-recorded#2") == faults.Fault("kill", "job-recorded", 2)
+    assert faults.parse("enospc@os.write#3*") == faults.Fault(
+        "enospc", None, 1, "write", 3, persistent=True
+    )
+    spec = faults.parse("stop@prune+os.unlink#4")
+    assert (spec.point, spec.operation, spec.operation_nth) == ("prune", "unlink", 4)
+    for bad in ("kill@nowhere", "crash@init", "kill@os.chmod#1", "eio@init", "kill"):
+        with pytest.raises(ValueError, match="ZARR_PARALLEL_FAULT"):
+            faults.parse(bad)
+
+
+def test_the_file_operation_layer_counts_only_under_its_root(tmp_path: Path) -> None:
+    inside, outside = tmp_path / "in", tmp_path / "out"
+    inside.mkdir()
+    outside.mkdir()
+    with faults.activate("enospc@os.write#2", inside):
+        (outside / "a").write_text("x")  # not counted: outside the root
+        (inside / "a").write_text("x")  # the first write under the root
+        with pytest.raises(OSError, match="injected: write #2") as e:
+            (inside / "b").write_text("y")
+        assert e.value.errno == 28 and faults.fired()
+        (inside / "c").write_text("z")  # transient: the third succeeds
+    assert (inside / "c").read_text() == "z"
+    with faults.activate("eio@os.replace#1*", inside):
+        for name in ("d", "e"):
+            (inside / name).write_text("1")
+            with pytest.raises(OSError, match="Input/output"):
+                os.replace(inside / name, inside / f"{name}2")  # persistent: every one fails
+    os.replace(inside / "d", inside / "d2")  # the layer is gone after the block
+
+
+def test_resume_after_a_kill_inside_prune(durability: tuple[Scenario, Zygote]) -> None:
+    """A run killed while it removed the previous version, then that version's request again.
+
+    The half-removed version kept its manifest, so the next run of its request took it up as
+    its own interrupted run and failed on its missing arrays, with exit 2 ("invalid request:
+    No array found ..."), at every later attempt. Now a version is renamed out of the versions'
+    names before it is removed, and the next prune removes what a cut-short removal left.
+    """
+    scn, zygote = durability
+    _fresh(scn, zygote, "A")
+    assert _run(scn, zygote, "B")[0] == 0
+    # A publishes and prunes B's version; killed after 5 files of it were removed.
+    code, _ = _run(scn, zygote, "A", "kill@prune+os.unlink#5")
+    assert code == -signal.SIGKILL
+    counts = Counts()
+    assert published_content(scn, counts, {"A"}, "after the kill") == "A"
+    versions = CachePaths(scn.final).versions
+    assert [p.name for p in versions.iterdir() if p.name.startswith(PRUNING_PREFIX)]
+    code, log = _run(scn, zygote, "B")
+    assert code == 0, log[-2000:]
+    check_finished(scn, counts, "B", "the next run of B")
+    assert counts.failures == [] and counts.verified == 1
+    assert not list(versions.glob(f"{PRUNING_PREFIX}*")), "the next prune removes the leftover"
+
+
+def test_a_killed_run_leaves_no_probe_file(durability: tuple[Scenario, Zygote]) -> None:
+    """The first file removed under the cache's folder was the writability probe's: a run
+    killed just before it left ``.zarr-parallel-probe-*`` beside the cache for good. The probe
+    is now an unnamed file."""
+    scn, zygote = durability
+    _fresh(scn, zygote, "A")
+    code, _ = _run(scn, zygote, "B", "kill@os.unlink#1")
+    assert code == -signal.SIGKILL
+    assert not list(scn.final.parent.glob(".zarr-parallel-probe-*"))
+    assert _run(scn, zygote, "B")[0] == 0
+    counts = Counts()
+    check_finished(scn, counts, "B", "after the kill")
+    assert counts.failures == []
+
+
+def test_crash_soak(durability: tuple[Scenario, Zygote]) -> None:
+    """SIGKILL at random instants (file operations, points, inside prune, from outside), also
+    in the dask_distributed mode: after each kill the published cache is whole, and the resumed
+    run gives the reference, verifies and leaves nothing behind."""
+    scn, zygote = durability
+    shutil.rmtree(scn.final.parent, ignore_errors=True)
+    counts = soak(scn, zygote, kills=SOAK_KILLS, seconds=150, seed=16, dask_kills=1)
+    print(counts.text())
+    assert counts.failures == []
+    assert counts.bytes_lost == 0
+    assert counts.kills >= min(SOAK_KILLS, 12)
+    assert counts.verified >= counts.kills // 2
+
+
+def test_file_operation_faults(durability: tuple[Scenario, Zygote]) -> None:
+    """The N-th write, fsync, open, mkdir, replace, link, symlink, unlink, rmdir of a run fails
+    (ENOSPC or EIO), N = 1, 1+stride, ... until a run no longer reaches it: the previous version
+    stays published and whole, the run exits 1 with a message, a clean re-run gives the
+    reference. The benchmark (``--io-faults``) sweeps every N."""
+    scn, zygote = durability
+    _fresh(scn, zygote, "A")
+    plan = {
+        "write": (("enospc", "eio*"), 23),
+        "fsync": (("eio",), 29),
+        "open": (("enospc*",), 17),
+        "mkdir": (("enospc",), 23),
+        "replace": (("eio",), 11),
+        "link": (("enospc",), 2),
+        "symlink": (("enospc",), 1),
+        "unlink": (("eio",), 9),
+        "rmdir": (("eio",), 9),
+    }
+    counts = Counts()
+    for operation, (errors, stride) in plan.items():
+        # From the end of planning on: the lock's own faults are test_faults_taking_the_lock.
+        fault_sweep(scn, zygote, {operation: errors}, 60, stride, counts=counts, after="planned")
+    print(counts.text())
+    assert counts.failures == []
+    assert counts.bytes_lost == 0
+    assert counts.faults >= 15
+
+
+@pytest.mark.parametrize("spec", ["enospc@os.write#1", "eio@os.fsync#1", "enospc@os.link#1"])
+def test_faults_taking_the_lock(durability: tuple[Scenario, Zygote], spec: str) -> None:
+    """The first write, fsync and link under the cache's folder are the lock's: the run must
+    fail with exit 1 and a message, leave the published cache and no temporary lock file."""
+    scn, zygote = durability
+    _fresh(scn, zygote, "A")
+    counts = Counts()
+    injected = fault_step(scn, zygote, counts, spec)
+    assert injected
+    assert counts.failures == []
+    assert not list(scn.final.parent.glob("*.tmp"))
+
+
+#: Where the first run is frozen while the others try: each named fault point of a run.
+PAUSES = (
+    "planned",
+    "initialised",
+    "job-recorded#2",
+    "before-publish",
+    "publish",
+    "published",
+    "prune",
+)
+
+
+def _frozen(zygote: Zygote, pid: int, point: str) -> None:
+    deadline = time.monotonic() + 120
+    while psutil.Process(pid).status() != psutil.STATUS_STOPPED:
+        assert not zygote.ended(pid), f"the run ended before {point}"
+        assert time.monotonic() < deadline, f"the run never reached {point}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("point", PAUSES)
+def test_interleaved_runs(durability: tuple[Scenario, Zygote], point: str) -> None:
+    """A run frozen at ``point``; meanwhile a run of the other request, ``verify`` and a
+    re-cache of the same cache each stop at once (the lock) and change nothing; the frozen run
+    then finishes and publishes its content."""
+    scn, zygote = durability
+    _fresh(scn, zygote, "A")
+    log = scn.new_log(f"frozen-{point}")
+    env = {"ZARR_PARALLEL_FAULT": f"stop@{point}"}
+    first = zygote.spawn(scn.argv("B"), log, scn.root, env)
+    try:
+        _frozen(zygote, first, point)
+        snapshot = location_snapshot(scn.final)
+        code, text = _run(scn, zygote, "A", None, "--set", "overwrite=true")
+        assert code == 1 and "held by a running process" in text, text[-1500:]
+        code, text = _run(scn, zygote, "B")
+        assert code == 1 and "held by a running process" in text, text[-1500:]
+        code, text = verify_cli(scn, "B")
+        assert code == 1 and "held" in text, text[-1500:]
+        recache = scn.new_log("recache")
+        code = zygote.run(["recache", str(scn.requests["A"])], recache, scn.root)
+        assert code == 1 and "held" in recache.read_text(), recache.read_text()[-1500:]
+        assert location_snapshot(scn.final) == snapshot
+        counts = Counts()
+        expected = {"B"} if point in ("published", "prune") else {"A"}
+        assert published_content(scn, counts, expected, f"while frozen at {point}") in expected
+        os.kill(first, signal.SIGCONT)
+        assert zygote.wait(first, 300) == 0, log.read_text()[-2000:]
+    finally:
+        if not zygote.ended(first, 0):
+            os.kill(first, signal.SIGKILL)
+    check_finished(scn, counts, "B", f"after the run frozen at {point}", log)
+    assert counts.failures == [], counts.failures
