@@ -52,7 +52,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from zarr_parallel.errors import RequestError, ZarrParallelError
-from zarr_parallel.remote import env_references, redact, redact_url
+from zarr_parallel.remote import env_references, option_strings, redact, redact_url
 
 #: The environment variable naming the policy file (set by the work pool's job template).
 POLICY_ENV = "ZARR_PARALLEL_POLICY"
@@ -253,14 +253,7 @@ def _local(value: str) -> str:
 
 def _option_urls(value: Any, path: str) -> Iterator[tuple[str, str]]:
     """``(parameter, url)`` of every URL string inside storage or open options."""
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            yield from _option_urls(v, f"{path}.{k}")
-    elif isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            yield from _option_urls(v, f"{path}[{i}]")
-    elif isinstance(value, str) and "://" in value:
-        yield path, value
+    return ((p, text) for p, text in option_strings(value, path) if "://" in text)
 
 
 def check_request(request: Any, policy: Policy, workdir: str | Path | None = None) -> None:

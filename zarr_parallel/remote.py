@@ -359,17 +359,24 @@ def _check_url(parameter: str, url: str) -> None:
         )
 
 
-def env_references(value: Any, path: str) -> Iterator[tuple[str, str]]:
-    """``(parameter, NAME)`` for every ``${NAME}`` reference inside ``value`` (options)."""
+def option_strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """``(parameter, text)`` for every string inside nested options, e.g.
+    ``("storage_options.headers.X-Token", "${TOKEN}")``."""
     if isinstance(value, Mapping):
         for k, v in value.items():
-            yield from env_references(v, f"{path}.{k}")
+            yield from option_strings(v, f"{path}.{k}")
     elif isinstance(value, list | tuple):
         for i, v in enumerate(value):
-            yield from env_references(v, f"{path}[{i}]")
+            yield from option_strings(v, f"{path}[{i}]")
     elif isinstance(value, str):
-        for m in _ENV_REF.finditer(value):
-            yield path, m.group(1)
+        yield path, value
+
+
+def env_references(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """``(parameter, NAME)`` for every ``${NAME}`` reference inside ``value`` (options)."""
+    for parameter, text in option_strings(value, path):
+        for m in _ENV_REF.finditer(text):
+            yield parameter, m.group(1)
 
 
 def _example(key: str) -> str:
