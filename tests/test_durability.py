@@ -255,6 +255,14 @@ def test_interleaved_runs(durability: tuple[Scenario, Zygote], point: str) -> No
     assert counts.failures == [], counts.failures
 
 
+def _lock_pid(scn: Scenario) -> int | None:
+    """The pid holding the cache's lock, or None when nobody holds it."""
+    from zarr_parallel.lock import LockHolder
+
+    holder = LockHolder.from_file(CachePaths(scn.final).lock)
+    return None if holder is None else holder.pid
+
+
 #: Where a ``verify`` of A is frozen (file operations under the cache's folder; verify passes
 #: no named point): before it takes the lock, holding it before reading, and done, releasing it.
 VERIFY_PAUSES = {"before-lock": "os.mkdir#1", "locked": "os.unlink#1", "releasing": "os.unlink#2"}
@@ -277,6 +285,8 @@ def test_interleaved_verify(durability: tuple[Scenario, Zygote], where: str) -> 
     counts = Counts()
     try:
         _frozen(zygote, frozen, where)
+        # Frozen where meant: holding the lock exactly when past taking it.
+        assert _lock_pid(scn) == (None if where == "before-lock" else frozen)
         code, text = _run(scn, zygote, "B")
         if where == "before-lock":
             assert code == 0, text[-2000:]
@@ -327,6 +337,7 @@ def test_interleaved_recache(durability: tuple[Scenario, Zygote], where: str) ->
     counts = Counts()
     try:
         _frozen(zygote, frozen, where)
+        assert _lock_pid(scn) == (frozen if where == "deciding" else None)
         code, text = _run(scn, zygote, "A", None, "--set", "overwrite=true")
         if where == "deciding":
             assert code == 1 and "held by a running process" in text, text[-1500:]
