@@ -133,6 +133,7 @@ def _report(decision: Decision, started: float, check_only: bool) -> dict[str, A
         "jobs_run": 0,
         "jobs_skipped": 0,
         "read_amplification": 1.0,
+        "max_job_memory": 0,  # format_summary prints it: without it the CLI ended in a KeyError
         "bytes_written": 0,
         "seconds": round(time.time() - started, 3),
         "check_only": check_only,

@@ -253,3 +253,117 @@ def test_interleaved_runs(durability: tuple[Scenario, Zygote], point: str) -> No
             os.kill(first, signal.SIGKILL)
     check_finished(scn, counts, "B", f"after the run frozen at {point}", log)
     assert counts.failures == [], counts.failures
+
+
+def _lock_pid(scn: Scenario) -> int | None:
+    """The pid holding the cache's lock, or None when nobody holds it."""
+    from zarr_parallel.lock import LockHolder
+
+    holder = LockHolder.from_file(CachePaths(scn.final).lock)
+    return None if holder is None else holder.pid
+
+
+#: Where a ``verify`` of A is frozen (file operations under the cache's folder; verify passes
+#: no named point): before it takes the lock, holding it before reading, and done, releasing it.
+VERIFY_PAUSES = {"before-lock": "os.mkdir#1", "locked": "os.unlink#1", "releasing": "os.unlink#2"}
+
+
+@pytest.mark.parametrize("where", list(VERIFY_PAUSES))
+def test_interleaved_verify(durability: tuple[Scenario, Zygote], where: str) -> None:
+    """``verify`` of A frozen while a run of B tries to write: once verify holds the lock the
+    run stops at once (the lock) and verify then reports OK for A; frozen before the lock, the
+    run publishes B and verify, continued, fails cleanly (exit 1, naming what changed), never
+    a traceback and never OK for the wrong version."""
+    scn, zygote = durability
+    _fresh(scn, zygote, "A")
+    log = scn.new_log(f"verify-frozen-{where}")
+    env = {
+        "ZARR_PARALLEL_FAULT": f"stop@{VERIFY_PAUSES[where]}",
+        "ZARR_PARALLEL_FAULT_ROOT": str(scn.final.parent),
+    }
+    frozen = zygote.spawn(["cache", "verify", str(scn.requests["A"])], log, scn.root, env)
+    counts = Counts()
+    try:
+        _frozen(zygote, frozen, where)
+        # Frozen where meant: holding the lock exactly when past taking it.
+        assert _lock_pid(scn) == (None if where == "before-lock" else frozen)
+        code, text = _run(scn, zygote, "B")
+        if where == "before-lock":
+            assert code == 0, text[-2000:]
+            check_finished(scn, counts, "B", "B published while verify was frozen")
+        else:
+            assert code == 1 and "held by a running process" in text, text[-1500:]
+            assert published_content(scn, counts, {"A"}, f"verify frozen {where}") == "A"
+        os.kill(frozen, signal.SIGCONT)
+        code = zygote.wait(frozen, 120)
+    finally:
+        if not zygote.ended(frozen, 0):
+            os.kill(frozen, signal.SIGKILL)
+    report = log.read_text()
+    assert "Traceback" not in report, report[-2000:]
+    if where == "before-lock":
+        assert code == 1 and "result    OK" not in report, report[-2000:]
+        # It checked the version published when it took the lock (B's) and says so.
+        assert "stale: the cache was made from a different request" in report, report[-2000:]
+        assert CachePaths(scn.final).current().name in report.splitlines()[0]
+        assert published_content(scn, counts, {"B"}, "after verify") == "B"
+    else:
+        assert code == 0 and "result    OK" in report, report[-2000:]
+        code, text = _run(scn, zygote, "B")  # the run refused meanwhile goes through now
+        assert code == 0, text[-2000:]
+        check_finished(scn, counts, "B", f"B after verify frozen {where}")
+    assert counts.failures == [], counts.failures
+
+
+#: Where ``python -m flows.recache B`` (a full re-cache: A is published) is frozen: before the
+#: lock of its decision, holding it, and between the decision and the cache run it starts
+#: (which takes the lock again).
+RECACHE_PAUSES = {"before-lock": "os.mkdir#1", "deciding": "os.unlink#1", "decided": "os.mkdir#2"}
+
+
+@pytest.mark.parametrize("where", list(RECACHE_PAUSES))
+def test_interleaved_recache(durability: tuple[Scenario, Zygote], where: str) -> None:
+    """A re-cache of B frozen while a run re-writes A (``overwrite``): the run is refused while
+    the re-cache holds the lock, else publishes; either way the re-cache, continued, finishes
+    and publishes B equal to its reference (it plans again under its own lock)."""
+    scn, zygote = durability
+    _fresh(scn, zygote, "A")
+    log = scn.new_log(f"recache-frozen-{where}")
+    env = {
+        "ZARR_PARALLEL_FAULT": f"stop@{RECACHE_PAUSES[where]}",
+        "ZARR_PARALLEL_FAULT_ROOT": str(scn.final.parent),
+    }
+    frozen = zygote.spawn(["recache", str(scn.requests["B"])], log, scn.root, env)
+    counts = Counts()
+    try:
+        _frozen(zygote, frozen, where)
+        assert _lock_pid(scn) == (frozen if where == "deciding" else None)
+        code, text = _run(scn, zygote, "A", None, "--set", "overwrite=true")
+        if where == "deciding":
+            assert code == 1 and "held by a running process" in text, text[-1500:]
+        else:
+            assert code == 0, text[-2000:]
+        assert published_content(scn, counts, {"A"}, f"recache frozen {where}") == "A"
+        os.kill(frozen, signal.SIGCONT)
+        code = zygote.wait(frozen, 300)
+    finally:
+        if not zygote.ended(frozen, 0):
+            os.kill(frozen, signal.SIGKILL)
+    report = log.read_text()
+    assert code == 0 and "Traceback" not in report, report[-2000:]
+    assert "re-cache            full" in report, report[-2000:]
+    check_finished(scn, counts, "B", f"the re-cache frozen {where}", log)
+    assert counts.failures == [], counts.failures
+
+
+def test_recache_cli_up_to_date(durability: tuple[Scenario, Zygote]) -> None:
+    """``python -m flows.recache`` on a current cache ended in a KeyError traceback (its
+    summary lacked a field the printer reads); it says "up to date" and exits 0."""
+    scn, zygote = durability
+    _fresh(scn, zygote, "A")
+    snapshot = location_snapshot(scn.final)
+    log = scn.new_log("recache-up-to-date")
+    code = zygote.run(["recache", str(scn.requests["A"])], log, scn.root)
+    assert code == 0, log.read_text()[-2000:]
+    assert "re-cache            up_to_date" in log.read_text()
+    assert location_snapshot(scn.final) == snapshot

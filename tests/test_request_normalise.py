@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from flows.cache import main
@@ -367,3 +367,87 @@ def test_alias_bomb_is_refused_fast(era5_files: list[Path], tmp_path: Path) -> N
     with pytest.raises(RequestError, match=r"alias \*a0 on line 5"):
         load_request_file(path)
     assert time.monotonic() - started < 2
+
+
+# -- fuzzed request files, run for real -----------------------------------------------------------
+
+#: The loader fuzz's fields, less those whose effect depends on timing or size rather than on
+#: the request's meaning (a fuzzed worker_timeout of 1 s may or may not fire; num_jobs: 900000
+#: plans as many jobs as there are chunks): the loader fuzz above covers them.
+_RUN_FIELDS = [f for f in _FIELDS if f not in ("worker_timeout", "num_jobs")]
+_RUN_MUTATIONS = [
+    *_MUTATIONS,
+    "add_attrs: {when: 2020-01-02, at: 2020-01-02 06:00:00, nested: [{x: [1.5, null]}]}\n",
+    "preprocessors: [{type: sel, time: [2020-01-01 18:00:00, 2020-01-02]}]\nkeep_versions: 2\n",
+]
+_runs: list[int] = []  # one folder per example (hypothesis reuses the test's tmp_path)
+
+
+def _cli(*argv: str) -> int:
+    """``python -m flows.cache ...`` in this process (as the other CLI tests run it)."""
+    return main(list(argv))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@example(fields={}, mutation=_RUN_MUTATIONS[-1])  # unquoted YAML dates in a sel: the bug
+@example(
+    fields={"add_attrs": {"a": [dt.date(1999, 12, 31), None, -1.5, {"b": "x y"}]}},
+    mutation=_RUN_MUTATIONS[-2],
+)
+@given(
+    fields=st.dictionaries(st.sampled_from(_RUN_FIELDS), _yaml_junk, max_size=2),
+    mutation=st.sampled_from(_RUN_MUTATIONS),
+)
+def test_fuzzed_request_files_run_as_their_normal_form(
+    era5_factory: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    fields: dict[str, Any],
+    mutation: str,
+) -> None:
+    """A fuzzed request file, run: exit 2 and nothing written, or a cache byte-identical to the
+    one its normalised JSON form gives (run as a second file, to a second cache path)."""
+    files = era5_factory(n_files=2, steps_per_file=24, nlat=6, nlon=8, chunks=(6, 6, 8))
+    _runs.append(len(_runs))
+    folder = tmp_path / f"run{_runs[-1]}"
+    folder.mkdir()
+    first, second = folder / "yaml" / "c.zarr", folder / "json" / "c.zarr"
+    body = yaml.safe_dump(fields, sort_keys=False, allow_unicode=True) if fields else ""
+    head = "deploy_mode: series\nrecommend_changes: proceed\n"
+    text = f"data_uri: {files[0].parent}/era5_like_*.nc\ncache_store: {first}\n{head}{body}"
+    path = folder / "request.yaml"
+    path.write_text(text + mutation)
+    code = _cli("run", str(path))
+    err = capsys.readouterr().err
+    event(f"exit {code}")
+    json_path = folder / "request.json"
+    if code == 2:
+        assert "invalid request:" in err and "Traceback" not in err, err[-2000:]
+        assert not first.parent.exists(), "a refused request writes nothing"
+        if f"request={str(path)!r}" in err:
+            return  # refused as YAML (an alias, a repeated key): it has no one normal form
+        try:
+            normal = _json_form({**yaml.safe_load(text + mutation), "cache_store": str(second)})
+        except (RequestError, ValueError):
+            return  # the normal form itself is refused
+        # A request is refused exactly when its normal form is.
+        json_path.write_text(json.dumps(normal))
+        assert _cli("run", str(json_path)) == 2, capsys.readouterr().err[-3000:]
+        assert not second.parent.exists()
+        return
+    assert code == 0, err[-3000:]
+    assert first.is_symlink(), "a run that exits 0 publishes its cache"
+    # Accepted: the normal form (plain YAML, since the loader accepted no alias or repeated
+    # key), as JSON, is the same request; run it to another path.
+    normal = _json_form({**yaml.safe_load(text + mutation), "cache_store": str(second)})
+    json_path.write_text(json.dumps(normal))
+    assert _cli("run", str(json_path)) == 0, capsys.readouterr().err[-3000:]
+    from zarr_parallel.verify import cache_differences
+
+    assert cache_differences(first, second) == []
+    with xr.open_zarr(first) as a, xr.open_zarr(second) as b:
+        # Root attributes (add_attrs) are outside cache_differences; provenance names the path.
+        assert {k: v for k, v in a.attrs.items() if not k.startswith("zarr_parallel")} == {
+            k: v for k, v in b.attrs.items() if not k.startswith("zarr_parallel")
+        }
+        assert a.sizes == b.sizes
