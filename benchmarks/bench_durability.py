@@ -412,6 +412,7 @@ def leftovers(scn: Scenario, published: bool = True) -> list[str]:
     """
     from zarr_parallel.store import (
         LOCK_GUARD,
+        PENDING_DIR,
         PRUNING_PREFIX,
         READERS_DIR,
         RETIRED_DIR,
@@ -427,7 +428,8 @@ def leftovers(scn: Scenario, published: bool = True) -> list[str]:
             out.append(f"beside the cache: {entry.name}")
     current = paths.current()
     for version in paths.versions.iterdir() if paths.versions.is_dir() else []:
-        if version.name in (LOCK_GUARD, RETIRED_DIR, READERS_DIR) or version == current:
+        ours = (LOCK_GUARD, PENDING_DIR, RETIRED_DIR, READERS_DIR)
+        if version.name in ours or version == current:
             continue
         if not published and (version.name.startswith(PRUNING_PREFIX) or is_complete(version)):
             continue

@@ -41,6 +41,7 @@ from zarr_parallel.store import (
     initialise_store,
     is_complete,
     iter_job_records,
+    pending_record,
     plan_differences,
     plan_record,
     publish,
@@ -365,6 +366,7 @@ def initialise(prepared: Prepared) -> None:
         if stale not in (current, prepared.version) and not is_complete(stale):
             logger.info("removing stale staging version %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
+            pending_record(paths, stale).unlink(missing_ok=True)
     if prepared.status == "resume":
         removed = clean_temporary(prepared.version)
         logger.info(
@@ -388,7 +390,14 @@ def initialise(prepared: Prepared) -> None:
     if token is not None and prepared.status != "up_to_date":
         # Every job checks, before it records, that the run writing this version still holds
         # the lock (a run whose lock was broken while it was paused must record nothing).
-        write_fence(prepared.version, paths.lock, token)
+        try:
+            write_fence(prepared.version, paths.lock, token)
+        except OSError as e:
+            raise RunFailed(
+                f"could not write the lock fence of {prepared.version} ({e}); nothing was "
+                f"published and {paths.final} is unchanged. Fix the cause (space, permissions) "
+                "and run again"
+            ) from e
     fault_point("initialised")
 
 

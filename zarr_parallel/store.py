@@ -145,13 +145,29 @@ def version_owner(version: Path) -> str | None:
     return None
 
 
+#: ``P.versions/.pending/<version>.json``: the cache path a version is being made for, written
+#: before zarr creates the version's folder and removed once the version records its owner. A
+#: run killed among zarr's metadata writes leaves a folder with no manifest; this record lets the
+#: next run prove it made it (and remove it as a stale staging version).
+PENDING_DIR = ".pending"
+
+
+def pending_record(paths: CachePaths, version: Path) -> Path:
+    """Where the owner of a version still being created is recorded."""
+    return paths.versions / PENDING_DIR / f"{version.name}.json"
+
+
 def owns_version(paths: CachePaths, version: Path) -> bool:
     """True when ``version`` is provably a version of the cache at ``paths.final``.
 
-    Its manifest names this cache path; versions made before the path was recorded count when
-    they hold a plan with its request (only zarr-parallel writes that).
+    Its manifest names this cache path (or, while zarr was creating it, its pending record
+    does); versions made before the path was recorded count when they hold a plan with its
+    request (only zarr-parallel writes that).
     """
     owner = version_owner(version)
+    if owner is None:
+        pending = read_json(pending_record(paths, version))
+        owner = str(pending["cache_path"]) if pending and pending.get("cache_path") else None
     if owner is not None:
         return owner == paths.canonical
     rec = plan_record(version)
@@ -712,6 +728,8 @@ def initialise_store(
         out[name].encoding = {}
     # Coordinates are small and loaded here; data variables are dask placeholders, not written.
     out = out.assign_coords({k: v.load() for k, v in out.coords.items()})
+    if paths is not None:
+        write_json_atomic(pending_record(paths, version), {"cache_path": paths.canonical})
     out.to_zarr(
         version,
         mode="w-",
@@ -725,6 +743,8 @@ def initialise_store(
         # First thing after zarr made the folder: whose version it is, so that a run killed
         # before plan.json is written leaves a version the next run may prove is its own.
         write_json_atomic(manifest_dir(version) / OWNER_FILE, {"cache_path": paths.canonical})
+        with contextlib.suppress(OSError):  # owner.json now decides; a stale record is harmless
+            pending_record(paths, version).unlink(missing_ok=True)
     # Metadata and coordinates durable before plan.json says the version is initialised.
     sync_files((p for p in version.rglob("*") if p.is_file()), version)
     fault_point("init")
@@ -981,7 +1001,12 @@ def publish(
         # Recorded beside the versions, not in them: a complete version is never written again.
         with contextlib.suppress(OSError):
             write_json_atomic(retired_record(paths, previous), {"time": time.time()})
-    prune_versions(paths, keep_versions, min_age)
+    try:
+        prune_versions(paths, keep_versions, min_age)
+    except OSError as e:
+        # Pruning is tidying up: the new version is published, so the run has succeeded; what
+        # was not removed is removed by the next run's prune.
+        logger.warning("published %s, but removing old versions failed (%s)", version, e)
 
 
 #: Suffixes of temporary files: Zarr's chunk writes (``.partial``), this package's (``.tmp``) and
