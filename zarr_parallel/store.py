@@ -745,6 +745,8 @@ def initialise_store(
         write_json_atomic(manifest_dir(version) / OWNER_FILE, {"cache_path": paths.canonical})
         with contextlib.suppress(OSError):  # owner.json now decides; a stale record is harmless
             pending_record(paths, version).unlink(missing_ok=True)
+            # One version is created at a time (under the lock): the folder is empty again.
+            pending_record(paths, version).parent.rmdir()
     # Metadata and coordinates durable before plan.json says the version is initialised.
     sync_files((p for p in version.rglob("*") if p.is_file()), version)
     fault_point("init")
