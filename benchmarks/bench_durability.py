@@ -78,9 +78,9 @@ KILL_OPERATIONS = ("write", "fsync", "replace", "mkdir", "open", "unlink", "rmdi
 
 def _zygote() -> None:
     """Serve run requests (JSON lines on stdin) by forking; report pids and exit codes."""
-    import flows.cache
-    import flows.recache  # noqa: F401
-    import zarr_parallel.verify  # noqa: F401
+    import zarr_parallel.orchestration.cache
+    import zarr_parallel.orchestration.recache
+    import zarr_parallel.run.verify  # noqa: F401
 
     out = sys.stdout
     children: set[int] = set()
@@ -130,9 +130,9 @@ def _child(req: dict[str, Any]) -> None:
         faults.install_from_environment()
         command, *argv = req["argv"]
         if command == "recache":
-            from flows.recache import main
+            from zarr_parallel.orchestration.recache import main
         else:
-            from flows.cache import main
+            from zarr_parallel.orchestration.cache import main
         code = main(argv)
     except BaseException:
         import traceback
@@ -356,7 +356,7 @@ class Counts:
 
 def lost_bytes(cache: Path, reference: Path) -> int:
     """Bytes of the reference's array files missing from ``cache`` or different in it."""
-    from zarr_parallel.verify import cache_files
+    from zarr_parallel.run.verify import cache_files
 
     want = cache_files(reference)
     try:
@@ -374,8 +374,8 @@ def published_content(scn: Scenario, counts: Counts, allowed: set[str], context:
     """
     import xarray as xr
 
-    from zarr_parallel.store import is_complete
-    from zarr_parallel.verify import cache_differences
+    from zarr_parallel.run.verify import cache_differences
+    from zarr_parallel.store.cache_store import is_complete
 
     final = scn.final
     if not final.is_symlink():
@@ -410,7 +410,7 @@ def leftovers(scn: Scenario, published: bool = True) -> list[str]:
     A run that found the cache up to date (``published=False``) publishes and prunes nothing,
     so what a killed run's prune left stays until the next publish.
     """
-    from zarr_parallel.store import (
+    from zarr_parallel.store.cache_store import (
         LOCK_GUARD,
         PENDING_DIR,
         PRUNING_PREFIX,
@@ -445,7 +445,7 @@ def leftovers(scn: Scenario, published: bool = True) -> list[str]:
 
 
 def _pruning_names(scn: Scenario) -> list[str]:
-    from zarr_parallel.store import PRUNING_PREFIX, CachePaths
+    from zarr_parallel.store.cache_store import PRUNING_PREFIX, CachePaths
 
     versions = CachePaths(scn.final).versions
     return [p.name for p in versions.glob(f"{PRUNING_PREFIX}*")] if versions.is_dir() else []
@@ -453,7 +453,7 @@ def _pruning_names(scn: Scenario) -> list[str]:
 
 def verify_cli(scn: Scenario, content: str) -> tuple[int, str]:
     """``python -m flows.cache verify REQUEST`` (its main, in this process): code and output."""
-    from flows.cache import main
+    from zarr_parallel.orchestration.cache import main
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):

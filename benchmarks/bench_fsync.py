@@ -2,12 +2,12 @@
 
 ``python -m benchmarks.bench_fsync [--steps 48] [--folder /path/on/the/target/fs]``
 
-Writes an ERA5-like source (full 721 × 1440 grid, ``--steps`` hourly steps, two float32
-variables), caches it in series mode with target chunks ``{time: 48, latitude: 180,
-longitude: 360}`` and prints, per job, the write time and the time :func:`zarr_parallel.store.
-sync_job` took to fsync the job's chunk files and folders before its record was written. Run it
-on the filesystem the caches will live on: the figure is the cost of flushing the job's dirty
-pages, so it depends on the disk, not on this package.
+Writes an ERA5-like source (full 721 × 1440 grid, ``--steps`` hourly steps, two float32 variables),
+caches it in series mode with target chunks ``{time: 48, latitude: 180, longitude: 360}`` and
+prints, per job, the write time and the time :func:`zarr_parallel.store.cache_store. sync_job` took
+to fsync the job's chunk files and folders before its record was written. Run it on the filesystem
+the caches will live on: the figure is the cost of flushing the job's dirty pages, so it depends on
+the disk, not on this package.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zarr_parallel import store
 from zarr_parallel.examples import make_era5_like
+from zarr_parallel.store import cache_store as store
 
 
 def main() -> None:
@@ -29,9 +29,9 @@ def main() -> None:
     parser.add_argument("--folder", default=None)
     parser.add_argument("--memory", default="1GB", help="memory_limit (sets the job size)")
     args = parser.parse_args()
-    from zarr_parallel.pipeline import finish, initialise, prepare
-    from zarr_parallel.request import build_request
-    from zarr_parallel.write import run_job
+    from zarr_parallel.request.model import build_request
+    from zarr_parallel.run.job import run_job
+    from zarr_parallel.run.steps import finish, initialise, prepare
 
     with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
         files = make_era5_like(

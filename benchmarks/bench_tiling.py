@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from zarr_parallel.examples import make_era5_like
-from zarr_parallel.pipeline import finish, initialise, prepare
-from zarr_parallel.request import build_request
+from zarr_parallel.request.model import build_request
+from zarr_parallel.run.job import run_job
+from zarr_parallel.run.steps import finish, initialise, prepare
 from zarr_parallel.units import format_bytes
-from zarr_parallel.write import run_job
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zarr_parallel.write import high_water_mark
+from zarr_parallel.run.job import high_water_mark
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"

@@ -23,8 +23,8 @@ import deflate
 import h5py
 import numpy as np
 
-from zarr_parallel.fastread import unshuffle
-from zarr_parallel.write import high_water_mark
+from zarr_parallel.run.job import high_water_mark
+from zarr_parallel.sources.fastread import unshuffle
 
 DIMS = ("time", "latitude", "longitude")
 
@@ -92,7 +92,7 @@ def _maxrss() -> int:
 
 
 def _rchar() -> int:
-    # Not zarr_parallel.write.rchar: the floor's pool processes must not import the project.
+    # Not zarr_parallel.run.job.rchar: the floor's pool processes must not import the project.
     with open("/proc/self/io") as f:
         for line in f:
             if line.startswith("rchar:"):

@@ -18,7 +18,7 @@ import time
 def rchar() -> int:
     """Bytes this process has read (``/proc/self/io``).
 
-    Not ``zarr_parallel.write.rchar``: this script runs in 0.5.0's own virtualenv.
+    Not ``zarr_parallel.run.job.rchar``: this script runs in 0.5.0's own virtualenv.
     """
     with open("/proc/self/io") as f:
         for line in f:

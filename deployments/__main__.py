@@ -11,7 +11,7 @@ The pool's job template is what keeps a flow run from choosing its own process: 
 set ``command``, ``env`` or ``working_dir`` (the template's variables refuse unknown keys, and
 the API checks every run's job variables against them), and the template itself sets
 ``ZARR_PARALLEL_POLICY`` to the operator's policy file (``--policy PATH``, default
-``/etc/zarr-parallel/policy.toml``; see :mod:`zarr_parallel.policy`).
+``/etc/zarr-parallel/policy.toml``; see :mod:`zarr_parallel.run.policy`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from zarr_parallel.policy import DEFAULT_POLICY_PATH, POLICY_ENV
+from zarr_parallel.run.policy import DEFAULT_POLICY_PATH, POLICY_ENV
 
 PROJECT = Path(__file__).resolve().parent.parent
 PREFECT_FILE = PROJECT / "deployments" / "prefect.yaml"

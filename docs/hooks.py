@@ -1,6 +1,6 @@
 """MkDocs hook: fill ``<!-- request-fields -->`` with the request model's fields.
 
-The reference is generated from :class:`zarr_parallel.request.CacheRequest`, so it cannot drift
+The reference is generated from :class:`zarr_parallel.request.model.CacheRequest`, so it cannot drift
 from what the code validates.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zarr_parallel.request import CacheRequest, SlurmOptions
+from zarr_parallel.request.model import CacheRequest, SlurmOptions
 
 MARKER = "<!-- request-fields -->"
 SLURM_MARKER = "<!-- slurm-fields -->"

@@ -97,7 +97,8 @@ def fault_plugins() -> Path:
     """
     import sys
 
-    from zarr_parallel import execution, transforms
+    from zarr_parallel.run import job_process as execution
+    from zarr_parallel.transforms import registry as transforms
 
     path = str(PLUGINS)
     if path not in sys.path:

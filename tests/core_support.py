@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import xarray as xr
 
-from zarr_parallel.provenance import PREFIX as PROVENANCE
+from zarr_parallel.store.provenance import PREFIX as PROVENANCE
 
 
 def open_cache(path: Path) -> xr.Dataset:

@@ -13,7 +13,7 @@ from zarr_parallel.errors import (
     VersionUnavailable,
     ZarrParallelError,
 )
-from zarr_parallel.readers import open_cache
+from zarr_parallel.store.readers import open_cache
 
 try:
     __version__ = version("zarr-parallel")

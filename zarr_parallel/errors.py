@@ -39,7 +39,7 @@ class RecommendationsPending(ZarrParallelError, ValueError):
     Attributes
     ----------
     plan
-        The plan as requested (a :class:`zarr_parallel.plan.Plan`).
+        The plan as requested (a :class:`zarr_parallel.planning.plan.Plan`).
     recommendations
         Alternatives, best first; each has ``changes``, ``read_amplification``,
         ``job_memory_bytes`` and ``sentence``.

@@ -187,7 +187,7 @@ def fault_point(name: str) -> None:
 def _signal(action: str) -> None:
     sig = signal.SIGKILL if action == "kill" else signal.SIGSTOP
     if os.environ.get("ZARR_PARALLEL_JOB_PROCESS") == "1":
-        # In a job process (zarr_parallel.execution) the run is its parent, the worker:
+        # In a job process (zarr_parallel.run.job_process) the run is its parent, the worker:
         # that is what dies or freezes. A frozen parent simply gets no further job from it;
         # a killed one takes this process with it.
         os.kill(os.getppid(), sig)

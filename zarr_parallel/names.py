@@ -5,7 +5,7 @@ the Zarr store. A name with a path separator, ``.``/``..``, a leading dot (reser
 and this package's ``.zarr-parallel`` manifest), Zarr's reserved ``__`` prefix, or the name of a
 metadata document would write outside its array's folder or over the store's own files, so it is
 refused before anything is written. ``cache_label`` and ``cache_name`` are checked in
-:mod:`zarr_parallel.request`.
+:mod:`zarr_parallel.request.model`.
 """
 
 from __future__ import annotations

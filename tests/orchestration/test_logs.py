@@ -1,0 +1,89 @@
+"""``log_level`` controls what a run prints; the zarr warnings every run used to print are gone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zarr_parallel.logs import set_log_level
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run_cli(
+    era5_files: list[Path], tmp_path: Path, level: int
+) -> subprocess.CompletedProcess[str]:
+    request = {
+        "data_uri": [str(p) for p in era5_files],
+        "cache_dir": str(tmp_path / "out"),
+        "cache_label": f"_log{level}",
+        "chunks": {"time": 12},
+        "variables": ["t2m"],
+        "deploy_mode": "series",
+        "log_level": level,
+    }
+    path = tmp_path / f"request{level}.yaml"
+    path.write_text(yaml.safe_dump(request))
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cache", "run", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+    )
+
+
+def test_level_0_prints_only_the_summary(era5_files: list[Path], tmp_path: Path) -> None:
+    """No progress lines, and no warnings: the manifest-folder and consolidated-metadata
+    warnings zarr raised in every run are hidden where the run triggers them."""
+    proc = _run_cli(era5_files, tmp_path, 0)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.startswith("zarr-parallel: done")
+
+
+def test_level_2_prints_progress_and_debug(era5_files: list[Path], tmp_path: Path) -> None:
+    proc = _run_cli(era5_files, tmp_path, 2)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
+    assert "INFO    | zarr_parallel.sources.source - source: 3 file(s) via h5netcdf" in err
+    assert "DEBUG   | zarr_parallel.sources.source - layout of t2m" in err
+    assert "plan: 1 jobs, read amplification 1.00" in err  # the flow's run logger
+    assert "Finished in state Completed()" in err
+    assert "h5py._conv" not in err, "library noise stays out even when debugging"
+    assert "Warning" not in err
+
+
+@pytest.mark.parametrize(("level", "own"), [(0, 30), (1, 20), (2, 10)])
+def test_set_log_level(level: int, own: int) -> None:
+    """Logger levels, and the level of a Prefect console handler on the root logger (the
+    subprocess tests above show the real console)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    names = ("zarr_parallel", "flows", "distributed", "h5py")
+    previous = {n: logging.getLogger(n).level for n in names}
+    console = PrefectConsoleHandler()
+    logging.getLogger().addHandler(console)
+    try:
+        set_log_level(level)
+        assert logging.getLogger("zarr_parallel").level == own
+        assert logging.getLogger("flows").level == own
+        assert logging.getLogger("distributed").level == (20 if level == 2 else 30)
+        assert logging.getLogger("h5py").level == 30
+        assert console.level == own
+    finally:
+        logging.getLogger().removeHandler(console)
+        for name, lvl in previous.items():
+            logging.getLogger(name).setLevel(lvl)
+
+
+def test_bad_level() -> None:
+    with pytest.raises(ValueError, match="log_level must be 0, 1 or 2"):
+        set_log_level(3)

@@ -1,0 +1,182 @@
+"""The memory model is a promise (DESIGN §5): a job's estimate is an upper bound of its real peak.
+
+Each case plans a real request, then runs one write job in a fresh Python process (as a worker
+would) and compares the peak RSS increase the job measured (``write.measure_peak``) with the
+planner's estimate. The grids are large enough (tens of MB per job) for the peak to stand well
+above the noise of the interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zarr_parallel.request.model import build_request
+from zarr_parallel.run.steps import initialise, prepare
+
+_RUN_ONE_JOB = """
+import json, sys
+from zarr_parallel.run.job import run_job
+record = run_job(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "True")
+print(json.dumps(record))
+"""
+
+
+@pytest.fixture(scope="session")
+def archive_grid(era5_factory: Any) -> list[Path]:
+    """Two files of 48 steps, 181 × 360 (0.5°): HDF5 chunks of one step × full grid."""
+    return era5_factory(n_files=2, steps_per_file=48, nlat=181, nlon=360)
+
+
+@pytest.fixture(scope="session")
+def block_grid(era5_factory: Any) -> list[Path]:
+    """The same grid in HDF5 chunks of 24 steps × 91 × 180 rows and columns."""
+    return era5_factory(n_files=2, steps_per_file=48, nlat=181, nlon=360, chunks=(24, 91, 180))
+
+
+@pytest.fixture(scope="session")
+def four_variable_grid(era5_factory: Any) -> list[Path]:
+    """The archive layout with four variables."""
+    return era5_factory(
+        n_files=2, steps_per_file=48, nlat=181, nlon=360, variables=("t2m", "d2m", "u10", "v10")
+    )
+
+
+@pytest.fixture(scope="session")
+def packed_grid(era5_factory: Any) -> list[Path]:
+    """Packed int16 with scale_factor/add_offset (as ERA5 ships), decoded to float32."""
+    return era5_factory(n_files=2, steps_per_file=48, nlat=181, nlon=360, packed=True)
+
+
+CASES = {
+    # Aligned: each job reads exactly its region.
+    "aligned": ("archive_grid", {"chunks": {"time": 48}}),
+    # A selection starting and ending inside 24-step chunks: whole chunks are decompressed for
+    # part of them, and target chunks (16 steps) that cut the source chunks.
+    "cut-chunks": (
+        "block_grid",
+        {
+            "preprocessors": [
+                {"type": "isel", "time": [5, 77]},
+                {"type": "reverse", "dim": "latitude"},
+            ],
+            "chunks": {"time": 16, "latitude": 60, "longitude": 120},
+            "recommend_changes": "proceed",
+        },
+    ),
+    # int16 on disk, float32 in memory: the decoded copy counts.
+    "packed": ("packed_grid", {"chunks": {"time": 24}}),
+    # Four variables one after another, a fill value to encode, and statistics gathered:
+    # what the first variables freed must not pile up under the last one.
+    "four-variables-stats": (
+        "four_variable_grid",
+        {
+            "chunks": {"time": 48},
+            "variables": {"u10": [{"type": "encoding", "_FillValue": -9999.0}]}
+            | {v: {} for v in ("t2m", "d2m", "v10")},
+            "generate_stats": True,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_estimate_bounds_measured_peak(
+    case: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    fixture, fields = CASES[case]
+    files: list[Path] = request.getfixturevalue(fixture)
+    req = build_request(
+        data_uri=[str(p) for p in files],
+        cache_store=str(tmp_path / "m.zarr"),
+        deploy_mode="series",
+        memory_limit="2GB",
+        **fields,
+    )
+    prepared = prepare(req)
+    initialise(prepared)
+    # The largest job: where the estimate is tightest.
+    job = max(prepared.plan.jobs, key=lambda j: j.memory)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _RUN_ONE_JOB,
+            prepared.request_json,
+            str(prepared.version),
+            str(job.id),
+            str(req.generate_stats),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        # As in a worker's job process: the job measures the kernel's exact peak (VmHWM).
+        env={**os.environ, "ZARR_PARALLEL_JOB_PROCESS": "1"},
+    )
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    peak, estimate = record["peak_memory"], record["estimated_memory"]
+    region_bytes = job.write_bytes // len(job.variables)  # one variable's region, decoded
+    print(
+        f"{case}: estimate {estimate / 1e6:.1f} MB, measured peak {peak / 1e6:.1f} MB "
+        f"(estimate / peak {estimate / peak:.2f})"
+    )
+    # The measurement is real: the job held at least its region of one variable at once.
+    assert peak >= 0.9 * region_bytes, (peak, region_bytes)
+    # The promise: the estimate is an upper bound of the real peak.
+    assert peak <= estimate, f"{case}: measured {peak} B above the estimate {estimate} B"
+
+
+_WRITE_ONE_THREAD = """
+import json, sys
+import numpy as np, zarr
+from zarr_parallel.store import cache_store as store
+from zarr_parallel.run.job import high_water_mark, release_freed_memory, reset_high_water_mark
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS"))
+
+release_freed_memory()
+shape = (48, 270, 360)  # a whole chunk, then an edge chunk of 90 rows
+arr = zarr.create_array(sys.argv[1], shape=shape, chunks=(48, 180, 360), dtype="f4")
+arr = arr.with_config({"write_empty_chunks": True})
+region = {d: slice(0, n) for d, n in zip("tyx", shape)}
+# Random mantissas cut to 8 bits: the compressed chunk is about half a chunk.
+bits = np.random.default_rng(0).random(shape, dtype=np.float32).view(np.uint32)
+values = (bits & np.uint32(0xFFFF0000)).view(np.float32)
+store._write_chunkwise(arr, region, values, 1)  # the thread's arena settles
+release_freed_memory()
+base = rss()
+assert reset_high_water_mark()
+store._write_chunkwise(arr, region, values, 1)
+print(json.dumps(high_water_mark() - base))
+"""
+
+
+def test_a_writing_thread_holds_what_the_model_counts(tmp_path: Path) -> None:
+    """One encoding thread holds at most FAST_WRITE_COPIES chunks (a copy and its encoding).
+
+    The thread reuses one buffer for whole chunks; zarr pads an edge chunk into a buffer of its
+    own, so a thread that kept its reused buffer meanwhile would hold three.
+    """
+    from zarr_parallel.planning.plan import FAST_WRITE_COPIES
+
+    out = subprocess.run(
+        [sys.executable, "-c", _WRITE_ONE_THREAD, str(tmp_path / "w.zarr")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    peak = json.loads(out.stdout.strip().splitlines()[-1])
+    chunk_bytes = 48 * 180 * 360 * 4
+    print(f"one writing thread: {peak / chunk_bytes:.2f} chunks held at the peak")
+    assert peak >= chunk_bytes  # real: a whole chunk was copied and encoded
+    assert peak <= FAST_WRITE_COPIES * chunk_bytes

@@ -1,0 +1,187 @@
+"""The re-cache flow and its command line: ``python -m flows.recache REQUEST.yaml``.
+
+Keeps a published cache current with its source doing the least work
+(:mod:`zarr_parallel.run.recache_decision`): *up to date* → no writes; *append* → only the new
+region is written into a copy-on-write new version; *full* → the cache flow runs (new version,
+published atomically). The decision and its reason are published as the ``zp-recache-<cache>``
+artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from zarr_parallel.logs import set_log_level
+from zarr_parallel.orchestration.cache import _cache, cache_flow, exit_code, format_summary
+from zarr_parallel.orchestration.control import (
+    cache_slot,
+    checked_request,
+    deployment_policy,
+    temporary_api_settings,
+)
+from zarr_parallel.orchestration.tasks import artifact_key
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.run.policy import enforced
+from zarr_parallel.run.recache_decision import (
+    AppendNotPossible,
+    AppendPrepared,
+    Decision,
+    decide,
+    link_unchanged,
+)
+from zarr_parallel.run.steps import run_lock
+
+
+@task(name="decide", cache_policy=NO_CACHE)
+def decide_task(
+    request: CacheRequest, allow_append: bool = True
+) -> tuple[Decision, AppendPrepared | None]:
+    """Compare the source with the published cache: up to date, append or full (no writes)."""
+    return decide(request, allow_append)
+
+
+@task(name="link-unchanged-chunks", cache_policy=NO_CACHE)
+def link_task(prepared: AppendPrepared) -> dict[str, Any]:
+    """Hard-link the unchanged chunk files of the published version into the new one."""
+    return link_unchanged(prepared).to_json()
+
+
+@flow(name="zarr-parallel-recache", log_prints=False)
+def recache_flow(
+    request: CacheRequest, allow_append: bool = True, check_only: bool = False
+) -> dict[str, Any]:
+    """Bring a cache up to date with its source: no writes, an append, or a full re-cache.
+
+    Args:
+        request: The cache to keep current (the same request model as the cache flow).
+        allow_append: Append new steps when the source only grew; False re-caches in full.
+        check_only: Only decide and report what a run would do; write nothing.
+    """
+    started = time.time()
+    set_log_level(request.log_level)  # deployments run the flow in a worker process
+    policy = deployment_policy()
+    request = checked_request(request, policy)
+    with enforced(policy):
+        return _recache(request, allow_append, check_only, started)
+
+
+def _recache(
+    request: CacheRequest, allow_append: bool, check_only: bool, started: float
+) -> dict[str, Any]:
+    """The re-cache flow's steps, on a checked request."""
+    logger = get_run_logger()
+    # The decision and an append happen under the cache's slot and lock, as a cache run's steps
+    # do; a full re-cache is the cache flow, which takes them itself.
+    with cache_slot(request), run_lock(request):
+        decision, prepared = decide_task(request, allow_append)
+        _publish_decision(decision)
+        logger.info("re-cache: %s: %s", decision.action, decision.reason)
+        if check_only or decision.action == "up_to_date":
+            return _report(decision, started, check_only)
+        if decision.action == "append":
+            assert prepared is not None
+            try:
+                summary = _append(prepared)
+            except AppendNotPossible as e:
+                decision = Decision(
+                    "full",
+                    f"the append was abandoned ({e}); re-caching in full",
+                    decision.cache,
+                    base_version=decision.base_version,
+                )
+                _publish_decision(decision)
+                logger.warning("%s", decision.reason)
+            else:
+                return {**summary, "status": "appended", "recache": decision.to_json()}
+    # A full re-cache is the cache flow itself (it takes the slot again, checks the policy
+    # again, pauses on recommendations in deployment runs, and publishes a new version
+    # atomically).
+    summary = cache_flow(request)
+    return {**summary, "recache": decision.to_json()}
+
+
+def _append(prepared: AppendPrepared) -> dict[str, Any]:
+    """The cache flow's steps with the append's plan; unchanged chunks are reused first."""
+    reused: dict[str, Any] = {}
+
+    def reuse(p: Any) -> None:
+        reused.update(link_task(p))
+
+    summary = _cache(prepared.request, prepared=prepared, after_initialise=reuse)
+    return {**summary, "reused_chunks": reused}
+
+
+def _report(decision: Decision, started: float, check_only: bool) -> dict[str, Any]:
+    status = {
+        "up_to_date": "up to date",
+        "append": "would append",
+        "full": "would re-cache in full",
+    }[decision.action]
+    return {
+        "status": status,
+        "cache": decision.cache,
+        "version": decision.base_version,
+        "jobs": 0,
+        "jobs_run": 0,
+        "jobs_skipped": 0,
+        "read_amplification": 1.0,
+        "max_job_memory": 0,  # format_summary prints it: without it the CLI ended in a KeyError
+        "bytes_written": 0,
+        "seconds": round(time.time() - started, 3),
+        "check_only": check_only,
+        "recache": decision.to_json(),
+    }
+
+
+def _publish_decision(decision: Decision) -> None:
+    create_markdown_artifact(
+        decision.markdown(),
+        key=artifact_key("zp-recache", Path(decision.cache)),
+        description=f"Re-cache decision: {decision.action}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flows.recache REQUEST.yaml [--set k=v] [--check] [--no-append]``.
+
+    Exit codes as the cache CLI: 0 done or up to date, 1 failed, 2 invalid, 3 halted.
+    """
+    from zarr_parallel.request.model import load_request_file
+
+    p = argparse.ArgumentParser(
+        prog="python -m flows.recache",
+        description="Bring the cache of REQUEST.yaml up to date with its source.",
+    )
+    p.add_argument("request", help="request file (YAML or JSON)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--check", action="store_true", help="only report what a run would do")
+    p.add_argument("--no-append", action="store_true", help="re-cache in full when it changed")
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        req = load_request_file(args.request, args.overrides)
+        with temporary_api_settings():
+            summary = recache_flow(req, allow_append=not args.no_append, check_only=args.check)
+        print(format_summary(summary))
+        recache = summary["recache"]
+        print(f"  re-cache            {recache['action']}: {recache['reason']}")
+        return 0
+
+    return exit_code(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

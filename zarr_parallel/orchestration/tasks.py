@@ -1,0 +1,181 @@
+"""Prefect tasks: thin wrappers over :mod:`zarr_parallel.run.steps` (importable, small params)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from zarr_parallel.errors import SourceChanged
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.run.job import run_job
+from zarr_parallel.run.job_process import (
+    JobError,
+    JobMemoryExceeded,
+    WorkerClosing,
+    closing,
+    job_process_limit,
+    run_job_isolated,
+)
+from zarr_parallel.run.steps import Prepared, finish, initialise, prepare
+from zarr_parallel.sources.remote import redact_text
+from zarr_parallel.store.cache_store import (
+    manifest_dir,
+    plan_record,
+    read_json,
+    recorded_jobs,
+    write_json_atomic,
+)
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(request: CacheRequest) -> Prepared:
+    """Inspect the source layout, plan, recommend and choose the version (no writes)."""
+    return prepare(request)
+
+
+@task(name="initialise-store", cache_policy=NO_CACHE)
+def initialise_task(prepared: Prepared) -> None:
+    """Write the metadata-only store of a fresh version."""
+    initialise(prepared)
+
+
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: a job that outgrew its memory would only do so again, a source
+    that changed stays changed, and a closing worker retries nothing (the flow gives the task
+    to another worker)."""
+    return (
+        not isinstance(state.data, JobMemoryExceeded | WorkerClosing | SourceChanged)
+        and not closing()
+    )
+
+
+@task(name="write", cache_policy=NO_CACHE, retry_condition_fn=_worth_retrying)
+def write_task(
+    request_json: str, version: str, job_ids: list[int], generate_stats: bool = False
+) -> list[dict[str, Any]]:
+    """Run a group of write jobs, each in this worker's job process under ``worker_timeout``.
+
+    Each job is recorded in the manifest as it finishes; a retry of the group skips the jobs
+    already recorded. A job that passes its deadline has its process killed (not merely
+    abandoned) and the task fails, so Prefect retries it. In series mode jobs run in the flow
+    process itself, without a job process.
+    """
+    from prefect import get_run_logger
+    from prefect.runtime import task_run
+
+    req = CacheRequest.model_validate_json(request_json)
+    if req.deploy_mode != "series":
+        # On a worker, print what log_level asks for, as the flow process does.
+        from zarr_parallel.logs import set_log_level
+
+        set_log_level(req.log_level)
+    plan = plan_record(Path(version)) or {}
+    fp = str(plan.get("fingerprint"))
+    regions = {int(j[0]): (j[1], j[2]) for j in plan.get("job_list", [])}
+    done = recorded_jobs(Path(version), fp)
+    limit = job_process_limit(req.deploy_mode, req.memory_bytes)
+    attempt = int(task_run.run_count or 1)
+    mark_attempt(Path(version), str(task_run.id), attempt)
+    logger = get_run_logger()
+    worker = {
+        "pid": os.getpid(),
+        "host": os.uname().nodename,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+    results: list[dict[str, Any]] = []
+    for job_id in job_ids:
+        if job_id in done:
+            # Finished by an earlier attempt of this task: keep its record, do not rewrite.
+            results.append({**read_job_record(Path(version), job_id), "attempts": attempt - 1})
+            continue
+        variables, region = regions.get(job_id, ([], []))
+        describe = f"job {job_id} {describe_region(variables, region)}"
+        started = time.time()
+        try:
+            if req.deploy_mode == "series":
+                # In the flow process, as series mode promises (and a debugger can follow it).
+                record = run_job(request_json, version, job_id, generate_stats)
+            else:
+                record = run_job_isolated(
+                    request_json,
+                    version,
+                    job_id,
+                    generate_stats,
+                    timeout=req.timeout_seconds,
+                    memory_limit=limit,
+                    describe=describe,
+                    log_level=req.log_level,
+                )
+        except Exception as e:
+            # The message becomes the task's state message, stored by the Prefect API and shown
+            # in the UI: a signed URL from a kerchunk reference or a secret must not land there.
+            safe = redact_text(str(e))
+            if safe != str(e):
+                raise JobError(f"{type(e).__name__}: {safe}") from None
+            raise
+        finished = time.time()
+        record.update(
+            attempts=attempt,
+            started=started,
+            finished=finished,
+            worker={**worker, "rss": psutil.Process().memory_info().rss},
+        )
+        logger.debug("%s done in %.1f s", describe, finished - started)
+        results.append(record)
+    return results
+
+
+def mark_attempt(version: Path, task_run_id: str, attempt: int) -> None:
+    """Note that attempt ``attempt`` of a write task run began (the flow counts attempts of
+    runs whose worker died from these notes: the Prefect API may not have recorded them yet)."""
+    write_json_atomic(
+        manifest_dir(version) / "attempts" / f"{task_run_id}.json",
+        {"attempt": attempt, "pid": os.getpid(), "time": time.time()},
+    )
+
+
+def attempts_made(version: Path, task_run_id: str) -> int:
+    """Attempts a write task run began: 0 when it never started."""
+    note = read_json(manifest_dir(version) / "attempts" / f"{task_run_id}.json")
+    return int(note["attempt"]) if note else 0
+
+
+def describe_region(variables: Sequence[str], region: Sequence[Sequence[Any]]) -> str:
+    """``t2m,d2m[time 0:24, latitude 0:721]``: a job's region for messages."""
+    dims = ", ".join(f"{d} {a}:{b}" for d, a, b in region)
+    return f"{','.join(variables)}[{dims}]"
+
+
+def read_job_record(version: Path, job_id: int) -> dict[str, Any]:
+    """The manifest record of a finished job."""
+    return read_json(manifest_dir(version) / "jobs" / f"{job_id:06d}.json") or {"id": job_id}
+
+
+@task(name="finish", cache_policy=NO_CACHE)
+def finish_task(
+    prepared: Prepared, results: list[dict[str, Any]], started: float
+) -> dict[str, Any]:
+    """Check completeness, consolidate metadata and publish atomically."""
+    return finish(prepared, results, started)
+
+
+def artifact_key(prefix: str, prepared_or_path: Any) -> str:
+    """A keyed artifact name (``^[a-z0-9-]*$``) for this cache.
+
+    The cache's name, then a short hash of its full path: runs of one cache share the key (the
+    UI shows their history), and two caches of the same name in different folders do not.
+    """
+    paths = getattr(prepared_or_path, "paths", None)
+    final = paths.final if paths is not None else Path(str(prepared_or_path))
+    slug = re.sub(r"[^a-z0-9]+", "-", final.name.lower()).strip("-")[:60].rstrip("-")
+    tag = hashlib.sha256(os.path.abspath(final).encode()).hexdigest()[:8]
+    return f"{prefix}-{slug}-{tag}"

@@ -1,0 +1,356 @@
+"""The write subflow: map write tasks over the run's workers, retry what was lost, report.
+
+Failures end in one of three ways, never in a hang:
+
+- a job that raises or passes ``worker_timeout`` fails its task; Prefect retries the task
+  (``retries``), and the job's process was killed for real (:mod:`zarr_parallel.run.job_process`);
+- a worker that dies mid-task (SIGKILL, ``scancel``, node failure) surfaces at once as a dask
+  ``KilledWorker`` (``allowed-failures`` is 0); the task run is marked Crashed and submitted
+  again while attempts remain — unless SLURM killed the job for exceeding its memory, which
+  would only happen again and is reported as such;
+- a cluster that has no worker and can get none (:meth:`flows.runners.ClusterHandle.check`)
+  fails the jobs still waiting.
+
+Finished jobs are recorded in the manifest as they finish, so a failed run resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+from uuid import UUID
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import PrefectFuture
+
+from zarr_parallel.errors import RunFailed, SourceChanged
+from zarr_parallel.orchestration.runners import ClusterHandle, active_cluster
+from zarr_parallel.orchestration.tasks import (
+    artifact_key,
+    attempts_made,
+    describe_region,
+    read_job_record,
+    write_task,
+)
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.store.cache_store import plan_record, recorded_jobs
+
+#: Most write task runs per flow run: submitting a task costs ~0.1 s on a DaskTaskRunner.
+MAX_TASKS = 200
+
+
+def group_jobs(job_ids: Sequence[int], max_tasks: int = MAX_TASKS) -> list[list[int]]:
+    """Split job ids into at most ``max_tasks`` consecutive groups (one task each).
+
+    >>> group_jobs(range(5), max_tasks=2)
+    [[0, 1, 2], [3, 4]]
+    """
+    ids = list(job_ids)
+    if not ids:
+        return []
+    size = math.ceil(len(ids) / max_tasks)
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+@dataclass
+class _Submission:
+    future: PrefectFuture[Any]
+    attempts_before: int
+    submitted: float
+
+
+@dataclass
+class _Outcome:
+    state: str
+    results: list[dict[str, Any]]
+    message: str = ""
+    error: BaseException | None = None
+    worker: str | None = None
+
+
+@flow(name="zarr-parallel-write")
+def write_flow(
+    request_json: str,
+    version: str,
+    groups: list[list[int]],
+    cluster_address: str | None = None,
+) -> list[dict[str, Any]]:
+    """Run the write tasks of one version and gather the per-job results.
+
+    Parameters
+    ----------
+    request_json
+        The request, as the workers get it.
+    version
+        The version folder being written (its ``plan.json`` holds the jobs).
+    groups
+        Job ids per write task.
+    cluster_address
+        Scheduler of the run's cluster (None in series mode), watched while waiting.
+    """
+    logger = get_run_logger()
+    req = CacheRequest.model_validate_json(request_json)
+    plan = plan_record(Path(version)) or {}
+    jobs = {int(j[0]): j for j in plan.get("job_list", [])}
+    versions = Path(version).parent
+    # The cache's final path (``P`` beside ``P.versions``) keys its artifacts.
+    name = str(versions.with_name(versions.name.removesuffix(".versions")))
+    handle = active_cluster(cluster_address)
+    total = sum(len(g) for g in groups)
+    progress = cast(
+        UUID,
+        create_progress_artifact(
+            0.0, key=artifact_key("zp-progress", name), description="Share of write jobs done"
+        ),
+    )
+    done_q: queue.Queue[tuple[int, PrefectFuture[Any]]] = queue.Queue()
+    running: dict[int, _Submission] = {}
+
+    def submit(index: int, attempts_before: int) -> None:
+        task = write_task.with_options(
+            retries=max(0, req.retries - attempts_before), retry_delay_seconds=1
+        )
+        future = task.submit(request_json, version, groups[index], req.generate_stats)
+        running[index] = _Submission(future, attempts_before, time.monotonic())
+
+        def done(f: PrefectFuture[Any], i: int = index) -> None:
+            done_q.put((i, f))
+
+        future.add_done_callback(done)
+
+    for i in range(len(groups)):
+        submit(i, 0)
+    results: list[dict[str, Any]] = []
+    failed: dict[int, dict[str, Any]] = {}
+    errors: list[BaseException | None] = []
+    completed_jobs = 0
+    max_replacements = max(1, (handle.concurrency if handle else 1) * (req.retries + 1))
+    last_check = time.monotonic()
+    while running:
+        try:
+            index, future = done_q.get(timeout=1.0)
+        except queue.Empty:
+            index, future = -1, None
+        if handle is not None and (future is None or time.monotonic() - last_check > 2.0):
+            # Between completions, and at least every 2 s: replace ended SLURM jobs, and stop
+            # waiting for tasks no worker can run.
+            last_check = time.monotonic()
+            message = handle.check(max_replacements)
+            if message:
+                logger.error("giving up on %d write tasks: %s", len(running), message)
+                for i, sub in running.items():
+                    _cancel(sub.future)
+                    for job_id in groups[i]:
+                        failed[job_id] = {"state": "Crashed", "message": message}
+                running.clear()
+        if future is None:
+            continue
+        current = running.get(index)
+        if current is None or current.future is not future:
+            continue
+        sub = running.pop(index)
+        outcome = _outcome(future)
+        if outcome.state == "Completed":
+            results.extend(
+                {**r, "attempts": sub.attempts_before + int(r.get("attempts") or 1)}
+                for r in outcome.results
+            )
+            completed_jobs += len(groups[index])
+            update_progress_artifact(progress, 100.0 * completed_jobs / max(1, total))
+            continue
+        if outcome.state == "Crashed":
+            used = sub.attempts_before + attempts_made(Path(version), str(future.task_run_id))
+            reason = handle.explain(outcome.worker, wait=5.0) if handle else None
+            what = str(reason or f"the worker running it was lost ({outcome.message})")
+            _mark_crashed(future.task_run_id, what)
+            memory_kill = reason is not None and reason.kind == "memory"
+            if not memory_kill and used <= req.retries:
+                logger.warning(
+                    "write task for jobs %s: %s; retrying (attempt %d of %d)",
+                    _ids(groups[index]),
+                    what,
+                    used + 1,
+                    req.retries + 1,
+                )
+                submit(index, used)
+                continue
+            outcome.message = what
+            attempts = used
+        else:
+            attempts = sub.attempts_before + attempts_made(Path(version), str(future.task_run_id))
+        errors.append(outcome.error)
+        for job_id in groups[index]:
+            failed[job_id] = {
+                "state": outcome.state,
+                "message": outcome.message,
+                "attempts": attempts,
+            }
+    results, failures = _settle(Path(version), plan, jobs, results, failed)
+    _publish_results(name, results, failures)
+    update_progress_artifact(progress, 100.0 * len(results) / max(1, total))
+    if failures:
+        _raise_failed(failures, len(results), total, errors)
+    return results
+
+
+def _raise_failed(
+    failures: list[dict[str, Any]], finished: int, total: int, errors: list[BaseException | None]
+) -> None:
+    """Raise the run's failure: the source change if a job saw one, else the failed jobs."""
+    changed = [e for e in errors if isinstance(e, SourceChanged)]
+    if changed:
+        # Resuming would not help: the next run plans the changed source afresh.
+        raise SourceChanged(changed[0].path, changed[0].change)
+    first = "; ".join(_failure_text(f) for f in failures[:5])
+    more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+    raise RunFailed(
+        f"{len(failures)} of {total} write jobs failed: {first}{more}. The {finished} "
+        "finished jobs stay recorded: run again (resume='auto') to write only the rest",
+        failures,
+    )
+
+
+def _failure_text(failure: dict[str, Any]) -> str:
+    head = f"job {failure['id']} {failure['region']}"
+    message = str(failure["message"])
+    # Job processes name the job and region themselves; do not say it twice.
+    return message if message.startswith(head) else f"{head}: {message}"
+
+
+def _ids(ids: Sequence[int]) -> str:
+    return f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0])
+
+
+def _outcome(future: PrefectFuture[Any]) -> _Outcome:
+    """What became of a write task: Completed, Failed (after its retries) or Crashed."""
+    wrapped = getattr(future, "wrapped_future", None)
+    if wrapped is not None and hasattr(wrapped, "status"):  # a dask future
+        if wrapped.status in ("error", "cancelled", "lost"):
+            try:
+                error = wrapped.exception(timeout=5)
+            except BaseException as e:  # cancelled futures raise instead
+                error = e
+            worker = getattr(getattr(error, "last_worker", None), "name", None)
+            return _Outcome("Crashed", [], f"{type(error).__name__}: {error}", error, _name(worker))
+        state = wrapped.result()
+    else:
+        future.wait()
+        state = future.state
+    if state.is_completed():
+        return _Outcome("Completed", list(state.result()))
+    error = state.result(raise_on_failure=False)
+    if not isinstance(error, BaseException):
+        return _Outcome(state.name or "Failed", [], str(state.message))
+    return _Outcome(state.name or "Failed", [], str(error), error)
+
+
+def _name(worker: Any) -> str | None:
+    return None if worker is None else str(worker)
+
+
+def _cancel(future: PrefectFuture[Any]) -> None:
+    wrapped = getattr(future, "wrapped_future", None)
+    try:
+        if wrapped is not None and hasattr(wrapped, "cancel"):
+            wrapped.cancel()
+    except Exception:  # best effort: the cluster is being given up anyway
+        pass
+
+
+def _mark_crashed(task_run_id: UUID, message: str) -> None:
+    """A task run whose worker died stays Running in the API: say what happened instead."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
+    except Exception as e:  # the report must not fail the run
+        get_run_logger().debug("could not mark task run %s crashed: %s", task_run_id, e)
+
+
+def _settle(
+    version: Path,
+    plan: dict[str, Any],
+    jobs: dict[int, Any],
+    results: list[dict[str, Any]],
+    failed: dict[int, dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Completed results and failures per job; jobs of a failed task that were recorded count
+    as completed (the manifest is the truth)."""
+    done_ids = {int(r["id"]) for r in results}
+    recorded = recorded_jobs(version, str(plan.get("fingerprint"))) if failed else set()
+    failures = []
+    for job_id, info in sorted(failed.items()):
+        if job_id in done_ids:
+            continue
+        if job_id in recorded:
+            results.append({**read_job_record(version, job_id), "attempts": info.get("attempts")})
+            continue
+        job = jobs.get(job_id, [job_id, [], [], 0])
+        failures.append(
+            {
+                "id": job_id,
+                "region": describe_region(job[1], job[2]),
+                "state": info["state"],
+                "attempts": info.get("attempts"),
+                "message": info["message"],
+            }
+        )
+    return sorted(results, key=lambda r: int(r["id"])), failures
+
+
+def _publish_results(
+    name: str, results: list[dict[str, Any]], failures: list[dict[str, Any]]
+) -> None:
+    rows = []
+    for r in results:
+        peak, estimate = r.get("peak_memory"), r.get("estimated_memory")
+        rows.append(
+            {
+                "job": r["id"],
+                "state": "Completed",
+                "attempts": r.get("attempts"),
+                "region": describe_region(r.get("variables", []), r.get("region", [])),
+                "seconds": r.get("seconds"),
+                "bytes written": r.get("bytes"),
+                "peak memory": peak,
+                "estimated memory": estimate,
+                "peak / estimate": round(peak / estimate, 2) if peak and estimate else None,
+                "host": r.get("host"),
+                "slurm job": r.get("slurm_job_id"),
+                "message": "",
+            }
+        )
+    for f in failures:
+        rows.append(
+            {
+                "job": f["id"],
+                "state": f["state"],
+                "attempts": f.get("attempts"),
+                "region": f["region"],
+                "seconds": None,
+                "bytes written": None,
+                "peak memory": None,
+                "estimated memory": None,
+                "peak / estimate": None,
+                "host": None,
+                "slurm job": None,
+                "message": f["message"],
+            }
+        )
+    rows.sort(key=lambda row: int(row["job"]))
+    create_table_artifact(rows, key=artifact_key("zp-results", name), description="Write jobs")
+
+
+__all__ = ["MAX_TASKS", "ClusterHandle", "group_jobs", "write_flow"]

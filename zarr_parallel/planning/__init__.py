@@ -1,0 +1,1 @@
+"""Pure planning: jobs aligned to source and target chunk grids, tiles, worker sizing (no I/O)."""

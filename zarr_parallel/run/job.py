@@ -1,0 +1,448 @@
+"""Run one write job: read its region once, transform, write whole chunks, record it."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import psutil
+
+from zarr_parallel.planning.plan import fast_slab_bounds
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.sources import fastread
+from zarr_parallel.sources.source import check_job_sources, check_sources, read_settings
+from zarr_parallel.sources.target import (
+    INDEX_PREFIX,
+    Target,
+    cached_source,
+    cached_target,
+    source_state,
+)
+from zarr_parallel.store.cache_store import (
+    array_checksum,
+    crc32,
+    plan_record,
+    record_job,
+    sync_region,
+    write_region,
+    write_values,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PeakMemory:
+    """Peak resident memory above the starting level, sampled in a thread."""
+
+    interval: float = 0.005
+    start: int = 0
+    peak: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def increase(self) -> int:
+        """Peak bytes above the level at start."""
+        return max(0, self.peak - self.start)
+
+    def _run(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, proc.memory_info().rss)
+
+
+@contextmanager
+def measure_peak() -> Iterator[PeakMemory]:
+    """Measure the peak RSS increase of the block.
+
+    In a job process (:mod:`zarr_parallel.run.job_process`), which runs nothing but jobs, the
+    kernel's own high-water mark is reset at the start (``/proc/self/clear_refs``) and read at the
+    end: the exact peak, which sampling can miss. Elsewhere (series mode runs jobs in the caller's
+    process, whose high-water mark is not ours to reset) a thread samples the RSS.
+    """
+    exact = os.environ.get("ZARR_PARALLEL_JOB_PROCESS") == "1" and reset_high_water_mark()
+    rss = psutil.Process().memory_info().rss
+    meter = PeakMemory(start=rss, peak=rss)
+    thread = threading.Thread(target=meter._run, daemon=True)
+    thread.start()
+    try:
+        yield meter
+    finally:
+        meter._stop.set()
+        thread.join()
+        meter.peak = max(meter.peak, psutil.Process().memory_info().rss)
+        if exact:
+            meter.peak = max(meter.peak, high_water_mark())
+
+
+def reset_high_water_mark() -> bool:
+    """Reset this process's peak RSS (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return high_water_mark() > 0
+    except OSError:
+        return False
+
+
+def high_water_mark() -> int:
+    """Peak RSS of this process since start or the last reset (``VmHWM``), or 0."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def release_freed_memory() -> None:
+    """Hand memory the job freed back to the system (glibc; DESIGN §5).
+
+    By default glibc raises its mmap threshold after the first large block is freed, so later
+    arrays come from the heap, and once freed they stay resident: a worker's RSS then grows
+    variable after variable and job after job beyond what any job holds, and the memory
+    estimate stops being an upper bound. A fixed threshold (as ``MALLOC_MMAP_THRESHOLD_`` sets)
+    keeps large arrays in their own mappings, returned when freed, and ``malloc_trim`` returns
+    the freed small blocks (e.g. decompressed source chunks after assembly). No-op off glibc.
+    """
+    libc = _prepare_process()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@lru_cache(maxsize=1)
+def _prepare_process() -> Any:
+    """Once per process, before its first job is measured: glibc's settings, and the imports
+    the first write would otherwise make mid-job.
+
+    xarray looks for a ``dask.distributed`` client on every write, importing ``distributed``
+    (about 20 MB) the first time. Library start-up is what ``memory_reserve`` pays for; done
+    here, it is not counted as the first job's memory.
+    """
+    with contextlib.suppress(ImportError):  # distributed is a dependency; stay safe anyway
+        import distributed  # noqa: F401
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+        return libc
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        logger.debug("glibc's mallopt/malloc_trim unavailable; freed memory may stay resident")
+        return None
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_MMAP_THRESHOLD = 1 << 20  # blocks of 1 MiB or more get their own mapping
+
+
+@lru_cache(maxsize=8)
+def _plan_jobs(
+    version: str,
+) -> tuple[str, dict[int, tuple[list[str], list[list[Any]], int]], dict[str, Any]]:
+    """The plan's fingerprint, its jobs, and the source layout as planned (with its identity)."""
+    rec = plan_record(Path(version))
+    if rec is None:
+        raise FileNotFoundError(f"{version} has no plan.json: it was not initialised")
+    jobs = {int(j[0]): (list(j[1]), [list(r) for r in j[2]], int(j[3])) for j in rec["job_list"]}
+    return str(rec["fingerprint"]), jobs, dict(rec.get("layout") or {})
+
+
+def check_job_source(
+    request_json: str, planned: dict[str, Any], variables: list[str], slices: dict[str, slice]
+) -> Target:
+    """The job's target, once the source entries the job reads are checked unchanged since
+    planning (stat calls for local files; see :mod:`zarr_parallel.sources.identity`).
+
+    Raises
+    ------
+    SourceChanged
+        An entry the job reads changed since the run planned it.
+    """
+    req = CacheRequest.model_validate_json(request_json)
+    try:
+        target = cached_target(request_json)
+    except Exception:
+        # A source replaced or cut short may not even open: say that it changed, if it did.
+        check_sources(req, planned.get("identity"))
+        raise
+    sources = [target.sources.get(name) for name in variables]
+    names = None if None in sources else [str(s) for s in sources]
+    # Only a kerchunk job needs the references (which files its variables point at).
+    refs = cached_source(req).refs if planned.get("engine") == "kerchunk" else None
+    check_job_sources(req, planned, refs, names, _concat_range(target, variables, slices))
+    return target
+
+
+def _concat_range(
+    target: Target, variables: list[str], slices: dict[str, slice]
+) -> tuple[int, int] | None:
+    """The job's source index range along the joining dimension (None: unknown, i.e. all)."""
+    dim = target.layout.concat_dim
+    if dim is None:
+        return None
+    coord = f"{INDEX_PREFIX}{dim}"
+    lo, hi = None, None
+    for name in variables:
+        var = target.dataset[name]
+        if coord not in var.coords:
+            return None
+        # The index coordinate's numpy values, sliced directly (xarray's isel costs ~1 ms).
+        index_var = var.coords[coord].variable
+        index = np.asarray(index_var.values)[
+            tuple(slices.get(str(d), slice(None)) for d in index_var.dims)
+        ]
+        if index.size:
+            lo = int(index.min()) if lo is None else min(lo, int(index.min()))
+            hi = int(index.max()) + 1 if hi is None else max(hi, int(index.max()) + 1)
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def run_job(
+    request_json: str, version: str, job_id: int, generate_stats: bool = False
+) -> dict[str, Any]:
+    """Write job ``job_id`` of the plan stored in ``version`` and record it.
+
+    Returns the job's record: id, region, fingerprint, bytes, checksums, duration, peak memory
+    (and per-variable statistics when asked).
+    """
+    t0 = time.perf_counter()
+    release_freed_memory()
+    started = time.time()
+    fp, jobs, planned = _plan_jobs(version)
+    variables, region, estimate = jobs[job_id]
+    slices = {str(d): slice(int(a), int(b)) for d, a, b in region}
+    # Before reading: a source changed since planning would give a cache half old, half new.
+    target = check_job_source(request_json, planned, variables, slices)
+    written = 0
+    checksums: dict[str, str] = {}
+    stats: dict[str, dict[str, float]] = {}
+    fast: dict[str, int] = {}
+    read_before = rchar()
+    with measure_peak() as peak, dask.config.set(**read_settings(request_json, target.layout)):
+        for name in variables:
+            var = target.dataset[name]
+            sel = {d: s for d, s in slices.items() if d in var.dims}
+            copied = _copy_fast(request_json, target, version, name, sel, generate_stats, fast)
+            if copied is not None:
+                nbytes, checksums[name], var_stats = copied
+                written += nbytes
+                if var_stats is not None:
+                    stats[name] = var_stats
+                release_freed_memory()
+                continue
+            part = target.clean(var.isel(sel).to_dataset())[name]
+            part = part.load()
+            release_freed_memory()  # the source chunks the region was assembled from
+            write_region(Path(version), name, part, sel)
+            values = part.values
+            del part
+            written += values.nbytes
+            checksums[name] = array_checksum(values)
+            if generate_stats:
+                stats[name] = _stats(values)
+            del values
+            release_freed_memory()
+    record = {
+        "id": job_id,
+        "region": region,
+        "variables": variables,
+        "fingerprint": fp,
+        "bytes": written,
+        "checksums": checksums,
+        "seconds": round(time.perf_counter() - t0, 4),
+        "peak_memory": peak.increase,
+        "estimated_memory": estimate,
+        "started": round(started, 4),
+        # Absolute peak RSS of the worker process during the job (what memory_limit bounds).
+        "peak_rss": peak.peak,
+        # Bytes this process read while the job ran (/proc/self/io rchar: source chunks, plus
+        # a few KB of store metadata), and the source bytes the fast path read per variable.
+        "read_bytes": rchar() - read_before if read_before >= 0 else None,
+        "fast_read": fast,
+        # The worker that ran the job (the parent of its job process, see execution.py).
+        "pid": int(os.environ.get("ZARR_PARALLEL_WORKER_PID") or os.getpid()),
+        "host": os.uname().nodename,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+    if generate_stats:
+        record["stats"] = stats
+    record_job(Path(version), record)
+    return record
+
+
+FAST_READ_ENV = fastread.FAST_READ_ENV
+
+
+def _fast_var(request_json: str, name: str) -> fastread.FastVar | None:
+    # Keyed by the source's state as cached_target is: a source file grown or rewritten in
+    # place (a re-cache in a long-lived process) must not be read by a stale index.
+    req = CacheRequest.model_validate_json(request_json)
+    return _cached_fast_var(request_json, source_state(req), name)
+
+
+@lru_cache(maxsize=64)
+def _cached_fast_var(request_json: str, state: str, name: str) -> fastread.FastVar | None:
+    req = CacheRequest.model_validate_json(request_json)
+    return fastread.fast_plan(cached_target(request_json), req, name)
+
+
+def _copy_fast(
+    request_json: str,
+    target: Target,
+    version: str,
+    name: str,
+    sel: dict[str, slice],
+    generate_stats: bool,
+    fast: dict[str, int],
+) -> tuple[int, str, dict[str, float] | None] | None:
+    """Copy one variable's region by raw chunk reads, streaming slab by slab.
+
+    The region is cut along its first dimension into up to
+    :data:`~zarr_parallel.planning.plan.FAST_SLABS` slabs at write-chunk boundaries. Slab ``k`` is
+    written (zarr encodes in its threads) while slab ``k + 1`` is read, so reading and encoding
+    overlap and at most two slabs are held. Returns (bytes, checksum, statistics), or None to use
+    the xarray path. The checksum is the CRC32 of the whole region's bytes, chained over the slabs
+    (they are contiguous in C order).
+    """
+    if os.environ.get(FAST_READ_ENV, "1") == "0":
+        return None
+    fv = _fast_var(request_json, name)
+    if fv is None:
+        return None
+    dims = list(fv.dims)
+    grid = (target.shards or {}).get(name) or target.chunks[name]
+    full = {d: sel.get(d, slice(0, int(target.dataset[name].sizes[d]))) for d in dims}
+    slabs = (
+        [{**full, dims[0]: s} for s in slab_slices(full[dims[0]], grid[dims[0]])]
+        if dims
+        else [full]
+    )
+    crc = 0
+    nbytes = 0
+    nread = 0
+    parts: list[dict[str, float]] = []
+    try:
+        # Two threads: one writes slab k + 1 while the other fsyncs slab k's chunk files, so
+        # the job's record (which fsyncs every file again, see store.record_job) finds them
+        # clean instead of flushing the whole region at the end (~1 s for 2 GB written).
+        with ThreadPoolExecutor(2, thread_name_prefix="zp-write") as writer:
+            pending: tuple[Future[None], dict[str, slice]] | None = None
+            syncs: list[Future[int]] = []
+            for slab in slabs:
+                values, rstats = fastread.read_region(fv, slab)
+                nread += rstats.bytes_read
+                crc = crc32(np.ascontiguousarray(values).data, crc)
+                nbytes += values.nbytes
+                if generate_stats:
+                    parts.append(_stats(values))
+                if pending is not None:
+                    pending[0].result()
+                    syncs.append(writer.submit(_sync_slab, version, name, pending[1]))
+                job = writer.submit(write_values, Path(version), name, values, dims, slab)
+                pending = (job, slab)
+                del values
+            if pending is not None:
+                pending[0].result()
+            for done in syncs:
+                done.result()
+    except fastread.Unsupported as e:
+        # Nothing unusual was written: every slab written holds exact values. The xarray path
+        # rewrites the whole region.
+        logger.warning("fast read of %s stopped (%s); reading through xarray", name, e)
+        return None
+    fast[name] = nread
+    return nbytes, f"{crc:08x}", (_merge_parts(parts) if generate_stats else None)
+
+
+def _sync_slab(version: str, name: str, slab: dict[str, slice]) -> int:
+    """fsync the chunk files of one written slab (and their folders); returns files synced."""
+    return sync_region(Path(version), [name], {d: (s.start, s.stop) for d, s in slab.items()})
+
+
+def slab_slices(region: slice, chunk: int) -> list[slice]:
+    """The slabs of ``region`` along one dimension (see ``FAST_SLABS``)."""
+    bounds = fast_slab_bounds(int(region.start), int(region.stop), int(chunk))
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+def _merge_parts(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Combine per-slab statistics of one variable (the form :func:`_stats` returns)."""
+    out: dict[str, float] = {"count": sum(p["count"] for p in parts)}
+    if all("nan_count" in p for p in parts):
+        out["nan_count"] = sum(p["nan_count"] for p in parts)
+        out["sum"] = sum(p["sum"] for p in parts)
+        mins = [p["min"] for p in parts if np.isfinite(p["min"])]
+        maxs = [p["max"] for p in parts if np.isfinite(p["max"])]
+        out["min"] = min(mins) if mins else float("nan")
+        out["max"] = max(maxs) if maxs else float("nan")
+    return out
+
+
+def rchar() -> int:
+    """Bytes this process has read (``rchar`` of /proc/self/io), or -1 where unavailable."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    if not np.issubdtype(values.dtype, np.number):
+        return {"count": float(values.size)}
+    if not np.issubdtype(values.dtype, np.floating):
+        return {
+            "count": float(values.size),
+            "nan_count": 0.0,
+            "min": float(values.min()) if values.size else float("nan"),
+            "max": float(values.max()) if values.size else float("nan"),
+            "sum": float(values.sum(dtype="float64")),
+        }
+    # One boolean mask, no copy of the values (jobs' memory estimates hold no extra copy).
+    valid = np.isfinite(values)
+    n_valid = int(np.count_nonzero(valid))
+    return {
+        "count": float(values.size),
+        "nan_count": float(values.size - n_valid),
+        "min": float(np.min(values, where=valid, initial=np.inf)) if n_valid else float("nan"),
+        "max": float(np.max(values, where=valid, initial=-np.inf)) if n_valid else float("nan"),
+        "sum": float(np.sum(values, where=valid, dtype="float64")) if n_valid else 0.0,
+    }
+
+
+def merge_stats(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Combine per-job statistics into per-variable count/min/max/mean/NaN-count."""
+    out: dict[str, dict[str, float]] = {}
+    for rec in records:
+        for name, s in rec.get("stats", {}).items():
+            acc = out.setdefault(
+                name, {"count": 0.0, "nan_count": 0.0, "min": np.inf, "max": -np.inf, "sum": 0.0}
+            )
+            acc["count"] += s.get("count", 0.0)
+            acc["nan_count"] += s.get("nan_count", 0.0)
+            acc["sum"] += s.get("sum", 0.0)
+            if "min" in s and np.isfinite(s["min"]):
+                acc["min"] = min(acc["min"], s["min"])
+                acc["max"] = max(acc["max"], s["max"])
+    for acc in out.values():
+        valid = acc["count"] - acc["nan_count"]
+        acc["mean"] = acc.pop("sum") / valid if valid else float("nan")
+    return out

@@ -1,0 +1,495 @@
+"""Run write jobs in a long-lived child process, under a real deadline and memory limit.
+
+A Prefect ``timeout_seconds`` on a synchronous task marks the run timed out but leaves its thread
+running (DESIGN §6), and a thread cannot be stopped from outside. So every write job of the
+dask_distributed and SLURM modes runs in a *job process*: a child of the worker that imports the
+libraries once and keeps its per-process caches of the opened source and target
+(:func:`zarr_parallel.sources.target.cached_target`) from job to job. The worker sends it one job at
+a time and waits with a deadline; a job that passes ``worker_timeout`` (or, where the caller asks,
+grows past a memory limit) has its process killed — for real — and replaced, and the caller sees
+:class:`JobTimedOut` (or :class:`JobMemoryExceeded`), which Prefect turns into a retry.
+
+The job process holds no Prefect code: it cannot start a Prefect server of its own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from multiprocessing.connection import Connection
+from typing import Any
+
+import psutil
+
+from zarr_parallel.errors import ZarrParallelError
+from zarr_parallel.units import format_bytes, format_duration
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a new job process may take to import its libraries (slow shared filesystems).
+STARTUP_TIMEOUT = 300.0
+#: How often the worker checks the job process's deadline and memory, in seconds.
+POLL_INTERVAL = 0.1
+#: Resident memory of a dask worker process that runs Prefect tasks, beside its job process.
+#: Measured here at 184-189 MB (Python 3.11, Prefect 3.8, distributed 2026.8, after several
+#: tasks); counted inside ``memory_limit`` in the dask_distributed and SLURM modes.
+WORKER_OVERHEAD = 250 * 10**6
+
+
+def job_process_limit(deploy_mode: str, memory_limit: int) -> int | None:
+    """Bytes a job process may hold before it is killed; None where SLURM enforces the limit.
+
+    In series mode the job process is the whole worker; beside a dask worker process it gets
+    the limit less :data:`WORKER_OVERHEAD`; in a SLURM job, SLURM itself polices ``--mem``.
+    """
+    if deploy_mode == "slurm":
+        return None
+    if deploy_mode == "series":
+        return memory_limit
+    return max(memory_limit - WORKER_OVERHEAD, memory_limit // 2)
+
+
+class JobInterrupted(ZarrParallelError):
+    """A write job was stopped before it finished; its chunks are rewritten on retry."""
+
+
+class JobTimedOut(JobInterrupted):
+    """The job passed its deadline; its process was killed."""
+
+
+class JobMemoryExceeded(JobInterrupted):
+    """The job process grew past its memory limit and was killed (not retried)."""
+
+
+class JobProcessDied(JobInterrupted):
+    """The job process ended without an answer (killed from outside, or crashed)."""
+
+
+class WorkerClosing(JobInterrupted):
+    """This worker is closing (its run ended, its SLURM job was cancelled or reached its
+    lifetime): it starts no job, and the job it was running was stopped. The scheduler has
+    given the work to another worker; a retry here would only run it twice at once."""
+
+
+class JobError(ZarrParallelError):
+    """A job raised an exception that could not be carried across processes as it was."""
+
+
+class JobProcess:
+    """One long-lived job process and the connection to it.
+
+    Parameters
+    ----------
+    env
+        Extra environment variables for the process (it inherits the caller's).
+    """
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self._env = env or {}
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._starting = threading.Lock()
+        self._started_env: dict[str, str] = {}
+        self.jobs_run = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The process id, while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Start the process and wait until it has imported the write path."""
+        with self._starting:  # a prewarming thread may be starting it already
+            if self.alive() and self._started_env != self._environment():
+                # The caller's environment changed (credentials, PYTHONPATH...): a process
+                # started before would read the source with the old one.
+                self.close()
+            if not self.alive():
+                self._start(timeout)
+
+    def _environment(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            **self._env,
+            "ZARR_PARALLEL_JOB_PROCESS": "1",
+            "ZARR_PARALLEL_WORKER_PID": str(os.getpid()),
+        }
+
+    def _start(self, timeout: float) -> None:
+        ours, theirs = socket.socketpair()
+        env = self._started_env = self._environment()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "zarr_parallel.run.job_process", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        finally:
+            theirs.close()
+        self._conn = Connection(ours.detach())
+        t0 = time.monotonic()
+        while not self._conn.poll(POLL_INTERVAL):
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._reset()
+                raise JobProcessDied(f"the job process exited while starting ({_exit_text(code)})")
+            if time.monotonic() - t0 > timeout:
+                self.kill()
+                raise JobProcessDied(f"the job process did not start within {timeout:.0f} s")
+        try:
+            kind, _ = self._conn.recv()
+        except (EOFError, OSError) as e:
+            self.kill()
+            raise JobProcessDied("the job process closed its connection while starting") from e
+        if kind != "ready":  # pragma: no cover - protocol error
+            self.kill()
+            raise JobProcessDied(f"unexpected first message {kind!r} from the job process")
+
+    def run(
+        self,
+        job: dict[str, Any],
+        timeout: float,
+        memory_limit: int | None = None,
+        describe: str = "",
+    ) -> dict[str, Any]:
+        """Run one job (keyword arguments of :func:`zarr_parallel.run.job.run_job`).
+
+        Returns the job's record, with ``job_process`` (pid, reader and encoder threads, peak
+        RSS) added.
+
+        Raises
+        ------
+        JobTimedOut
+            The job passed ``timeout`` seconds; the process was killed.
+        JobMemoryExceeded
+            The process's resident memory passed ``memory_limit``; it was killed.
+        JobProcessDied
+            The process ended without answering (killed from outside, or crashed).
+        Exception
+            Whatever the job raised (the original type where it can be carried over).
+        """
+        self.start()
+        assert self._proc is not None and self._conn is not None
+        if _closing.is_set():  # closed while this process was starting
+            self.kill()
+            raise WorkerClosing("this worker is closing: it starts no more jobs")
+        what = describe or f"job {job.get('job_id')}"
+        proc = psutil.Process(self._proc.pid)
+        try:
+            self._conn.send(("run", job))
+        except OSError as e:
+            self.kill()
+            raise JobProcessDied(f"{what}: the job process is gone ({e})") from e
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        peak = 0
+        while True:
+            try:
+                ready = self._conn.poll(POLL_INTERVAL)
+            except (EOFError, OSError):
+                ready = True
+            if ready:
+                try:
+                    kind, payload, *rest = self._conn.recv()
+                except (EOFError, OSError):
+                    code = self._wait_exit()
+                    self._reset()
+                    raise JobProcessDied(
+                        f"{what}: the job process died after "
+                        f"{format_duration(time.monotonic() - t0)} ({_exit_text(code)})"
+                    ) from None
+                break
+            now = time.monotonic()
+            if now >= deadline:
+                self.kill()
+                raise JobTimedOut(
+                    f"{what} did not finish within worker_timeout={format_duration(timeout)}; "
+                    "its process was killed"
+                )
+            if memory_limit is not None:
+                try:
+                    rss = proc.memory_info().rss
+                except psutil.Error:
+                    continue
+                peak = max(peak, rss)
+                if rss > memory_limit:
+                    self.kill()
+                    raise JobMemoryExceeded(
+                        f"{what} used {format_bytes(rss)}, more than its limit of "
+                        f"{format_bytes(memory_limit)}; its process was killed. The job "
+                        "outgrew its memory estimate: raise memory_limit, or report the request"
+                    )
+        self.jobs_run += 1
+        if kind == "ok":
+            return dict(payload)
+        error: BaseException
+        try:
+            error = pickle.loads(payload)
+        except Exception:
+            error = JobError(str(rest[0] if rest else payload))
+        if rest and isinstance(error, Exception):
+            error.add_note(f"in the job process:\n{rest[0]}")
+        raise error
+
+    def _wait_exit(self) -> int | None:
+        if self._proc is None:
+            return None
+        try:
+            return self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            return self._proc.wait()
+
+    def interrupt(self) -> None:
+        """SIGKILL the process from another thread; the thread running its job sees it end
+        (:class:`JobProcessDied`) and cleans up."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+    def kill(self) -> None:
+        """Kill the process (SIGKILL) and reap it."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._reset()
+
+    def close(self) -> None:
+        """Ask the process to stop; kill it if it does not."""
+        if self._conn is not None and self.alive():
+            with suppress(OSError):
+                self._conn.send(("stop", None))
+            try:
+                assert self._proc is not None
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def _reset(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+        self._proc = None
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return f"killed by {name}"
+    return f"exit code {code}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A pool per process: one job process per thread that runs jobs at once (one, on our workers).
+
+_idle: list[JobProcess] = []
+_busy: set[JobProcess] = set()
+_lock = threading.Lock()
+_closing = threading.Event()
+
+
+@contextmanager
+def job_process() -> Iterator[JobProcess]:
+    """A job process for the calling thread: reused when idle, started when none is.
+
+    Raises
+    ------
+    WorkerClosing
+        This process is closing (:func:`close_worker`).
+    """
+    with _lock:
+        if _closing.is_set():
+            raise WorkerClosing("this worker is closing: it starts no more jobs")
+        proc = _idle.pop() if _idle else JobProcess()
+        _busy.add(proc)
+    try:
+        yield proc
+    except JobProcessDied as e:
+        if _closing.is_set():
+            raise WorkerClosing(f"this worker is closing: its job was stopped ({e})") from e
+        raise
+    finally:
+        with _lock:
+            _busy.discard(proc)
+            if not _closing.is_set():
+                _idle.append(proc)
+
+
+def closing() -> bool:
+    """True once this process is closing (:func:`close_worker`)."""
+    return _closing.is_set()
+
+
+def close_worker() -> None:
+    """This worker is closing: stop its job processes, the busy one too, and start no more.
+
+    A dask worker that closes while it runs a job (its run ended, its SLURM job was cancelled
+    or reached its ``--lifetime``) has been removed by the scheduler, which gives the job to
+    another worker. The job must not go on writing here meanwhile, nor be retried here: two
+    attempts of one job would write the same chunks at once. Its process is killed; its
+    chunks are written again by the other attempt (a job's record is written only at its end).
+    """
+    with _lock:
+        _closing.set()
+        idle, _idle[:] = list(_idle), []
+        busy = list(_busy)
+    for proc in idle:
+        proc.kill()
+    for proc in busy:
+        proc.interrupt()
+
+
+def prewarm() -> None:
+    """Start this process's job process now, before the first job needs it."""
+    proc = JobProcess()
+    with _lock:
+        if _idle or _closing.is_set():
+            return
+        _idle.append(proc)
+    try:
+        proc.start()
+    except JobInterrupted as e:  # the first job will try again and report it
+        logger.warning("could not start a job process ahead of time: %s", e)
+
+
+def run_job_isolated(
+    request_json: str,
+    version: str,
+    job_id: int,
+    generate_stats: bool,
+    timeout: float,
+    memory_limit: int | None = None,
+    describe: str = "",
+    log_level: int = 0,
+) -> dict[str, Any]:
+    """Run :func:`zarr_parallel.run.job.run_job` in this process's job process, with a deadline."""
+    job = {
+        "request_json": request_json,
+        "version": version,
+        "job_id": job_id,
+        "generate_stats": generate_stats,
+        "log_level": log_level,
+    }
+    with job_process() as proc:
+        return proc.run(job, timeout, memory_limit, describe)
+
+
+def shutdown() -> None:
+    """Stop every idle job process of this process (they also stop when it exits)."""
+    with _lock:
+        procs, _idle[:] = list(_idle), []
+    for proc in procs:
+        proc.close()
+
+
+atexit.register(shutdown)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job process itself: ``python -m zarr_parallel.run.job_process FD``.
+
+
+def _watch_parent(parent: int) -> None:
+    # A worker killed with SIGKILL cannot stop its job process: leave when the parent is gone.
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(3)
+
+
+def _portable(error: BaseException) -> bytes:
+    try:
+        data = pickle.dumps(error)
+        pickle.loads(data)
+        return data
+    except Exception:
+        return pickle.dumps(JobError(f"{type(error).__name__}: {error}"))
+
+
+def _share_cores() -> None:
+    """Give zarr's encoding threads this process's cores, unless the user configured them.
+
+    zarr encodes chunks on a thread pool sized by ``threading.max_workers`` (by default, a
+    thread per core plus four). Two workers on two cores would each start six: more threads
+    than cores, and the time lost switching between them.
+    """
+    if "ZARR_THREADING__MAX_WORKERS" in os.environ:
+        return
+    import zarr
+
+    from zarr_parallel.sources.fastread import process_cores
+
+    zarr.config.set({"threading.max_workers": process_cores()})
+
+
+def _serve(fd: int) -> None:
+    conn = Connection(fd)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    import resource
+
+    import zarr
+
+    from zarr_parallel.run.job import run_job
+    from zarr_parallel.sources.fastread import reader_threads
+
+    _share_cores()
+
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            kind, job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if kind == "stop":
+            return
+        level = {0: logging.WARNING, 1: logging.INFO}.get(int(job.pop("log_level", 0)), 10)
+        logging.getLogger("zarr_parallel").setLevel(level)
+        try:
+            record = run_job(**job)
+            record["job_process"] = {
+                "pid": os.getpid(),
+                # The threads it read and encoded with (its share of the cores).
+                "readers": reader_threads(),
+                "encoders": zarr.config.get("threading.max_workers"),
+                # ru_maxrss is in KiB on Linux: the most this process has held so far.
+                "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+            message: tuple[Any, ...] = ("ok", record)
+        except BaseException as e:
+            message = ("error", _portable(e), traceback.format_exc())
+        try:
+            conn.send(message)
+        except (EOFError, OSError):
+            return
+
+
+if __name__ == "__main__":
+    # Serve from the imported module, not ``__main__``, so that errors raised here pickle
+    # under their real module path.
+    from zarr_parallel.run import job_process as execution
+
+    execution._serve(int(sys.argv[1]))

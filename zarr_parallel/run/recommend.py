@@ -1,0 +1,224 @@
+"""Recommendations: concrete request changes that lower the read amplification (DESIGN §3.5)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from zarr_parallel.errors import ZarrParallelError
+from zarr_parallel.planning.plan import Plan
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.sources.source import Source
+from zarr_parallel.sources.target import INDEX_PREFIX, Target, indexed_source
+from zarr_parallel.transforms.registry import apply_transforms
+from zarr_parallel.transforms.tiling import tile_candidates
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One alternative request, appliable as data (``changes`` are request fields)."""
+
+    changes: dict[str, Any]
+    read_amplification: float
+    job_memory_bytes: int
+    sentence: str
+    keeps_region: bool = True
+    magnitude: int = 0
+    jobs: int = field(default=0)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form for artifacts and the CLI."""
+        return {
+            "changes": self.changes,
+            "read_amplification": round(self.read_amplification, 4),
+            "job_memory_bytes": self.job_memory_bytes,
+            "jobs": self.jobs,
+            "keeps_region": self.keeps_region,
+            "sentence": self.sentence,
+        }
+
+
+Replanner = Callable[[CacheRequest], tuple[Target, Plan]]
+
+
+def recommend(
+    req: CacheRequest, source: Source, target: Target, plan: Plan, replan: Replanner
+) -> list[Recommendation]:
+    """Alternatives to ``req`` with lower read amplification, best first.
+
+    Best = lowest read amplification, then keeping the requested region, then least change.
+    """
+    candidates: list[tuple[dict[str, Any], str, bool, int]] = []
+    candidates += _selection_candidates(req, source, target)
+    candidates += _chunk_candidates(req, target, plan)
+    candidates += tile_candidates(req, target)
+    out: list[Recommendation] = []
+    seen: set[str] = set()
+    for changes, sentence, keeps, magnitude in candidates:
+        key = repr(sorted(changes.items(), key=lambda kv: kv[0]))
+        if key in seen:
+            continue
+        seen.add(key)
+        trial = req.model_copy(update=copy.deepcopy(changes))
+        try:
+            _, alt = replan(trial)
+        except ZarrParallelError as e:
+            logger.debug("candidate %s rejected: %s", changes, e)
+            continue
+        if alt.read_amplification >= plan.read_amplification - 1e-9:
+            continue
+        out.append(
+            Recommendation(
+                changes,
+                alt.read_amplification,
+                alt.max_job_memory,
+                f"{sentence}: read amplification {alt.read_amplification:.2f} "
+                f"(now {plan.read_amplification:.2f}), {len(alt.jobs)} job"
+                f"{'s' if len(alt.jobs) != 1 else ''} of at most "
+                f"{alt.max_job_memory / 1e6:.0f} MB",
+                keeps,
+                magnitude,
+                len(alt.jobs),
+            )
+        )
+    out.sort(key=lambda r: (round(r.read_amplification, 4), not r.keeps_region, r.magnitude))
+    return out
+
+
+def _selection_candidates(
+    req: CacheRequest, source: Source, target: Target
+) -> list[tuple[dict[str, Any], str, bool, int]]:
+    """Move the start and end of 2-item ``sel``/``isel`` slices to source chunk boundaries.
+
+    Each candidate is written in the terms the selection sees: the data after the preprocessors
+    before it (so a selection after a ``reverse`` gets its ends in the reversed order), with
+    labels for ``sel`` and positions for ``isel``.
+    """
+    out: list[tuple[dict[str, Any], str, bool, int]] = []
+    indexed = indexed_source(req, source)
+    # A tiled target's selections are judged on the data before tiling.
+    final = target.tiling.base if target.tiling is not None else target.dataset
+    for i, spec in enumerate(req.preprocessors):
+        kind = {"sel": "sel", "subset": "sel", "isel": "isel"}.get(str(spec.get("type")))
+        if kind is None:
+            continue
+        before: xr.Dataset | None = None
+        for dim, value in spec.items():
+            if dim == "type" or not isinstance(value, list | tuple) or len(value) != 2:
+                continue
+            if before is None:
+                before = apply_transforms(indexed, req.preprocessors[:i], "preprocessors")
+            coord = _index_coord(before, dim)
+            if coord is None or coord not in final.coords or final[coord].ndim != 1:
+                continue
+            kept = np.sort(np.asarray(final[coord].values, dtype=np.int64))
+            if kept.size == 0 or not np.all(np.diff(kept) == 1):
+                continue
+            bounds = _source_bounds(source, coord[len(INDEX_PREFIX) :])
+            if bounds is None:
+                continue
+            a, b = int(kept[0]), int(kept[-1]) + 1
+            lo = int(bounds[np.searchsorted(bounds, a, side="right") - 1])
+            hi = int(bounds[np.searchsorted(bounds, b, side="left")])
+            inner_lo = int(bounds[np.searchsorted(bounds, a, side="left")])
+            inner_hi = int(bounds[np.searchsorted(bounds, b, side="right") - 1])
+            position_source = np.asarray(before[coord].values, dtype=np.int64)
+            for new_a, new_b, keeps, verb in (
+                (lo, hi, True, "widen"),
+                (inner_lo, inner_hi, False, "narrow"),
+            ):
+                if (new_a, new_b) == (a, b) or new_b <= new_a:
+                    continue
+                positions = np.flatnonzero((position_source >= new_a) & (position_source < new_b))
+                if positions.size != new_b - new_a or not np.all(np.diff(positions) == 1):
+                    continue  # not one run of positions where the selection applies
+                first, last = int(positions[0]), int(positions[-1])
+                if kind == "isel":
+                    new_value: list[Any] = [first, last + 1]
+                elif dim in before.coords:
+                    labels = before[dim].values
+                    new_value = [_label(labels[first]), _label(labels[last])]
+                else:
+                    continue
+                pre = copy.deepcopy(req.preprocessors)
+                pre[i][dim] = new_value
+                out.append(
+                    (
+                        {"preprocessors": pre},
+                        f"{verb} preprocessors[{i}].{dim} to {new_value} (source chunk boundaries)",
+                        keeps,
+                        abs(new_a - a) + abs(new_b - b),
+                    )
+                )
+    return out
+
+
+def _index_coord(ds: xr.Dataset, dim: str) -> str | None:
+    """The index coordinate along ``dim`` (named after the source dimension)."""
+    for name, c in ds.coords.items():
+        if str(name).startswith(INDEX_PREFIX) and c.dims == (dim,):
+            return str(name)
+    return None
+
+
+def _label(value: Any) -> Any:
+    if isinstance(value, np.datetime64):
+        return str(np.datetime_as_string(value, unit="s"))
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _source_bounds(source: Source, dim: str) -> np.ndarray | None:
+    for vl in source.layout.variables.values():
+        if dim in vl.dims:
+            return np.asarray(vl.boundaries[vl.dims.index(dim)], dtype=np.int64)
+    return None
+
+
+def _chunk_candidates(
+    req: CacheRequest, target: Target, plan: Plan
+) -> list[tuple[dict[str, Any], str, bool, int]]:
+    """Target chunks that are multiples or divisors of the source chunks along split dims."""
+    out: list[tuple[dict[str, Any], str, bool, int]] = []
+    split = {d for g in plan.groups for d in g.split_dims}
+    if not split:
+        return out
+    current = {d: c for per in target.chunks.values() for d, c in per.items()}
+    src_chunk: dict[str, int] = {}
+    for arr in target.array_inputs():
+        for ax in arr.axes:
+            if ax.dim in split and ax.chunk_len.size:
+                src_chunk[ax.dim] = int(ax.chunk_len.max())
+    base = {} if req.chunks == "auto" else dict(req.chunks)
+    for dim, s in src_chunk.items():
+        want = current.get(dim, s)
+        options = (
+            {s * max(1, want // s), s * max(1, -(-want // s))}
+            if want >= s
+            else {d for d in range(1, s + 1) if s % d == 0 and d <= want}
+        )
+        if want < s:
+            options = {max(options)} if options else set()
+            options.add(s)
+        for size in sorted(options):
+            if size == want:
+                continue
+            chunks = {**base, dim: size}
+            out.append(
+                (
+                    {"chunks": chunks},
+                    f"set chunks['{dim}'] to {size} (source chunk {s} along {dim})",
+                    True,
+                    abs(size - want),
+                )
+            )
+    return out

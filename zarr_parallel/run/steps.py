@@ -1,0 +1,511 @@
+"""The steps of a cache run, as plain functions the Prefect flow orchestrates.
+
+``prepare`` (validate the source, plan, recommend, choose the version: no writes), ``initialise``
+(metadata-only store), ``run_job`` (in :mod:`zarr_parallel.run.job`) and ``finish`` (completeness
+check, consolidate, publish). Flows call these and nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+
+from zarr_parallel.errors import RecommendationsPending, RequestError, RunFailed
+from zarr_parallel.faults import fault_point
+from zarr_parallel.planning.plan import ArrayInput, Limits, Plan, fingerprint, plan_jobs
+from zarr_parallel.planning.sizing import local_workers
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.run.job import merge_stats
+from zarr_parallel.run.job_process import WORKER_OVERHEAD
+from zarr_parallel.run.preflight import run_preflight
+from zarr_parallel.run.recommend import Recommendation, recommend
+from zarr_parallel.sources.remote import redact
+from zarr_parallel.sources.source import check_sources
+from zarr_parallel.sources.target import (
+    Target,
+    build_target,
+    cached_source,
+    cached_target,
+    fresh_source,
+)
+from zarr_parallel.store.cache_store import (
+    LOCK_GUARD,
+    CachePaths,
+    check_cache_location,
+    check_complete,
+    check_lock_token,
+    clean_stale_links,
+    clean_temporary,
+    finalise,
+    initialise_store,
+    is_complete,
+    iter_job_records,
+    pending_record,
+    plan_differences,
+    plan_record,
+    publish,
+    recorded_jobs,
+    resolve_paths,
+    same_content,
+    unrecord_job,
+    write_fence,
+)
+from zarr_parallel.store.lock import CacheLock, held_token
+from zarr_parallel.units import format_bytes
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["fresh", "resume", "up_to_date"]
+
+
+def worker_count(req: CacheRequest) -> int:
+    """Workers running at once: ``simultaneous_worker_limit`` or the machine's cores.
+
+    Local workers are capped by the machine's memory (see :func:`worker_note`).
+    """
+    count, note = worker_note(req)
+    if note:
+        _warn_once(note)
+    return count
+
+
+def worker_note(req: CacheRequest) -> tuple[int, str | None]:
+    """Workers running at once, and why that differs from the request (or is unusual)."""
+    if req.deploy_mode == "series":
+        return 1, None
+    cores = os.cpu_count() or 1
+    if req.deploy_mode == "dask_distributed" and req.scheduler_address is None:
+        memory = int(psutil.virtual_memory().total)
+        return local_workers(req.simultaneous_worker_limit, cores, memory, req.memory_bytes)
+    return req.simultaneous_worker_limit or cores, None
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_once(note: str) -> None:
+    # Planning asks for the count many times (recommendations re-plan); say it once.
+    logger.warning(note)
+
+
+def limits_for(req: CacheRequest) -> Limits:
+    """The planner's budgets for a request (DESIGN §2a, Sizing)."""
+    workers = worker_count(req)
+    min_jobs = req.num_jobs or (1 if workers == 1 else 2 * workers)
+    # Beside a dask worker process the job process gets less ([parallel], execution.py).
+    overhead = 0 if req.deploy_mode == "series" else WORKER_OVERHEAD
+    budget = req.memory_bytes - req.reserve_bytes - overhead
+    if budget <= 0:
+        raise RequestError(
+            "memory_limit",
+            req.memory_limit,
+            f"leaves nothing for jobs after the {format_bytes(req.reserve_bytes)} interpreter "
+            f"reserve and the {format_bytes(overhead)} dask worker process of each worker",
+            f"Raise memory_limit above {format_bytes(req.reserve_bytes + overhead)} (1GB or more "
+            "is sensible), or use deploy_mode='series'",
+        )
+    return Limits(
+        memory_budget=budget,
+        min_jobs=min_jobs,
+        time_budget=req.timeout_seconds / 2,
+        reserve=req.reserve_bytes,
+        overhead=overhead,
+    )
+
+
+def plan_inputs(target: Target, req: CacheRequest) -> list[ArrayInput]:
+    """The planner's inputs: the target's arrays, marked where the fast path will write them."""
+    from zarr_parallel.sources.fastread import mark_fast
+
+    return mark_fast(target, req, target.array_inputs())
+
+
+def make_plan(req: CacheRequest) -> tuple[Target, Plan]:
+    """Open (cached), transform and plan a request."""
+    target = build_target(req, cached_source(req))
+    inputs, limits = plan_inputs(target, req), limits_for(req)
+    if target.tiling is not None:
+        target.tiling.check_fits(inputs, limits)  # refuse with the largest tile that fits
+    # The fingerprint covers the request, the source's state (files, sizes, modification times,
+    # chunk layout) and the plan: a changed source is never resumed into or reported up to date.
+    digest = fingerprint(req.digest(), target.layout.digest)
+    return target, plan_jobs(inputs, limits, digest)
+
+
+@dataclass
+class Prepared:
+    """Everything decided before the first write."""
+
+    request: CacheRequest
+    paths: CachePaths
+    plan: Plan
+    version: Path
+    status: Status
+    todo: list[int]
+    recommendations: list[Recommendation] = field(default_factory=list)
+    applied: Recommendation | None = None
+    layout: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def request_json(self) -> str:
+        """The request as shipped to workers."""
+        return self.request.model_dump_json()
+
+    def plan_json(self) -> dict[str, Any]:
+        """The plan as stored in the version's manifest."""
+        return {
+            **self.plan.to_json(),
+            # Masked as a second defence (literal secrets were refused at validation); the
+            # environment's values are not looked for, so the stored request reads back as is.
+            "request": redact(self.request.model_dump(mode="json"), env_values=False),
+            "layout": self.layout,
+            # Whose version this is: only this cache path may ever replace or prune it.
+            "cache_path": self.paths.canonical,
+        }
+
+
+def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
+    """Validate against the source, plan, apply the recommendation policy and pick the version.
+
+    Parameters
+    ----------
+    req
+        The request.
+    check_location
+        Refuse a cache path holding what the cache does not own
+        (:func:`~zarr_parallel.store.cache_store.check_cache_location`); ``verify`` plans only to
+        compare.
+
+    Raises
+    ------
+    RequestError, PlanError
+        Bad input or no plan within the memory limit (nothing is written).
+    RecommendationsPending
+        The plan re-reads source chunks and ``recommend_changes="halt"``.
+    """
+    paths = resolve_paths(req)
+    if check_location:  # verify plans only to compare, and may read a copied cache
+        check_cache_location(req, paths)
+    source = fresh_source(req)
+    target, plan = make_plan(req)
+    recs: list[Recommendation] = []
+    applied: Recommendation | None = None
+    if plan.read_amplification > 1.0 + 1e-9 and req.recommend_changes != "proceed":
+        recs = recommend(req, source, target, plan, make_plan)
+        if req.recommend_changes == "halt":
+            raise RecommendationsPending(plan, recs, recommendations_message(plan, recs))
+        if recs:
+            applied = recs[0]
+            req = req.model_copy(update=applied.changes)
+            target, plan = make_plan(req)
+            logger.info("applied recommendation: %s", applied.sentence)
+    layout = source.layout.to_json()
+    prepared = Prepared(req, paths, plan, paths.final, "fresh", [], recs, applied, layout)
+    version, status, todo, plan = _choose_version(req, paths, plan, prepared.plan_json())
+    prepared.version, prepared.status, prepared.todo, prepared.plan = version, status, todo, plan
+    if status != "up_to_date":
+        run_preflight(req, paths, target, plan, source, todo)
+    fault_point("planned")
+    return prepared
+
+
+def recommendations_message(plan: Plan, recs: list[Recommendation]) -> str:
+    """The text shown when a run halts on recommendations."""
+    lines = [
+        f"The plan reads {plan.read_amplification:.2f}x the source bytes it needs "
+        f"({format_bytes(plan.read_bytes)} read for {format_bytes(plan.needed_bytes)}): the "
+        "selection, the target chunks or the tiles cut source chunks.",
+    ]
+    if recs:
+        lines.append("Recommendations, best first:")
+        lines += [f"  {i + 1}. {r.sentence}; changes: {r.changes}" for i, r in enumerate(recs)]
+    else:
+        lines.append("No aligned alternative was found.")
+    lines.append(
+        "Apply one (recommend_changes='apply' takes the first), change the request, or run as "
+        "asked with recommend_changes='proceed'."
+    )
+    return "\n".join(lines)
+
+
+def _choose_version(
+    req: CacheRequest, paths: CachePaths, plan: Plan, plan_json: dict[str, Any]
+) -> tuple[Path, Status, list[int], Plan]:
+    """The version to write (or keep), what it is, the jobs to run and the plan they come from.
+
+    A version holding the same content counts whatever plan made it (store.same_content): a
+    request run again in another deploy mode or with another memory limit is up to date, and
+    an interrupted run of it continues with its own plan's jobs if they fit this run's budget.
+    """
+    fp = plan.fingerprint
+    all_ids = [j.id for j in plan.jobs]
+    current = paths.current()
+    if current is not None and is_complete(current):
+        rec = plan_record(current)
+        if same_content(rec, plan_json):
+            if rec and _split_differently(rec, plan):
+                plan = Plan.from_json(rec)  # report the jobs that made it, not this split
+            return current, "up_to_date", [], plan
+        if not req.overwrite:
+            raise RequestError(
+                "overwrite",
+                False,
+                f"{paths.final} holds a cache of a different request or source "
+                f"({_differences(rec, plan_json)})",
+                "Set overwrite=True to publish a new version (the old one is kept), or use a "
+                "new cache_label",
+            )
+    elif paths.final.exists() and not paths.final.is_symlink() and not req.overwrite:
+        raise RequestError(
+            "overwrite",
+            False,
+            f"{paths.final} exists and was not made by this version",
+            "Set overwrite=True (it is kept beside the new version) or choose another path",
+        )
+    # Unpublished versions: interrupted runs (no complete.json), or complete but killed before
+    # publishing. Only one with this exact plan fingerprint may be continued; others are cleaned
+    # by initialise, never mixed with this run.
+    others = [v for v in paths.all_versions() if v != current]
+    matching = [v for v in others if (plan_record(v) or {}).get("fingerprint") == fp]
+    if not matching and req.resume is not False:
+        adopted = _adoptable(others, plan)
+        if adopted is not None:
+            version, stored = adopted
+            done = recorded_jobs(version, stored.fingerprint)
+            logger.info(
+                "continuing the interrupted run %s with its own plan (%d jobs, %d done): it "
+                "writes the same content as this request's plan",
+                version.name,
+                len(stored.jobs),
+                len(done),
+            )
+            return version, "resume", [j.id for j in stored.jobs if j.id not in done], stored
+    if req.resume is True and not matching:
+        interrupted = [v for v in others if plan_record(v) is not None and not is_complete(v)]
+        found = (
+            f"the interrupted run {interrupted[-1].name} was of a different request or source "
+            f"({_differences(plan_record(interrupted[-1]), plan_json)})"
+            if interrupted
+            else "no interrupted run of this cache was found"
+        )
+        raise RequestError(
+            "resume",
+            True,
+            found,
+            "Use resume='auto' to start afresh (the interrupted run is then discarded), or run "
+            "the same request as before to continue it",
+        )
+    if matching and req.resume is not False:
+        version = matching[-1]
+        done = recorded_jobs(version, fp)
+        return version, "resume", [i for i in all_ids if i not in done], plan
+    return paths.next_version(fp), "fresh", all_ids, plan
+
+
+def _adoptable(versions: list[Path], plan: Plan) -> tuple[Path, Plan] | None:
+    """The latest unpublished version of the same content whose jobs fit ``plan``'s budget.
+
+    Only a full run's version: a re-cache append's plan covers its new region alone, and the
+    re-cache flow continues its own.
+    """
+    for version in reversed(versions):
+        rec = plan_record(version)
+        if rec is None or "job_list" not in rec or not _split_differently(rec, plan):
+            continue
+        stored = Plan.from_json(rec)
+        if stored.max_job_memory <= plan.memory_budget:
+            return version, stored
+        logger.info(
+            "not continuing %s: its jobs need up to %s, more than this run's budget %s",
+            version.name,
+            format_bytes(stored.max_job_memory),
+            format_bytes(plan.memory_budget),
+        )
+    return None
+
+
+def _split_differently(rec: dict[str, Any], plan: Plan) -> bool:
+    """A stored full plan of the same content as ``plan`` with other jobs."""
+    return rec.get("content_fingerprint") == plan.content_fingerprint and (
+        rec.get("fingerprint") != plan.fingerprint
+    )
+
+
+def _differences(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    changes = plan_differences(old, new)
+    return "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "")
+
+
+def run_lock(req: CacheRequest, writes: bool = True) -> CacheLock:
+    """The lock of the request's cache (a context manager; see :mod:`zarr_parallel.store.lock`).
+
+    For a run that ``writes``, the cache location is checked first (before the lock file
+    exists): a run never starts on a path holding something it does not own.
+    """
+    paths = resolve_paths(req)
+    if writes:
+        check_cache_location(req, paths)
+    return CacheLock(paths.lock, break_lock=req.break_lock, guard=paths.versions / LOCK_GUARD)
+
+
+def initialise(prepared: Prepared) -> None:
+    """Clean what killed runs left, then create the staging version (metadata only) if fresh.
+
+    The caller holds the cache's lock, so nothing cleaned here belongs to a live run.
+    """
+    paths = prepared.paths
+    current = paths.current()
+    clean_stale_links(paths)
+    # Stale staging versions of other plans are cleaned, never mixed with this run.
+    for stale in paths.all_versions():
+        if stale not in (current, prepared.version) and not is_complete(stale):
+            logger.info("removing stale staging version %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+            pending_record(paths, stale).unlink(missing_ok=True)
+    if prepared.status == "resume":
+        removed = clean_temporary(prepared.version)
+        logger.info(
+            "resuming %s: %d of %d jobs left (%d temporary files of killed writes removed)",
+            prepared.version,
+            len(prepared.todo),
+            len(prepared.plan.jobs),
+            removed,
+        )
+    if prepared.status == "fresh":
+        target = cached_target(prepared.request_json)
+        try:
+            initialise_store(target, prepared.version, prepared.request, prepared.plan_json())
+        except OSError as e:
+            raise RunFailed(
+                f"could not initialise the cache's new version {prepared.version} ({e}); "
+                f"nothing was published and {paths.final} is unchanged. Fix the cause (space, "
+                "permissions) and run again"
+            ) from e
+    token = held_token(paths.lock)
+    if token is not None and prepared.status != "up_to_date":
+        # Every job checks, before it records, that the run writing this version still holds
+        # the lock (a run whose lock was broken while it was paused must record nothing).
+        try:
+            write_fence(prepared.version, paths.lock, token)
+        except OSError as e:
+            raise RunFailed(
+                f"could not write the lock fence of {prepared.version} ({e}); nothing was "
+                f"published and {paths.final} is unchanged. Fix the cause (space, permissions) "
+                "and run again"
+            ) from e
+    fault_point("initialised")
+
+
+def _verify_staging(prepared: Prepared) -> None:
+    """Compare the staging version with the source; refuse to publish a mismatch."""
+    from zarr_parallel.run.verify import verify_cache
+
+    full = prepared.request.verify_before_publish == "full"
+    report = verify_cache(
+        prepared.request,
+        "full" if full else "sample",
+        version=prepared.version,
+        staging=True,
+    )
+    if not report.ok:
+        # Un-record the jobs whose regions hold a problem: the next run writes them again.
+        plan_json = plan_record(prepared.version) or prepared.plan_json()
+        bad = sorted(
+            {
+                int(job_id)
+                for job_id, variables, region, *_ in plan_json["job_list"]
+                for p in report.problems
+                if p.region and p.variable in variables and _overlap(region, p.region)
+            }
+        )
+        for job_id in bad:
+            unrecord_job(prepared.version, job_id)
+        raise RunFailed(
+            f"the new version does not match its source, so it was not published; the records "
+            f"of jobs {bad[:10]} were removed: run again to write them again.\n{report.text()}",
+            [{"id": j} for j in bad],
+        )
+    logger.info(
+        "verified %s before publishing: %d chunks", prepared.version, report.chunks_compared
+    )
+
+
+def _overlap(a: Any, b: Any) -> bool:
+    """True when two regions (``[dim, start, stop]`` lists) share an element."""
+    bounds = {str(d): (int(lo), int(hi)) for d, lo, hi in a}
+    for d, lo, hi in b:
+        if str(d) in bounds:
+            alo, ahi = bounds[str(d)]
+            if int(hi) <= alo or ahi <= int(lo):
+                return False
+    return True
+
+
+def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    """Check completeness, consolidate, publish and summarise."""
+    req, plan = prepared.request, prepared.plan
+    token = held_token(prepared.paths.lock)
+    if prepared.status != "up_to_date":
+        if token is not None:
+            check_lock_token(prepared.paths.lock, token, "finishing")
+        plan_json = plan_record(prepared.version) or prepared.plan_json()
+        check_complete(prepared.version, plan_json)
+        # Temporary files of attempts that died (retried jobs) must not be published.
+        clean_temporary(prepared.version)
+        records = list(iter_job_records(prepared.version))
+        fault_point("before-finalise")
+        if req.verify_before_publish != "off":
+            _verify_staging(prepared)
+        # Last, after every read: a source that changed during the run (after a job read it)
+        # fails the run here and the published version stays.
+        checked = check_sources(req, (plan_json.get("layout") or {}).get("identity"))
+        logger.debug("source unchanged since planning: %d entries checked", checked)
+        try:
+            finalise(prepared.version, {"fingerprint": plan.fingerprint, "jobs": len(plan.jobs)})
+            fault_point("before-publish")
+            fence = (
+                None
+                if token is None
+                else functools.partial(check_lock_token, prepared.paths.lock, token, "publishing")
+            )
+            publish(
+                prepared.paths,
+                prepared.version,
+                req.keep_versions,
+                req.min_version_age_seconds,
+                fence,
+            )
+        except OSError as e:
+            raise RunFailed(
+                f"every job finished but publishing {prepared.version} failed ({e}); "
+                f"{prepared.paths.final} is unchanged. Fix the cause and run again: the "
+                "finished jobs are kept and only publishing is repeated"
+            ) from e
+    else:
+        records = list(iter_job_records(prepared.version))
+    summary: dict[str, Any] = {
+        "status": "up to date" if prepared.status == "up_to_date" else "done",
+        "resumed": prepared.status == "resume",
+        "cache": str(prepared.paths.final),
+        "version": str(prepared.version),
+        "jobs": len(plan.jobs),
+        "jobs_run": len(results),
+        "jobs_skipped": len(plan.jobs) - len(prepared.todo),
+        "read_amplification": round(plan.read_amplification, 4),
+        "max_job_memory": plan.max_job_memory,
+        "max_peak_memory": max((int(r.get("peak_memory", 0)) for r in records), default=0),
+        "bytes_written": sum(int(r.get("bytes", 0)) for r in results),
+        "seconds": round(time.time() - started, 3),
+        "fingerprint": plan.fingerprint,
+        "applied_recommendation": prepared.applied.to_json() if prepared.applied else None,
+        "notes": list(plan.notes),
+    }
+    if req.generate_stats:
+        summary["stats"] = merge_stats(records)
+    return summary

@@ -1,0 +1,325 @@
+"""The target: the source after preprocessors and per-variable transforms, applied lazily.
+
+Before the transforms run, every source dimension gets an integer index coordinate
+(``_zpi_<dim>``). Transforms carry these along like any coordinate, so afterwards each target
+index says exactly which source index it came from, whatever the selections, flips, rolls or
+renames did. That mapping, with the source layout, is what the planner aligns to.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from zarr_parallel.errors import RequestError, SourceChanged
+from zarr_parallel.names import check_names
+from zarr_parallel.planning.plan import ArrayInput, AxisMap, canonical_json
+from zarr_parallel.planning.tiles import TileSpec
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.sources.source import (
+    Source,
+    SourceLayout,
+    _file_state,
+    check_sources,
+    open_source,
+)
+from zarr_parallel.transforms.registry import apply_transforms
+from zarr_parallel.transforms.tiling import Tiling, tile_dataset
+
+logger = logging.getLogger(__name__)
+
+INDEX_PREFIX = "_zpi_"
+SOURCE_ATTR = "_zp_source"
+
+
+@dataclass(frozen=True)
+class Target:
+    """The lazily transformed dataset, ready to be planned and written.
+
+    ``dataset`` still carries the index coordinates; :meth:`template` and :meth:`region`
+    give clean views without them.
+    """
+
+    dataset: xr.Dataset
+    layout: SourceLayout
+    chunks: Mapping[str, dict[str, int]]
+    shards: Mapping[str, dict[str, int]] | None
+    sources: Mapping[str, str | None]
+    tiling: Tiling | None = None
+
+    @property
+    def variables(self) -> list[str]:
+        """Data variables written by jobs."""
+        return [str(v) for v in self.dataset.data_vars]
+
+    def clean(self, ds: xr.Dataset) -> xr.Dataset:
+        """Drop the index coordinates and bookkeeping attributes."""
+        ds = ds.drop_vars([c for c in ds.coords if str(c).startswith(INDEX_PREFIX)])
+        for var in ds.data_vars.values():
+            var.attrs.pop(SOURCE_ATTR, None)
+        return ds
+
+    def template(self) -> xr.Dataset:
+        """The target without index coordinates (lazy data)."""
+        return self.clean(self.dataset.copy())
+
+    def array_inputs(self) -> list[ArrayInput]:
+        """Planner inputs: per variable, how target indices map onto source chunks."""
+        inputs = []
+        for name in self.variables:
+            var = self.dataset[name]
+            src = self.sources.get(name)
+            vlayout = self.layout.variables.get(src) if src else None
+            axes = []
+            for dim in var.dims:
+                axes.append(self._axis(var, str(dim), vlayout))
+            fixed = 1
+            if vlayout is not None:
+                for c in var.coords.values():
+                    cname = str(c.name)
+                    if cname.startswith(INDEX_PREFIX) and c.ndim == 0:
+                        sdim = cname[len(INDEX_PREFIX) :]
+                        if sdim in vlayout.dims:
+                            bounds = np.asarray(vlayout.boundaries[vlayout.dims.index(sdim)])
+                            k = int(np.searchsorted(bounds, int(c.values), side="right") - 1)
+                            fixed *= int(bounds[k + 1] - bounds[k])
+            write = tuple(
+                (self.shards or {}).get(name, {}).get(str(d), self.chunks[name][str(d)])
+                for d in var.dims
+            )
+            read_itemsize = vlayout.read_itemsize if vlayout else var.dtype.itemsize
+            inputs.append(
+                ArrayInput(name, tuple(axes), write, int(var.dtype.itemsize), read_itemsize, fixed)
+            )
+        return inputs
+
+    def _axis(self, var: xr.DataArray, dim: str, vlayout: Any) -> AxisMap:
+        if self.tiling is not None:
+            tiled = self.tiling.axis(var, dim, vlayout, self._axis)
+            if tiled is not None:
+                return tiled
+        size = int(var.sizes[dim])
+        for c in var.coords.values():
+            cname = str(c.name)
+            if cname.startswith(INDEX_PREFIX) and c.dims == (dim,):
+                sdim = cname[len(INDEX_PREFIX) :]
+                if vlayout is not None and sdim in vlayout.dims:
+                    bounds = np.asarray(vlayout.boundaries[vlayout.dims.index(sdim)])
+                    src_idx = np.asarray(c.values, dtype=np.int64)
+                    chunk_of = np.searchsorted(bounds, src_idx, side="right") - 1
+                    return AxisMap(dim, chunk_of, np.diff(bounds))
+        # No mapping known (a dimension a transform made): conservatively one chunk.
+        return AxisMap(dim, np.zeros(size, dtype=np.int64), np.array([max(size, 1)]))
+
+
+def indexed_source(req: CacheRequest, source: Source) -> xr.Dataset:
+    """The source's requested variables with an index coordinate per dimension, untransformed.
+
+    Applying the first ``k`` preprocessors to it gives the data as preprocessor ``k`` sees it,
+    still saying which source index each position came from.
+    """
+    ds = source.dataset.copy()
+    check_names(ds, "data_uri", req.data_uri, "the source has")
+    if req.variables is not None:
+        missing = [v for v in req.variables if v not in ds.data_vars]
+        if missing:
+            raise RequestError(
+                "variables",
+                missing,
+                "are not variables of the source",
+                f"Use names from {sorted(map(str, ds.data_vars))}",
+            )
+        ds = ds[list(req.variables)]
+    ds = ds.assign_coords(
+        {f"{INDEX_PREFIX}{d}": (d, np.arange(n, dtype=np.int64)) for d, n in ds.sizes.items()}
+    )
+    for name in ds.data_vars:
+        ds[name].attrs = {**ds[name].attrs, SOURCE_ATTR: str(name)}
+    return ds
+
+
+def build_target(req: CacheRequest, source: Source | None = None) -> Target:
+    """Apply the request's transforms lazily to the source and resolve the target chunks."""
+    source = source or open_source(req)
+    ds = apply_transforms(indexed_source(req, source), req.preprocessors, "preprocessors")
+    check_names(ds, "preprocessors", req.preprocessors, "the preprocessors give")
+    if req.variables:
+        parts = []
+        for name, specs in req.variables.items():
+            if name not in ds.data_vars:
+                raise RequestError(
+                    f"variables['{name}']",
+                    name,
+                    "is no longer in the data after preprocessors",
+                    "Name the variable as the preprocessors leave it",
+                )
+            parts.append(apply_transforms(ds[[name]], specs, f"variables['{name}']", name))
+        try:
+            ds = xr.merge(parts, join="exact", combine_attrs="override", compat="override")
+        except ValueError as e:
+            raise RequestError(
+                "variables",
+                list(req.variables),
+                f"per-variable transforms left variables on different coordinates ({e})",
+                "Select the same region for every variable (use preprocessors for that)",
+            ) from e
+        ds.attrs = dict(source.dataset.attrs)
+        check_names(ds, "variables", req.variables, "the per-variable transforms give")
+    ds.attrs = {**ds.attrs, **req.add_attrs}
+    for dim, n in ds.sizes.items():
+        if n == 0:
+            raise RequestError(
+                "preprocessors",
+                req.preprocessors,
+                f"leave no data along {dim!r}",
+                "Widen the selection",
+            )
+    tiling = None
+    if req.tiles is not None:
+        ds, tiling = tile_dataset(ds, TileSpec.parse(req.tiles))
+        check_names(ds, "tiles", req.tiles, "the tiles give")
+    sources = {str(v): ds[v].attrs.get(SOURCE_ATTR) for v in ds.data_vars}
+    chunks = _resolve_chunks(req, ds, source.layout, sources)
+    if tiling is not None:
+        chunks = tiling.fix_chunks(chunks, req.chunks)
+    shards = _resolve_shards(req, ds, chunks)
+    logger.debug("target: sizes %s, chunks %s, shards %s", dict(ds.sizes), chunks, shards)
+    return Target(ds, source.layout, chunks, shards, sources, tiling)
+
+
+def _source_dim(var: xr.DataArray, dim: str) -> str | None:
+    for c in var.coords.values():
+        if str(c.name).startswith(INDEX_PREFIX) and c.dims == (dim,):
+            return str(c.name)[len(INDEX_PREFIX) :]
+    return None
+
+
+def _resolve_chunks(
+    req: CacheRequest, ds: xr.Dataset, layout: SourceLayout, sources: Mapping[str, str | None]
+) -> dict[str, dict[str, int]]:
+    asked = {} if req.chunks == "auto" else dict(req.chunks)
+    unknown = [d for d in asked if d not in ds.dims]
+    if unknown:
+        raise RequestError(
+            f"chunks['{unknown[0]}']",
+            asked[unknown[0]],
+            "names no dimension of the target",
+            f"Use dimensions of the target: {sorted(map(str, ds.dims))}",
+        )
+    out: dict[str, dict[str, int]] = {}
+    for name in ds.data_vars:
+        var = ds[name]
+        src = sources.get(str(name))
+        vlayout = layout.variables.get(src) if src else None
+        per: dict[str, int] = {}
+        for dim in var.dims:
+            size = int(var.sizes[dim])
+            if str(dim) in asked:
+                c = asked[str(dim)]
+                per[str(dim)] = size if c == -1 else min(int(c), size)
+                continue
+            sdim = _source_dim(var, str(dim))
+            if vlayout is not None and sdim in vlayout.dims:
+                per[str(dim)] = min(vlayout.typical_chunk(sdim), size)
+            else:
+                per[str(dim)] = size
+            per[str(dim)] = max(per[str(dim)], 1)
+        out[str(name)] = per
+    return out
+
+
+def _resolve_shards(
+    req: CacheRequest, ds: xr.Dataset, chunks: Mapping[str, dict[str, int]]
+) -> dict[str, dict[str, int]] | None:
+    if not req.shards:
+        return None
+    out: dict[str, dict[str, int]] = {}
+    for name, per in chunks.items():
+        shard = {}
+        for dim, c in per.items():
+            s = req.shards.get(dim, c)
+            s = int(ds.sizes[dim]) if s == -1 else s
+            if s % c:
+                raise RequestError(
+                    f"shards['{dim}']",
+                    s,
+                    f"must be a multiple of the chunk length {c}",
+                    f"Use {c * max(1, math.ceil(s / c))}",
+                )
+            shard[dim] = s
+        out[name] = shard
+    return out
+
+
+_SOURCE_FIELDS = {
+    "data_uri",
+    "engine",
+    "open_options",
+    "storage_options",
+    "remote_concurrency",
+    "remote_retries",
+}
+
+
+def cached_source(req: CacheRequest) -> Source:
+    """Open a source once per process (planning, recommendations and jobs share it).
+
+    The key holds the files' sizes and modification times, so a changed source is reopened.
+    """
+    return _cached_source(req.model_dump_json(include=_SOURCE_FIELDS), source_state(req))
+
+
+def fresh_source(req: CacheRequest) -> Source:
+    """:func:`cached_source`, reopened if any source entry changed since it was opened.
+
+    The per-process caches are keyed by cheap state (sizes and modification times of the files,
+    a Zarr store's metadata documents); planning checks the full identity (a Zarr chunk
+    rewritten in place) so that a long-lived process never plans from a stale source.
+    """
+    opened = _cached_source.cache_info().misses
+    source = cached_source(req)
+    if _cached_source.cache_info().misses != opened:
+        return source  # just opened: its identity is current
+    try:
+        check_sources(req, source.layout.identity)
+    except SourceChanged as e:
+        logger.info("reopening the source: %s", e.change)
+        _cached_source.cache_clear()
+        _cached_target.cache_clear()
+        source = cached_source(req)
+    return source
+
+
+def source_state(req: CacheRequest) -> str:
+    """The source files' state (sizes and modification times): a key for per-process caches."""
+    uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
+    return canonical_json([_file_state(u) for u in uris])
+
+
+@lru_cache(maxsize=4)
+def _cached_source(source_json: str, state: str) -> Source:
+    fields = CacheRequest.model_validate_json(source_json)
+    return open_source(fields)
+
+
+def cached_target(request_json: str) -> Target:
+    """Open and transform once per process (workers run many jobs of one request).
+
+    Keyed like :func:`cached_source` by the files' state too: a long-lived process (a notebook,
+    a reused dask worker) must not write a rewritten source's old values.
+    """
+    req = CacheRequest.model_validate_json(request_json)
+    return _cached_target(request_json, source_state(req))
+
+
+@lru_cache(maxsize=8)
+def _cached_target(request_json: str, state: str) -> Target:
+    req = CacheRequest.model_validate_json(request_json)
+    return build_target(req, cached_source(req))
