@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
 from zarr_parallel.logs import set_log_level
+from zarr_parallel.orchestration.cluster import open_cluster
 from zarr_parallel.orchestration.control import (
     cache_slot,
     checked_request,
@@ -28,19 +29,19 @@ from zarr_parallel.orchestration.control import (
 from zarr_parallel.orchestration.runners import (
     current_api_url,
     make_task_runner,
-    open_cluster,
     worker_settings,
     worker_sizing,
 )
 from zarr_parallel.orchestration.tasks import artifact_key, finish_task, initialise_task, plan_task
-from zarr_parallel.orchestration.write_flow import MAX_TASKS, group_jobs, write_flow
+from zarr_parallel.orchestration.write_flow import group_jobs, write_flow
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.policy import enforced
 from zarr_parallel.run.recommend import Recommendation
 from zarr_parallel.run.steps import Prepared, recommendations_message, run_lock, worker_note
+from zarr_parallel.store.cache_store import resolve_paths
 from zarr_parallel.units import format_bytes
 
-__all__ = ["MAX_TASKS", "cache_flow", "group_jobs", "main", "write_flow"]
+__all__ = ["cache_flow", "main", "run_cache_steps"]
 
 
 @flow(name="zarr-parallel-cache", log_prints=False)
@@ -71,7 +72,7 @@ def _cache_until_decided(request: CacheRequest) -> dict[str, Any]:
             # held until publish; a dead run's lock is broken, see zarr_parallel.store.lock) keeps
             # any other writer out. A pause for a decision happens outside both.
             with cache_slot(request), run_lock(request):
-                summary = _cache(request)
+                summary = run_cache_steps(request)
         except RecommendationsPending as e:
             outcome = decide_on_recommendations(request, e)
             if isinstance(outcome, State):
@@ -84,14 +85,30 @@ def _cache_until_decided(request: CacheRequest) -> dict[str, Any]:
         return summary
 
 
-def _cache(
+def run_cache_steps(
     request: CacheRequest,
     prepared: Prepared | None = None,
     after_initialise: Callable[[Prepared], Any] | None = None,
 ) -> dict[str, Any]:
-    """One pass of the cache run's steps, inside the flow run.
+    """One pass of the cache run's steps, inside the flow run: plan, initialise, write, finish.
+
     The re-cache flow (:mod:`zarr_parallel.orchestration.recache`) runs the same steps with its own
     ``prepared`` (an append's plan) and reuses the unchanged chunks ``after_initialise``.
+
+    Parameters
+    ----------
+    request
+        The checked request.
+    prepared
+        A plan made already (the re-cache flow's append); None plans ``request`` here.
+    after_initialise
+        Called with the prepared run once the store is initialised, before any write.
+
+    Returns
+    -------
+    dict
+        The run summary (:func:`zarr_parallel.run.steps.finish`), with the deploy mode, the
+        workers and the per-job results when jobs ran.
     """
     logger = get_run_logger()
     started = time.time()
@@ -130,7 +147,7 @@ def _cache(
             cluster.ready_seconds,
         )
         with worker_settings(api_url), without_flow_heartbeat():
-            runner = make_task_runner(cluster)
+            runner = make_task_runner(cluster.mode, cluster.address)
             results = write_flow.with_options(task_runner=runner)(
                 prepared.request_json, str(prepared.version), groups, cluster.address
             )
@@ -175,8 +192,6 @@ def _publish_plan(prepared: Prepared) -> None:
 
 
 def _publish_recommendations(request: CacheRequest, e: RecommendationsPending) -> None:
-    from zarr_parallel.store.cache_store import resolve_paths
-
     final = resolve_paths(request).final
     md = "# Run halted on recommendations\n\n" + str(e).replace("\n  ", "\n- ")
     create_markdown_artifact(

@@ -21,7 +21,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from zarr_parallel.logs import set_log_level
-from zarr_parallel.orchestration.cache import _cache, cache_flow, exit_code, format_summary
+from zarr_parallel.orchestration.cache import (
+    cache_flow,
+    exit_code,
+    format_summary,
+    run_cache_steps,
+)
 from zarr_parallel.orchestration.control import (
     cache_slot,
     checked_request,
@@ -116,7 +121,7 @@ def _append(prepared: AppendPrepared) -> dict[str, Any]:
     def reuse(p: Any) -> None:
         reused.update(link_task(p))
 
-    summary = _cache(prepared.request, prepared=prepared, after_initialise=reuse)
+    summary = run_cache_steps(prepared.request, prepared=prepared, after_initialise=reuse)
     return {**summary, "reused_chunks": reused}
 
 
