@@ -29,9 +29,13 @@ from urllib.parse import urlparse
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from zarr_parallel.planning.sizing import WorkerSizing, size_workers, slurm_duration
+from zarr_parallel.planning.sizing import (
+    WorkerSizing,
+    size_workers,
+    slurm_duration,
+    worker_overhead,
+)
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.run.job_process import WORKER_OVERHEAD
 from zarr_parallel.store.cache_store import manifest_dir
 
 logger = logging.getLogger(__name__)
@@ -60,7 +64,7 @@ def worker_sizing(req: CacheRequest, max_job_estimate: int, jobs: int) -> Worker
     from zarr_parallel.run.steps import worker_count
     from zarr_parallel.units import format_duration, parse_duration
 
-    overhead = 0 if req.deploy_mode == "series" else WORKER_OVERHEAD
+    overhead = worker_overhead(req.deploy_mode)
     max_walltime = None
     if req.slurm.walltime is not None:
         max_walltime = parse_duration(req.slurm.walltime, "slurm.walltime")

@@ -28,14 +28,11 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 
 from zarr_parallel.errors import PlanError, RequestError
-from zarr_parallel.planning.plan import ArrayInput, AxisMap, Limits, job_memory, write_grid
-from zarr_parallel.planning.tiles import (
-    DimTiles,
-    TileAxisMap,
-    TileSpec,
-    WithinTileAxisMap,
-    exact_sizes,
-)
+from zarr_parallel.planning.grid import AxisMap, write_grid
+from zarr_parallel.planning.inputs import ArrayInput, Limits
+from zarr_parallel.planning.memory import job_memory
+from zarr_parallel.planning.tile_spec import TileSpec
+from zarr_parallel.planning.tiles import DimTiles, TileAxisMap, WithinTileAxisMap, exact_sizes
 from zarr_parallel.units import format_bytes
 
 logger = logging.getLogger(__name__)
