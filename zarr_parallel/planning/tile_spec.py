@@ -219,42 +219,12 @@ class TileSpec:
                 "Write e.g. tiles: {latitude: 64, longitude: 64} or "
                 "tiles: {size: {latitude: 64, longitude: 64}, edge: pad}",
             )
-        fields = {k: v for k, v in value.items() if k in OPTION_KEYS}
-        lengths = {k: v for k, v in value.items() if k not in OPTION_KEYS}
-        if "size" not in fields:
-            # Short form: tile lengths at the top, options beside them.
-            fields["size"] = lengths
-        elif lengths:
-            name = next(iter(lengths))
-            raise RequestError(
-                f"tiles.{name}",
-                lengths[name],
-                "is not a tiles option",
-                f"Use {list(OPTION_KEYS)}; tile lengths go under size",
-            )
-        overlap = fields.get("overlap", 0)
-        if _is_int(overlap):
-            fields["overlap"] = {d: overlap for d in dict(fields["size"])}
-        elif not isinstance(overlap, Mapping):
-            raise RequestError(
-                "tiles.overlap", overlap, "must be a number or a mapping", "Use e.g. 0 or {x: 4}"
-            )
+        fields = _option_fields(value)
+        _normalise_overlap(fields)
         if isinstance(fields.get("edge"), str):
             fields["edge"] = fields["edge"].lower()
-        for key in ("within", "periods"):
-            if fields.get(key) is None:
-                fields.pop(key, None)
-            elif not isinstance(fields[key], Mapping):
-                raise RequestError(
-                    f"tiles.{key}", fields[key], "must be a mapping per tiled dimension", ""
-                )
-        if fields.get("order") is not None:
-            order = fields["order"]
-            if isinstance(order, str) or not isinstance(order, Sequence):
-                raise RequestError(
-                    "tiles.order", order, "must be a list of the tiled dimensions", ""
-                )
-            fields["order"] = tuple(order)
+        _normalise_mappings(fields)
+        _normalise_order(fields)
         return cls(**fields)
 
     def to_json(self) -> dict[str, Any]:
@@ -274,6 +244,56 @@ class TileSpec:
     def stride(self, dim: str) -> int:
         """Step between the starts of neighbouring tiles along ``dim``."""
         return self.size[dim] - self.overlap[dim]
+
+
+def _option_fields(value: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of the long or the short form, with the tile lengths under ``size``."""
+    fields = {k: v for k, v in value.items() if k in OPTION_KEYS}
+    lengths = {k: v for k, v in value.items() if k not in OPTION_KEYS}
+    if "size" not in fields:
+        # Short form: tile lengths at the top, options beside them.
+        fields["size"] = lengths
+    elif lengths:
+        name = next(iter(lengths))
+        raise RequestError(
+            f"tiles.{name}",
+            lengths[name],
+            "is not a tiles option",
+            f"Use {list(OPTION_KEYS)}; tile lengths go under size",
+        )
+    return fields
+
+
+def _normalise_overlap(fields: dict[str, Any]) -> None:
+    """One overlap for every tiled dimension, or a mapping per dimension."""
+    overlap = fields.get("overlap", 0)
+    if _is_int(overlap):
+        fields["overlap"] = {d: overlap for d in dict(fields["size"])}
+    elif not isinstance(overlap, Mapping):
+        raise RequestError(
+            "tiles.overlap", overlap, "must be a number or a mapping", "Use e.g. 0 or {x: 4}"
+        )
+
+
+def _normalise_mappings(fields: dict[str, Any]) -> None:
+    """``within`` and ``periods``: a mapping per tiled dimension, or unset."""
+    for key in ("within", "periods"):
+        if fields.get(key) is None:
+            fields.pop(key, None)
+        elif not isinstance(fields[key], Mapping):
+            raise RequestError(
+                f"tiles.{key}", fields[key], "must be a mapping per tiled dimension", ""
+            )
+
+
+def _normalise_order(fields: dict[str, Any]) -> None:
+    """``order``: a list of the tiled dimensions (a tuple in the spec), or unset."""
+    if fields.get("order") is None:
+        return
+    order = fields["order"]
+    if isinstance(order, str) or not isinstance(order, Sequence):
+        raise RequestError("tiles.order", order, "must be a list of the tiled dimensions", "")
+    fields["order"] = tuple(order)
 
 
 def _check_path_name(parameter: str, name: Any) -> None:
