@@ -25,6 +25,9 @@ from zarr_parallel.units import format_bytes
 
 #: Throughput assumed when sizing jobs against the time budget (bytes per second, conservative).
 ASSUMED_THROUGHPUT = 20e6
+#: Beyond this many combinations of per-dimension extremes, cost bounds use the (safe, maybe
+#: pessimistic) product of per-dimension maxima instead of the exact maximum.
+_MAX_COMBINATIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,6 @@ class GroupPlan:
     unit_counts: tuple[int, ...]
     units_per_job: tuple[int, ...]
     split_dims: tuple[str, ...]
-
-
-#: Beyond this many combinations of per-dimension extremes, cost bounds use the (safe, maybe
-#: pessimistic) product of per-dimension maxima instead of the exact maximum.
-_MAX_COMBINATIONS = 4096
 
 
 def _pareto(touched: IntArray, lengths: IntArray) -> IntArray:
@@ -131,6 +129,14 @@ class Group:
 
     @classmethod
     def build(cls, members: Sequence[ArrayInput], limits: Limits) -> Group:
+        """The group of ``members`` with its units, cut where one exceeds the budgets.
+
+        Raises
+        ------
+        PlanError
+            When the selection leaves no data along some dimension, or one write chunk with the
+            source chunks it touches exceeds the memory budget.
+        """
         lead = members[0]
         names = [a.name for a in members]
         cost = _GroupCost(members)

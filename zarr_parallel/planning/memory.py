@@ -20,7 +20,7 @@ from zarr_parallel.planning.grid import IntArray
 #: chunk copies, its compressed buffers (as large as the chunks for data that barely
 #: compresses), and one more for library buffers and allocator slack (DESIGN §5). Measured peaks
 #: are 2.8 regions for aligned jobs and 3.8 with an encoded fill value on incompressible data
-#: (tests/test_memory_model.py), against 6 estimated (the touched chunks plus these five).
+#: (tests/planning/test_memory_model.py), against 6 estimated (the touched chunks plus these five).
 REGION_COPIES = 5
 
 
