@@ -334,7 +334,7 @@ def test_bad_input_creates_nothing(
     era5_files: list[Path], tmp_path: Path, case: Bad, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The memory figures in the messages are the xarray path's model (the fast read path has
-    # its own, zarr_parallel.planning.plan.fast_job_memory).
+    # its own, zarr_parallel.planning.memory.fast_job_memory).
     monkeypatch.setenv("ZARR_PARALLEL_FAST_READ", "0")
     monkeypatch.chdir(tmp_path)  # a relative path written by mistake lands where it is seen
     (tmp_path / "afile").write_text("not a folder")

@@ -21,7 +21,7 @@ import xarray as xr
 
 from zarr_parallel.errors import SourceChanged
 from zarr_parallel.planning.jobs import Job
-from zarr_parallel.planning.plan import FAST_SLABS
+from zarr_parallel.planning.memory import FAST_SLABS
 from zarr_parallel.run.job import (
     FAST_READ_ENV,
     high_water_mark,

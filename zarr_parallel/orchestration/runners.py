@@ -18,9 +18,13 @@ from contextlib import contextmanager
 from typing import Any
 
 from zarr_parallel.errors import RequestError
-from zarr_parallel.planning.sizing import RETIRE_BEFORE, WorkerSizing, size_workers
+from zarr_parallel.planning.sizing import (
+    RETIRE_BEFORE,
+    WorkerSizing,
+    size_workers,
+    worker_overhead,
+)
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.run.job_process import WORKER_OVERHEAD
 from zarr_parallel.run.steps import worker_count
 from zarr_parallel.units import format_duration, parse_duration
 
@@ -36,7 +40,7 @@ def worker_sizing(req: CacheRequest, max_job_estimate: int, jobs: int) -> Worker
     RequestError
         ``slurm.walltime`` leaves no room for one job within ``worker_timeout``.
     """
-    overhead = 0 if req.deploy_mode == "series" else WORKER_OVERHEAD
+    overhead = worker_overhead(req.deploy_mode)
     max_walltime = None
     if req.slurm.walltime is not None:
         max_walltime = parse_duration(req.slurm.walltime, "slurm.walltime")

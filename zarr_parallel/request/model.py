@@ -12,8 +12,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zarr_parallel.errors import RequestError
-from zarr_parallel.planning.plan import canonical_json, fingerprint
-from zarr_parallel.planning.tiles import request_tiles
+from zarr_parallel.planning.fingerprint import canonical_json, fingerprint
+from zarr_parallel.planning.tile_spec import request_tiles
 from zarr_parallel.request.normalise import normalise_fields
 from zarr_parallel.request.open_options import check_open_options, detect_engine
 from zarr_parallel.sources.remote import MASK, check_no_secrets, is_secret_key, redact
