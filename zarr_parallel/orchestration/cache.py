@@ -9,13 +9,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from prefect import State, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
+from zarr_parallel.errors import (
+    PlanError,
+    RecommendationsPending,
+    RequestError,
+    RunFailed,
+    ZarrParallelError,
+)
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.orchestration.cluster import open_cluster
 from zarr_parallel.orchestration.control import (
@@ -203,9 +210,9 @@ def _publish_recommendations(request: CacheRequest, e: RecommendationsPending) -
 # Command line
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m flows.cache") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m flows.cache",
+        prog=prog,
         description="Cache a dataset into Zarr as REQUEST.yaml says.",
     )
     p.add_argument("command", nargs="?", default="run", help="run (default), plan or verify")
@@ -230,19 +237,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 done, 1 failed, 2 invalid, 3 halted)."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.cache") -> int:
+    """Run the CLI; returns the exit code (0 done, 1 failed, 2 invalid, 3 halted).
+
+    ``zarr-parallel run|plan|verify`` (:mod:`zarr_parallel.cli`) lands here with its ``prog``.
+    """
     from zarr_parallel.request.model import load_request_file
     from zarr_parallel.run.steps import prepare
 
-    args = _parser().parse_args(argv)
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
     command, request_path = args.command, args.request
     if request_path is None and command not in ("run", "plan", "verify"):
         command, request_path = "run", command
     if args.plan_only:
         command = "plan"
     if command not in ("run", "plan", "verify") or request_path is None:
-        _parser().print_usage(sys.stderr)
+        parser.print_usage(sys.stderr)
         print("error: give a command (run, plan, verify) and a request file", file=sys.stderr)
         return 2
 
@@ -269,9 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def exit_code(run: Callable[[], int]) -> int:
     """Run a command-line body; zarr-parallel's errors become the documented exit codes.
 
-    0 done or up to date (what ``run`` returns), 1 run failed, 2 invalid request, 3 halted on
-    recommendations; each error is printed to stderr. Shared by ``flows.cache`` and
-    ``flows.recache``.
+    0 done or up to date (what ``run`` returns), 1 run failed (or any other error of ours, or a
+    plain ``ValueError``: a bug), 2 invalid request (:class:`RequestError`, :class:`PlanError`),
+    3 halted on recommendations; each error is printed to stderr. Shared by ``zarr-parallel``,
+    ``flows.cache`` and ``flows.recache``.
     """
     try:
         return run()
@@ -281,11 +293,17 @@ def exit_code(run: Callable[[], int]) -> int:
     except RunFailed as e:
         print(f"run failed: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:  # RequestError and PlanError are ValueErrors
+    except (RequestError, PlanError) as e:  # a request file that cannot be read is one too
         print(f"invalid request: {e}", file=sys.stderr)
         return 2
     except ZarrParallelError as e:
         print(f"failed: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        # Not the request's fault (those are RequestError/PlanError): a bug, whose traceback
+        # belongs in the report.
+        traceback.print_exc()
+        print(f"failed: {e!r}", file=sys.stderr)
         return 1
     except RuntimeError as e:
         if "ephemeral Prefect API" not in str(e):

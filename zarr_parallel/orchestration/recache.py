@@ -159,15 +159,16 @@ def _publish_decision(decision: Decision) -> None:
 # Command line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.recache") -> int:
     """``python -m flows.recache REQUEST.yaml [--set k=v] [--check] [--no-append]``.
 
     Exit codes as the cache CLI: 0 done or up to date, 1 failed, 2 invalid, 3 halted.
+    ``zarr-parallel recache`` (:mod:`zarr_parallel.cli`) lands here with its ``prog``.
     """
     from zarr_parallel.request.model import load_request_file
 
     p = argparse.ArgumentParser(
-        prog="python -m flows.recache",
+        prog=prog,
         description="Bring the cache of REQUEST.yaml up to date with its source.",
     )
     p.add_argument("request", help="request file (YAML or JSON)")
