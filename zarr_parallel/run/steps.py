@@ -58,6 +58,8 @@ from zarr_parallel.units import format_bytes
 logger = logging.getLogger(__name__)
 
 Status = Literal["fresh", "resume", "up_to_date"]
+#: What ``prepare`` chose: the version, its status, the jobs to run and the plan they come from.
+Choice = tuple[Path, Status, list[int], Plan]
 
 
 def worker_count(req: CacheRequest) -> int:
@@ -224,9 +226,6 @@ def recommendations_message(plan: Plan, recs: list[Recommendation]) -> str:
         "asked with recommend_changes='proceed'."
     )
     return "\n".join(lines)
-
-
-Choice = tuple[Path, Status, list[int], Plan]
 
 
 def _choose_version(
