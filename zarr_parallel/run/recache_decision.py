@@ -261,8 +261,9 @@ def _append_decision(
     """Append or full re-cache, for a source whose layout digest changed.
 
     The rules run in order and the first that finds a reason decides a full re-cache: the
-    files (:func:`_file_changes`), then what the cache holds (:data:`_CONTENT_RULES`), the values
-    of changed files, and for a grown source where the append starts (:data:`_APPEND_RULES`).
+    files (:func:`~zarr_parallel.run.changed_files.file_changes`), then what the cache holds
+    (:data:`_CONTENT_RULES`), the values of changed files, and for a grown source where the
+    append starts (:data:`_APPEND_RULES`, then the chunk grid in :func:`_append_step`).
     """
     base = current.name
     files = file_changes(target, old_layout, base)
