@@ -30,8 +30,9 @@ def main() -> None:
     parser.add_argument("--memory", default="1GB", help="memory_limit (sets the job size)")
     args = parser.parse_args()
     from zarr_parallel.request.model import build_request
+    from zarr_parallel.run.finish import finish
     from zarr_parallel.run.job import run_job
-    from zarr_parallel.run.steps import finish, initialise, prepare
+    from zarr_parallel.run.steps import initialise, prepare
 
     with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
         files = make_era5_like(

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from zarr_parallel.examples import make_era5_like
 from zarr_parallel.request.model import build_request
+from zarr_parallel.run.finish import finish
 from zarr_parallel.run.job import run_job
-from zarr_parallel.run.steps import finish, initialise, prepare
+from zarr_parallel.run.steps import initialise, prepare
 from zarr_parallel.units import format_bytes
 
 

@@ -28,10 +28,10 @@ from zarr_parallel.run.policy import (
     POLICY_ENV,
     Policy,
     PolicyFileError,
-    check_request,
     default_policy,
     load_policy,
 )
+from zarr_parallel.run.policy_checks import check_request
 
 RUN: dict[str, Any] = {"deploy_mode": "series", "memory_limit": "300MB"}
 

@@ -30,8 +30,10 @@ from zarr_parallel.planning.inputs import ArrayInput, Limits
 from zarr_parallel.planning.plan import plan_jobs_from
 from zarr_parallel.request.model import CacheRequest, build_request
 from zarr_parallel.run import steps as pipeline
+from zarr_parallel.run.chunk_reuse import link_unchanged
+from zarr_parallel.run.finish import finish
 from zarr_parallel.run.job import run_job
-from zarr_parallel.run.recache_decision import decide, link_unchanged
+from zarr_parallel.run.recache_decision import decide
 from zarr_parallel.store.cache_store import CachePaths, is_complete
 
 STEPS = [24, 24, 12, 24, 24]  # three files cached first, then two appended
@@ -315,7 +317,7 @@ def test_rewritten_source_file_publishes_new_version(era5_all: list[Path], tmp_p
     results = [run_job(prepared.request_json, str(prepared.version), i) for i in prepared.todo]
     assert CachePaths(cache).current() == old_version
     np.testing.assert_array_equal(xr.open_zarr(cache).t2m.values, old_values)
-    summary = pipeline.finish(prepared, results, 0.0)
+    summary = finish(prepared, results, 0.0)
     assert CachePaths(cache).current() == prepared.version
     new = xr.open_mfdataset(sorted(src.glob("*.nc")), engine="h5netcdf")
     np.testing.assert_array_equal(xr.open_zarr(cache).t2m.values, new.t2m.values)

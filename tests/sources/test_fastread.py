@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zarr_parallel.request.model import build_request
+from zarr_parallel.run.finish import finish
 from zarr_parallel.run.job import FAST_READ_ENV, run_job
-from zarr_parallel.run.steps import finish, initialise, prepare
+from zarr_parallel.run.steps import initialise, prepare
 from zarr_parallel.sources import fastread
 from zarr_parallel.sources.target import cached_target
 from zarr_parallel.store.cache_store import iter_job_records

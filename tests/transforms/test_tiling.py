@@ -18,8 +18,9 @@ import zarr
 from zarr_parallel import ZarrParallelAssembler
 from zarr_parallel.errors import PlanError, RecommendationsPending, RequestError
 from zarr_parallel.request.model import build_request
+from zarr_parallel.run.finish import finish
 from zarr_parallel.run.job import run_job
-from zarr_parallel.run.steps import finish, initialise, make_plan, prepare
+from zarr_parallel.run.steps import initialise, make_plan, prepare
 from zarr_parallel.sources.target import build_target
 
 # -- an independent reference -----------------------------------------------------------------

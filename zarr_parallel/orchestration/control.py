@@ -35,7 +35,8 @@ from prefect.utilities.engine import propose_state_sync
 from zarr_parallel.errors import RecommendationsPending
 from zarr_parallel.orchestration.tasks import artifact_key
 from zarr_parallel.request.model import CacheRequest, build_request
-from zarr_parallel.run.policy import Policy, check_request, load_policy
+from zarr_parallel.run.policy import Policy, load_policy
+from zarr_parallel.run.policy_checks import check_request
 from zarr_parallel.run.recommend import Recommendation
 from zarr_parallel.run.steps import recommendations_message
 from zarr_parallel.store.cache_store import resolve_paths

@@ -35,14 +35,9 @@ from zarr_parallel.orchestration.control import (
 )
 from zarr_parallel.orchestration.tasks import artifact_key
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.run.chunk_reuse import AppendNotPossible, link_unchanged
 from zarr_parallel.run.policy import enforced
-from zarr_parallel.run.recache_decision import (
-    AppendNotPossible,
-    AppendPrepared,
-    Decision,
-    decide,
-    link_unchanged,
-)
+from zarr_parallel.run.recache_decision import AppendPrepared, Decision, decide
 from zarr_parallel.run.steps import run_lock
 
 

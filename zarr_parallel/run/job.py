@@ -21,6 +21,7 @@ import dask
 import numpy as np
 import psutil
 
+from zarr_parallel.planning.jobs import read_jobs
 from zarr_parallel.planning.memory import fast_slab_bounds
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.sources import fastread
@@ -158,7 +159,10 @@ def _plan_jobs(
     rec = plan_record(Path(version))
     if rec is None:
         raise FileNotFoundError(f"{version} has no plan.json: it was not initialised")
-    jobs = {int(j[0]): (list(j[1]), [list(r) for r in j[2]], int(j[3])) for j in rec["job_list"]}
+    jobs = {
+        i: (list(j.variables), [list(r) for r in j.region], j.memory)
+        for i, j in read_jobs(rec).items()
+    }
     return str(rec["fingerprint"]), jobs, dict(rec.get("layout") or {})
 
 

@@ -2,7 +2,8 @@
 
 A deployment's parameters come from whoever can reach the Prefect API (the open-source server
 has no accounts): they are untrusted input. Before such a request is planned, the worker checks
-it against a policy the operator wrote in a TOML file. The file's path is fixed in the work
+it (:func:`~zarr_parallel.run.policy_checks.check_request`) against a policy the operator wrote
+in a TOML file. The file's path is fixed in the work
 pool's job template (``ZARR_PARALLEL_POLICY``, which flow runs cannot override: the pool made by
 ``python -m deployments`` does not let runs set ``env`` or ``command``); without a file, the
 default is closed. Requests from the command line or Python are the local user's own and are not
@@ -41,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
-import glob
 import os
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
@@ -52,7 +52,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from zarr_parallel.errors import RequestError, ZarrParallelError
-from zarr_parallel.sources.remote import env_references, option_strings, redact, redact_url
+from zarr_parallel.sources.remote import env_references, redact, redact_url
 
 #: The environment variable naming the policy file (set by the work pool's job template).
 POLICY_ENV = "ZARR_PARALLEL_POLICY"
@@ -191,7 +191,8 @@ def _parse(data: Mapping[str, Any], file: Path, base: Path) -> Policy:
 # Checks
 
 
-def _refuse(parameter: str, value: Any, problem: str, policy: Policy, fix: str) -> RequestError:
+def refuse(parameter: str, value: Any, problem: str, policy: Policy, fix: str) -> RequestError:
+    """The refusal of ``parameter``'s ``value`` (secrets masked), naming the policy."""
     return RequestError(
         parameter, redact(value), f"{problem}; {policy.origin} guards deployment runs", fix
     )
@@ -232,77 +233,37 @@ def _real_folder(folder: str) -> str:
     return os.path.realpath(folder)
 
 
-def _static_part(path: str) -> str:
-    """The part of a glob pattern before its first wildcard (the folder it searches)."""
-    if not glob.has_magic(path):
-        return path
-    parts = Path(path).parts
-    for i, part in enumerate(parts):
-        if glob.has_magic(part):
-            return str(Path(*parts[:i])) if i else "."
-    return path
+def forget_resolved_folders() -> None:
+    """Resolve folders afresh in the next checks (links may have changed since the last one)."""
+    _real_folder.cache_clear()
 
 
-def _is_url(value: str) -> bool:
+def is_url(value: str) -> bool:
+    """True for a URL the policy checks by host (``file://`` URLs are local paths)."""
     return "://" in value and not value.startswith("file://")
 
 
-def _local(value: str) -> str:
+def local_path(value: str) -> str:
+    """A local path or ``file://`` URL as a path."""
     return value.removeprefix("file://")
 
 
-def _option_urls(value: Any, path: str) -> Iterator[tuple[str, str]]:
-    """``(parameter, url)`` of every URL string inside storage or open options."""
-    return ((p, text) for p, text in option_strings(value, path) if "://" in text)
+def listing(roots: tuple[str, ...]) -> str:
+    """The roots as a refusal's fix names them."""
+    return " or ".join(roots) if roots else "a listed folder (the policy lists none)"
 
 
-def check_request(request: Any, policy: Policy, workdir: str | Path | None = None) -> None:
-    """Refuse what a deployment run's request may not use under ``policy``.
-
-    Checked: every source path or URL host (``data_uri``, URLs inside ``storage_options`` and
-    ``open_options`` such as ``endpoint_url``), the cache path and ``slurm.log_directory``,
-    each ``${NAME}`` reference and the hosts it would reach, ``slurm.prologue`` and
-    ``slurm.directives``, and ``scheduler_address``. A kerchunk reference's targets are
-    checked when it is read (:func:`check_references`).
+def check_host(parameter: str, url: str, policy: Policy) -> str:
+    """The URL's host, once the policy allows it.
 
     Raises
     ------
     RequestError
-        Naming the parameter, its value (secrets masked) and the rule that refuses it.
+        On ``parameter``, when the host is not listed under ``[sources] hosts``.
     """
-    base = Path(workdir or os.getcwd())
-    _real_folder.cache_clear()  # links may have changed since the last check
-    uris = [request.data_uri] if isinstance(request.data_uri, str) else list(request.data_uri)
-    hosts: list[str] = []
-    for uri in uris:
-        if _is_url(uri):
-            hosts.append(_check_host("data_uri", uri, policy))
-        elif not path_allowed(_static_part(_local(uri)), policy.source_roots, base):
-            raise _refuse(
-                "data_uri",
-                uri,
-                "lies outside the folders deployment runs may read",
-                policy,
-                f"Use a source under {_listing(policy.source_roots)}, or ask the operator to add "
-                "its folder to [sources] roots in the policy file",
-            )
-    for name in ("storage_options", "open_options"):
-        for parameter, url in _option_urls(getattr(request, name), name):
-            if not url.startswith("file://"):
-                hosts.append(_check_host(parameter, url, policy))
-    check_env_references(request, hosts, policy)
-    _check_writes(request, policy, base)
-    _check_execution(request, policy)
-
-
-def _listing(roots: tuple[str, ...]) -> str:
-    return " or ".join(roots) if roots else "a listed folder (the policy lists none)"
-
-
-def _check_host(parameter: str, url: str, policy: Policy) -> str:
     host = host_of(url)
     if not host_allowed(host, policy.source_hosts):
-        raise _refuse(
+        raise refuse(
             parameter,
             redact_url(url),
             f"reaches the host {host!r}, which deployment runs may not contact",
@@ -328,7 +289,7 @@ def check_env_references(request: Any, hosts: Iterable[str], policy: Policy) -> 
         for parameter, var in env_references(getattr(request, name), name):
             allowed = policy.env_hosts(var)
             if allowed is None:
-                raise _refuse(
+                raise refuse(
                     parameter,
                     "${" + var + "}",
                     f"expands the worker's environment variable {var}, which deployment runs "
@@ -339,7 +300,7 @@ def check_env_references(request: Any, hosts: Iterable[str], policy: Policy) -> 
                 )
             outside = [h for h in hosts if not host_allowed(h, allowed)]
             if outside:
-                raise _refuse(
+                raise refuse(
                     parameter,
                     "${" + var + "}",
                     f"would send the value of {var} to {outside}, not among the hosts the "
@@ -347,73 +308,6 @@ def check_env_references(request: Any, hosts: Iterable[str], policy: Policy) -> 
                     policy,
                     f"Use {var} only with sources on {list(allowed)}",
                 )
-
-
-def _check_writes(request: Any, policy: Policy, base: Path) -> None:
-    from zarr_parallel.store.cache_store import resolve_paths
-
-    final = resolve_paths(request).final
-    # The cache's versions and lock sit beside it: its folder must lie under a root too.
-    if not path_allowed(final.parent, policy.cache_roots, base) or final.name in ("", ".", ".."):
-        parameter = "cache_store" if request.cache_store is not None else "cache_dir"
-        raise _refuse(
-            parameter,
-            getattr(request, parameter),
-            f"would write {final}, outside the folders deployment runs may write",
-            policy,
-            f"Put the cache under {_listing(policy.cache_roots)}, or ask the operator to add the "
-            "folder to [caches] roots in the policy file",
-        )
-    # A scratch folder for intermediates, where the request model has one, is a write too.
-    temp = getattr(request, "temp_store", None)
-    if isinstance(temp, str) and temp and not path_allowed(temp, policy.cache_roots, base):
-        raise _refuse(
-            "temp_store",
-            temp,
-            "lies outside the folders deployment runs may write",
-            policy,
-            f"Leave it unset or use a folder under {_listing(policy.cache_roots)}",
-        )
-    logs = request.slurm.log_directory
-    if logs and not path_allowed(logs, policy.cache_roots, base):
-        raise _refuse(
-            "slurm.log_directory",
-            logs,
-            "lies outside the folders deployment runs may write",
-            policy,
-            "Leave it unset (the logs go into the cache's manifest) or use a folder under "
-            f"{_listing(policy.cache_roots)}",
-        )
-
-
-def _check_execution(request: Any, policy: Policy) -> None:
-    if request.slurm.prologue and not policy.allow_prologue:
-        raise _refuse(
-            "slurm.prologue",
-            request.slurm.prologue,
-            "puts shell lines into the SLURM job script, which deployment runs may not do",
-            policy,
-            "Remove it; an operator who trusts every user of the Prefect API may set "
-            "[slurm] allow_prologue = true",
-        )
-    if request.slurm.directives and not policy.allow_directives:
-        raise _refuse(
-            "slurm.directives",
-            request.slurm.directives,
-            "adds #SBATCH lines to the SLURM job script, which deployment runs may not do",
-            policy,
-            "Remove them; an operator may set [slurm] allow_directives = true",
-        )
-    if request.scheduler_address and not policy.allow_scheduler_address:
-        raise _refuse(
-            "scheduler_address",
-            request.scheduler_address,
-            "connects the run to a dask scheduler named by the request (the dask protocol "
-            "unpickles what it receives), which deployment runs may not do",
-            policy,
-            "Leave it unset (the run starts its own cluster); an operator may set [dask] "
-            "allow_scheduler_address = true",
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +367,9 @@ def check_references(refs: Mapping[str, Any], request: Any) -> None:
     RequestError
         On ``data_uri``, naming the first reference target that is not allowed.
     """
+    # Not at the top: sources.source imports this module (it calls this function when it reads
+    # a reference), so a top-level import would be a cycle. Moving the policy's reading side
+    # below sources removes both.
     from zarr_parallel.sources.source import referenced_urls
 
     found = active_policy()
@@ -480,7 +377,7 @@ def check_references(refs: Mapping[str, Any], request: Any) -> None:
         return
     policy, workdir = found
     if refs.get("gen"):
-        raise _refuse(
+        raise refuse(
             "data_uri",
             request.data_uri,
             "is a kerchunk reference with generated ('gen') references, whose targets cannot "
@@ -490,14 +387,14 @@ def check_references(refs: Mapping[str, Any], request: Any) -> None:
         )
     hosts: list[str] = []
     for url in referenced_urls(refs):
-        if _is_url(url):
-            hosts.append(_check_host("data_uri", url, policy))
-        elif not path_allowed(_local(url), policy.source_roots, workdir):
-            raise _refuse(
+        if is_url(url):
+            hosts.append(check_host("data_uri", url, policy))
+        elif not path_allowed(local_path(url), policy.source_roots, workdir):
+            raise refuse(
                 "data_uri",
                 request.data_uri,
                 f"is a kerchunk reference to {url}, outside the folders deployment runs may read",
                 policy,
-                f"Use a reference whose files lie under {_listing(policy.source_roots)}",
+                f"Use a reference whose files lie under {listing(policy.source_roots)}",
             )
     check_env_references(request, hosts, policy)

@@ -29,7 +29,8 @@ import numpy as np
 from zarr_parallel.errors import PlanError
 from zarr_parallel.planning.plan import Plan
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.sources.source import Source
+from zarr_parallel.sources.remote import check_readable
+from zarr_parallel.sources.source import Source, referenced_urls
 from zarr_parallel.sources.target import Target
 from zarr_parallel.store.cache_store import CachePaths
 from zarr_parallel.units import format_bytes, parse_memory
@@ -302,9 +303,6 @@ def check_space(
 
 def check_remote_files(req: CacheRequest, source: Source) -> None:
     """Every remote file the source reads exists and may be read (metadata requests only)."""
-    from zarr_parallel.sources.remote import check_readable
-    from zarr_parallel.sources.source import referenced_urls
-
     urls = [
         f
         for f in source.layout.files

@@ -27,25 +27,24 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import dask
 import numpy as np
 import xarray as xr
 import zarr
 from pydantic import ValidationError
 
-from zarr_parallel.errors import RecommendationsPending, ZarrParallelError
-from zarr_parallel.planning.fingerprint import canonical_json, fingerprint
+from zarr_parallel.errors import RecommendationsPending
+from zarr_parallel.planning.fingerprint import fingerprint
 from zarr_parallel.planning.plan import plan_jobs_from
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.run.changed_files import check_changed_files, file_changes, file_names
+from zarr_parallel.run.chunk_compare import values_equal
 from zarr_parallel.run.steps import Prepared, Status, limits_for, plan_inputs, prepare
-from zarr_parallel.run.verify import values_equal
-from zarr_parallel.sources.target import Target, build_target, cached_target, fresh_source
+from zarr_parallel.sources.target import Target, build_target, fresh_source
 from zarr_parallel.store.cache_store import (
     CachePaths,
     is_complete,
@@ -53,18 +52,10 @@ from zarr_parallel.store.cache_store import (
     recorded_jobs,
     resolve_paths,
 )
-from zarr_parallel.units import format_bytes
 
 logger = logging.getLogger(__name__)
 
 Action = Literal["up_to_date", "append", "full"]
-#: Changed files are checked value by value only while they hold at most this share of the
-#: cached steps; beyond it re-caching costs about as much as checking.
-MAX_CHECKED_SHARE = 0.5
-
-
-class AppendNotPossible(ZarrParallelError):
-    """The published version's chunks cannot be reused (their encoding differs)."""
 
 
 @dataclass(frozen=True)
@@ -242,128 +233,190 @@ def _changed_fields(old: CacheRequest, new: CacheRequest) -> list[str]:
     return out
 
 
-def _names(files: Sequence[str]) -> str:
-    shown = [os.path.basename(f) for f in files[:4]]
-    more = f" and {len(files) - 4} more" if len(files) > 4 else ""
-    return ", ".join(shown) + more
+@dataclass(frozen=True)
+class _Growth:
+    """The published version and the source as they are now, as the append rules see them."""
+
+    req: CacheRequest
+    target: Target
+    current: Path
+    cache: xr.Dataset
+    template: xr.Dataset
+    new_files: list[str]
+    changed: list[str]
+    grown: list[str]
+
+    @property
+    def dim(self) -> str | None:
+        """The dimension the source grew along (None: it did not grow)."""
+        return self.grown[0] if self.grown else None
+
+
+#: A rule looks at the growth and returns the reason for a full re-cache, or None.
+Rule = Callable[[_Growth], str | None]
 
 
 def _append_decision(
     req: CacheRequest, target: Target, current: Path, old_layout: dict[str, Any], name: str
 ) -> Decision:
-    """Append or full re-cache, for a source whose layout digest changed."""
+    """Append or full re-cache, for a source whose layout digest changed.
+
+    The rules run in order and the first that finds a reason decides a full re-cache: the
+    files (:func:`~zarr_parallel.run.changed_files.file_changes`), then what the cache holds
+    (:data:`_CONTENT_RULES`), the values of changed files, and for a grown source where the
+    append starts (:data:`_APPEND_RULES`, then the chunk grid in :func:`_append_step`).
+    """
     base = current.name
-
-    def full(reason: str) -> Decision:
-        return Decision("full", reason, name, base_version=base)
-
-    layout = target.layout
-    old_files = [str(f) for f in old_layout.get("files", [])]
-    old_states = old_layout.get("file_states")
-    if not old_states or len(old_states) != len(old_files):
-        return full(f"the published version {base} does not record its source files' states")
-    files = list(layout.files)
-    if files[: len(old_files)] != old_files:
-        gone = [f for f in old_files if f not in files]
-        if gone:
-            return full(f"source file(s) {_names(gone)} are gone")
-        early = [f for f in files if f not in old_files]
-        return full(
-            f"new source file(s) {_names(early)} sort before or among the cached ones, so "
-            "the cached range itself changed"
-        )
-    new_files = files[len(old_files) :]
-    changed = [
-        f
-        for f, old, new in zip(old_files, old_states, layout.file_states, strict=False)
-        if canonical_json(old) != canonical_json(new)
-    ]
-    if not new_files and not changed:
-        return full("the source's chunk layout changed")
-
+    files = file_changes(target, old_layout, base)
+    if isinstance(files, str):
+        return Decision("full", files, name, base_version=base)
+    new_files, changed = files
     cache = xr.open_zarr(current, consolidated=None, chunks=None)
     template = target.template()
-    if set(map(str, template.data_vars)) != set(map(str, cache.data_vars)):
-        return full(
-            f"the variables changed ({sorted(map(str, cache.data_vars))} cached, "
-            f"{sorted(map(str, template.data_vars))} now)"
+    grown = [str(d) for d, n in template.sizes.items() if d in cache.sizes and n > cache.sizes[d]]
+    growth = _Growth(req, target, current, cache, template, new_files, changed, grown)
+    reason = _first_reason(_CONTENT_RULES, growth)
+    if reason is None and changed:
+        reason = check_changed_files(req, target, cache, changed, growth.dim)
+    if reason is None and growth.dim is not None:
+        reason = _first_reason(_APPEND_RULES, growth)
+    if reason is not None:
+        return Decision("full", reason, name, base_version=base)
+    if growth.dim is None:
+        return Decision(
+            "up_to_date",
+            _unchanged_reason(new_files, changed),
+            name,
+            base_version=base,
+            new_files=tuple(new_files),
         )
-    grown: list[str] = []
-    for dim, n in template.sizes.items():
-        old_n = cache.sizes.get(dim)
+    return _append(growth, name, base)
+
+
+def _first_reason(rules: Sequence[Rule], growth: _Growth) -> str | None:
+    for rule in rules:
+        reason = rule(growth)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _variables_rule(g: _Growth) -> str | None:
+    if set(map(str, g.template.data_vars)) != set(map(str, g.cache.data_vars)):
+        return (
+            f"the variables changed ({sorted(map(str, g.cache.data_vars))} cached, "
+            f"{sorted(map(str, g.template.data_vars))} now)"
+        )
+    return None
+
+
+def _dimensions_rule(g: _Growth) -> str | None:
+    for dim, n in g.template.sizes.items():
+        old_n = g.cache.sizes.get(dim)
         if old_n is None:
-            return full(f"the dimension {dim!r} is new")
+            return f"the dimension {dim!r} is new"
         if n < old_n:
-            return full(f"{dim!r} shrank from {old_n} to {n}")
-        if n > old_n:
-            grown.append(str(dim))
-    if len(grown) > 1:
-        return full(f"the source grew along {grown}; appends go along one dimension")
-    for cname, coord in template.coords.items():
-        if cname not in cache.coords:
-            return full(f"the coordinate {cname!r} is new")
-        old_c = cache.coords[cname]
-        cut = coord.isel({d: slice(0, int(cache.sizes[d])) for d in coord.dims if d in grown})
+            return f"{dim!r} shrank from {old_n} to {n}"
+    if len(g.grown) > 1:
+        return f"the source grew along {g.grown}; appends go along one dimension"
+    return None
+
+
+def _coordinates_rule(g: _Growth) -> str | None:
+    for cname, coord in g.template.coords.items():
+        if cname not in g.cache.coords:
+            return f"the coordinate {cname!r} is new"
+        old_c = g.cache.coords[cname]
+        cut = coord.isel({d: slice(0, int(g.cache.sizes[d])) for d in coord.dims if d in g.grown})
         if cut.dims != old_c.dims or not values_equal(
             np.asarray(cut.values), np.asarray(old_c.values)
         ):
-            return full(f"the coordinate {cname!r} changed within the cached range")
-    for vname, var in template.data_vars.items():
-        old_v = cache[vname]
-        if var.dims != old_v.dims:
-            return full(f"{vname!r} changed dimensions {old_v.dims} → {var.dims}")
-        if var.dtype != old_v.dtype:
-            return full(f"{vname!r} changed dtype {old_v.dtype} → {var.dtype}")
+            return f"the coordinate {cname!r} changed within the cached range"
+    return None
 
-    dim = grown[0] if grown else None
-    verified: list[str] = []
-    if changed:
-        problem = _check_changed_files(req, target, cache, changed, dim)
-        if problem:
-            return full(problem)
-        verified = changed
-    if dim is None:
-        if verified:
-            reason = (
-                f"source file(s) {_names(verified)} changed state but hold the same values, "
-                "and nothing new falls within the selection"
-            )
-        else:
-            reason = f"new source file(s) {_names(new_files)} fall outside the selection"
-        return Decision("up_to_date", reason, name, base_version=base, new_files=tuple(new_files))
-    if dim not in template.coords:
-        return full(
-            f"{dim!r} has no coordinate, so appended steps cannot be checked for duplicates"
-        )
-    values = np.asarray(template[dim].values)
+
+def _variable_types_rule(g: _Growth) -> str | None:
+    for vname, var in g.template.data_vars.items():
+        old_v = g.cache[vname]
+        if var.dims != old_v.dims:
+            return f"{vname!r} changed dimensions {old_v.dims} → {var.dims}"
+        if var.dtype != old_v.dtype:
+            return f"{vname!r} changed dtype {old_v.dtype} → {var.dtype}"
+    return None
+
+
+def _append_coordinate_rule(g: _Growth) -> str | None:
+    if g.dim not in g.template.coords:
+        return f"{g.dim!r} has no coordinate, so appended steps cannot be checked for duplicates"
+    return None
+
+
+def _monotonic_rule(g: _Growth) -> str | None:
+    values = np.asarray(g.template[g.dim].values)
     if not (np.all(values[1:] > values[:-1]) or np.all(values[1:] < values[:-1])):
-        return full(f"{dim!r} is not strictly monotonic after the append (duplicate steps?)")
-    old_n, new_n = int(cache.sizes[dim]), int(template.sizes[dim])
-    group = zarr.open_group(current, mode="r")
+        return f"{g.dim!r} is not strictly monotonic after the append (duplicate steps?)"
+    return None
+
+
+#: What the cache holds, compared with what the source gives now (in order).
+_CONTENT_RULES: tuple[Rule, ...] = (
+    _variables_rule,
+    _dimensions_rule,
+    _coordinates_rule,
+    _variable_types_rule,
+)
+#: Whether steps can be appended along the dimension the source grew along (in order).
+_APPEND_RULES: tuple[Rule, ...] = (_append_coordinate_rule, _monotonic_rule)
+
+
+def _unchanged_reason(new_files: list[str], verified: list[str]) -> str:
+    """Why a changed source that did not grow leaves the cache up to date."""
+    if verified:
+        return (
+            f"source file(s) {file_names(verified)} changed state but hold the same values, "
+            "and nothing new falls within the selection"
+        )
+    return f"new source file(s) {file_names(new_files)} fall outside the selection"
+
+
+def _append_step(g: _Growth) -> int | str:
+    """The write grid's step along the append dimension (the least common multiple over the
+    variables along it), or the reason the chunking forbids reusing the cached chunks."""
+    group = zarr.open_group(g.current, mode="r")
     steps = []
-    for vname, var in template.data_vars.items():
-        if dim not in var.dims:
+    for vname, var in g.template.data_vars.items():
+        if g.dim not in var.dims:
             continue
         arr = group[str(vname)]
         assert isinstance(arr, zarr.Array)
-        chunks = tuple(target.chunks[str(vname)][str(d)] for d in var.dims)
-        shards_map = (target.shards or {}).get(str(vname))
+        chunks = tuple(g.target.chunks[str(vname)][str(d)] for d in var.dims)
+        shards_map = (g.target.shards or {}).get(str(vname))
         shards = tuple(shards_map[str(d)] for d in var.dims) if shards_map else None
         if tuple(arr.chunks) != chunks or (arr.shards and tuple(arr.shards)) != shards:
-            return full(
+            return (
                 f"the chunking of {vname!r} changed ({arr.shards or arr.chunks} cached, "
                 f"{shards or chunks} now)"
             )
-        steps.append((shards or chunks)[var.dims.index(dim)])
-    step = math.lcm(*steps) if steps else 1
+        steps.append((shards or chunks)[var.dims.index(g.dim)])
+    return math.lcm(*steps) if steps else 1
+
+
+def _append(g: _Growth, name: str, base: str) -> Decision:
+    """The append along ``g.dim``, from the write-grid boundary at or before the cached end."""
+    assert g.dim is not None
+    dim, new_files, verified = g.dim, g.new_files, g.changed
+    step = _append_step(g)
+    if isinstance(step, str):
+        return Decision("full", step, name, base_version=base)
+    old_n, new_n = int(g.cache.sizes[dim]), int(g.template.sizes[dim])
     start = (old_n // step) * step
     grew = f"grew by {new_n - old_n} along {dim!r} ({old_n} → {new_n})"
     if new_files:
-        reason = f"{len(new_files)} new source file(s) ({_names(new_files)}): the source {grew}"
+        reason = f"{len(new_files)} new source file(s) ({file_names(new_files)}): the source {grew}"
     else:
-        reason = f"the last source file(s) {_names(verified)} {grew}"
+        reason = f"the last source file(s) {file_names(verified)} {grew}"
     if verified:
-        reason += f"; the cached values of the changed file(s) {_names(verified)} were checked"
+        reason += f"; the cached values of the changed file(s) {file_names(verified)} were checked"
     partial = f"; the partial chunk from {start} is rewritten whole" if start < old_n else ""
     return Decision(
         "append",
@@ -377,78 +430,6 @@ def _append_decision(
         new_files=tuple(new_files),
         checked_files=tuple(verified),
     )
-
-
-def _check_changed_files(
-    req: CacheRequest, target: Target, cache: xr.Dataset, changed: list[str], dim: str | None
-) -> str | None:
-    """Compare the cached values that came from changed files with what they hold now.
-
-    Returns a reason for a full re-cache, or None when every cached value is unchanged.
-    """
-    layout = target.layout
-    concat = layout.concat_dim
-    old_n = int(cache.sizes[dim]) if dim else None
-    rows: np.ndarray | None = None
-    index = f"_zpi_{concat}" if concat else None
-    if concat and index in target.dataset.coords and len(layout.file_lengths) == len(layout.files):
-        src_dim = target.dataset[index].dims
-        if dim is None and src_dim:
-            dim = str(src_dim[0])
-            old_n = int(cache.sizes[dim])
-        if dim is not None and src_dim == (dim,):
-            offsets = np.cumsum([0, *layout.file_lengths])
-            src = np.asarray(target.dataset[index].values)[: old_n or 0]
-            hit = np.zeros(src.shape, dtype=bool)
-            for f in changed:
-                i = layout.files.index(f)
-                hit |= (src >= offsets[i]) & (src < offsets[i + 1])
-            rows = np.flatnonzero(hit)
-    if rows is None:
-        return (
-            f"source file(s) {_names(changed)} changed (size or modification time) and the cache "
-            "cannot tell which of its values came from them"
-        )
-    total = old_n or 0
-    if rows.size > MAX_CHECKED_SHARE * max(total, 1):
-        return (
-            f"source file(s) {_names(changed)} changed (size or modification time) and hold "
-            f"{rows.size} of the {total} cached steps along {dim!r}: re-caching costs about as "
-            "much as checking them"
-        )
-    assert dim is not None
-    budget = max(1, (req.memory_bytes - req.reserve_bytes) // 4)
-    with dask.config.set(scheduler="synchronous"):
-        for vname, var in target.template().data_vars.items():
-            if dim not in var.dims:
-                # Variables without the append dimension come from the first file.
-                if (
-                    layout.files
-                    and layout.files[0] in changed
-                    and not values_equal(np.asarray(var.values), np.asarray(cache[vname].values))
-                ):
-                    return f"the values of {vname!r} changed in {_names(layout.files[:1])}"
-                continue
-            row_bytes = max(1, var.nbytes // max(1, var.sizes[dim]))
-            for a, b in _windows(rows, max(1, budget // row_bytes)):
-                new = np.asarray(var.isel({dim: slice(a, b)}).values)
-                old = np.asarray(cache[vname].isel({dim: slice(a, b)}).values)
-                if not values_equal(new, old):
-                    return (
-                        f"values of {vname!r} at {dim} {a}:{b} differ from the cache: source "
-                        f"file(s) {_names(changed)} were rewritten"
-                    )
-    return None
-
-
-def _windows(rows: np.ndarray, most: int) -> Iterator[tuple[int, int]]:
-    """Contiguous runs of ``rows`` as ``[a, b)``, each at most ``most`` long."""
-    if rows.size == 0:
-        return
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    for run in np.split(rows, breaks):
-        for a in range(int(run[0]), int(run[-1]) + 1, most):
-            yield a, min(a + most, int(run[-1]) + 1)
 
 
 def _prepare_append(
@@ -498,126 +479,3 @@ def _prepare_append(
         full_fingerprint=full.plan.fingerprint,
         full_content_fingerprint=full.plan.content_fingerprint,
     )
-
-
-@dataclass
-class LinkReport:
-    """What building the new version from the published one reused."""
-
-    linked: int = 0
-    copied: int = 0
-    present: int = 0
-    bytes: int = 0
-    arrays: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON form for summaries."""
-        return {
-            "linked": self.linked,
-            "copied": self.copied,
-            "present": self.present,
-            "bytes": self.bytes,
-            "arrays": dict(self.arrays),
-        }
-
-
-#: Metadata that may differ between the published version and the new one without changing
-#: what a chunk file's bytes mean.
-_FREE_METADATA = {"shape", "attributes"}
-
-
-def _metadata(arr: zarr.Array[Any]) -> dict[str, Any]:
-    meta = arr.metadata.to_dict()
-    return {k: v for k, v in meta.items() if k not in _FREE_METADATA}
-
-
-def _dims(arr: zarr.Array[Any]) -> tuple[str, ...]:
-    names = getattr(arr.metadata, "dimension_names", None)
-    if names:
-        return tuple(str(n) for n in names)
-    names = arr.attrs.get("_ARRAY_DIMENSIONS")
-    return tuple(str(n) for n in names) if isinstance(names, list | tuple) else ()
-
-
-def link_unchanged(prepared: AppendPrepared) -> LinkReport:
-    """Reuse every unchanged chunk file of the published version in the new version.
-
-    Chunk files entirely before the append's start (and every chunk of variables without the
-    append dimension) are hard-linked into the new version; where the filesystem refuses a link
-    the file is copied (temporary file, then rename). Only files the write jobs will not touch
-    are linked, and zarr's local store replaces a file it rewrites with a new one (temporary file
-    and rename) rather than writing into it, so the published version's files are never modified.
-    Idempotent: files already present (a resumed run) are kept.
-
-    Raises
-    ------
-    AppendNotPossible
-        When an array's encoding (codecs, dtype, fill value, chunk grid) differs between the
-        versions, so its chunk bytes cannot be reused.
-    """
-    decision = prepared.decision
-    assert decision is not None and decision.base_version and decision.dim
-    assert decision.start is not None
-    base = prepared.paths.versions / decision.base_version
-    new = prepared.version
-    old_group = zarr.open_group(base, mode="r")
-    new_group = zarr.open_group(new, mode="r")
-    report = LinkReport()
-    for vname in cached_target(prepared.request_json).variables:
-        old = old_group[vname]
-        fresh = new_group[vname]
-        assert isinstance(old, zarr.Array) and isinstance(fresh, zarr.Array)
-        if _metadata(old) != _metadata(fresh):
-            diff = sorted(
-                k
-                for k in _metadata(old).keys() | _metadata(fresh).keys()
-                if _metadata(old).get(k) != _metadata(fresh).get(k)
-            )
-            raise AppendNotPossible(
-                f"{vname}: the encoding changed ({', '.join(diff)}), so the cached chunks "
-                "cannot be reused"
-            )
-        grid = tuple(old.shards or old.chunks)
-        counts = [math.ceil(s / g) for s, g in zip(old.shape, grid, strict=True)]
-        dims = _dims(old)
-        if decision.dim in dims:
-            k = dims.index(decision.dim)
-            if decision.start % grid[k]:
-                raise AppendNotPossible(
-                    f"{vname}: the append start {decision.start} is not on the chunk grid"
-                )
-            counts[k] = decision.start // grid[k]
-        n = 0
-        for coords in np.ndindex(*counts):
-            key = old.metadata.encode_chunk_key(tuple(int(c) for c in coords))
-            src, dst = base / vname / key, new / vname / key
-            if dst.exists():
-                report.present += 1
-                continue
-            if not src.exists():
-                continue  # never written (e.g. all fill value); the completeness check decides
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, dst)
-                report.linked += 1
-            except OSError:
-                _copy(src, dst)
-                report.copied += 1
-            report.bytes += src.stat().st_size
-            n += 1
-        report.arrays[vname] = n
-    logger.info(
-        "reused %d chunk files (%d linked, %d copied, %s) from %s",
-        report.linked + report.copied,
-        report.linked,
-        report.copied,
-        format_bytes(report.bytes),
-        base.name,
-    )
-    return report
-
-
-def _copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.copy")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)

@@ -21,6 +21,9 @@ from zarr_parallel.transforms.tile_candidates import tile_candidates
 
 logger = logging.getLogger(__name__)
 
+#: A candidate change: (request fields, sentence, keeps the requested region, magnitude).
+Candidate = tuple[dict[str, Any], str, bool, int]
+
 
 @dataclass(frozen=True)
 class Recommendation:
@@ -56,7 +59,7 @@ def recommend(
 
     Best = lowest read amplification, then keeping the requested region, then least change.
     """
-    candidates: list[tuple[dict[str, Any], str, bool, int]] = []
+    candidates: list[Candidate] = []
     candidates += _selection_candidates(req, source, target)
     candidates += _chunk_candidates(req, target, plan)
     candidates += tile_candidates(req, target)
@@ -93,16 +96,14 @@ def recommend(
     return out
 
 
-def _selection_candidates(
-    req: CacheRequest, source: Source, target: Target
-) -> list[tuple[dict[str, Any], str, bool, int]]:
+def _selection_candidates(req: CacheRequest, source: Source, target: Target) -> list[Candidate]:
     """Move the start and end of 2-item ``sel``/``isel`` slices to source chunk boundaries.
 
     Each candidate is written in the terms the selection sees: the data after the preprocessors
     before it (so a selection after a ``reverse`` gets its ends in the reversed order), with
     labels for ``sel`` and positions for ``isel``.
     """
-    out: list[tuple[dict[str, Any], str, bool, int]] = []
+    out: list[Candidate] = []
     indexed = indexed_source(req, source)
     # A tiled target's selections are judged on the data before tiling.
     final = target.tiling.base if target.tiling is not None else target.dataset
@@ -116,49 +117,77 @@ def _selection_candidates(
                 continue
             if before is None:
                 before = apply_transforms(indexed, req.preprocessors[:i], "preprocessors")
-            coord = _index_coord(before, dim)
-            if coord is None or coord not in final.coords or final[coord].ndim != 1:
-                continue
-            kept = np.sort(np.asarray(final[coord].values, dtype=np.int64))
-            if kept.size == 0 or not np.all(np.diff(kept) == 1):
-                continue
-            bounds = _source_bounds(source, coord[len(INDEX_PREFIX) :])
-            if bounds is None:
-                continue
-            a, b = int(kept[0]), int(kept[-1]) + 1
-            lo = int(bounds[np.searchsorted(bounds, a, side="right") - 1])
-            hi = int(bounds[np.searchsorted(bounds, b, side="left")])
-            inner_lo = int(bounds[np.searchsorted(bounds, a, side="left")])
-            inner_hi = int(bounds[np.searchsorted(bounds, b, side="right") - 1])
-            position_source = np.asarray(before[coord].values, dtype=np.int64)
-            for new_a, new_b, keeps, verb in (
-                (lo, hi, True, "widen"),
-                (inner_lo, inner_hi, False, "narrow"),
-            ):
-                if (new_a, new_b) == (a, b) or new_b <= new_a:
-                    continue
-                positions = np.flatnonzero((position_source >= new_a) & (position_source < new_b))
-                if positions.size != new_b - new_a or not np.all(np.diff(positions) == 1):
-                    continue  # not one run of positions where the selection applies
-                first, last = int(positions[0]), int(positions[-1])
-                if kind == "isel":
-                    new_value: list[Any] = [first, last + 1]
-                elif dim in before.coords:
-                    labels = before[dim].values
-                    new_value = [_label(labels[first]), _label(labels[last])]
-                else:
-                    continue
-                pre = copy.deepcopy(req.preprocessors)
-                pre[i][dim] = new_value
-                out.append(
-                    (
-                        {"preprocessors": pre},
-                        f"{verb} preprocessors[{i}].{dim} to {new_value} (source chunk boundaries)",
-                        keeps,
-                        abs(new_a - a) + abs(new_b - b),
-                    )
-                )
+            out += _moved_ends(req, source, (final, before), (i, kind, dim))
     return out
+
+
+def _moved_ends(
+    req: CacheRequest,
+    source: Source,
+    data: tuple[xr.Dataset, xr.Dataset],
+    where: tuple[int, str, Any],
+) -> list[Candidate]:
+    """The selection ``preprocessors[i][dim]`` widened and narrowed to source chunk boundaries.
+
+    ``data`` holds the target's data (``final``) and the data the selection applies to
+    (``before``); ``where`` is ``(i, kind, dim)``.
+    """
+    final, before = data
+    i, kind, dim = where
+    coord = _index_coord(before, dim)
+    if coord is None or coord not in final.coords or final[coord].ndim != 1:
+        return []
+    kept = np.sort(np.asarray(final[coord].values, dtype=np.int64))
+    if kept.size == 0 or not np.all(np.diff(kept) == 1):
+        return []
+    bounds = _source_bounds(source, coord[len(INDEX_PREFIX) :])
+    if bounds is None:
+        return []
+    a, b = int(kept[0]), int(kept[-1]) + 1
+    lo = int(bounds[np.searchsorted(bounds, a, side="right") - 1])
+    hi = int(bounds[np.searchsorted(bounds, b, side="left")])
+    inner_lo = int(bounds[np.searchsorted(bounds, a, side="left")])
+    inner_hi = int(bounds[np.searchsorted(bounds, b, side="right") - 1])
+    position_source = np.asarray(before[coord].values, dtype=np.int64)
+    out: list[Candidate] = []
+    for new_a, new_b, keeps, verb in (
+        (lo, hi, True, "widen"),
+        (inner_lo, inner_hi, False, "narrow"),
+    ):
+        if (new_a, new_b) == (a, b) or new_b <= new_a:
+            continue
+        new_value = _selection_value(before, position_source, (new_a, new_b), kind, dim)
+        if new_value is None:
+            continue
+        pre = copy.deepcopy(req.preprocessors)
+        pre[i][dim] = new_value
+        out.append(
+            (
+                {"preprocessors": pre},
+                f"{verb} preprocessors[{i}].{dim} to {new_value} (source chunk boundaries)",
+                keeps,
+                abs(new_a - a) + abs(new_b - b),
+            )
+        )
+    return out
+
+
+def _selection_value(
+    before: xr.Dataset, position_source: np.ndarray, new: tuple[int, int], kind: str, dim: Any
+) -> list[Any] | None:
+    """The selection's new value for source positions ``new`` (labels for ``sel``, positions
+    for ``isel``), or None when it cannot be written as one slice."""
+    new_a, new_b = new
+    positions = np.flatnonzero((position_source >= new_a) & (position_source < new_b))
+    if positions.size != new_b - new_a or not np.all(np.diff(positions) == 1):
+        return None  # not one run of positions where the selection applies
+    first, last = int(positions[0]), int(positions[-1])
+    if kind == "isel":
+        return [first, last + 1]
+    if dim in before.coords:
+        labels = before[dim].values
+        return [_label(labels[first]), _label(labels[last])]
+    return None
 
 
 def _index_coord(ds: xr.Dataset, dim: str) -> str | None:
@@ -184,11 +213,9 @@ def _source_bounds(source: Source, dim: str) -> np.ndarray | None:
     return None
 
 
-def _chunk_candidates(
-    req: CacheRequest, target: Target, plan: Plan
-) -> list[tuple[dict[str, Any], str, bool, int]]:
+def _chunk_candidates(req: CacheRequest, target: Target, plan: Plan) -> list[Candidate]:
     """Target chunks that are multiples or divisors of the source chunks along split dims."""
-    out: list[tuple[dict[str, Any], str, bool, int]] = []
+    out: list[Candidate] = []
     split = {d for g in plan.groups for d in g.split_dims}
     if not split:
         return out

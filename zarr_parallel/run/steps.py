@@ -2,7 +2,8 @@
 
 ``prepare`` (validate the source, plan, recommend, choose the version: no writes), ``initialise``
 (metadata-only store), ``run_job`` (in :mod:`zarr_parallel.run.job`) and ``finish`` (completeness
-check, consolidate, publish). Flows call these and nothing else.
+check, verify, consolidate, publish; in :mod:`zarr_parallel.run.finish`). Flows call these and
+nothing else.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import functools
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,14 +22,14 @@ from zarr_parallel.errors import RecommendationsPending, RequestError, RunFailed
 from zarr_parallel.faults import fault_point
 from zarr_parallel.planning.fingerprint import fingerprint
 from zarr_parallel.planning.inputs import ArrayInput, Limits
+from zarr_parallel.planning.jobs import read_jobs
 from zarr_parallel.planning.plan import Plan, plan_jobs
 from zarr_parallel.planning.sizing import local_workers, worker_overhead
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.run.job import merge_stats
 from zarr_parallel.run.preflight import run_preflight
 from zarr_parallel.run.recommend import Recommendation, recommend
+from zarr_parallel.sources.fastread import mark_fast
 from zarr_parallel.sources.remote import redact
-from zarr_parallel.sources.source import check_sources
 from zarr_parallel.sources.target import (
     Target,
     build_target,
@@ -41,22 +41,16 @@ from zarr_parallel.store.cache_store import (
     LOCK_GUARD,
     CachePaths,
     check_cache_location,
-    check_complete,
-    check_lock_token,
     clean_stale_links,
     clean_temporary,
-    finalise,
     initialise_store,
     is_complete,
-    iter_job_records,
     pending_record,
     plan_differences,
     plan_record,
-    publish,
     recorded_jobs,
     resolve_paths,
     same_content,
-    unrecord_job,
     write_fence,
 )
 from zarr_parallel.store.lock import CacheLock, held_token
@@ -65,6 +59,8 @@ from zarr_parallel.units import format_bytes
 logger = logging.getLogger(__name__)
 
 Status = Literal["fresh", "resume", "up_to_date"]
+#: What ``prepare`` chose: the version, its status, the jobs to run and the plan they come from.
+Choice = tuple[Path, Status, list[int], Plan]
 
 
 def worker_count(req: CacheRequest) -> int:
@@ -122,8 +118,6 @@ def limits_for(req: CacheRequest) -> Limits:
 
 def plan_inputs(target: Target, req: CacheRequest) -> list[ArrayInput]:
     """The planner's inputs: the target's arrays, marked where the fast path will write them."""
-    from zarr_parallel.sources.fastread import mark_fast
-
     return mark_fast(target, req, target.array_inputs())
 
 
@@ -237,7 +231,7 @@ def recommendations_message(plan: Plan, recs: list[Recommendation]) -> str:
 
 def _choose_version(
     req: CacheRequest, paths: CachePaths, plan: Plan, plan_json: dict[str, Any]
-) -> tuple[Path, Status, list[int], Plan]:
+) -> Choice:
     """The version to write (or keep), what it is, the jobs to run and the plan they come from.
 
     A version holding the same content counts whatever plan made it (store.same_content): a
@@ -245,68 +239,102 @@ def _choose_version(
     an interrupted run of it continues with its own plan's jobs if they fit this run's budget.
     """
     fp = plan.fingerprint
-    all_ids = [j.id for j in plan.jobs]
     current = paths.current()
     if current is not None and is_complete(current):
-        rec = plan_record(current)
-        if same_content(rec, plan_json):
-            if rec and _split_differently(rec, plan):
-                plan = Plan.from_json(rec)  # report the jobs that made it, not this split
-            return current, "up_to_date", [], plan
-        if not req.overwrite:
-            raise RequestError(
-                "overwrite",
-                False,
-                f"{paths.final} holds a cache of a different request or source "
-                f"({_differences(rec, plan_json)})",
-                "Set overwrite=True to publish a new version (the old one is kept), or use a "
-                "new cache_label",
-            )
-    elif paths.final.exists() and not paths.final.is_symlink() and not req.overwrite:
-        raise RequestError(
-            "overwrite",
-            False,
-            f"{paths.final} exists and was not made by this version",
-            "Set overwrite=True (it is kept beside the new version) or choose another path",
-        )
+        published = _published_choice(req, paths, current, plan, plan_json)
+        if published is not None:
+            return published
+    else:
+        _check_foreign_final(req, paths)
     # Unpublished versions: interrupted runs (no complete.json), or complete but killed before
     # publishing. Only one with this exact plan fingerprint may be continued; others are cleaned
     # by initialise, never mixed with this run.
     others = [v for v in paths.all_versions() if v != current]
     matching = [v for v in others if (plan_record(v) or {}).get("fingerprint") == fp]
     if not matching and req.resume is not False:
-        adopted = _adoptable(others, plan)
+        adopted = _adopted_choice(others, plan)
         if adopted is not None:
-            version, stored = adopted
-            done = recorded_jobs(version, stored.fingerprint)
-            logger.info(
-                "continuing the interrupted run %s with its own plan (%d jobs, %d done): it "
-                "writes the same content as this request's plan",
-                version.name,
-                len(stored.jobs),
-                len(done),
-            )
-            return version, "resume", [j.id for j in stored.jobs if j.id not in done], stored
+            return adopted
     if req.resume is True and not matching:
-        interrupted = [v for v in others if plan_record(v) is not None and not is_complete(v)]
-        found = (
-            f"the interrupted run {interrupted[-1].name} was of a different request or source "
-            f"({_differences(plan_record(interrupted[-1]), plan_json)})"
-            if interrupted
-            else "no interrupted run of this cache was found"
-        )
-        raise RequestError(
-            "resume",
-            True,
-            found,
-            "Use resume='auto' to start afresh (the interrupted run is then discarded), or run "
-            "the same request as before to continue it",
-        )
+        raise _nothing_to_resume(others, plan_json)
     if matching and req.resume is not False:
         version = matching[-1]
         done = recorded_jobs(version, fp)
-        return version, "resume", [i for i in all_ids if i not in done], plan
-    return paths.next_version(fp), "fresh", all_ids, plan
+        return version, "resume", [j.id for j in plan.jobs if j.id not in done], plan
+    return paths.next_version(fp), "fresh", [j.id for j in plan.jobs], plan
+
+
+def _published_choice(
+    req: CacheRequest, paths: CachePaths, current: Path, plan: Plan, plan_json: dict[str, Any]
+) -> Choice | None:
+    """The published version when it holds this content (up to date); None to write anew.
+
+    Raises
+    ------
+    RequestError
+        It holds other content and ``overwrite`` is False.
+    """
+    rec = plan_record(current)
+    if same_content(rec, plan_json):
+        if rec and _split_differently(rec, plan):
+            plan = Plan.from_json(rec)  # report the jobs that made it, not this split
+        return current, "up_to_date", [], plan
+    if not req.overwrite:
+        raise RequestError(
+            "overwrite",
+            False,
+            f"{paths.final} holds a cache of a different request or source "
+            f"({_differences(rec, plan_json)})",
+            "Set overwrite=True to publish a new version (the old one is kept), or use a "
+            "new cache_label",
+        )
+    return None
+
+
+def _check_foreign_final(req: CacheRequest, paths: CachePaths) -> None:
+    """Refuse, without ``overwrite``, a final path that exists but is no published version."""
+    if paths.final.exists() and not paths.final.is_symlink() and not req.overwrite:
+        raise RequestError(
+            "overwrite",
+            False,
+            f"{paths.final} exists and was not made by this version",
+            "Set overwrite=True (it is kept beside the new version) or choose another path",
+        )
+
+
+def _adopted_choice(others: list[Path], plan: Plan) -> Choice | None:
+    """Continue an interrupted run of the same content with its own plan, if one fits."""
+    adopted = _adoptable(others, plan)
+    if adopted is None:
+        return None
+    version, stored = adopted
+    done = recorded_jobs(version, stored.fingerprint)
+    logger.info(
+        "continuing the interrupted run %s with its own plan (%d jobs, %d done): it "
+        "writes the same content as this request's plan",
+        version.name,
+        len(stored.jobs),
+        len(done),
+    )
+    return version, "resume", [j.id for j in stored.jobs if j.id not in done], stored
+
+
+def _nothing_to_resume(others: list[Path], plan_json: dict[str, Any]) -> RequestError:
+    """The refusal of ``resume=True`` when no interrupted run of this plan exists."""
+    interrupted = [v for v in others if plan_record(v) is not None and not is_complete(v)]
+    found = (
+        f"the interrupted run {interrupted[-1].name} was of a different request or source "
+        f"({_differences(plan_record(interrupted[-1]), plan_json)})"
+        if interrupted
+        else "no interrupted run of this cache was found"
+    )
+    return RequestError(
+        "resume",
+        True,
+        found,
+        "Use resume='auto' to start afresh (the interrupted run is then discarded), or run "
+        "the same request as before to continue it",
+    )
 
 
 def _adoptable(versions: list[Path], plan: Plan) -> tuple[Path, Plan] | None:
@@ -317,7 +345,7 @@ def _adoptable(versions: list[Path], plan: Plan) -> tuple[Path, Plan] | None:
     """
     for version in reversed(versions):
         rec = plan_record(version)
-        if rec is None or "job_list" not in rec or not _split_differently(rec, plan):
+        if rec is None or not read_jobs(rec) or not _split_differently(rec, plan):
             continue
         stored = Plan.from_json(rec)
         if stored.max_job_memory <= plan.memory_budget:
@@ -401,112 +429,3 @@ def initialise(prepared: Prepared) -> None:
                 "and run again"
             ) from e
     fault_point("initialised")
-
-
-def _verify_staging(prepared: Prepared) -> None:
-    """Compare the staging version with the source; refuse to publish a mismatch."""
-    from zarr_parallel.run.verify import verify_cache
-
-    full = prepared.request.verify_before_publish == "full"
-    report = verify_cache(
-        prepared.request,
-        "full" if full else "sample",
-        version=prepared.version,
-        staging=True,
-    )
-    if not report.ok:
-        # Un-record the jobs whose regions hold a problem: the next run writes them again.
-        plan_json = plan_record(prepared.version) or prepared.plan_json()
-        bad = sorted(
-            {
-                int(job_id)
-                for job_id, variables, region, *_ in plan_json["job_list"]
-                for p in report.problems
-                if p.region and p.variable in variables and _overlap(region, p.region)
-            }
-        )
-        for job_id in bad:
-            unrecord_job(prepared.version, job_id)
-        raise RunFailed(
-            f"the new version does not match its source, so it was not published; the records "
-            f"of jobs {bad[:10]} were removed: run again to write them again.\n{report.text()}",
-            [{"id": j} for j in bad],
-        )
-    logger.info(
-        "verified %s before publishing: %d chunks", prepared.version, report.chunks_compared
-    )
-
-
-def _overlap(a: Any, b: Any) -> bool:
-    """True when two regions (``[dim, start, stop]`` lists) share an element."""
-    bounds = {str(d): (int(lo), int(hi)) for d, lo, hi in a}
-    for d, lo, hi in b:
-        if str(d) in bounds:
-            alo, ahi = bounds[str(d)]
-            if int(hi) <= alo or ahi <= int(lo):
-                return False
-    return True
-
-
-def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) -> dict[str, Any]:
-    """Check completeness, consolidate, publish and summarise."""
-    req, plan = prepared.request, prepared.plan
-    token = held_token(prepared.paths.lock)
-    if prepared.status != "up_to_date":
-        if token is not None:
-            check_lock_token(prepared.paths.lock, token, "finishing")
-        plan_json = plan_record(prepared.version) or prepared.plan_json()
-        check_complete(prepared.version, plan_json)
-        # Temporary files of attempts that died (retried jobs) must not be published.
-        clean_temporary(prepared.version)
-        records = list(iter_job_records(prepared.version))
-        fault_point("before-finalise")
-        if req.verify_before_publish != "off":
-            _verify_staging(prepared)
-        # Last, after every read: a source that changed during the run (after a job read it)
-        # fails the run here and the published version stays.
-        checked = check_sources(req, (plan_json.get("layout") or {}).get("identity"))
-        logger.debug("source unchanged since planning: %d entries checked", checked)
-        try:
-            finalise(prepared.version, {"fingerprint": plan.fingerprint, "jobs": len(plan.jobs)})
-            fault_point("before-publish")
-            fence = (
-                None
-                if token is None
-                else functools.partial(check_lock_token, prepared.paths.lock, token, "publishing")
-            )
-            publish(
-                prepared.paths,
-                prepared.version,
-                req.keep_versions,
-                req.min_version_age_seconds,
-                fence,
-            )
-        except OSError as e:
-            raise RunFailed(
-                f"every job finished but publishing {prepared.version} failed ({e}); "
-                f"{prepared.paths.final} is unchanged. Fix the cause and run again: the "
-                "finished jobs are kept and only publishing is repeated"
-            ) from e
-    else:
-        records = list(iter_job_records(prepared.version))
-    summary: dict[str, Any] = {
-        "status": "up to date" if prepared.status == "up_to_date" else "done",
-        "resumed": prepared.status == "resume",
-        "cache": str(prepared.paths.final),
-        "version": str(prepared.version),
-        "jobs": len(plan.jobs),
-        "jobs_run": len(results),
-        "jobs_skipped": len(plan.jobs) - len(prepared.todo),
-        "read_amplification": round(plan.read_amplification, 4),
-        "max_job_memory": plan.max_job_memory,
-        "max_peak_memory": max((int(r.get("peak_memory", 0)) for r in records), default=0),
-        "bytes_written": sum(int(r.get("bytes", 0)) for r in results),
-        "seconds": round(time.time() - started, 3),
-        "fingerprint": plan.fingerprint,
-        "applied_recommendation": prepared.applied.to_json() if prepared.applied else None,
-        "notes": list(plan.notes),
-    }
-    if req.generate_stats:
-        summary["stats"] = merge_stats(records)
-    return summary

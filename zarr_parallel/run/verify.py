@@ -24,9 +24,8 @@ import logging
 import math
 import os
 import time
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +34,18 @@ import numpy as np
 import xarray as xr
 
 from zarr_parallel.errors import RecommendationsPending
+from zarr_parallel.planning.jobs import read_jobs
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.run.chunk_compare import (
+    chunk_regions,
+    compare_region,
+    coords_region,
+    job_blocks,
+    sample_regions,
+    values_equal,
+)
+from zarr_parallel.run.steps import Prepared, prepare, run_lock
+from zarr_parallel.run.verify_report import Problem, ProblemList, Region, VerifyReport
 from zarr_parallel.sources.target import Target, cached_target
 from zarr_parallel.store.cache_store import (
     LOCK_GUARD,
@@ -59,114 +69,18 @@ logger = logging.getLogger(__name__)
 FULL_BYTES = 2 * 10**9
 #: Chunks compared per variable in sample mode.
 SAMPLE_CHUNKS = 16
-#: Problems listed per variable and kind before the rest are counted only.
-_LISTED = 20
 
-Region = tuple[tuple[str, int, int], ...]
 Mode = Literal["auto", "full", "sample"]
 
 
-def region_text(region: Region | None) -> str:
-    """``time 0:12, latitude 0:40`` for a region."""
-    return ", ".join(f"{d} {a}:{b}" for d, a, b in region or ())
-
-
 @dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a cache.
+class _Sampling:
+    """How values are compared: ``mode``, and the sample's size and seed."""
 
-    ``kind`` is one of ``manifest`` (records missing), ``stale`` (the request or source changed
-    since the cache was made), ``missing`` (a chunk file is absent), ``unreadable`` (a chunk
-    cannot be decoded), ``values`` (values differ from the source), ``checksum`` (values differ
-    from what the job wrote), ``metadata`` (shape, dims or dtype differ) or ``extra`` (leftover
-    temporary files).
-    """
-
-    kind: str
-    message: str
-    variable: str | None = None
-    region: Region | None = None
-
-    def text(self) -> str:
-        """One line for the report."""
-        where = ""
-        if self.variable is not None:
-            where = f"{self.variable}" + (f" [{region_text(self.region)}]" if self.region else "")
-            where += ": "
-        return f"{self.kind}: {where}{self.message}"
-
-
-@dataclass
-class VerifyReport:
-    """The outcome of :func:`verify_cache`; ``ok`` is True when no problem was found."""
-
-    cache: Path
-    version: Path | None
-    mode: str
-    problems: list[Problem] = field(default_factory=list)
-    jobs: int = 0
-    jobs_recorded: int = 0
-    chunk_files: int = 0
-    chunk_files_present: int = 0
-    chunks_compared: int = 0
-    chunks_total: int = 0
-    seed: int = 0
-    seconds: float = 0.0
-    omitted: int = 0
-
-    @property
-    def ok(self) -> bool:
-        """True when the cache passed every check."""
-        return not self.problems and not self.omitted
-
-    def by_variable(self) -> dict[str | None, list[Problem]]:
-        """Problems grouped by variable (None: the cache as a whole)."""
-        out: dict[str | None, list[Problem]] = {}
-        for p in self.problems:
-            out.setdefault(p.variable, []).append(p)
-        return out
-
-    def text(self) -> str:
-        """The human-readable report."""
-        sampled = (
-            f"sample: {self.chunks_compared} of {self.chunks_total} chunks compared with the "
-            f"source (seed {self.seed})"
-            if self.mode == "sample"
-            else f"full: {self.chunks_compared} of {self.chunks_total} chunks compared with the "
-            "source"
-        )
-        lines = [
-            f"verify {self.cache}" + (f" (version {self.version.name})" if self.version else ""),
-            f"  manifest  {self.jobs_recorded} of {self.jobs} jobs recorded",
-            f"  chunks    {self.chunk_files_present} of {self.chunk_files} chunk files present",
-            f"  values    {sampled}",
-            f"  time      {self.seconds:.1f} s",
-        ]
-        if self.ok:
-            lines.append("  result    OK")
-        else:
-            total = len(self.problems) + self.omitted
-            lines.append(f"  result    FAILED ({total} problem{'s' if total != 1 else ''})")
-            lines += [f"  - {p.text()}" for p in self.problems]
-            if self.omitted:
-                lines.append(f"  - ... and {self.omitted} more of the same kinds")
-        return "\n".join(lines)
-
-
-class _Collector:
-    """Adds problems to a report, listing at most :data:`_LISTED` per variable and kind."""
-
-    def __init__(self, report: VerifyReport) -> None:
-        self.report = report
-        self.counts: dict[tuple[str | None, str], int] = {}
-
-    def add(self, problem: Problem) -> None:
-        key = (problem.variable, problem.kind)
-        self.counts[key] = self.counts.get(key, 0) + 1
-        if self.counts[key] <= _LISTED:
-            self.report.problems.append(problem)
-        else:
-            self.report.omitted += 1
+    mode: Mode
+    chunks: int
+    seed: int
+    full_bytes: int
 
 
 def verify_cache(
@@ -208,8 +122,6 @@ def verify_cache(
     CacheLocked
         Checking the published version while a run holds the cache's lock.
     """
-    from zarr_parallel.run.steps import run_lock
-
     paths = resolve_paths(req)
     if version is None and paths.current() is not None:
         # A run publishing a new version (and cleaning old ones) while this reads the current
@@ -229,51 +141,62 @@ def _verify(
     full_bytes: int,
     staging: bool,
 ) -> VerifyReport:
-    from zarr_parallel.run.steps import prepare
-
     t0 = time.perf_counter()
     paths = resolve_paths(req)
     chosen = Path(version) if version is not None else paths.current()
     report = VerifyReport(paths.final, chosen, mode, seed=seed)
-    out = _Collector(report)
+    out = ProblemList(report)
     if chosen is None or not chosen.is_dir():
         out.add(Problem("manifest", f"no published cache at {paths.final}; run the request first"))
-        report.seconds = time.perf_counter() - t0
-        return report
-    stored = plan_record(chosen)
+    else:
+        sampling = _Sampling(mode, sample_chunks, seed, full_bytes)
+        _check_version(req, chosen, report, out, sampling, staging)
+    report.seconds = time.perf_counter() - t0
+    return report
 
-    # What this request and source give now, exactly as a run would plan it.
+
+def _plan_now(req: CacheRequest) -> Prepared:
+    """What this request and source give now, exactly as a run would plan it."""
     probe = req.model_copy(update={"overwrite": True, "resume": "auto"})
     try:
-        prepared = prepare(probe, check_location=False)
+        return prepare(probe, check_location=False)
     except RecommendationsPending:
         proceed = probe.model_copy(update={"recommend_changes": "proceed"})
-        prepared = prepare(proceed, check_location=False)
+        return prepare(proceed, check_location=False)
+
+
+def _check_version(
+    req: CacheRequest,
+    chosen: Path,
+    report: VerifyReport,
+    out: ProblemList,
+    sampling: _Sampling,
+    staging: bool,
+) -> None:
+    """Every check of one version folder, in order: manifest, files, metadata, values."""
+    stored = plan_record(chosen)
+    prepared = _plan_now(req)
     target = cached_target(prepared.request_json)
     current = prepared.plan_json()
     _check_manifest(chosen, stored, current, report, out, staging)
 
     data_vars = [str(v) for v in target.template().data_vars]
     _check_files(chosen, report, out)
-    try:
-        # A staging version is consolidated only when published.
-        consolidated = False if staging else None
-        with quiet_manifest():
-            cache = xr.open_zarr(
-                chosen, consolidated=consolidated, chunks=None, decode_timedelta=True
-            )
-    except Exception as e:  # a store whose metadata cannot be read cannot be checked further
-        out.add(Problem("metadata", f"cannot be opened as Zarr ({type(e).__name__}: {e})"))
-        report.seconds = time.perf_counter() - t0
-        return report
+    cache = _open_version(chosen, staging, out)
+    if cache is None:
+        return
     comparable = _check_metadata(cache, target, out)
-    total_bytes = sum(
-        math.prod(target.dataset[v].shape) * target.dataset[v].dtype.itemsize for v in data_vars
-    )
+    mode = sampling.mode
     if mode == "auto":
-        mode = "full" if total_bytes <= full_bytes else "sample"
+        total_bytes = sum(
+            math.prod(target.dataset[v].shape) * target.dataset[v].dtype.itemsize for v in data_vars
+        )
+        mode = "full" if total_bytes <= sampling.full_bytes else "sample"
     report.mode = mode
-    jobs = (stored or {}).get("job_list") if stored else None
+    jobs = read_jobs(stored)
+    # In full mode each job's region is compared with the CRC32 its writer recorded, when the
+    # jobs are those of this content.
+    by_job = mode == "full" and bool(jobs) and same_content(stored, current)
     records = {int(r["id"]): r for r in iter_job_records(chosen)}
     with dask.config.set(scheduler="synchronous"):
         for name in data_vars:
@@ -283,19 +206,32 @@ def _verify(
             report.chunks_total += math.prod(
                 math.ceil(s / g) for s, g in zip(shape, grid, strict=True)
             )
-            if mode == "full" and jobs and same_content(stored, current):
-                blocks = _job_blocks(jobs, name, records)
+            if by_job:
+                blocks = job_blocks(jobs.values(), name, records)
             elif mode == "full":
-                blocks = ((r, None) for r in _chunk_regions(dims, shape, grid))
+                blocks = ((r, None) for r in chunk_regions(dims, shape, grid))
             else:
-                picked = _sample_regions(dims, shape, grid, sample_chunks, seed, name)
+                picked = sample_regions(dims, shape, grid, sampling.chunks, sampling.seed, name)
                 blocks = ((r, None) for r in picked)
             for region, checksum in blocks:
-                report.chunks_compared += _compare(
+                report.chunks_compared += compare_region(
                     cache, target, name, region, checksum, (dims, grid), out
                 )
-    report.seconds = time.perf_counter() - t0
-    return report
+
+
+def _open_version(chosen: Path, staging: bool, out: ProblemList) -> xr.Dataset | None:
+    """The version opened with xarray, or None (and a problem) when its metadata is unreadable."""
+    try:
+        # A staging version is consolidated only when published.
+        consolidated = False if staging else None
+        with quiet_manifest():
+            cache: xr.Dataset = xr.open_zarr(
+                chosen, consolidated=consolidated, chunks=None, decode_timedelta=True
+            )
+            return cache
+    except Exception as e:  # a store whose metadata cannot be read cannot be checked further
+        out.add(Problem("metadata", f"cannot be opened as Zarr ({type(e).__name__}: {e})"))
+        return None
 
 
 def _check_manifest(
@@ -303,7 +239,7 @@ def _check_manifest(
     stored: Mapping[str, Any] | None,
     current: Mapping[str, Any],
     report: VerifyReport,
-    out: _Collector,
+    out: ProblemList,
     staging: bool = False,
 ) -> None:
     if stored is None:
@@ -314,17 +250,17 @@ def _check_manifest(
             Problem("manifest", f"{MANIFEST_DIR}/complete.json is missing: never checked complete")
         )
     fp = str(stored.get("fingerprint"))
-    planned = {int(j[0]): j for j in stored.get("job_list", [])}
+    planned = read_jobs(stored)
     recorded = {int(r["id"]) for r in iter_job_records(version) if str(r.get("fingerprint")) == fp}
     report.jobs, report.jobs_recorded = len(planned), len(recorded & set(planned))
     for job_id in sorted(set(planned) - recorded):
-        variables, region = planned[job_id][1], tuple(tuple(r) for r in planned[job_id][2])
+        job = planned[job_id]
         out.add(
             Problem(
                 "manifest",
                 f"job {job_id} is not recorded as finished",
-                ", ".join(variables),
-                region,
+                ", ".join(job.variables),
+                job.region,
             )
         )
     if not same_content(stored, current):
@@ -339,7 +275,7 @@ def _check_manifest(
         )
 
 
-def _check_files(version: Path, report: VerifyReport, out: _Collector) -> None:
+def _check_files(version: Path, report: VerifyReport, out: ProblemList) -> None:
     for name in array_names(version):
         dims, shape, grid, md = array_grid(str(version), name)
         total = math.prod(math.ceil(s / g) for s, g in zip(shape, grid, strict=True))
@@ -366,20 +302,11 @@ def _region_of_key(
 ) -> Region | None:
     for coords in np.ndindex(*(math.ceil(s / g) for s, g in zip(shape, grid, strict=True))):
         if md.encode_chunk_key(tuple(int(c) for c in coords)) == key:
-            return _coords_region(dims, shape, grid, coords)
+            return coords_region(dims, shape, grid, coords)
     return None
 
 
-def _coords_region(
-    dims: Sequence[str], shape: Sequence[int], grid: Sequence[int], coords: Sequence[int]
-) -> Region:
-    return tuple(
-        (d, int(c) * g, min(int(c) * g + g, s))
-        for d, s, g, c in zip(dims, shape, grid, coords, strict=True)
-    )
-
-
-def _check_metadata(cache: xr.Dataset, target: Target, out: _Collector) -> set[str]:
+def _check_metadata(cache: xr.Dataset, target: Target, out: ProblemList) -> set[str]:
     """Names of data variables whose dims, shape and dtype match; problems for the others."""
     template = target.template()
     ok: set[str] = set()
@@ -427,7 +354,7 @@ def _check_metadata(cache: xr.Dataset, target: Target, out: _Collector) -> set[s
 
 
 def _check_attrs(
-    got: Mapping[Any, Any], want: Mapping[Any, Any], out: _Collector, name: str | None
+    got: Mapping[Any, Any], want: Mapping[Any, Any], out: ProblemList, name: str | None
 ) -> None:
     """Every attribute the source gives is in the cache with the same value (the cache may add
     its own, such as provenance)."""
@@ -466,129 +393,6 @@ def _same_attr(a: Any, b: Any) -> bool:
         return values_equal(np.asarray(a), np.asarray(b))
     except (TypeError, ValueError):
         return bool(a == b)
-
-
-def values_equal(a: np.ndarray, b: np.ndarray) -> bool:
-    """Same shape and values, NaN equal to NaN where both are floating point."""
-    if a.shape != b.shape:
-        return False
-    if a.dtype.kind in "fc" and b.dtype.kind in "fc":
-        return bool(np.array_equal(a, b, equal_nan=True))
-    return bool(np.array_equal(a, b))
-
-
-def _job_blocks(
-    jobs: Sequence[Any], name: str, records: Mapping[int, Mapping[str, Any]]
-) -> Iterator[tuple[Region, str | None]]:
-    """Each job's region of ``name`` with the CRC32 its writer recorded (if any)."""
-    for job in jobs:
-        job_id, variables, region = int(job[0]), list(job[1]), job[2]
-        if name not in variables:
-            continue
-        rec = records.get(job_id, {})
-        checksum = (rec.get("checksums") or {}).get(name)
-        yield (
-            tuple((str(d), int(a), int(b)) for d, a, b in region),
-            (checksum if isinstance(checksum, str) else None),
-        )
-
-
-def _chunk_regions(
-    dims: Sequence[str], shape: Sequence[int], grid: Sequence[int]
-) -> Iterator[Region]:
-    for coords in np.ndindex(*(math.ceil(s / g) for s, g in zip(shape, grid, strict=True))):
-        yield _coords_region(dims, shape, grid, coords)
-
-
-def _sample_regions(
-    dims: Sequence[str], shape: Sequence[int], grid: Sequence[int], k: int, seed: int, name: str
-) -> list[Region]:
-    counts = [math.ceil(s / g) for s, g in zip(shape, grid, strict=True)]
-    n = math.prod(counts)
-    # One stream per variable, the same for the same seed and name.
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    picked = sorted(rng.choice(n, size=min(k, n), replace=False).tolist()) if n else []
-    return [_coords_region(dims, shape, grid, np.unravel_index(i, counts)) for i in picked]
-
-
-def _compare(
-    cache: xr.Dataset,
-    target: Target,
-    name: str,
-    region: Region,
-    checksum: str | None,
-    grid_info: tuple[Sequence[str], Sequence[int]],
-    out: _Collector,
-) -> int:
-    """Compare one region of ``name`` with the source; returns the chunks it covered."""
-    dims, grid = grid_info
-    var_dims = cache[name].dims
-    sel = {d: slice(a, b) for d, a, b in region if d in var_dims}
-    chunks = _chunks_in(region, dims, grid)
-    try:
-        got = np.asarray(cache[name].isel(sel).values)
-    except Exception:
-        if len(chunks) > 1:
-            # Find which chunks cannot be read; compare the others one by one.
-            return sum(_compare(cache, target, name, c, None, grid_info, out) for c in chunks)
-        out.add(Problem("unreadable", "the chunk cannot be read or decoded", name, region))
-        return 1
-    want_var = target.dataset[name]
-    want = np.asarray(target.clean(want_var.isel(sel).to_dataset())[name].values)
-    if checksum is not None and f"{zlib.crc32(np.ascontiguousarray(got).data):08x}" != checksum:
-        out.add(
-            Problem(
-                "checksum", "differs from the CRC32 its job recorded when it wrote it", name, region
-            )
-        )
-    bad = _unequal(got, want)
-    if bad.any():
-        starts = [a for _, a, _ in region]
-        for chunk in chunks if len(chunks) > 1 else [region]:
-            local = tuple(
-                slice(a - base, b - base) for (_, a, b), base in zip(chunk, starts, strict=True)
-            )
-            count = int(bad[local].sum())
-            if not count:
-                continue
-            first = tuple(
-                int(s.start + i[0]) for s, i in zip(local, np.nonzero(bad[local]), strict=True)
-            )
-            where = {str(d): base + i for d, base, i in zip(var_dims, starts, first, strict=True)}
-            out.add(
-                Problem(
-                    "values",
-                    f"{count} of {bad[local].size} values differ from the source (first at "
-                    f"{where}: cache {got[first]}, source {want[first]})",
-                    name,
-                    chunk,
-                )
-            )
-    return len(chunks)
-
-
-def _chunks_in(region: Region, dims: Sequence[str], grid: Sequence[int]) -> list[Region]:
-    """The chunk regions inside a chunk-aligned region."""
-    size = dict(zip(dims, grid, strict=True))
-    axes = []
-    for d, a, b in region:
-        g = size[d]
-        axes.append([(d, s, min(s + g, b)) for s in range(a, b, g)])
-    out: list[Region] = []
-    for combo in np.ndindex(*(len(a) for a in axes)):
-        out.append(tuple(axes[i][c] for i, c in enumerate(combo)))
-    return out
-
-
-def _unequal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Element-wise "differs", with NaN equal to NaN and NaT to NaT."""
-    if a.shape != b.shape:
-        return np.ones(a.shape, dtype=bool)
-    if a.dtype.kind in "fc" and b.dtype.kind in "fc":
-        return np.asarray(~((a == b) | (np.isnan(a) & np.isnan(b))))
-    if a.dtype.kind in "mM" and b.dtype.kind in "mM":
-        return np.asarray(~((a == b) | (np.isnat(a) & np.isnat(b))))
-    return np.asarray(a != b)
 
 
 # ---------------------------------------------------------------------------------------------

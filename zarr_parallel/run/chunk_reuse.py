@@ -1,0 +1,154 @@
+"""Reusing the published version's unchanged chunk files in an append's new version.
+
+An append (:mod:`zarr_parallel.run.recache_decision`) builds a new version copy-on-write: the
+write jobs write the metadata, the coordinates and the new chunks, and :func:`link_unchanged`
+hard-links every other chunk file from the published version (copied where the filesystem
+refuses links). Nothing in the published version is opened for writing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from zarr_parallel.errors import ZarrParallelError
+from zarr_parallel.run.recache_decision import AppendPrepared
+from zarr_parallel.sources.target import cached_target
+from zarr_parallel.units import format_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class AppendNotPossible(ZarrParallelError):
+    """The published version's chunks cannot be reused (their encoding differs)."""
+
+
+@dataclass
+class LinkReport:
+    """What building the new version from the published one reused."""
+
+    linked: int = 0
+    copied: int = 0
+    present: int = 0
+    bytes: int = 0
+    arrays: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form for summaries."""
+        return {
+            "linked": self.linked,
+            "copied": self.copied,
+            "present": self.present,
+            "bytes": self.bytes,
+            "arrays": dict(self.arrays),
+        }
+
+
+#: Metadata that may differ between the published version and the new one without changing
+#: what a chunk file's bytes mean.
+_FREE_METADATA = {"shape", "attributes"}
+
+
+def _metadata(arr: zarr.Array[Any]) -> dict[str, Any]:
+    meta = arr.metadata.to_dict()
+    return {k: v for k, v in meta.items() if k not in _FREE_METADATA}
+
+
+def _dims(arr: zarr.Array[Any]) -> tuple[str, ...]:
+    names = getattr(arr.metadata, "dimension_names", None)
+    if names:
+        return tuple(str(n) for n in names)
+    names = arr.attrs.get("_ARRAY_DIMENSIONS")
+    return tuple(str(n) for n in names) if isinstance(names, list | tuple) else ()
+
+
+def link_unchanged(prepared: AppendPrepared) -> LinkReport:
+    """Reuse every unchanged chunk file of the published version in the new version.
+
+    Chunk files entirely before the append's start (and every chunk of variables without the
+    append dimension) are hard-linked into the new version; where the filesystem refuses a link
+    the file is copied (temporary file, then rename). Only files the write jobs will not touch
+    are linked, and zarr's local store replaces a file it rewrites with a new one (temporary file
+    and rename) rather than writing into it, so the published version's files are never modified.
+    Idempotent: files already present (a resumed run) are kept.
+
+    Raises
+    ------
+    AppendNotPossible
+        When an array's encoding (codecs, dtype, fill value, chunk grid) differs between the
+        versions, so its chunk bytes cannot be reused.
+    """
+    decision = prepared.decision
+    assert decision is not None and decision.base_version and decision.dim
+    assert decision.start is not None
+    base = prepared.paths.versions / decision.base_version
+    new = prepared.version
+    old_group = zarr.open_group(base, mode="r")
+    new_group = zarr.open_group(new, mode="r")
+    report = LinkReport()
+    for vname in cached_target(prepared.request_json).variables:
+        old = old_group[vname]
+        fresh = new_group[vname]
+        assert isinstance(old, zarr.Array) and isinstance(fresh, zarr.Array)
+        if _metadata(old) != _metadata(fresh):
+            diff = sorted(
+                k
+                for k in _metadata(old).keys() | _metadata(fresh).keys()
+                if _metadata(old).get(k) != _metadata(fresh).get(k)
+            )
+            raise AppendNotPossible(
+                f"{vname}: the encoding changed ({', '.join(diff)}), so the cached chunks "
+                "cannot be reused"
+            )
+        grid = tuple(old.shards or old.chunks)
+        counts = [math.ceil(s / g) for s, g in zip(old.shape, grid, strict=True)]
+        dims = _dims(old)
+        if decision.dim in dims:
+            k = dims.index(decision.dim)
+            if decision.start % grid[k]:
+                raise AppendNotPossible(
+                    f"{vname}: the append start {decision.start} is not on the chunk grid"
+                )
+            counts[k] = decision.start // grid[k]
+        n = 0
+        for coords in np.ndindex(*counts):
+            key = old.metadata.encode_chunk_key(tuple(int(c) for c in coords))
+            src, dst = base / vname / key, new / vname / key
+            if dst.exists():
+                report.present += 1
+                continue
+            if not src.exists():
+                continue  # never written (e.g. all fill value); the completeness check decides
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+                report.linked += 1
+            except OSError:
+                _copy(src, dst)
+                report.copied += 1
+            report.bytes += src.stat().st_size
+            n += 1
+        report.arrays[vname] = n
+    logger.info(
+        "reused %d chunk files (%d linked, %d copied, %s) from %s",
+        report.linked + report.copied,
+        report.linked,
+        report.copied,
+        format_bytes(report.bytes),
+        base.name,
+    )
+    return report
+
+
+def _copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.copy")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
