@@ -26,7 +26,7 @@ import yaml
 from sources_support import serve_http
 from zarr_parallel import RequestError, ZarrParallelAssembler
 from zarr_parallel.orchestration.cache import main
-from zarr_parallel.sources.remote import (
+from zarr_parallel.request.secrets import (
     MASK,
     is_harmless_header,
     redact,

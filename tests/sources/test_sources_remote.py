@@ -8,16 +8,15 @@ import pytest
 
 from zarr_parallel import RequestError
 from zarr_parallel.request.model import build_request
-from zarr_parallel.sources.remote import (
+from zarr_parallel.request.secrets import (
     check_no_secrets,
     expand_env,
-    fsspec_options,
     install_log_redaction,
     redact,
     redact_text,
     redact_url,
-    user_options,
 )
+from zarr_parallel.sources.remote import fsspec_options, user_options
 
 
 @pytest.mark.parametrize(

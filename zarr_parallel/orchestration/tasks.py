@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from zarr_parallel.errors import SourceChanged
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.request.secrets import redact_text
 from zarr_parallel.run.job import run_job
 from zarr_parallel.run.job_process import (
     JobError,
@@ -26,7 +27,6 @@ from zarr_parallel.run.job_process import (
     run_job_isolated,
 )
 from zarr_parallel.run.steps import Prepared, finish, initialise, prepare
-from zarr_parallel.sources.remote import redact_text
 from zarr_parallel.store.cache_store import (
     manifest_dir,
     plan_record,

@@ -16,7 +16,8 @@ from zarr_parallel.planning.plan import canonical_json, fingerprint
 from zarr_parallel.planning.tiles import request_tiles
 from zarr_parallel.request.normalise import normalise_fields
 from zarr_parallel.request.open_options import check_open_options, detect_engine
-from zarr_parallel.sources.remote import MASK, check_no_secrets, is_secret_key, redact
+from zarr_parallel.request.protocols import protocol_of, require_protocol
+from zarr_parallel.request.secrets import MASK, check_no_secrets, is_secret_key, redact, redact_url
 from zarr_parallel.transforms.registry import validate_spec
 from zarr_parallel.units import parse_duration, parse_memory
 
@@ -476,6 +477,8 @@ def _resolve_sources(req: CacheRequest, base: Path | None) -> str | list[str]:
     resolved: list[str] = []
     for uri in uris:
         if is_remote(uri):
+            # An S3 URL needs s3fs, an optional extra: say so now, not when a worker reads.
+            require_protocol(protocol_of(uri), redact_url(uri))
             resolved.append(uri)
             continue
         path = uri.removeprefix("file://")

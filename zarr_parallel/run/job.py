@@ -23,8 +23,13 @@ import psutil
 
 from zarr_parallel.planning.plan import fast_slab_bounds
 from zarr_parallel.request.model import CacheRequest
+
+# Imported for its effect: a job process (SLURM, a local worker) opens the source again, and in a
+# policed run its kerchunk references are checked there too (the policy installs the check).
+from zarr_parallel.run import policy  # noqa: F401
 from zarr_parallel.sources import fastread
-from zarr_parallel.sources.source import check_job_sources, check_sources, read_settings
+from zarr_parallel.sources.identity import check_job_sources, check_sources
+from zarr_parallel.sources.source import read_settings
 from zarr_parallel.sources.target import (
     INDEX_PREFIX,
     Target,

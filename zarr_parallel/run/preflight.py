@@ -143,9 +143,9 @@ def _kerchunk_stored(refs: Mapping[str, Any], variables: Mapping[str, Any]) -> d
 def _zarr_stored(path: str, req: CacheRequest, variables: Mapping[str, Any]) -> dict[str, int]:
     import zarr
 
-    from zarr_parallel.sources.source import _options
+    from zarr_parallel.sources.remote import fsspec_options_for
 
-    group = zarr.open_group(path, mode="r", storage_options=_options(path, req) or None)
+    group = zarr.open_group(path, mode="r", storage_options=fsspec_options_for(path, req) or None)
     out: dict[str, int] = {}
     for name in variables:
         arr = group[name]
@@ -158,7 +158,7 @@ def _hdf5_stored(source: Source, req: CacheRequest) -> dict[str, int]:
     """Storage size over a few sampled files, scaled to the whole variable."""
     import h5py
 
-    from zarr_parallel.sources.source import _h5_target
+    from zarr_parallel.sources.remote import readable_file
 
     files = list(source.layout.files)
     picks = sorted({0, len(files) // 2, len(files) - 1})[:SAMPLED_FILES]
@@ -167,7 +167,7 @@ def _hdf5_stored(source: Source, req: CacheRequest) -> dict[str, int]:
     for name, v in source.layout.variables.items():
         nbytes, elems = 0, 0
         for i in picks:
-            with h5py.File(_h5_target(files[i], req), "r") as f:
+            with h5py.File(readable_file(files[i], req), "r") as f:
                 node = f[group][name] if group else f[name]
                 nbytes += int(node.id.get_storage_size())
                 elems += int(np.prod(node.shape))
@@ -302,8 +302,8 @@ def check_space(
 
 def check_remote_files(req: CacheRequest, source: Source) -> None:
     """Every remote file the source reads exists and may be read (metadata requests only)."""
+    from zarr_parallel.sources.references import referenced_urls
     from zarr_parallel.sources.remote import check_readable
-    from zarr_parallel.sources.source import referenced_urls
 
     urls = [
         f

@@ -23,12 +23,12 @@ from zarr_parallel.faults import fault_point
 from zarr_parallel.planning.plan import ArrayInput, Limits, Plan, fingerprint, plan_jobs
 from zarr_parallel.planning.sizing import local_workers
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.request.secrets import redact
 from zarr_parallel.run.job import merge_stats
 from zarr_parallel.run.job_process import WORKER_OVERHEAD
 from zarr_parallel.run.preflight import run_preflight
 from zarr_parallel.run.recommend import Recommendation, recommend
-from zarr_parallel.sources.remote import redact
-from zarr_parallel.sources.source import check_sources
+from zarr_parallel.sources.identity import check_sources
 from zarr_parallel.sources.target import (
     Target,
     build_target,

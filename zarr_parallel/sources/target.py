@@ -23,13 +23,9 @@ from zarr_parallel.names import check_names
 from zarr_parallel.planning.plan import ArrayInput, AxisMap, canonical_json
 from zarr_parallel.planning.tiles import TileSpec
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.sources.source import (
-    Source,
-    SourceLayout,
-    _file_state,
-    check_sources,
-    open_source,
-)
+from zarr_parallel.sources.identity import check_sources
+from zarr_parallel.sources.layout import SourceLayout
+from zarr_parallel.sources.source import Source, file_stamp, open_source
 from zarr_parallel.transforms.registry import apply_transforms
 from zarr_parallel.transforms.tiling import Tiling, tile_dataset
 
@@ -300,7 +296,7 @@ def fresh_source(req: CacheRequest) -> Source:
 def source_state(req: CacheRequest) -> str:
     """The source files' state (sizes and modification times): a key for per-process caches."""
     uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
-    return canonical_json([_file_state(u) for u in uris])
+    return canonical_json([file_stamp(u) for u in uris])
 
 
 @lru_cache(maxsize=4)
