@@ -217,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 done, 1 failed, 2 invalid, 3 halted)."""
-    from zarr_parallel.request.model import load_request_file
+    from zarr_parallel.request.request_file import load_request_file
     from zarr_parallel.run.steps import prepare
 
     args = _parser().parse_args(argv)

@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Exit codes as the cache CLI: 0 done or up to date, 1 failed, 2 invalid, 3 halted.
     """
-    from zarr_parallel.request.model import load_request_file
+    from zarr_parallel.request.request_file import load_request_file
 
     p = argparse.ArgumentParser(
         prog="python -m flows.recache",

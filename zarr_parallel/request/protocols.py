@@ -19,6 +19,11 @@ def protocol_of(uri: str) -> str:
     return uri.split("://", 1)[0].lower() if "://" in uri else "file"
 
 
+def is_remote(uri: str) -> bool:
+    """True for URLs fsspec opens remotely (``https://``, ``s3://``...)."""
+    return "://" in uri and not uri.startswith("file://")
+
+
 def require_protocol(protocol: str, value: object, parameter: str = "data_uri") -> None:
     """Refuse a protocol whose filesystem package is not installed, naming the extra.
 

@@ -22,7 +22,8 @@ import xarray as xr
 
 from zarr_parallel.errors import RequestError
 from zarr_parallel.request import open_options
-from zarr_parallel.request.model import CacheRequest, is_remote
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.request.protocols import is_remote
 from zarr_parallel.request.secrets import redact_text, redact_url
 from zarr_parallel.sources.remote import describe_failure, readable_file
 

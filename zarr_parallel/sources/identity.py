@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from zarr_parallel.errors import SourceChanged
-from zarr_parallel.request.model import CacheRequest, is_remote
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.request.protocols import is_remote
 from zarr_parallel.sources.references import referenced_urls, refs_only
 from zarr_parallel.sources.remote import fsspec_options_for
 

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from zarr_parallel.errors import RequestError
-from zarr_parallel.request.model import CacheRequest, is_remote
-from zarr_parallel.request.protocols import protocol_of
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.request.protocols import is_remote, protocol_of
 from zarr_parallel.request.secrets import (
     expand_env,
     install_log_redaction,

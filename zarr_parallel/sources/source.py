@@ -23,8 +23,8 @@ import xarray as xr
 from zarr_parallel.errors import RequestError
 from zarr_parallel.planning.plan import canonical_json, fingerprint
 from zarr_parallel.request import open_options
-from zarr_parallel.request.model import CacheRequest, is_remote
-from zarr_parallel.request.protocols import protocol_of
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.request.protocols import is_remote, protocol_of
 from zarr_parallel.request.secrets import redact, redact_text, redact_url
 from zarr_parallel.sources import combine, identity
 from zarr_parallel.sources.layout import SourceLayout, hdf5_layout, zarr_layout
