@@ -272,6 +272,11 @@ def cached_source(req: CacheRequest) -> Source:
     return _cached_source(req.model_dump_json(include=_SOURCE_FIELDS), source_state(req))
 
 
+def clear_source_cache() -> None:
+    """Forget the sources this process opened: :func:`cached_source` opens them again."""
+    _cached_source.cache_clear()
+
+
 def fresh_source(req: CacheRequest) -> Source:
     """:func:`cached_source`, reopened if any source entry changed since it was opened.
 
