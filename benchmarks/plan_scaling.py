@@ -2,7 +2,7 @@
 
 The layout is what inspecting the real archive gives: one HDF5 chunk per time step and full 721 ×
 1440 grid, 20 variables. It goes straight into :func:`zarr_parallel.planning.plan.plan_jobs` as
-:class:`~zarr_parallel.planning.plan.AxisMap` inputs (no files), so the figures are the planner's
+:class:`~zarr_parallel.planning.grid.AxisMap` inputs (no files), so the figures are the planner's
 alone.
 
 Run: ``python benchmarks/plan_scaling.py`` (``--years 1 10 40`` to choose the sizes).
@@ -17,7 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from zarr_parallel.planning.plan import ArrayInput, AxisMap, Limits, Plan, plan_jobs
+from zarr_parallel.planning.grid import AxisMap
+from zarr_parallel.planning.inputs import ArrayInput, Limits
+from zarr_parallel.planning.plan import Plan, plan_jobs
 
 HOURS_PER_YEAR = 8766  # 365.25 days
 NLAT, NLON = 721, 1440

@@ -1,5 +1,6 @@
 """Flow entrypoints of a clone: ``deployments/prefect.yaml`` and ``python -m flows.cache`` name
-them.
+them (``zarr-parallel`` is the installed command).
 
-The flows themselves live in :mod:`zarr_parallel.orchestration`.
+The flows themselves live in :mod:`zarr_parallel.orchestration`; this folder is not part of the
+wheel.
 """

@@ -9,4 +9,4 @@ source .venv/bin/activate
 if ! compgen -G "example-data/era5_like_*.nc" >/dev/null; then
   python -m zarr_parallel.examples example-data
 fi
-python -m flows.cache run examples/quickstart.yaml "$@"
+zarr-parallel run examples/quickstart.yaml "$@"

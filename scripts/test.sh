@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
 # The whole test suite from a fresh clone: install everything, lint, type-check, test, build docs.
+# Each phase prints its seconds, so a CI log shows where the time goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+phase() { echo "== phase: $1 ($((SECONDS - start)) s)"; start=$SECONDS; }
+start=$SECONDS
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
+phase "set-up"
 ruff check zarr_parallel flows deployments tests benchmarks
 ruff format --check zarr_parallel flows deployments tests benchmarks
 mypy zarr_parallel flows
+phase "ruff, mypy"
 if [ -x scripts/slurm-local.sh ] || [ -f scripts/slurm-local.sh ]; then
   bash scripts/slurm-local.sh start
 fi
+phase "local SLURM"
 python -m pytest -q "$@"
-python -m benchmarks.suite --size quick --repeat 1 --cases misaligned  # [bench] smoke: figures printed, not asserted
+phase "pytest"
+# [bench] smoke: figures printed, not asserted. This project's modes on a running Prefect server
+# and on a temporary API, beside plain xarray + dask and the floor; the full comparison (0.5.0,
+# SLURM, more xarray variants) is `python -m benchmarks.suite` without --contenders.
+python -m benchmarks.suite --size quick --repeat 1 --cases misaligned \
+  --contenders "zarr-parallel series,zarr-parallel series (Prefect server),zarr-parallel dask_distributed,xarray+dask (source chunks),floor"
+phase "benchmark smoke"
 NO_MKDOCS_2_WARNING=1 mkdocs build --strict -q
+phase "docs"

@@ -1,4 +1,9 @@
-"""Shared fixtures: one ERA5-like dataset factory and one Prefect API per test session."""
+"""Session-wide fixtures: one ERA5-like dataset factory, one Prefect API per test session, the
+fault-injection plug-ins, the local SLURM and the deploy-mode reference cache.
+
+Fixtures that one room's tests alone use live in that room's ``tests/<room>/conftest.py``
+(e.g. tests/run/conftest.py); those of one test module stay in the module.
+"""
 
 from __future__ import annotations
 
@@ -64,12 +69,6 @@ def era5_factory(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def era5_files(era5_factory: Any) -> list[Path]:
     """Three files of 24, 24 and 12 hourly steps, HDF5 chunks (6, 40, 72), 73 × 144 grid."""
     return era5_factory(n_files=3, steps_per_file=[24, 24, 12], chunks=(6, 40, 72))
-
-
-@pytest.fixture(scope="session")
-def era5_archive_files(era5_factory: Any) -> list[Path]:
-    """Four files of 24 steps in the archive layout: one step × full grid per chunk."""
-    return era5_factory(n_files=4, steps_per_file=24)
 
 
 # -- [parallel] fixtures: fault-injection plug-ins and the local SLURM --

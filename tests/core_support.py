@@ -37,6 +37,21 @@ def cli_run(request: Path, fault: str | None = None) -> subprocess.Popen[str]:
     )
 
 
+def cli_result(request: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """A :func:`cli_run` of ``request`` waited for: its exit code, stdout and stderr.
+
+    Killed, and ``subprocess.TimeoutExpired`` raised, if it has not ended after ``timeout`` s.
+    """
+    proc = cli_run(request)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 @contextmanager
 def frozen_run(request: Path, point: str) -> Iterator[subprocess.Popen[str]]:
     """A CLI run of ``request`` stopped (SIGSTOP) at the fault point ``point``, e.g.

@@ -1,7 +1,5 @@
 """zarr-parallel: source-chunk-aware, memory-bounded, resumable caching of datasets into Zarr."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 from zarr_parallel.api import CacheHandle, CacheResult, ZarrParallelAssembler
 from zarr_parallel.errors import (
     CacheLocked,
@@ -14,11 +12,7 @@ from zarr_parallel.errors import (
     ZarrParallelError,
 )
 from zarr_parallel.store.readers import open_cache
-
-try:
-    __version__ = version("zarr-parallel")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0+unknown"
+from zarr_parallel.version import __version__
 
 __all__ = [
     "CacheHandle",

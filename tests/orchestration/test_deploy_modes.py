@@ -19,12 +19,9 @@ import xarray as xr
 from deploy_helpers import assert_same_cache, job_records, run_cache, squeue_ids
 from zarr_parallel.api import ZarrParallelAssembler
 from zarr_parallel.errors import RequestError
-from zarr_parallel.orchestration.runners import (
-    slurm_cluster_kwargs,
-    worker_environment,
-    worker_sizing,
-)
-from zarr_parallel.planning.plan import FAST_READ_THREADS
+from zarr_parallel.orchestration.runners import worker_environment, worker_sizing
+from zarr_parallel.orchestration.slurm import slurm_cluster_kwargs
+from zarr_parallel.planning.memory import FAST_READ_THREADS
 from zarr_parallel.planning.sizing import size_workers
 from zarr_parallel.request.model import DEFAULT_DEPLOY_MODE, build_request
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from zarr_parallel.planning.memory import FAST_WRITE_COPIES
 from zarr_parallel.request.model import build_request
 from zarr_parallel.run.steps import initialise, prepare
 
@@ -166,8 +167,6 @@ def test_a_writing_thread_holds_what_the_model_counts(tmp_path: Path) -> None:
     The thread reuses one buffer for whole chunks; zarr pads an edge chunk into a buffer of its
     own, so a thread that kept its reused buffer meanwhile would hold three.
     """
-    from zarr_parallel.planning.plan import FAST_WRITE_COPIES
-
     out = subprocess.run(
         [sys.executable, "-c", _WRITE_ONE_THREAD, str(tmp_path / "w.zarr")],
         capture_output=True,

@@ -2,7 +2,7 @@
 of hand-checked plans.
 
 The brute-force reference enumerates elements and chunks directly; it shares no code with
-:mod:`zarr_parallel.planning.plan` beyond :func:`~zarr_parallel.planning.plan.job_memory` (the
+:mod:`zarr_parallel.planning.plan` beyond :func:`~zarr_parallel.planning.memory.job_memory` (the
 memory model, which is the definition being applied, not the thing under test).
 """
 
@@ -21,18 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zarr_parallel.errors import PlanError
+from zarr_parallel.planning.grid import AxisMap, unit_boundaries, write_grid
+from zarr_parallel.planning.inputs import ArrayInput, Limits
 from zarr_parallel.planning.jobs import Job
-from zarr_parallel.planning.plan import (
-    REGION_COPIES,
-    ArrayInput,
-    AxisMap,
-    Limits,
-    Plan,
-    job_memory,
-    plan_jobs,
-    unit_boundaries,
-    write_grid,
-)
+from zarr_parallel.planning.memory import REGION_COPIES, job_memory
+from zarr_parallel.planning.plan import Plan, plan_jobs
 from zarr_parallel.units import format_bytes
 
 # ------------------------------------------------------------------------------------------

@@ -11,16 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zarr_parallel.errors import RequestError
-from zarr_parallel.planning.plan import ArrayInput, AxisMap, Limits, job_memory, plan_jobs
+from zarr_parallel.planning.grid import AxisMap
+from zarr_parallel.planning.inputs import ArrayInput, Limits
+from zarr_parallel.planning.memory import job_memory
+from zarr_parallel.planning.plan import plan_jobs
+from zarr_parallel.planning.tile_spec import TileSpec, from_v05, request_tiles
 from zarr_parallel.planning.tiles import (
     DimTiles,
     TileAxisMap,
-    TileSpec,
     WithinTileAxisMap,
     exact_sizes,
-    from_v05,
     range_boxes,
-    request_tiles,
 )
 
 # -- brute-force references -------------------------------------------------------------------

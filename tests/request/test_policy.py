@@ -287,7 +287,7 @@ def test_deploying_locks_an_existing_pools_template(tmp_path: Path) -> None:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.workers.process import ProcessWorker
 
-    from deployments.__main__ import ensure_work_pool, job_template
+    from zarr_parallel.orchestration.deploy import ensure_work_pool, job_template
 
     name = f"zp-policy-{uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:

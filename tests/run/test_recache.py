@@ -25,7 +25,9 @@ from zarr_parallel.errors import PlanError
 from zarr_parallel.examples import make_era5_like
 from zarr_parallel.orchestration.cache import cache_flow
 from zarr_parallel.orchestration.recache import recache_flow
-from zarr_parallel.planning.plan import ArrayInput, AxisMap, Limits, plan_jobs_from
+from zarr_parallel.planning.grid import AxisMap
+from zarr_parallel.planning.inputs import ArrayInput, Limits
+from zarr_parallel.planning.plan import plan_jobs_from
 from zarr_parallel.request.model import CacheRequest, build_request
 from zarr_parallel.run import steps as pipeline
 from zarr_parallel.run.job import run_job

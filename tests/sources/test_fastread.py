@@ -339,7 +339,7 @@ def test_chunks_decoded_in_place_equal_both_decoders(
 
 
 def test_threads_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from zarr_parallel.planning.plan import FAST_READ_THREADS
+    from zarr_parallel.planning.memory import FAST_READ_THREADS
 
     monkeypatch.setenv("ZARR_PARALLEL_THREADS", "1")
     assert fastread.reader_threads() == 1
@@ -351,16 +351,15 @@ def test_threads_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_fast_memory_model_counts_slabs_not_the_region() -> None:
-    from zarr_parallel.planning.plan import (
+    from zarr_parallel.planning.grid import AxisMap
+    from zarr_parallel.planning.inputs import ArrayInput, Limits
+    from zarr_parallel.planning.memory import (
         FAST_MARGIN,
         FAST_READ_COPIES,
         FAST_READ_THREADS,
-        ArrayInput,
-        AxisMap,
-        Limits,
         fast_job_memory,
-        plan_jobs,
     )
+    from zarr_parallel.planning.plan import plan_jobs
 
     # 504 hourly steps of the archive layout, one step × full grid per source chunk.
     axes = (

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from core_support import frozen_run
+from core_support import cli_result, frozen_run
 from zarr_parallel.api import run_request
 from zarr_parallel.errors import CacheLocked
 from zarr_parallel.request.model import build_request
@@ -305,12 +305,7 @@ def test_paused_run_whose_lock_was_broken_publishes_nothing(
     request_b.write_text(yaml.safe_dump({**fields, "chunks": chunks_b, "break_lock": True}))
     with frozen_run(request_a, "before-publish") as a:
         _as_if_from_a_dead_host(store.with_name("c.zarr.lock"))
-        b = subprocess.run(
-            [sys.executable, "-m", "flows.cache", "run", str(request_b)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        b = cli_result(request_b)
         assert b.returncode == 0, b.stderr[-3000:]
         newer = store.resolve()
         os.kill(a.pid, signal.SIGCONT)
@@ -378,12 +373,7 @@ def test_lock_on_a_full_disk_leaves_nothing_and_says_so(
     request = tmp_path / "full.yaml"
     fields = {**fields, "cache_store": str(full_disk / "c.zarr"), "check_free_space": False}
     request.write_text(yaml.safe_dump(fields))
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cache", "run", str(request)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = cli_result(request)
     assert proc.returncode == 1, proc.stderr[-3000:]
     # The last word is the CLI's plain message (Prefect logs the flow's failure above it).
     last = proc.stderr.strip().splitlines()[-1]

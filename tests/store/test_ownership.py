@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import pytest
 import xarray as xr
 import yaml
 
+from core_support import cli_result
 from zarr_parallel.api import run_request
 from zarr_parallel.errors import RequestError
 from zarr_parallel.request.model import build_request
@@ -76,12 +75,7 @@ def test_cache_path_holding_the_sources_is_refused_and_the_sources_survive(
     request = tmp_path / "request.yaml"
     fields = _fields(str(sources / "*.nc"), sources, keep_versions=1, min_version_age=0)
     request.write_text(yaml.safe_dump(fields))
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cache", "run", str(request)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = cli_result(request)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cache_store=" in proc.stderr and "holds the source" in proc.stderr, proc.stderr
     assert _tree(sources) == before

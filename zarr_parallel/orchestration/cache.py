@@ -9,14 +9,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from prefect import State, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from zarr_parallel.errors import RecommendationsPending, RunFailed, ZarrParallelError
+from zarr_parallel.errors import (
+    PlanError,
+    RecommendationsPending,
+    RequestError,
+    RunFailed,
+    ZarrParallelError,
+)
 from zarr_parallel.logs import set_log_level
+from zarr_parallel.orchestration.cluster import open_cluster
 from zarr_parallel.orchestration.control import (
     cache_slot,
     checked_request,
@@ -28,19 +36,19 @@ from zarr_parallel.orchestration.control import (
 from zarr_parallel.orchestration.runners import (
     current_api_url,
     make_task_runner,
-    open_cluster,
     worker_settings,
     worker_sizing,
 )
 from zarr_parallel.orchestration.tasks import artifact_key, finish_task, initialise_task, plan_task
-from zarr_parallel.orchestration.write_flow import MAX_TASKS, group_jobs, write_flow
+from zarr_parallel.orchestration.write_flow import group_jobs, write_flow
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.policy import enforced
 from zarr_parallel.run.recommend import Recommendation
 from zarr_parallel.run.steps import Prepared, recommendations_message, run_lock, worker_note
+from zarr_parallel.store.cache_store import resolve_paths
 from zarr_parallel.units import format_bytes
 
-__all__ = ["MAX_TASKS", "cache_flow", "group_jobs", "main", "write_flow"]
+__all__ = ["cache_flow", "main", "run_cache_steps"]
 
 
 @flow(name="zarr-parallel-cache", log_prints=False)
@@ -71,7 +79,7 @@ def _cache_until_decided(request: CacheRequest) -> dict[str, Any]:
             # held until publish; a dead run's lock is broken, see zarr_parallel.store.lock) keeps
             # any other writer out. A pause for a decision happens outside both.
             with cache_slot(request), run_lock(request):
-                summary = _cache(request)
+                summary = run_cache_steps(request)
         except RecommendationsPending as e:
             outcome = decide_on_recommendations(request, e)
             if isinstance(outcome, State):
@@ -84,14 +92,30 @@ def _cache_until_decided(request: CacheRequest) -> dict[str, Any]:
         return summary
 
 
-def _cache(
+def run_cache_steps(
     request: CacheRequest,
     prepared: Prepared | None = None,
     after_initialise: Callable[[Prepared], Any] | None = None,
 ) -> dict[str, Any]:
-    """One pass of the cache run's steps, inside the flow run.
+    """One pass of the cache run's steps, inside the flow run: plan, initialise, write, finish.
+
     The re-cache flow (:mod:`zarr_parallel.orchestration.recache`) runs the same steps with its own
     ``prepared`` (an append's plan) and reuses the unchanged chunks ``after_initialise``.
+
+    Parameters
+    ----------
+    request
+        The checked request.
+    prepared
+        A plan made already (the re-cache flow's append); None plans ``request`` here.
+    after_initialise
+        Called with the prepared run once the store is initialised, before any write.
+
+    Returns
+    -------
+    dict
+        The run summary (:func:`zarr_parallel.run.steps.finish`), with the deploy mode, the
+        workers and the per-job results when jobs ran.
     """
     logger = get_run_logger()
     started = time.time()
@@ -130,7 +154,7 @@ def _cache(
             cluster.ready_seconds,
         )
         with worker_settings(api_url), without_flow_heartbeat():
-            runner = make_task_runner(cluster)
+            runner = make_task_runner(cluster.mode, cluster.address)
             results = write_flow.with_options(task_runner=runner)(
                 prepared.request_json, str(prepared.version), groups, cluster.address
             )
@@ -175,8 +199,6 @@ def _publish_plan(prepared: Prepared) -> None:
 
 
 def _publish_recommendations(request: CacheRequest, e: RecommendationsPending) -> None:
-    from zarr_parallel.store.cache_store import resolve_paths
-
     final = resolve_paths(request).final
     md = "# Run halted on recommendations\n\n" + str(e).replace("\n  ", "\n- ")
     create_markdown_artifact(
@@ -188,9 +210,9 @@ def _publish_recommendations(request: CacheRequest, e: RecommendationsPending) -
 # Command line
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m flows.cache") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m flows.cache",
+        prog=prog,
         description="Cache a dataset into Zarr as REQUEST.yaml says.",
     )
     p.add_argument("command", nargs="?", default="run", help="run (default), plan or verify")
@@ -215,19 +237,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 done, 1 failed, 2 invalid, 3 halted)."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.cache") -> int:
+    """Run the CLI; returns the exit code (0 done, 1 failed, 2 invalid, 3 halted).
+
+    ``zarr-parallel run|plan|verify`` (:mod:`zarr_parallel.cli`) lands here with its ``prog``.
+    """
     from zarr_parallel.request.request_file import load_request_file
     from zarr_parallel.run.steps import prepare
 
-    args = _parser().parse_args(argv)
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
     command, request_path = args.command, args.request
     if request_path is None and command not in ("run", "plan", "verify"):
         command, request_path = "run", command
     if args.plan_only:
         command = "plan"
     if command not in ("run", "plan", "verify") or request_path is None:
-        _parser().print_usage(sys.stderr)
+        parser.print_usage(sys.stderr)
         print("error: give a command (run, plan, verify) and a request file", file=sys.stderr)
         return 2
 
@@ -254,9 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def exit_code(run: Callable[[], int]) -> int:
     """Run a command-line body; zarr-parallel's errors become the documented exit codes.
 
-    0 done or up to date (what ``run`` returns), 1 run failed, 2 invalid request, 3 halted on
-    recommendations; each error is printed to stderr. Shared by ``flows.cache`` and
-    ``flows.recache``.
+    0 done or up to date (what ``run`` returns), 1 run failed (or any other error of ours, or a
+    plain ``ValueError``: a bug), 2 invalid request (:class:`RequestError`, :class:`PlanError`),
+    3 halted on recommendations; each error is printed to stderr. Shared by ``zarr-parallel``,
+    ``flows.cache`` and ``flows.recache``.
     """
     try:
         return run()
@@ -266,11 +293,17 @@ def exit_code(run: Callable[[], int]) -> int:
     except RunFailed as e:
         print(f"run failed: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:  # RequestError and PlanError are ValueErrors
+    except (RequestError, PlanError) as e:  # a request file that cannot be read is one too
         print(f"invalid request: {e}", file=sys.stderr)
         return 2
     except ZarrParallelError as e:
         print(f"failed: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        # Not the request's fault (those are RequestError/PlanError): a bug, whose traceback
+        # belongs in the report.
+        traceback.print_exc()
+        print(f"failed: {e!r}", file=sys.stderr)
         return 1
     except RuntimeError as e:
         if "ephemeral Prefect API" not in str(e):

@@ -60,12 +60,14 @@ def temporary_api_settings(seconds: int = TEMPORARY_API_STARTUP_SECONDS) -> Iter
     by default, which a loaded machine can exceed (the run then failed before doing anything):
     a longer setting of the user's is kept. And flow-run heartbeats are turned off: they exist
     so a lasting API can tell a crashed run, and this API ends with the process, while every
-    heartbeating flow run ends up to 1 s late (see :func:`without_flow_heartbeat`). With a
-    ``PREFECT_API_URL`` nothing changes.
+    heartbeating flow run ends up to 1 s late (see :func:`without_flow_heartbeat`). The temporary
+    server (a subprocess that inherits these settings) sends no analytics: there is no network
+    here and none needed. With a ``PREFECT_API_URL`` nothing changes.
     """
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
         temporary_settings,
     )
@@ -73,7 +75,10 @@ def temporary_api_settings(seconds: int = TEMPORARY_API_STARTUP_SECONDS) -> Iter
     if PREFECT_API_URL.value():
         yield
         return
-    updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    updates: dict[Any, Any] = {
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+    }
     if PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() < seconds:
         updates[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = seconds
     with temporary_settings(updates):

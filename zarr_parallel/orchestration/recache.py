@@ -21,7 +21,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from zarr_parallel.logs import set_log_level
-from zarr_parallel.orchestration.cache import _cache, cache_flow, exit_code, format_summary
+from zarr_parallel.orchestration.cache import (
+    cache_flow,
+    exit_code,
+    format_summary,
+    run_cache_steps,
+)
 from zarr_parallel.orchestration.control import (
     cache_slot,
     checked_request,
@@ -116,7 +121,7 @@ def _append(prepared: AppendPrepared) -> dict[str, Any]:
     def reuse(p: Any) -> None:
         reused.update(link_task(p))
 
-    summary = _cache(prepared.request, prepared=prepared, after_initialise=reuse)
+    summary = run_cache_steps(prepared.request, prepared=prepared, after_initialise=reuse)
     return {**summary, "reused_chunks": reused}
 
 
@@ -154,15 +159,16 @@ def _publish_decision(decision: Decision) -> None:
 # Command line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.recache") -> int:
     """``python -m flows.recache REQUEST.yaml [--set k=v] [--check] [--no-append]``.
 
     Exit codes as the cache CLI: 0 done or up to date, 1 failed, 2 invalid, 3 halted.
+    ``zarr-parallel recache`` (:mod:`zarr_parallel.cli`) lands here with its ``prog``.
     """
     from zarr_parallel.request.request_file import load_request_file
 
     p = argparse.ArgumentParser(
-        prog="python -m flows.recache",
+        prog=prog,
         description="Bring the cache of REQUEST.yaml up to date with its source.",
     )
     p.add_argument("request", help="request file (YAML or JSON)")

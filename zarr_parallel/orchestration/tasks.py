@@ -6,15 +6,18 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run as current_task_run
 
 from zarr_parallel.errors import SourceChanged
+from zarr_parallel.logs import set_log_level
+from zarr_parallel.planning.jobs import Job, read_jobs
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.secrets import redact_text
 from zarr_parallel.run.job import run_job
@@ -69,22 +72,17 @@ def write_task(
     abandoned) and the task fails, so Prefect retries it. In series mode jobs run in the flow
     process itself, without a job process.
     """
-    from prefect import get_run_logger
-    from prefect.runtime import task_run
-
     req = CacheRequest.model_validate_json(request_json)
     if req.deploy_mode != "series":
         # On a worker, print what log_level asks for, as the flow process does.
-        from zarr_parallel.logs import set_log_level
-
         set_log_level(req.log_level)
     plan = plan_record(Path(version)) or {}
     fp = str(plan.get("fingerprint"))
-    regions = {int(j[0]): (j[1], j[2]) for j in plan.get("job_list", [])}
+    jobs = read_jobs(plan)
     done = recorded_jobs(Path(version), fp)
     limit = job_process_limit(req.deploy_mode, req.memory_bytes)
-    attempt = int(task_run.run_count or 1)
-    mark_attempt(Path(version), str(task_run.id), attempt)
+    attempt = int(current_task_run.run_count or 1)
+    mark_attempt(Path(version), str(current_task_run.id), attempt)
     logger = get_run_logger()
     worker = {
         "pid": os.getpid(),
@@ -97,8 +95,7 @@ def write_task(
             # Finished by an earlier attempt of this task: keep its record, do not rewrite.
             results.append({**read_job_record(Path(version), job_id), "attempts": attempt - 1})
             continue
-        variables, region = regions.get(job_id, ([], []))
-        describe = f"job {job_id} {describe_region(variables, region)}"
+        describe = f"job {job_id} {describe_job(jobs, job_id)}"
         started = time.time()
         try:
             if req.deploy_mode == "series":
@@ -153,6 +150,12 @@ def describe_region(variables: Sequence[str], region: Sequence[Sequence[Any]]) -
     """``t2m,d2m[time 0:24, latitude 0:721]``: a job's region for messages."""
     dims = ", ".join(f"{d} {a}:{b}" for d, a, b in region)
     return f"{','.join(variables)}[{dims}]"
+
+
+def describe_job(jobs: Mapping[int, Job], job_id: int) -> str:
+    """Job ``job_id``'s region for messages (:meth:`Job.describe`); ``[]`` for one not planned."""
+    job = jobs.get(job_id)
+    return job.describe() if job is not None else describe_region((), ())
 
 
 def read_job_record(version: Path, job_id: int) -> dict[str, Any]:

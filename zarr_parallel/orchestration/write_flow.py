@@ -8,8 +8,8 @@ Failures end in one of three ways, never in a hang:
   ``KilledWorker`` (``allowed-failures`` is 0); the task run is marked Crashed and submitted
   again while attempts remain — unless SLURM killed the job for exceeding its memory, which
   would only happen again and is reported as such;
-- a cluster that has no worker and can get none (:meth:`flows.runners.ClusterHandle.check`)
-  fails the jobs still waiting.
+- a cluster that has no worker and can get none
+  (:meth:`zarr_parallel.orchestration.cluster.ClusterHandle.check`) fails the jobs still waiting.
 
 Finished jobs are recorded in the manifest as they finish, so a failed run resumes.
 """
@@ -20,7 +20,7 @@ import math
 import queue
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -31,17 +31,21 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.orchestration import get_client
 from prefect.futures import PrefectFuture
+from prefect.states import Crashed
 
 from zarr_parallel.errors import RunFailed, SourceChanged
-from zarr_parallel.orchestration.runners import ClusterHandle, active_cluster
+from zarr_parallel.orchestration.cluster import ClusterHandle, active_cluster
 from zarr_parallel.orchestration.tasks import (
     artifact_key,
     attempts_made,
+    describe_job,
     describe_region,
     read_job_record,
     write_task,
 )
+from zarr_parallel.planning.jobs import read_jobs
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.store.cache_store import plan_record, recorded_jobs
 
@@ -78,6 +82,129 @@ class _Outcome:
     worker: str | None = None
 
 
+@dataclass
+class _WriteTasks:
+    """The write tasks of one flow run while they run: submitted, watched, retried, collected."""
+
+    req: CacheRequest
+    request_json: str
+    version: str
+    groups: list[list[int]]
+    handle: ClusterHandle | None
+    progress: UUID
+    logger: Any
+    running: dict[int, _Submission] = field(default_factory=dict)
+    done_q: queue.Queue[tuple[int, PrefectFuture[Any]]] = field(default_factory=queue.Queue)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    failed: dict[int, dict[str, Any]] = field(default_factory=dict)
+    errors: list[BaseException | None] = field(default_factory=list)
+    completed_jobs: int = 0
+
+    @property
+    def total(self) -> int:
+        """Jobs of all groups."""
+        return sum(len(g) for g in self.groups)
+
+    def submit(self, index: int, attempts_before: int) -> None:
+        """Submit the write task of group ``index``, with the retries its attempts leave."""
+        task = write_task.with_options(
+            retries=max(0, self.req.retries - attempts_before), retry_delay_seconds=1
+        )
+        future = task.submit(
+            self.request_json, self.version, self.groups[index], self.req.generate_stats
+        )
+        self.running[index] = _Submission(future, attempts_before, time.monotonic())
+
+        def done(f: PrefectFuture[Any], i: int = index) -> None:
+            self.done_q.put((i, f))
+
+        future.add_done_callback(done)
+
+    def run(self) -> None:
+        """Submit every group and wait until each has completed, failed or been given up."""
+        for i in range(len(self.groups)):
+            self.submit(i, 0)
+        handle = self.handle
+        max_replacements = max(1, (handle.concurrency if handle else 1) * (self.req.retries + 1))
+        last_check = time.monotonic()
+        while self.running:
+            try:
+                index, future = self.done_q.get(timeout=1.0)
+            except queue.Empty:
+                index, future = -1, None
+            if handle is not None and (future is None or time.monotonic() - last_check > 2.0):
+                # Between completions, and at least every 2 s: replace ended SLURM jobs, and stop
+                # waiting for tasks no worker can run.
+                last_check = time.monotonic()
+                self._watch(handle, max_replacements)
+            if future is not None:
+                self._finished(index, future)
+
+    def _watch(self, handle: ClusterHandle, max_replacements: int) -> None:
+        """Check the cluster; give up on every running task when no worker can come."""
+        message = handle.check(max_replacements)
+        if not message:
+            return
+        self.logger.error("giving up on %d write tasks: %s", len(self.running), message)
+        for i, sub in self.running.items():
+            _cancel(sub.future)
+            for job_id in self.groups[i]:
+                self.failed[job_id] = {"state": "Crashed", "message": message}
+        self.running.clear()
+
+    def _finished(self, index: int, future: PrefectFuture[Any]) -> None:
+        """Collect a finished task of group ``index``: its results, a retry, or its failure."""
+        current = self.running.get(index)
+        if current is None or current.future is not future:
+            return
+        sub = self.running.pop(index)
+        outcome = _outcome(future)
+        if outcome.state == "Completed":
+            self.results.extend(
+                {**r, "attempts": sub.attempts_before + int(r.get("attempts") or 1)}
+                for r in outcome.results
+            )
+            self.completed_jobs += len(self.groups[index])
+            update_progress_artifact(
+                self.progress, 100.0 * self.completed_jobs / max(1, self.total)
+            )
+            return
+        attempts = sub.attempts_before + attempts_made(Path(self.version), str(future.task_run_id))
+        if outcome.state == "Crashed" and self._retry_crashed(index, future, outcome, attempts):
+            return
+        self.errors.append(outcome.error)
+        for job_id in self.groups[index]:
+            self.failed[job_id] = {
+                "state": outcome.state,
+                "message": outcome.message,
+                "attempts": attempts,
+            }
+
+    def _retry_crashed(
+        self, index: int, future: PrefectFuture[Any], outcome: _Outcome, used: int
+    ) -> bool:
+        """Submit a crashed task again while attempts remain (not after a memory kill).
+
+        False when it is not retried; ``outcome.message`` then says why the worker was lost.
+        """
+        reason = self.handle.explain(outcome.worker, wait=5.0) if self.handle else None
+        what = str(reason or f"the worker running it was lost ({outcome.message})")
+        _mark_crashed(future.task_run_id, what)
+        memory_kill = reason is not None and reason.kind == "memory"
+        if not memory_kill and used <= self.req.retries:
+            self.logger.warning(
+                "write task for jobs %s: %s; retrying (attempt %d of %d)",
+                _ids(self.groups[index]),
+                what,
+                used + 1,
+                self.req.retries + 1,
+            )
+            self.submit(index, used)
+            return True
+        outcome.message = what
+        return False
+
+
 @flow(name="zarr-parallel-write")
 def write_flow(
     request_json: str,
@@ -98,108 +225,32 @@ def write_flow(
     cluster_address
         Scheduler of the run's cluster (None in series mode), watched while waiting.
     """
-    logger = get_run_logger()
     req = CacheRequest.model_validate_json(request_json)
     plan = plan_record(Path(version)) or {}
-    jobs = {int(j[0]): j for j in plan.get("job_list", [])}
     versions = Path(version).parent
     # The cache's final path (``P`` beside ``P.versions``) keys its artifacts.
     name = str(versions.with_name(versions.name.removesuffix(".versions")))
-    handle = active_cluster(cluster_address)
-    total = sum(len(g) for g in groups)
     progress = cast(
         UUID,
         create_progress_artifact(
             0.0, key=artifact_key("zp-progress", name), description="Share of write jobs done"
         ),
     )
-    done_q: queue.Queue[tuple[int, PrefectFuture[Any]]] = queue.Queue()
-    running: dict[int, _Submission] = {}
-
-    def submit(index: int, attempts_before: int) -> None:
-        task = write_task.with_options(
-            retries=max(0, req.retries - attempts_before), retry_delay_seconds=1
-        )
-        future = task.submit(request_json, version, groups[index], req.generate_stats)
-        running[index] = _Submission(future, attempts_before, time.monotonic())
-
-        def done(f: PrefectFuture[Any], i: int = index) -> None:
-            done_q.put((i, f))
-
-        future.add_done_callback(done)
-
-    for i in range(len(groups)):
-        submit(i, 0)
-    results: list[dict[str, Any]] = []
-    failed: dict[int, dict[str, Any]] = {}
-    errors: list[BaseException | None] = []
-    completed_jobs = 0
-    max_replacements = max(1, (handle.concurrency if handle else 1) * (req.retries + 1))
-    last_check = time.monotonic()
-    while running:
-        try:
-            index, future = done_q.get(timeout=1.0)
-        except queue.Empty:
-            index, future = -1, None
-        if handle is not None and (future is None or time.monotonic() - last_check > 2.0):
-            # Between completions, and at least every 2 s: replace ended SLURM jobs, and stop
-            # waiting for tasks no worker can run.
-            last_check = time.monotonic()
-            message = handle.check(max_replacements)
-            if message:
-                logger.error("giving up on %d write tasks: %s", len(running), message)
-                for i, sub in running.items():
-                    _cancel(sub.future)
-                    for job_id in groups[i]:
-                        failed[job_id] = {"state": "Crashed", "message": message}
-                running.clear()
-        if future is None:
-            continue
-        current = running.get(index)
-        if current is None or current.future is not future:
-            continue
-        sub = running.pop(index)
-        outcome = _outcome(future)
-        if outcome.state == "Completed":
-            results.extend(
-                {**r, "attempts": sub.attempts_before + int(r.get("attempts") or 1)}
-                for r in outcome.results
-            )
-            completed_jobs += len(groups[index])
-            update_progress_artifact(progress, 100.0 * completed_jobs / max(1, total))
-            continue
-        if outcome.state == "Crashed":
-            used = sub.attempts_before + attempts_made(Path(version), str(future.task_run_id))
-            reason = handle.explain(outcome.worker, wait=5.0) if handle else None
-            what = str(reason or f"the worker running it was lost ({outcome.message})")
-            _mark_crashed(future.task_run_id, what)
-            memory_kill = reason is not None and reason.kind == "memory"
-            if not memory_kill and used <= req.retries:
-                logger.warning(
-                    "write task for jobs %s: %s; retrying (attempt %d of %d)",
-                    _ids(groups[index]),
-                    what,
-                    used + 1,
-                    req.retries + 1,
-                )
-                submit(index, used)
-                continue
-            outcome.message = what
-            attempts = used
-        else:
-            attempts = sub.attempts_before + attempts_made(Path(version), str(future.task_run_id))
-        errors.append(outcome.error)
-        for job_id in groups[index]:
-            failed[job_id] = {
-                "state": outcome.state,
-                "message": outcome.message,
-                "attempts": attempts,
-            }
-    results, failures = _settle(Path(version), plan, jobs, results, failed)
+    tasks = _WriteTasks(
+        req,
+        request_json,
+        version,
+        groups,
+        active_cluster(cluster_address),
+        progress,
+        get_run_logger(),
+    )
+    tasks.run()
+    results, failures = _settle(Path(version), plan, tasks.results, tasks.failed)
     _publish_results(name, results, failures)
-    update_progress_artifact(progress, 100.0 * len(results) / max(1, total))
+    update_progress_artifact(progress, 100.0 * len(results) / max(1, tasks.total))
     if failures:
-        _raise_failed(failures, len(results), total, errors)
+        _raise_failed(failures, len(results), tasks.total, tasks.errors)
     return results
 
 
@@ -269,9 +320,6 @@ def _cancel(future: PrefectFuture[Any]) -> None:
 
 def _mark_crashed(task_run_id: UUID, message: str) -> None:
     """A task run whose worker died stays Running in the API: say what happened instead."""
-    from prefect.client.orchestration import get_client
-    from prefect.states import Crashed
-
     try:
         with get_client(sync_client=True) as client:
             client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
@@ -282,13 +330,13 @@ def _mark_crashed(task_run_id: UUID, message: str) -> None:
 def _settle(
     version: Path,
     plan: dict[str, Any],
-    jobs: dict[int, Any],
     results: list[dict[str, Any]],
     failed: dict[int, dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Completed results and failures per job; jobs of a failed task that were recorded count
     as completed (the manifest is the truth)."""
     done_ids = {int(r["id"]) for r in results}
+    jobs = read_jobs(plan)
     recorded = recorded_jobs(version, str(plan.get("fingerprint"))) if failed else set()
     failures = []
     for job_id, info in sorted(failed.items()):
@@ -297,11 +345,10 @@ def _settle(
         if job_id in recorded:
             results.append({**read_job_record(version, job_id), "attempts": info.get("attempts")})
             continue
-        job = jobs.get(job_id, [job_id, [], [], 0])
         failures.append(
             {
                 "id": job_id,
-                "region": describe_region(job[1], job[2]),
+                "region": describe_job(jobs, job_id),
                 "state": info["state"],
                 "attempts": info.get("attempts"),
                 "message": info["message"],
@@ -353,4 +400,4 @@ def _publish_results(
     create_table_artifact(rows, key=artifact_key("zp-results", name), description="Write jobs")
 
 
-__all__ = ["MAX_TASKS", "ClusterHandle", "group_jobs", "write_flow"]
+__all__ = ["MAX_TASKS", "group_jobs", "write_flow"]

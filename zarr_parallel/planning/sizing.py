@@ -4,7 +4,7 @@ A *worker* is one dask worker process with its job process (:mod:`zarr_parallel.
 a local worker in ``dask_distributed`` mode, one SLURM job in ``SLURM`` mode. It runs one write
 job at a time. ``memory_limit`` bounds a whole worker, so a job's budget is the limit minus the
 job process's interpreter reserve (``memory_reserve``) and, outside series mode, the worker
-process beside it (:data:`zarr_parallel.run.job_process.WORKER_OVERHEAD`).
+process beside it (:data:`WORKER_OVERHEAD`, :func:`worker_overhead`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,22 @@ WALLTIME_MARGIN = 300.0
 #: A worker retires this many seconds before its walltime, so SLURM never kills a running job
 #: for time (dask ``--lifetime``; running work moves to a replacement job).
 RETIRE_BEFORE = 120.0
+#: Resident memory of a dask worker process that runs Prefect tasks, beside its job process.
+#: Measured here at 184-189 MB (Python 3.11, Prefect 3.8, distributed 2026.8, after several
+#: tasks); counted inside ``memory_limit`` in the dask_distributed and SLURM modes.
+WORKER_OVERHEAD = 250 * 10**6
+
+
+def worker_overhead(deploy_mode: str) -> int:
+    """Bytes ``memory_limit`` holds back for the dask worker process beside each job process.
+
+    None in series mode: there the job process is the whole worker (no worker overhead in
+    series).
+
+    >>> worker_overhead("series"), worker_overhead("dask_distributed") == WORKER_OVERHEAD
+    (0, True)
+    """
+    return 0 if deploy_mode == "series" else WORKER_OVERHEAD
 
 
 @dataclass(frozen=True)

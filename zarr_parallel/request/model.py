@@ -9,8 +9,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zarr_parallel.errors import RequestError
-from zarr_parallel.planning.plan import canonical_json, fingerprint
-from zarr_parallel.planning.tiles import request_tiles
+from zarr_parallel.planning.fingerprint import canonical_json, fingerprint
+from zarr_parallel.planning.tile_spec import request_tiles
 from zarr_parallel.request import checks
 from zarr_parallel.request.normalise import normalise_fields
 from zarr_parallel.request.secrets import MASK, is_secret_key, redact

@@ -21,7 +21,7 @@ import dask
 import numpy as np
 import psutil
 
-from zarr_parallel.planning.plan import fast_slab_bounds
+from zarr_parallel.planning.memory import fast_slab_bounds
 from zarr_parallel.request.model import CacheRequest
 
 # Imported for its effect: a job process (SLURM, a local worker) opens the source again, and in a
@@ -318,7 +318,7 @@ def _copy_fast(
     """Copy one variable's region by raw chunk reads, streaming slab by slab.
 
     The region is cut along its first dimension into up to
-    :data:`~zarr_parallel.planning.plan.FAST_SLABS` slabs at write-chunk boundaries. Slab ``k`` is
+    :data:`~zarr_parallel.planning.memory.FAST_SLABS` slabs at write-chunk boundaries. Slab ``k`` is
     written (zarr encodes in its threads) while slab ``k + 1`` is read, so reading and encoding
     overlap and at most two slabs are held. Returns (bytes, checksum, statistics), or None to use
     the xarray path. The checksum is the CRC32 of the whole region's bytes, chained over the slabs

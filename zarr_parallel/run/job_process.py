@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 
 from zarr_parallel.errors import ZarrParallelError
+from zarr_parallel.planning.sizing import WORKER_OVERHEAD
 from zarr_parallel.units import format_bytes, format_duration
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,6 @@ logger = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 300.0
 #: How often the worker checks the job process's deadline and memory, in seconds.
 POLL_INTERVAL = 0.1
-#: Resident memory of a dask worker process that runs Prefect tasks, beside its job process.
-#: Measured here at 184-189 MB (Python 3.11, Prefect 3.8, distributed 2026.8, after several
-#: tasks); counted inside ``memory_limit`` in the dask_distributed and SLURM modes.
-WORKER_OVERHEAD = 250 * 10**6
 
 
 def job_process_limit(deploy_mode: str, memory_limit: int) -> int | None:

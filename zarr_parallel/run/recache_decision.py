@@ -40,7 +40,8 @@ import zarr
 from pydantic import ValidationError
 
 from zarr_parallel.errors import RecommendationsPending, ZarrParallelError
-from zarr_parallel.planning.plan import canonical_json, fingerprint, plan_jobs_from
+from zarr_parallel.planning.fingerprint import canonical_json, fingerprint
+from zarr_parallel.planning.plan import plan_jobs_from
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.steps import Prepared, Status, limits_for, plan_inputs, prepare
 from zarr_parallel.run.verify import values_equal

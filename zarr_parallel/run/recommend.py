@@ -17,7 +17,7 @@ from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.sources.source import Source
 from zarr_parallel.sources.target import INDEX_PREFIX, Target, indexed_source
 from zarr_parallel.transforms.registry import apply_transforms
-from zarr_parallel.transforms.tiling import tile_candidates
+from zarr_parallel.transforms.tile_candidates import tile_candidates
 
 logger = logging.getLogger(__name__)
 

@@ -20,12 +20,13 @@ import psutil
 
 from zarr_parallel.errors import RecommendationsPending, RequestError, RunFailed
 from zarr_parallel.faults import fault_point
-from zarr_parallel.planning.plan import ArrayInput, Limits, Plan, fingerprint, plan_jobs
-from zarr_parallel.planning.sizing import local_workers
+from zarr_parallel.planning.fingerprint import fingerprint
+from zarr_parallel.planning.inputs import ArrayInput, Limits
+from zarr_parallel.planning.plan import Plan, plan_jobs
+from zarr_parallel.planning.sizing import local_workers, worker_overhead
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.secrets import redact
 from zarr_parallel.run.job import merge_stats
-from zarr_parallel.run.job_process import WORKER_OVERHEAD
 from zarr_parallel.run.preflight import run_preflight
 from zarr_parallel.run.recommend import Recommendation, recommend
 from zarr_parallel.sources.identity import check_sources
@@ -99,7 +100,7 @@ def limits_for(req: CacheRequest) -> Limits:
     workers = worker_count(req)
     min_jobs = req.num_jobs or (1 if workers == 1 else 2 * workers)
     # Beside a dask worker process the job process gets less ([parallel], execution.py).
-    overhead = 0 if req.deploy_mode == "series" else WORKER_OVERHEAD
+    overhead = worker_overhead(req.deploy_mode)
     budget = req.memory_bytes - req.reserve_bytes - overhead
     if budget <= 0:
         raise RequestError(

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from zarr_parallel.planning.plan import FAST_READ_THREADS, ArrayInput
+from zarr_parallel.planning.inputs import ArrayInput
+from zarr_parallel.planning.memory import FAST_READ_THREADS
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.protocols import is_remote
 from zarr_parallel.sources.hdf5_chunks import (
@@ -90,7 +91,7 @@ def process_cores() -> int:
 
 def reader_threads() -> int:
     """Threads used to read and inflate chunks: :func:`process_cores`, at most
-    :data:`~zarr_parallel.planning.plan.FAST_READ_THREADS`."""
+    :data:`~zarr_parallel.planning.memory.FAST_READ_THREADS`."""
     # The memory model counts at most FAST_READ_THREADS chunks in flight.
     return min(process_cores(), FAST_READ_THREADS)
 

@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from zarr_parallel.errors import RequestError
-from zarr_parallel.planning.plan import canonical_json, fingerprint
+from zarr_parallel.planning.fingerprint import canonical_json, fingerprint
 from zarr_parallel.request import open_options
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.protocols import is_remote, protocol_of

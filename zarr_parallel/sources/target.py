@@ -20,8 +20,10 @@ import xarray as xr
 
 from zarr_parallel.errors import RequestError, SourceChanged
 from zarr_parallel.names import check_names
-from zarr_parallel.planning.plan import ArrayInput, AxisMap, canonical_json
-from zarr_parallel.planning.tiles import TileSpec
+from zarr_parallel.planning.fingerprint import canonical_json
+from zarr_parallel.planning.grid import AxisMap
+from zarr_parallel.planning.inputs import ArrayInput
+from zarr_parallel.planning.tile_spec import TileSpec
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.sources.identity import check_sources
 from zarr_parallel.sources.layout import SourceLayout

@@ -829,7 +829,7 @@ def write_values(
         return
     _check_aligned(arr, name, ordered)
     arr = arr.with_config({"write_empty_chunks": True})
-    from zarr_parallel.planning.plan import FAST_WRITE_INFLIGHT
+    from zarr_parallel.planning.memory import FAST_WRITE_INFLIGHT
 
     if arr.shards is None:
         _write_chunkwise(arr, ordered, values, FAST_WRITE_INFLIGHT)

@@ -11,6 +11,7 @@ import datetime as dt
 from typing import Any
 
 from zarr_parallel.request.secrets import redact
+from zarr_parallel.version import __version__
 
 PREFIX = "zarr_parallel_"
 #: Most source paths listed one by one; a longer list is summarised.
@@ -28,8 +29,6 @@ def provenance_attrs(
     data_uri: str | list[str], engine: str | None, request_fingerprint: str, plan_fingerprint: str
 ) -> dict[str, Any]:
     """The provenance attributes for a new cache version (credentials stripped)."""
-    from zarr_parallel import __version__
-
     return {
         f"{PREFIX}source": _source_text(data_uri),
         f"{PREFIX}engine": engine or "detected",

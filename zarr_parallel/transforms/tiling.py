@@ -1,11 +1,13 @@
 """Tiled caches: the tiled target, built lazily with xarray, and its planning checks.
 
 :func:`tile_dataset` replaces the tiled dimensions of the transformed dataset by a tile dimension
-plus within-tile dimensions. Its data variables are lazily indexed arrays (:class:`TileArray`):
-selecting a range of tiles and loading it reads, box by box (:func:`~zarr_parallel.planning.tiles.
-range_boxes`), one window of the untiled data per box and cuts the tiles out of it. So the write
-path stays the plain one (select the job's region, load, write whole chunks) and a job's tiles are
-produced from exactly the windows the planner costed.
+plus within-tile dimensions. Its data variables are lazily indexed arrays
+(:class:`~zarr_parallel.transforms.tile_array.TileArray`): selecting a range of tiles and loading
+it reads, box by box (:func:`~zarr_parallel.planning.tiles.range_boxes`), one window of the untiled
+data per box and cuts the tiles out of it. So the write path stays the plain one (select the job's
+region, load, write whole chunks) and a job's tiles are produced from exactly the windows the
+planner costed. :class:`Tiling` records how a target was tiled and refuses, before any write, a
+tile whose job cannot fit the memory budget.
 
 Coordinates: ``tile`` (0, 1, ...), ``<tile>_<dim>`` (the tile's position along each tiled
 dimension) and every coordinate along a tiled dimension as a per-tile array, e.g.
@@ -15,7 +17,6 @@ dimension) and every coordinate along a tiled dimension as a per-tile array, e.g
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -24,157 +25,20 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from xarray.backends import BackendArray
 from xarray.core import indexing
 
 from zarr_parallel.errors import PlanError, RequestError
-from zarr_parallel.planning.plan import ArrayInput, AxisMap, Limits, job_memory, write_grid
-from zarr_parallel.planning.tiles import (
-    DimTiles,
-    TileAxisMap,
-    TileSpec,
-    WithinTileAxisMap,
-    exact_sizes,
-)
+from zarr_parallel.planning.grid import AxisMap, write_grid
+from zarr_parallel.planning.inputs import ArrayInput, Limits
+from zarr_parallel.planning.memory import job_memory
+from zarr_parallel.planning.tile_spec import TileSpec
+from zarr_parallel.planning.tiles import DimTiles, TileAxisMap, WithinTileAxisMap, exact_sizes
+from zarr_parallel.transforms.tile_array import TileArray, coordinate_fill
 from zarr_parallel.units import format_bytes
 
 logger = logging.getLogger(__name__)
 
 AxisOf = Callable[[xr.DataArray, str, Any], AxisMap]
-
-
-def coordinate_fill(dtype: np.dtype[Any]) -> Any:
-    """What padded positions of a coordinate hold: NaN, NaT or -1."""
-    if np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.complexfloating):
-        return np.nan
-    if np.issubdtype(dtype, np.datetime64) or np.issubdtype(dtype, np.timedelta64):
-        return np.array("NaT", dtype=dtype)
-    if np.issubdtype(dtype, np.integer):
-        return -1
-    if np.issubdtype(dtype, np.bool_):
-        return False
-    return None
-
-
-class TileArray(BackendArray):
-    """A variable of the untiled data seen as tiles: ``(tile, ...dims with tiled ones replaced)``.
-
-    Indexing reads only the windows of the selected tiles (one per box of the tile range) from
-    the wrapped (lazy) variable; nothing is read before the result is loaded.
-    """
-
-    def __init__(
-        self,
-        variable: xr.Variable,
-        tiles: Sequence[DimTiles],
-        within: Mapping[str, str],
-        fill: Any,
-    ) -> None:
-        self.variable = variable
-        self.tiles = tuple(tiles)
-        self.by_name = {t.name: t for t in self.tiles}
-        self.grid_axis = {t.name: k for k, t in enumerate(self.tiles)}
-        self.counts = tuple(t.count for t in self.tiles)
-        self.base_dims = tuple(str(d) for d in variable.dims)
-        self.out_dims = tuple(within.get(d, d) for d in self.base_dims)
-        self.shape = (
-            math.prod(self.counts),
-            *(
-                self.by_name[d].size if d in self.by_name else int(variable.sizes[d])
-                for d in self.base_dims
-            ),
-        )
-        self.dtype = variable.dtype
-        self.fill = fill
-        self.padded = any(t.padded for t in self.tiles)
-
-    def __getitem__(self, key: indexing.ExplicitIndexer) -> Any:
-        return indexing.explicit_indexing_adapter(
-            key, self.shape, indexing.IndexingSupport.BASIC, self._getitem
-        )
-
-    def _getitem(self, key: tuple[Any, ...]) -> np.ndarray:
-        from zarr_parallel.planning.tiles import range_boxes
-
-        ranges = [
-            range(size)[k] if isinstance(k, slice) else range(size)[int(k) : int(k) + 1]
-            for k, size in zip(key, self.shape, strict=True)
-        ]
-        squeeze = tuple(i for i, k in enumerate(key) if not isinstance(k, slice))
-        tile_ids = np.asarray(ranges[0], dtype=np.int64)
-        # Untiled dimensions: read the covering step-1 range, pick positions afterwards.
-        other: dict[str, tuple[int, int]] = {}
-        for d, r in zip(self.base_dims, ranges[1:], strict=True):
-            if d not in self.by_name:
-                other[d] = (min(r), max(r) + 1) if len(r) else (0, 0)
-        shape = [tile_ids.size] + [
-            self.by_name[d].size if d in self.by_name else other[d][1] - other[d][0]
-            for d in self.base_dims
-        ]
-        out = (
-            np.full(shape, self.fill, dtype=self.dtype)
-            if self.padded
-            else np.empty(shape, dtype=self.dtype)
-        )
-        if out.size:
-            if ranges[0].step == 1:
-                seg, lo, hi = range_boxes(
-                    np.array([tile_ids[0]]), np.array([tile_ids[-1] + 1]), self.counts
-                )
-                first = int(tile_ids[0])
-                boxes = [(lo[i], hi[i]) for i in range(seg.size)]
-                slot = {int(t): int(t) - first for t in tile_ids}
-            else:
-                pos = np.stack(np.unravel_index(tile_ids, self.counts), axis=1)
-                boxes = [(p, p + 1) for p in pos]
-                slot = {int(t): i for i, t in enumerate(tile_ids)}
-            for box_lo, box_hi in boxes:
-                self._read_box(box_lo, box_hi, other, slot, out)
-        # Pick the asked positions where the key was not a plain step-1 range.
-        for axis, (d, r) in enumerate(zip(self.base_dims, ranges[1:], strict=True), start=1):
-            start = other[d][0] if d in other else 0
-            if r.step == 1 and len(r) == out.shape[axis] and (len(r) == 0 or r.start == start):
-                continue
-            out = np.take(out, np.asarray(r, dtype=np.int64) - start, axis=axis)
-        if squeeze:
-            out = out.squeeze(axis=squeeze)
-        return out
-
-    def _read_box(
-        self,
-        box_lo: np.ndarray,
-        box_hi: np.ndarray,
-        other: Mapping[str, tuple[int, int]],
-        slot: Mapping[int, int],
-        out: np.ndarray,
-    ) -> None:
-        window: dict[str, tuple[int, int]] = {}
-        for k, t in enumerate(self.tiles):
-            a, b = t.window(box_lo[k : k + 1], box_hi[k : k + 1])
-            window[t.name] = (int(a[0]), int(b[0]))
-        indexer = {
-            d: slice(*window[d]) if d in window else slice(*other[d]) for d in self.base_dims
-        }
-        data = np.asarray(self.variable.isel(indexer).values)
-        for pos in itertools.product(*(range(a, b) for a, b in zip(box_lo, box_hi, strict=True))):
-            t_id = int(np.ravel_multi_index(pos, self.counts))
-            if t_id not in slot:
-                continue
-            src: list[slice] = []
-            dst: list[slice] = []
-            for d in self.base_dims:
-                if d in self.by_name:
-                    t = self.by_name[d]
-                    start = pos[self.grid_axis[d]] * t.stride
-                    n = min(t.size, t.length - start)
-                    local = start - window[d][0]
-                    src.append(slice(local, local + n))
-                    dst.append(slice(0, n))
-                else:
-                    src.append(slice(None))
-                    dst.append(slice(None))
-            target: tuple[int | slice, ...] = (slot[t_id], *dst)
-            out[target] = data[tuple(src)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -378,6 +242,38 @@ class Tiling:
 
 def tile_dataset(ds: xr.Dataset, spec: TileSpec) -> tuple[xr.Dataset, Tiling]:
     """Tile ``ds`` lazily as ``spec`` says; a RequestError naming the ``tiles`` field if not."""
+    names = _tiled_variables(ds, spec)
+    order = spec.order or tuple(str(d) for d in ds[names[0]].dims if d in spec.size)
+    tiles = tuple(
+        DimTiles.plan(d, int(ds.sizes[d]), spec.size[d], spec.overlap[d], spec.edge) for d in order
+    )
+    _check_new_names(ds, spec, order)
+    _check_coordinates(ds, spec, tiles)
+    fill = _data_fill(ds, names, spec, tiles)
+    out = xr.Dataset(attrs={**ds.attrs, "tiles": {}})
+    coords = _tiled_coords(ds, spec, tiles)
+    for name, var in ds.data_vars.items():
+        if str(name) not in names:
+            out[name] = var.variable
+            continue
+        arr = TileArray(var.variable, tiles, dict(spec.within), fill)
+        lazy = xr.Variable(
+            (spec.dim, *arr.out_dims),
+            indexing.LazilyIndexedArray(arr),
+            attrs=dict(var.attrs),
+            encoding=dict(var.encoding),
+        )
+        out[name] = lazy
+    out = out.assign_coords(coords)
+    tiling = Tiling(spec, tiles, ds, tuple(names))
+    out.attrs["tiles"] = tiling.describe()
+    sizes = {t.name: t.size for t in tiles}
+    logger.info("tiled %s into %d tiles of %s", list(order), tiling.count, sizes)
+    return out, tiling
+
+
+def _tiled_variables(ds: xr.Dataset, spec: TileSpec) -> list[str]:
+    """The data variables to tile: those with every tiled dimension (none may have only some)."""
     tiled_dims = list(spec.size)
     for d in tiled_dims:
         if d not in ds.dims:
@@ -405,10 +301,11 @@ def tile_dataset(ds: xr.Dataset, spec: TileSpec) -> tuple[xr.Dataset, Tiling]:
         raise RequestError(
             "tiles.size", dict(spec.size), "no data variable has all the tiled dimensions", ""
         )
-    order = spec.order or tuple(str(d) for d in ds[names[0]].dims if d in spec.size)
-    tiles = tuple(
-        DimTiles.plan(d, int(ds.sizes[d]), spec.size[d], spec.overlap[d], spec.edge) for d in order
-    )
+    return names
+
+
+def _check_new_names(ds: xr.Dataset, spec: TileSpec, order: Sequence[str]) -> None:
+    """The tile, within-tile and tile-position names must be new to the data."""
     made = [spec.dim, *spec.within.values(), *(f"{spec.dim}_{d}" for d in order)]
     clash = [n for n in made if n in ds.dims or n in ds.variables]
     if clash:
@@ -418,13 +315,18 @@ def tile_dataset(ds: xr.Dataset, spec: TileSpec) -> tuple[xr.Dataset, Tiling]:
             "is already a name in the data",
             "Choose names the data does not use (tiles.dim, tiles.within)",
         )
-    _check_coordinates(ds, spec, tiles)
-    fill = _data_fill(ds, names, spec, tiles)
+
+
+def _tiled_coords(
+    ds: xr.Dataset, spec: TileSpec, tiles: Sequence[DimTiles]
+) -> dict[str, xr.Variable]:
+    """Coordinates of the tiled dataset: those along a tiled dimension as per-tile arrays, the
+    tile index and each tile's position along every tiled dimension."""
+    order = {t.name for t in tiles}
     within = dict(spec.within)
-    out = xr.Dataset(attrs={**ds.attrs, "tiles": {}})
-    coords: dict[str, Any] = {}
+    coords: dict[str, xr.Variable] = {}
     for cname, coord in ds.coords.items():
-        if not set(map(str, coord.dims)) & set(order):
+        if not set(map(str, coord.dims)) & order:
             coords[str(cname)] = coord.variable
             continue
         arr = TileArray(coord.variable, tiles, within, coordinate_fill(coord.dtype))
@@ -439,23 +341,7 @@ def tile_dataset(ds: xr.Dataset, spec: TileSpec) -> tuple[xr.Dataset, Tiling]:
             pos.astype(np.int64),
             attrs={"long_name": f"position of the tile along {t.name}", "stride": t.stride},
         )
-    for name, var in ds.data_vars.items():
-        if str(name) not in names:
-            out[name] = var.variable
-            continue
-        arr = TileArray(var.variable, tiles, within, fill)
-        lazy = xr.Variable(
-            (spec.dim, *arr.out_dims),
-            indexing.LazilyIndexedArray(arr),
-            attrs=dict(var.attrs),
-            encoding=dict(var.encoding),
-        )
-        out[name] = lazy
-    out = out.assign_coords(coords)
-    tiling = Tiling(spec, tiles, ds, tuple(names))
-    out.attrs["tiles"] = tiling.describe()
-    logger.info("tiled %s into %d tiles of %s", list(order), count, {t.name: t.size for t in tiles})
-    return out, tiling
+    return coords
 
 
 def _data_fill(
@@ -525,99 +411,3 @@ def _not_ascending(dim: str) -> RequestError:
         f"{dim} is not strictly ascending",
         f"Add a reverse or sortby preprocessor for {dim}, or set tiles.ascending to false",
     )
-
-
-def tile_candidates(req: Any, target: Any) -> list[tuple[dict[str, Any], str, bool, int]]:
-    """Recommendation candidates for a tiled request: tile order and source-aligned tile sizes.
-
-    Each is ``(changes, sentence, keeps_region, magnitude)``; the recommender re-plans them and
-    keeps those that lower the read amplification.
-    """
-    tiling: Tiling | None = getattr(target, "tiling", None)
-    if tiling is None or req.tiles is None:
-        return []
-    spec = TileSpec.parse(req.tiles)
-    base = spec.to_json()
-    out: list[tuple[dict[str, Any], str, bool, int]] = []
-    if len(tiling.order) > 1:
-        for perm in itertools.permutations(tiling.order):
-            if perm == tiling.order:
-                continue
-            out.append(
-                (
-                    {"tiles": {**base, "order": list(perm)}},
-                    f"set tiles.order to {list(perm)} (tiles numbered along {perm[-1]} first)",
-                    True,
-                    1,
-                )
-            )
-    if spec.edge == "drop" and any(t.covered < t.length for t in tiling.tiles):
-        out.append(
-            (
-                {"tiles": {**base, "edge": "pad"}},
-                "set tiles.edge to 'pad' (keep the remainder the dropped tiles read anyway)",
-                True,
-                1,
-            )
-        )
-    name = tiling.variables[0]
-    vlayout = None
-    source = target.sources.get(name)
-    if source is not None:
-        vlayout = target.layout.variables.get(source)
-    axes = tiling.dim_axes(name, vlayout, target._axis)
-    aligned: dict[str, int] = {}
-    for t, ax in zip(tiling.tiles, axes, strict=True):
-        chunk = int(ax.chunk_len.max()) if ax.chunk_len.size else t.length
-        if t.size % chunk == 0 or chunk % t.size == 0:
-            continue
-        overlap = t.size - t.stride
-        options = [
-            s
-            for s in range(overlap + 1, t.length + 1)
-            if (s % chunk == 0 or chunk % s == 0)
-            and (spec.edge != "error" or (t.length - s) % (s - overlap) == 0)
-        ]
-        below = [s for s in options if s < t.size][-1:]
-        above = [s for s in options if s > t.size][:1]
-        for s in below + above:
-            out.append(
-                (
-                    {"tiles": {**base, "size": {**base["size"], t.name: s}}},
-                    f"set tiles.size['{t.name}'] to {s} (source chunks of {chunk} along {t.name})",
-                    True,
-                    abs(s - t.size),
-                )
-            )
-        if below + above:
-            aligned[t.name] = min(below + above, key=lambda s: abs(s - t.size))
-    # Smaller chunks along the other dimensions let a job hold whole rows of tiles.
-    asked = {} if req.chunks == "auto" else dict(req.chunks)
-    var = target.dataset[name]
-    for dim in map(str, var.dims):
-        if dim == spec.dim or dim in tiling.within_dims:
-            continue
-        chunk = target.chunks[name][dim]
-        ax = target._axis(var, dim, vlayout)
-        src = int(ax.chunk_len.max()) if ax.chunk_len.size else 1
-        smaller = (chunk // 2) // src * src
-        if 0 < smaller < chunk:
-            out.append(
-                (
-                    {"chunks": {**asked, dim: smaller}},
-                    f"set chunks['{dim}'] to {smaller} (smaller jobs hold whole rows of tiles)",
-                    True,
-                    chunk - smaller,
-                )
-            )
-    if len(aligned) > 1:
-        out.append(
-            (
-                {"tiles": {**base, "size": {**base["size"], **aligned}}},
-                f"set tiles.size to {{{', '.join(f'{d}: {s}' for d, s in aligned.items())}}} "
-                "(aligned with the source chunks)",
-                True,
-                sum(abs(s - spec.size[d]) for d, s in aligned.items()),
-            )
-        )
-    return out

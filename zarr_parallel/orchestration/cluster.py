@@ -1,0 +1,410 @@
+"""The dask cluster of a write flow run: start it, hand it to Prefect, watch it, close it.
+
+``dask_distributed`` starts a local dask cluster (one single-threaded worker process per
+concurrent job) or connects to ``scheduler_address``; ``SLURM`` starts a dask-jobqueue
+``SLURMCluster`` configured by :mod:`zarr_parallel.orchestration.slurm`, whose jobs are sized from
+the plan (:mod:`zarr_parallel.planning.sizing`). The flow owns the cluster (:func:`open_cluster`)
+and hands Prefect a ``DaskTaskRunner`` connected to it
+(:func:`zarr_parallel.orchestration.runners.make_task_runner`), so that it can also watch it:
+replace SLURM jobs that ended, explain why a worker was lost, and stop waiting when no worker can
+come. No chunk arithmetic here.
+
+dask workers import this module when they unpickle :class:`PrewarmPlugin`: it imports no Prefect
+at module level (the plugin imports the task module in a thread of its own, see :func:`_prewarm`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import distributed  # noqa: F401 - its config defaults must exist before dask.config.set
+from dask_jobqueue.slurm import SLURMCluster
+from distributed import Client, Scheduler
+from distributed.deploy.spec import SpecCluster
+from distributed.deploy.subprocess import SubprocessWorker
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from zarr_parallel.orchestration.runners import worker_environment
+from zarr_parallel.orchestration.slurm import (
+    EndReason,
+    is_loopback,
+    log_directory,
+    slurm_cluster_kwargs,
+    slurm_end_reason,
+    squeue_states,
+)
+from zarr_parallel.planning.sizing import WorkerSizing
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.run.job_process import close_worker, prewarm
+from zarr_parallel.sources.fastread import process_cores
+
+logger = logging.getLogger(__name__)
+
+#: Seconds without any connected worker after which a local or external cluster is given up.
+NO_WORKER_GRACE = 120.0
+#: Least seconds between two ``squeue`` calls while some SLURM worker is missing.
+SQUEUE_INTERVAL = 5.0
+#: Seconds local workers may take to start and connect.
+STARTUP_TIMEOUT = 120.0
+#: Seconds a closing worker gets to exit by itself before it is ended (``os._exit``).
+EXIT_GRACE_SECONDS = 30.0
+
+
+@dataclass
+class ClusterHandle:
+    """The cluster of one write flow run, and what the flow learns while watching it."""
+
+    mode: str
+    address: str | None
+    sizing: WorkerSizing
+    cluster: Any = None
+    client: Any = None
+    logs: Path | None = None
+    started: float = field(default_factory=time.time)
+    ready_seconds: float = 0.0
+    job_script: str | None = None
+    _seen: set[str] = field(default_factory=set)
+    _job_ids: dict[str, str] = field(default_factory=dict)
+    _last_worker: float = field(default_factory=time.monotonic)
+    _replaced: int = 0
+    _replacing: dict[str, str] = field(default_factory=dict)
+    _last_note: float = 0.0
+    _squeue_at: float = 0.0
+
+    @property
+    def concurrency(self) -> int:
+        """Write tasks running at once."""
+        return self.sizing.workers
+
+    def workers(self) -> dict[str, Any]:
+        """Workers connected to the scheduler: address → info."""
+        if self.cluster is not None:
+            return dict(self.cluster.scheduler_info.get("workers", {}))
+        if self.client is not None:
+            return dict(self.client.scheduler_info().get("workers", {}))
+        return {}
+
+    def slurm_job_ids(self) -> dict[str, str]:
+        """SLURM job id per worker name, of every job this run submitted so far."""
+        if self.mode == "slurm" and self.cluster is not None:
+            for name, job in list(self.cluster.workers.items()):
+                if getattr(job, "job_id", None):
+                    self._job_ids[str(name)] = str(job.job_id)
+        return dict(self._job_ids)
+
+    def check(self, max_replacements: int) -> str | None:
+        """Watch the cluster between task completions; a message when no worker can come.
+
+        SLURM jobs that ended (``scancel``, walltime, node failure) are replaced while the
+        budget allows; a cluster with no worker and no job queued or running is given up.
+        """
+        if self.mode == "series":
+            return None
+        workers = self.workers()
+        now = time.monotonic()
+        names = {str(w.get("name")) for w in workers.values()}
+        self._seen |= names
+        if workers:
+            self._last_worker = now
+        if self.mode != "slurm":
+            return self._check_connected(bool(workers), now)
+        return self._check_slurm(bool(workers), names, now, max_replacements)
+
+    def _check_connected(self, connected: bool, now: float) -> str | None:
+        """A local or external cluster: given up after :data:`NO_WORKER_GRACE` without workers."""
+        if not connected and now - self._last_worker > NO_WORKER_GRACE:
+            return (
+                f"no dask worker has been connected to {self.address} for "
+                f"{NO_WORKER_GRACE:.0f} s; start workers or check the scheduler"
+            )
+        return None
+
+    def _check_slurm(
+        self, connected: bool, names: set[str], now: float, max_replacements: int
+    ) -> str | None:
+        """A SLURM cluster: replace the worker jobs that ended, or give up when none can come."""
+        ids = self.slurm_job_ids()
+        if len(names) >= self.sizing.workers:
+            return None  # all workers connected: nothing to ask SLURM
+        if now - self._squeue_at < SQUEUE_INTERVAL:
+            return None
+        self._squeue_at = now
+        queued = squeue_states(set(ids.values()))
+        if not connected and not queued and now - self._last_worker > NO_WORKER_GRACE:
+            # Nothing connected, nothing queued or running for a while: submission fails
+            # (sbatch errors are in the flow's log) or every job ended without a replacement.
+            return (
+                f"no SLURM worker has been connected for {NO_WORKER_GRACE:.0f} s and no worker "
+                f"job of this run is queued or running (see the flow log for sbatch errors, "
+                f"and the job logs in {self.logs})"
+            )
+        live = set(names)
+        for name, job in list(self.cluster.workers.items()):
+            job_id = getattr(job, "job_id", None)
+            if job_id is None or str(job_id) in queued:
+                live.add(str(name))
+        # A name is missing when the job it last had ended (and no replacement is on its way).
+        missing = [
+            n
+            for n in map(str, self.cluster.worker_spec)
+            if n not in live and n in ids and self._replacing.get(n) != ids[n]
+        ]
+        if not missing:
+            self._note_pending(connected, queued, now)
+            return None
+        return self._replace(missing, live, ids, max_replacements)
+
+    def _note_pending(self, connected: bool, queued: dict[str, str], now: float) -> None:
+        """Say, at most once a minute, which SLURM jobs the run waits for while none runs."""
+        pending = sorted(f"{j} {s}" for j, s in queued.items() if s == "PENDING")
+        if not connected and pending and now - self._last_note > 60:
+            self._last_note = now
+            logger.info("waiting for SLURM jobs to start: %s", ", ".join(pending))
+
+    def _replace(
+        self, missing: list[str], live: set[str], ids: dict[str, str], max_replacements: int
+    ) -> str | None:
+        """Submit replacements for the ended jobs of ``missing`` while the budget allows."""
+        if self._replaced + len(missing) > max_replacements:
+            if live:
+                return None
+            last = max(missing, key=lambda n: int(ids[n]))
+            return (
+                f"no SLURM worker job is running or queued: {self._replaced} replacement jobs "
+                f"were used up and job {ids[last]} ended too. {self.explain(last) or ''} "
+                f"Job logs: {self.logs}"
+            ).strip()
+        # Forget the ended jobs so that scale() submits replacements under the same names.
+        for name in missing:
+            self.cluster.workers.pop(name, None)
+            self._replacing[name] = ids[name]
+            self._replaced += 1
+        logger.warning(
+            "SLURM jobs %s ended; submitting %d replacement(s)",
+            ", ".join(ids[n] for n in missing),
+            len(missing),
+        )
+        self.cluster.scale(self.sizing.workers)
+        return None
+
+    def explain(self, worker_name: str | None, wait: float = 0.0) -> EndReason | None:
+        """Why a worker went away, when SLURM said so in the job's log."""
+        if self.mode != "slurm" or worker_name is None or self.logs is None:
+            return None
+        job_id = self.slurm_job_ids().get(str(worker_name))
+        if job_id is None:
+            return None
+        deadline = time.monotonic() + wait
+        while True:
+            reason = slurm_end_reason(self.logs, job_id)
+            if reason or time.monotonic() >= deadline:
+                return reason
+            time.sleep(0.2)
+
+
+_active: dict[str, ClusterHandle] = {}
+_active_lock = threading.Lock()
+
+
+def active_cluster(address: str | None) -> ClusterHandle | None:
+    """The handle of a cluster opened by :func:`open_cluster` in this process."""
+    if address is None:
+        return None
+    with _active_lock:
+        return _active.get(address)
+
+
+@contextmanager
+def open_cluster(
+    req: CacheRequest, version: Path, sizing: WorkerSizing, api_url: str | None
+) -> Iterator[ClusterHandle]:
+    """Start (or connect to) the cluster of a run and close it afterwards.
+
+    Parameters
+    ----------
+    req
+        The request (deploy mode, limits, ``slurm:`` block).
+    version
+        The version being written (SLURM job logs go to its manifest by default).
+    sizing
+        How many workers, and how big
+        (:func:`~zarr_parallel.orchestration.runners.worker_sizing`).
+    api_url
+        The flow's Prefect API URL, handed to the workers.
+    """
+    mode = req.deploy_mode
+    if mode == "series":
+        yield ClusterHandle(mode, None, sizing)
+        return
+    # Local workers share this machine's cores (SLURM jobs get their own: slurm_cluster_kwargs).
+    env = worker_environment(req, api_url, process_cores() // sizing.workers)
+    t0 = time.monotonic()
+    # Quiet dask in this process as well, and let a dead worker's task fail at once (it then
+    # becomes a Prefect retry) instead of being re-run up to three times behind Prefect's back.
+    with dask.config.set(
+        {
+            "distributed.scheduler.allowed-failures": 0,
+            "distributed.deploy.lost-worker-timeout": "2s",
+            # Hand a worker a task only when its thread is free, so that a worker that dies
+            # takes no queued task down with it and a slow job holds no other back.
+            "distributed.scheduler.worker-saturation": 1.0,
+        }
+    ):
+        stack_close: list[Any] = []
+        try:
+            handle = _start(req, version, sizing, api_url, env, stack_close)
+        except BaseException:
+            for obj in stack_close:
+                with suppress(Exception):
+                    obj.close()
+            raise
+    assert handle.address is not None
+    handle.ready_seconds = time.monotonic() - t0
+    with _active_lock:
+        _active[handle.address] = handle
+    try:
+        yield handle
+    finally:
+        with _active_lock:
+            _active.pop(handle.address, None)
+        for obj in stack_close:
+            try:
+                obj.close()
+            except Exception as e:  # closing must not hide the run's own outcome
+                logger.warning("closing %s failed: %s", type(obj).__name__, e)
+
+
+def _start(
+    req: CacheRequest,
+    version: Path,
+    sizing: WorkerSizing,
+    api_url: str | None,
+    env: dict[str, str],
+    stack_close: list[Any],
+) -> ClusterHandle:
+    """Start or connect to the cluster; what must be closed goes into ``stack_close`` at once."""
+    mode = req.deploy_mode
+    if mode == "dask_distributed" and req.scheduler_address:
+        client: Any = Client(req.scheduler_address, timeout="60s")  # type: ignore[no-untyped-call]
+        stack_close.append(client)
+        logger.info("using the dask scheduler at %s", req.scheduler_address)
+        return ClusterHandle(mode, req.scheduler_address, sizing, client=client)
+    if mode == "dask_distributed":
+        cluster = _local_cluster(sizing, env, req.log_level)
+        stack_close.append(cluster)
+        _register_prewarm(cluster.scheduler_address)
+        cluster.wait_for_workers(sizing.workers, timeout=STARTUP_TIMEOUT)
+        return ClusterHandle(mode, cluster.scheduler_address, sizing, cluster=cluster)
+    if mode == "slurm":
+        if is_loopback(api_url):
+            logger.warning(
+                "the Prefect API %s is on loopback: SLURM jobs on other nodes cannot reach "
+                "it (fine for a single-node SLURM). Set PREFECT_API_URL to a server the "
+                "compute nodes reach",
+                api_url,
+            )
+        logs = log_directory(req, version)
+        logs.mkdir(parents=True, exist_ok=True)
+        slurm: Any = SLURMCluster(**slurm_cluster_kwargs(req, sizing, api_url, logs))
+        stack_close.append(slurm)
+        handle = ClusterHandle(mode, slurm.scheduler_address, sizing, cluster=slurm, logs=logs)
+        handle.job_script = slurm.job_script()
+        (logs / "job-script.sh").write_text(handle.job_script)
+        _register_prewarm(slurm.scheduler_address)
+        slurm.scale(sizing.workers)
+        return handle
+    raise ValueError(f"unknown deploy_mode {mode!r}")  # pragma: no cover - validated before
+
+
+def _local_cluster(sizing: WorkerSizing, env: dict[str, str], log_level: int) -> Any:
+    """A local dask cluster: the scheduler in this process, one worker process per job slot.
+
+    This is ``LocalCluster(processes=True, threads_per_worker=1)`` with one difference: each
+    worker is started as ``python -m dask spec`` (dask's ``SubprocessWorker``) rather than by
+    multiprocessing's *spawn*, which re-imports the caller's ``__main__`` in every worker and so
+    breaks (or re-runs) any script that calls ``cache()`` outside ``if __name__ ==
+    "__main__":``. The nanny inside restarts a worker process that dies.
+    """
+    level = {0: logging.WARNING, 1: logging.INFO}.get(log_level, logging.DEBUG)
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"host": "127.0.0.1", "port": 0, "dashboard": False, "allowed_failures": 0},
+    }
+    workers = {
+        f"worker-{i}": {
+            "cls": SubprocessWorker,
+            "options": {
+                "worker_class": "distributed.Nanny",
+                "worker_kwargs": {
+                    "name": f"worker-{i}",
+                    "host": "127.0.0.1",
+                    "nthreads": 1,
+                    "memory_limit": sizing.memory,
+                    "silence_logs": level,
+                    "env": env,
+                },
+            },
+        }
+        for i in range(sizing.workers)
+    }
+    return SpecCluster(  # type: ignore[no-untyped-call]
+        workers=workers,
+        scheduler=scheduler,
+        name="zarr-parallel",
+        silence_logs=level,
+    )
+
+
+def _prewarm() -> None:
+    # Imported here, in the prewarm thread, on purpose: the task module (and Prefect with it)
+    # loads before the first task arrives, without holding up the worker's event loop as it joins.
+    import zarr_parallel.orchestration.tasks  # noqa: F401 - Prefect and the task module, before the first task
+
+    prewarm()
+
+
+class PrewarmPlugin(WorkerPlugin):
+    """dask worker plugin: import the task code and start the job process as a worker joins,
+    so that the first write task does not wait for them."""
+
+    name = "zarr-parallel-prewarm"
+
+    def setup(self, worker: Any) -> None:
+        threading.Thread(target=_prewarm, name="zarr-parallel-prewarm", daemon=True).start()
+
+    def teardown(self, worker: Any) -> None:
+        # The worker is closing: its job processes go now, a busy one too (the scheduler has
+        # given its job to another worker), and it starts no more. And the worker must really
+        # end: SLURM workers (no nanny) were seen stuck after a scancel, cancelling event-loop
+        # tasks for ever, outliving their job where SLURM tracks processes by parentage
+        # (proctrack/linuxproc) and holding their memory on the node.
+        close_worker()
+        threading.Thread(
+            target=_exit_after, args=(EXIT_GRACE_SECONDS,), name="zarr-parallel-exit", daemon=True
+        ).start()
+
+
+def _exit_after(seconds: float) -> None:
+    time.sleep(seconds)
+    logger.warning(
+        "worker pid %d still running %.0f s after closing: ending it", os.getpid(), seconds
+    )
+    logging.shutdown()
+    os._exit(0)
+
+
+def _register_prewarm(address: str) -> None:
+    try:
+        with Client(address, timeout="30s") as client:  # type: ignore[no-untyped-call]
+            client.register_plugin(PrewarmPlugin())
+    except Exception as e:  # an optimisation only
+        logger.debug("could not register the prewarm plugin: %s", e)
