@@ -164,7 +164,7 @@ def stored_bytes_needed(
     in source index space (time across all files). A reader that reads each of these chunks
     once has a measured read amplification of 1.00.
     """
-    from zarr_parallel.sources.fastread import h5_storage
+    from zarr_parallel.sources.hdf5_chunks import h5_storage
 
     total = 0
     offset = 0

@@ -3,7 +3,7 @@
 What the machine can do on its cores for the same bytes without any planning layer: each worker
 process takes whole target chunk rows (one block of ``time``), reads the HDF5 chunks holding them
 with h5py ``read_direct_chunk`` (no HDF5 filter pipeline), inflates them with libdeflate,
-un-shuffles them (the project's word-wise ``fastread.unshuffle``, so the floor is no slower there
+un-shuffles them (the project's word-wise ``hdf5_chunks.unshuffle``, so the floor is no slower there
 than the product), and writes the block with zarr (whose codec pipeline encodes chunks in
 threads). Every contender is expressed as a fraction of this throughput.
 
@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from zarr_parallel.run.job import high_water_mark
-from zarr_parallel.sources.fastread import unshuffle
+from zarr_parallel.sources.hdf5_chunks import unshuffle
 
 DIMS = ("time", "latitude", "longitude")
 

@@ -24,7 +24,7 @@ from prefect.artifacts import Artifact
 from core_support import open_cache
 from zarr_parallel.orchestration.cache import main
 from zarr_parallel.orchestration.tasks import artifact_key
-from zarr_parallel.request.model import load_request_file
+from zarr_parallel.request.request_file import load_request_file
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -329,6 +329,8 @@ def test_processes_a_policed_run_starts_check_references_too(
     assert POLICED_ENV not in os.environ  # restored when the run ends
     code = (
         "from zarr_parallel.request.model import build_request\n"
+        # What a job process imports to run a job (it installs the policy's reference check).
+        "import zarr_parallel.run.job\n"
         "from zarr_parallel.sources.source import open_source\n"
         "open_source(build_request(data_uri='data/sneaky.json', cache_dir='c'))\n"
     )

@@ -26,7 +26,7 @@ import yaml
 from sources_support import serve_http
 from zarr_parallel import RequestError, ZarrParallelAssembler
 from zarr_parallel.orchestration.cache import main
-from zarr_parallel.sources.remote import (
+from zarr_parallel.request.secrets import (
     MASK,
     is_harmless_header,
     redact,
@@ -110,7 +110,7 @@ def test_harmless_headers_and_references_are_accepted(tmp_path: Path) -> None:
         "X-Auth-Token": "${ARCHIVE_TOKEN}",
     }
     request = _request_file(tmp_path, data_uri=f"{NOWHERE}/a.nc")
-    from zarr_parallel.request.model import load_request_file
+    from zarr_parallel.request.request_file import load_request_file
 
     req = load_request_file(request, [f"storage_options={{headers: {headers}}}"])
     assert req.storage_options["headers"] == headers

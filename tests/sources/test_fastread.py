@@ -18,7 +18,7 @@ from zarr_parallel.request.model import build_request
 from zarr_parallel.run.finish import finish
 from zarr_parallel.run.job import FAST_READ_ENV, run_job
 from zarr_parallel.run.steps import initialise, prepare
-from zarr_parallel.sources import fastread
+from zarr_parallel.sources import fastread, hdf5_chunks
 from zarr_parallel.sources.target import cached_target
 from zarr_parallel.store.cache_store import iter_job_records
 
@@ -158,8 +158,8 @@ def test_fast_equals_xarray_contiguous_fill_and_unwritten(
 
 def test_special_file_really_has_the_cases(sources: dict[str, list[Path]]) -> None:
     path = str(sources["special"][0])
-    assert fastread.h5_storage(path, "flat").chunks is None
-    sparse = fastread.h5_storage(path, "sparse")
+    assert hdf5_chunks.h5_storage(path, "flat").chunks is None
+    sparse = hdf5_chunks.h5_storage(path, "sparse")
     assert sparse.chunks is not None and len(sparse.index) < 3 * 3 * 3
     ds = xr.open_dataset(path)
     assert int(ds["masked"].isnull().sum()) == 4
@@ -310,9 +310,9 @@ def test_unshuffle_is_the_inverse_of_hdf5_shuffle(size: int, n: int, seed: int) 
     whole = n // size * size
     shuffled = np.concatenate([raw[:whole].reshape(-1, size).T.reshape(-1), raw[whole:]])
     out = np.empty_like(raw)
-    fastread._unshuffle_into(shuffled, out, size)
+    hdf5_chunks.unshuffle_into(shuffled, out, size)
     np.testing.assert_array_equal(out, raw)
-    back = np.frombuffer(fastread.unshuffle(shuffled.data, size), np.uint8)
+    back = np.frombuffer(hdf5_chunks.unshuffle(shuffled.data, size), np.uint8)
     np.testing.assert_array_equal(back, raw)
 
 
@@ -321,7 +321,7 @@ def test_chunks_decoded_in_place_equal_both_decoders(
 ) -> None:
     # Whole archive chunks (one step x full grid) are inflated and un-shuffled straight into
     # the region buffer by libdeflate through ctypes; deflate's own API gives the same values.
-    assert fastread._LIBDEFLATE is not None, "libdeflate through ctypes should be available"
+    assert hdf5_chunks.LIBDEFLATE is not None, "libdeflate through ctypes should be available"
     req, target = _target(sources["archive-zlib"])
     for name in target.variables:
         fv = fastread.fast_plan(target, req, name)
@@ -334,7 +334,7 @@ def test_chunks_decoded_in_place_equal_both_decoders(
         got_part, _ = fastread.read_region(fv, part, threads=2)
         np.testing.assert_array_equal(got_part, var.isel(part).values)
         with monkeypatch.context() as m:
-            m.setattr(fastread, "_LIBDEFLATE", None)
+            m.setattr(hdf5_chunks, "LIBDEFLATE", None)
             again, _ = fastread.read_region(fv, {}, threads=2)
         np.testing.assert_array_equal(again, expected)
 

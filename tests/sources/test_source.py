@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from zarr_parallel.request.model import build_request
-from zarr_parallel.sources import source
+from zarr_parallel.sources import combine, layout, remote, source
 
 
 def test_layout_opens_each_file_once(
@@ -18,13 +18,15 @@ def test_layout_opens_each_file_once(
     """Two variables in three files: each file is opened twice (once by xarray, once for its
     chunk layout), not once per variable more (a remote file costs round trips)."""
     opened: list[str] = []
-    real = source._h5_target
+    real = remote.readable_file
 
     def counting(uri: str, req: Any) -> Any:
         opened.append(uri)
         return real(uri, req)
 
-    monkeypatch.setattr(source, "_h5_target", counting)
+    # xarray opens the files through combine, the chunk layout is read through layout.
+    monkeypatch.setattr(combine, "readable_file", counting)
+    monkeypatch.setattr(layout, "readable_file", counting)
     req = build_request(data_uri=[str(p) for p in era5_files], cache_store=str(tmp_path / "c"))
     src = source.open_source(req)
     assert Counter(opened) == {str(p): 2 for p in era5_files}

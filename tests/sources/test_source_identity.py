@@ -32,8 +32,8 @@ from zarr_parallel.api import run_request
 from zarr_parallel.errors import SourceChanged
 from zarr_parallel.request.model import build_request
 from zarr_parallel.run.steps import make_plan
-from zarr_parallel.sources.identity import check_identity
-from zarr_parallel.sources.source import job_entries, open_source
+from zarr_parallel.sources.identity import check_identity, job_entries
+from zarr_parallel.sources.source import open_source
 from zarr_parallel.store.cache_store import CachePaths, iter_job_records, plan_record
 
 CHUNKS = {"time": 12, "latitude": 40, "longitude": 72}
@@ -294,7 +294,7 @@ def test_remote_files_are_identified_by_what_the_server_reports(
     """Over real HTTP: a served netCDF file that grows, and a kerchunk reference rewritten on
     the server, are changes (one HEAD request per entry)."""
     from sources_support import serve_http
-    from zarr_parallel.sources.source import check_sources
+    from zarr_parallel.sources.identity import check_sources
 
     root = tmp_path / "www"
     files = _copy_files(era5_files, root)

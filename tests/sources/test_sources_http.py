@@ -30,7 +30,7 @@ from sources_support import (
 from zarr_parallel import RequestError, RunFailed, ZarrParallelAssembler
 from zarr_parallel.request.model import build_request
 from zarr_parallel.run.steps import prepare
-from zarr_parallel.sources.target import _cached_source
+from zarr_parallel.sources.target import clear_source_cache
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_kerchunk_over_http_equals_local_and_fetches_each_chunk_once(
     uri = f"{svc.url}/plain.json"
 
     # Planning reads the reference JSON and coordinates only: no data chunk is fetched.
-    _cached_source.cache_clear()
+    clear_source_cache()
     before = sum(_data_gets(svc, chunks).values())
     prepared = prepare(build_request(data_uri=uri, chunks=CHUNKS, cache_store=str(tmp_path / "p")))
     assert prepared.plan.read_amplification == 1.0
@@ -118,13 +118,13 @@ def test_flaky_server_gives_the_same_cache_through_retries(
     uri = f"{svc.url}/flaky.json"
     # Without retries, the same server breaks the run (before or during the writes).
     svc.reset_failures()
-    _cached_source.cache_clear()
+    clear_source_cache()
     with pytest.raises((RequestError, RunFailed)):
         ZarrParallelAssembler(uri, chunks=CHUNKS, remote_retries=0).cache(
             cache_store=str(tmp_path / "noretry.zarr"), retries=0, **RUN
         )
     svc.reset_failures()
-    _cached_source.cache_clear()
+    clear_source_cache()
     result = ZarrParallelAssembler(uri, chunks=CHUNKS, remote_retries=8).cache(
         cache_store=str(tmp_path / "flaky.zarr"), retries=0, **RUN
     )

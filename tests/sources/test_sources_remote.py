@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 
 from zarr_parallel import RequestError
 from zarr_parallel.request.model import build_request
-from zarr_parallel.sources.remote import (
+from zarr_parallel.request.secrets import (
     check_no_secrets,
     expand_env,
-    fsspec_options,
     install_log_redaction,
     redact,
     redact_text,
     redact_url,
-    user_options,
 )
+from zarr_parallel.sources.references import open_references
+from zarr_parallel.sources.remote import fsspec_options, user_options
 
 
 @pytest.mark.parametrize(
@@ -116,3 +119,23 @@ def test_log_records_lose_secret_values(
     )
     assert "wJalrXUtnFEMI" not in caplog.text and ":pw@" not in caplog.text
     assert "signing with *** for https://***@h/x" in caplog.text
+
+
+def test_s3_without_s3fs_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # s3fs is installed here; an install without the [s3] extra lacks it. A None entry in
+    # sys.modules makes Python's import of s3fs fail as a missing package does.
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    with pytest.raises(RequestError) as e:
+        build_request(data_uri="s3://bucket/era5_*.nc", cache_store=str(tmp_path / "c.zarr"))
+    assert e.value.parameter == "data_uri"
+    assert e.value.fix == "pip install 'zarr-parallel[s3]'"
+    assert "s3fs" in str(e.value)
+    # A kerchunk reference (here a local one) to files on S3: refused where they would be opened.
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps({"version": 1, "refs": {"t2m/0": ["s3://bucket/a.nc", 0, 8]}}))
+    req = build_request(data_uri=str(refs), cache_store=str(tmp_path / "c.zarr"))
+    with pytest.raises(RequestError) as e:
+        open_references(json.loads(refs.read_text()), req)
+    assert e.value.fix == "pip install 'zarr-parallel[s3]'"
+    # Other protocols need no extra.
+    build_request(data_uri="https://host/era5.nc", cache_store=str(tmp_path / "c.zarr"))

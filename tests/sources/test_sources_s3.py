@@ -29,7 +29,7 @@ from sources_support import (
     serve_s3,
 )
 from zarr_parallel import RequestError, ZarrParallelAssembler
-from zarr_parallel.sources.target import _cached_source
+from zarr_parallel.sources.target import clear_source_cache
 
 BUCKET = "era5-archive"
 
@@ -154,7 +154,7 @@ def test_netcdf_glob_on_s3_with_env_references(
                 "secret": "${ARCHIVE_SECRET}",
             }
         }
-        _cached_source.cache_clear()
+        clear_source_cache()
         result = ZarrParallelAssembler(
             f"s3://{BUCKET}/netcdf/era5_like_*.nc", chunks=CHUNKS, storage_options=options
         ).cache(cache_store=str(tmp_path / "nc.zarr"), **RUN)
@@ -182,7 +182,7 @@ def test_wrong_or_literal_credentials_are_refused_without_showing_them(
         mp.setenv("AWS_SECRET_ACCESS_KEY", wrong)
         # Filesystems are cached per process with the credentials they started with.
         s3fs.S3FileSystem.clear_instance_cache()
-        _cached_source.cache_clear()
+        clear_source_cache()
         with pytest.raises(RequestError, match=r"era5\.json \(access denied\)") as e:
             ZarrParallelAssembler(
                 f"s3://{BUCKET}/era5.json", chunks=CHUNKS, storage_options=_options(svc)

@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.cache")
 
     ``zarr-parallel run|plan|verify`` (:mod:`zarr_parallel.cli`) lands here with its ``prog``.
     """
-    from zarr_parallel.request.model import load_request_file
+    from zarr_parallel.request.request_file import load_request_file
     from zarr_parallel.run.steps import prepare
 
     parser = _parser(prog)

@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.recache
     Exit codes as the cache CLI: 0 done or up to date, 1 failed, 2 invalid, 3 halted.
     ``zarr-parallel recache`` (:mod:`zarr_parallel.cli`) lands here with its ``prog``.
     """
-    from zarr_parallel.request.model import load_request_file
+    from zarr_parallel.request.request_file import load_request_file
 
     p = argparse.ArgumentParser(
         prog=prog,

@@ -19,6 +19,7 @@ from zarr_parallel.errors import SourceChanged
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.planning.jobs import Job, read_jobs
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.request.secrets import redact_text
 from zarr_parallel.run.finish import finish
 from zarr_parallel.run.job import run_job
 from zarr_parallel.run.job_process import (
@@ -30,7 +31,6 @@ from zarr_parallel.run.job_process import (
     run_job_isolated,
 )
 from zarr_parallel.run.steps import Prepared, initialise, prepare
-from zarr_parallel.sources.remote import redact_text
 from zarr_parallel.store.cache_store import (
     manifest_dir,
     plan_record,

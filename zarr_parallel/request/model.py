@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
-import glob
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zarr_parallel.errors import RequestError
 from zarr_parallel.planning.fingerprint import canonical_json, fingerprint
 from zarr_parallel.planning.tile_spec import request_tiles
+from zarr_parallel.request import checks
 from zarr_parallel.request.normalise import normalise_fields
-from zarr_parallel.request.open_options import check_open_options, detect_engine
-from zarr_parallel.sources.remote import MASK, check_no_secrets, is_secret_key, redact
+from zarr_parallel.request.secrets import MASK, is_secret_key, redact
 from zarr_parallel.transforms.registry import validate_spec
 from zarr_parallel.units import parse_duration, parse_memory
 
 DEPLOY_MODES = ("series", "dask_distributed", "slurm")
 ENGINES = ("h5netcdf", "netcdf4", "kerchunk", "zarr")
 DEFAULT_DEPLOY_MODE = "dask_distributed"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]*$")
-#: A URL scheme (``s3://``, ``gs://``, ``file://``...): not a path a cache may be written to.
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _TYPE_TAG = re.compile(r"^(bool|int|float|str|none|[a-z]+\[.*\])$")
 
 
@@ -439,14 +433,20 @@ _FIXES = {
 }
 
 
-def is_remote(uri: str) -> bool:
-    """True for URLs fsspec opens remotely (``https://``, ``s3://``...)."""
-    return "://" in uri and not uri.startswith("file://")
-
-
 def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
-    updates: dict[str, Any] = {"data_uri": _resolve_sources(req, base)}
-    _check_sizes(req)
+    """The checks of :mod:`zarr_parallel.request.checks`, in order; the request resolved."""
+    updates: dict[str, Any] = {
+        "data_uri": checks.resolve_sources(
+            req.data_uri, req.engine, req.storage_options, req.open_options, base
+        )
+    }
+    checks.check_memory(req.memory_limit, req.memory_reserve, req.free_space_reserve)
+    # Times parse now so a bad value fails before planning.
+    req.timeout_seconds  # noqa: B018
+    parse_duration(req.pause_timeout, "pause_timeout")
+    req.min_version_age_seconds  # noqa: B018
+    checks.check_chunks(req.chunks)
+    checks.check_shards(req.shards, req.zarr_format)
     # Tiles (also 0.5's trailing 'tiled' preprocessor), then transforms: every name known now.
     updates["tiles"], preprocessors = request_tiles(
         req.tiles, req.preprocessors, req.chunks, req.shards
@@ -455,242 +455,10 @@ def _check(req: CacheRequest, base: Path | None) -> CacheRequest:
         validate_spec(s, f"preprocessors[{i}]") for i, s in enumerate(preprocessors)
     ]
     if req.variables is not None:
-        if not req.variables:
-            raise RequestError(
-                "variables", {}, "names no variable", "Name at least one, or omit it"
-            )
-        updates["variables"] = {
-            name: [validate_spec(s, f"variables['{name}'][{i}]") for i, s in enumerate(specs)]
-            for name, specs in req.variables.items()
-        }
-    updates.update(_check_location(req, base))
+        updates["variables"] = checks.check_variables(req.variables)
+    checks.check_cache_location(req.cache_store, req.cache_dir)
+    for field in ("cache_label", "cache_name", "cache_store", "cache_dir"):
+        value = checks.check_path_field(field, getattr(req, field), base)
+        if value != getattr(req, field):
+            updates[field] = value
     return req.model_copy(update=updates)
-
-
-def _resolve_sources(req: CacheRequest, base: Path | None) -> str | list[str]:
-    """``data_uri`` with globs expanded and local paths resolved against ``base``."""
-    check_no_secrets(req.data_uri, req.storage_options, req.open_options)
-    uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
-    if not uris:
-        raise RequestError("data_uri", req.data_uri, "names no source", "Give a path, glob or list")
-    resolved: list[str] = []
-    for uri in uris:
-        if is_remote(uri):
-            resolved.append(uri)
-            continue
-        path = uri.removeprefix("file://")
-        if base is not None and not os.path.isabs(path):
-            path = str(base / path)
-        path = os.path.expanduser(path)
-        if glob.has_magic(path):
-            matches = sorted(glob.glob(path))
-            if not matches:
-                raise RequestError(
-                    "data_uri", uri, "matches no files", "Check the pattern and the folder"
-                )
-            resolved.extend(matches)
-        elif not os.path.exists(path):
-            raise RequestError(
-                "data_uri",
-                uri,
-                "does not exist",
-                "Check the path (relative paths are "
-                "relative to the request file, or to the working directory in Python)",
-            )
-        else:
-            resolved.append(path)
-    # Reading options only: a source is opened read-only whatever the request says.
-    check_open_options(detect_engine(resolved, req.engine), req.open_options)
-    return resolved[0] if len(resolved) == 1 else resolved
-
-
-def _check_sizes(req: CacheRequest) -> None:
-    """Memory and time strings parse now, not mid-run; chunk and shard sizes are positive."""
-    limit = req.memory_bytes
-    reserve = req.reserve_bytes
-    if req.free_space_reserve not in (0, "0"):
-        parse_memory(req.free_space_reserve, "free_space_reserve")
-    if reserve >= limit:
-        raise RequestError(
-            "memory_limit",
-            req.memory_limit,
-            f"leaves nothing for jobs after the {req.memory_reserve} interpreter reserve",
-            "Raise memory_limit or lower memory_reserve",
-        )
-    req.timeout_seconds  # noqa: B018 - parse now so a bad value fails before planning
-    parse_duration(req.pause_timeout, "pause_timeout")
-    req.min_version_age_seconds  # noqa: B018 - parse now so a bad value fails before planning
-    if isinstance(req.chunks, dict):
-        for dim, size in req.chunks.items():
-            if size == -1:
-                continue
-            if size <= 0:
-                raise RequestError(
-                    f"chunks['{dim}']",
-                    size,
-                    "must be a positive integer or -1 (whole dimension)",
-                    "Use a size such as 24 (one day of hourly steps)",
-                )
-    if req.shards is not None:
-        if req.zarr_format != 3:
-            raise RequestError("shards", req.shards, "need zarr_format=3", "Set zarr_format: 3")
-        for dim, size in req.shards.items():
-            if size <= 0 and size != -1:
-                raise RequestError(
-                    f"shards['{dim}']", size, "must be positive", "Use a multiple of the chunk"
-                )
-
-
-def _check_location(req: CacheRequest, base: Path | None) -> dict[str, str]:
-    """Check where the cache goes; the updates that resolve relative paths against ``base``."""
-    updates: dict[str, str] = {}
-    if (req.cache_store is None) == (req.cache_dir is None):
-        raise RequestError(
-            "cache_store",
-            req.cache_store,
-            "exactly one of cache_store and cache_dir must be given"
-            + (f" (cache_dir={req.cache_dir!r} was also given)" if req.cache_dir else ""),
-            "Give cache_store='/path/name.zarr' (the final path) or cache_dir='/path' "
-            "(then the cache is <cache_dir>/<cache_name><cache_label>.zarr)",
-        )
-    for field in ("cache_label", "cache_name"):
-        value = getattr(req, field)
-        if value is not None and (not _NAME_RE.match(value) or value in (".", "..")):
-            raise RequestError(
-                field,
-                value,
-                "may hold only letters, digits, '_', '-' and '.' (it becomes a path)",
-                "Use e.g. '_v1'",
-            )
-    for field in ("cache_store", "cache_dir"):
-        value = getattr(req, field)
-        if value is not None and _URL_RE.match(value):
-            raise RequestError(
-                field,
-                value,
-                "is a URL; caches are written to local or shared file systems only (object "
-                "store targets do not exist yet)",
-                "Give a file system path such as '/data/caches/era5.zarr'"
-                + (" (without 'file://')" if value.lower().startswith("file:") else ""),
-            )
-        if value is not None and base is not None and not os.path.isabs(value):
-            updates[field] = str(base / value)
-    return updates
-
-
-class _Refused(Exception):
-    """A request file construct refused by :class:`_RequestLoader` (problem, fix)."""
-
-    def __init__(self, problem: str, fix: str) -> None:
-        self.problem, self.fix = problem, fix
-        super().__init__(problem)
-
-
-class _RequestLoader(yaml.SafeLoader):
-    """PyYAML's safe loader without aliases, merge keys or repeated keys.
-
-    A request is a flat mapping of plain values and needs none of YAML's sharing: aliases let a
-    few lines expand into billions of nodes (the loader would run for minutes), and a repeated
-    key silently keeps the last value, so both are refused with the line they are on.
-    """
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise _Refused(
-                f"uses the YAML alias *{event.anchor} on line {event.start_mark.line + 1}",
-                "Write the value out in full: request files do not use anchors (&) and aliases (*)",
-            )
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-        first: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            line = key_node.start_mark.line + 1
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                raise _Refused(
-                    f"uses a YAML merge key (<<) on line {line}", "Write the fields out in full"
-                )
-            key = self.construct_object(key_node, deep=True)
-            try:
-                seen = first.get(key)
-            except TypeError:  # a list or mapping as a key: PyYAML refuses it below
-                continue
-            if seen is not None:
-                raise _Refused(
-                    f"repeats the key {key!r} on line {line} (first on line {seen})",
-                    "Keep one of them: YAML would silently use the last",
-                )
-            first[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _load_yaml(text: str) -> Any:
-    """Parse request YAML with :class:`_RequestLoader`; ``_Refused`` or ``yaml.YAMLError``."""
-    loader = _RequestLoader(text)
-    try:
-        return loader.get_single_data()
-    except RecursionError:
-        raise _Refused("nests too deeply", "Write a plain request") from None
-    finally:
-        loader.dispose()
-
-
-def load_request_file(path: str | Path, overrides: list[str] | None = None) -> CacheRequest:
-    """Read a YAML/JSON request file, apply ``--set key=value`` overrides, and validate it.
-
-    The file is read with a loader that refuses YAML aliases, merge keys and repeated keys.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise RequestError("request", str(path), "is not a file", "Give the path of a YAML request")
-    try:
-        data = _load_yaml(path.read_text())
-    except _Refused as e:
-        raise RequestError("request", str(path), e.problem, e.fix) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise RequestError(
-            "request",
-            str(path),
-            f"is not valid YAML ({e})".replace("\n", " "),
-            "Fix the syntax (a flat mapping of request fields)",
-        ) from e
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise RequestError(
-            "request",
-            str(path),
-            "must be a mapping of request fields",
-            "Write e.g. 'data_uri: data/*.nc' on its own line",
-        )
-    for item in overrides or []:
-        _apply_override(data, item)
-    return build_request(base_dir=path.parent.resolve(), **data)
-
-
-def _apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply one ``--set key=value`` (a YAML value; dotted keys reach nested mappings)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise RequestError("--set", item, "must be key=value", "Write e.g. --set num_jobs=4")
-    try:
-        value = _load_yaml(raw)
-    except _Refused as e:
-        raise RequestError(f"--set {key}", raw, e.problem, e.fix) from None
-    except yaml.YAMLError as e:
-        raise RequestError(f"--set {key}", raw, "is not a YAML value", "Quote it") from e
-    target = data
-    parts = key.split(".")
-    for i, p in enumerate(parts[:-1]):
-        inner = target.setdefault(p, {})
-        if not isinstance(inner, dict):
-            reached = ".".join(parts[: i + 1])
-            raise RequestError(
-                f"--set {key}",
-                raw,
-                f"reaches into {reached}, which is a {type(inner).__name__} "
-                f"({redact(inner)!r}), not a mapping",
-                f"Set {reached} itself, e.g. --set {reached}=VALUE",
-            )
-        target = inner
-    target[parts[-1]] = value

@@ -19,7 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from zarr_parallel.errors import RequestError
-from zarr_parallel.sources.remote import protocol_of, redact
+from zarr_parallel.request.protocols import protocol_of
+from zarr_parallel.request.secrets import redact
 
 
 def _bool_or_per_variable(value: Any) -> bool:

@@ -19,7 +19,7 @@ from zarr_parallel.planning.jobs import read_jobs
 from zarr_parallel.run.job import merge_stats
 from zarr_parallel.run.steps import Prepared
 from zarr_parallel.run.verify import verify_cache
-from zarr_parallel.sources.source import check_sources
+from zarr_parallel.sources.identity import check_sources
 from zarr_parallel.store.cache_store import (
     check_complete,
     check_lock_token,

@@ -24,8 +24,13 @@ import psutil
 from zarr_parallel.planning.jobs import read_jobs
 from zarr_parallel.planning.memory import fast_slab_bounds
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.sources import fastread
-from zarr_parallel.sources.source import check_job_sources, check_sources, read_settings
+
+# Imported for its effect: a job process (SLURM, a local worker) opens the source again, and in a
+# policed run its kerchunk references are checked there too (the policy installs the check).
+from zarr_parallel.run import policy  # noqa: F401
+from zarr_parallel.sources import fastread, hdf5_chunks
+from zarr_parallel.sources.identity import check_job_sources, check_sources
+from zarr_parallel.sources.source import read_settings
 from zarr_parallel.sources.target import (
     INDEX_PREFIX,
     Target,
@@ -364,7 +369,7 @@ def _copy_fast(
                 pending[0].result()
             for done in syncs:
                 done.result()
-    except fastread.Unsupported as e:
+    except hdf5_chunks.Unsupported as e:
         # Nothing unusual was written: every slab written holds exact values. The xarray path
         # rewrites the whole region.
         logger.warning("fast read of %s stopped (%s); reading through xarray", name, e)

@@ -7,7 +7,7 @@ in a TOML file. The file's path is fixed in the work
 pool's job template (``ZARR_PARALLEL_POLICY``, which flow runs cannot override: the pool made by
 ``python -m deployments`` does not let runs set ``env`` or ``command``); without a file, the
 default is closed. Requests from the command line or Python are the local user's own and are not
-checked (only the secrets rules of :mod:`zarr_parallel.sources.remote` hold for every door).
+checked (only the secrets rules of :mod:`zarr_parallel.request.secrets` hold for every door).
 
 An example, with every key (all optional)::
 
@@ -52,7 +52,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from zarr_parallel.errors import RequestError, ZarrParallelError
-from zarr_parallel.sources.remote import env_references, redact, redact_url
+from zarr_parallel.request.secrets import env_references, redact, redact_url
+from zarr_parallel.sources.references import referenced_urls
+from zarr_parallel.sources.source import add_reference_check
 
 #: The environment variable naming the policy file (set by the work pool's job template).
 POLICY_ENV = "ZARR_PARALLEL_POLICY"
@@ -367,11 +369,6 @@ def check_references(refs: Mapping[str, Any], request: Any) -> None:
     RequestError
         On ``data_uri``, naming the first reference target that is not allowed.
     """
-    # Not at the top: sources.source imports this module (it calls this function when it reads
-    # a reference), so a top-level import would be a cycle. Moving the policy's reading side
-    # below sources removes both.
-    from zarr_parallel.sources.source import referenced_urls
-
     found = active_policy()
     if found is None:
         return
@@ -398,3 +395,9 @@ def check_references(refs: Mapping[str, Any], request: Any) -> None:
                 f"Use a reference whose files lie under {listing(policy.source_roots)}",
             )
     check_env_references(request, hosts, policy)
+
+
+# Sources check every kerchunk reference they read against the enforced policy; the sources room
+# may not import this layer, so the check is installed there by this module being imported (the
+# flow's modules import it; a job process imports it through zarr_parallel.run.job).
+add_reference_check(check_references)

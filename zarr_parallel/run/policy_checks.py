@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from zarr_parallel.request.secrets import option_strings
 from zarr_parallel.run.policy import (
     Policy,
     check_env_references,
@@ -24,7 +25,6 @@ from zarr_parallel.run.policy import (
     path_allowed,
     refuse,
 )
-from zarr_parallel.sources.remote import option_strings
 from zarr_parallel.store.cache_store import resolve_paths
 
 

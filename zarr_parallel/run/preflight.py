@@ -29,8 +29,9 @@ import numpy as np
 from zarr_parallel.errors import PlanError
 from zarr_parallel.planning.plan import Plan
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.sources.references import referenced_urls
 from zarr_parallel.sources.remote import check_readable
-from zarr_parallel.sources.source import Source, referenced_urls
+from zarr_parallel.sources.source import Source
 from zarr_parallel.sources.target import Target
 from zarr_parallel.store.cache_store import CachePaths
 from zarr_parallel.units import format_bytes, parse_memory
@@ -144,9 +145,9 @@ def _kerchunk_stored(refs: Mapping[str, Any], variables: Mapping[str, Any]) -> d
 def _zarr_stored(path: str, req: CacheRequest, variables: Mapping[str, Any]) -> dict[str, int]:
     import zarr
 
-    from zarr_parallel.sources.source import _options
+    from zarr_parallel.sources.remote import fsspec_options_for
 
-    group = zarr.open_group(path, mode="r", storage_options=_options(path, req) or None)
+    group = zarr.open_group(path, mode="r", storage_options=fsspec_options_for(path, req) or None)
     out: dict[str, int] = {}
     for name in variables:
         arr = group[name]
@@ -159,7 +160,7 @@ def _hdf5_stored(source: Source, req: CacheRequest) -> dict[str, int]:
     """Storage size over a few sampled files, scaled to the whole variable."""
     import h5py
 
-    from zarr_parallel.sources.source import _h5_target
+    from zarr_parallel.sources.remote import readable_file
 
     files = list(source.layout.files)
     picks = sorted({0, len(files) // 2, len(files) - 1})[:SAMPLED_FILES]
@@ -168,7 +169,7 @@ def _hdf5_stored(source: Source, req: CacheRequest) -> dict[str, int]:
     for name, v in source.layout.variables.items():
         nbytes, elems = 0, 0
         for i in picks:
-            with h5py.File(_h5_target(files[i], req), "r") as f:
+            with h5py.File(readable_file(files[i], req), "r") as f:
                 node = f[group][name] if group else f[name]
                 nbytes += int(node.id.get_storage_size())
                 elems += int(np.prod(node.shape))

@@ -26,10 +26,10 @@ from zarr_parallel.planning.jobs import read_jobs
 from zarr_parallel.planning.plan import Plan, plan_jobs
 from zarr_parallel.planning.sizing import local_workers, worker_overhead
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.request.secrets import redact
 from zarr_parallel.run.preflight import run_preflight
 from zarr_parallel.run.recommend import Recommendation, recommend
 from zarr_parallel.sources.fastread import mark_fast
-from zarr_parallel.sources.remote import redact
 from zarr_parallel.sources.target import (
     Target,
     build_target,

@@ -10,6 +10,8 @@ before anything is written, naming the files (:func:`check_calendars`, :func:`ch
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +21,11 @@ import pandas as pd
 import xarray as xr
 
 from zarr_parallel.errors import RequestError
+from zarr_parallel.request import open_options
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.request.protocols import is_remote
+from zarr_parallel.request.secrets import redact_text, redact_url
+from zarr_parallel.sources.remote import describe_failure, readable_file
 
 #: CF calendars that agree on every date a ``datetime64`` can hold after 1582.
 _STANDARD = {"standard", "gregorian", "proleptic_gregorian"}
@@ -208,3 +215,111 @@ def harmonise_time_encoding(ds: xr.Dataset, parts: Sequence[xr.Dataset], dim: st
                 continue
         var.encoding = time_encoding(var.values, first)
     return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening several netCDF files as one dataset
+
+
+#: Datasets read through Python file objects (remote netCDF), closed at exit: HDF5 files left
+#: to the interpreter's final teardown outlive their file objects and crash it.
+_FILE_OBJECT_DATASETS: list[xr.Dataset] = []
+
+
+def _close_file_object_datasets() -> None:
+    while _FILE_OBJECT_DATASETS:
+        with contextlib.suppress(Exception):
+            _FILE_OBJECT_DATASETS.pop().close()
+
+
+def _open_nc(uri: str, req: CacheRequest, opts: dict[str, Any]) -> xr.Dataset:
+    ds = xr.open_dataset(readable_file(uri, req), **opts)
+    if is_remote(uri):
+        if not _FILE_OBJECT_DATASETS:
+            atexit.register(_close_file_object_datasets)
+        _FILE_OBJECT_DATASETS.append(ds)
+    return ds
+
+
+def open_netcdf_files(
+    uris: Sequence[str], engine: str, req: CacheRequest
+) -> tuple[xr.Dataset, list[str], str | None, list[int]]:
+    opts = {"engine": engine, "chunks": {}, **open_options.read_only(engine, req.open_options)}
+    if len(uris) == 1:
+        return _open_nc(uris[0], req, opts), [uris[0]], None, []
+    parts = []
+    for uri in uris:
+        try:
+            parts.append(_open_nc(uri, req, opts))
+        except Exception as e:
+            raise RequestError(
+                "data_uri",
+                redact_url(uri),
+                redact_text(f"could not be opened ({describe_failure(e)}: {e})"),
+                "Remove or replace the damaged file (for a URL: check it exists and may be read)",
+            ) from e
+    _check_same_variables(parts, uris)
+    concat_dim = _concat_dim(parts, uris)
+    check_calendars(parts, uris, concat_dim)
+    order = sorted(range(len(parts)), key=lambda i: _first_label(parts[i], concat_dim))
+    parts = [parts[i] for i in order]
+    files = [uris[i] for i in order]
+    try:
+        ds = xr.concat(
+            parts,
+            dim=concat_dim,
+            data_vars="minimal",
+            coords="minimal",
+            compat="override",
+            join="exact",
+            combine_attrs="override",
+        )
+    except ValueError as e:
+        raise RequestError(
+            "data_uri",
+            [os.path.basename(f) for f in files],
+            f"files do not combine along {concat_dim!r} ({e})",
+            "Use files that share the same grid and variables",
+        ) from e
+    lengths = [int(p.sizes[concat_dim]) for p in parts]
+    check_steps(ds, concat_dim, files, lengths)
+    ds = harmonise_time_encoding(ds, parts, concat_dim)
+    return ds, files, concat_dim, lengths
+
+
+def _check_same_variables(parts: Sequence[xr.Dataset], uris: Sequence[str]) -> None:
+    """Refuse files holding different variables: xarray would fill the gaps with NaN."""
+    first = sorted(map(str, parts[0].data_vars))
+    for uri, part in zip(uris[1:], parts[1:], strict=True):
+        names = sorted(map(str, part.data_vars))
+        if names != first:
+            a, b = os.path.basename(uris[0]), os.path.basename(uri)
+            raise RequestError(
+                "data_uri",
+                [a, b],
+                f"files hold different variables ({a} has {first}, {b} has {names}); joining "
+                "them would invent missing values",
+                "Use files of one dataset with the same variables in each, or list only those",
+            )
+
+
+def _first_label(ds: xr.Dataset, dim: str) -> Any:
+    return ds[dim].values[0] if dim in ds.coords else 0
+
+
+def _concat_dim(parts: Sequence[xr.Dataset], uris: Sequence[str]) -> str:
+    first, second = parts[0], parts[1]
+    for dim in first.dims:
+        if dim in first.coords and dim in second.coords:
+            a, b = first[dim].values, second[dim].values
+            if a.shape != b.shape or not np.array_equal(a, b):
+                return str(dim)
+    for dim in first.dims:
+        if first.sizes[dim] != second.sizes.get(dim):
+            return str(dim)
+    raise RequestError(
+        "data_uri",
+        [os.path.basename(u) for u in uris[:2]],
+        "files do not differ along any dimension, so they cannot be joined",
+        "Pass the files of one dataset split along time (or another dimension)",
+    )

@@ -21,15 +21,10 @@ caller uses the xarray path.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import sys
-import threading
-import zlib
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -37,25 +32,22 @@ import xarray as xr
 
 from zarr_parallel.planning.inputs import ArrayInput
 from zarr_parallel.planning.memory import FAST_READ_THREADS
-from zarr_parallel.request.model import CacheRequest, is_remote
-from zarr_parallel.sources.target import INDEX_PREFIX, Target
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.request.protocols import is_remote
+from zarr_parallel.sources.hdf5_chunks import (
+    ChunkTask,
+    H5Storage,
+    ReadStats,
+    Unsupported,
+    h5_storage,
+    read_chunks,
+)
+from zarr_parallel.sources.target import INDEX_PREFIX, Target, cached_source
 
 logger = logging.getLogger(__name__)
 
-_deflate: Any
-try:  # libdeflate inflates 3-4x faster than zlib (DESIGN §8); zlib is the fallback.
-    import deflate as _deflate
-except ImportError:  # pragma: no cover - deflate is a dependency
-    _deflate = None
-
 #: Set ``ZARR_PARALLEL_FAST_READ=0`` to always read through xarray (comparisons, debugging).
 FAST_READ_ENV = "ZARR_PARALLEL_FAST_READ"
-
-#: HDF5 filter ids this reader undoes.
-H5Z_DEFLATE = 1
-H5Z_SHUFFLE = 2
-SUPPORTED_FILTERS = frozenset({H5Z_DEFLATE, H5Z_SHUFFLE})
-
 #: Transforms that only select, reorder or rename indices (or touch attributes/encoding): the
 #: ``_zpi_`` coordinates then say exactly where every target element comes from. ``astype`` is
 #: applied as the last step, as xarray does. Anything else (plug-ins included) falls back.
@@ -102,206 +94,6 @@ def reader_threads() -> int:
     :data:`~zarr_parallel.planning.memory.FAST_READ_THREADS`."""
     # The memory model counts at most FAST_READ_THREADS chunks in flight.
     return min(process_cores(), FAST_READ_THREADS)
-
-
-# ---------------------------------------------------------------------------------------------
-# HDF5 storage description
-
-
-@dataclass(frozen=True)
-class H5Storage:
-    """Where one variable's bytes lie in one HDF5 file.
-
-    ``chunks`` is None for contiguous storage (one block at ``contiguous``). ``index`` maps a
-    chunk's element offset to ``(byte offset, size, filter mask)``; chunks never written are
-    absent and read as ``fillvalue``.
-    """
-
-    path: str
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
-    chunks: tuple[int, ...] | None
-    filters: tuple[tuple[int, int], ...]
-    fillvalue: Any
-    index: Mapping[tuple[int, ...], tuple[int, int, int]]
-    contiguous: tuple[int, int] | None
-
-
-class Unsupported(Exception):
-    """The fast path cannot read this variable exactly; use the xarray path."""
-
-
-def h5_storage(path: str, name: str, group: str | None = None) -> H5Storage:
-    """The storage description of ``name`` in ``path`` (cached while the file is unchanged)."""
-    st = os.stat(path)
-    return _h5_storage(os.path.abspath(path), name, group, st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=256)
-def _h5_storage(path: str, name: str, group: str | None, size: int, mtime: int) -> H5Storage:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        node = f[group][name] if group else f[name]
-        if not isinstance(node, h5py.Dataset):
-            raise Unsupported(f"{name} in {path} is not an HDF5 dataset")
-        dtype = np.dtype(node.dtype)
-        if dtype.kind not in "iuf" or not dtype.isnative:
-            raise Unsupported(f"{name}: dtype {dtype} is not a native-order number")
-        dsid = node.id
-        dcpl = dsid.get_create_plist()
-        layout = dcpl.get_layout()
-        shape = tuple(int(s) for s in node.shape)
-        if any(s == 0 for s in shape):
-            raise Unsupported(f"{name}: empty dimension")
-        filters = []
-        for i in range(dcpl.get_nfilters()):
-            code, _flags, values, _fname = dcpl.get_filter(i)
-            if code not in SUPPORTED_FILTERS:
-                raise Unsupported(f"{name}: HDF5 filter {code} is not supported")
-            filters.append((int(code), int(values[0]) if values else 0))
-        fill = node.fillvalue
-        if layout == h5py.h5d.CONTIGUOUS:
-            offset = dsid.get_offset()
-            nbytes = dsid.get_storage_size()
-            contiguous = None if offset is None else (int(offset), int(nbytes))
-            return H5Storage(path, shape, dtype, None, (), fill, {}, contiguous)
-        if layout != h5py.h5d.CHUNKED:
-            raise Unsupported(f"{name}: HDF5 layout {layout} is not chunked or contiguous")
-        index: dict[tuple[int, ...], tuple[int, int, int]] = {}
-
-        def visit(info: Any) -> None:
-            index[tuple(int(o) for o in info.chunk_offset)] = (
-                int(info.byte_offset),
-                int(info.size),
-                int(info.filter_mask),
-            )
-
-        dsid.chunk_iter(visit)
-        chunks = tuple(int(c) for c in node.chunks)
-        return H5Storage(path, shape, dtype, chunks, tuple(filters), fill, index, None)
-
-
-def _decode_chunk(raw: bytes, storage: H5Storage, mask: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Undo the filter pipeline of one stored chunk (in reverse order, skipping masked ones)."""
-    nbytes = math.prod(shape) * storage.dtype.itemsize
-    data: bytes | bytearray | memoryview = raw
-    for pos in reversed(range(len(storage.filters))):
-        if mask & (1 << pos):
-            continue
-        code, _ = storage.filters[pos]
-        if code == H5Z_DEFLATE:
-            if _deflate is not None:
-                data = _deflate.zlib_decompress(bytes(data), nbytes)
-            else:  # pragma: no cover
-                data = zlib.decompress(data)
-        elif code == H5Z_SHUFFLE:
-            data = unshuffle(data, storage.dtype.itemsize)
-    arr = np.frombuffer(data, dtype=storage.dtype)
-    if arr.size != math.prod(shape):
-        raise Unsupported(f"chunk of {storage.path} decodes to {arr.size} elements, not {shape}")
-    return arr.reshape(shape)
-
-
-class _Libdeflate:
-    """libdeflate's zlib decoder called through ctypes, from the ``deflate`` package's library.
-
-    Unlike ``deflate.zlib_decompress`` it inflates into a buffer the caller owns and releases
-    the GIL while it runs (ctypes does), so reader threads inflate on every core and no fresh
-    pages are faulted in per chunk. None of this is available: :func:`_decode_chunk` is used.
-    """
-
-    def __init__(self, path: str) -> None:
-        import ctypes
-
-        lib = ctypes.CDLL(path)
-        self._alloc = lib.libdeflate_alloc_decompressor
-        self._alloc.restype = ctypes.c_void_p
-        self._alloc.argtypes = []
-        self._free = lib.libdeflate_free_decompressor
-        self._free.restype = None
-        self._free.argtypes = [ctypes.c_void_p]
-        self._inflate = lib.libdeflate_zlib_decompress
-        self._inflate.restype = ctypes.c_int
-        self._inflate.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.POINTER(ctypes.c_size_t),
-        ]
-        self._size_t = ctypes.c_size_t
-
-    def new(self) -> int:
-        """A decompressor (not thread-safe: one per thread at a time)."""
-        handle = self._alloc()
-        if not handle:
-            raise MemoryError("libdeflate could not allocate a decompressor")
-        return int(handle)
-
-    def free(self, handle: int) -> None:
-        self._free(handle)
-
-    def inflate(self, handle: int, src: np.ndarray, dst: np.ndarray) -> int:
-        """Inflate the zlib stream ``src`` into ``dst`` (both uint8, contiguous); bytes out."""
-        out = self._size_t(0)
-        code = self._inflate(handle, src.ctypes.data, src.size, dst.ctypes.data, dst.size, out)
-        if code != 0:  # 1 bad data, 2 short output, 3 insufficient space
-            raise Unsupported(f"libdeflate could not inflate a chunk (result {code})")
-        return int(out.value)
-
-
-def _load_libdeflate() -> _Libdeflate | None:
-    if _deflate is None or os.environ.get("ZARR_PARALLEL_LIBDEFLATE", "1") == "0":
-        return None
-    try:
-        from deflate import _deflate as ext
-
-        lib = _Libdeflate(str(ext.__file__))
-        lib.free(lib.new())  # the symbols resolve and work
-        return lib
-    except (ImportError, OSError, AttributeError, MemoryError) as e:  # pragma: no cover
-        logger.debug("libdeflate through ctypes unavailable (%s); using deflate's API", e)
-        return None
-
-
-_LIBDEFLATE = _load_libdeflate()
-
-
-class _Scratch:
-    """One reader thread's reusable buffers (raw bytes, inflated bytes, un-shuffled bytes) and
-    its libdeflate decompressor: the chunks a thread holds, as the memory model counts them
-    (FAST_READ_COPIES), without allocating (and faulting in) fresh pages per chunk."""
-
-    def __init__(self, lib: _Libdeflate) -> None:
-        self.lib = lib
-        self.handle = lib.new()
-        self.buffers: dict[str, np.ndarray] = {}
-
-    def buffer(self, kind: str, nbytes: int) -> np.ndarray:
-        buf = self.buffers.get(kind)
-        if buf is None or buf.size < nbytes:
-            buf = self.buffers[kind] = np.empty(nbytes, dtype=np.uint8)
-        return buf[:nbytes]
-
-    def close(self) -> None:
-        self.lib.free(self.handle)
-        self.buffers.clear()
-
-
-def unshuffle(data: bytes | bytearray | memoryview, size: int) -> memoryview:
-    """Undo HDF5's byte shuffle: byte ``k`` of every element was stored in plane ``k``."""
-    arr = np.frombuffer(data, dtype=np.uint8)
-    if size <= 1:
-        return arr.data
-    out = np.empty(arr.size, dtype=np.uint8)
-    _unshuffle_into(arr, out, size)
-    return out.data
-
-
-# ---------------------------------------------------------------------------------------------
-# Which target variables can be read fast
 
 
 @dataclass(frozen=True)
@@ -374,6 +166,45 @@ def mark_fast(target: Target, req: CacheRequest, inputs: Sequence[ArrayInput]) -
 
 
 def _fast_plan(target: Target, req: CacheRequest, name: str) -> FastVar:
+    specs = _check_source_and_transforms(target, req)
+    layout = target.layout
+    src = target.sources.get(name)
+    vlayout = layout.variables.get(src) if src else None
+    if src is None or vlayout is None:
+        raise Unsupported("no source variable")
+    var = target.dataset[name]
+    source_dims = vlayout.dims
+    axes, index, fixed = _source_axes(var, source_dims)
+    group = req.open_options.get("group")
+    concat_axis = (
+        source_dims.index(layout.concat_dim)
+        if layout.concat_dim and layout.concat_dim in source_dims
+        else None
+    )
+    files = tuple(layout.files) if concat_axis is not None else tuple(layout.files[:1])
+    cf_attrs, decoded = _decoding(req, src, h5_storage(files[0], src, group).dtype)
+    dtype = np.dtype(var.dtype)
+    if dtype != decoded and "astype" not in {str(s.get("type")) for s in specs}:
+        raise Unsupported(f"target dtype {dtype} differs from the decoded {decoded}")
+    return FastVar(
+        name,
+        src,
+        group,
+        tuple(str(d) for d in var.dims),
+        source_dims,
+        axes,
+        index,
+        fixed,
+        files,
+        concat_axis,
+        cf_attrs,
+        decoded,
+        dtype,
+    )
+
+
+def _check_source_and_transforms(target: Target, req: CacheRequest) -> list[dict[str, Any]]:
+    """Refuse sources and transforms the fast path cannot read exactly; the transform specs."""
     layout = target.layout
     if getattr(target, "tiling", None) is not None:
         raise Unsupported("tiled targets are built by their own lazy arrays")
@@ -390,27 +221,24 @@ def _fast_plan(target: Target, req: CacheRequest, name: str) -> FastVar:
             raise Unsupported(f"transform {kind!r} may change values")
         if kind == "roll" and not bool(spec.get("roll_coords", True)):
             raise Unsupported("roll with roll_coords=False moves data but not the index")
-    src = target.sources.get(name)
-    vlayout = layout.variables.get(src) if src else None
-    if src is None or vlayout is None:
-        raise Unsupported("no source variable")
-    var = target.dataset[name]
-    source_dims = vlayout.dims
+    return specs
+
+
+def _source_axes(
+    var: xr.DataArray, source_dims: tuple[str, ...]
+) -> tuple[tuple[int, ...], tuple[np.ndarray, ...], dict[int, int]]:
+    """Per target dimension the source axis it indexes and the source index of each element,
+    and the source axes selected to one index (``FastVar.axes``, ``.index``, ``.fixed``)."""
     axes: list[int] = []
     index: list[np.ndarray] = []
-    fixed: dict[int, int] = {}
     for dim in var.dims:
-        coord = None
-        for c in var.coords.values():
-            if str(c.name).startswith(INDEX_PREFIX) and c.dims == (dim,):
-                coord = c
-        if coord is None:
-            raise Unsupported(f"dimension {dim!r} has no source index")
+        coord = _index_coord(var, str(dim))
         sdim = str(coord.name)[len(INDEX_PREFIX) :]
         if sdim not in source_dims or source_dims.index(sdim) in axes:
             raise Unsupported(f"dimension {dim!r} does not map onto one source dimension")
         axes.append(source_dims.index(sdim))
         index.append(np.asarray(coord.values, dtype=np.int64))
+    fixed: dict[int, int] = {}
     for c in var.coords.values():
         cname = str(c.name)
         if cname.startswith(INDEX_PREFIX) and c.ndim == 0:
@@ -419,47 +247,39 @@ def _fast_plan(target: Target, req: CacheRequest, name: str) -> FastVar:
                 fixed[source_dims.index(sdim)] = int(c.values)
     if len(axes) + len(fixed) != len(source_dims):
         raise Unsupported("some source dimensions are neither indexed nor fixed")
+    return tuple(axes), tuple(index), fixed
 
-    group = req.open_options.get("group")
-    concat_axis = (
-        source_dims.index(layout.concat_dim)
-        if layout.concat_dim and layout.concat_dim in source_dims
-        else None
-    )
-    files = tuple(layout.files) if concat_axis is not None else tuple(layout.files[:1])
+
+def _index_coord(var: xr.DataArray, dim: str) -> xr.DataArray:
+    """The (last) ``_zpi_`` index coordinate along ``dim``."""
+    coord: xr.DataArray | None = None
+    for c in var.coords.values():
+        if str(c.name).startswith(INDEX_PREFIX) and c.dims == (dim,):
+            coord = c
+    if coord is None:
+        raise Unsupported(f"dimension {dim!r} has no source index")
+    return coord
+
+
+def _decoding(
+    req: CacheRequest, src: str, stored: np.dtype[Any]
+) -> tuple[dict[str, Any], np.dtype[Any]]:
+    """The CF attributes that decode ``src`` and the dtype decoding gives, checked against
+    what xarray gave and against the HDF5 dtype ``stored``."""
     source_var = _source_variable(req, src)
     enc = source_var.encoding
     on_disk = np.dtype(enc.get("dtype", source_var.dtype))
-    if on_disk != h5_storage(files[0], src, group).dtype:
+    if on_disk != stored:
         raise Unsupported(f"on-disk dtype {on_disk} differs from the HDF5 dtype")
     cf_attrs = {k: enc[k] for k in _CF_KEYS if k in enc}
     probe = _decode(np.zeros((1,), dtype=on_disk), ("x",), cf_attrs, src)
     if probe.dtype != np.dtype(source_var.dtype):
         raise Unsupported(f"decoding gives {probe.dtype}, xarray gave {source_var.dtype}")
-    dtype = np.dtype(var.dtype)
-    if dtype != probe.dtype and "astype" not in {str(s.get("type")) for s in specs}:
-        raise Unsupported(f"target dtype {dtype} differs from the decoded {probe.dtype}")
-    return FastVar(
-        name,
-        src,
-        group,
-        tuple(str(d) for d in var.dims),
-        source_dims,
-        tuple(axes),
-        tuple(index),
-        fixed,
-        files,
-        concat_axis,
-        cf_attrs,
-        probe.dtype,
-        dtype,
-    )
+    return cf_attrs, probe.dtype
 
 
 def _source_variable(req: CacheRequest, src: str) -> xr.DataArray:
     """The source variable as xarray opened it (its encoding holds the CF attributes)."""
-    from zarr_parallel.sources.target import cached_source
-
     return cached_source(req).dataset[src]
 
 
@@ -483,19 +303,6 @@ def _isnan(value: Any) -> bool:
         return False
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading a region
-
-
-@dataclass
-class ReadStats:
-    """What a fast read did: bytes read from the files, chunks read, threads used."""
-
-    bytes_read: int = 0
-    chunks: int = 0
-    threads: int = 1
-
-
 def read_region(
     fv: FastVar, region: Mapping[str, slice], threads: int | None = None
 ) -> tuple[np.ndarray, ReadStats]:
@@ -511,7 +318,7 @@ def read_region(
     picks = [fv.index[i][region.get(dim, slice(None))] for i, dim in enumerate(fv.dims)]
     storages = [h5_storage(f, fv.source_name, fv.group) for f in fv.files]
     tasks = _chunk_tasks(fv, storages, picks)
-    box = _fill(tasks, tuple(p.size for p in picks), storages[0].dtype, stats)
+    box = read_chunks(tasks, tuple(p.size for p in picks), storages[0].dtype, stats)
     values = _decode_in_place(box, fv)
     if values.dtype != fv.dtype:
         values = values.astype(fv.dtype)
@@ -531,56 +338,6 @@ def _decode_in_place(box: np.ndarray, fv: FastVar) -> np.ndarray:
                         box[box == fill] = np.nan
         return box
     return np.asarray(_decode(box, [f"d{i}" for i in range(box.ndim)], attrs, fv.source_name))
-
-
-#: One chunk to read: (storage, chunk origin in source order, fixed-axis positions in the chunk,
-#: permutation of the kept chunk axes into target order, target positions, chunk positions in
-#: target order).
-_Task = tuple[
-    H5Storage, tuple[int, ...], dict[int, int], tuple[int, ...], tuple[Any, ...], tuple[Any, ...]
-]
-
-
-def _fill(
-    tasks: Sequence[_Task], shape: tuple[int, ...], dtype: np.dtype[Any], stats: ReadStats
-) -> np.ndarray:
-    """Read every chunk task into a new buffer of ``shape``, in ``stats.threads`` threads."""
-    buffer = np.empty(shape, dtype=dtype)
-    lock = threading.Lock()
-    # Reusable per-thread buffers and decompressors, at most one set per thread at a time.
-    idle: list[_Scratch] = []
-    made: list[_Scratch] = []
-
-    def run(task: _Task) -> None:
-        scratch = None
-        if _LIBDEFLATE is not None:
-            with lock:
-                if idle:
-                    scratch = idle.pop()
-                else:
-                    scratch = _Scratch(_LIBDEFLATE)
-                    made.append(scratch)
-        try:
-            nread = _read_chunk_into(task, buffer, scratch)
-        finally:
-            if scratch is not None:
-                with lock:
-                    idle.append(scratch)
-        with lock:
-            stats.bytes_read += nread
-            stats.chunks += 1
-
-    try:
-        if stats.threads > 1 and len(tasks) > 1:
-            with ThreadPoolExecutor(stats.threads, thread_name_prefix="zp-read") as pool:
-                list(pool.map(run, tasks))
-        else:
-            for task in tasks:
-                run(task)
-    finally:
-        for scratch in made:
-            scratch.close()
-    return buffer
 
 
 def _as_index(values: np.ndarray) -> slice | np.ndarray:
@@ -607,57 +364,30 @@ def _groups(keys: np.ndarray, local: np.ndarray) -> list[tuple[int, Any, Any]]:
     return out
 
 
+def _chunk_len(storage: H5Storage, axis: int) -> int:
+    return storage.chunks[axis] if storage.chunks else storage.shape[axis]
+
+
 def _chunk_tasks(
     fv: FastVar, storages: Sequence[H5Storage], picks: Sequence[np.ndarray]
-) -> list[_Task]:
+) -> list[ChunkTask]:
     """Per stored chunk touched, where its needed elements go in the target region."""
     ndim = len(fv.source_dims)
     starts = np.asarray(fv.file_starts, dtype=np.int64)
-
-    def chunk_len(storage: H5Storage, axis: int) -> int:
-        return storage.chunks[axis] if storage.chunks else storage.shape[axis]
-
     for axis in range(ndim):
-        if axis != fv.concat_axis and len({chunk_len(st, axis) for st in storages}) > 1:
+        if axis != fv.concat_axis and len({_chunk_len(st, axis) for st in storages}) > 1:
             raise Unsupported("files are chunked differently along a non-concatenated axis")
-    first = storages[0]
-    # Per target dimension: groups of (key, target positions, chunk positions). Along the
-    # concatenated axis the key encodes (file, chunk).
+    # Along the concatenated axis a chunk's key encodes (file, chunk): file * n_chunks_max + chunk.
     n_chunks_max = 1 + max(
-        (st.shape[fv.concat_axis] // chunk_len(st, fv.concat_axis) for st in storages)
+        (st.shape[fv.concat_axis] // _chunk_len(st, fv.concat_axis) for st in storages)
         if fv.concat_axis is not None
         else [0]
     )
-    per_dim: list[list[tuple[int, Any, Any]]] = []
-    for i, axis in enumerate(fv.axes):
-        p = picks[i]
-        if axis == fv.concat_axis:
-            f = np.searchsorted(starts, p, side="right") - 1
-            local_all = p - starts[f]
-            clens = np.array([chunk_len(st, axis) for st in storages], dtype=np.int64)[f]
-            c = local_all // clens
-            keys = f * n_chunks_max + c
-            local = local_all - c * clens
-        else:
-            clen = chunk_len(first, axis)
-            keys = p // clen
-            local = p - keys * clen
-        per_dim.append(_groups(keys, local))
-    fixed_file: int | None = None
-    fixed_origin: dict[int, int] = {}
-    fixed_local: dict[int, int] = {}
-    for axis, k in fv.fixed.items():
-        if axis == fv.concat_axis:
-            fixed_file = int(np.searchsorted(starts, k, side="right") - 1)
-            k = k - int(starts[fixed_file])
-            clen = chunk_len(storages[fixed_file], axis)
-        else:
-            clen = chunk_len(first, axis)
-        fixed_origin[axis] = (k // clen) * clen
-        fixed_local[axis] = k - fixed_origin[axis]
+    per_dim = _groups_per_dim(fv, storages, picks, starts, n_chunks_max)
+    fixed_file, fixed_origin, fixed_local = _fixed_positions(fv, storages, starts)
     kept = [a for a in range(ndim) if a not in fixed_local]
     perm = tuple(kept.index(a) for a in fv.axes)
-    tasks: list[_Task] = []
+    tasks: list[ChunkTask] = []
     for combo in np.ndindex(*[len(g) for g in per_dim]):
         picked = [per_dim[i][k] for i, k in enumerate(combo)]
         origin = [0] * ndim
@@ -666,9 +396,9 @@ def _chunk_tasks(
             key = picked[i][0]
             if axis == fv.concat_axis:
                 file_idx, c = divmod(key, n_chunks_max)
-                origin[axis] = c * chunk_len(storages[file_idx], axis)
+                origin[axis] = c * _chunk_len(storages[file_idx], axis)
             else:
-                origin[axis] = key * chunk_len(first, axis)
+                origin[axis] = key * _chunk_len(storages[0], axis)
         for axis, o in fixed_origin.items():
             origin[axis] = o
         tasks.append(
@@ -684,160 +414,47 @@ def _chunk_tasks(
     return tasks
 
 
-def _read_chunk_into(task: _Task, box: np.ndarray, scratch: _Scratch | None = None) -> int:
-    """Read one stored chunk and copy its needed elements into ``box``; returns bytes read.
-
-    With ``scratch`` (libdeflate through ctypes), the chunk is read and decoded in the thread's
-    reusable buffers, and a chunk that fills a contiguous block of ``box`` is decoded straight
-    into it (no copy).
-    """
-    storage, origin, fixed_local, perm, dest, local = task
-    if storage.chunks is None:
-        shape = storage.shape
-        where = storage.contiguous
-        entry = None if where is None else (where[0], where[1], 0)
-    else:
-        shape = storage.chunks
-        entry = storage.index.get(origin)
-    target = box[dest] if not any(isinstance(d, np.ndarray) for d in dest) else None
-    if entry is None:
-        _assign(box, dest, storage.fillvalue)
-        return 0
-    offset, size, mask = entry
-    if scratch is not None:
-        chunk = _decode_into(
-            storage, shape, offset, size, mask, scratch, target, fixed_local, perm, local
-        )
-        if chunk is None:  # decoded in place
-            return size
-    else:
-        fd = os.open(storage.path, os.O_RDONLY)
-        try:
-            raw = os.pread(fd, size, offset)
-        finally:
-            os.close(fd)
-        if len(raw) != size:
-            raise Unsupported(f"short read from {storage.path} at {offset}")
-        chunk = _decode_chunk(raw, storage, mask, shape)
-    # Drop the fixed axes, then view the chunk in target dimension order.
-    view = chunk[tuple(fixed_local.get(a, slice(None)) for a in range(chunk.ndim))]
-    view = view.transpose(perm)
-    if target is not None and not any(isinstance(sel, np.ndarray) for sel in local):
-        target[...] = view[local]
-    else:
-        _assign(box, dest, view[_ix(local)])
-    return size
-
-
-def _decode_into(
-    storage: H5Storage,
-    shape: tuple[int, ...],
-    offset: int,
-    size: int,
-    mask: int,
-    scratch: _Scratch,
-    target: np.ndarray | None,
-    fixed_local: Mapping[int, int],
-    perm: tuple[int, ...],
-    local: tuple[Any, ...],
-) -> np.ndarray | None:
-    """Read and decode one chunk in ``scratch``'s buffers; None when it was decoded straight
-    into ``target`` (the whole chunk, in source order, filling a contiguous block)."""
-    itemsize = storage.dtype.itemsize
-    nbytes = math.prod(shape) * itemsize
-    steps = [
-        storage.filters[pos][0]
-        for pos in reversed(range(len(storage.filters)))
-        if not mask & (1 << pos)
-    ]
-    direct = (
-        bool(steps)
-        and target is not None
-        and target.dtype == storage.dtype
-        and target.shape == tuple(shape)
-        and target.flags.c_contiguous
-        and not fixed_local
-        and perm == tuple(range(len(perm)))
-        and all(
-            isinstance(sel, slice) and sel == slice(0, n)
-            for sel, n in zip(local, shape, strict=True)
-        )
-    )
-    raw = scratch.buffer("raw", size)
-    fd = os.open(storage.path, os.O_RDONLY)
-    try:
-        got = os.preadv(fd, [raw.data], offset)
-    finally:
-        os.close(fd)
-    if got != size:
-        raise Unsupported(f"short read from {storage.path} at {offset}")
-    data = raw
-    for i, code in enumerate(steps):
-        last = i == len(steps) - 1
-        if direct and last:
-            assert target is not None
-            out = target.reshape(-1).view(np.uint8)
+def _groups_per_dim(
+    fv: FastVar,
+    storages: Sequence[H5Storage],
+    picks: Sequence[np.ndarray],
+    starts: np.ndarray,
+    n_chunks_max: int,
+) -> list[list[tuple[int, Any, Any]]]:
+    """Per target dimension: groups of (chunk key, target positions, chunk positions)."""
+    per_dim: list[list[tuple[int, Any, Any]]] = []
+    for i, axis in enumerate(fv.axes):
+        p = picks[i]
+        if axis == fv.concat_axis:
+            f = np.searchsorted(starts, p, side="right") - 1
+            local_all = p - starts[f]
+            clens = np.array([_chunk_len(st, axis) for st in storages], dtype=np.int64)[f]
+            c = local_all // clens
+            keys = f * n_chunks_max + c
+            local = local_all - c * clens
         else:
-            out = scratch.buffer("inflated" if code == H5Z_DEFLATE else "unshuffled", nbytes)
-        if code == H5Z_DEFLATE:
-            if scratch.lib.inflate(scratch.handle, data, out) != nbytes:
-                raise Unsupported(f"a chunk of {storage.path} does not inflate to {shape}")
-        else:  # H5Z_SHUFFLE
-            if data.size != nbytes:
-                raise Unsupported(f"a chunk of {storage.path} holds {data.size} bytes, not {shape}")
-            _unshuffle_into(data, out, itemsize)
-        data = out
-    if direct:
-        return None
-    if data.size != nbytes:
-        raise Unsupported(f"a chunk of {storage.path} holds {data.size} bytes, not {shape}")
-    return data.view(storage.dtype).reshape(shape)
+            clen = _chunk_len(storages[0], axis)
+            keys = p // clen
+            local = p - keys * clen
+        per_dim.append(_groups(keys, local))
+    return per_dim
 
 
-#: Unsigned integers whose bytes one shuffled element fills (shift-and-or un-shuffling).
-_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def _unshuffle_into(src: np.ndarray, dst: np.ndarray, size: int) -> None:
-    """Undo HDF5's byte shuffle of ``src`` into ``dst`` (uint8 arrays of the same length).
-
-    Byte ``k`` of every element was stored in plane ``k``. For 2-, 4- and 8-byte elements on a
-    little-endian host the element is rebuilt as an integer, ``plane[k] << 8k`` or-ed together
-    in place: whole-word passes, ~1.6x faster than one strided byte copy per plane (measured
-    0.16 vs 0.25 s per GB), which remains the way for other sizes.
-    """
-    if size <= 1:
-        dst[...] = src
-        return
-    n = src.size // size
-    planes = src[: n * size].reshape(size, n)
-    word = _WORDS.get(size) if sys.byteorder == "little" else None
-    if word is not None:
-        words = dst[: n * size].view(word)
-        np.copyto(words, planes[size - 1], casting="unsafe")
-        for k in range(size - 2, -1, -1):
-            words <<= 8
-            np.bitwise_or(words, planes[k], out=words, casting="unsafe")
-    else:
-        columns = dst[: n * size].reshape(n, size)
-        for k in range(size):
-            columns[:, k] = planes[k]
-    dst[n * size :] = src[n * size :]
-
-
-def _ix(selectors: tuple[Any, ...]) -> Any:
-    if not any(isinstance(s, np.ndarray) for s in selectors):
-        return selectors
-    return np.ix_(*[_to_array(s) for s in selectors])
-
-
-def _to_array(sel: Any) -> np.ndarray:
-    if isinstance(sel, slice):
-        step = sel.step or 1
-        stop = sel.stop if sel.stop is not None else -1
-        return np.arange(sel.start, stop, step)
-    return np.asarray(sel)
-
-
-def _assign(box: np.ndarray, dest: tuple[Any, ...], value: Any) -> None:
-    box[_ix(dest)] = value
+def _fixed_positions(
+    fv: FastVar, storages: Sequence[H5Storage], starts: np.ndarray
+) -> tuple[int | None, dict[int, int], dict[int, int]]:
+    """For the source axes selected to one index: the file holding it (if that axis is the
+    concatenated one), the origin of its chunk and its position in the chunk, per axis."""
+    fixed_file: int | None = None
+    fixed_origin: dict[int, int] = {}
+    fixed_local: dict[int, int] = {}
+    for axis, k in fv.fixed.items():
+        if axis == fv.concat_axis:
+            fixed_file = int(np.searchsorted(starts, k, side="right") - 1)
+            k = k - int(starts[fixed_file])
+            clen = _chunk_len(storages[fixed_file], axis)
+        else:
+            clen = _chunk_len(storages[0], axis)
+        fixed_origin[axis] = (k // clen) * clen
+        fixed_local[axis] = k - fixed_origin[axis]
+    return fixed_file, fixed_origin, fixed_local

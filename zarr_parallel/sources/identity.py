@@ -29,10 +29,16 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from zarr_parallel.errors import SourceChanged
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.request.protocols import is_remote
+from zarr_parallel.sources.references import referenced_urls, refs_only
+from zarr_parallel.sources.remote import fsspec_options_for
 
 logger = logging.getLogger(__name__)
 
@@ -172,3 +178,144 @@ def check_identity(
             raise SourceChanged(name, change)
         count += 1
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# The entries of a request's source: recorded at planning, checked by every job and before
+# publishing
+
+
+_ZARR_ROOT_DOCS = ("zarr.json", ".zgroup", ".zattrs", ".zmetadata")
+
+
+def record_identity(
+    engine: str, files: Sequence[str], refs: Mapping[str, Any], req: CacheRequest
+) -> Identity:
+    """Each source entry as it is now (see :mod:`zarr_parallel.sources.identity`)."""
+    entries: dict[str, dict[str, Any]] = {}
+    if engine == "kerchunk":
+        ref = files[0]
+        # A remote reference by its version headers (a HEAD per check, not the whole JSON;
+        # its content is in the layout digest already).
+        entries[ref] = _entry_state(ref, req)
+        for url in referenced_urls(refs):
+            # Files a reference points at on this machine; remote ones only through the
+            # reference itself (a request per referenced file and job would cost too much).
+            if not is_remote(url):
+                path = url.removeprefix("file://")
+                entries[path] = file_state(path)
+    elif engine == "zarr" and not is_remote(files[0]):
+        store = files[0]
+        for doc in _ZARR_ROOT_DOCS:
+            if os.path.exists(os.path.join(store, doc)):
+                entries[os.path.join(store, doc)] = file_state(os.path.join(store, doc))
+        with os.scandir(store) as found:
+            for entry in sorted(found, key=lambda d: d.name):
+                if entry.is_dir():
+                    entries[entry.path] = zarr_array_state(entry.path)
+    elif engine == "zarr":
+        # A remote store: its root metadata documents (listing every chunk would cost a
+        # request per chunk prefix).
+        for doc in _ZARR_ROOT_DOCS:
+            url = f"{files[0].rstrip('/')}/{doc}"
+            try:
+                state = url_state(url, fsspec_options_for(url, req))
+            except PermissionError:  # S3 answers 403 for a missing key without list rights
+                continue
+            if not state.get("missing"):
+                entries[url] = state
+    else:
+        for f in files:
+            entries[f] = _entry_state(f, req)
+    return new_identity(entries)
+
+
+def _entry_state(path: str, req: CacheRequest) -> dict[str, Any]:
+    """A file's identity entry: its fsspec info if remote, else its ``stat``."""
+    if is_remote(path):
+        return url_state(path, fsspec_options_for(path, req))
+    return file_state(path)
+
+
+def _remote_checker(req: CacheRequest) -> StateOf:
+    """How a check measures remote entries now (one request each)."""
+
+    def state(name: str, planned: Mapping[str, Any]) -> dict[str, Any]:
+        return url_state(name, fsspec_options_for(name, req))
+
+    return state
+
+
+def check_sources(req: CacheRequest, ident: Mapping[str, Any] | None) -> int:
+    """Check every entry of the planned identity ``ident``; returns how many were checked.
+
+    Raises
+    ------
+    SourceChanged
+        Naming the entry that changed and what changed.
+    """
+    return check_identity(ident, None, _remote_checker(req))
+
+
+def job_entries(
+    planned: Mapping[str, Any],
+    refs: Mapping[str, Any] | None,
+    variables: Sequence[str] | None,
+    concat_range: tuple[int, int] | None,
+) -> list[str]:
+    """The identity entries a job reads.
+
+    ``planned`` is the layout as planned (``SourceLayout.to_json``), ``refs`` a kerchunk
+    source's references, ``variables`` the source variables the job reads (None: all) and
+    ``concat_range`` its source index range along the joining dimension (None: all of it).
+    """
+    entries = dict((planned.get("identity") or {}).get("entries") or {})
+    files = [str(f) for f in planned.get("files") or []]
+    if variables is None or not files:
+        return list(entries)
+    if planned.get("engine") == "zarr":
+        arrays = {os.path.join(files[0].rstrip("/"), v) for v in variables}
+        return [e for e in entries if e in arrays or os.path.basename(e) in _ZARR_ROOT_DOCS]
+    if planned.get("engine") == "kerchunk":
+        return [files[0], *_referenced_entries(refs or {}, variables, entries)]
+    return _files_in_range(files, planned.get("file_lengths") or [], concat_range)
+
+
+def _files_in_range(
+    files: Sequence[str], lengths: Sequence[int], concat_range: tuple[int, int] | None
+) -> list[str]:
+    """The files of a multi-file source holding steps ``[lo, hi)`` along the joining dimension."""
+    if concat_range is None or len(lengths) != len(files):
+        return list(files)
+    starts = np.cumsum([0, *[int(n) for n in lengths]])
+    lo, hi = concat_range
+    return [f for i, f in enumerate(files) if starts[i] < hi and lo < starts[i + 1]]
+
+
+def _referenced_entries(
+    refs: Mapping[str, Any], variables: Sequence[str], entries: Mapping[str, Any]
+) -> list[str]:
+    """The local files a kerchunk reference points at for ``variables`` (identity entries)."""
+    mine = {k: v for k, v in refs_only(refs).items() if k.split("/")[0] in variables}
+    used = referenced_urls({"refs": mine, "templates": refs.get("templates") or {}})
+    return sorted({u.removeprefix("file://") for u in used} & set(entries))
+
+
+def check_job_sources(
+    req: CacheRequest,
+    planned: Mapping[str, Any],
+    refs: Mapping[str, Any] | None,
+    variables: Sequence[str] | None,
+    concat_range: tuple[int, int] | None,
+) -> int:
+    """Check the entries one job reads (see :func:`job_entries`) before it reads them.
+
+    Returns the number of entries checked.
+
+    Raises
+    ------
+    SourceChanged
+        Naming the entry that changed and what changed.
+    """
+    names = job_entries(planned, refs, variables, concat_range)
+    return check_identity(planned.get("identity"), names, _remote_checker(req))

@@ -25,13 +25,9 @@ from zarr_parallel.planning.grid import AxisMap
 from zarr_parallel.planning.inputs import ArrayInput
 from zarr_parallel.planning.tile_spec import TileSpec
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.sources.source import (
-    Source,
-    SourceLayout,
-    _file_state,
-    check_sources,
-    open_source,
-)
+from zarr_parallel.sources.identity import check_sources
+from zarr_parallel.sources.layout import SourceLayout
+from zarr_parallel.sources.source import Source, file_stamp, open_source
 from zarr_parallel.transforms.registry import apply_transforms
 from zarr_parallel.transforms.tiling import Tiling, tile_dataset
 
@@ -278,6 +274,11 @@ def cached_source(req: CacheRequest) -> Source:
     return _cached_source(req.model_dump_json(include=_SOURCE_FIELDS), source_state(req))
 
 
+def clear_source_cache() -> None:
+    """Forget the sources this process opened: :func:`cached_source` opens them again."""
+    _cached_source.cache_clear()
+
+
 def fresh_source(req: CacheRequest) -> Source:
     """:func:`cached_source`, reopened if any source entry changed since it was opened.
 
@@ -302,7 +303,7 @@ def fresh_source(req: CacheRequest) -> Source:
 def source_state(req: CacheRequest) -> str:
     """The source files' state (sizes and modification times): a key for per-process caches."""
     uris = [req.data_uri] if isinstance(req.data_uri, str) else list(req.data_uri)
-    return canonical_json([_file_state(u) for u in uris])
+    return canonical_json([file_stamp(u) for u in uris])
 
 
 @lru_cache(maxsize=4)

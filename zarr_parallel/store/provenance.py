@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from zarr_parallel.sources.remote import redact
+from zarr_parallel.request.secrets import redact
 from zarr_parallel.version import __version__
 
 PREFIX = "zarr_parallel_"
