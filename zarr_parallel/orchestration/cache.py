@@ -175,7 +175,7 @@ def _publish_plan(prepared: Prepared) -> None:
 
 
 def _publish_recommendations(request: CacheRequest, e: RecommendationsPending) -> None:
-    from zarr_parallel.store.cache_store import resolve_paths
+    from zarr_parallel.store.paths import resolve_paths
 
     final = resolve_paths(request).final
     md = "# Run halted on recommendations\n\n" + str(e).replace("\n  ", "\n- ")

@@ -38,7 +38,7 @@ from zarr_parallel.request.model import CacheRequest, build_request
 from zarr_parallel.run.policy import Policy, check_request, load_policy
 from zarr_parallel.run.recommend import Recommendation
 from zarr_parallel.run.steps import recommendations_message
-from zarr_parallel.store.cache_store import resolve_paths
+from zarr_parallel.store.paths import resolve_paths
 from zarr_parallel.units import format_duration, parse_duration
 
 #: How often a paused run asks the API whether it was resumed (seconds).

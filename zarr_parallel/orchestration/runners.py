@@ -32,7 +32,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from zarr_parallel.planning.sizing import WorkerSizing, size_workers, slurm_duration
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.job_process import WORKER_OVERHEAD
-from zarr_parallel.store.cache_store import manifest_dir
+from zarr_parallel.store.layout import manifest_dir
 
 logger = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from zarr_parallel.orchestration.tasks import (
     write_task,
 )
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.store.cache_store import plan_record, recorded_jobs
+from zarr_parallel.store.manifest import plan_record, recorded_jobs
 
 #: Most write task runs per flow run: submitting a task costs ~0.1 s on a DaskTaskRunner.
 MAX_TASKS = 200

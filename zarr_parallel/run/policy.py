@@ -350,7 +350,7 @@ def check_env_references(request: Any, hosts: Iterable[str], policy: Policy) -> 
 
 
 def _check_writes(request: Any, policy: Policy, base: Path) -> None:
-    from zarr_parallel.store.cache_store import resolve_paths
+    from zarr_parallel.store.paths import resolve_paths
 
     final = resolve_paths(request).final
     # The cache's versions and lock sit beside it: its folder must lie under a root too.

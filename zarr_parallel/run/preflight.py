@@ -31,7 +31,7 @@ from zarr_parallel.planning.plan import Plan
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.sources.source import Source
 from zarr_parallel.sources.target import Target
-from zarr_parallel.store.cache_store import CachePaths
+from zarr_parallel.store.paths import CachePaths
 from zarr_parallel.units import format_bytes, parse_memory
 
 logger = logging.getLogger(__name__)

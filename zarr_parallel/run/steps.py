@@ -36,29 +36,24 @@ from zarr_parallel.sources.target import (
     cached_target,
     fresh_source,
 )
-from zarr_parallel.store.cache_store import (
-    LOCK_GUARD,
-    CachePaths,
-    check_cache_location,
+from zarr_parallel.store.layout import LOCK_GUARD
+from zarr_parallel.store.lock import CacheLock, held_token
+from zarr_parallel.store.manifest import (
     check_complete,
     check_lock_token,
-    clean_stale_links,
-    clean_temporary,
-    finalise,
-    initialise_store,
     is_complete,
     iter_job_records,
-    pending_record,
     plan_differences,
     plan_record,
-    publish,
     recorded_jobs,
-    resolve_paths,
     same_content,
     unrecord_job,
     write_fence,
 )
-from zarr_parallel.store.lock import CacheLock, held_token
+from zarr_parallel.store.ownership import check_cache_location
+from zarr_parallel.store.paths import CachePaths, pending_record, resolve_paths
+from zarr_parallel.store.publish import clean_stale_links, clean_temporary, publish
+from zarr_parallel.store.zarr_io import finalise, initialise_store
 from zarr_parallel.units import format_bytes
 
 logger = logging.getLogger(__name__)
@@ -179,7 +174,7 @@ def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
         The request.
     check_location
         Refuse a cache path holding what the cache does not own
-        (:func:`~zarr_parallel.store.cache_store.check_cache_location`); ``verify`` plans only to
+        (:func:`~zarr_parallel.store.ownership.check_cache_location`); ``verify`` plans only to
         compare.
 
     Raises
