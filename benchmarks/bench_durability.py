@@ -375,7 +375,7 @@ def published_content(scn: Scenario, counts: Counts, allowed: set[str], context:
     import xarray as xr
 
     from zarr_parallel.run.verify import cache_differences
-    from zarr_parallel.store.cache_store import is_complete
+    from zarr_parallel.store.manifest import is_complete
 
     final = scn.final
     if not final.is_symlink():
@@ -410,16 +410,16 @@ def leftovers(scn: Scenario, published: bool = True) -> list[str]:
     A run that found the cache up to date (``published=False``) publishes and prunes nothing,
     so what a killed run's prune left stays until the next publish.
     """
-    from zarr_parallel.store.cache_store import (
+    from zarr_parallel.store.layout import (
         LOCK_GUARD,
         PENDING_DIR,
         PRUNING_PREFIX,
         READERS_DIR,
         RETIRED_DIR,
         TEMPORARY_SUFFIXES,
-        CachePaths,
-        is_complete,
     )
+    from zarr_parallel.store.manifest import is_complete
+    from zarr_parallel.store.paths import CachePaths
 
     paths = CachePaths(scn.final)
     out = []
@@ -445,7 +445,8 @@ def leftovers(scn: Scenario, published: bool = True) -> list[str]:
 
 
 def _pruning_names(scn: Scenario) -> list[str]:
-    from zarr_parallel.store.cache_store import PRUNING_PREFIX, CachePaths
+    from zarr_parallel.store.layout import PRUNING_PREFIX
+    from zarr_parallel.store.paths import CachePaths
 
     versions = CachePaths(scn.final).versions
     return [p.name for p in versions.glob(f"{PRUNING_PREFIX}*")] if versions.is_dir() else []

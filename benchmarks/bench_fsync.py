@@ -4,7 +4,7 @@
 
 Writes an ERA5-like source (full 721 × 1440 grid, ``--steps`` hourly steps, two float32 variables),
 caches it in series mode with target chunks ``{time: 48, latitude: 180, longitude: 360}`` and
-prints, per job, the write time and the time :func:`zarr_parallel.store.cache_store. sync_job` took
+prints, per job, the write time and the time :func:`zarr_parallel.store.chunks.sync_job` took
 to fsync the job's chunk files and folders before its record was written. Run it on the filesystem
 the caches will live on: the figure is the cost of flushing the job's dirty pages, so it depends on
 the disk, not on this package.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from zarr_parallel.examples import make_era5_like
-from zarr_parallel.store import cache_store as store
+from zarr_parallel.store import manifest as store
 
 
 def main() -> None:

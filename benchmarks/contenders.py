@@ -57,7 +57,7 @@ def _zarr_parallel(mode: str) -> Callable[[dict[str, Any], str], dict[str, Any]]
         # Imported before the clock starts, as the other contenders' libraries are.
         import zarr_parallel.orchestration.cache  # noqa: F401
         from zarr_parallel import ZarrParallelAssembler
-        from zarr_parallel.store.cache_store import iter_job_records
+        from zarr_parallel.store.manifest import iter_job_records
 
         options: dict[str, Any] = {}
         if mode != "series":

@@ -23,7 +23,7 @@ from zarr_parallel.examples import make_era5_like
 from zarr_parallel.orchestration.control import temporary_api_settings
 from zarr_parallel.orchestration.recache import recache_flow
 from zarr_parallel.request.model import build_request
-from zarr_parallel.store.cache_store import CachePaths
+from zarr_parallel.store.paths import CachePaths
 
 
 def disk_usage(root: Path) -> int:

@@ -74,7 +74,7 @@ def run_request(request: CacheRequest) -> CacheResult:
     from zarr_parallel.logs import set_log_level
     from zarr_parallel.orchestration.cache import cache_flow
     from zarr_parallel.orchestration.control import temporary_api_settings
-    from zarr_parallel.store.cache_store import iter_job_records
+    from zarr_parallel.store.manifest import iter_job_records
 
     set_log_level(request.log_level)  # after Prefect (imported above) set up its logging
     with temporary_api_settings():

@@ -46,7 +46,7 @@ from zarr_parallel.orchestration.cache import cache_flow
 from zarr_parallel.orchestration.tasks import artifact_key
 from zarr_parallel.request.model import build_request
 from zarr_parallel.run.policy import POLICY_ENV
-from zarr_parallel.store.cache_store import CachePaths
+from zarr_parallel.store.paths import CachePaths
 
 pytestmark = pytest.mark.prefect_server
 

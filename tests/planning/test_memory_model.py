@@ -137,7 +137,7 @@ def test_estimate_bounds_measured_peak(
 _WRITE_ONE_THREAD = """
 import json, sys
 import numpy as np, zarr
-from zarr_parallel.store import cache_store as store
+from zarr_parallel.store import zarr_io as store
 from zarr_parallel.run.job import high_water_mark, release_freed_memory, reset_high_water_mark
 
 def rss():

@@ -47,7 +47,8 @@ from zarr_parallel.orchestration.cache import main
 from zarr_parallel.request.model import build_request
 from zarr_parallel.request.request_file import load_request_file
 from zarr_parallel.run.verify import cache_files, location_snapshot, verify_cache
-from zarr_parallel.store.cache_store import CachePaths, iter_job_records
+from zarr_parallel.store.manifest import iter_job_records
+from zarr_parallel.store.paths import CachePaths
 from zarr_parallel.transforms import registry as transforms
 from zarr_parallel.units import parse_duration, parse_memory
 

@@ -41,7 +41,8 @@ from benchmarks.bench_durability import (
 )
 from zarr_parallel import faults
 from zarr_parallel.run.verify import location_snapshot
-from zarr_parallel.store.cache_store import PRUNING_PREFIX, CachePaths
+from zarr_parallel.store.layout import PRUNING_PREFIX
+from zarr_parallel.store.paths import CachePaths
 
 #: Kills of the CI soak (the benchmark makes hundreds); more with ZP_SOAK_KILLS=N.
 SOAK_KILLS = int(os.environ.get("ZP_SOAK_KILLS", "24"))

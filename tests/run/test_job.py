@@ -32,7 +32,8 @@ from zarr_parallel.run.job import (
     slab_slices,
 )
 from zarr_parallel.run.steps import Prepared
-from zarr_parallel.store.cache_store import array_checksum, iter_job_records, recorded_jobs
+from zarr_parallel.store.manifest import iter_job_records, recorded_jobs
+from zarr_parallel.store.zarr_io import array_checksum
 
 MiB = 2**20
 Initialise = Callable[..., Prepared]

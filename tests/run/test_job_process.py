@@ -32,7 +32,7 @@ from zarr_parallel.run.job_process import (
     run_job_isolated,
 )
 from zarr_parallel.run.steps import Prepared
-from zarr_parallel.store.cache_store import recorded_jobs
+from zarr_parallel.store.manifest import recorded_jobs
 
 # A hang must fail the test, not the CI run.
 pytestmark = pytest.mark.timeout(600)

@@ -29,13 +29,9 @@ from zarr_parallel.errors import RequestError
 from zarr_parallel.request.model import build_request
 from zarr_parallel.run.steps import make_plan
 from zarr_parallel.run.verify import cache_differences, location_snapshot, verify_cache
-from zarr_parallel.store.cache_store import (
-    CachePaths,
-    chunk_files,
-    is_complete,
-    iter_job_records,
-    plan_record,
-)
+from zarr_parallel.store.chunks import chunk_files
+from zarr_parallel.store.manifest import is_complete, iter_job_records, plan_record
+from zarr_parallel.store.paths import CachePaths
 
 CHUNKS = {"time": 12, "latitude": 40, "longitude": 72}
 OTHER_CHUNKS = {"time": 24, "latitude": 40, "longitude": 72}

@@ -34,7 +34,8 @@ from zarr_parallel.run.chunk_reuse import link_unchanged
 from zarr_parallel.run.finish import finish
 from zarr_parallel.run.job import run_job
 from zarr_parallel.run.recache_decision import decide
-from zarr_parallel.store.cache_store import CachePaths, is_complete
+from zarr_parallel.store.manifest import is_complete
+from zarr_parallel.store.paths import CachePaths
 
 STEPS = [24, 24, 12, 24, 24]  # three files cached first, then two appended
 TIME_CHUNK = 24  # the cached end (60) falls inside a chunk: [48, 72) is partial

@@ -21,7 +21,7 @@ from zarr_parallel.request.model import build_request
 from zarr_parallel.run.preflight import InsufficientSpace, check_space, free_space
 from zarr_parallel.run.steps import make_plan
 from zarr_parallel.sources.target import cached_source
-from zarr_parallel.store.cache_store import resolve_paths
+from zarr_parallel.store.paths import resolve_paths
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -29,7 +29,8 @@ from zarr_parallel.run.steps import (
     worker_note,
 )
 from zarr_parallel.run.verify import location_snapshot
-from zarr_parallel.store.cache_store import CachePaths, is_complete, plan_record, recorded_jobs
+from zarr_parallel.store.manifest import is_complete, plan_record, recorded_jobs
+from zarr_parallel.store.paths import CachePaths
 
 
 def _request(src: list[Path], cache: Path, **extra: Any) -> CacheRequest:

@@ -20,7 +20,7 @@ from zarr_parallel.run.job import FAST_READ_ENV, run_job
 from zarr_parallel.run.steps import initialise, prepare
 from zarr_parallel.sources import fastread, hdf5_chunks
 from zarr_parallel.sources.target import cached_target
-from zarr_parallel.store.cache_store import iter_job_records
+from zarr_parallel.store.manifest import iter_job_records
 
 
 def _special_file(folder: Path) -> Path:
@@ -285,7 +285,7 @@ def test_jobs_write_the_same_bytes_as_the_xarray_path(
 
 def test_slabs_keep_the_checksum_of_the_whole_region() -> None:
     from zarr_parallel.run.job import slab_slices
-    from zarr_parallel.store.cache_store import array_checksum
+    from zarr_parallel.store.zarr_io import array_checksum
 
     values = np.random.default_rng(0).standard_normal((10, 3, 4)).astype("f4")
     import zlib

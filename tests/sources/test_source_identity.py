@@ -34,7 +34,8 @@ from zarr_parallel.request.model import build_request
 from zarr_parallel.run.steps import make_plan
 from zarr_parallel.sources.identity import check_identity, job_entries
 from zarr_parallel.sources.source import open_source
-from zarr_parallel.store.cache_store import CachePaths, iter_job_records, plan_record
+from zarr_parallel.store.manifest import iter_job_records, plan_record
+from zarr_parallel.store.paths import CachePaths
 
 CHUNKS = {"time": 12, "latitude": 40, "longitude": 72}
 

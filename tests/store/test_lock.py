@@ -323,7 +323,7 @@ def test_job_of_a_run_that_lost_its_lock_records_nothing(
     from zarr_parallel.errors import RunFailed
     from zarr_parallel.run.job import run_job
     from zarr_parallel.run.steps import initialise, prepare, run_lock
-    from zarr_parallel.store.cache_store import recorded_jobs
+    from zarr_parallel.store.manifest import recorded_jobs
 
     _, fields = _request_file(era5_files, tmp_path)
     req = build_request(**fields)

@@ -23,7 +23,7 @@ from core_support import cli_result
 from zarr_parallel.api import run_request
 from zarr_parallel.errors import RequestError
 from zarr_parallel.request.model import build_request
-from zarr_parallel.store.cache_store import CachePaths
+from zarr_parallel.store.paths import CachePaths
 
 CHUNKS = {"time": 12, "latitude": 40, "longitude": 72}
 
@@ -233,7 +233,7 @@ def _zarr_store(path: Path, **to_zarr: Any) -> None:
 def test_what_counts_as_a_zarr_store_of_another_tool(
     tmp_path: Path, make: Callable[[Path], Any], kind: str
 ) -> None:
-    from zarr_parallel.store.cache_store import inspect_final
+    from zarr_parallel.store.ownership import inspect_final
 
     store = tmp_path / "s.zarr"
     make(store)
@@ -246,7 +246,7 @@ def test_something_that_appears_at_the_path_during_the_run_is_not_replaced(
     """Pre-flight found nothing; by publish time a folder of files is there: the run fails
     (exit 1) and leaves it, instead of moving it aside."""
     from zarr_parallel.errors import RunFailed
-    from zarr_parallel.store.cache_store import publish
+    from zarr_parallel.store.publish import publish
 
     store = tmp_path / "c.zarr"
     paths = CachePaths(store)

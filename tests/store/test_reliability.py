@@ -17,17 +17,15 @@ from zarr_parallel.errors import RequestError, RunFailed
 from zarr_parallel.names import path_problem
 from zarr_parallel.request.model import build_request
 from zarr_parallel.run.verify import cache_differences, location_snapshot, verify_cache
-from zarr_parallel.store.cache_store import (
-    CachePaths,
-    chunk_files,
+from zarr_parallel.store.chunks import chunk_files, sync_job
+from zarr_parallel.store.manifest import (
     is_complete,
     iter_job_records,
     plan_differences,
     plan_record,
-    publish,
-    resolve_paths,
-    sync_job,
 )
+from zarr_parallel.store.paths import CachePaths, resolve_paths
+from zarr_parallel.store.publish import publish
 
 CHUNKS = {"time": 12, "latitude": 40, "longitude": 72}
 
@@ -291,7 +289,7 @@ def test_fault_hook_is_inert_unless_set_and_counts_its_points() -> None:
 def test_recache_copy_files_are_temporaries(tmp_path: Path) -> None:
     """Re-cache copies a chunk file (where hard links are refused) through ``.<key>.<pid>.copy``:
     a killed copy leaves it behind, and a resume must remove it, never publish it."""
-    from zarr_parallel.store.cache_store import clean_temporary
+    from zarr_parallel.store.publish import clean_temporary
 
     version = tmp_path / "1-abc"
     chunk_dir = version / "t2m" / "c" / "0" / "0"
@@ -307,7 +305,8 @@ def test_consolidated_metadata_is_durable_before_complete(
 ) -> None:
     """complete.json promises a readable version after a machine crash: the consolidated
     metadata must be fsynced before it (observed by recording every fsync's file)."""
-    from zarr_parallel.store.cache_store import finalise, manifest_dir
+    from zarr_parallel.store.layout import manifest_dir
+    from zarr_parallel.store.zarr_io import finalise
 
     store = tmp_path / "c.zarr"
     run_request(build_request(**_fields(era5_files, store)))

@@ -45,7 +45,7 @@ from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.policy import enforced
 from zarr_parallel.run.recommend import Recommendation
 from zarr_parallel.run.steps import Prepared, recommendations_message, run_lock, worker_note
-from zarr_parallel.store.cache_store import resolve_paths
+from zarr_parallel.store.paths import resolve_paths
 from zarr_parallel.units import format_bytes
 
 __all__ = ["cache_flow", "main", "run_cache_steps"]

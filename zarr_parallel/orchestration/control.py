@@ -39,7 +39,7 @@ from zarr_parallel.run.policy import Policy, load_policy
 from zarr_parallel.run.policy_checks import check_request
 from zarr_parallel.run.recommend import Recommendation
 from zarr_parallel.run.steps import recommendations_message
-from zarr_parallel.store.cache_store import resolve_paths
+from zarr_parallel.store.paths import resolve_paths
 from zarr_parallel.units import format_duration, parse_duration
 
 #: How often a paused run asks the API whether it was resumed (seconds).

@@ -47,7 +47,7 @@ from zarr_parallel.orchestration.tasks import (
 )
 from zarr_parallel.planning.jobs import read_jobs
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.store.cache_store import plan_record, recorded_jobs
+from zarr_parallel.store.manifest import plan_record, recorded_jobs
 
 #: Most write task runs per flow run: submitting a task costs ~0.1 s on a DaskTaskRunner.
 MAX_TASKS = 200

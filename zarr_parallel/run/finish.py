@@ -20,17 +20,16 @@ from zarr_parallel.run.job import merge_stats
 from zarr_parallel.run.steps import Prepared
 from zarr_parallel.run.verify import verify_cache
 from zarr_parallel.sources.identity import check_sources
-from zarr_parallel.store.cache_store import (
+from zarr_parallel.store.lock import held_token
+from zarr_parallel.store.manifest import (
     check_complete,
     check_lock_token,
-    clean_temporary,
-    finalise,
     iter_job_records,
     plan_record,
-    publish,
     unrecord_job,
 )
-from zarr_parallel.store.lock import held_token
+from zarr_parallel.store.publish import clean_temporary, publish
+from zarr_parallel.store.zarr_io import finalise
 
 logger = logging.getLogger(__name__)
 

@@ -38,15 +38,9 @@ from zarr_parallel.sources.target import (
     cached_target,
     source_state,
 )
-from zarr_parallel.store.cache_store import (
-    array_checksum,
-    crc32,
-    plan_record,
-    record_job,
-    sync_region,
-    write_region,
-    write_values,
-)
+from zarr_parallel.store.chunks import sync_region
+from zarr_parallel.store.manifest import plan_record, record_job
+from zarr_parallel.store.zarr_io import array_checksum, crc32, write_region, write_values
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from zarr_parallel.run.policy import (
     path_allowed,
     refuse,
 )
-from zarr_parallel.store.cache_store import resolve_paths
+from zarr_parallel.store.paths import resolve_paths
 
 
 def _static_part(path: str) -> str:

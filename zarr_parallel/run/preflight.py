@@ -33,7 +33,7 @@ from zarr_parallel.sources.references import referenced_urls
 from zarr_parallel.sources.remote import check_readable
 from zarr_parallel.sources.source import Source
 from zarr_parallel.sources.target import Target
-from zarr_parallel.store.cache_store import CachePaths
+from zarr_parallel.store.paths import CachePaths
 from zarr_parallel.units import format_bytes, parse_memory
 
 logger = logging.getLogger(__name__)

@@ -45,13 +45,8 @@ from zarr_parallel.run.changed_files import check_changed_files, file_changes, f
 from zarr_parallel.run.chunk_compare import values_equal
 from zarr_parallel.run.steps import Prepared, Status, limits_for, plan_inputs, prepare
 from zarr_parallel.sources.target import Target, build_target, fresh_source
-from zarr_parallel.store.cache_store import (
-    CachePaths,
-    is_complete,
-    plan_record,
-    recorded_jobs,
-    resolve_paths,
-)
+from zarr_parallel.store.manifest import is_complete, plan_record, recorded_jobs
+from zarr_parallel.store.paths import CachePaths, resolve_paths
 
 logger = logging.getLogger(__name__)
 

@@ -37,23 +37,20 @@ from zarr_parallel.sources.target import (
     cached_target,
     fresh_source,
 )
-from zarr_parallel.store.cache_store import (
-    LOCK_GUARD,
-    CachePaths,
-    check_cache_location,
-    clean_stale_links,
-    clean_temporary,
-    initialise_store,
+from zarr_parallel.store.layout import LOCK_GUARD
+from zarr_parallel.store.lock import CacheLock, held_token
+from zarr_parallel.store.manifest import (
     is_complete,
-    pending_record,
     plan_differences,
     plan_record,
     recorded_jobs,
-    resolve_paths,
     same_content,
     write_fence,
 )
-from zarr_parallel.store.lock import CacheLock, held_token
+from zarr_parallel.store.ownership import check_cache_location
+from zarr_parallel.store.paths import CachePaths, pending_record, resolve_paths
+from zarr_parallel.store.publish import clean_stale_links, clean_temporary
+from zarr_parallel.store.zarr_io import initialise_store
 from zarr_parallel.units import format_bytes
 
 logger = logging.getLogger(__name__)
@@ -174,7 +171,7 @@ def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
         The request.
     check_location
         Refuse a cache path holding what the cache does not own
-        (:func:`~zarr_parallel.store.cache_store.check_cache_location`); ``verify`` plans only to
+        (:func:`~zarr_parallel.store.ownership.check_cache_location`); ``verify`` plans only to
         compare.
 
     Raises

@@ -40,7 +40,7 @@ from typing import Any
 import psutil
 
 from zarr_parallel.errors import CacheLocked, RunFailed
-from zarr_parallel.store.cache_store import fsync_dir
+from zarr_parallel.store.files import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -111,21 +111,25 @@ class LockHolder:
 
     def state(self) -> str:
         """``alive``, ``dead`` (provably, on this host) or ``unknown`` (another host)."""
-        if not self.host or self.host != _hostname():
+        if not self.host or self.host != host_name():
             return "unknown"
-        return "alive" if _pid_alive(self.pid, self.pid_start) else "dead"
+        return "alive" if process_alive(self.pid, self.pid_start) else "dead"
 
     def heartbeat_age(self) -> float:
         """Seconds since the holder last refreshed the lock."""
         return max(0.0, time.time() - self.heartbeat)
 
 
-def _hostname() -> str:
+def host_name() -> str:
+    """This machine's host name, as lock files and readers' leases record it."""
     return socket.gethostname()
 
 
-def _pid_alive(pid: int, pid_start: float) -> bool:
-    """True when ``pid`` runs the process that took the lock (not a reused pid, not a zombie)."""
+def process_alive(pid: int, pid_start: float) -> bool:
+    """True when ``pid`` runs the process started at ``pid_start`` (no reused pid, no zombie).
+
+    The process that took a lock, or a reader's lease, records its pid and start time.
+    """
     if pid <= 0:
         return False
     try:
@@ -182,7 +186,7 @@ class CacheLock:
     def _content(self) -> dict[str, Any]:
         me = psutil.Process()
         return {
-            "host": _hostname(),
+            "host": host_name(),
             "pid": os.getpid(),
             "pid_start": me.create_time(),
             "started": time.time(),

@@ -8,10 +8,10 @@ byte-comparable.
 from __future__ import annotations
 
 import datetime as dt
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from zarr_parallel.request.secrets import redact
-from zarr_parallel.version import __version__
 
 PREFIX = "zarr_parallel_"
 #: Most source paths listed one by one; a longer list is summarised.
@@ -25,6 +25,18 @@ def _source_text(data_uri: str | list[str]) -> str | list[str]:
     return [*uris[:3], f"... {len(uris) - 6} more ...", *uris[-3:]]
 
 
+def package_version() -> str:
+    """This package's version, as ``zarr_parallel.__version__`` gives it.
+
+    Read from the installed distribution here rather than imported from the package root, which
+    imports the doors (the store is below them).
+    """
+    try:
+        return version("zarr-parallel")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
 def provenance_attrs(
     data_uri: str | list[str], engine: str | None, request_fingerprint: str, plan_fingerprint: str
 ) -> dict[str, Any]:
@@ -34,6 +46,6 @@ def provenance_attrs(
         f"{PREFIX}engine": engine or "detected",
         f"{PREFIX}request_fingerprint": request_fingerprint,
         f"{PREFIX}plan_fingerprint": plan_fingerprint,
-        f"{PREFIX}version": __version__,
+        f"{PREFIX}version": package_version(),
         f"{PREFIX}written": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }

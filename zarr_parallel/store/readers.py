@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 import uuid
 import weakref
@@ -37,9 +36,14 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore
 
 from zarr_parallel.errors import VersionUnavailable
-from zarr_parallel.store.cache_store import LEASE_MAX_AGE, READERS_DIR, is_complete
+from zarr_parallel.store.layout import READERS_DIR
+from zarr_parallel.store.lock import host_name, process_alive
+from zarr_parallel.store.manifest import is_complete
 
 logger = logging.getLogger(__name__)
+
+#: A lease from another host (whose process cannot be checked from here) counts this long.
+LEASE_MAX_AGE = 24 * 3600.0
 
 #: Keys that may be missing in a complete version: Zarr metadata zarr or xarray probe for.
 _OPTIONAL_KEYS = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
@@ -143,7 +147,7 @@ def open_cache(path: str | os.PathLike[str], **xarray_kwargs: Any) -> xr.Dataset
 def _take_lease(version: Path) -> Path | None:
     """Write this reader's lease on ``version``; None when the folder is not writable."""
     folder = version.parent / READERS_DIR
-    host = socket.gethostname()
+    host = host_name()
     lease = folder / f"{version.name}--{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
     content = {
         "version": version.name,
@@ -179,10 +183,8 @@ def live_lease(lease: Path) -> str | None:
 
     A lease from this host holds while its process runs (the same process: its start time is
     checked, so a reused pid does not count); from another host it holds for
-    :data:`~zarr_parallel.store.cache_store.LEASE_MAX_AGE` seconds.
+    :data:`LEASE_MAX_AGE` seconds.
     """
-    from zarr_parallel.store.lock import _hostname, _pid_alive
-
     try:
         data = json.loads(lease.read_text())
         version = str(data["version"])
@@ -197,8 +199,8 @@ def live_lease(lease: Path) -> str | None:
         except OSError:
             return None
         return lease.name.split("--")[0] if age < LEASE_MAX_AGE else None
-    local = host == _hostname()
-    alive = _pid_alive(pid, started) if local else time.time() - taken < LEASE_MAX_AGE
+    local = host == host_name()
+    alive = process_alive(pid, started) if local else time.time() - taken < LEASE_MAX_AGE
     if not alive:
         logger.info("removing the lease %s of a reader that is gone", lease.name)
         _drop_lease(lease)
