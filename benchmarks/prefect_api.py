@@ -15,8 +15,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-#: The temporary Prefect API's start-up time given to every contender (as the command line
-#: allows, ``zarr_parallel.orchestration``): a fresh PREFECT_HOME migrates its database first.
+#: The temporary Prefect API's start-up time given to every contender, the 180 s that
+#: :mod:`zarr_parallel.orchestration` gives the command line: on a loaded machine a fresh
+#: PREFECT_HOME's migrations alone take longer than Prefect's 20 s.
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 TEMPORARY_API_STARTUP_SECONDS = 180
 
