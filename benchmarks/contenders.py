@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from zarr_parallel.run.job import high_water_mark, rchar
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-# A temporary Prefect API starts per run (part of end to end); give it time on a loaded machine.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# A temporary Prefect API starts per run (part of end to end): the suite gives it time on a
+# loaded machine in the environment this process starts with (suite.contender_environment).
 
 #: zarr-parallel 0.5.0's venv python (set by the suite).
 ZP050_PYTHON = "ZP050_PYTHON"
@@ -248,6 +249,7 @@ def main(argv: list[str]) -> int:
         out["ok"] = True
     except BaseException as e:  # every failure is a result to record, with its reason
         out = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
+        traceback.print_exc()  # on stderr: the suite keeps its end (a crash of ours is visible)
     own, kids = _maxrss()
     out["max_process_rss"] = max(own, kids, int(out.pop("largest_worker_process", 0)))
     print("RESULT " + json.dumps(out, default=str), flush=True)

@@ -19,10 +19,12 @@ fi
 phase "local SLURM"
 python -m pytest -q "$@"
 phase "pytest"
-# [bench] smoke: figures printed, not asserted. This project's modes on a running Prefect server
-# and on a temporary API, beside plain xarray + dask and the floor; the full comparison (0.5.0,
-# SLURM, more xarray variants) is `python -m benchmarks.suite` without --contenders.
-python -m benchmarks.suite --size quick --repeat 1 --cases misaligned \
+# [bench] smoke: figures printed, not asserted (a failed contender is a row saying why, and a
+# failure of one of ours is repeated at the end with its traceback). This project's modes on a
+# running Prefect server and on a temporary API, beside plain xarray + dask and the floor, on the
+# 0.4 GB `smoke` dataset; the full comparison (0.5.0, SLURM, more xarray variants, 1.2-4.2 GB)
+# is `python -m benchmarks.suite` without --contenders.
+python -m benchmarks.suite --size smoke --repeat 1 --cases misaligned \
   --contenders "zarr-parallel series,zarr-parallel series (Prefect server),zarr-parallel dask_distributed,xarray+dask (source chunks),floor"
 phase "benchmark smoke"
 NO_MKDOCS_2_WARNING=1 mkdocs build --strict -q

@@ -1,0 +1,193 @@
+"""What the suite's runs mean: medians per contender, the issue's goals, the Markdown table.
+
+Shared by :mod:`benchmarks.suite` (which runs the contenders and prints a table per case) and
+:mod:`benchmarks.report` (which rebuilds ``docs/benchmarks.md`` from a results file), so both
+read the raw runs the same way and neither imports the other.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from zarr_parallel.units import parse_memory
+
+#: Series mode against a running ``prefect server`` (as deployments and any user with
+#: ``PREFECT_API_URL`` run): no temporary API starts inside the timing.
+WITH_SERVER = "zarr-parallel series (Prefect server)"
+XARRAY = (
+    "xarray+dask (source chunks)",
+    "xarray+dask distributed (source chunks)",
+    "xarray+dask (target chunks)",
+)
+ZP050 = ("zarr-parallel 0.5.0 series", "zarr-parallel 0.5.0 dask_distributed")
+OURS = (
+    "zarr-parallel series",
+    WITH_SERVER,
+    "zarr-parallel dask_distributed",
+    "zarr-parallel SLURM",
+)
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def _spread(runs: list[dict[str, Any]], key: str) -> list[float]:
+    """The range of one figure over the repetitions, rounded for the table."""
+    values = [r[key] for r in runs]
+    return [round(min(values), 1), round(max(values), 1)]
+
+
+def _worker_memory(peaks: list[list[Any]]) -> dict[str, Any]:
+    """The largest worker peak, the limits and whether every peak kept within its limit."""
+    if not peaks:
+        return {}
+    limits = {p[1] for p in peaks}
+    return {
+        "worker_peak_rss": max(p[0] for p in peaks),
+        "worker_limit": ", ".join(sorted(str(x) for x in limits)),
+        "worker_peaks_within_limit": all(
+            p[1] == "none" or p[0] <= int(parse_memory(p[1], "memory_limit")) for p in peaks
+        ),
+    }
+
+
+def _estimate_fit(ok: list[dict[str, Any]]) -> dict[str, Any]:
+    """zarr-parallel's job memory estimates ÷ measured peaks (range), with the plan's figures."""
+    estimates = [e for r in ok for e in r.get("estimates", [])]
+    if not estimates:
+        return {}
+    ratios = [e / max(1, m) for e, m in estimates]
+    return {
+        "estimate_over_peak": [round(min(ratios), 2), round(max(ratios), 2)],
+        "jobs": ok[0].get("jobs"),
+        "plan_read_amplification": ok[0].get("plan_read_amplification"),
+    }
+
+
+def summarise(runs: list[dict[str, Any]], case: dict[str, Any]) -> dict[str, Any]:
+    """Medians and checks of one contender's runs on one case."""
+    ok = [r for r in runs if r.get("ok")]
+    if not ok:
+        return {"ok": False, "error": runs[0].get("error", "failed") if runs else "not run"}
+    e2e = _median(ok, "e2e_s")
+    data = _median(ok, "data_s")
+    nbytes = case["uncompressed_bytes"]
+    reads = [r["read_bytes"] for r in ok if r.get("read_bytes") is not None]
+    utilisation = [r["cpu_s"] / (r["process_wall_s"] * case["cores"]) for r in ok]
+    out: dict[str, Any] = {
+        "ok": True,
+        "runs": len(ok),
+        "e2e_s": round(e2e, 2),
+        "data_s": round(data, 2),
+        # The spread of the repetitions: on a shared VM one contender's runs can differ by a
+        # quarter, so a reader should see how far a median can be trusted.
+        "e2e_range": _spread(ok, "e2e_s"),
+        "data_range": _spread(ok, "data_s"),
+        "e2e_MBps": round(nbytes / e2e / 1e6, 1),
+        "data_MBps": round(nbytes / data / 1e6, 1),
+        "cpu_s": round(_median(ok, "cpu_s"), 1),
+        "cpu_utilisation": round(statistics.median(utilisation), 2),
+        "max_process_rss": max(r.get("max_process_rss", 0) for r in ok),
+        "read_amplification": (
+            round(statistics.median(reads) / case["needed_stored_bytes"], 3) if reads else None
+        ),
+        "files": ok[0].get("files"),
+        "equal": ok[0].get("equal"),
+        "failed_runs": len(runs) - len(ok),
+    }
+    out.update(_worker_memory([p for r in ok for p in r.get("worker_peaks", [])]))
+    out.update(_estimate_fit(ok))
+    if ok[0].get("note"):
+        out["note"] = ok[0]["note"]
+    return out
+
+
+def _best_of(case_results: dict[str, dict[str, Any]], names: tuple[str, ...], phase: str) -> Any:
+    """The shortest time of ``phase`` among the contenders ``names`` that succeeded, or None."""
+    times = [case_results[k][phase] for k in names if case_results.get(k, {}).get("ok")]
+    return min(times) if times else None
+
+
+def goals(case_results: dict[str, dict[str, Any]], target: str) -> dict[str, Any]:
+    """The issue's goals for one case, as measured ratios (higher is better)."""
+    out: dict[str, Any] = {}
+    ours = {k: v for k, v in case_results.items() if k in OURS and v.get("ok")}
+    if not ours:
+        return out
+    best_name = min(ours, key=lambda k: ours[k]["e2e_s"])
+    best = ours[best_name]
+    out["ours_best"] = best_name
+    floor = case_results.get("floor", {})
+    for phase in ("e2e_s", "data_s"):
+        tag = phase[:-2]
+        best_xarray = _best_of(case_results, XARRAY, phase)
+        best_old = _best_of(case_results, ZP050, phase)
+        if best_xarray is not None:
+            out[f"speedup_vs_best_xarray_{tag}"] = round(best_xarray / best[phase], 2)
+        if best_old is not None:
+            out[f"speedup_vs_zp050_{tag}"] = round(best_old / best[phase], 2)
+        if floor.get("ok"):
+            out[f"fraction_of_floor_{tag}"] = round(floor[phase] / best[phase], 2)
+    # 0.5.0's output is not the requested cache (see docs/benchmarks.md): say so with its ratio.
+    old_ok = [k for k in ZP050 if case_results.get(k, {}).get("ok")]
+    if old_ok:
+        out["zp050_output_equal"] = all(case_results[k].get("equal") for k in old_ok)
+    out["read_amplification"] = best.get("read_amplification")
+    out["memory_within_limits"] = all(
+        v.get("worker_peaks_within_limit", True) for v in ours.values()
+    )
+    return out
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Bytes as MB/GB for tables."""
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _with_range(median: float, spread: list[float] | None, runs: int, most: int = 1) -> str:
+    """A median, with the range of the runs when there were several.
+
+    A contender that ran fewer times than the case's others (``--once``) says how often.
+    """
+    if runs < 2 or not spread:
+        return f"{median} ({runs} run)" if runs < most else f"{median}"
+    return f"{median} ({spread[0]}–{spread[1]})" + (f", {runs} runs" if runs < most else "")
+
+
+def _table_row(name: str, r: dict[str, Any], most: int) -> str:
+    """One contender's row of :func:`markdown_table`."""
+    if not r.get("ok"):
+        return f"| {name} | failed: {r.get('error', '')[:120]} |" + " |" * 11
+    peak = (
+        f"{fmt_bytes(r['worker_peak_rss'])} / {r['worker_limit']}"
+        if "worker_peak_rss" in r
+        else "-"
+    )
+    est = r.get("estimate_over_peak")
+    amp = r.get("read_amplification")
+    return (
+        f"| {name} | {_with_range(r['e2e_s'], r.get('e2e_range'), r['runs'], most)} | "
+        f"{_with_range(r['data_s'], r.get('data_range'), r['runs'], most)} | "
+        f"{r['e2e_MBps']} | {r['data_MBps']} | "
+        f"{r.get('cpu_s', '-')} | {r['cpu_utilisation']:.0%} | "
+        f"{fmt_bytes(r['max_process_rss'])} | {peak} | "
+        f"{f'{est[0]}–{est[1]}' if est else '-'} | {amp if amp is not None else '-'} | "
+        f"{r.get('files', '-')} | {'yes' if r.get('equal') else 'NO: ' + r.get('note', '')} |"
+    )
+
+
+def markdown_table(case: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
+    """One case's results as a Markdown table."""
+    head = (
+        "| contender | end to end (s), median (range) | data phase (s) | MB/s e2e | MB/s data | "
+        "CPU s | CPU use | largest process RSS | worker peak / limit | estimate ÷ peak | "
+        "read amplification | files | equal |\n" + "|---" * 13 + "|"
+    )
+    rows = [f"**{case['name']}** ({fmt_bytes(case['uncompressed_bytes'])} uncompressed)", "", head]
+    most = max((r["runs"] for r in summary.values() if r.get("ok")), default=1)
+    rows += [_table_row(name, r, most) for name, r in summary.items()]
+    return "\n".join(rows)
