@@ -1,4 +1,4 @@
-"""The house (docs/design.md, "The house"): the package's rooms and its import rules, read from the
+"""The house (docs/design.md §9): the package's rooms and its import rules, read from the
 code with :mod:`ast`.
 
 The rooms, from the bottom up; a module may import its own room and the rooms below it, never one
@@ -60,7 +60,7 @@ DOOR_MODULES = frozenset({"api", "cli", "__init__", "__main__", "flows", "deploy
 #: Rooms below orchestration: none of them may import Prefect (the job process runs their code).
 NO_PREFECT_ROOMS = ("base", "planning", "transforms", "request", "sources", "store", "run")
 PREFECT_PACKAGES = frozenset({"prefect", "prefect_dask"})
-#: The planner is pure arithmetic: no execution framework either (docs/design.md, "The house").
+#: The planner is pure arithmetic: no execution framework either (docs/design.md §9).
 PLANNING_FORBIDDEN = PREFECT_PACKAGES | {"dask", "distributed", "dask_jobqueue"}
 MAX_LINES = 520
 MAX_COMPLEXITY = 20
