@@ -79,6 +79,8 @@ def project_modules() -> dict[str, Path]:
     found: dict[str, Path] = {}
     for folder in PROJECT:
         for path in sorted((ROOT / folder).rglob("*.py")):
+            if any(part.startswith(".") for part in path.relative_to(ROOT).parts):
+                continue  # a virtual environment or cache inside the folder is not the project
             found[module_name(path)] = path
     return dict(sorted(found.items()))
 

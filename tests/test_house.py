@@ -114,6 +114,8 @@ def modules(folders: tuple[str, ...]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for folder in folders:
         for path in sorted((ROOT / folder).rglob("*.py")):
+            if any(part.startswith(".") for part in path.relative_to(ROOT).parts):
+                continue  # a virtual environment or cache inside the folder is not the project
             found[module_name(path)] = path
     return found
 

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from zarr_parallel.errors import RequestError
+from zarr_parallel.logs import set_log_level
 from zarr_parallel.request.model import DEFAULT_DEPLOY_MODE, CacheRequest, build_request
+from zarr_parallel.store.manifest import iter_job_records
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +73,10 @@ class CacheHandle:
 
 def run_request(request: CacheRequest) -> CacheResult:
     """Run the cache flow for a validated request."""
-    from zarr_parallel.logs import set_log_level
+    # Deferred: the orchestration modules import Prefect (seconds), which `import zarr_parallel`
+    # and the command's --help must not pay for.
     from zarr_parallel.orchestration.cache import cache_flow
     from zarr_parallel.orchestration.control import temporary_api_settings
-    from zarr_parallel.store.manifest import iter_job_records
 
     set_log_level(request.log_level)  # after Prefect (imported above) set up its logging
     with temporary_api_settings():

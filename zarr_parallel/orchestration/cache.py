@@ -42,9 +42,17 @@ from zarr_parallel.orchestration.runners import (
 from zarr_parallel.orchestration.tasks import artifact_key, finish_task, initialise_task, plan_task
 from zarr_parallel.orchestration.write_flow import group_jobs, write_flow
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.request.request_file import load_request_file
 from zarr_parallel.run.policy import enforced
 from zarr_parallel.run.recommend import Recommendation
-from zarr_parallel.run.steps import Prepared, recommendations_message, run_lock, worker_note
+from zarr_parallel.run.steps import (
+    Prepared,
+    prepare,
+    recommendations_message,
+    run_lock,
+    worker_note,
+)
+from zarr_parallel.run.verify import verify_cache
 from zarr_parallel.store.paths import resolve_paths
 from zarr_parallel.units import format_bytes
 
@@ -242,9 +250,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.cache")
 
     ``zarr-parallel run|plan|verify`` (:mod:`zarr_parallel.cli`) lands here with its ``prog``.
     """
-    from zarr_parallel.request.request_file import load_request_file
-    from zarr_parallel.run.steps import prepare
-
     parser = _parser(prog)
     args = parser.parse_args(argv)
     command, request_path = args.command, args.request
@@ -264,8 +269,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.cache")
             _print_plan(prepare(req))
             return 0
         if command == "verify":
-            from zarr_parallel.run.verify import verify_cache
-
             report = verify_cache(req, args.verify_mode, args.sample, args.seed)
             print(report.text())
             return 0 if report.ok else 1

@@ -35,6 +35,7 @@ from zarr_parallel.orchestration.control import (
 )
 from zarr_parallel.orchestration.tasks import artifact_key
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.request.request_file import load_request_file
 from zarr_parallel.run.chunk_reuse import AppendNotPossible, link_unchanged
 from zarr_parallel.run.policy import enforced
 from zarr_parallel.run.recache_decision import AppendPrepared, Decision, decide
@@ -160,8 +161,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.recache
     Exit codes as the cache CLI: 0 done or up to date, 1 failed, 2 invalid, 3 halted.
     ``zarr-parallel recache`` (:mod:`zarr_parallel.cli`) lands here with its ``prog``.
     """
-    from zarr_parallel.request.request_file import load_request_file
-
     p = argparse.ArgumentParser(
         prog=prog,
         description="Bring the cache of REQUEST.yaml up to date with its source.",

@@ -437,6 +437,7 @@ def _share_cores() -> None:
         return
     import zarr
 
+    # Deferred like the job stack below: this module is loaded by every dask worker as it joins.
     from zarr_parallel.sources.fastread import process_cores
 
     zarr.config.set({"threading.max_workers": process_cores()})
@@ -450,6 +451,8 @@ def _serve(fd: int) -> None:
 
     import zarr
 
+    # Deferred: the job stack (xarray, zarr, h5py) loads in the job process only; this module is
+    # also loaded by every dask worker as it joins (the prewarm plugin), which must stay quick.
     from zarr_parallel.run.job import run_job
     from zarr_parallel.sources.fastread import reader_threads
 

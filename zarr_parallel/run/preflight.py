@@ -30,7 +30,7 @@ from zarr_parallel.errors import PlanError
 from zarr_parallel.planning.plan import Plan
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.sources.references import referenced_urls
-from zarr_parallel.sources.remote import check_readable
+from zarr_parallel.sources.remote import check_readable, fsspec_options_for, readable_file
 from zarr_parallel.sources.source import Source
 from zarr_parallel.sources.target import Target
 from zarr_parallel.store.paths import CachePaths
@@ -145,8 +145,6 @@ def _kerchunk_stored(refs: Mapping[str, Any], variables: Mapping[str, Any]) -> d
 def _zarr_stored(path: str, req: CacheRequest, variables: Mapping[str, Any]) -> dict[str, int]:
     import zarr
 
-    from zarr_parallel.sources.remote import fsspec_options_for
-
     group = zarr.open_group(path, mode="r", storage_options=fsspec_options_for(path, req) or None)
     out: dict[str, int] = {}
     for name in variables:
@@ -159,8 +157,6 @@ def _zarr_stored(path: str, req: CacheRequest, variables: Mapping[str, Any]) -> 
 def _hdf5_stored(source: Source, req: CacheRequest) -> dict[str, int]:
     """Storage size over a few sampled files, scaled to the whole variable."""
     import h5py
-
-    from zarr_parallel.sources.remote import readable_file
 
     files = list(source.layout.files)
     picks = sorted({0, len(files) // 2, len(files) - 1})[:SAMPLED_FILES]
