@@ -262,8 +262,17 @@ def _wrap_os(name: str, operation: str) -> Callable[..., Any]:
     original = getattr(os, name)
     by_fd = name in ("write", "fsync", "fdatasync")
 
+    # A link is counted where it is made (its second argument): a symlink's first argument is
+    # the target it points to, often relative, which lies under no fault root.
+    made = name in ("symlink", "link")
+
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _count(operation, _path_of(args, kwargs, by_fd))
+        if made:
+            dst = args[1] if len(args) > 1 else kwargs.get("dst")
+            where = {"dir_fd": kwargs.get("dst_dir_fd", kwargs.get("dir_fd"))}
+            _count(operation, _path_of((dst,), where, False) if dst is not None else "")
+        else:
+            _count(operation, _path_of(args, kwargs, by_fd))
         return original(*args, **kwargs)
 
     wrapper.__name__ = name
