@@ -1,6 +1,10 @@
 """zarr-parallel: source-chunk-aware, memory-bounded, resumable caching of datasets into Zarr."""
 
-from zarr_parallel.api import CacheHandle, CacheResult, ZarrParallelAssembler
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from zarr_parallel.errors import (
     CacheLocked,
     LockLost,
@@ -11,8 +15,34 @@ from zarr_parallel.errors import (
     VersionUnavailable,
     ZarrParallelError,
 )
-from zarr_parallel.store.readers import open_cache
 from zarr_parallel.version import __version__
+
+if TYPE_CHECKING:
+    from zarr_parallel.api import CacheHandle, CacheResult, ZarrParallelAssembler
+    from zarr_parallel.store.readers import open_cache
+
+#: Names loaded on first use: the Python door and the reader import xarray, zarr and dask, which
+#: ``import zarr_parallel`` (and so the command's ``--help``) should not pay for.
+_LAZY = {
+    "CacheHandle": "zarr_parallel.api",
+    "CacheResult": "zarr_parallel.api",
+    "ZarrParallelAssembler": "zarr_parallel.api",
+    "open_cache": "zarr_parallel.store.readers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zarr_parallel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CacheHandle",

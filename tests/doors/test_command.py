@@ -22,8 +22,9 @@ from zarr_parallel.request.model import CacheRequest
 
 #: The installed command (the console script of this environment).
 COMMAND = str(Path(sys.executable).with_name("zarr-parallel"))
-#: Modules the help and the version must not import (they take seconds).
-HEAVY = ("prefect", "distributed", "dask_jobqueue")
+#: What --help and --version must not import: Prefect and the clusters (seconds), and the data
+#: stack (xarray, dask, zarr, h5py), which only a run needs.
+HEAVY = ("prefect", "distributed", "dask_jobqueue", "xarray", "dask", "zarr", "h5py")
 
 
 def _env(**changes: str | None) -> dict[str, str]:

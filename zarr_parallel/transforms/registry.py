@@ -13,10 +13,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
+
+if TYPE_CHECKING:
+    # Only annotations name xarray here: importing it costs ~0.4 s that a request's
+    # validation (and the command's --help) need not pay.
+    import xarray as xr
 
 from zarr_parallel.errors import RequestError
 
@@ -36,7 +40,7 @@ class TransformContext:
     variable: str | None = None
 
 
-Transform = Callable[..., xr.Dataset]
+Transform = Callable[..., "xr.Dataset"]
 _BUILTIN: dict[str, Transform] = {}
 _ALIASES = {"subset": "sel", "reverse_axis": "reverse", "tiled": "tiled"}
 #: Encoding key set by the ``encoding`` transform when it asks for packing (see store).
