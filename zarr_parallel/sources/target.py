@@ -29,7 +29,7 @@ from zarr_parallel.sources.identity import check_sources
 from zarr_parallel.sources.layout import SourceLayout
 from zarr_parallel.sources.source import Source, file_stamp, open_source
 from zarr_parallel.transforms.registry import apply_transforms
-from zarr_parallel.transforms.tiling import Tiling, tile_dataset
+from zarr_parallel.transforms.tiled_target import Tiling, tile_dataset
 
 logger = logging.getLogger(__name__)
 

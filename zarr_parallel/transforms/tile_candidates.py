@@ -16,7 +16,7 @@ from typing import Any
 
 from zarr_parallel.planning.tile_spec import TileSpec
 from zarr_parallel.planning.tiles import DimTiles
-from zarr_parallel.transforms.tiling import Tiling
+from zarr_parallel.transforms.tiled_target import Tiling
 
 #: ``(changes, sentence, keeps_region, magnitude)``: one alternative request.
 Candidate = tuple[dict[str, Any], str, bool, int]
