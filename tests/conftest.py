@@ -28,7 +28,7 @@ def prefect_api() -> Iterator[str]:
     """One temporary Prefect API for the whole session, exported to subprocesses.
 
     Dask workers and CLI subprocesses inherit ``PREFECT_API_URL`` and so never start a
-    temporary server of their own (DESIGN §6).
+    temporary server of their own (docs/design.md §6).
     """
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness

@@ -18,7 +18,7 @@ from zarr_parallel.api import CacheResult
 def cache_files(cache: Path) -> dict[str, bytes]:
     """Array metadata and chunk files of a cache, by path inside it.
 
-    Sidecars are left out (DESIGN §2a): the manifest folder ``.zarr-parallel/`` and the
+    Sidecars are left out (docs/design.md §2a): the manifest folder ``.zarr-parallel/`` and the
     group-level documents at the top (group attributes, consolidated metadata).
     """
     root = Path(os.path.realpath(cache))

@@ -21,7 +21,7 @@ from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.version import __version__
 
 PROG = "zarr-parallel"
-#: The exit codes of every command (DESIGN: CLI exit codes).
+#: The exit codes of every command (docs/design.md §11).
 EXIT_CODES = (
     (0, "done, or the cache was up to date"),
     (1, "the run failed (nothing half-written is published)"),

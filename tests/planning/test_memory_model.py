@@ -1,4 +1,5 @@
-"""The memory model is a promise (DESIGN §5): a job's estimate is an upper bound of its real peak.
+"""The memory model is a promise (docs/design.md §5): a job's estimate is an upper bound of its real
+peak.
 
 Each case plans a real request, then runs one write job in a fresh Python process (as a worker
 would) and compares the peak RSS increase the job measured (``write.measure_peak``) with the

@@ -1,5 +1,5 @@
-"""The planner (DESIGN §4): hypothesis properties against a brute-force reference, and a table
-of hand-checked plans.
+"""The planner (docs/design.md §4): hypothesis properties against a brute-force reference, and a
+table of hand-checked plans.
 
 The brute-force reference enumerates elements and chunks directly; it shares no code with
 :mod:`zarr_parallel.planning.plan` beyond :func:`~zarr_parallel.planning.memory.job_memory` (the

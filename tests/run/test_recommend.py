@@ -1,5 +1,5 @@
 """Recommendations on real files: a selection that starts and ends inside source chunks, and
-target chunks whose units do not fit the budget (DESIGN §3.5)."""
+target chunks whose units do not fit the budget (docs/design.md §3.5)."""
 
 from __future__ import annotations
 

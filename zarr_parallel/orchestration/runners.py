@@ -70,7 +70,7 @@ def worker_settings(api_url: str | None) -> Iterator[None]:
 
     Prefect ships the flow's settings with each task to the worker; when the flow talks to a
     temporary server those settings hold no URL, and the worker would start a server of its
-    own (DESIGN §6). Within this block they name the flow's API instead.
+    own (docs/design.md §6). Within this block they name the flow's API instead.
     """
     if not api_url:
         yield
@@ -91,7 +91,7 @@ def worker_environment(req: CacheRequest, api_url: str | None, cores: int) -> di
     """Environment of worker processes: the flow's Prefect API, no temporary server, quiet dask,
     and the cores each worker may use.
 
-    A worker that finds no API URL would start a temporary Prefect server of its own (DESIGN
+    A worker that finds no API URL would start a temporary Prefect server of its own (docs/design.md
     §6), so the URL of the flow's API — the temporary one too — is handed over explicitly.
     ``cores`` becomes ``ZARR_PARALLEL_THREADS``: workers sharing a node each get their share,
     so that their readers and encoders do not start a thread per core of the whole node. A

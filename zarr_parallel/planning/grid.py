@@ -1,8 +1,8 @@
 """The grids the planner aligns jobs to: :class:`AxisMap` (one target dimension over the source
 chunk grid), the write grid and the units whole in both.
 
-Terms (see DESIGN §3.4): per dimension the *write grid* is the target chunk (or shard) grid; the
-*source grid* is the source chunk grid mapped into target index space. A *unit* is the smallest
+Terms (see docs/design.md §3.4): per dimension the *write grid* is the target chunk (or shard) grid;
+the *source grid* is the source chunk grid mapped into target index space. A *unit* is the smallest
 block whole in both grids. Pure arithmetic, no I/O.
 """
 

@@ -1,4 +1,5 @@
-"""The memory model (DESIGN §5): estimated peak bytes of one job, through xarray or the fast path.
+"""The memory model (docs/design.md §5): estimated peak bytes of one job, through xarray or the fast
+path.
 
 :func:`job_memory` is the model of a job written through xarray; :func:`fast_job_memory` that of a
 job the fast path streams in slabs (:func:`fast_slab_bounds`). The constants are measured; their
@@ -16,10 +17,10 @@ import numpy as np
 from zarr_parallel.planning.grid import IntArray
 
 #: Copies of a job's region held at peak besides the decompressed source chunks: the assembled
-#: region, an encoded copy (when a fill value or dtype is encoded), the encoder's contiguous
-#: chunk copies, its compressed buffers (as large as the chunks for data that barely
-#: compresses), and one more for library buffers and allocator slack (DESIGN §5). Measured peaks
-#: are 2.8 regions for aligned jobs and 3.8 with an encoded fill value on incompressible data
+#: region, an encoded copy (when a fill value or dtype is encoded), the encoder's contiguous chunk
+#: copies, its compressed buffers (as large as the chunks for data that barely compresses), and one
+#: more for library buffers and allocator slack (docs/design.md §5). Measured peaks are 2.8 regions
+#: for aligned jobs and 3.8 with an encoded fill value on incompressible data
 #: (tests/planning/test_memory_model.py), against 6 estimated (the touched chunks plus these five).
 REGION_COPIES = 5
 
@@ -30,7 +31,7 @@ def job_memory(
     itemsize: int,
     read_itemsize: int,
 ) -> int | IntArray:
-    """Estimated peak bytes of writing one variable's region (DESIGN §5).
+    """Estimated peak bytes of writing one variable's region (docs/design.md §5).
 
     The decompressed source chunks touched, a decoded copy of them when decoding changes the
     item size, and :data:`REGION_COPIES` copies of the region.
@@ -107,7 +108,7 @@ def fast_job_memory(
     read_itemsize: int,
     source_chunk_elems: int,
 ) -> Any:
-    """Estimated peak bytes of a fast-path job with these region lengths (DESIGN §5).
+    """Estimated peak bytes of a fast-path job with these region lengths (docs/design.md §5).
 
     The job streams its region in slabs along the first dimension: the slab being read (raw
     items, plus a decoded copy when decoding changes the item size), the previous slab being

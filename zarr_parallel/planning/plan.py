@@ -4,8 +4,8 @@ Nothing here does I/O or imports an execution framework. The inputs describe, fo
 write, how every target index maps onto the source's on-disk chunk grid (:class:`AxisMap`); the
 output is a :class:`Plan` of :class:`Job` values that tile the target exactly.
 
-Terms (see DESIGN §3.4): per dimension the *write grid* is the target chunk (or shard) grid; the
-*source grid* is the source chunk grid mapped into target index space. A *unit* is the smallest
+Terms (see docs/design.md §3.4): per dimension the *write grid* is the target chunk (or shard) grid;
+the *source grid* is the source chunk grid mapped into target index space. A *unit* is the smallest
 block whole in both grids. Jobs are hyper-rectangles of whole units, grown as large as the memory
 and time budgets allow.
 

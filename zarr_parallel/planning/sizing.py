@@ -1,4 +1,4 @@
-"""How big and how many workers a run gets (DESIGN §2a, Sizing): pure arithmetic, no I/O.
+"""How big and how many workers a run gets (docs/design.md §2a, Sizing): pure arithmetic, no I/O.
 
 A *worker* is one dask worker process with its job process (:mod:`zarr_parallel.run.job_process`):
 a local worker in ``dask_distributed`` mode, one SLURM job in ``SLURM`` mode. It runs one write
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from zarr_parallel.units import format_bytes
 
-#: Extra share of the largest job estimate a SLURM job asks for (DESIGN §2a: about 10 %).
+#: Extra share of the largest job estimate a SLURM job asks for (docs/design.md §2a: about 10 %).
 MEMORY_MARGIN = 0.10
 #: Seconds of walltime beyond the jobs themselves: queue-to-worker start-up and retirement.
 WALLTIME_MARGIN = 300.0

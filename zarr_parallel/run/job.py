@@ -112,7 +112,7 @@ def high_water_mark() -> int:
 
 
 def release_freed_memory() -> None:
-    """Hand memory the job freed back to the system (glibc; DESIGN §5).
+    """Hand memory the job freed back to the system (glibc; docs/design.md §5).
 
     By default glibc raises its mmap threshold after the first large block is freed, so later
     arrays come from the heap, and once freed they stay resident: a worker's RSS then grows

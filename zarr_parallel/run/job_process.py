@@ -1,7 +1,7 @@
 """Run write jobs in a long-lived child process, under a real deadline and memory limit.
 
 A Prefect ``timeout_seconds`` on a synchronous task marks the run timed out but leaves its thread
-running (DESIGN §6), and a thread cannot be stopped from outside. So every write job of the
+running (docs/design.md §6), and a thread cannot be stopped from outside. So every write job of the
 dask_distributed and SLURM modes runs in a *job process*: a child of the worker that imports the
 libraries once and keeps its per-process caches of the opened source and target
 (:func:`zarr_parallel.sources.target.cached_target`) from job to job. The worker sends it one job at

@@ -1,4 +1,5 @@
-"""Pre-flight checks, run after planning and before the first write (DESIGN §2a, Pre-flight).
+"""Pre-flight checks, run after planning and before the first write (docs/design.md §2a,
+Pre-flight).
 
 1. Remote sources: every referenced file exists and may be read (metadata requests only), so a
    404 or 403 fails the run before anything is written, naming the URL (credentials redacted).

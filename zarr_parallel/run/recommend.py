@@ -1,4 +1,4 @@
-"""Recommendations: concrete request changes that lower the read amplification (DESIGN §3.5)."""
+"""Recommendations: request changes that lower the read amplification (docs/design.md §3.5)."""
 
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ def _warn_once(note: str) -> None:
 
 
 def limits_for(req: CacheRequest) -> Limits:
-    """The planner's budgets for a request (DESIGN §2a, Sizing)."""
+    """The planner's budgets for a request (docs/design.md §2a, Sizing)."""
     workers = worker_count(req)
     min_jobs = req.num_jobs or (1 if workers == 1 else 2 * workers)
     # Beside a dask worker process the job process gets less ([parallel], execution.py).

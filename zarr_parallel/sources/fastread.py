@@ -1,8 +1,8 @@
 """Fast reads of netCDF4/HDF5 sources: raw chunk bytes by offset, inflated in threads.
 
 xarray reads HDF5 through h5py behind one lock per process, inflating with zlib: a job's reads
-neither scale over threads nor approach what the machine can do (DESIGN §8). This module reads
-the same values another way, for the cases where it provably gives exactly what xarray gives:
+neither scale over threads nor approach what the machine can do (docs/design.md §8). This module
+reads the same values another way, for the cases where it provably gives exactly what xarray gives:
 
 1. Per file and variable, the HDF5 chunk index (byte offset, size and filter mask of every stored
    chunk) is read once through h5py and cached per process.

@@ -26,7 +26,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _deflate: Any
-try:  # libdeflate inflates 3-4x faster than zlib (DESIGN §8); zlib is the fallback.
+try:  # libdeflate inflates 3-4x faster than zlib (docs/design.md §8); zlib is the fallback.
     import deflate as _deflate
 except ImportError:  # pragma: no cover - deflate is a dependency
     _deflate = None

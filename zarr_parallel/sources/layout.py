@@ -1,4 +1,4 @@
-"""A source's real on-disk chunk layout, read from its storage (DESIGN §3.2).
+"""A source's real on-disk chunk layout, read from its storage (docs/design.md §3.2).
 
 HDF5 chunking comes through h5py, a Zarr store's from its array metadata, and file boundaries
 along the concatenation dimension of a multi-file source; a kerchunk reference's layout is read

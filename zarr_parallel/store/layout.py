@@ -1,6 +1,6 @@
 """The names of a cache's files and folders on disk, in one place.
 
-Layout (DESIGN §2a): the final path ``P`` is a symlink to the current version
+Layout (docs/design.md §2a): the final path ``P`` is a symlink to the current version
 ``P.versions/<n>-<fingerprint12>/``. Each version is a Zarr store holding its manifest in
 ``.zarr-parallel/`` (``plan.json`` once initialised, ``jobs/<id>.json`` per finished job,
 ``complete.json`` once checked). Publishing replaces the link atomically; the previous version

@@ -1,6 +1,6 @@
 """What a run may replace at a cache's final path: ownership checks made before any write.
 
-A run only ever replaces, moves or deletes what it can prove it made (DESIGN §2a, "Ownership
+A run only ever replaces, moves or deletes what it can prove it made (docs/design.md §2a, "Ownership
 and trust"): a link to a version of this cache, an empty folder, or a Zarr store of another tool
 holding nothing but Zarr's files (adopted: moved aside at publish, never deleted). Anything else
 at the final path, and a cache path around or inside a local source, is refused.

@@ -1,8 +1,8 @@
 """A version's Zarr store: metadata-only initialisation, aligned region writes, finalising.
 
-Writing has three steps (DESIGN §2a): :func:`initialise_store` writes metadata, coordinates and
-attributes only; each job writes whole chunks of its region (:func:`write_region` through xarray,
-or :func:`write_values` with zarr directly), after an alignment check; :func:`finalise`
+Writing has three steps (docs/design.md §2a): :func:`initialise_store` writes metadata, coordinates
+and attributes only; each job writes whole chunks of its region (:func:`write_region` through
+xarray, or :func:`write_values` with zarr directly), after an alignment check; :func:`finalise`
 consolidates the metadata once and marks the version complete. Checksums of what jobs wrote are
 computed here too.
 """
@@ -76,7 +76,7 @@ def _encoding(
     enc = {k: v for k, v in var.encoding.items() if k not in _STORAGE_KEYS}
     asked = bool(enc.pop(PACKING_ASKED, False))
     if _PACKING_KEYS & set(enc) and not keep_packing and not asked:
-        # Decoded as xarray decodes (DESIGN §2a): write the floats, not the packed integers.
+        # Decoded as xarray decodes (docs/design.md §2a): write the floats, not the packed integers.
         # With keep_packing, dtype/scale_factor/add_offset/_FillValue stay: xarray packs on
         # write exactly as the source was packed, and decodes the cache to the same values.
         for key in (*_PACKING_KEYS, "dtype", "_FillValue", "missing_value"):
