@@ -43,7 +43,7 @@ The file-operation layer wraps functions of :mod:`os` and the built-in ``open`` 
 (pathlib, shutil and zarr's local store call them at call time, so every write of the run goes
 through it); it is installed only while a fault names an operation. This module imports nothing
 of the package, so it can be loaded alone. The tests use it to kill whole runs at deterministic
-points and to fail the N-th write, fsync, rename... of a run (see tests/test_durability.py).
+points and to fail the N-th write, fsync, rename... of a run (see tests/run/test_durability.py).
 """
 
 from __future__ import annotations

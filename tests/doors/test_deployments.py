@@ -61,7 +61,8 @@ WORKER_CANARY = "canary-worker-secret-6f1c2b9d"
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A real ``prefect server start`` on 127.0.0.1 with SQLite under a temporary folder."""
     # No schedule should fire during these tests (the re-cache deployment's cron is checked as
-    # stored; its runs are started through the API). tests/test_schedules.py runs the scheduler.
+    # stored; its runs are started through the API). tests/doors/test_schedules.py runs the
+    # scheduler.
     settings = {"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
     with prefect_server(tmp_path_factory.mktemp("prefect-server"), settings) as found:
         yield found
@@ -344,10 +345,10 @@ def test_adhoc_runs_through_the_worker_take_turns(
 
 
 def test_only_the_cache_run_sends_heartbeats(server: dict[str, Any], runs: dict[str, Any]) -> None:
-    # A deployment run tells the API it lives (Prefect's flow-run heartbeat, for crash
-    # detection); its write subflow, in the same process, does not repeat it, because every
-    # heartbeating run ends up to 1 s late (flows.control.without_flow_heartbeat).
-    # One of the two ad hoc runs on one cache wrote it (the other found it up to date).
+    # A deployment run tells the API it lives (Prefect's flow-run heartbeat, for crash detection);
+    # its write subflow, in the same process, does not repeat it, because every heartbeating run
+    # ends up to 1 s late (zarr_parallel.orchestration.control.without_flow_heartbeat). One of the
+    # two ad hoc runs on one cache wrote it (the other found it up to date).
     parents = [runs["ids"][name] for name in ("adhoc_a", "adhoc_b")]
     children = []
     for run_id in parents:

@@ -110,7 +110,7 @@ def test_multi_file_selection_reverse_rename_misaligned(
     """Irregular files (24, 24, 12), inclusive sel ends, a descending latitude slice, reverse,
     both rename forms, two variables and target chunks that match no source chunk."""
     # The small budget below splits jobs under the xarray path's memory model; the fast path
-    # streams slabs and fits one job (it is covered by tests/test_fastread.py).
+    # streams slabs and fits one job (it is covered by tests/sources/test_fastread.py).
     monkeypatch.setenv("ZARR_PARALLEL_FAST_READ", "0")
     pre = [
         {"type": "sel", "time": ["2020-01-01T05:00", "2020-01-03T02:00"], "latitude": [60, -30]},

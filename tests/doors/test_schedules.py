@@ -1,7 +1,7 @@
 """Schedules fire: a real ``prefect server start`` whose own scheduler creates the runs.
 
-tests/test_deployments.py keeps its server's scheduler off (no nightly run may start there) and
-starts runs through the API, which is why a scheduler that failed on every pass went unnoticed
+tests/doors/test_deployments.py keeps its server's scheduler off (no nightly run may start there)
+and starts runs through the API, which is why a scheduler that failed on every pass went unnoticed
 (Prefect 3.8.8 under SQLAlchemy 2.1: "Can't evaluate bulk DML statement"). Here the server runs
 every service with a short scheduler loop; the deployments of ``deployments/prefect.yaml`` are
 deployed as a user would; and the server's log must hold no ERROR line.

@@ -3,7 +3,7 @@
 The rules are checked on real requests and files here; runs are "deployment-style": the cache
 flow runs in this process with Prefect's runtime told it belongs to a deployment
 (``PREFECT__RUNTIME__DEPLOYMENT__ID``), so it applies the policy named by
-``ZARR_PARALLEL_POLICY`` exactly as a worker's flow run does. tests/test_deployments.py checks
+``ZARR_PARALLEL_POLICY`` exactly as a worker's flow run does. tests/doors/test_deployments.py checks
 the same through a real server, work pool and worker.
 """
 

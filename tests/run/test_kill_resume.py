@@ -237,7 +237,7 @@ def test_published_cache_survives_a_killed_run_and_other_requests_never_mix(
     assert len(recorded_before) == 1
 
     # Keep a copy of this state: one branch resumes, the other starts another request. A copied
-    # cache names its old path in its manifests and is refused (tests/test_ownership.py): the
+    # cache names its old path in its manifests and is refused (tests/store/test_ownership.py): the
     # copy is re-homed, as if the same state had been reached at the copy's path.
     shutil.copytree(tmp_path / "out", tmp_path / "copy", symlinks=True)
     _rehome(tmp_path / "copy" / "era5.zarr")

@@ -145,7 +145,7 @@ def test_publish_is_atomic_for_readers(era5_files: list[Path], tmp_path: Path) -
 
 def test_legacy_cache_at_the_final_path(era5_files: list[Path], tmp_path: Path) -> None:
     """A plain Zarr store at the final path (e.g. from zarr-parallel 0.5) is moved aside, never
-    written into, and never pruned (tests/test_ownership.py covers what is refused)."""
+    written into, and never pruned (tests/store/test_ownership.py covers what is refused)."""
     store = tmp_path / "c.zarr"
     store.mkdir()
     (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')

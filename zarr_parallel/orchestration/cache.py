@@ -122,7 +122,7 @@ def run_cache_steps(
     Returns
     -------
     dict
-        The run summary (:func:`zarr_parallel.run.steps.finish`), with the deploy mode, the
+        The run summary (:func:`zarr_parallel.run.finish.finish`), with the deploy mode, the
         workers and the per-job results when jobs ran.
     """
     logger = get_run_logger()

@@ -76,9 +76,9 @@ _CF_KEYS = ("_FillValue", "missing_value", "scale_factor", "add_offset", "_Unsig
 def process_cores() -> int:
     """Cores this process may use: ``ZARR_PARALLEL_THREADS`` if set, else its CPU affinity.
 
-    Worker processes that share a node set ``ZARR_PARALLEL_THREADS`` to their share of its
-    cores (:func:`flows.runners.worker_environment`), so that they do not each start a thread
-    per core and fight over the same cores.
+    Worker processes that share a node set ``ZARR_PARALLEL_THREADS`` to their share of its cores
+    (:func:`zarr_parallel.orchestration.runners.worker_environment`), so that they do not each start
+    a thread per core and fight over the same cores.
     """
     env = os.environ.get("ZARR_PARALLEL_THREADS")
     if env:
