@@ -199,7 +199,7 @@ def leftovers(scn: Scenario, published: bool = True) -> list[str]:
     A run that found the cache up to date (``published=False``) publishes and prunes nothing,
     so what a killed run's prune left stays until the next publish.
     """
-    from zarr_parallel.store.layout import (
+    from zarr_parallel.store.disk_names import (
         LOCK_GUARD,
         PENDING_DIR,
         PRUNING_PREFIX,
@@ -234,7 +234,7 @@ def leftovers(scn: Scenario, published: bool = True) -> list[str]:
 
 
 def _pruning_names(scn: Scenario) -> list[str]:
-    from zarr_parallel.store.layout import PRUNING_PREFIX
+    from zarr_parallel.store.disk_names import PRUNING_PREFIX
     from zarr_parallel.store.paths import CachePaths
 
     versions = CachePaths(scn.final).versions

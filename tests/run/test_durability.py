@@ -56,7 +56,7 @@ from benchmarks.durability_scenario import (
 from benchmarks.zygote import Zygote
 from zarr_parallel import faults
 from zarr_parallel.run.verify import location_snapshot
-from zarr_parallel.store.layout import PRUNING_PREFIX
+from zarr_parallel.store.disk_names import PRUNING_PREFIX
 from zarr_parallel.store.paths import CachePaths
 
 #: Kills of the CI soak (the benchmark makes hundreds); more with ZP_SOAK_KILLS=N.

@@ -17,7 +17,7 @@ from zarr_parallel.store.chunks import (
     sync_job,
     sync_region,
 )
-from zarr_parallel.store.layout import manifest_dir
+from zarr_parallel.store.disk_names import manifest_dir
 
 
 def _store(path: Path, zarr_format: int = 3, shards: tuple[int, int] | None = None) -> Path:

@@ -13,7 +13,7 @@ import zarr
 from zarr_parallel.errors import LockLost, RunFailed
 from zarr_parallel.planning.jobs import Job
 from zarr_parallel.store.chunks import chunk_files
-from zarr_parallel.store.layout import OWNER_FILE, manifest_dir
+from zarr_parallel.store.disk_names import OWNER_FILE, manifest_dir
 from zarr_parallel.store.manifest import (
     check_complete,
     check_fence,

@@ -10,7 +10,7 @@ import pytest
 
 from zarr_parallel.errors import RequestError
 from zarr_parallel.request.model import CacheRequest, build_request
-from zarr_parallel.store.layout import OWNER_FILE, manifest_dir
+from zarr_parallel.store.disk_names import OWNER_FILE, manifest_dir
 from zarr_parallel.store.paths import CachePaths, owns_version, pending_record, resolve_paths
 
 FP = "0123456789abcdef0123"

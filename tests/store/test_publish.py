@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 from zarr_parallel.errors import LockLost, RunFailed
-from zarr_parallel.store.layout import OWNER_FILE, PRUNING_PREFIX, READERS_DIR, manifest_dir
+from zarr_parallel.store.disk_names import OWNER_FILE, PRUNING_PREFIX, READERS_DIR, manifest_dir
 from zarr_parallel.store.lock import host_name
 from zarr_parallel.store.paths import CachePaths
 from zarr_parallel.store.publish import (

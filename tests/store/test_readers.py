@@ -14,7 +14,7 @@ import xarray as xr
 from zarr_parallel import VersionUnavailable, open_cache
 from zarr_parallel.api import run_request
 from zarr_parallel.request.model import build_request
-from zarr_parallel.store.layout import READERS_DIR
+from zarr_parallel.store.disk_names import READERS_DIR
 from zarr_parallel.store.paths import CachePaths
 from zarr_parallel.store.publish import prune_versions
 

@@ -305,7 +305,7 @@ def test_consolidated_metadata_is_durable_before_complete(
 ) -> None:
     """complete.json promises a readable version after a machine crash: the consolidated
     metadata must be fsynced before it (observed by recording every fsync's file)."""
-    from zarr_parallel.store.layout import manifest_dir
+    from zarr_parallel.store.disk_names import manifest_dir
     from zarr_parallel.store.zarr_io import finalise
 
     store = tmp_path / "c.zarr"

@@ -14,7 +14,7 @@ import xarray as xr
 import zarr
 
 from zarr_parallel.errors import RunFailed
-from zarr_parallel.store.layout import OWNER_FILE, manifest_dir
+from zarr_parallel.store.disk_names import OWNER_FILE, manifest_dir
 from zarr_parallel.store.manifest import is_complete
 from zarr_parallel.store.paths import CachePaths
 from zarr_parallel.store.zarr_io import (

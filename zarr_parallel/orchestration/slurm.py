@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from zarr_parallel.orchestration.runners import worker_environment
 from zarr_parallel.planning.sizing import WorkerSizing, slurm_duration
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.store.layout import manifest_dir
+from zarr_parallel.store.disk_names import manifest_dir
 from zarr_parallel.units import format_bytes
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}

@@ -31,8 +31,8 @@ from zarr_parallel.run.job_process import (
     run_job_isolated,
 )
 from zarr_parallel.run.steps import Prepared, initialise, prepare
+from zarr_parallel.store.disk_names import manifest_dir
 from zarr_parallel.store.files import read_json, write_json_atomic
-from zarr_parallel.store.layout import manifest_dir
 from zarr_parallel.store.manifest import plan_record, recorded_jobs
 
 

@@ -37,7 +37,7 @@ from zarr_parallel.sources.target import (
     cached_target,
     fresh_source,
 )
-from zarr_parallel.store.layout import LOCK_GUARD
+from zarr_parallel.store.disk_names import LOCK_GUARD
 from zarr_parallel.store.lock import CacheLock, held_token
 from zarr_parallel.store.manifest import (
     is_complete,

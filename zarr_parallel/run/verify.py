@@ -48,7 +48,12 @@ from zarr_parallel.run.steps import Prepared, prepare, run_lock
 from zarr_parallel.run.verify_report import Problem, ProblemList, Region, VerifyReport
 from zarr_parallel.sources.target import Target, cached_target
 from zarr_parallel.store.chunks import array_grid, array_names, missing_chunk_files
-from zarr_parallel.store.layout import LOCK_GUARD, MANIFEST_DIR, TEMPORARY_SUFFIXES, quiet_manifest
+from zarr_parallel.store.disk_names import (
+    LOCK_GUARD,
+    MANIFEST_DIR,
+    TEMPORARY_SUFFIXES,
+    quiet_manifest,
+)
 from zarr_parallel.store.manifest import (
     is_complete,
     iter_job_records,

@@ -16,8 +16,8 @@ from typing import Any
 
 import zarr
 
+from zarr_parallel.store.disk_names import quiet_manifest
 from zarr_parallel.store.files import sync_files
-from zarr_parallel.store.layout import quiet_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from zarr_parallel.errors import LockLost, RunFailed
 from zarr_parallel.faults import fault_point
 from zarr_parallel.planning.jobs import Job, read_jobs
 from zarr_parallel.store.chunks import array_names, chunk_files, missing_chunk_files, sync_job
+from zarr_parallel.store.disk_names import FENCE_FILE, OWNER_FILE, manifest_dir
 from zarr_parallel.store.files import fsync_dir, read_json, write_json_atomic
-from zarr_parallel.store.layout import FENCE_FILE, OWNER_FILE, manifest_dir
 
 
 def plan_record(version: Path) -> dict[str, Any] | None:

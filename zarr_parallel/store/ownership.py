@@ -17,8 +17,8 @@ from typing import Any
 
 from zarr_parallel.errors import RequestError
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.store.disk_names import MANIFEST_DIR
 from zarr_parallel.store.files import read_json
-from zarr_parallel.store.layout import MANIFEST_DIR
 from zarr_parallel.store.manifest import version_owner
 from zarr_parallel.store.paths import CachePaths, owns_version
 

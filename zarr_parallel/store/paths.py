@@ -14,8 +14,8 @@ from pathlib import Path
 from zarr_parallel.errors import RequestError
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.sources.source import source_stem
+from zarr_parallel.store.disk_names import PENDING_DIR
 from zarr_parallel.store.files import read_json
-from zarr_parallel.store.layout import PENDING_DIR
 from zarr_parallel.store.manifest import plan_record, version_owner
 
 

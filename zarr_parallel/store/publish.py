@@ -18,13 +18,13 @@ from pathlib import Path
 
 from zarr_parallel.errors import RunFailed
 from zarr_parallel.faults import fault_point
-from zarr_parallel.store.files import fsync_dir, read_json, write_json_atomic
-from zarr_parallel.store.layout import (
+from zarr_parallel.store.disk_names import (
     PRUNING_PREFIX,
     READERS_DIR,
     RETIRED_DIR,
     TEMPORARY_SUFFIXES,
 )
+from zarr_parallel.store.files import fsync_dir, read_json, write_json_atomic
 from zarr_parallel.store.manifest import is_complete
 from zarr_parallel.store.ownership import inspect_final
 from zarr_parallel.store.paths import CachePaths

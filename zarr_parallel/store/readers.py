@@ -36,7 +36,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore
 
 from zarr_parallel.errors import VersionUnavailable
-from zarr_parallel.store.layout import READERS_DIR
+from zarr_parallel.store.disk_names import READERS_DIR
 from zarr_parallel.store.lock import host_name, process_alive
 from zarr_parallel.store.manifest import is_complete
 

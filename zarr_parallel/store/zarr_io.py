@@ -30,8 +30,8 @@ from zarr_parallel.faults import fault_point
 from zarr_parallel.planning.memory import FAST_WRITE_INFLIGHT
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.sources.target import Target
+from zarr_parallel.store.disk_names import OWNER_FILE, manifest_dir, quiet_manifest
 from zarr_parallel.store.files import sync_files, write_json_atomic
-from zarr_parallel.store.layout import OWNER_FILE, manifest_dir, quiet_manifest
 from zarr_parallel.store.paths import CachePaths, owns_version, pending_record
 from zarr_parallel.store.provenance import provenance_attrs
 from zarr_parallel.transforms.registry import PACKING_ASKED
