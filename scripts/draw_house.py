@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "img"
 
-# The rooms, bottom up, as tests/test_house.py defines them (keep the two in step).
+# The rooms, bottom up: the one definition (tests/test_house.py checks the code against it).
 ROOMS = (
     "base",
     "planning",
@@ -100,7 +100,8 @@ def room_of(module: str) -> str | None:
     return None
 
 
-def _owner(name: str, known: dict[str, Path]) -> str | None:
+def owner(name: str, known: dict[str, Path]) -> str | None:
+    """The longest dotted prefix of ``name`` that is a known module."""
     parts = name.split(".")
     for n in range(len(parts), 0, -1):
         if ".".join(parts[:n]) in known:
@@ -112,7 +113,7 @@ def imported_modules(module: str, path: Path, known: dict[str, Path]) -> Iterato
     """Every project module ``module`` imports (top level or in a function)."""
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names = [_owner(alias.name, known) for alias in node.names]
+            names = [owner(alias.name, known) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             source = node.module or ""
             if node.level:
@@ -124,7 +125,7 @@ def imported_modules(module: str, path: Path, known: dict[str, Path]) -> Iterato
             names = [
                 f"{source}.{alias.name}"
                 if f"{source}.{alias.name}" in known
-                else _owner(source, known)
+                else owner(source, known)
                 for alias in node.names
             ]
         else:

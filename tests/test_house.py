@@ -25,13 +25,16 @@ Fast and read-only: it parses files, imports nothing of the project and starts n
 from __future__ import annotations
 
 import ast
+import importlib.util
 import io
+import sys
 import tokenize
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -39,24 +42,27 @@ from radon.complexity import cc_visit
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The project's code: the installed package and the clone's entrypoint folders.
-PROJECT = ("zarr_parallel", "flows", "deployments")
-#: Rooms from the bottom up: a room may import itself and the rooms before it.
-ROOMS = (
-    "base",
-    "planning",
-    "transforms",
-    "request",
-    "sources",
-    "store",
-    "run",
-    "orchestration",
-    "doors",
-)
-#: Top-level modules of zarr_parallel/ that form the base (examples: data for quickstart and tests).
-BASE_MODULES = frozenset({"errors", "units", "logs", "faults", "names", "examples", "version"})
-#: Top-level modules (or subpackages) of zarr_parallel/ that are doors.
-DOOR_MODULES = frozenset({"api", "cli", "__init__", "__main__", "flows", "deployments"})
+
+def _drawing() -> ModuleType:
+    """scripts/draw_house.py: the one definition of the rooms, which its pictures draw."""
+    spec = importlib.util.spec_from_file_location("draw_house", ROOT / "scripts" / "draw_house.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+_HOUSE = _drawing()
+#: The project's code, the rooms from the bottom up (a room may import itself and the rooms
+#: before it), the top-level modules that form the base and those that are doors.
+PROJECT: tuple[str, ...] = _HOUSE.PROJECT
+ROOMS: tuple[str, ...] = _HOUSE.ROOMS
+BASE_MODULES: frozenset[str] = _HOUSE.BASE_MODULES
+DOOR_MODULES: frozenset[str] = _HOUSE.DOOR_MODULES
+module_name: Callable[[Path], str] = _HOUSE.module_name
+room_of: Callable[[str], str | None] = _HOUSE.room_of
+_owner: Callable[[str, dict[str, Path]], str | None] = _HOUSE.owner
 #: Rooms below orchestration: none of them may import Prefect (the job process runs their code).
 NO_PREFECT_ROOMS = ("base", "planning", "transforms", "request", "sources", "store", "run")
 PREFECT_PACKAGES = frozenset({"prefect", "prefect_dask"})
@@ -101,13 +107,6 @@ class External:
     line: int
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
 @cache
 def modules(folders: tuple[str, ...]) -> dict[str, Path]:
     """Every module under ``folders`` by dotted name."""
@@ -118,23 +117,6 @@ def modules(folders: tuple[str, ...]) -> dict[str, Path]:
                 continue  # a virtual environment or cache inside the folder is not the project
             found[module_name(path)] = path
     return found
-
-
-def room_of(module: str) -> str | None:
-    parts = module.split(".")
-    if parts[0] in ("flows", "deployments"):
-        return "doors"
-    if parts[0] != "zarr_parallel":
-        return None
-    if len(parts) == 1:
-        return "doors"  # zarr_parallel/__init__.py: the public names
-    if parts[1] in ROOMS[1:-1]:
-        return parts[1]
-    if parts[1] in DOOR_MODULES:
-        return "doors"
-    if len(parts) == 2 and parts[1] in BASE_MODULES:
-        return "base"
-    return None
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -167,16 +149,6 @@ def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     package = module.split(".") if is_package else module.split(".")[:-1]
     base = package[: len(package) - (node.level - 1)]
     return ".".join([*base, *([node.module] if node.module else [])])
-
-
-def _owner(name: str, known: dict[str, Path]) -> str | None:
-    """The longest dotted prefix of ``name`` that is a known module."""
-    parts = name.split(".")
-    for n in range(len(parts), 0, -1):
-        candidate = ".".join(parts[:n])
-        if candidate in known:
-            return candidate
-    return None
 
 
 def _module_imports(module: str, path: Path, known: dict[str, Path]) -> Iterator[Import | External]:
@@ -456,3 +428,13 @@ def test_no_prefect_below_orchestration() -> None:
     assert not wrong, _report(
         "Prefect imported below orchestration (or an execution framework in planning)", wrong
     )
+
+
+def test_the_pictures_are_current() -> None:
+    """docs/img's house and request-flow pictures are what the code draws now."""
+    stale = [
+        str(path.relative_to(ROOT))
+        for path, picture in _HOUSE.pictures().items()
+        if not path.exists() or path.read_text() != picture
+    ]
+    assert not stale, f"stale pictures: {stale}; run python scripts/draw_house.py"

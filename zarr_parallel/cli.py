@@ -17,6 +17,11 @@ from collections.abc import Callable, Sequence
 from pydantic import BaseModel
 
 from zarr_parallel.orchestration import set_command_environment
+from zarr_parallel.orchestration.options import (
+    add_overrides,
+    add_recache_options,
+    add_verify_options,
+)
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.version import __version__
 
@@ -81,38 +86,15 @@ def help_epilog() -> str:
 
 def _request_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("request", help="request file (YAML or JSON)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a request field (YAML value; dotted keys reach nested fields)",
-    )
-
-
-def _verify_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--verify-mode",
-        choices=("auto", "full", "sample"),
-        default="auto",
-        help="compare every chunk (full), a seeded sample, or full up to 2 GB (auto)",
-    )
-    p.add_argument("--sample", type=int, default=16, help="chunks sampled per variable")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample")
-
-
-def _recache_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--check", action="store_true", help="only report what a run would do")
-    p.add_argument("--no-append", action="store_true", help="re-cache in full when it changed")
+    add_overrides(p)
 
 
 #: The request commands: (name, summary, extra options).
 _REQUEST_COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None] | None], ...] = (
     ("run", "cache the dataset as REQUEST.yaml says", None),
     ("plan", "print the plan (jobs, read amplification, memory); writes nothing", None),
-    ("verify", "compare the published cache with its source", _verify_options),
-    ("recache", "bring the cache up to date with its grown or changed source", _recache_options),
+    ("verify", "compare the published cache with its source", add_verify_options),
+    ("recache", "bring the cache up to date with its grown or changed source", add_recache_options),
 )
 
 

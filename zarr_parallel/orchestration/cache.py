@@ -33,6 +33,7 @@ from zarr_parallel.orchestration.control import (
     temporary_api_settings,
     without_flow_heartbeat,
 )
+from zarr_parallel.orchestration.options import add_overrides, add_verify_options
 from zarr_parallel.orchestration.runners import (
     current_api_url,
     make_task_runner,
@@ -225,23 +226,9 @@ def _parser(prog: str = "python -m flows.cache") -> argparse.ArgumentParser:
     )
     p.add_argument("command", nargs="?", default="run", help="run (default), plan or verify")
     p.add_argument("request", nargs="?", help="request file (YAML or JSON)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a request field (YAML value; dotted keys reach nested fields)",
-    )
+    add_overrides(p)
     p.add_argument("--plan-only", action="store_true", help="same as the plan command")
-    p.add_argument(
-        "--verify-mode",
-        choices=("auto", "full", "sample"),
-        default="auto",
-        help="verify: compare every chunk (full), a seeded sample, or full up to 2 GB (auto)",
-    )
-    p.add_argument("--sample", type=int, default=16, help="verify: chunks sampled per variable")
-    p.add_argument("--seed", type=int, default=0, help="verify: seed of the sample")
+    add_verify_options(p, prefix="verify: ")
     return p
 
 

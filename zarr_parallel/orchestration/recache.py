@@ -33,6 +33,7 @@ from zarr_parallel.orchestration.control import (
     deployment_policy,
     temporary_api_settings,
 )
+from zarr_parallel.orchestration.options import add_overrides, add_recache_options
 from zarr_parallel.orchestration.tasks import artifact_key
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.request_file import load_request_file
@@ -166,9 +167,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.recache
         description="Bring the cache of REQUEST.yaml up to date with its source.",
     )
     p.add_argument("request", help="request file (YAML or JSON)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--check", action="store_true", help="only report what a run would do")
-    p.add_argument("--no-append", action="store_true", help="re-cache in full when it changed")
+    add_overrides(p)
+    add_recache_options(p)
     args = p.parse_args(argv)
 
     def run() -> int:
