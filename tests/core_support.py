@@ -16,6 +16,17 @@ import xarray as xr
 from zarr_parallel.store.provenance import PREFIX as PROVENANCE
 
 
+def changed_env(**changes: str | None) -> dict[str, str]:
+    """This process's environment with ``changes`` (None removes a variable), for a subprocess."""
+    env = dict(os.environ)
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
 def open_cache(path: Path) -> xr.Dataset:
     """A cache, loaded, without its provenance attributes (those are tested in test_sources_*)."""
     cache = xr.open_zarr(path).load()

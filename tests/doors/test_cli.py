@@ -21,7 +21,7 @@ import xarray as xr
 import yaml
 from prefect.artifacts import Artifact
 
-from core_support import open_cache
+from core_support import changed_env, open_cache
 from zarr_parallel.orchestration.cache import main
 from zarr_parallel.orchestration.tasks import artifact_key
 from zarr_parallel.request.request_file import load_request_file
@@ -239,16 +239,6 @@ def test_run_failure_exits_1(
     assert not final.exists(), "a failed run publishes nothing"
 
 
-def _subprocess_env(**changes: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    for key, value in changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
-
-
 def test_module_in_subprocess_halts_with_3(era5_files: list[Path], tmp_path: Path) -> None:
     req_file = _write_request(
         tmp_path, era5_files, preprocessors=[{"type": "isel", "time": [3, 40]}]
@@ -259,7 +249,7 @@ def test_module_in_subprocess_halts_with_3(era5_files: list[Path], tmp_path: Pat
         capture_output=True,
         text=True,
         timeout=600,
-        env=_subprocess_env(),
+        env=changed_env(),
     )
     assert proc.returncode == 3, proc.stderr
     assert "Recommendations, best first:" in proc.stderr
@@ -268,7 +258,7 @@ def test_module_in_subprocess_halts_with_3(era5_files: list[Path], tmp_path: Pat
 def test_cli_without_prefect_api(era5_files: list[Path], tmp_path: Path) -> None:
     """No PREFECT_API_URL: Prefect starts a temporary local API for the run (README path)."""
     req_file = _write_request(tmp_path, era5_files, variables={"t2m": {}}, chunks={"time": 24})
-    env = _subprocess_env(PREFECT_API_URL=None, PREFECT_HOME=str(tmp_path / "prefect-home"))
+    env = changed_env(PREFECT_API_URL=None, PREFECT_HOME=str(tmp_path / "prefect-home"))
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cache", "run", str(req_file)],
         cwd=tmp_path,

@@ -3,7 +3,6 @@ that leaves the environment alone, and a user's own ``flows/`` package beside th
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from core_support import changed_env
 from zarr_parallel import __version__
 from zarr_parallel.cli import EXIT_CODES, main, request_fields
 from zarr_parallel.errors import PlanError, RecommendationsPending, RequestError, RunFailed
@@ -25,16 +25,6 @@ COMMAND = str(Path(sys.executable).with_name("zarr-parallel"))
 #: What --help and --version must not import: Prefect and the clusters (seconds), and the data
 #: stack (xarray, dask, zarr, h5py), which only a run needs.
 HEAVY = ("prefect", "distributed", "dask_jobqueue", "xarray", "dask", "zarr", "h5py")
-
-
-def _env(**changes: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    for key, value in changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
 
 
 def _request(folder: Path, files: list[Path], **fields: Any) -> Path:
@@ -206,7 +196,7 @@ def test_import_changes_no_environment_variable() -> None:
         assert "flows" not in sys.modules, "the library imported a top-level flows package"
         """
     )
-    env = _env(**dict.fromkeys(COMMAND_ENVIRONMENT))
+    env = changed_env(**dict.fromkeys(COMMAND_ENVIRONMENT))
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
     )

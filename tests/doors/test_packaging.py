@@ -3,9 +3,6 @@ with the deployments as package data whose entrypoints import from the installed
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 import tomllib
 import zipfile
 from pathlib import Path
@@ -25,19 +22,9 @@ ENTRYPOINTS = {
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """The names in a wheel built from this checkout (``uv build --wheel``)."""
-    out = tmp_path_factory.mktemp("dist")
-    uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
-    proc = subprocess.run(
-        [uv, "build", "--wheel", "--out-dir", str(out), str(REPO)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (built,) = out.glob("zarr_parallel-*.whl")
-    with zipfile.ZipFile(built) as zf:
+def wheel(built_wheel: Path) -> list[str]:
+    """The names in the wheel built from this checkout."""
+    with zipfile.ZipFile(built_wheel) as zf:
         return zf.namelist()
 
 

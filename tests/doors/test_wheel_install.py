@@ -9,7 +9,6 @@ the installed package: the cache equals the source.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -27,25 +26,14 @@ from server_support import base_env, prefect_server, prefect_worker, tail, write
 
 pytestmark = pytest.mark.prefect_server
 
-REPO = Path(__file__).resolve().parents[2]
 RUN_SECONDS = 600
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def site(built_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel of this checkout, installed (unpacked) into a folder of its own."""
-    out = tmp_path_factory.mktemp("dist")
-    uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
-    proc = subprocess.run(
-        [uv, "build", "--wheel", "--out-dir", str(out), str(REPO)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (built,) = out.glob("zarr_parallel-*.whl")
     target = tmp_path_factory.mktemp("site")
-    with zipfile.ZipFile(built) as zf:
+    with zipfile.ZipFile(built_wheel) as zf:
         zf.extractall(target)
     return target
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -118,13 +121,35 @@ def test_resolve_paths_refuses_a_path_under_a_file(tmp_path: Path) -> None:
         resolve_paths(req)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_resolve_paths_refuses_a_folder_it_cannot_write(tmp_path: Path) -> None:
-    locked = tmp_path / "locked"
+@contextmanager
+def _unwritable_folder(parent: Path) -> Iterator[Path]:
+    """A folder this process may not write into: mode 0555, or for root (who ignores modes, as
+    in CI) a read-only tmpfs mounted there."""
+    locked = parent / "locked"
     locked.mkdir(mode=0o555)
-    req = _request(tmp_path, cache_store=str(locked / "c.zarr"))
+    if os.geteuid() != 0:
+        try:
+            yield locked
+        finally:
+            locked.chmod(0o755)
+        return
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(locked)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"mounting a read-only tmpfs failed: {mounted.stderr}")
+        pytest.skip("root may not mount a read-only tmpfs here")
     try:
+        yield locked
+    finally:
+        subprocess.run(["umount", "-l", str(locked)], check=False)
+
+
+def test_resolve_paths_refuses_a_folder_it_cannot_write(tmp_path: Path) -> None:
+    with _unwritable_folder(tmp_path) as locked:
+        req = _request(tmp_path, cache_store=str(locked / "c.zarr"))
         with pytest.raises(RequestError, match=r"is not writable"):
             resolve_paths(req)
-    finally:
-        locked.chmod(0o755)
