@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from zarr_parallel.errors import PlanError
@@ -205,8 +205,29 @@ def test_unit_boundaries_match_brute_force(case: AxisCase, chunk: int) -> None:
     assert unit_boundaries(case.axis_map(), chunk).tolist() == brute_units(case, chunk)
 
 
+#: Found by hypothesis: evening 3 + 1 units out to 2 + 2 put both units of a cut source chunk's
+#: neighbourhood ([2, 4) and [4, 5)) into one job, over the budget.
+UNEVEN_UNITS = (
+    [
+        VarCase(
+            "v0",
+            (
+                AxisCase("time", (0, 2), (0,)),
+                AxisCase("latitude", (0, 1, 2, 4, 10), (0, 1, 2, 3, 4)),
+            ),
+            (1, 1),
+            1,
+            2,
+            1,
+        )
+    ],
+    Limits(memory_budget=44, min_jobs=1),
+)
+
+
 @PROPERTY_SETTINGS
 @given(plan_cases())
+@example(UNEVEN_UNITS)
 def test_plan_invariants(case: tuple[list[VarCase], Limits]) -> None:
     """Coverage, disjoint writes, alignment, budget and read figures, against brute force."""
     variables, limits = case

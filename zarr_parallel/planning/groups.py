@@ -222,6 +222,9 @@ class Group:
         def count(pj: Sequence[int]) -> int:
             return math.prod(math.ceil(n / k) for n, k in zip(n_units, pj, strict=True))
 
+        def fits(pj: Sequence[int]) -> bool:
+            return cost.fits([_pack(u, k) for u, k in zip(units, pj, strict=True)], limits)
+
         # Honour the minimum number of jobs by splitting the outermost dimensions first.
         for d in range(ndim):
             if count(per_job) >= min_jobs:
@@ -234,9 +237,16 @@ class Group:
 
             # Largest m whose count still meets min_jobs (count falls as m grows), else 1.
             per_job[d] = _largest_fitting(1, per_job[d], enough) if enough(1) else 1
-
-        # Same number of jobs, evened out: 4 units in 2 jobs are 2 + 2, not 3 + 1.
-        per_job = [math.ceil(n / math.ceil(n / k)) for n, k in zip(n_units, per_job, strict=True)]
+        # Units of unequal cost do not pack monotonically: fewer units per job can put a costly
+        # pair of units together (units [2, 4) and [4, 5) of a cut source chunk). Every plan is
+        # checked against the budgets again; one unit per job always fits (Group.build).
+        if not fits(per_job):
+            per_job = [1] * ndim
+        # Same number of jobs, evened out: 4 units in 2 jobs are 2 + 2, not 3 + 1 (when that
+        # packing fits too).
+        evened = [math.ceil(n / math.ceil(n / k)) for n, k in zip(n_units, per_job, strict=True)]
+        if fits(evened):
+            per_job = evened
         bounds = [_pack(u, k) for u, k in zip(units, per_job, strict=True)]
         jobs, read, need = _make_jobs(members, cost, bounds, first_id)
         gplan = GroupPlan(names, lead.dims, tuple(n_units), tuple(per_job), tuple(self.split))
