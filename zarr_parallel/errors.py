@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
 
 class ZarrParallelError(Exception):
-    """Base class of all zarr-parallel errors."""
+    """Base class of all zarr-parallel errors.
+
+    Every error of the hierarchy pickles (Prefect stores a failed run's exception, dask carries
+    a job's across processes), whatever its ``__init__`` takes: it is rebuilt from its
+    ``args`` and attributes, with the same message. A value that does not pickle (a user's
+    object in a request field, say) travels as its ``repr``.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # An OSError's arguments hold more than its args (the file name): take its own.
+        args = OSError.__reduce__(self)[1] if isinstance(self, OSError) else self.args
+        state = {name: _picklable(value) for name, value in vars(self).items()}
+        return (_rebuild, (type(self), tuple(_picklable(a) for a in args), state))
+
+
+def _picklable(value: Any) -> Any:
+    try:
+        pickle.dumps(value)
+    except Exception:  # any object may refuse in its own way (TypeError, PicklingError...)
+        return repr(value)
+    return value
+
+
+def _rebuild(cls: type[ZarrParallelError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    """An error of ``cls`` with these ``args`` and attributes, without calling ``__init__``."""
+    error = cls.__new__(cls, *args)  # sets args (and an OSError's errno, strerror, filename)
+    error.__dict__.update(state)
+    return error
 
 
 class _ParameterError(ZarrParallelError, ValueError):
@@ -19,10 +47,6 @@ class _ParameterError(ZarrParallelError, ValueError):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{parameter}={value!r}: {problem}. {fix}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keep the exception picklable across Prefect/dask process boundaries.
-        return (type(self), (self.parameter, self.value, self.problem, self.fix))
 
 
 class RequestError(_ParameterError):
@@ -50,9 +74,6 @@ class RecommendationsPending(ZarrParallelError, ValueError):
         self.recommendations = list(recommendations)
         super().__init__(message)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.plan, self.recommendations, str(self)))
-
 
 class RunFailed(ZarrParallelError):
     """Some write jobs failed; completed jobs stay recorded for ``resume``."""
@@ -60,9 +81,6 @@ class RunFailed(ZarrParallelError):
     def __init__(self, message: str, failed: Sequence[dict[str, Any]] = ()) -> None:
         self.failed = list(failed)
         super().__init__(message)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), self.failed))
 
 
 class LockLost(RunFailed):
@@ -86,9 +104,6 @@ class CacheLocked(ZarrParallelError):
         self.holder = holder
         super().__init__(message)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.holder, str(self)))
-
 
 class SourceChanged(RunFailed):
     """A source file changed after the run planned it; the run stops before publishing.
@@ -107,6 +122,3 @@ class SourceChanged(RunFailed):
                 "once the source is stable: the next run plans the source as it is then"
             )
         )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.change, str(self)))

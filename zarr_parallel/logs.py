@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
+
+from zarr_parallel.errors import PlanError, RequestError
 
 #: log_level → the level of this package's loggers and of the console.
 LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
@@ -12,6 +15,45 @@ OWN_LOGGERS = ("zarr_parallel", "flows")
 CHATTY_LOGGERS = ("distributed", "dask", "dask_jobqueue", "tornado", "fsspec")
 #: Libraries whose debug lines say nothing about a run (h5py's type converters...).
 SILENT_LOGGERS = ("h5py", "numcodecs", "asyncio")
+#: The loggers of Prefect's flow and task runs (their states, and the exceptions that end them).
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+#: The errors of an invalid request: the door that ran the flow says them in one message.
+INVALID_REQUEST = (RequestError, PlanError)
+#: How a failed state's message names its exception ("... an exception RequestError: ...").
+_STATE_EXCEPTION = re.compile(r"encountered an exception:? (\w+):")
+
+
+class QuietInvalidRequests(logging.Filter):
+    """Keep Prefect's console lines about a run stopped by an invalid request off the terminal.
+
+    Below ``log_level=2`` such a run prints the one message its door gives (exit 2 at the
+    command line, the exception in Python), not Prefect's tracebacks of the task and the flow
+    that raised it; at 2 they are shown. Only the console is filtered: the run's logs in the
+    Prefect API (the UI) keep them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.name.startswith(RUN_LOGGERS):
+            return True
+        if record.exc_info and record.exc_info[1] is not None:
+            return not isinstance(record.exc_info[1], INVALID_REQUEST)
+        found = _STATE_EXCEPTION.search(record.getMessage())
+        return found is None or found[1] not in _invalid_request_names()
+
+
+def _invalid_request_names() -> set[str]:
+    """The class names of :data:`INVALID_REQUEST` and their subclasses (e.g. InsufficientSpace)."""
+    names: set[str] = set()
+    todo: list[type] = list(INVALID_REQUEST)
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+#: The one filter on Prefect's console handler (added below log level 2).
+QUIET_INVALID_REQUESTS = QuietInvalidRequests()
 
 
 def set_log_level(level: int) -> None:
@@ -20,8 +62,9 @@ def set_log_level(level: int) -> None:
     At 0 the console shows warnings and errors only (Prefect's flow and task progress still
     reaches the Prefect API, so the UI keeps it); 1 adds progress (source, plan figures, flow
     and task states); 2 adds this package's debugging detail (layouts, target chunks, rejected
-    recommendations) and the execution libraries' info lines. Prefect's own debug output is
-    ``PREFECT_LOGGING_LEVEL=DEBUG``'s business.
+    recommendations) and the execution libraries' info lines. Below 2 a run stopped by an
+    invalid request keeps Prefect's tracebacks off the console (:class:`QuietInvalidRequests`).
+    Prefect's own debug output is ``PREFECT_LOGGING_LEVEL=DEBUG``'s business.
     """
     if level not in LEVELS:
         raise ValueError(f"log_level must be 0, 1 or 2; got {level!r}")
@@ -37,3 +80,7 @@ def set_log_level(level: int) -> None:
     for handler in logging.getLogger().handlers:
         if type(handler).__name__ == "PrefectConsoleHandler":
             handler.setLevel(own)
+            if level < 2:
+                handler.addFilter(QUIET_INVALID_REQUESTS)
+            else:
+                handler.removeFilter(QUIET_INVALID_REQUESTS)

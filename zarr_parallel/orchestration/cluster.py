@@ -335,9 +335,18 @@ def _local_cluster(sizing: WorkerSizing, env: dict[str, str], log_level: int) ->
     "__main__":``. The nanny inside restarts a worker process that dies.
     """
     level = {0: logging.WARNING, 1: logging.INFO}.get(log_level, logging.DEBUG)
+    # No dashboard; the scheduler's HTTP server (health and metrics routes) listens on a free
+    # loopback port rather than dask's 8787, which another cluster may hold ("Port 8787 is
+    # already in use" would be printed at every log level).
     scheduler = {
         "cls": Scheduler,
-        "options": {"host": "127.0.0.1", "port": 0, "dashboard": False, "allowed_failures": 0},
+        "options": {
+            "host": "127.0.0.1",
+            "port": 0,
+            "dashboard": False,
+            "dashboard_address": "127.0.0.1:0",
+            "allowed_failures": 0,
+        },
     }
     workers = {
         f"worker-{i}": {

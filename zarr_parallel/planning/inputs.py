@@ -117,6 +117,9 @@ class Limits:
     overhead
         The worker process's allowance, also subtracted from ``memory_limit`` outside series
         mode (only used to word errors).
+    min_jobs_derived
+        True when ``min_jobs`` comes from the worker count, not from the user's ``num_jobs``:
+        a plan that cannot reach it then says nothing (there is no ``num_jobs`` to name).
     """
 
     memory_budget: int
@@ -124,6 +127,7 @@ class Limits:
     time_budget: float | None = None
     reserve: int = 0
     overhead: int = 0
+    min_jobs_derived: bool = False
 
     @property
     def memory_limit(self) -> int:

@@ -165,7 +165,7 @@ def plan_jobs(arrays: Sequence[ArrayInput], limits: Limits, request_digest: str 
         read += g_read
         needed += g_needed
         written += sum(j.write_bytes for j in group_jobs)
-    if sum(g.capacity for g in ordered) < limits.min_jobs:
+    if not limits.min_jobs_derived and sum(g.capacity for g in ordered) < limits.min_jobs:
         notes.append(
             f"num_jobs={limits.min_jobs} asked, but whole aligned units allow only {len(jobs)} "
             "jobs; cutting units further would make jobs re-read source chunks"

@@ -63,12 +63,6 @@ class InsufficientSpace(PlanError):
         self.needed = needed
         self.free = free
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            type(self),
-            (self.parameter, self.value, self.problem, self.fix, self.needed, self.free),
-        )
-
 
 @dataclass(frozen=True)
 class SpaceEstimate:

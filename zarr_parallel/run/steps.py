@@ -107,6 +107,8 @@ def limits_for(req: CacheRequest) -> Limits:
     return Limits(
         memory_budget=budget,
         min_jobs=min_jobs,
+        # Only a num_jobs the user set is named in a note when the plan cannot reach it.
+        min_jobs_derived=req.num_jobs is None,
         time_budget=req.timeout_seconds / 2,
         reserve=req.reserve_bytes,
         overhead=overhead,
