@@ -9,11 +9,25 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import xarray as xr
 
 from zarr_parallel.store.provenance import PREFIX as PROVENANCE
+
+
+def series_fields(files: list[Path], store: Path, **extra: Any) -> dict[str, Any]:
+    """The request fields of a small series-mode run of ``files`` into ``store`` (4 jobs);
+    ``extra`` fields (``chunks`` among them) are added or override."""
+    return {
+        "data_uri": [str(p) for p in files],
+        "cache_store": str(store),
+        "deploy_mode": "series",
+        "memory_limit": "300MB",
+        "num_jobs": 4,
+        **extra,
+    }
 
 
 def changed_env(**changes: str | None) -> dict[str, str]:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 import zarr
 
-from core_support import frozen_run
+from core_support import frozen_run, series_fields
 from zarr_parallel.api import run_request
 from zarr_parallel.orchestration.cache import main
 from zarr_parallel.request.model import CacheRequest, build_request
@@ -22,15 +22,8 @@ from zarr_parallel.run.verify import cache_differences, verify_cache
 CHUNKS = {"time": 12, "latitude": 40, "longitude": 72}
 
 
-def _fields(files: list[Path], store: Path) -> dict[str, Any]:
-    return {
-        "data_uri": [str(p) for p in files],
-        "chunks": CHUNKS,
-        "cache_store": str(store),
-        "deploy_mode": "series",
-        "memory_limit": "300MB",
-        "num_jobs": 4,
-    }
+def _fields(files: list[Path], store: Path, **extra: Any) -> dict[str, Any]:
+    return series_fields(files, store, **{"chunks": CHUNKS, **extra})
 
 
 @pytest.fixture(scope="module")

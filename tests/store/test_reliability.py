@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from core_support import series_fields
 from zarr_parallel import faults
 from zarr_parallel.api import run_request
 from zarr_parallel.errors import RequestError, RunFailed
@@ -31,15 +32,7 @@ CHUNKS = {"time": 12, "latitude": 40, "longitude": 72}
 
 
 def _fields(files: list[Path], store: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "data_uri": [str(p) for p in files],
-        "chunks": CHUNKS,
-        "cache_store": str(store),
-        "deploy_mode": "series",
-        "memory_limit": "300MB",
-        "num_jobs": 4,
-        **extra,
-    }
+    return series_fields(files, store, **{"chunks": CHUNKS, **extra})
 
 
 def _all_chunk_files(version: Path, name: str) -> set[Path]:
