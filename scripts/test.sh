@@ -9,8 +9,8 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
 phase "set-up"
-ruff check zarr_parallel flows deployments tests benchmarks scripts
-ruff format --check zarr_parallel flows deployments tests benchmarks scripts
+ruff check zarr_parallel flows deployments tests benchmarks scripts examples
+ruff format --check zarr_parallel flows deployments tests benchmarks scripts examples
 mypy zarr_parallel flows
 phase "ruff, mypy"
 if [ -x scripts/slurm-local.sh ] || [ -f scripts/slurm-local.sh ]; then
