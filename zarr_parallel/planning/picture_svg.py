@@ -110,7 +110,10 @@ def picture_svg(picture: Picture) -> str:
 
 def _panel(picture: Picture, panel: Panel, box: tuple[float, float, float, float]) -> list[str]:
     x0, y0, w, h = box
-    out = [f'<g class="panel" data-rows="{panel.rows or ""}" data-cols="{panel.cols or ""}">']
+    out = [
+        f'<g class="panel" data-rows="{escape(panel.rows or "")}" '
+        f'data-cols="{escape(panel.cols or "")}">'
+    ]
     for mark in picture.marks:
         left, top, mw, mh = mark_box(picture, panel, mark, box)
         colour = _hex(mark_colour(mark.index))

@@ -141,7 +141,7 @@ class PlanView:
     def _repr_html_(self) -> str:
         rows = "".join(
             f"<tr><th style='text-align:left'>{escape(name)}</th><td style='text-align:left'>"
-            f"{escape(value)}</td></tr>"
+            f"{escape(value.strip())}</td></tr>"
             for name, value in (line.split(":", 1) for line in self.text().splitlines())
         )
         try:
