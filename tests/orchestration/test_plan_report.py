@@ -2,9 +2,8 @@
 cluster started) and the plan picture a run publishes in the Prefect UI (read back through the
 Prefect API).
 
-The UI's rendering of the picture (a markdown artifact holding an ``<img>`` with an SVG data URI)
-was checked in headless Chromium against a Prefect 3.8 server (docs/planning.md); here the
-artifact's content is checked.
+Here the artifact's content is checked through the API; test_plan_picture_ui.py looks at the
+same artifact in the Prefect UI with headless Chromium.
 """
 
 from __future__ import annotations
