@@ -198,3 +198,41 @@ def test_the_docs_example_picture_is_current() -> None:
     assert module.OUT.read_text() == svg + "\n", "stale: run python docs/figures/plan_figure.py"
     legend = _legend(_parse(svg))
     assert legend["jobs"] == "jobs: 32" and legend["cut-chunks"].endswith(": 20")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 40),
+    max_marks=st.integers(1, 60),
+)
+def test_groups_partition_the_jobs_without_overlap(rows: int, cols: int, max_marks: int) -> None:
+    """Grouped or not, every job is in exactly one mark, inside its box, and boxes never
+    overlap (jobs tile the array, so groups of neighbours must too)."""
+    array = _array((rows * 2, cols * 3), (2, 3), (2, 3))
+    jobs = [
+        Job(
+            r * cols + c,
+            ("t2m",),
+            (("time", 2 * r, 2 * r + 2), ("latitude", 3 * c, 3 * c + 3)),
+            1,
+            1,
+            1,
+        )
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    marks = plan_picture(array, jobs, max_marks=max_marks).marks
+    assert len(marks) <= max(max_marks, 1) or len(jobs) <= max_marks
+    assert sorted(j for m in marks for j in m.job_ids) == [j.id for j in jobs]
+    by_id = {j.id: j for j in jobs}
+    for m in marks:
+        for j in m.job_ids:
+            for d, (a, b) in by_id[j].bounds.items():
+                assert m.region[d][0] <= a and b <= m.region[d][1]
+    area = sum(
+        (m.region["time"][1] - m.region["time"][0])
+        * (m.region["latitude"][1] - m.region["latitude"][0])
+        for m in marks
+    )
+    assert area == rows * 2 * cols * 3  # boxes cover the array once: no overlap, no gap

@@ -95,17 +95,17 @@ def publish_plan_picture(prepared: Prepared) -> str | None:
     """
     try:
         picture = first_picture(prepared)
+        if picture is None:
+            return None
+        markdown = picture_markdown(
+            picture_svg(picture),
+            [text for _key, text in picture.legend()],
+            f"Plan of {picture.variable}",
+        )
     except Exception as e:  # a view must not fail the run it shows
         logger.warning("no plan picture: %s", e)
         return None
-    if picture is None:
-        return None
     key = artifact_key("zp-plan-picture", prepared)
-    markdown = picture_markdown(
-        picture_svg(picture),
-        [text for _key, text in picture.legend()],
-        f"Plan of {picture.variable}",
-    )
     create_markdown_artifact(markdown, key=key, description="Plan picture")
     return key
 

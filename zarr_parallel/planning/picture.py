@@ -163,6 +163,8 @@ def plan_picture(
     """
     mine = [j for j in jobs if array.name in j.variables]
     starts = [_run_starts(array, d) for d in range(len(array.axes))]
+    dims = [ax.dim for ax in array.axes]
+    spans = _spans(mine, dims)
     axes, notes = [], []
     for d, ax in enumerate(array.axes):
         runs = starts[d]
@@ -174,7 +176,7 @@ def plan_picture(
             max(1, len(grid) - 1),
             _lines(runs, max_lines),
             _lines(grid, max_lines),
-            _cut_spans(runs, [b for j in mine for b in j.bounds[ax.dim]]),
+            _cut_spans(runs, spans[:, d, :].ravel()),
             *_partial(array, d, runs),
         )
         for kind, lines, count in (
@@ -184,7 +186,6 @@ def plan_picture(
             if lines is None:
                 notes.append(f"{kind} grid along {ax.dim} not drawn ({count} chunks)")
         axes.append(axis)
-    dims = [a.dim for a in axes]
     panels = (
         tuple(Panel(r, c) for r, c in itertools.combinations(dims, 2))
         if len(dims) >= 2
@@ -194,15 +195,25 @@ def plan_picture(
         variable=array.name,
         axes=tuple(axes),
         panels=panels,
-        marks=_marks(mine, dims, max_marks),
+        marks=_marks(mine, dims, spans, max_marks),
         jobs=len(mine),
         source_chunks=math.prod(a.source_chunks for a in axes),
         target_chunks=math.prod(a.target_chunks for a in axes),
-        cut_chunks=_cut_count(mine, dims, starts),
+        cut_chunks=_cut_count(spans, starts),
         partial_chunks=math.prod(a.source_chunks for a in axes)
         - math.prod(a.full_runs for a in axes),
         notes=tuple(notes),
     )
+
+
+def _spans(jobs: Sequence[Job], dims: Sequence[str]) -> IntArray:
+    """The jobs' regions as one array: ``[job, dim] = (start, stop)``."""
+    out = np.zeros((len(jobs), len(dims), 2), dtype=np.int64)
+    for i, job in enumerate(jobs):
+        bounds = job.bounds
+        for d, dim in enumerate(dims):
+            out[i, d] = bounds[dim]
+    return out
 
 
 def _run_starts(array: ArrayInput, d: int) -> IntArray:
@@ -238,9 +249,9 @@ def _merged(runs: IntArray, which: Sequence[int] | IntArray) -> tuple[Span, ...]
     return tuple(spans)
 
 
-def _cut_spans(runs: IntArray, job_bounds: Sequence[int]) -> tuple[Span, ...]:
+def _cut_spans(runs: IntArray, job_bounds: IntArray) -> tuple[Span, ...]:
     """Spans of the source chunks (``runs`` boundaries) a job boundary falls strictly inside."""
-    if len(runs) < 2 or not job_bounds:
+    if len(runs) < 2 or not job_bounds.size:
         return ()
     b = np.unique(np.asarray(job_bounds, dtype=np.int64))
     idx = np.searchsorted(runs, b, side="right") - 1
@@ -249,57 +260,51 @@ def _cut_spans(runs: IntArray, job_bounds: Sequence[int]) -> tuple[Span, ...]:
     return _merged(runs, np.unique(idx[inside]))
 
 
-def _cut_count(jobs: Sequence[Job], dims: Sequence[str], runs: Sequence[IntArray]) -> int:
+def _cut_count(spans: IntArray, runs: Sequence[IntArray]) -> int:
     """Source chunks read by more than one job.
 
     The jobs tile the array, so every source chunk is read by at least one job; a chunk read by
     exactly one lies wholly inside it. Count those per job (per dimension, the runs inside the
     job's span) and subtract from all.
     """
-    if not jobs:
+    if not len(spans):
         return 0
     total = math.prod(len(r) - 1 for r in runs)
-    whole = 0
-    for job in jobs:
-        inside = 1
-        for d, dim in enumerate(dims):
-            a, z = job.bounds[dim]
-            r = runs[d]
-            first = int(np.searchsorted(r, a, side="left"))  # first run starting at or after a
-            last = int(np.searchsorted(r, z, side="right")) - 1  # last boundary at or before z
-            inside *= max(0, last - first)
-        whole += inside
-    return max(0, total - whole)
+    inside = np.ones(len(spans), dtype=np.int64)
+    for d, r in enumerate(runs):
+        first = np.searchsorted(r, spans[:, d, 0], side="left")  # first run starting at/after
+        last = np.searchsorted(r, spans[:, d, 1], side="right") - 1  # last boundary at/before
+        inside *= np.maximum(0, last - first)
+    return max(0, total - int(inside.sum()))
 
 
-def _marks(jobs: Sequence[Job], dims: Sequence[str], max_marks: int) -> tuple[Mark, ...]:
+def _marks(
+    jobs: Sequence[Job], dims: Sequence[str], spans: IntArray, max_marks: int
+) -> tuple[Mark, ...]:
     """One mark per job, or per group of neighbouring jobs above ``max_marks`` jobs."""
     if len(jobs) <= max_marks:
         return tuple(Mark(i, (j.id,), j.bounds) for i, j in enumerate(jobs))
     # The jobs' starts along each dimension form a grid; coarsen it (double the factor of the
     # dimension with the most cells) until it has at most max_marks cells.
-    starts = [np.unique([j.bounds[d][0] for j in jobs]) for d in dims]
+    starts = [np.unique(spans[:, d, 0]) for d in range(len(dims))]
     factor = [1] * len(dims)
 
     def cells() -> list[int]:
         return [math.ceil(len(s) / f) for s, f in zip(starts, factor, strict=True)]
 
     while math.prod(cells()) > max_marks:
-        widest = int(np.argmax(cells()))
-        factor[widest] *= 2
-    groups: dict[tuple[int, ...], list[Job]] = {}
-    for job in jobs:
-        key = tuple(
-            int(np.searchsorted(s, job.bounds[d][0])) // f
-            for s, d, f in zip(starts, dims, factor, strict=True)
-        )
-        groups.setdefault(key, []).append(job)
+        factor[int(np.argmax(cells()))] *= 2
+    keys = np.stack(
+        [np.searchsorted(starts[d], spans[:, d, 0]) // factor[d] for d in range(len(dims))],
+        axis=1,
+    )
+    groups, which = np.unique(keys, axis=0, return_inverse=True)
     marks = []
-    for i, key in enumerate(sorted(groups)):
-        members = groups[key]
+    for g in range(len(groups)):
+        members = np.flatnonzero(which.ravel() == g)
         region = {
-            d: (min(j.bounds[d][0] for j in members), max(j.bounds[d][1] for j in members))
-            for d in dims
+            d: (int(spans[members, i, 0].min()), int(spans[members, i, 1].max()))
+            for i, d in enumerate(dims)
         }
-        marks.append(Mark(i, tuple(j.id for j in members), region))
+        marks.append(Mark(g, tuple(jobs[int(m)].id for m in members), region))
     return tuple(marks)

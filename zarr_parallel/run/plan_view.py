@@ -97,7 +97,7 @@ class PlanView:
             ),
             ("workers", f"up to {s['workers']} at once ({s['deploy_mode']})"),
         ]
-        rows += _strategy_rows(s)
+        rows += strategy_rows(s)
         rows += [("note", n) for n in [*s["notes"], s["workers_note"]] if n]
         if self.prepared.applied is not None:
             rows.append(("applied", self.prepared.applied.sentence))
@@ -160,8 +160,14 @@ class PlanView:
         )
 
 
-def _strategy_rows(s: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The strategy, its reason and its stages, when the planner reports them."""
+def strategy_rows(s: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The strategy, its reason and its stages, when the planner reports them (else none).
+
+    >>> strategy_rows({"strategy": "staged", "stages": [{"jobs": 4, "read_bytes": 2 * 10**6}]})
+    [('strategy', 'staged'), ('stage 1', 'jobs 4, read_bytes 2.00 MB')]
+    >>> strategy_rows({})
+    []
+    """
     rows: list[tuple[str, str]] = []
     if s.get("strategy"):
         reason = f" ({s['strategy_reason']})" if s.get("strategy_reason") else ""
