@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 
 from zarr_parallel import ZarrParallelAssembler
+from zarr_parallel.cli import main as command_main
 from zarr_parallel.orchestration.cache import main
 from zarr_parallel.planning.picture_svg import layout
 
@@ -111,8 +112,9 @@ def test_picture_files_by_suffix(
     assert legend["target-chunks"] == f"target chunks: {5 * 2 * 2}"
     assert svg.find(f"{SVG}title").text == f"Plan of t2m: {jobs} jobs"  # type: ignore[union-attr]
 
+    # The installed command takes the same options.
     args = ["plan", str(req), "--picture", str(png_path), "--picture-variable", "d2m"]
-    assert main(args) == 0
+    assert command_main(args) == 0
     capsys.readouterr()
     with Image.open(png_path) as image:
         assert image.format == "PNG"
