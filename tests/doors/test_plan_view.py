@@ -11,6 +11,7 @@ import io
 import os
 import re
 import sys
+import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,13 @@ def test_bad_picture_requests_exit_2(
     assert main(["run", str(req), "--picture", str(tmp_path / "p.svg")]) == 2
     assert "belong to the plan command" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.svg")) and not (tmp_path / "out").exists()
+
+
+def test_the_picture_extra_is_pillow() -> None:
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    extras = project["project"]["optional-dependencies"]
+    assert [d.split(">")[0] for d in extras["picture"]] == ["pillow"]
+    assert "zarr-parallel[picture]" in extras["dev"], "the tests decode PNG pictures"
 
 
 def test_png_without_pillow_names_the_extra(
