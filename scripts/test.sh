@@ -17,6 +17,8 @@ if [ -x scripts/slurm-local.sh ] || [ -f scripts/slurm-local.sh ]; then
   bash scripts/slurm-local.sh start
 fi
 phase "local SLURM"
+bash scripts/browser.sh  # headless Chromium: the Prefect UI's plan picture is looked at for real
+phase "browser"
 python -m pytest -q "$@"
 phase "pytest"
 # [bench] smoke: figures printed, not asserted (a failed contender is a row saying why, and a
