@@ -15,11 +15,14 @@ from typing import Any
 import numpy as np
 import pytest
 import xarray as xr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from core_support import open_cache
 from zarr_parallel import ZarrParallelAssembler
 from zarr_parallel.errors import RequestError
 from zarr_parallel.request.model import build_request
+from zarr_parallel.sources.source import open_source
 from zarr_parallel.sources.target import build_target
 from zarr_parallel.transforms import registry
 
@@ -265,3 +268,51 @@ def test_the_old_name_of_a_renamed_variable_says_the_new_one(era5_files: list[Pa
         RequestError, match=r"variables\['t2m'\]='t2m': is no longer .* Name it 'temp'"
     ):
         build_target(req)
+
+
+# -- Properties: what the planner sees ---------------------------------------------------------
+
+ELEMENTWISE_SPECS = st.sampled_from(
+    [
+        {"type": "fillna", "value": 0},
+        {"type": "clip", "min": 270, "max": 290},
+        {"type": "where", "cond": {"op": ">", "value": 280}},
+        {"type": "where", "cond": [{"op": "notnull"}, {"op": "<=", "value": 290}], "other": -1},
+        {"type": "round", "decimals": 2},
+        {"type": "abs"},
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def opened(era5_files: list[Path]) -> Any:
+    req = build_request(data_uri=[str(p) for p in era5_files], cache_store="/tmp/unused.zarr")
+    return req, open_source(req)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dropped=st.sets(st.integers(0, 59), max_size=30))
+def test_drop_isel_keeps_every_other_index_in_order(opened: Any, dropped: set[int]) -> None:
+    """Each remaining target step reads its own source step, in its source chunk (6 steps)."""
+    req, source = opened
+    spec = {"type": "drop_isel", "time": sorted(dropped)}
+    target = build_target(req.model_copy(update={"preprocessors": [spec]}), source)
+    kept = np.delete(np.arange(60), sorted(dropped))
+    np.testing.assert_array_equal(target.dataset["_zpi_time"].values, kept)
+    for array in target.array_inputs():
+        axis = next(a for a in array.axes if a.dim == "time")
+        np.testing.assert_array_equal(axis.chunk_of, kept // 6)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=st.lists(ELEMENTWISE_SPECS, min_size=1, max_size=4))
+def test_elementwise_chains_keep_the_alignment(opened: Any, specs: list[dict[str, Any]]) -> None:
+    """Element-wise transforms change values only: the planner sees the untransformed inputs."""
+    req, source = opened
+    plain = build_target(req, source)
+    changed = build_target(req.model_copy(update={"preprocessors": specs}), source)
+    assert changed.sources == plain.sources and changed.chunks == plain.chunks
+    for a, b in zip(changed.array_inputs(), plain.array_inputs(), strict=True):
+        assert (a.name, a.write_chunks, a.itemsize) == (b.name, b.write_chunks, b.itemsize)
+        for x, y in zip(a.axes, b.axes, strict=True):
+            np.testing.assert_array_equal(x.chunk_of, y.chunk_of)

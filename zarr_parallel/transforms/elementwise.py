@@ -8,8 +8,8 @@ its source index and the plan's alignment holds. Arguments are JSON data: number
 condition's operator are looked up here, never evaluated, and no callable is accepted.
 
 The functions are registered by :mod:`zarr_parallel.transforms.registry` from
-:data:`ELEMENTWISE`. They apply to the variable of a per-variable list, else to every data
-variable (each ``where`` then tests each variable's own values).
+:data:`ELEMENTWISE`. They apply to the variable of a per-variable list, else to every numeric
+data variable (each ``where`` then tests each variable's own values).
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ def _apply(
     kept but for the stored dtype, which the new values may not fit (a ``where`` turns ints into
     floats), and for packing: the values changed, so they are written as computed.
     """
-    names = [ctx.variable] if ctx.variable else [str(v) for v in ds.data_vars]
+    # In preprocessors, numbers only: a string or time variable (CDS's expver...) has no clip.
+    numeric = [str(v) for v, var in ds.data_vars.items() if var.dtype.kind in "iufc"]
+    names = [ctx.variable] if ctx.variable else numeric
     out = ds.copy()
     for name in names:
         var = out[name]
