@@ -196,6 +196,34 @@ def _abs(ds: xr.Dataset, ctx: Where, **kwargs: Any) -> xr.Dataset:
     return _apply(ds, ctx, abs)
 
 
+#: xarray methods 0.5 would have called that stay refused, and why (docs/design.md §2b): a job
+#: sees its region only, so nothing may look at neighbours; nothing may run code or do I/O.
+_NEIGHBOURS = (
+    "shift diff cumsum cumprod ffill bfill interpolate_na rolling rolling_exp coarsen resample pad "
+    "reindex reindex_like interp interp_like differentiate integrate cumulative_integrate weighted"
+)
+_REDUCTIONS = (
+    "mean sum min max std var median quantile count reduce groupby groupby_bins argmin argmax "
+    "idxmin idxmax polyfit"
+)
+REFUSED_METHODS = {
+    **dict.fromkeys(
+        _NEIGHBOURS.split(),
+        "looks at neighbouring values, which a job writing one region cannot see",
+    ),
+    **dict.fromkeys(
+        _REDUCTIONS.split(), "reduces along dimensions, which a job writing one region cannot do"
+    ),
+    **dict.fromkeys(
+        ["eval", "query", "pipe", "map", "apply", "map_blocks", "assign"],
+        "takes code or a callable; requests carry data only",
+    ),
+    **dict.fromkeys(
+        ["to_netcdf", "to_zarr", "load", "compute", "persist", "close", "dump_to_store"],
+        "does I/O; the run does that itself",
+    ),
+}
+
 #: The element-wise transforms, by the xarray method name they mirror.
 ELEMENTWISE: dict[str, Callable[..., xr.Dataset]] = {
     "fillna": _fillna,

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import xarray as xr
 
 from zarr_parallel.errors import RequestError
-from zarr_parallel.transforms.elementwise import ELEMENTWISE
+from zarr_parallel.transforms.elementwise import ELEMENTWISE, REFUSED_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -44,65 +44,6 @@ class TransformContext:
 Transform = Callable[..., "xr.Dataset"]
 _BUILTIN: dict[str, Transform] = {}
 _ALIASES = {"subset": "sel", "reverse_axis": "reverse", "tiled": "tiled"}
-#: xarray methods 0.5 would have called that stay refused, and why (docs/design.md §2b): a job
-#: sees its region only, so nothing may look at neighbours; nothing may run code or do I/O.
-_REFUSED_METHODS = {
-    **dict.fromkeys(
-        (
-            "shift",
-            "diff",
-            "cumsum",
-            "cumprod",
-            "ffill",
-            "bfill",
-            "interpolate_na",
-            "rolling",
-            "rolling_exp",
-            "coarsen",
-            "resample",
-            "pad",
-            "reindex",
-            "reindex_like",
-            "interp",
-            "interp_like",
-            "differentiate",
-            "integrate",
-            "cumulative_integrate",
-            "weighted",
-        ),
-        "looks at neighbouring values, which a job writing one region cannot see",
-    ),
-    **dict.fromkeys(
-        (
-            "mean",
-            "sum",
-            "min",
-            "max",
-            "std",
-            "var",
-            "median",
-            "quantile",
-            "count",
-            "reduce",
-            "groupby",
-            "groupby_bins",
-            "argmin",
-            "argmax",
-            "idxmin",
-            "idxmax",
-            "polyfit",
-        ),
-        "reduces along dimensions, which a job writing one region cannot do",
-    ),
-    **dict.fromkeys(
-        ("eval", "query", "pipe", "map", "apply", "map_blocks", "assign"),
-        "takes code or a callable; requests carry data only",
-    ),
-    **dict.fromkeys(
-        ("to_netcdf", "to_zarr", "load", "compute", "persist", "close", "dump_to_store"),
-        "does I/O; the run does that itself",
-    ),
-}
 #: Encoding key set by the ``encoding`` transform when it asks for packing (see store).
 PACKING_ASKED = "_zp_packing_asked"
 
@@ -150,7 +91,7 @@ def lookup(name: str, parameter: str) -> Transform:
             "Move it to the end of preprocessors, or remove it and set "
             "tiles={'latitude': 64, 'longitude': 64}",
         )
-    why = _REFUSED_METHODS.get(name)
+    why = REFUSED_METHODS.get(name)
     raise RequestError(
         parameter,
         name,
