@@ -266,7 +266,7 @@ FRESH_CASES = [
     Bad("glob-matches-nothing", {"data_uri": "{tmp}/era5_*.nc"}, "data_uri", matches=r"data_uri='.*era5_\*\.nc': matches no files"),
     Bad("unknown-engine", {"engine": "grib"}, "engine", matches="engine='grib': must be one of h5netcdf, netcdf4, kerchunk, zarr"),
     Bad("unknown-variable", {"variables": {"sp": {}, "t2m": {}}}, "variables", matches=r"variables=\['sp'\]: are not variables of the source\. Use names from \['d2m', 't2m'\]"),
-    Bad("unknown-preprocessor", {"preprocessors": [{"type": "resample", "time": "1D"}]}, "preprocessors[0].type", matches=r"preprocessors\[0\]\.type='resample': is not a known transform\. Use one of \[.*'sel'"),
+    Bad("unknown-preprocessor", {"preprocessors": [{"type": "resample", "time": "1D"}]}, "preprocessors[0].type", matches=r"preprocessors\[0\]\.type='resample': is not a known transform \(xarray's resample looks at neighbouring values, which a job writing one region cannot see\)\. Use one of \[.*'sel'"),
     Bad("unknown-variable-transform", {"variables": {"t2m": [{"type": "regrid"}]}}, "variables['t2m'][0].type", matches=r"variables\['t2m'\]\[0\]\.type='regrid': is not a known transform"),
     Bad("selection-outside-data", {"preprocessors": [{"type": "sel", "time": ["2021-01-01", "2021-01-31"]}]}, "preprocessors[0].time", matches=r"preprocessors\[0\]\.time=\['2021-01-01', '2021-01-31'\]: selects nothing \(outside the data\)\. Use labels within 2020-01-01T00:00:00 \.\. 2020-01-03T11:00:00"),
     Bad("selection-label-missing", {"preprocessors": [{"type": "sel", "latitude": 91.0}]}, "preprocessors[0].latitude", matches=r"preprocessors\[0\]\.latitude=91\.0: selects labels not in the data"),

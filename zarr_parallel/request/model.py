@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,8 @@ from zarr_parallel.request.normalise import normalise_fields
 from zarr_parallel.request.secrets import MASK, is_secret_key, redact
 from zarr_parallel.transforms.registry import validate_spec
 from zarr_parallel.units import parse_duration, parse_memory
+
+logger = logging.getLogger(__name__)
 
 DEPLOY_MODES = ("series", "dask_distributed", "slurm")
 ENGINES = ("h5netcdf", "netcdf4", "kerchunk", "zarr")
@@ -194,7 +197,9 @@ class CacheRequest(BaseModel):
         ),
     )
     generate_stats: bool = Field(False, description="Gather count/min/max/mean/NaN per variable")
-    log_level: int = Field(0, ge=0, le=2, description="0 quiet, 1 info, 2 debug")
+    log_level: int = Field(
+        0, ge=0, description="0 quiet, 1 info, 2 debug (higher values mean 2, as in 0.5)"
+    )
     # -- [deployments] fields go here --
     pause_timeout: str | int | float = Field(
         "1:00:00",
@@ -284,6 +289,15 @@ class CacheRequest(BaseModel):
     def _int_not_bool(cls, v: Any) -> Any:
         if isinstance(v, bool):
             raise ValueError(f"is {v} (true/false), not a whole number")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: int) -> int:
+        # 0.5 read any level above 2 as 2 (debug): requests written for it keep working.
+        if v > 2:
+            logger.warning("log_level=%d is above the highest level, 2 (debug): using 2", v)
+            return 2
         return v
 
     @field_validator("preprocessors", mode="before")
