@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 
@@ -15,6 +16,7 @@ from sources_support import write_variable_month
 from zarr_parallel.errors import RequestError
 from zarr_parallel.request.model import build_request
 from zarr_parallel.run.steps import make_plan
+from zarr_parallel.sources.fastread import fast_plan
 from zarr_parallel.sources.identity import job_entries
 from zarr_parallel.sources.layout import SourceLayout
 from zarr_parallel.sources.source import open_source
@@ -171,3 +173,86 @@ def test_a_variable_in_two_groups_for_the_same_steps_is_refused(tmp_path: Path) 
         _open(folder)
     assert "both_2020-01.nc" in str(e.value) and "for the same steps" in str(e.value)
     assert "drop_variables" in e.value.fix
+
+
+def test_one_file_per_variable_merges_without_joining(tmp_path: Path) -> None:
+    """``t2m.nc`` and ``d2m.nc`` for the same month: merged, no record dimension to join along;
+    each variable read (fast path too) from its own file."""
+    folder = _folder(tmp_path, {"t2m": (1,), "d2m": (1,)})
+    ds, layout = _open(folder)
+    assert layout.concat_dim is None
+    with xr.open_mfdataset(sorted(str(p) for p in folder.glob("*.nc"))) as expected:
+        xr.testing.assert_identical(ds.load(), expected.load())
+    assert [Path(f).name for f in layout.files_of("d2m")] == ["d2m_2020-01.nc"]
+    assert layout.variables["d2m"].boundaries[0][:3] == (0, 2, 4)
+    assert layout.variables["t2m"].boundaries[0][:3] == (0, 4, 8)
+    req = build_request(
+        data_uri=str(folder / "*.nc"),
+        cache_store=str(tmp_path / "c.zarr"),
+        deploy_mode="series",
+        memory_limit="300MB",
+    )
+    target, plan = make_plan(req)
+    assert plan.read_amplification == pytest.approx(1.0)
+    fast = {name: fast_plan(target, req, name) for name in ("t2m", "d2m")}
+    assert {n: [Path(f).name for f in fv.files] for n, fv in fast.items() if fv} == {
+        "t2m": ["t2m_2020-01.nc"],
+        "d2m": ["d2m_2020-01.nc"],
+    }
+
+
+def _cmip_year(folder: Path, var: str, year: int, shift: float = 0.0) -> Path:
+    """A CMIP6-like file: one variable with the ``time_bnds`` and ``lat_bnds`` every file of
+    the dataset carries (named by the coordinates' ``bounds`` attributes)."""
+    times = pd.date_range(f"{year}-01-01", periods=12, freq="MS")
+    ends = times + pd.offsets.MonthBegin(1)
+    lat = np.linspace(-60.0, 60.0, 7)
+    rng = np.random.default_rng(year + len(var))
+    ds = xr.Dataset(
+        {
+            var: (("time", "lat", "lon"), rng.random((12, 7, 8), "float32")),
+            "time_bnds": (("time", "bnds"), np.stack([times.values, ends.values], axis=1)),
+            "lat_bnds": (("lat", "bnds"), np.stack([lat - 10 + shift, lat + 10], axis=1)),
+        },
+        coords={"time": times, "lat": lat, "lon": np.arange(0.0, 360.0, 45.0)},
+    )
+    ds["time"].attrs["bounds"] = "time_bnds"
+    ds["lat"].attrs["bounds"] = "lat_bnds"
+    path = folder / f"{var}_Amon_{year}.nc"
+    ds.to_netcdf(
+        path,
+        engine="netcdf4",
+        encoding={
+            "time": {"units": "days since 2000-01-01", "dtype": "int64"},
+            "time_bnds": {"units": "days since 2000-01-01", "dtype": "int64"},
+            var: {"chunksizes": (3, 7, 8), "zlib": True},
+        },
+    )
+    return path
+
+
+def test_cmip6_bounds_shared_by_every_file_are_read_once(tmp_path: Path) -> None:
+    folder = tmp_path / "cmip"
+    folder.mkdir()
+    files = {v: [_cmip_year(folder, v, y) for y in (2000, 2001)] for v in ("tas", "pr")}
+    ds, layout = _open(folder)
+    per_var = [
+        xr.open_mfdataset(fs, data_vars="minimal", coords="minimal", compat="override").load()
+        for fs in files.values()
+    ]
+    expected = xr.merge(per_var, compat="override", join="exact")
+    assert set(ds.data_vars) == {"tas", "pr", "time_bnds", "lat_bnds"}
+    for name in expected.variables:
+        xr.testing.assert_equal(ds[name].load(), expected[name])
+        assert ds[name].dtype == expected[name].dtype
+    # The bounds come from one variable's files (checked equal in the others).
+    (bounds,) = [g for g in layout.groups if "time_bnds" in g.variables]
+    assert len(bounds.files) == 2
+    # Bounds that differ between the files are refused.
+    other = tmp_path / "other" / "cmip"
+    other.mkdir(parents=True)
+    for f in [*files["tas"], files["pr"][1]]:
+        shutil.copyfile(f, other / f.name)
+    _cmip_year(other, "pr", 2000, shift=1.0)
+    with pytest.raises(RequestError, match=r"'lat_bnds', which files of different variables"):
+        _open(other)

@@ -92,13 +92,15 @@ def _base(path: str) -> str:
 
 def merge_parts(parts: Sequence[xr.Dataset], uris: Sequence[str]) -> Joined:
     """Merge opened files holding different variables (see the module's description)."""
-    dim = _merge_concat_dim(parts, uris)
+    shared = _shared(parts)
+    dim = _merge_concat_dim(parts, uris, shared)
     order = sorted(range(len(parts)), key=lambda i: (_sort_key(parts[i], dim), uris[i]))
     if dim is not None:
         along = [i for i in order if dim in parts[i].dims]
         combine.check_calendars([parts[i] for i in along], [uris[i] for i in along], dim)
     groups = [
-        _join_group(parts, uris, idx, names, dim) for idx, names in _grouped(parts, order, dim)
+        _join_group(parts, uris, idx, names, dim)
+        for idx, names in _grouped(parts, uris, order, dim, shared)
     ]
     _check_grids(groups, dim)
     pending = _common_steps(groups, dim)
@@ -138,7 +140,20 @@ def _sort_key(ds: xr.Dataset, dim: str | None) -> tuple[int, Any]:
     return (1, combine.first_label(ds, dim))
 
 
-def _merge_concat_dim(parts: Sequence[xr.Dataset], uris: Sequence[str]) -> str | None:
+def _shared(parts: Sequence[xr.Dataset]) -> set[str]:
+    """Variables every file set carries beside its own: those in every file, and CF bounds
+    named by a coordinate's ``bounds`` attribute (CMIP6 files each hold ``time_bnds``,
+    ``lat_bnds``...). They are read from one set of files and checked equal in the others."""
+    sets = [set(map(str, p.data_vars)) for p in parts]
+    found = set.intersection(*sets)
+    for p in parts:
+        found |= {str(c.attrs["bounds"]) for c in p.coords.values() if "bounds" in c.attrs}
+    return found
+
+
+def _merge_concat_dim(
+    parts: Sequence[xr.Dataset], uris: Sequence[str], shared: set[str]
+) -> str | None:
     """The record dimension: where two files holding the same variable differ (None when every
     variable is in one file only, so the files are merged and not joined)."""
     holders: dict[str, list[int]] = {}
@@ -146,7 +161,7 @@ def _merge_concat_dim(parts: Sequence[xr.Dataset], uris: Sequence[str]) -> str |
         for name in map(str, p.data_vars):
             holders.setdefault(name, []).append(i)
     for name, idx in holders.items():
-        if len(idx) < 2:
+        if len(idx) < 2 or name in shared:
             continue
         pair = [parts[idx[0]], parts[idx[1]]]
         try:
@@ -176,12 +191,16 @@ def _twice(name: str, a: str, b: str, steps: str, same: bool = False) -> Request
 
 
 def _grouped(
-    parts: Sequence[xr.Dataset], order: Sequence[int], dim: str | None
+    parts: Sequence[xr.Dataset],
+    uris: Sequence[str],
+    order: Sequence[int],
+    dim: str | None,
+    shared: set[str],
 ) -> list[tuple[list[int], tuple[str, ...]]]:
     """Variables grouped by the files (in ``order``) that hold them.
 
     A variable along the record dimension comes from every file holding it; one without it
-    from the first such file.
+    from the first such file; a shared one (:func:`_shared`) from the files of one variable set.
     """
     holders: dict[str, list[int]] = {}
     for i in order:
@@ -189,9 +208,51 @@ def _grouped(
             holders.setdefault(name, []).append(i)
     by_files: dict[tuple[int, ...], list[str]] = {}
     for name, idx in holders.items():
+        if name in shared:
+            idx = _shared_from(parts, uris, name, idx, dim)
         along = dim is not None and dim in parts[idx[0]][name].dims
         by_files.setdefault(tuple(idx) if along else (idx[0],), []).append(name)
     return [(list(idx), tuple(names)) for idx, names in by_files.items()]
+
+
+#: Shared variables up to this size are compared between the files that hold them.
+_COMPARED_BYTES = 16 * 2**20
+
+
+def _shared_from(
+    parts: Sequence[xr.Dataset], uris: Sequence[str], name: str, idx: list[int], dim: str | None
+) -> list[int]:
+    """The files a shared variable is read from (those of the first file's variable set),
+    after checking the other files hold the same values for the same steps."""
+    ref = _names(parts[idx[0]])
+    mine = [i for i in idx if _names(parts[i]) == ref]
+    for j in idx:
+        if j in mine or parts[j][name].nbytes > _COMPARED_BYTES:
+            continue
+        var = parts[j][name]
+        same_steps = [
+            i
+            for i in mine
+            if dim is None
+            or dim not in var.dims
+            or (dim in parts[i].coords and parts[i][dim].equals(parts[j][dim]))
+        ]
+        if same_steps and not _equal(parts[same_steps[0]][name], var):
+            a, b = _base(uris[same_steps[0]]), _base(uris[j])
+            raise RequestError(
+                "data_uri",
+                [a, b],
+                f"the variable {name!r}, which files of different variables share, differs "
+                f"between {a} and {b} for the same steps",
+                f"Fix the files, or leave {name!r} out with open_options: "
+                f"{{drop_variables: [{name}]}}",
+            )
+    return mine
+
+
+def _equal(a: xr.DataArray, b: xr.DataArray) -> bool:
+    """Same dimensions and values (NaN equal to NaN), as xarray's ``equals`` says."""
+    return bool(a.variable.equals(b.variable))  # type: ignore[no-untyped-call]
 
 
 def _join_group(
