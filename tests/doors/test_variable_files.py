@@ -69,3 +69,16 @@ def test_python_dask_distributed_run_equals_open_mfdataset(monthly: Path, tmp_pa
     assert {name for job in jobs for name in job["checksums"]} == {"t2m", "d2m"}
     assert all(set(job.get("fast_read") or {}) == set(job["checksums"]) for job in jobs), jobs
     _assert_same_as_xarray(cache, monthly)
+
+
+def test_xarray_read_path_gives_the_same_cache(
+    monthly: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the fast path off, jobs read the merged dataset through xarray: the same cache."""
+    monkeypatch.setenv("ZARR_PARALLEL_FAST_READ", "0")
+    cache = tmp_path / "weather.zarr"
+    result = ZarrParallelAssembler(str(monthly / "*.nc"), chunks={"time": 8}).cache(
+        str(cache), deploy_mode="series", memory_limit="300MB", num_jobs=2
+    )
+    assert not any(job.get("fast_read") for job in result.jobs)
+    _assert_same_as_xarray(cache, monthly)
