@@ -34,6 +34,9 @@ from zarr_parallel.sources.layout import FileGroup
 
 logger = logging.getLogger(__name__)
 
+#: Shared variables up to this size (per file) are compared between the files that hold them.
+_COMPARED_BYTES = 16 * 2**20
+
 
 @dataclass(frozen=True)
 class Joined:
@@ -117,9 +120,8 @@ def merge_parts(parts: Sequence[xr.Dataset], uris: Sequence[str]) -> Joined:
         ) from e
     if dim is not None:
         ds = combine.harmonise_time_encoding(ds, parts, dim)
-    files: list[str] = []
-    for g in groups:
-        files += [f for f in g.files if f not in files]
+    # Every file read, once, in group order (a file may hold variables of several groups).
+    files = list(dict.fromkeys(f for g in groups for f in g.files))
     length = {uris[i]: int(parts[i].sizes.get(dim, 0)) if dim else 0 for i in range(len(parts))}
     for note in pending:
         logger.warning("%s", note)
@@ -141,11 +143,16 @@ def _sort_key(ds: xr.Dataset, dim: str | None) -> tuple[int, Any]:
 
 
 def _shared(parts: Sequence[xr.Dataset]) -> set[str]:
-    """Variables every file set carries beside its own: those in every file, and CF bounds
-    named by a coordinate's ``bounds`` attribute (CMIP6 files each hold ``time_bnds``,
-    ``lat_bnds``...). They are read from one set of files and checked equal in the others."""
+    """Variables every file set carries beside its own: CF bounds named by a coordinate's
+    ``bounds`` attribute (CMIP6 files each hold ``time_bnds``, ``lat_bnds``...), and small
+    variables in every file. They are read from one set of files and checked equal in the
+    others (a large variable in two sets of files is refused instead: too costly to compare)."""
     sets = [set(map(str, p.data_vars)) for p in parts]
-    found = set.intersection(*sets)
+    found = {
+        name
+        for name in set.intersection(*sets)
+        if all(p[name].nbytes <= _COMPARED_BYTES for p in parts)
+    }
     for p in parts:
         found |= {str(c.attrs["bounds"]) for c in p.coords.values() if "bounds" in c.attrs}
     return found
@@ -213,10 +220,6 @@ def _grouped(
         along = dim is not None and dim in parts[idx[0]][name].dims
         by_files.setdefault(tuple(idx) if along else (idx[0],), []).append(name)
     return [(list(idx), tuple(names)) for idx, names in by_files.items()]
-
-
-#: Shared variables up to this size are compared between the files that hold them.
-_COMPARED_BYTES = 16 * 2**20
 
 
 def _shared_from(
