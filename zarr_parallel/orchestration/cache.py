@@ -338,6 +338,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     if summary.get("applied_recommendation"):
         lines.append(f"  applied             {summary['applied_recommendation']['sentence']}")
+    # Plan notes (e.g. steps left out until every variable has them) are worth a line each.
+    lines += [f"  note                {note}" for note in summary.get("notes") or []]
     return "\n".join(lines)
 
 

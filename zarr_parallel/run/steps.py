@@ -8,6 +8,7 @@ nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -129,7 +130,11 @@ def make_plan(req: CacheRequest) -> tuple[Target, Plan]:
     # The fingerprint covers the request, the source's state (files, sizes, modification times,
     # chunk layout) and the plan: a changed source is never resumed into or reported up to date.
     digest = fingerprint(req.digest(), target.layout.digest)
-    return target, plan_jobs(inputs, limits, digest)
+    plan = plan_jobs(inputs, limits, digest)
+    if target.layout.pending:
+        # Steps left out until every variable has them (files holding different variables).
+        plan = dataclasses.replace(plan, notes=(*plan.notes, *target.layout.pending))
+    return target, plan
 
 
 @dataclass
