@@ -9,9 +9,6 @@ may not: ``gzip`` is the same deflate stream in the specification).
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import numcodecs
@@ -21,6 +18,7 @@ from zarr.codecs.numcodecs import Zlib
 
 from zarr_parallel.planning.compression import Compression, parse_compression
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.store.disk_names import quiet_manifest
 from zarr_parallel.transforms.registry import COMPRESSION_ASKED
 
 
@@ -37,7 +35,7 @@ def zarr_compressors(compression: Compression, zarr_format: int) -> Any:
         return None
     if zarr_format == 2:
         return _v2_codec(c)
-    with quiet_codecs():
+    with quiet_manifest():  # zarr's note on numcodecs.zlib, said once in docs/request.md
         return (_v3_codec(c),)
 
 
@@ -67,17 +65,3 @@ def variable_compression(req: CacheRequest, var: xr.DataArray) -> Compression:
     if asked is not None:
         return parse_compression(asked, "encoding.compression")
     return parse_compression(req.compression, "compression")
-
-
-@contextlib.contextmanager
-def quiet_codecs() -> Iterator[None]:
-    """Hide zarr's warning that ``numcodecs.zlib`` is not in the v3 specification.
-
-    It comes each time such an array is opened (every job); the documentation says it once
-    (docs/request.md), where the user chooses the codec.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning
-        )
-        yield

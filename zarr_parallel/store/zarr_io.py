@@ -31,7 +31,7 @@ from zarr_parallel.planning.compression import Compression, parse_compression
 from zarr_parallel.planning.memory import FAST_WRITE_INFLIGHT
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.sources.target import Target
-from zarr_parallel.store.codecs import quiet_codecs, variable_compression, zarr_compressors
+from zarr_parallel.store.codecs import variable_compression, zarr_compressors
 from zarr_parallel.store.disk_names import OWNER_FILE, manifest_dir, quiet_manifest
 from zarr_parallel.store.files import sync_files, write_json_atomic
 from zarr_parallel.store.paths import CachePaths, owns_version, pending_record
@@ -140,7 +140,7 @@ def initialise_store(
     out = out.assign_coords({k: v.load() for k, v in out.coords.items()})
     if paths is not None:
         write_json_atomic(pending_record(paths, version), {"cache_path": paths.canonical})
-    with quiet_codecs():
+    with quiet_manifest():
         out.to_zarr(
             version,
             mode="w-",
@@ -177,11 +177,11 @@ def _coord_codec(coord: xr.DataArray, codec: Compression, zarr_format: int) -> d
 
 def write_region(version: Path, name: str, data: xr.DataArray, region: dict[str, slice]) -> None:
     """Write whole chunks of one variable into an initialised store, after an alignment check."""
-    with quiet_codecs():
+    with quiet_manifest():
         arr = zarr.open_array(version, path=name, mode="r+")
     _check_aligned(arr, name, region)
     ds = xr.Dataset({name: data.variable})
-    with quiet_manifest(), quiet_codecs():
+    with quiet_manifest():
         ds.to_zarr(version, region=region, mode="r+", consolidated=False, write_empty_chunks=True)
 
 
@@ -243,7 +243,7 @@ def write_values(
     (packing, a non-NaN fill for floats, times), the write goes through :func:`write_region`.
     """
     full = {d: region.get(d, slice(0, n)) for d, n in zip(dims, values.shape, strict=True)}
-    with quiet_codecs():
+    with quiet_manifest():
         arr = zarr.open_array(version, path=name, mode="r+")
     ordered = {d: full[d] for d in dims}
     if not _stores_as_is(arr, values.dtype):
@@ -307,7 +307,7 @@ def _write_chunkwise(
 
 def finalise(version: Path, summary: Mapping[str, Any]) -> None:
     """Consolidate metadata once, make it durable, and mark the version complete."""
-    with quiet_manifest(), quiet_codecs():
+    with quiet_manifest():
         zarr.consolidate_metadata(version)
     # complete.json promises a readable version after a crash of the machine: the consolidated
     # metadata (v3: the root zarr.json; v2: .zmetadata and .zgroup) must be on disk before it.
