@@ -74,8 +74,10 @@ FAST_WRITE_INFLIGHT = 4
 #: 2.06-2.41 chunks under CPU contention on half-compressible data and up to 2.78 with gzip on
 #: incompressible data (tests/planning/test_memory_model.py), above the 2 counted before.
 FAST_WRITE_COPIES = 3
-#: Fast path, ``compression: none``: the thread's copy, and the bytes handed to the store (zarr
-#: writes an uncompressed chunk from a view of it; one thread measured at most 1.0 chunks).
+#: Fast path, ``compression: none``: no compressed buffers (zarr writes an uncompressed chunk
+#: from a view of it), so the thread's copy and the buffer zarr pads an edge chunk into (the
+#: allocator may keep the freed copy resident meanwhile). One thread measured 0.14-1.99 chunks;
+#: the per-thread FAST_THREAD_BYTES covers the rest.
 FAST_WRITE_COPIES_UNCOMPRESSED = 2
 #: Fast path: most reader threads (zarr_parallel.sources.fastread caps its pool at this), and the
 #: bytes each holds per source chunk (the stored bytes, inflated, un-shuffled), in chunk sizes. Two
@@ -128,7 +130,7 @@ def fast_job_memory(
     or :data:`FAST_WRITE_COPIES_UNCOMPRESSED` for uncompressed chunks).
 
     >>> fast_job_memory([96, 721, 1440], [48, 180, 360], 4, 4, 721 * 1440)
-    589289395
+    644032435
     """
     slab0, n_slabs = fast_slab_len(lengths[0], int(write_chunks[0]))
     slab = slab0 * (math.prod(lengths[1:]) if len(lengths) > 1 else 1)
