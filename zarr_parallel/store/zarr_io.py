@@ -27,7 +27,11 @@ import zarr
 
 from zarr_parallel.errors import RunFailed
 from zarr_parallel.faults import fault_point
-from zarr_parallel.planning.compression import Compression, parse_compression
+from zarr_parallel.planning.compression import (
+    DEFAULT_COMPRESSION,
+    Compression,
+    parse_compression,
+)
 from zarr_parallel.planning.memory import FAST_WRITE_INFLIGHT
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.sources.target import Target
@@ -79,7 +83,7 @@ def _encoding(
 ) -> dict[str, Any]:
     keep_packing = req.keep_packing
     enc = {k: v for k, v in var.encoding.items() if k not in _STORAGE_KEYS}
-    enc["compressors"] = zarr_compressors(variable_compression(req, var), req.zarr_format)
+    enc.update(_codec(var, variable_compression(req, var), req.zarr_format))
     asked = bool(enc.pop(PACKING_ASKED, False))
     if _PACKING_KEYS & set(enc) and not keep_packing and not asked:
         # Decoded as xarray decodes (docs/design.md §2a): write the floats, not the packed integers.
@@ -134,7 +138,7 @@ def initialise_store(
     codec = parse_compression(req.compression, "compression")
     for name, coord in template.coords.items():
         coord_enc = {k: v for k, v in coord.encoding.items() if k not in _STORAGE_KEYS}
-        encoding[str(name)] = _coord_codec(coord, codec, req.zarr_format) | coord_enc
+        encoding[str(name)] = _codec(coord, codec, req.zarr_format) | coord_enc
         out[name].encoding = {}
     # Coordinates are small and loaded here; data variables are dask placeholders, not written.
     out = out.assign_coords({k: v.load() for k, v in out.coords.items()})
@@ -164,13 +168,14 @@ def initialise_store(
     write_json_atomic(manifest_dir(version) / "plan.json", plan_json)
 
 
-def _coord_codec(coord: xr.DataArray, codec: Compression, zarr_format: int) -> dict[str, Any]:
-    """The request's codec for a numeric or time coordinate; text keeps zarr's own codecs.
+def _codec(var: xr.DataArray, codec: Compression, zarr_format: int) -> dict[str, Any]:
+    """The ``compressors`` encoding of one array (data variable or coordinate).
 
-    A reader without zstd (``compression: none`` for it) must read the coordinates too; text
-    arrays have their own serialisation, where zarr's default is left alone.
+    Text arrays with the default codec keep zarr's own choice (blosc for v2 text), so default
+    caches keep the metadata they always had; any other codec applies to them too (a reader
+    without zstd must read the coordinates as well).
     """
-    if coord.dtype.kind not in "biufcmM":
+    if codec.text == DEFAULT_COMPRESSION and var.dtype.kind not in "biufcmM":
         return {}
     return {"compressors": zarr_compressors(codec, zarr_format)}
 
