@@ -21,10 +21,11 @@ import zarr
 
 from zarr_parallel.planning.compression import parse_compression
 from zarr_parallel.planning.fingerprint import canonical_json, fingerprint
+from zarr_parallel.planning.memory import FAST_MARGIN, FAST_WRITE_INFLIGHT
 from zarr_parallel.request.model import CacheRequest, build_request
 from zarr_parallel.run.finish import finish
 from zarr_parallel.run.job import run_job
-from zarr_parallel.run.steps import Prepared, initialise, prepare
+from zarr_parallel.run.steps import Prepared, initialise, make_plan, prepare
 from zarr_parallel.store.codecs import zarr_compressors
 
 #: Per codec: the compressors the array's metadata names (v3 ``codecs`` after ``bytes``; v2
@@ -220,3 +221,16 @@ def test_the_default_keeps_the_fingerprint_caches_had(source: list[Path], tmp_pa
     assert req.digest() == fingerprint(canonical_json(content))
     assert _request(source, tmp_path / "c.zarr", compression="zstd:0").digest() == req.digest()
     assert _request(source, tmp_path / "c.zarr", compression="zstd:3").digest() != req.digest()
+
+
+def test_the_memory_model_follows_the_codec(source: list[Path], tmp_path: Path) -> None:
+    """Uncompressed chunks: one chunk-sized buffer less per encoding thread in each estimate."""
+    zstd = make_plan(_request(source, tmp_path / "c.zarr"))[1]
+    none = make_plan(_request(source, tmp_path / "c.zarr", compression="none"))[1]
+    blosc = make_plan(_request(source, tmp_path / "c.zarr", compression="blosc:lz4:5"))[1]
+    assert [j.region for j in zstd.jobs] == [j.region for j in none.jobs]
+    assert [j.memory for j in blosc.jobs] == [j.memory for j in zstd.jobs]
+    # Each job's slabs are one write chunk of float32 (6 steps): one chunk encoded at a time.
+    encoding = min(FAST_WRITE_INFLIGHT, 1) * 6 * 21 * 36 * 4
+    for z, n in zip(zstd.jobs, none.jobs, strict=True):
+        assert z.memory - n.memory == pytest.approx(encoding * FAST_MARGIN, abs=2)
