@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zarr_parallel.errors import RequestError
+from zarr_parallel.planning.compression import DEFAULT_COMPRESSION, FORMS, parse_compression
 from zarr_parallel.planning.fingerprint import canonical_json, fingerprint
 from zarr_parallel.planning.tile_spec import request_tiles
 from zarr_parallel.request import checks
@@ -149,6 +150,11 @@ class CacheRequest(BaseModel):
     cache_label: str = Field("", description="Suffix of the cache name, e.g. '_v1'")
     add_attrs: dict[str, Any] = Field(default_factory=dict, description="Extra global attributes")
     zarr_format: Literal[2, 3] = Field(3, description="Zarr format of the cache")
+    compression: str = Field(
+        DEFAULT_COMPRESSION,
+        description="Codec of the cache's chunks: 'zstd', 'zstd:5', 'blosc:lz4:5', 'zlib:1', "
+        "'gzip:5' or 'none'; a variable's 'encoding' transform may set its own",
+    )
     memory_limit: str | int = Field("2GB", description="Most one worker may use, e.g. '2GB'")
     memory_reserve: str | int = Field(
         "256MB", description="Share of memory_limit kept for the interpreter and libraries"
@@ -300,6 +306,15 @@ class CacheRequest(BaseModel):
             return 2
         return v
 
+    @field_validator("compression", mode="before")
+    @classmethod
+    def _compression(cls, v: Any) -> str:
+        # The canonical form: one spelling per codec, so one content fingerprint.
+        try:
+            return parse_compression(v, "compression").text
+        except RequestError as e:  # build_request words it, with the forms from _FIXES
+            raise ValueError(e.problem) from None
+
     @field_validator("preprocessors", mode="before")
     @classmethod
     def _preprocessors(cls, v: Any) -> Any:
@@ -350,6 +365,10 @@ class CacheRequest(BaseModel):
                 "keep_packing",
             }
         )
+        if self.compression != DEFAULT_COMPRESSION:
+            # The codec is content (docs/design.md §2b), hashed only when it is not the default:
+            # caches written before the field existed (all zstd) stay up to date.
+            content["compression"] = self.compression
         if isinstance(content["data_uri"], list):
             # A list of files is a set: the source orders them along its joining dimension.
             content["data_uri"] = sorted(content["data_uri"])
@@ -444,6 +463,7 @@ _FIXES = {
     "log_level": "Use 0, 1 or 2",
     "variables": "Map each variable to {} or to a list such as [{'type': 'rename', ...}]",
     "zarr_format": "Use 3 (the default) or 2",
+    "compression": f"Use {FORMS}",
 }
 
 

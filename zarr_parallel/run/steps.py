@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +38,7 @@ from zarr_parallel.sources.target import (
     cached_target,
     fresh_source,
 )
+from zarr_parallel.store.codecs import variable_compression
 from zarr_parallel.store.disk_names import LOCK_GUARD
 from zarr_parallel.store.lock import CacheLock, held_token
 from zarr_parallel.store.manifest import (
@@ -117,8 +118,13 @@ def limits_for(req: CacheRequest) -> Limits:
 
 
 def plan_inputs(target: Target, req: CacheRequest) -> list[ArrayInput]:
-    """The planner's inputs: the target's arrays, marked where the fast path will write them."""
-    return mark_fast(target, req, target.array_inputs())
+    """The planner's inputs: the target's arrays, marked where the fast path will write them
+    and where their codec leaves chunks uncompressed (the memory model counts fewer buffers)."""
+    inputs = mark_fast(target, req, target.array_inputs())
+    return [
+        replace(a, compressed=variable_compression(req, target.dataset[a.name]).compresses)
+        for a in inputs
+    ]
 
 
 def make_plan(req: CacheRequest) -> tuple[Target, Plan]:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import xarray as xr
 
 from zarr_parallel.errors import RequestError
+from zarr_parallel.planning.compression import parse_compression
 from zarr_parallel.transforms.elementwise import ELEMENTWISE, REFUSED_METHODS
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ _BUILTIN: dict[str, Transform] = {}
 _ALIASES = {"subset": "sel", "reverse_axis": "reverse", "tiled": "tiled"}
 #: Encoding key set by the ``encoding`` transform when it asks for packing (see store).
 PACKING_ASKED = "_zp_packing_asked"
+#: Encoding key set by the ``encoding`` transform's ``compression`` (the store builds the codec).
+COMPRESSION_ASKED = "_zp_compression"
 
 
 def register(name: str) -> Callable[[Transform], Transform]:
@@ -111,7 +114,12 @@ def validate_spec(spec: Any, parameter: str) -> dict[str, Any]:
             "Write e.g. {'type': 'sel', 'time': ['2020-01-01', '2020-01-31']}",
         )
     lookup(str(spec["type"]), f"{parameter}.type")
-    return dict(spec)
+    out = dict(spec)
+    if _ALIASES.get(str(spec["type"]), str(spec["type"])) == "encoding" and "compression" in out:
+        # Checked now, before anything is opened, and kept in its canonical form: the request's
+        # fingerprint sees one spelling per codec.
+        out["compression"] = parse_compression(out["compression"], f"{parameter}.compression").text
+    return out
 
 
 def apply_transforms(
@@ -425,8 +433,20 @@ def _astype(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
 
 @register("encoding")
 def _encoding(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
-    """Set storage encoding keys of a variable (``dtype``, ``_FillValue``, ``units``...)."""
-    allowed = {"dtype", "_FillValue", "scale_factor", "add_offset", "units", "calendar"}
+    """Set storage encoding keys of a variable (``dtype``, ``_FillValue``, ``units``...).
+
+    ``compression`` (``"zlib:1"``, ``"none"``... as the request's field) sets the codec of the
+    variable (of every data variable in ``preprocessors``), overriding the request's.
+    """
+    allowed = {
+        "dtype",
+        "_FillValue",
+        "scale_factor",
+        "add_offset",
+        "units",
+        "calendar",
+        "compression",
+    }
     bad = sorted(set(kwargs) - allowed)
     if bad:
         raise RequestError(
@@ -438,7 +458,12 @@ def _encoding(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Datase
     names = [ctx.variable] if ctx.variable else list(ds.data_vars)
     out = ds.copy()
     # Packing asked for here is kept even when the source's own packing is decoded away.
-    marker = {PACKING_ASKED: True} if {"scale_factor", "add_offset"} & set(kwargs) else {}
+    marker: dict[str, Any] = {}
+    if {"scale_factor", "add_offset"} & set(kwargs):
+        marker[PACKING_ASKED] = True
+    if "compression" in kwargs:
+        codec = kwargs.pop("compression")
+        marker[COMPRESSION_ASKED] = parse_compression(codec, f"{ctx.parameter}.compression").text
     for name in names:
         out[name].encoding = {**out[name].encoding, **kwargs, **marker}
     return out
