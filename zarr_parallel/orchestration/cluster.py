@@ -19,8 +19,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,31 @@ def open_cluster(
                 obj.close()
             except Exception as e:  # closing must not hide the run's own outcome
                 logger.warning("closing %s failed: %s", type(obj).__name__, e)
+
+
+@contextmanager
+def cluster_in_background(
+    req: CacheRequest, version: Path, sizing: WorkerSizing, api_url: str | None
+) -> Iterator[Callable[[], ClusterHandle]]:
+    """:func:`open_cluster` in a thread of its own, so that the caller goes on meanwhile (the
+    store is initialised while worker processes start); the function yielded waits for the
+    cluster and returns it (or raises why it did not start). Closed when the block ends.
+    """
+    if req.deploy_mode == "series":
+        with open_cluster(req, version, sizing, api_url) as handle:
+            yield lambda: handle
+        return
+    stack = ExitStack()
+    with ThreadPoolExecutor(1, thread_name_prefix="zarr-parallel-cluster") as pool:
+        future = pool.submit(stack.enter_context, open_cluster(req, version, sizing, api_url))
+        try:
+            yield future.result
+        finally:
+            # A start still going must end before the cluster can be closed; a start that
+            # failed was either raised by the caller's get() or is beside the caller's own error.
+            with suppress(BaseException):
+                future.result()
+            stack.close()
 
 
 def _start(
