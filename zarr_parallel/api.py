@@ -89,8 +89,8 @@ def run_request(request: CacheRequest) -> CacheResult:
     from zarr_parallel.orchestration.adhoc import needs_temporary_api, run_ad_hoc
     from zarr_parallel.orchestration.temporary_api import TemporaryApi
 
-    api = TemporaryApi.shared() if needs_temporary_api() else None
     set_log_level(request.log_level)
+    api = TemporaryApi.shared() if needs_temporary_api() else None
     summary = run_ad_hoc(request, clock, api)
     set_log_level(request.log_level)  # after Prefect (if a flow ran) set up its logging
     # Per-job records come from the published version's manifest: they cover every job,

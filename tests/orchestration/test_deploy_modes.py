@@ -30,10 +30,13 @@ ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.timeout(900)
 
 
-def test_default_deploy_mode_is_local_dask() -> None:
-    assert DEFAULT_DEPLOY_MODE == "dask_distributed"
+def test_default_deploy_mode_is_auto() -> None:
+    """docs/design.md §2b: ``auto`` is the default; the explicit modes stay."""
+    assert DEFAULT_DEPLOY_MODE == "auto"
     req = build_request(data_uri=__file__, cache_store="/tmp/x.zarr")
-    assert req.deploy_mode == "dask_distributed"
+    assert req.deploy_mode == "auto"
+    for mode in ("series", "dask_distributed", "SLURM"):
+        assert build_request(data_uri=__file__, cache_store="/tmp/x.zarr", deploy_mode=mode)
 
 
 def _assert_job_threads(run: Any, share: int, encoders: int) -> None:
@@ -148,7 +151,8 @@ def test_unguarded_script_runs_on_a_local_cluster_without_worker_servers(
             from zarr_parallel import ZarrParallelAssembler
             zp = ZarrParallelAssembler({[str(p) for p in era5_files]!r}, chunks={{"time": 12}})
             result = zp.cache(cache_store={str(store)!r}, num_jobs=4, memory_limit="1GB",
-                              simultaneous_worker_limit=2, log_level=1)
+                              simultaneous_worker_limit=2, log_level=1,
+                              deploy_mode="dask_distributed")
             print("DONE", result.summary["workers"], result.summary["deploy_mode"])
             """
         )

@@ -146,7 +146,8 @@ class TemporaryApi:
         ]
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
         self.process = subprocess.Popen(args, env=env, preexec_fn=preexec)
-        logger.info("starting a temporary Prefect API on %s", self.api_url)
+        # Prefect's own words for its temporary server, so that one message names every start.
+        logger.info("Starting temporary server on http://127.0.0.1:%d", self.port)
 
     def wait(self, timeout: float | None = None) -> str:
         """Wait until the server answers ``/health``; its API URL.

@@ -110,6 +110,7 @@ def limits_for(req: CacheRequest) -> Limits:
         min_jobs=min_jobs,
         # Only a num_jobs the user set is named in a note when the plan cannot reach it.
         min_jobs_derived=req.num_jobs is None,
+        workers=workers,
         time_budget=req.timeout_seconds / 2,
         reserve=req.reserve_bytes,
         overhead=overhead,
