@@ -295,7 +295,7 @@ def test_api_default_is_the_request_default() -> None:
     import inspect
 
     default = inspect.signature(ZarrParallelAssembler.cache).parameters["deploy_mode"].default
-    assert default == "dask_distributed"
+    assert default == "auto"
 
 
 def test_memory_limit_must_leave_room_beside_the_worker_process() -> None:

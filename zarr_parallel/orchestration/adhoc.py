@@ -20,6 +20,7 @@ Prefect is imported only when a flow runs (inside :func:`_run_flow`).
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import Any
 
 from zarr_parallel.errors import RecommendationsPending
@@ -43,6 +44,11 @@ def plan_ahead(request: CacheRequest) -> Prepared | None:
         return prepare(request)
     except RecommendationsPending:
         return None
+    except Exception:
+        if request.log_level >= 2:
+            # No flow run shows this refusal's traceback: at the debug level the command does.
+            traceback.print_exc()
+        raise
 
 
 def up_to_date_answer(prepared: Prepared) -> dict[str, Any]:
