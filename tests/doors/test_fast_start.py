@@ -42,11 +42,15 @@ def _request(tmp_path: Path, files: list[Path]) -> Path:
     return request
 
 
-def _run(request: Path, env: dict[str, str] | None = None) -> tuple[str, float]:
-    """``python -m flows.cache run REQUEST``: its stdout and its wall time seen from outside."""
+def _run(
+    request: Path, env: dict[str, str] | None = None, imports: list[str] | None = None
+) -> tuple[str, float]:
+    """``python -m flows.cache run REQUEST``: its stdout and its wall time seen from outside;
+    ``imports`` gets the modules it imported (``-X importtime``)."""
     t0 = time.time()
+    flags = ["-X", "importtime"] if imports is not None else []
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cache", "run", str(request)],
+        [sys.executable, *flags, "-m", "flows.cache", "run", str(request)],
         capture_output=True,
         text=True,
         env=env,
@@ -54,6 +58,12 @@ def _run(request: Path, env: dict[str, str] | None = None) -> tuple[str, float]:
     )
     elapsed = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if imports is not None:
+        imports += [
+            line.rsplit("|", 1)[1].strip()
+            for line in proc.stderr.splitlines()
+            if line.startswith("import time:")
+        ]
     return proc.stdout, elapsed
 
 
@@ -93,8 +103,11 @@ def test_auto_default_up_to_date_answer_and_a_changed_source(
     assert abs(sum(phases.values()) - wall) <= 0.1 * len(phases) + 0.05
     _same(tmp_path / "cache.zarr", files)
 
-    out, _ = _run(request)
+    imported: list[str] = []
+    out, _ = _run(request, imports=imported)
     assert "zarr-parallel: up to date" in out
+    # Answered without Prefect or distributed: the imports a plan needs, no more.
+    assert "xarray" in imported and "prefect" not in imported and "distributed" not in imported
     assert "flow run            none: the cache was found up to date before it" in out
     wall, phases = _phases(out)
     assert "data" not in phases
