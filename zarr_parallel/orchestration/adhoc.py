@@ -24,6 +24,7 @@ import traceback
 from typing import Any
 
 from zarr_parallel.errors import RecommendationsPending
+from zarr_parallel.logs import set_log_level
 from zarr_parallel.orchestration.temporary_api import TemporaryApi, api_url_configured
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.finish import finish
@@ -122,6 +123,8 @@ def _run_flow(request: CacheRequest, api: TemporaryApi | None) -> dict[str, Any]
     # Deferred: the flow imports Prefect (seconds), which an up-to-date answer never needs.
     from zarr_parallel.orchestration.cache import cache_flow
     from zarr_parallel.orchestration.control import temporary_api_settings
+
+    set_log_level(request.log_level)  # again: importing Prefect just set up its own logging
 
     if api is not None and not needs_temporary_api():
         # Prefect's settings name an API after all (read once Prefect is loaded).

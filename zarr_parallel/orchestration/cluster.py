@@ -284,10 +284,15 @@ def cluster_in_background(
     store is initialised while worker processes start); the function yielded waits for the
     cluster and returns it (or raises why it did not start). Closed when the block ends.
     """
-    if req.deploy_mode == "series":
+    if req.deploy_mode != "dask_distributed":
+        # Series has nothing to start; SLURM submits jobs (quick) and dask-jobqueue installs a
+        # signal handler when imported, which only the main thread may do.
         with open_cluster(req, version, sizing, api_url) as handle:
             yield lambda: handle
         return
+    # Imported here, in the calling thread: module imports with side effects stay off the pool.
+    import distributed  # noqa: F401
+
     stack = ExitStack()
     with ThreadPoolExecutor(1, thread_name_prefix="zarr-parallel-cluster") as pool:
         future = pool.submit(stack.enter_context, open_cluster(req, version, sizing, api_url))
@@ -310,7 +315,6 @@ def _start(
     stack_close: list[Any],
 ) -> ClusterHandle:
     """Start or connect to the cluster; what must be closed goes into ``stack_close`` at once."""
-    from dask_jobqueue.slurm import SLURMCluster
     from distributed import Client
 
     mode = req.deploy_mode
@@ -333,6 +337,9 @@ def _start(
                 "compute nodes reach",
                 api_url,
             )
+        # dask-jobqueue only here: importing it installs a SIGINT handler (main thread only).
+        from dask_jobqueue.slurm import SLURMCluster
+
         logs = log_directory(req, version)
         logs.mkdir(parents=True, exist_ok=True)
         slurm: Any = SLURMCluster(**slurm_cluster_kwargs(req, sizing, api_url, logs))

@@ -146,8 +146,7 @@ class TemporaryApi:
         ]
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
         self.process = subprocess.Popen(args, env=env, preexec_fn=preexec)
-        # Prefect's own words for its temporary server, so that one message names every start.
-        logger.info("Starting temporary server on http://127.0.0.1:%d", self.port)
+        logger.debug("starting a temporary Prefect API on port %d", self.port)
 
     def wait(self, timeout: float | None = None) -> str:
         """Wait until the server answers ``/health``; its API URL.
@@ -203,6 +202,12 @@ class TemporaryApi:
         )
 
         url = self.wait()
+        # Said here, once Prefect has set up logging (the command's levels apply).
+        logger.info(
+            "using the command's temporary Prefect API at %s (it answered %.1f s after its start)",
+            url,
+            self.ready_seconds,
+        )
         updates: dict[Any, Any] = {
             PREFECT_API_URL: url,
             PREFECT_SERVER_EPHEMERAL_ENABLED: False,
