@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from zarr_parallel.errors import RequestError
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.request.model import DEFAULT_DEPLOY_MODE, CacheRequest, build_request
+from zarr_parallel.run.phases import PhaseClock
 from zarr_parallel.store.manifest import iter_job_records
 
 if TYPE_CHECKING:
@@ -31,6 +32,12 @@ class CacheResult:
     def status(self) -> str:
         """``done`` or ``up to date``."""
         return str(self.summary["status"])
+
+    @property
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase of the call (``start-up``, ``planning``, ``initialise``, ``data``,
+        ``finish``, ``teardown``); they add up to ``summary["seconds"]``."""
+        return dict(self.summary.get("phases") or {})
 
     @property
     def stats(self) -> dict[str, dict[str, float]] | None:
@@ -75,15 +82,20 @@ class CacheHandle:
 
 
 def run_request(request: CacheRequest) -> CacheResult:
-    """Run the cache flow for a validated request."""
-    # Deferred: the orchestration modules import Prefect (seconds), which `import zarr_parallel`
-    # and the command's --help must not pay for.
-    from zarr_parallel.orchestration.cache import cache_flow
-    from zarr_parallel.orchestration.control import temporary_api_settings
+    """Run a validated request as the command does (docs/design.md §2b): the temporary Prefect
+    API (one per process, when none is configured) starts first, the run plans while it comes
+    up, and an up-to-date cache is answered without a flow run. The summary's ``seconds`` and
+    ``phases`` count from this call."""
+    clock = PhaseClock()
+    # Deferred: the ad hoc path imports the run stack (xarray, zarr; Prefect only when a flow
+    # runs), which `import zarr_parallel` and the command's --help must not pay for.
+    from zarr_parallel.orchestration.adhoc import needs_temporary_api, run_ad_hoc
+    from zarr_parallel.orchestration.temporary_api import TemporaryApi
 
-    set_log_level(request.log_level)  # after Prefect (imported above) set up its logging
-    with temporary_api_settings():
-        summary = cache_flow(request)
+    set_log_level(request.log_level)
+    api = TemporaryApi.shared() if needs_temporary_api() else None
+    summary = run_ad_hoc(request, clock, api)
+    set_log_level(request.log_level)  # after Prefect (if a flow ran) set up its logging
     # Per-job records come from the published version's manifest: they cover every job,
     # including those a resumed run skipped, without shipping them through the flow's result.
     jobs = sorted(iter_job_records(Path(summary["version"])), key=lambda r: int(r["id"]))

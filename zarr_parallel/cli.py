@@ -24,6 +24,7 @@ from zarr_parallel.orchestration.options import (
     add_verify_options,
 )
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.run.phases import process_start
 from zarr_parallel.version import __version__
 
 PROG = "zarr-parallel"
@@ -137,11 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_cache(command: str, args: Sequence[str]) -> int:
-    # Prefect is imported only by the commands that run flows: help and --version answer
-    # without it.
-    from zarr_parallel.orchestration.cache import main as cache_main
+    # The request stack (xarray, zarr) loads only for the commands that use it: help and
+    # --version answer without it (and Prefect loads only when a flow runs).
+    from zarr_parallel.orchestration.command import main as cache_main
 
-    return cache_main([command, *args], prog=PROG)
+    return cache_main([command, *args], prog=PROG, started=process_start())
 
 
 def _run_recache(command: str, args: Sequence[str]) -> int:

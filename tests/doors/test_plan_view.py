@@ -22,7 +22,7 @@ from PIL import Image
 
 from zarr_parallel import ZarrParallelAssembler
 from zarr_parallel.cli import main as command_main
-from zarr_parallel.orchestration.cache import main
+from zarr_parallel.orchestration.command import main
 from zarr_parallel.planning.picture_svg import layout
 
 SVG = "{http://www.w3.org/2000/svg}"

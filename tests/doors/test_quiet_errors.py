@@ -92,12 +92,14 @@ def test_plan_error_prints_one_message(era5_files: list[Path], tmp_path: Path) -
 
 
 def test_tracebacks_at_debug_level(era5_files: list[Path], tmp_path: Path) -> None:
-    """log_level=2 shows Prefect's traceback of the task and the flow, then the same message."""
+    """log_level=2 shows the refusal's traceback, then the same message. The command refuses the
+    request while planning ahead, before any flow run (docs/design.md §2b), so the traceback is
+    the command's own, not Prefect's."""
     request = _request(tmp_path, era5_files, variables=["sp"], log_level=2)
     proc = _run([*DOORS["zarr-parallel"], str(request)])
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.count("Traceback (most recent call last)") == 2, proc.stderr[-3000:]
-    assert "Task run failed with exception: RequestError" in proc.stderr
+    assert proc.stderr.count("Traceback (most recent call last)") == 1, proc.stderr[-3000:]
+    assert "RequestError" in proc.stderr and "Task run failed" not in proc.stderr
     assert proc.stderr.splitlines()[-1].startswith(UNKNOWN_VARIABLE)
 
 

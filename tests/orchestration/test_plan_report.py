@@ -22,7 +22,7 @@ from prefect.artifacts import Artifact
 
 from core_support import open_cache
 from zarr_parallel import ZarrParallelAssembler
-from zarr_parallel.orchestration.cache import main
+from zarr_parallel.orchestration.command import main
 from zarr_parallel.orchestration.plan_report import describe_plan
 from zarr_parallel.orchestration.runners import worker_sizing
 from zarr_parallel.orchestration.slurm import log_directory

@@ -43,7 +43,7 @@ from zarr_parallel import RecommendationsPending, ZarrParallelAssembler
 from zarr_parallel.api import run_request
 from zarr_parallel.errors import PlanError, RequestError, RunFailed
 from zarr_parallel.examples import make_era5_like
-from zarr_parallel.orchestration.cache import main
+from zarr_parallel.orchestration.command import main
 from zarr_parallel.request.model import build_request
 from zarr_parallel.request.request_file import load_request_file
 from zarr_parallel.run.verify import cache_files, location_snapshot, verify_cache

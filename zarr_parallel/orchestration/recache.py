@@ -21,12 +21,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from zarr_parallel.logs import set_log_level
-from zarr_parallel.orchestration.cache import (
-    cache_flow,
-    exit_code,
-    format_summary,
-    run_cache_steps,
-)
+from zarr_parallel.orchestration.cache import cache_flow, run_cache_steps
+from zarr_parallel.orchestration.command import exit_code, format_summary
 from zarr_parallel.orchestration.control import (
     cache_slot,
     checked_request,

@@ -130,6 +130,9 @@ class Limits:
     min_jobs_derived
         True when ``min_jobs`` comes from the worker count, not from the user's ``num_jobs``:
         a plan that cannot reach it then says nothing (there is no ``num_jobs`` to name).
+    workers
+        Workers running jobs at once: a group's job count is made a multiple of it where whole
+        units allow, so that no worker idles while another runs the last job (tail balance).
     """
 
     memory_budget: int
@@ -138,6 +141,7 @@ class Limits:
     reserve: int = 0
     overhead: int = 0
     min_jobs_derived: bool = False
+    workers: int = 1
 
     @property
     def memory_limit(self) -> int:

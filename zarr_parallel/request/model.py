@@ -21,9 +21,11 @@ from zarr_parallel.units import parse_duration, parse_memory
 
 logger = logging.getLogger(__name__)
 
-DEPLOY_MODES = ("series", "dask_distributed", "slurm")
+DEPLOY_MODES = ("auto", "series", "dask_distributed", "slurm")
 ENGINES = ("h5netcdf", "netcdf4", "kerchunk", "zarr")
-DEFAULT_DEPLOY_MODE = "dask_distributed"
+#: ``auto`` chooses series or a local cluster by the plan and the machine, and says why
+#: (:mod:`zarr_parallel.planning.deploy_choice`; docs/design.md §2b).
+DEFAULT_DEPLOY_MODE = "auto"
 _TYPE_TAG = re.compile(r"^(bool|int|float|str|none|[a-z]+\[.*\])$")
 
 
@@ -168,9 +170,10 @@ class CacheRequest(BaseModel):
     )
     deploy_mode: str = Field(
         DEFAULT_DEPLOY_MODE,
-        description="series, dask_distributed or SLURM",
+        description="auto (default: series or a local dask cluster, chosen by the plan and the "
+        "machine; never SLURM), series, dask_distributed or SLURM",
         # A choice list in the Prefect UI form, checked by the API (Python is case-insensitive).
-        json_schema_extra={"enum": ["series", "dask_distributed", "SLURM", "slurm"]},
+        json_schema_extra={"enum": ["auto", "series", "dask_distributed", "SLURM", "slurm"]},
     )
     scheduler_address: str | None = Field(
         None, description="Address of an existing dask scheduler (dask_distributed)"
@@ -220,7 +223,7 @@ class CacheRequest(BaseModel):
     def _mode(cls, v: Any) -> str:
         mode = str(v).lower()
         if mode not in DEPLOY_MODES:
-            raise ValueError(f"must be one of series, dask_distributed, SLURM; got {v!r}")
+            raise ValueError(f"must be one of auto, series, dask_distributed, SLURM; got {v!r}")
         return mode
 
     @field_validator("engine", mode="before")
@@ -454,7 +457,7 @@ _FIXES = {
     "chunks": (
         "Give positive sizes per dimension, e.g. {'time': 48}, -1 for a whole dimension, or 'auto'"
     ),
-    "deploy_mode": "Use 'series', 'dask_distributed' or 'SLURM'",
+    "deploy_mode": "Use 'auto', 'series', 'dask_distributed' or 'SLURM'",
     "recommend_changes": "Use 'halt', 'apply' or 'proceed'",
     "engine": (
         "Leave it unset to detect from data_uri, or name one of h5netcdf, netcdf4, kerchunk, zarr"

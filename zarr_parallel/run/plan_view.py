@@ -75,6 +75,7 @@ class PlanView:
             "status": self.prepared.status,
             "jobs_to_run": len(self.prepared.todo),
             "deploy_mode": self.request.deploy_mode,
+            "deploy_mode_reason": self.prepared.mode_reason,
             "workers": workers,
             "workers_note": why,
             "halts_on_recommendations": self.halts,
@@ -97,6 +98,8 @@ class PlanView:
             ),
             ("workers", f"up to {s['workers']} at once ({s['deploy_mode']})"),
         ]
+        if s["deploy_mode_reason"]:
+            rows.append(("deploy mode", f"{s['deploy_mode']} (auto: {s['deploy_mode_reason']})"))
         rows += strategy_rows(s)
         rows += [("note", n) for n in [*s["notes"], s["workers_note"]] if n]
         if self.prepared.applied is not None:

@@ -28,6 +28,7 @@ from zarr_parallel.planning.plan import Plan, plan_jobs
 from zarr_parallel.planning.sizing import local_workers, worker_overhead
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.secrets import redact
+from zarr_parallel.run.auto_mode import resolve_deploy_mode
 from zarr_parallel.run.preflight import run_preflight
 from zarr_parallel.run.recommend import Recommendation, recommend
 from zarr_parallel.sources.fastread import mark_fast
@@ -111,6 +112,7 @@ def limits_for(req: CacheRequest) -> Limits:
         min_jobs=min_jobs,
         # Only a num_jobs the user set is named in a note when the plan cannot reach it.
         min_jobs_derived=req.num_jobs is None,
+        workers=workers,
         time_budget=req.timeout_seconds / 2,
         reserve=req.reserve_bytes,
         overhead=overhead,
@@ -156,6 +158,8 @@ class Prepared:
     recommendations: list[Recommendation] = field(default_factory=list)
     applied: Recommendation | None = None
     layout: dict[str, Any] = field(default_factory=dict)
+    #: Why ``deploy_mode="auto"`` chose the request's mode ("" when the request named it).
+    mode_reason: str = ""
 
     @property
     def request_json(self) -> str:
@@ -198,6 +202,7 @@ def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
     if check_location:  # verify plans only to compare, and may read a copied cache
         check_cache_location(req, paths)
     source = fresh_source(req)
+    req, choice = resolve_deploy_mode(req, make_plan)
     target, plan = make_plan(req)
     recs: list[Recommendation] = []
     applied: Recommendation | None = None
@@ -212,6 +217,8 @@ def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
             logger.info("applied recommendation: %s", applied.sentence)
     layout = source.layout.to_json()
     prepared = Prepared(req, paths, plan, paths.final, "fresh", [], recs, applied, layout)
+    if choice is not None:
+        prepared.mode_reason = choice.reason
     version, status, todo, plan = _choose_version(req, paths, plan, prepared.plan_json())
     prepared.version, prepared.status, prepared.todo, prepared.plan = version, status, todo, plan
     if status != "up_to_date":
