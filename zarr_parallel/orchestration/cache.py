@@ -30,10 +30,22 @@ from zarr_parallel.orchestration.control import (
     checked_request,
     decide_on_recommendations,
     deployment_policy,
+    in_deployment_run,
     temporary_api_settings,
     without_flow_heartbeat,
 )
-from zarr_parallel.orchestration.options import add_overrides, add_verify_options
+from zarr_parallel.orchestration.halt import awaiting_decision, publish_recommendations
+from zarr_parallel.orchestration.options import (
+    add_overrides,
+    add_progress_options,
+    add_verify_options,
+)
+from zarr_parallel.orchestration.progress import (
+    command_started,
+    enter_phase,
+    reporting,
+    watch_jobs,
+)
 from zarr_parallel.orchestration.runners import (
     current_api_url,
     make_task_runner,
@@ -45,11 +57,10 @@ from zarr_parallel.orchestration.write_flow import group_jobs, write_flow
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.request_file import load_request_file
 from zarr_parallel.run.policy import enforced
-from zarr_parallel.run.recommend import Recommendation
+from zarr_parallel.run.recommend import Recommendation, recommendations_markdown
 from zarr_parallel.run.steps import (
     Prepared,
     prepare,
-    recommendations_message,
     run_lock,
     worker_note,
 )
@@ -90,6 +101,11 @@ def _cache_until_decided(request: CacheRequest) -> dict[str, Any]:
             with cache_slot(request), run_lock(request):
                 summary = run_cache_steps(request)
         except RecommendationsPending as e:
+            if not in_deployment_run():
+                # Ad hoc: end in AwaitingDecision (one log line, no traceback); the caller
+                # still gets the exception (exit 3 at the command line).
+                return awaiting_decision(request, e)  # type: ignore[return-value]
+            publish_recommendations(resolve_paths(request).final, e)
             outcome = decide_on_recommendations(request, e)
             if isinstance(outcome, State):
                 # Cancelled in the UI: returning the state makes it the run's final state.
@@ -129,11 +145,11 @@ def run_cache_steps(
     logger = get_run_logger()
     started = time.time()
     if prepared is None:
-        try:
-            prepared = plan_task(request)
-        except RecommendationsPending as e:
-            _publish_recommendations(request, e)
-            raise
+        enter_phase("planning")
+        planned = plan_task(request)
+        if isinstance(planned, RecommendationsPending):
+            raise planned  # decided by the flow (_cache_until_decided)
+        prepared = planned
     _publish_plan(prepared)
     logger.info(
         "plan: %d jobs, read amplification %.2f, largest job %s (budget %s), %s",
@@ -144,14 +160,19 @@ def run_cache_steps(
         prepared.status,
     )
     if prepared.status == "up_to_date":
-        return finish_task(prepared, [], started)
+        enter_phase("finish")
+        summary = finish_task(prepared, [], started)
+        enter_phase("teardown")
+        return summary
     req = prepared.request
     sizing = worker_sizing(req, prepared.plan.max_job_memory, len(prepared.todo))
+    enter_phase("initialise")
     initialise_task(prepared)
     if after_initialise is not None:
         after_initialise(prepared)
     groups = group_jobs(prepared.todo)
     api_url = current_api_url()
+    enter_phase("data")
     with open_cluster(req, prepared.version, sizing, api_url) as cluster:
         logger.info(
             "%s: %d write jobs in %d tasks on %d workers of %s each (ready in %.1f s)",
@@ -164,10 +185,13 @@ def run_cache_steps(
         )
         with worker_settings(api_url), without_flow_heartbeat():
             runner = make_task_runner(cluster.mode, cluster.address)
-            results = write_flow.with_options(task_runner=runner)(
-                prepared.request_json, str(prepared.version), groups, cluster.address
-            )
+            with watch_jobs(prepared.version, prepared.todo):
+                results = write_flow.with_options(task_runner=runner)(
+                    prepared.request_json, str(prepared.version), groups, cluster.address
+                )
+    enter_phase("finish")
     summary = finish_task(prepared, results, started)
+    enter_phase("teardown")
     summary.update(
         deploy_mode=req.deploy_mode,
         workers=cluster.concurrency,
@@ -199,20 +223,12 @@ def _publish_plan(prepared: Prepared) -> None:
     ]
     create_table_artifact(rows, key=artifact_key("zp-plan", prepared), description="Cache plan")
     if prepared.recommendations or prepared.applied:
-        text = recommendations_message(plan, prepared.recommendations)
+        text = recommendations_markdown(plan, prepared.recommendations)
         if prepared.applied:
             text = f"Applied: {prepared.applied.sentence}\n\n" + text
         create_markdown_artifact(
             text, key=artifact_key("zp-recommendations", prepared), description="Recommendations"
         )
-
-
-def _publish_recommendations(request: CacheRequest, e: RecommendationsPending) -> None:
-    final = resolve_paths(request).final
-    md = "# Run halted on recommendations\n\n" + str(e).replace("\n  ", "\n- ")
-    create_markdown_artifact(
-        md, key=artifact_key("zp-recommendations", final), description="Recommendations"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +243,7 @@ def _parser(prog: str = "python -m flows.cache") -> argparse.ArgumentParser:
     p.add_argument("command", nargs="?", default="run", help="run (default), plan or verify")
     p.add_argument("request", nargs="?", help="request file (YAML or JSON)")
     add_overrides(p)
+    add_progress_options(p)
     p.add_argument("--plan-only", action="store_true", help="same as the plan command")
     add_verify_options(p, prefix="verify: ")
     return p
@@ -259,7 +276,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.cache")
             report = verify_cache(req, args.verify_mode, args.sample, args.seed)
             print(report.text())
             return 0 if report.ok else 1
-        with temporary_api_settings():
+        quiet = False if args.quiet else None
+        with reporting(quiet, since=command_started()), temporary_api_settings():
             summary = cache_flow(req)
         print(format_summary(summary))
         return 0
