@@ -44,15 +44,16 @@ class CacheResult:
 class CacheHandle:
     """A run started with ``await_completion=False``; ``wait()`` gives its result."""
 
-    def __init__(self, request: CacheRequest) -> None:
+    def __init__(self, request: CacheRequest, progress: bool = False) -> None:
         self._result: CacheResult | None = None
         self._error: BaseException | None = None
+        self._progress = progress
         self._thread = threading.Thread(target=self._run, args=(request,), daemon=True)
         self._thread.start()
 
     def _run(self, request: CacheRequest) -> None:
         try:
-            self._result = run_request(request)
+            self._result = run_request(request, progress=self._progress)
         except BaseException as e:  # handed to wait()
             self._error = e
 
@@ -71,15 +72,20 @@ class CacheHandle:
         return self._result
 
 
-def run_request(request: CacheRequest) -> CacheResult:
-    """Run the cache flow for a validated request."""
+def run_request(request: CacheRequest, progress: bool | str | None = False) -> CacheResult:
+    """Run the cache flow for a validated request.
+
+    ``progress``: None shows it on stderr (a live line in a terminal or notebook, a line per
+    phase otherwise), False nothing (:func:`zarr_parallel.orchestration.progress.reporting`).
+    """
     # Deferred: the orchestration modules import Prefect (seconds), which `import zarr_parallel`
     # and the command's --help must not pay for.
     from zarr_parallel.orchestration.cache import cache_flow
     from zarr_parallel.orchestration.control import temporary_api_settings
+    from zarr_parallel.orchestration.progress import reporting
 
     set_log_level(request.log_level)  # after Prefect (imported above) set up its logging
-    with temporary_api_settings():
+    with reporting(progress), temporary_api_settings():
         summary = cache_flow(request)
     # Per-job records come from the published version's manifest: they cover every job,
     # including those a resumed run skipped, without shipping them through the flow's result.
@@ -188,9 +194,14 @@ class ZarrParallelAssembler:
         resume: bool | str = "auto",
         *,
         cache_dir: str | None = None,
+        progress: bool | None = None,
         **options: Any,
     ) -> CacheResult | CacheHandle:
         """Run the cache flow; returns a :class:`CacheResult` (or a handle to ``wait()`` on).
+
+        ``progress`` (not a request field): None shows the run's progress on stderr while
+        waiting for it (a live line in a terminal or notebook, a line per phase otherwise) and
+        none for ``await_completion=False``; True always shows it, False never.
 
         Raises
         ------
@@ -222,6 +233,10 @@ class ZarrParallelAssembler:
             cache_dir=cache_dir,
             **options,
         )
+        if progress not in (None, True, False):
+            raise RequestError(
+                "progress", progress, "must be True, False or None", "Pass progress=False for quiet"
+            )
         if not await_completion:
-            return CacheHandle(req)
-        return run_request(req)
+            return CacheHandle(req, progress=bool(progress))
+        return run_request(req, progress=progress)

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from zarr_parallel.orchestration import set_command_environment
 from zarr_parallel.orchestration.options import (
     add_overrides,
+    add_progress_options,
     add_recache_options,
     add_verify_options,
 )
@@ -87,6 +88,7 @@ def help_epilog() -> str:
 def _request_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("request", help="request file (YAML or JSON)")
     add_overrides(p)
+    add_progress_options(p)
 
 
 #: The request commands: (name, summary, extra options).
