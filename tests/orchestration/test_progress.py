@@ -20,6 +20,7 @@ import yaml
 
 from core_support import changed_env, open_cache
 from zarr_parallel import ZarrParallelAssembler
+from zarr_parallel.orchestration import progress
 from zarr_parallel.orchestration.cache import main
 from zarr_parallel.orchestration.progress import Reporter, reporting
 from zarr_parallel.store.manifest import iter_job_records
@@ -52,7 +53,9 @@ def _request(folder: Path, files: list[Path], deploy_mode: str) -> Path:
 
 
 def _phase_lines(err: str) -> list[tuple[str, str]]:
-    return [(m["phase"], m["rest"]) for m in map(LINE.match, err.splitlines()) if m]
+    """The lines of finished phases (not the minute lines of a long data phase, with an ETA)."""
+    found = [(m["phase"], m["rest"]) for m in map(LINE.match, err.splitlines()) if m]
+    return [(phase, rest) for phase, rest in found if ", ETA " not in rest]
 
 
 def _records(store: Path) -> list[dict[str, Any]]:
@@ -130,6 +133,27 @@ def test_stage_labels_and_a_failed_phase(capsys: pytest.CaptureFixture[str]) -> 
         Reporter("off").enter("writing")
 
 
+def test_refused_while_planning_prints_nothing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request refused or halted while planning leaves its message alone on stderr; a long
+    data phase prints where it stands every LINE_EVERY_SECONDS."""
+    with pytest.raises(RuntimeError), reporting("lines") as reporter:
+        reporter.enter("planning")
+        raise RuntimeError("invalid request")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(progress, "LINE_EVERY_SECONDS", 0.0)
+    with reporting("lines") as reporter:
+        reporter.enter("data")
+        reporter.start_jobs(4)
+        reporter.jobs(1, 4, 1_000_000)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("zarr-parallel: start-up "), lines
+    assert re.fullmatch(
+        r"zarr-parallel: data [\d.]+ s: 1/4 jobs, 1\.00 MB, .+/s, ETA \d+:\d\d", lines[1]
+    )
+
+
 def _read_terminal(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> bytes:
     chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
@@ -150,11 +174,12 @@ def _read_terminal(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> by
 
 def test_a_live_line_in_a_terminal(era5_files: list[Path], tmp_path: Path) -> None:
     """The command's stderr on a pseudo-terminal: a line redrawn in place with the jobs done, a
-    bar, the bytes, the rate and the ETA; cleared at the end; the summary on stdout."""
+    bar, the bytes, the rate and the ETA; cleared at the end; the summary on stdout. Prefect's
+    log lines (log_level 1) print above the line, never onto it."""
     request = _request(tmp_path, era5_files, "series")
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cache", "run", str(request)],
+        [sys.executable, "-m", "flows.cache", "run", str(request), "--set", "log_level=1"],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -179,3 +204,7 @@ def test_a_live_line_in_a_terminal(era5_files: list[Path], tmp_path: Path) -> No
     assert any("zarr-parallel: planning" in f for f in seen)
     assert not _phase_lines("\n".join(seen)), "no per-phase lines in a terminal"
     assert "\x1b[2K" in shown, "the line is cleared when the run ends"
+    logged = [m.start() for m in re.finditer(r"\d\d:\d\d:\d\d\.\d{3} \| INFO", shown)]
+    assert len(logged) > 3
+    torn = [shown[i - 40 : i + 60] for i in logged if not shown[:i].endswith(("\x1b[2K", "\n"))]
+    assert not torn, torn

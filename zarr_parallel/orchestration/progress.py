@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 import psutil
 from rich.console import Console, RenderableType
-from rich.file_proxy import FileProxy
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.spinner import Spinner
@@ -48,6 +47,8 @@ Mode = Literal["auto", "live", "lines", "off"]
 POLL_SECONDS = 0.5
 #: Without a terminal, a long data phase also prints where it stands this often (seconds).
 LINE_EVERY_SECONDS = 60.0
+#: The phases in which a request can still be refused (invalid, or halted on recommendations).
+UNCHECKED = ("start-up", "planning")
 
 _CURRENT: ContextVar[Reporter | None] = ContextVar("zarr_parallel_progress", default=None)
 
@@ -74,7 +75,9 @@ class Reporter:
         self._data: DataFigures | None = None
         self._jobs_began = self._began
         self._last_line = 0.0
-        self._console = console
+        # Lines of the phases before a plan exists, held until a later phase begins: a request
+        # refused (or halted) while planning prints its one message (exit 2 or 3) alone.
+        self._held: list[str] | None = []
         self._live: _LiveLine | None = None
         if mode == "live":
             self._live = _LiveLine(self, console or Console(stderr=True))
@@ -82,8 +85,12 @@ class Reporter:
     def enter(self, name: str, stage: tuple[int, int] | None = None) -> None:
         """End the current phase and begin ``name`` (``data (stage k/n)`` with ``stage``)."""
         label = phase_label(name, stage)
+        if self._live is not None:
+            self._live.refresh()  # the phase's last figures (e.g. all jobs done) are shown
         now = time.time()
         with self._lock:
+            if name not in UNCHECKED:
+                self._release()
             self._finish_phase(now)
             self._label, self._began, self._data = label, now, None
             self._last_line = now
@@ -99,12 +106,10 @@ class Reporter:
         now = time.time()
         with self._lock:
             self._data = DataFigures(done, total, written, now - self._jobs_began)
-            if self.mode == "lines" and now - self._last_line >= LINE_EVERY_SECONDS:
+            if now - self._last_line >= LINE_EVERY_SECONDS:
                 self._last_line = now
-                _say(
-                    f"{phase_line(self._label, now - self._began, self._data)}, ETA "
-                    f"{_eta(self._data)}"
-                )
+                line = phase_line(self._label, now - self._began, self._data)
+                self._say(f"{line}, ETA {_eta(self._data)}")
 
     def close(self, failed: bool = False) -> None:
         """End the last phase (a failed run says which phase it stopped in) and the live line."""
@@ -114,10 +119,14 @@ class Reporter:
         with self._lock:
             if failed:
                 self.phases.append((self._label, now - self._began))
-                if self.mode == "lines":
-                    _say(f"zarr-parallel: stopped in {self._label} after {now - self._began:.1f} s")
+                if self._held is None:  # past planning: say where the run stopped
+                    self._say(
+                        f"zarr-parallel: stopped in {self._label} after {now - self._began:.1f} s"
+                    )
+                self._held = []  # refused or halted while planning: the door's message alone
             else:
                 self._finish_phase(now)
+                self._release()
             self._label = ""
 
     def snapshot(self) -> tuple[str, float, DataFigures | None]:
@@ -130,8 +139,22 @@ class Reporter:
             return
         seconds = now - self._began
         self.phases.append((self._label, seconds))
-        if self.mode == "lines":
-            _say(phase_line(self._label, seconds, self._data))
+        self._say(phase_line(self._label, seconds, self._data))
+
+    def _say(self, line: str) -> None:
+        """Print a line (``lines`` mode), or hold it while the request may still be refused."""
+        if self.mode != "lines":
+            return
+        if self._held is not None:
+            self._held.append(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def _release(self) -> None:
+        """The run got past planning: print the lines held so far, and the rest as they come."""
+        held, self._held = self._held, None
+        for line in held or []:
+            self._say(line)
 
 
 def _eta(figures: DataFigures) -> str:
@@ -139,15 +162,11 @@ def _eta(figures: DataFigures) -> str:
     return format_clock(eta) if eta is not None else "-"
 
 
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 class _LiveLine:
     """The live line: rich redraws it a few times a second from the reporter's figures.
 
-    Prefect's console log lines are routed above it while it shows (its handlers write to the
-    stream they were made with, not to ``sys.stderr``), so a warning does not tear the line.
+    Prefect's console log lines are routed above it while it shows (its handler writes to the
+    console it was made with, not to ``sys.stderr``), so a log line does not tear the line.
     """
 
     def __init__(self, reporter: Reporter, console: Console) -> None:
@@ -165,14 +184,18 @@ class _LiveLine:
         for handler in logging.getLogger().handlers:
             inner = getattr(handler, "console", None)
             if type(handler).__name__ == "PrefectConsoleHandler" and inner is not None:
-                self._handlers.append((inner, inner.file))
-                inner.file = FileProxy(console, inner.file)
+                self._handlers.append((handler, inner))
+                setattr(handler, "console", _PrintAbove(console, inner))  # noqa: B010
         self._live.start()
+
+    def refresh(self) -> None:
+        """Draw the line now."""
+        self._live.refresh()
 
     def stop(self) -> None:
         self._live.stop()
-        for inner, file in self._handlers:
-            inner.file = file
+        for handler, inner in self._handlers:
+            handler.console = inner
 
     def _render(self) -> RenderableType:
         label, seconds, data = self._reporter.snapshot()
@@ -187,6 +210,22 @@ class _LiveLine:
             data.text(),
         )
         return grid
+
+
+class _PrintAbove:
+    """Stands in for a Prefect console handler's console while the live line shows: its lines
+    print through the live line's console, which puts them above the line (plain text: the
+    handler's colours are its own console's)."""
+
+    def __init__(self, console: Console, replaced: Console) -> None:
+        self._console = console
+        self._replaced = replaced
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        self._console.print(*objects, **{**kwargs, "markup": False, "highlight": False})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._replaced, name)
 
 
 def choose_mode(progress: bool | str | None, console: Console | None = None) -> Mode:
