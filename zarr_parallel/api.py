@@ -6,12 +6,15 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zarr_parallel.errors import RequestError
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.request.model import DEFAULT_DEPLOY_MODE, CacheRequest, build_request
 from zarr_parallel.store.manifest import iter_job_records
+
+if TYPE_CHECKING:
+    from zarr_parallel.run.plan_view import PlanView
 
 logger = logging.getLogger(__name__)
 
@@ -240,3 +243,57 @@ class ZarrParallelAssembler:
         if not await_completion:
             return CacheHandle(req, progress=bool(progress))
         return run_request(req, progress=progress)
+
+    def plan(
+        self,
+        cache_store: str | None = None,
+        num_jobs: int | None = None,
+        generate_stats: bool = False,
+        deploy_mode: str = DEFAULT_DEPLOY_MODE,
+        await_completion: bool = True,
+        simultaneous_worker_limit: int | None = None,
+        memory_limit: str | int = "2GB",
+        worker_timeout: str | int = "30:00",
+        overwrite: bool = True,
+        recommend_changes: bool | str = True,
+        resume: bool | str = "auto",
+        *,
+        cache_dir: str | None = None,
+        progress: bool | None = None,
+        **options: Any,
+    ) -> PlanView:
+        """Plan what :meth:`cache` with the same arguments would do, and write nothing.
+
+        Returns a :class:`~zarr_parallel.run.plan_view.PlanView`: jobs, read amplification,
+        memory per job, the strategy when the planner reports one, the recommendations (also
+        when a run would halt on them: ``.halts``), the SLURM job script in SLURM mode and a
+        picture of the jobs over the chunk grids (``.write_picture("plan.svg")``; shown in a
+        notebook). ``await_completion`` and ``progress`` are accepted for the same signature
+        and ignored.
+
+        Raises
+        ------
+        RequestError, PlanError
+            Invalid input or no plan within the memory limit.
+        """
+        # Deferred: the plan report imports Prefect and dask-jobqueue (seconds), which
+        # `import zarr_parallel` must not pay for.
+        from zarr_parallel.orchestration.plan_report import describe_plan
+
+        del await_completion, progress  # same keywords as cache(); nothing to wait for
+        req = self.request(
+            cache_store,
+            num_jobs,
+            generate_stats,
+            deploy_mode,
+            simultaneous_worker_limit,
+            memory_limit,
+            worker_timeout,
+            overwrite,
+            recommend_changes,
+            resume,
+            cache_dir=cache_dir,
+            **options,
+        )
+        set_log_level(req.log_level)
+        return describe_plan(req)

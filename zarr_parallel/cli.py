@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from zarr_parallel.orchestration import set_command_environment
 from zarr_parallel.orchestration.options import (
     add_overrides,
+    add_plan_options,
     add_progress_options,
     add_recache_options,
     add_verify_options,
@@ -94,7 +95,12 @@ def _request_options(p: argparse.ArgumentParser) -> None:
 #: The request commands: (name, summary, extra options).
 _REQUEST_COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None] | None], ...] = (
     ("run", "cache the dataset as REQUEST.yaml says", None),
-    ("plan", "print the plan (jobs, read amplification, memory); writes nothing", None),
+    (
+        "plan",
+        "print the plan (jobs, read amplification, memory; the SLURM job script in SLURM mode) "
+        "and draw it with --picture; writes no cache",
+        add_plan_options,
+    ),
     ("verify", "compare the published cache with its source", add_verify_options),
     ("recache", "bring the cache up to date with its grown or changed source", add_recache_options),
 )

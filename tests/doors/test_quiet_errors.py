@@ -9,6 +9,7 @@ from the local cluster. The commands run in subprocesses, as a user runs them.
 
 from __future__ import annotations
 
+import copyreg
 import pickle
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tblib.pickling_support
 import yaml
 
 from core_support import changed_env
@@ -188,6 +190,55 @@ def test_a_value_that_does_not_pickle_travels_as_its_repr() -> None:
     assert str(again) == str(error) and again.value == repr(lock) and again.fix == "Drop"
     failed = errors.RunFailed("1 job failed", [{"job": 1, "handle": lock}])
     assert pickle.loads(pickle.dumps(failed)).failed == repr([{"job": 1, "handle": lock}])
+
+
+class _Unpicklable(Exception):
+    """A library's error that cannot be rebuilt from its args (it needs two, gets one)."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+
+
+def test_the_cause_travels_with_the_error() -> None:
+    try:
+        try:
+            raise OSError(5, "Input/output error", "/data/era5_000.nc")
+        except OSError as e:
+            raise errors.RunFailed("job 3 failed") from e
+    except errors.RunFailed as e:
+        again = pickle.loads(pickle.dumps(e))
+    assert isinstance(again.__cause__, OSError)
+    assert again.__cause__.filename == "/data/era5_000.nc"
+    try:
+        raise errors.RunFailed("job 4 failed") from _Unpicklable(7, "bad chunk")
+    except errors.RunFailed as e:
+        again = pickle.loads(pickle.dumps(e))
+    # Our summary, or the error itself where tblib's pickling (installed for every exception
+    # class by importing dask.multiprocessing) knows how to rebuild it.
+    assert str(again.__cause__).endswith("7: bad chunk")
+
+
+def test_the_chain_loads_where_dask_installed_tblib() -> None:
+    """dask and distributed install tblib's pickling for exceptions that pass through them,
+    which pickles ``__cause__`` and ``__context__`` as they are."""
+    try:
+        try:
+            raise _Unpicklable(7, "bad chunk")
+        except _Unpicklable:
+            raise errors.RunFailed("job 4 failed") from _Unpicklable(8, "bad read")
+    except errors.RunFailed as e:
+        error = e
+    tblib.pickling_support.install(error)
+    try:
+        again = pickle.loads(pickle.dumps(error))
+    finally:
+        for cls in (errors.RunFailed, _Unpicklable):
+            copyreg.dispatch_table.pop(cls, None)
+    assert str(again) == "job 4 failed"
+    # tblib rebuilds such errors itself once installed for their class, else our summary.
+    assert str(again.__cause__).endswith("8: bad read")
+    assert str(again.__context__).endswith("7: bad chunk")
+    assert again.__suppress_context__
 
 
 @pytest.fixture

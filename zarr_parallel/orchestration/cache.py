@@ -37,9 +37,11 @@ from zarr_parallel.orchestration.control import (
 from zarr_parallel.orchestration.halt import awaiting_decision, publish_recommendations
 from zarr_parallel.orchestration.options import (
     add_overrides,
+    add_plan_options,
     add_progress_options,
     add_verify_options,
 )
+from zarr_parallel.orchestration.plan_report import plan_command, publish_plan_picture
 from zarr_parallel.orchestration.progress import (
     command_started,
     enter_phase,
@@ -60,9 +62,7 @@ from zarr_parallel.run.policy import enforced
 from zarr_parallel.run.recommend import Recommendation, recommendations_markdown
 from zarr_parallel.run.steps import (
     Prepared,
-    prepare,
     run_lock,
-    worker_note,
 )
 from zarr_parallel.run.verify import verify_cache
 from zarr_parallel.store.paths import resolve_paths
@@ -222,6 +222,7 @@ def _publish_plan(prepared: Prepared) -> None:
         }.items()
     ]
     create_table_artifact(rows, key=artifact_key("zp-plan", prepared), description="Cache plan")
+    publish_plan_picture(prepared)  # the picture of the plan, inline in the UI
     if prepared.recommendations or prepared.applied:
         text = recommendations_markdown(plan, prepared.recommendations)
         if prepared.applied:
@@ -246,6 +247,7 @@ def _parser(prog: str = "python -m flows.cache") -> argparse.ArgumentParser:
     add_progress_options(p)
     p.add_argument("--plan-only", action="store_true", help="same as the plan command")
     add_verify_options(p, prefix="verify: ")
+    add_plan_options(p, prefix="plan: ")
     return p
 
 
@@ -265,13 +267,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.cache")
         parser.print_usage(sys.stderr)
         print("error: give a command (run, plan, verify) and a request file", file=sys.stderr)
         return 2
+    if (args.picture or args.picture_variable) and command != "plan":
+        parser.print_usage(sys.stderr)
+        print("error: --picture and --picture-variable belong to the plan command", file=sys.stderr)
+        return 2
 
     def run() -> int:
         req = load_request_file(request_path, args.overrides)
         set_log_level(req.log_level)
         if command == "plan":
-            _print_plan(prepare(req))
-            return 0
+            return plan_command(req, args.picture, args.picture_variable)
         if command == "verify":
             report = verify_cache(req, args.verify_mode, args.sample, args.seed)
             print(report.text())
@@ -322,21 +327,6 @@ def exit_code(run: Callable[[], int]) -> int:
             file=sys.stderr,
         )
         return 1
-
-
-def _print_plan(prepared: Prepared) -> None:
-    plan = prepared.plan
-    print(f"cache:               {prepared.paths.final} ({prepared.status})")
-    print(f"jobs:                {len(plan.jobs)} ({len(prepared.todo)} to run)")
-    print(f"read amplification:  {plan.read_amplification:.2f}")
-    print(
-        f"largest job:         {format_bytes(plan.max_job_memory)} of "
-        f"{format_bytes(plan.memory_budget)} budget"
-    )
-    workers, why = worker_note(prepared.request)
-    print(f"workers:             up to {workers} at once ({prepared.request.deploy_mode})")
-    for note in [*plan.notes, *([why] if why else [])]:
-        print(f"note:                {note}")
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -48,3 +48,18 @@ def add_recache_options(p: argparse.ArgumentParser) -> None:
     """``--check`` and ``--no-append`` of the re-cache command."""
     p.add_argument("--check", action="store_true", help="only report what a run would do")
     p.add_argument("--no-append", action="store_true", help="re-cache in full when it changed")
+
+
+def add_plan_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--picture PATH`` and ``--picture-variable NAME`` of the plan command."""
+    p.add_argument(
+        "--picture",
+        metavar="PATH",
+        help=f"{prefix}write the plan picture (source and target chunk grids, jobs) to PATH: "
+        "SVG or PNG by its suffix",
+    )
+    p.add_argument(
+        "--picture-variable",
+        metavar="NAME",
+        help=f"{prefix}the variable the picture shows (default: the first)",
+    )
