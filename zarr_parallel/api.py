@@ -54,15 +54,16 @@ class CacheResult:
 class CacheHandle:
     """A run started with ``await_completion=False``; ``wait()`` gives its result."""
 
-    def __init__(self, request: CacheRequest) -> None:
+    def __init__(self, request: CacheRequest, progress: bool = False) -> None:
         self._result: CacheResult | None = None
         self._error: BaseException | None = None
+        self._progress = progress
         self._thread = threading.Thread(target=self._run, args=(request,), daemon=True)
         self._thread.start()
 
     def _run(self, request: CacheRequest) -> None:
         try:
-            self._result = run_request(request)
+            self._result = run_request(request, progress=self._progress)
         except BaseException as e:  # handed to wait()
             self._error = e
 
@@ -81,20 +82,26 @@ class CacheHandle:
         return self._result
 
 
-def run_request(request: CacheRequest) -> CacheResult:
+def run_request(request: CacheRequest, progress: bool | str | None = False) -> CacheResult:
     """Run a validated request as the command does (docs/design.md §2b): the temporary Prefect
     API (one per process, when none is configured) starts first, the run plans while it comes
     up, and an up-to-date cache is answered without a flow run. The summary's ``seconds`` and
-    ``phases`` count from this call."""
+    ``phases`` count from this call.
+
+    ``progress``: None shows it on stderr (a live line in a terminal or notebook, a line per
+    phase otherwise), False nothing (:func:`zarr_parallel.orchestration.progress.reporting`).
+    """
     clock = PhaseClock()
     # Deferred: the ad hoc path imports the run stack (xarray, zarr; Prefect only when a flow
     # runs), which `import zarr_parallel` and the command's --help must not pay for.
     from zarr_parallel.orchestration.adhoc import needs_temporary_api, run_ad_hoc
+    from zarr_parallel.orchestration.progress import reporting
     from zarr_parallel.orchestration.temporary_api import TemporaryApi
 
     set_log_level(request.log_level)
     api = TemporaryApi.shared() if needs_temporary_api() else None
-    summary = run_ad_hoc(request, clock, api)
+    with reporting(progress, since=clock.origin):
+        summary = run_ad_hoc(request, clock, api)
     set_log_level(request.log_level)  # after Prefect (if a flow ran) set up its logging
     # Per-job records come from the published version's manifest: they cover every job,
     # including those a resumed run skipped, without shipping them through the flow's result.
@@ -203,9 +210,14 @@ class ZarrParallelAssembler:
         resume: bool | str = "auto",
         *,
         cache_dir: str | None = None,
+        progress: bool | None = None,
         **options: Any,
     ) -> CacheResult | CacheHandle:
         """Run the cache flow; returns a :class:`CacheResult` (or a handle to ``wait()`` on).
+
+        ``progress`` (not a request field): None shows the run's progress on stderr while
+        waiting for it (a live line in a terminal or notebook, a line per phase otherwise) and
+        none for ``await_completion=False``; True always shows it, False never.
 
         Raises
         ------
@@ -237,9 +249,13 @@ class ZarrParallelAssembler:
             cache_dir=cache_dir,
             **options,
         )
+        if progress not in (None, True, False):
+            raise RequestError(
+                "progress", progress, "must be True, False or None", "Pass progress=False for quiet"
+            )
         if not await_completion:
-            return CacheHandle(req)
-        return run_request(req)
+            return CacheHandle(req, progress=bool(progress))
+        return run_request(req, progress=progress)
 
     def plan(
         self,
@@ -256,6 +272,7 @@ class ZarrParallelAssembler:
         resume: bool | str = "auto",
         *,
         cache_dir: str | None = None,
+        progress: bool | None = None,
         **options: Any,
     ) -> PlanView:
         """Plan what :meth:`cache` with the same arguments would do, and write nothing.
@@ -264,7 +281,8 @@ class ZarrParallelAssembler:
         memory per job, the strategy when the planner reports one, the recommendations (also
         when a run would halt on them: ``.halts``), the SLURM job script in SLURM mode and a
         picture of the jobs over the chunk grids (``.write_picture("plan.svg")``; shown in a
-        notebook). ``await_completion`` is accepted for the same signature and ignored.
+        notebook). ``await_completion`` and ``progress`` are accepted for the same signature
+        and ignored.
 
         Raises
         ------
@@ -275,7 +293,7 @@ class ZarrParallelAssembler:
         # `import zarr_parallel` must not pay for.
         from zarr_parallel.orchestration.plan_report import describe_plan
 
-        del await_completion  # same keywords as cache(); a plan has nothing to wait for
+        del await_completion, progress  # same keywords as cache(); nothing to wait for
         req = self.request(
             cache_store,
             num_jobs,

@@ -20,6 +20,7 @@ from zarr_parallel.orchestration import set_command_environment
 from zarr_parallel.orchestration.options import (
     add_overrides,
     add_plan_options,
+    add_progress_options,
     add_recache_options,
     add_verify_options,
 )
@@ -89,6 +90,7 @@ def help_epilog() -> str:
 def _request_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("request", help="request file (YAML or JSON)")
     add_overrides(p)
+    add_progress_options(p)
 
 
 #: The request commands: (name, summary, extra options).

@@ -28,7 +28,7 @@ from zarr_parallel.logs import set_log_level
 from zarr_parallel.orchestration.temporary_api import TemporaryApi, api_url_configured
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.finish import finish
-from zarr_parallel.run.phases import PhaseClock, timing
+from zarr_parallel.run.phases import PhaseClock, enter_phase, timing
 from zarr_parallel.run.steps import Prepared, prepare
 
 
@@ -93,17 +93,17 @@ def run_ad_hoc(
         ``seconds`` (the command's wall time) and ``phases``.
     """
     with timing(clock):
-        clock.enter("planning")
+        enter_phase("planning")
         prepared = plan_ahead(request)
         if prepared is not None and prepared.status == "up_to_date":
             summary = up_to_date_answer(prepared)
         else:
-            clock.enter("start-up")
+            enter_phase("start-up")
             summary = _run_flow(request, api)
         summary.setdefault("deploy_mode", _mode(prepared, request))
         if prepared is not None and not summary.get("deploy_mode_reason"):
             summary["deploy_mode_reason"] = prepared.mode_reason
-        clock.enter("teardown")
+        enter_phase("teardown")
         if api is not None and api.ready:
             # Seconds from the server's start until it answered (it overlapped the imports and
             # the planning): what start-up still waited for is the rest of it.

@@ -23,9 +23,12 @@ from zarr_parallel.orchestration.control import (
     checked_request,
     decide_on_recommendations,
     deployment_policy,
+    in_deployment_run,
     without_flow_heartbeat,
 )
+from zarr_parallel.orchestration.halt import awaiting_decision, publish_recommendations
 from zarr_parallel.orchestration.plan_report import publish_plan_picture
+from zarr_parallel.orchestration.progress import watch_jobs
 from zarr_parallel.orchestration.runners import (
     current_api_url,
     make_task_runner,
@@ -37,8 +40,8 @@ from zarr_parallel.orchestration.write_flow import group_jobs, write_flow
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.phases import enter_phase
 from zarr_parallel.run.policy import enforced
-from zarr_parallel.run.recommend import Recommendation
-from zarr_parallel.run.steps import Prepared, recommendations_message, run_lock
+from zarr_parallel.run.recommend import Recommendation, recommendations_markdown
+from zarr_parallel.run.steps import Prepared, run_lock
 from zarr_parallel.store.paths import resolve_paths
 from zarr_parallel.units import format_bytes
 
@@ -75,6 +78,11 @@ def _cache_until_decided(request: CacheRequest) -> dict[str, Any]:
             with cache_slot(request), run_lock(request):
                 summary = run_cache_steps(request)
         except RecommendationsPending as e:
+            if not in_deployment_run():
+                # Ad hoc: end in AwaitingDecision (one log line, no traceback); the caller
+                # still gets the exception (exit 3 at the command line).
+                return awaiting_decision(request, e)  # type: ignore[return-value]
+            publish_recommendations(resolve_paths(request).final, e)
             outcome = decide_on_recommendations(request, e)
             if isinstance(outcome, State):
                 # Cancelled in the UI: returning the state makes it the run's final state.
@@ -113,13 +121,12 @@ def run_cache_steps(
     """
     logger = get_run_logger()
     started = time.time()
-    enter_phase("planning")  # the phases of the command's summary (run/phases.py)
+    enter_phase("planning")  # the phases of the summary and of the progress (run/phases.py)
     if prepared is None:
-        try:
-            prepared = plan_task(request)
-        except RecommendationsPending as e:
-            _publish_recommendations(request, e)
-            raise
+        planned = plan_task(request)
+        if isinstance(planned, RecommendationsPending):
+            raise planned  # decided by the flow (_cache_until_decided)
+        prepared = planned
     _publish_plan(prepared)
     logger.info(
         "plan: %d jobs, read amplification %.2f, largest job %s (budget %s), %s",
@@ -133,7 +140,9 @@ def run_cache_steps(
         logger.info("deploy_mode auto: %s (%s)", prepared.request.deploy_mode, prepared.mode_reason)
     if prepared.status == "up_to_date":
         enter_phase("finish")
-        return finish_task(prepared, [], started)
+        summary = finish_task(prepared, [], started)
+        enter_phase("teardown")
+        return summary
     req = prepared.request
     sizing = worker_sizing(req, prepared.plan.max_job_memory, len(prepared.todo))
     enter_phase("initialise")
@@ -157,12 +166,13 @@ def run_cache_steps(
         enter_phase("data")
         with worker_settings(api_url), without_flow_heartbeat():
             runner = make_task_runner(cluster.mode, cluster.address)
-            results = write_flow.with_options(task_runner=runner)(
-                prepared.request_json, str(prepared.version), groups, cluster.address
-            )
-        enter_phase("teardown")
-    enter_phase("finish")
-    summary = finish_task(prepared, results, started)
+            with watch_jobs(prepared.version, prepared.todo):
+                results = write_flow.with_options(task_runner=runner)(
+                    prepared.request_json, str(prepared.version), groups, cluster.address
+                )
+        enter_phase("finish")
+        summary = finish_task(prepared, results, started)
+        enter_phase("teardown")  # closing the cluster is teardown
     summary.update(
         deploy_mode=req.deploy_mode,
         deploy_mode_reason=prepared.mode_reason,
@@ -196,17 +206,9 @@ def _publish_plan(prepared: Prepared) -> None:
     create_table_artifact(rows, key=artifact_key("zp-plan", prepared), description="Cache plan")
     publish_plan_picture(prepared)  # the picture of the plan, inline in the UI
     if prepared.recommendations or prepared.applied:
-        text = recommendations_message(plan, prepared.recommendations)
+        text = recommendations_markdown(plan, prepared.recommendations)
         if prepared.applied:
             text = f"Applied: {prepared.applied.sentence}\n\n" + text
         create_markdown_artifact(
             text, key=artifact_key("zp-recommendations", prepared), description="Recommendations"
         )
-
-
-def _publish_recommendations(request: CacheRequest, e: RecommendationsPending) -> None:
-    final = resolve_paths(request).final
-    md = "# Run halted on recommendations\n\n" + str(e).replace("\n  ", "\n- ")
-    create_markdown_artifact(
-        md, key=artifact_key("zp-recommendations", final), description="Recommendations"
-    )

@@ -28,6 +28,7 @@ from zarr_parallel.orchestration.adhoc import needs_temporary_api, run_ad_hoc
 from zarr_parallel.orchestration.options import (
     add_overrides,
     add_plan_options,
+    add_progress_options,
     add_verify_options,
 )
 from zarr_parallel.orchestration.temporary_api import TemporaryApi
@@ -47,6 +48,7 @@ def _parser(prog: str = "python -m flows.cache") -> argparse.ArgumentParser:
     p.add_argument("command", nargs="?", default="run", help="run (default), plan or verify")
     p.add_argument("request", nargs="?", help="request file (YAML or JSON)")
     add_overrides(p)
+    add_progress_options(p)
     p.add_argument("--plan-only", action="store_true", help="same as the plan command")
     add_verify_options(p, prefix="verify: ")
     add_plan_options(p, prefix="plan: ")
@@ -97,7 +99,11 @@ def main(
                 report = verify_cache(req, args.verify_mode, args.sample, args.seed)
                 print(report.text())
                 return 0 if report.ok else 1
-            summary = run_ad_hoc(req, clock, api)
+            # Deferred with the progress output (rich): not needed by plan or verify.
+            from zarr_parallel.orchestration.progress import reporting
+
+            with reporting(False if args.quiet else None, since=clock.origin):
+                summary = run_ad_hoc(req, clock, api)
         finally:
             if api is not None:
                 api.stop()

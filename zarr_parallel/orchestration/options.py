@@ -22,6 +22,16 @@ def add_overrides(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_progress_options(p: argparse.ArgumentParser) -> None:
+    """``--quiet``: no progress on stderr (the summary and errors still print)."""
+    p.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="show no progress on stderr (a live line in a terminal, a line per phase otherwise)",
+    )
+
+
 def add_verify_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """``--verify-mode``, ``--sample`` and ``--seed``; ``prefix`` starts each help text."""
     p.add_argument(

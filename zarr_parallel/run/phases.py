@@ -10,7 +10,7 @@ after the last.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -83,11 +83,41 @@ def current_clock() -> PhaseClock | None:
     return _clock.get()
 
 
-def enter_phase(phase: str) -> None:
-    """Mark that the run enters ``phase`` (nothing when no clock runs)."""
+#: Who else hears of each phase (the progress output, zarr_parallel.orchestration.progress).
+PhaseListener = Callable[[str, "tuple[int, int] | None"], None]
+_listeners: ContextVar[tuple[PhaseListener, ...]] = ContextVar(
+    "zarr_parallel_phase_listeners", default=()
+)
+
+
+@contextmanager
+def listening(listener: PhaseListener) -> Iterator[None]:
+    """Call ``listener(phase, stage)`` for every :func:`enter_phase` in this context."""
+    token = _listeners.set((*_listeners.get(), listener))
+    try:
+        yield
+    finally:
+        _listeners.reset(token)
+
+
+def enter_phase(phase: str, stage: tuple[int, int] | None = None) -> None:
+    """Mark that the run enters ``phase`` (``stage=(k, n)``: stage k of a staged plan's n).
+
+    The door's clock (if any) counts it, and listeners (the progress output) hear of it.
+    """
     clock = _clock.get()
     if clock is not None:
         clock.enter(phase)
+    for listener in _listeners.get():
+        listener(phase, stage)
 
 
-__all__ = ["PHASES", "PhaseClock", "current_clock", "enter_phase", "process_start", "timing"]
+__all__ = [
+    "PHASES",
+    "PhaseClock",
+    "current_clock",
+    "enter_phase",
+    "listening",
+    "process_start",
+    "timing",
+]

@@ -105,7 +105,7 @@ class PlanView:
         if self.prepared.applied is not None:
             rows.append(("applied", self.prepared.applied.sentence))
         for i, r in enumerate(self.recommendations):
-            rows.append((f"recommendation {i + 1}", f"{r.sentence}; changes: {r.changes}"))
+            rows.append((f"recommendation {i + 1}", f"{r.sentence}; {r.set_options()}"))
         if self.halts:
             rows.append(
                 ("halts", "a run would stop on these recommendations (recommend_changes=True)")

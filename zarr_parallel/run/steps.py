@@ -30,7 +30,7 @@ from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.secrets import redact
 from zarr_parallel.run.auto_mode import resolve_deploy_mode
 from zarr_parallel.run.preflight import run_preflight
-from zarr_parallel.run.recommend import Recommendation, recommend
+from zarr_parallel.run.recommend import Recommendation, recommend, recommendations_text
 from zarr_parallel.sources.fastread import mark_fast
 from zarr_parallel.sources.target import (
     Target,
@@ -228,22 +228,9 @@ def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
 
 
 def recommendations_message(plan: Plan, recs: list[Recommendation]) -> str:
-    """The text shown when a run halts on recommendations."""
-    lines = [
-        f"The plan reads {plan.read_amplification:.2f}x the source bytes it needs "
-        f"({format_bytes(plan.read_bytes)} read for {format_bytes(plan.needed_bytes)}): the "
-        "selection, the target chunks or the tiles cut source chunks.",
-    ]
-    if recs:
-        lines.append("Recommendations, best first:")
-        lines += [f"  {i + 1}. {r.sentence}; changes: {r.changes}" for i, r in enumerate(recs)]
-    else:
-        lines.append("No aligned alternative was found.")
-    lines.append(
-        "Apply one (recommend_changes='apply' takes the first), change the request, or run as "
-        "asked with recommend_changes='proceed'."
-    )
-    return "\n".join(lines)
+    """The text shown when a run halts on recommendations
+    (:func:`zarr_parallel.run.recommend.recommendations_text`)."""
+    return recommendations_text(plan, recs)
 
 
 def _choose_version(
