@@ -21,7 +21,7 @@ import yaml
 from core_support import changed_env, open_cache
 from zarr_parallel import ZarrParallelAssembler
 from zarr_parallel.orchestration import progress
-from zarr_parallel.orchestration.cache import main
+from zarr_parallel.orchestration.command import main
 from zarr_parallel.orchestration.progress import Reporter, reporting
 from zarr_parallel.store.manifest import iter_job_records
 from zarr_parallel.store.paths import CachePaths

@@ -80,6 +80,7 @@ class Reporter:
         # Lines of the phases before a plan exists, held until a later phase begins: a request
         # refused (or halted) while planning prints its one message (exit 2 or 3) alone.
         self._held: list[str] | None = []
+        self._held_phases: dict[str, float] = {}
         self._live: _LiveLine | None = None
         if mode == "live":
             self._live = _LiveLine(self, console or Console(stderr=True))
@@ -87,13 +88,15 @@ class Reporter:
     def enter(self, name: str, stage: tuple[int, int] | None = None) -> None:
         """End the current phase and begin ``name`` (``data (stage k/n)`` with ``stage``)."""
         label = phase_label(name, stage)
+        if label == self._label:
+            return  # the same phase goes on (the flow's teardown, then the door's)
         if self._live is not None:
             self._live.refresh()  # the phase's last figures (e.g. all jobs done) are shown
         now = time.time()
         with self._lock:
+            self._finish_phase(now)
             if name not in UNCHECKED:
                 self._release()
-            self._finish_phase(now)
             self._label, self._began, self._data = label, now, None
             self._last_line = now
 
@@ -141,6 +144,11 @@ class Reporter:
             return
         seconds = now - self._began
         self.phases.append((self._label, seconds))
+        if self._held is not None and self._label in UNCHECKED:
+            # A door plans before the flow, and the flow again once Prefect is up: one line
+            # per phase, its seconds summed, when the lines are released.
+            self._held_phases[self._label] = self._held_phases.get(self._label, 0.0) + seconds
+            return
         self._say(phase_line(self._label, seconds, self._data))
 
     def _say(self, line: str) -> None:
@@ -155,6 +163,9 @@ class Reporter:
     def _release(self) -> None:
         """The run got past planning: print the lines held so far, and the rest as they come."""
         held, self._held = self._held, None
+        phases, self._held_phases = self._held_phases, {}
+        for label, seconds in phases.items():
+            self._say(phase_line(label, seconds))
         for line in held or []:
             self._say(line)
 
@@ -182,13 +193,22 @@ class _LiveLine:
             redirect_stdout=False,  # stdout is the summary's
             redirect_stderr=True,
         )
+        self._console = console
         self._handlers: list[tuple[Any, Any]] = []
+        self._adopt_log_handlers()
+        self._live.start()
+
+    def _adopt_log_handlers(self) -> None:
+        """Route Prefect's console log lines above the line. Called on every redraw: the
+        command imports Prefect only once a flow runs, after the line started."""
         for handler in logging.getLogger().handlers:
             inner = getattr(handler, "console", None)
-            if type(handler).__name__ == "PrefectConsoleHandler" and inner is not None:
-                self._handlers.append((handler, inner))
-                setattr(handler, "console", _PrintAbove(console, inner))  # noqa: B010
-        self._live.start()
+            if type(handler).__name__ != "PrefectConsoleHandler" or inner is None:
+                continue
+            if isinstance(inner, _PrintAbove):
+                continue
+            self._handlers.append((handler, inner))
+            setattr(handler, "console", _PrintAbove(self._console, inner))  # noqa: B010
 
     def refresh(self) -> None:
         """Draw the line now."""
@@ -200,6 +220,7 @@ class _LiveLine:
             handler.console = inner
 
     def _render(self) -> RenderableType:
+        self._adopt_log_handlers()
         label, seconds, data = self._reporter.snapshot()
         grid = Table.grid(padding=(0, 1))
         if data is None:
