@@ -41,7 +41,7 @@ from zarr_parallel.orchestration.runners import (
     worker_sizing,
 )
 from zarr_parallel.orchestration.tasks import artifact_key, finish_task, initialise_task, plan_task
-from zarr_parallel.orchestration.write_flow import group_jobs, write_flow
+from zarr_parallel.orchestration.write_flow import group_jobs, write_stages
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.request_file import load_request_file
 from zarr_parallel.run.policy import enforced
@@ -146,7 +146,7 @@ def run_cache_steps(
     if prepared.status == "up_to_date":
         return finish_task(prepared, [], started)
     req = prepared.request
-    sizing = worker_sizing(req, prepared.plan.max_job_memory, len(prepared.todo))
+    sizing = worker_sizing(req, prepared.plan.peak_job_memory, len(prepared.todo))
     initialise_task(prepared)
     if after_initialise is not None:
         after_initialise(prepared)
@@ -164,9 +164,7 @@ def run_cache_steps(
         )
         with worker_settings(api_url), without_flow_heartbeat():
             runner = make_task_runner(cluster.mode, cluster.address)
-            results = write_flow.with_options(task_runner=runner)(
-                prepared.request_json, str(prepared.version), groups, cluster.address
-            )
+            results = write_stages(prepared, runner, cluster.address)
     summary = finish_task(prepared, results, started)
     summary.update(
         deploy_mode=req.deploy_mode,

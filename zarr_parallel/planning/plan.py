@@ -112,6 +112,11 @@ class Plan:
         """Largest job estimate in bytes."""
         return max((j.memory for j in self.jobs), default=0)
 
+    @property
+    def peak_job_memory(self) -> int:
+        """Largest job estimate over every stage (what a worker must hold)."""
+        return max([self.max_job_memory, *(s.plan.max_job_memory for s in self.stages)])
+
     def job(self, job_id: int) -> Job:
         """The job with this id."""
         return self.jobs[job_id]
