@@ -77,21 +77,28 @@ def assert_no_intermediate(store: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("source", "chunks", "mode"),
+    ("source", "chunks", "mode", "reserve"),
     [
-        pytest.param("maps", TIME_SERIES, "series", id="maps-to-time-series-series"),
-        pytest.param("series", MAPS, "series", id="time-series-to-maps-series"),
-        pytest.param("maps", TIME_SERIES, "dask_distributed", id="maps-to-time-series-dask"),
+        pytest.param("maps", TIME_SERIES, "series", "290MB", id="maps-to-time-series-series"),
+        pytest.param("series", MAPS, "series", "296MB", id="time-series-to-maps-series"),
+        pytest.param(
+            "maps", TIME_SERIES, "dask_distributed", "290MB", id="maps-to-time-series-dask"
+        ),
     ],
 )
 def test_staged_round_trip(
-    request: pytest.FixtureRequest, tmp_path: Path, source: str, chunks: dict[str, int], mode: str
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    source: str,
+    chunks: dict[str, int],
+    mode: str,
+    reserve: str,
 ) -> None:
     files = request.getfixturevalue(source)
-    extra = {"simultaneous_worker_limit": 2} if mode != "series" else {}
+    extra: dict[str, Any] = {"memory_reserve": reserve}
     if mode != "series":
         # Beside each dask worker process the budget loses its 250 MB allowance.
-        extra["memory_limit"] = "550MB"
+        extra.update(memory_limit="550MB", simultaneous_worker_limit=2)
     req = build_request(**fields(files, tmp_path / "c.zarr", chunks, deploy_mode=mode, **extra))
     _, plan = make_plan(req)
     assert plan.strategy == "staged", plan.strategy_reason

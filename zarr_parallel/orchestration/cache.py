@@ -46,6 +46,7 @@ from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.request_file import load_request_file
 from zarr_parallel.run.policy import enforced
 from zarr_parallel.run.recommend import Recommendation
+from zarr_parallel.run.stages import strategy_lines
 from zarr_parallel.run.steps import (
     Prepared,
     prepare,
@@ -186,13 +187,14 @@ def _publish_plan(prepared: Prepared) -> None:
             "jobs": len(plan.jobs),
             "jobs to run": len(prepared.todo),
             "read amplification": f"{plan.read_amplification:.2f}",
-            "largest job estimate": format_bytes(plan.max_job_memory),
+            "largest job estimate": format_bytes(plan.peak_job_memory),
             "memory budget per job": format_bytes(plan.memory_budget),
             "source bytes read": format_bytes(plan.read_bytes),
             "bytes written": format_bytes(plan.write_bytes),
             "fingerprint": plan.fingerprint[:12],
             "cache": str(prepared.paths.final),
             "notes": "; ".join(plan.notes) or "-",
+            **dict(strategy_lines(plan)),
         }.items()
     ]
     create_table_artifact(rows, key=artifact_key("zp-plan", prepared), description="Cache plan")
@@ -310,9 +312,11 @@ def _print_plan(prepared: Prepared) -> None:
     print(f"jobs:                {len(plan.jobs)} ({len(prepared.todo)} to run)")
     print(f"read amplification:  {plan.read_amplification:.2f}")
     print(
-        f"largest job:         {format_bytes(plan.max_job_memory)} of "
+        f"largest job:         {format_bytes(plan.peak_job_memory)} of "
         f"{format_bytes(plan.memory_budget)} budget"
     )
+    for key, text in strategy_lines(plan):
+        print(f"{key + ':':<21}{text}")
     workers, why = worker_note(prepared.request)
     print(f"workers:             up to {workers} at once ({prepared.request.deploy_mode})")
     for note in [*plan.notes, *([why] if why else [])]:

@@ -28,6 +28,7 @@ from zarr_parallel.store.intermediate import (
 from zarr_parallel.store.manifest import plan_record, recorded_jobs
 from zarr_parallel.store.paths import CachePaths
 from zarr_parallel.store.publish import clean_temporary
+from zarr_parallel.units import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -104,3 +105,24 @@ def initialise_stages(
                 f"published and {paths.final} is unchanged. Fix the cause (space, permissions, "
                 "temp_store) and run again"
             ) from e
+
+
+def strategy_lines(plan: Plan) -> list[tuple[str, str]]:
+    """The plan's strategy in words, per stage for a staged plan (CLI ``plan``, the artifact)."""
+    lines = [("strategy", f"{plan.strategy}: {plan.strategy_reason or '-'}")]
+    if not plan.stages:
+        return lines
+    rows = plan.stage_rows()
+    for row in rows:
+        chunks = row["intermediate_chunks"]
+        shapes = sorted({tuple(c) for c in chunks.values()}) if chunks else []
+        shown = f", intermediate chunks {', '.join(map(str, shapes))}" if shapes else ""
+        lines.append(
+            (
+                f"stage {row['stage']}/{len(rows)}",
+                f"{row['jobs']} jobs, reads {format_bytes(row['read_bytes'])}, writes "
+                f"{format_bytes(row['write_bytes'])}{shown}",
+            )
+        )
+    lines.append(("intermediate bytes", format_bytes(plan.intermediate_bytes)))
+    return lines

@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from zarr_parallel.errors import RunFailed
+from zarr_parallel.errors import RequestError
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.sources.target import Target
 from zarr_parallel.store.manifest import version_owner
@@ -104,18 +104,30 @@ def check_temp_store(temp_store: str, sources: Sequence[str]) -> None:
 
     Raises
     ------
-    RunFailed
+    RequestError
         Not a writable folder, or inside a source path.
     """
     path = Path(temp_store).resolve()
     for src in sources:
+        if "://" in src:
+            continue
         s = Path(src).resolve()
         if path == s or s in path.parents:
-            raise RunFailed(f"temp_store {temp_store} lies inside the source {src}")
+            raise RequestError(
+                "temp_store",
+                temp_store,
+                f"lies inside the source {src}; the run never writes into its sources",
+                "Name a folder outside the source, on a file system every worker can see",
+            )
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".zarr-parallel-probe"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise RunFailed(f"temp_store {temp_store} cannot be written ({e})") from e
+        raise RequestError(
+            "temp_store",
+            temp_store,
+            f"cannot be written ({e})",
+            "Name a writable folder every worker can see, or leave temp_store unset",
+        ) from e
