@@ -23,6 +23,7 @@ from zarr_parallel.errors import PlanError
 from zarr_parallel.planning.fingerprint import canonical_json, fingerprint
 from zarr_parallel.planning.grid import AxisMap, IntArray, unit_boundaries
 from zarr_parallel.planning.inputs import ArrayInput, Limits
+from zarr_parallel.planning.memory import job_memory
 from zarr_parallel.planning.plan import Plan, Stage, content_fingerprint, plan_jobs
 
 #: Largest intermediate chunk sought (bytes): beyond this larger chunks save no file-system
@@ -119,21 +120,22 @@ def choose_intermediate(members: Sequence[ArrayInput], limits: Limits) -> tuple[
     best: tuple[tuple[int, int], tuple[int, ...]] | None = None
     itemsize = max(a.itemsize for a in members)
     for combo in itertools.product(*options):
+        chunks = tuple(o.length for o in combo)
         lengths1 = [o.unit1 for o in combo]
         lengths2 = [o.unit2 for o in combo]
         touched = math.prod(o.touched1 for o in combo)
-        mem1 = max(int(a.memory(touched, lengths1)) for a in members)
+        # Stage 1 writes the intermediate grid: the fast path's slabs and encoders follow it.
+        mem1 = max(int(replace(a, write_chunks=chunks).memory(touched, lengths1)) for a in members)
         if mem1 > limits.memory_budget:
             continue
-        _, second = stage_inputs(members[:1], [o.length for o in combo])
         region2 = math.prod(lengths2)
-        mem2 = max(int(replace(second[0], itemsize=itemsize).memory(region2, lengths2)), 0)
+        mem2 = int(job_memory(region2, region2, itemsize, itemsize))
         if mem2 > limits.memory_budget:
             continue
-        size = min(math.prod(o.length for o in combo) * itemsize, INTERMEDIATE_CHUNK_CAP)
+        size = min(math.prod(chunks) * itemsize, INTERMEDIATE_CHUNK_CAP)
         key = (-size, math.prod(lengths1) + region2)
         if best is None or key < best[0]:
-            best = (key, tuple(o.length for o in combo))
+            best = (key, chunks)
     return best[1] if best is not None else None
 
 
@@ -167,6 +169,10 @@ def plan_staged(
         stage1 = plan_jobs(first, limits, fingerprint(request_digest, "stage-1"))
         stage2 = plan_jobs(second, limits, fingerprint(request_digest, "stage-2"))
     except PlanError:
+        return None
+    if max(stage1.read_amplification, stage2.read_amplification) > 1.0 + 1e-9:
+        # The unit bounds allowed it, the full cost model did not (e.g. the time budget):
+        # a stage would re-read, which is not what an intermediate store is for.
         return None
     digest = fingerprint(stage1.fingerprint, stage2.fingerprint, canonical_json(chunks))
     rows = sorted((name, list(c)) for name, c in chunks.items())
