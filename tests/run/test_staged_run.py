@@ -162,3 +162,22 @@ def test_kill_in_a_stage_then_resume(maps: list[Path], tmp_path: Path, stage: in
     assert_equal_to_source(store, maps)
     assert_no_intermediate(store)
     assert before and all(pid != 0 for pid in before.values())
+
+
+def test_staged_run_in_temp_store_with_statistics(maps: list[Path], tmp_path: Path) -> None:
+    """The intermediate goes under temp_store (only its own subfolder is removed), and the
+    statistics a staged run reports are those of the values."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "keep.txt").write_text("not ours")
+    store = tmp_path / "c.zarr"
+    f = fields(maps, store, TIME_SERIES, temp_store=str(scratch), generate_stats=True)
+    result = run_request(build_request(**f))
+    assert result.summary["strategy"] == "staged"
+    assert sorted(p.name for p in scratch.iterdir()) == ["keep.txt"]
+    assert_equal_to_source(store, maps)
+    got = xr.open_zarr(store).load()
+    stats = result.summary["stats"]["t2m"]
+    assert stats["count"] == got["t2m"].size
+    assert stats["min"] == pytest.approx(float(got["t2m"].min()))
+    assert stats["max"] == pytest.approx(float(got["t2m"].max()))
