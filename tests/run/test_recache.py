@@ -427,3 +427,16 @@ def test_tiled_cache_appends_like_a_fresh_one(era5_all: list[Path], tmp_path: Pa
         a, b = _chunk_files(ours, name), _chunk_files(theirs, name)
         assert a.keys() == b.keys()
         assert all(a[k].read_bytes() == b[k].read_bytes() for k in a)
+
+
+def test_time_series_cache_grown_is_a_full_run_that_says_so(
+    era5_all: list[Path], tmp_path: Path
+) -> None:
+    """One chunk spans every cached step: an append would rewrite every chunk (design §3.4)."""
+    src = _source(tmp_path / "src", era5_all[:3])
+    cache = tmp_path / "era5.zarr"
+    recache_flow(_request(src, cache, chunks={"time": -1}))
+    _source(src, era5_all[3:])
+    decision, prepared = decide(_request(src, cache, chunks={"time": -1}))
+    assert decision.action == "full" and prepared is None
+    assert "an append would rewrite every chunk" in decision.reason

@@ -28,7 +28,6 @@ from zarr_parallel.orchestration.control import (
 )
 from zarr_parallel.orchestration.halt import awaiting_decision, publish_recommendations
 from zarr_parallel.orchestration.plan_report import publish_plan_picture
-from zarr_parallel.orchestration.progress import watch_jobs
 from zarr_parallel.orchestration.runners import (
     current_api_url,
     make_task_runner,
@@ -36,11 +35,12 @@ from zarr_parallel.orchestration.runners import (
     worker_sizing,
 )
 from zarr_parallel.orchestration.tasks import artifact_key, finish_task, initialise_task, plan_task
-from zarr_parallel.orchestration.write_flow import group_jobs, write_flow
+from zarr_parallel.orchestration.write_flow import group_jobs, write_stages
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.phases import enter_phase
 from zarr_parallel.run.policy import enforced
 from zarr_parallel.run.recommend import Recommendation, recommendations_markdown
+from zarr_parallel.run.stages import strategy_lines
 from zarr_parallel.run.steps import Prepared, run_lock
 from zarr_parallel.store.paths import resolve_paths
 from zarr_parallel.units import format_bytes
@@ -144,7 +144,7 @@ def run_cache_steps(
         enter_phase("teardown")
         return summary
     req = prepared.request
-    sizing = worker_sizing(req, prepared.plan.max_job_memory, len(prepared.todo))
+    sizing = worker_sizing(req, prepared.plan.peak_job_memory, len(prepared.todo))
     enter_phase("initialise")
     api_url = current_api_url()
     # The cluster starts (worker processes import the stack) while the store is initialised.
@@ -163,13 +163,9 @@ def run_cache_steps(
             format_bytes(sizing.memory),
             cluster.ready_seconds,
         )
-        enter_phase("data")
         with worker_settings(api_url), without_flow_heartbeat():
             runner = make_task_runner(cluster.mode, cluster.address)
-            with watch_jobs(prepared.version, prepared.todo):
-                results = write_flow.with_options(task_runner=runner)(
-                    prepared.request_json, str(prepared.version), groups, cluster.address
-                )
+            results = write_stages(prepared, runner, cluster.address)
         enter_phase("finish")
         summary = finish_task(prepared, results, started)
         enter_phase("teardown")  # closing the cluster is teardown
@@ -194,13 +190,14 @@ def _publish_plan(prepared: Prepared) -> None:
             "jobs": len(plan.jobs),
             "jobs to run": len(prepared.todo),
             "read amplification": f"{plan.read_amplification:.2f}",
-            "largest job estimate": format_bytes(plan.max_job_memory),
+            "largest job estimate": format_bytes(plan.peak_job_memory),
             "memory budget per job": format_bytes(plan.memory_budget),
             "source bytes read": format_bytes(plan.read_bytes),
             "bytes written": format_bytes(plan.write_bytes),
             "fingerprint": plan.fingerprint[:12],
             "cache": str(prepared.paths.final),
             "notes": "; ".join(plan.notes) or "-",
+            **dict(strategy_lines(plan)),
         }.items()
     ]
     create_table_artifact(rows, key=artifact_key("zp-plan", prepared), description="Cache plan")

@@ -37,6 +37,7 @@ from prefect.states import Crashed
 
 from zarr_parallel.errors import RunFailed, SourceChanged
 from zarr_parallel.orchestration.cluster import ClusterHandle, active_cluster
+from zarr_parallel.orchestration.progress import watch_jobs
 from zarr_parallel.orchestration.tasks import (
     artifact_key,
     attempts_made,
@@ -47,6 +48,9 @@ from zarr_parallel.orchestration.tasks import (
 )
 from zarr_parallel.planning.jobs import read_jobs
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.run.phases import enter_phase
+from zarr_parallel.run.stages import stage_request, stage_todo
+from zarr_parallel.run.steps import Prepared
 from zarr_parallel.store.manifest import plan_record, recorded_jobs
 
 #: Most write task runs per flow run: submitting a task costs ~0.1 s on a DaskTaskRunner.
@@ -251,6 +255,44 @@ def write_flow(
     update_progress_artifact(progress, 100.0 * len(results) / max(1, tasks.total))
     if failures:
         _raise_failed(failures, len(results), tasks.total, tasks.errors)
+    return results
+
+
+def write_stages(
+    prepared: Prepared, runner: Any, cluster_address: str | None
+) -> list[dict[str, Any]]:
+    """Run every stage's write jobs in order, then the version's; the version's job results.
+
+    A one-stage plan runs :func:`write_flow` once. A staged plan first writes each intermediate
+    store (jobs not yet recorded there), each stage a write flow of its own on the same
+    workers, resumable job by job through its own manifest (docs/design.md §3.4).
+    """
+    logger = get_run_logger()
+    plan = prepared.plan
+    total = len(plan.stages) + 1
+    for n, stage in enumerate(plan.stages, start=1):
+        todo = stage_todo(plan, prepared.intermediates, n)
+        enter_phase("data", stage=(n, total))
+        logger.info(
+            "data (stage %d/%d): %d of %d jobs to run", n, total, len(todo), len(stage.plan.jobs)
+        )
+        if todo:
+            with watch_jobs(Path(prepared.intermediates[n - 1]), todo):
+                write_flow.with_options(task_runner=runner, name=f"zarr-parallel-write-stage-{n}")(
+                    stage_request(prepared.request, stage).model_dump_json(),
+                    prepared.intermediates[n - 1],
+                    group_jobs(todo),
+                    cluster_address,
+                )
+    if plan.stages:
+        enter_phase("data", stage=(total, total))
+        logger.info("data (stage %d/%d): %d jobs to run", total, total, len(prepared.todo))
+    else:
+        enter_phase("data")
+    with watch_jobs(prepared.version, prepared.todo):
+        results: list[dict[str, Any]] = write_flow.with_options(task_runner=runner)(
+            prepared.request_json, str(prepared.version), group_jobs(prepared.todo), cluster_address
+        )
     return results
 
 

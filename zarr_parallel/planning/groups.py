@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -121,6 +121,15 @@ class Group:
     units: list[IntArray]
     split: list[str]
     notes: list[str]
+    #: Seconds the smallest units already take when no cut brings them within the time budget:
+    #: jobs may take that plus the budget (a job reads what one unit must, and the usual rest).
+    time_floor: float | None = None
+
+    def limits(self, limits: Limits) -> Limits:
+        """The budgets this group's jobs are grown to (the time budget raised by the floor)."""
+        if self.time_floor is None or limits.time_budget is None:
+            return limits
+        return replace(limits, time_budget=limits.time_budget + self.time_floor)
 
     @property
     def capacity(self) -> int:
@@ -154,48 +163,42 @@ class Group:
             )
             _check_unit_fits(members, memory, limits)
             return cls(members, cost, [], [], [])
-        units = [unit_boundaries(ax, c) for ax, c in zip(lead.axes, lead.write_chunks, strict=True)]
-        split: list[str] = []
+        whole = [unit_boundaries(ax, c) for ax, c in zip(lead.axes, lead.write_chunks, strict=True)]
         notes: list[str] = []
-        # Units too large for the budget: cut them at write-grid boundaries, widest-over-write-
-        # grid first. Those source chunks are then read by several jobs (read amplification > 1).
-        if not cost.fits(units, limits):
-            order = sorted(
-                range(len(units)),
-                key=lambda d: -int(np.diff(units[d]).max()) / lead.write_chunks[d],
-            )
-            for d in order:
-                # Coarse cuts first (a tiled axis cuts whole tile rows before single tiles).
-                for fine in lead.axes[d].split_levels(lead.write_chunks[d]):
-                    fine = np.union1d(fine, units[d]).astype(np.int64)
-                    if len(fine) == len(units[d]):
-                        continue
-                    units[d] = fine
-                    if lead.axes[d].dim not in split:
-                        split.append(lead.axes[d].dim)
-                    if cost.fits(units, limits):
-                        break
-                if cost.fits(units, limits):
-                    break
-            if split:
-                notes.append(
-                    f"{','.join(names)}: units along {split} exceed the memory budget; split at "
-                    "target chunk boundaries, so some source chunks are read by more than one job"
-                )
+        units, split = _cut_units(lead, cost, whole, limits)
+        time_floor = None
         if not cost.fits(units, limits):
             memory, _ = cost.bound(units)
             _check_unit_fits(members, memory, limits)
+            # Cutting did not bring units within the time budget: their source chunks span the
+            # whole cut (maps read for time series), so every piece still reads all of them. Cut
+            # for memory alone, and let jobs grow while none reads more than such a unit does:
+            # jobs then gather the units that read the same chunks (streaming, docs/design.md §5).
+            units, split = _cut_units(lead, cost, whole, replace(limits, time_budget=None))
+            time_floor = cost.bound(units)[1]
             notes.append(
                 f"{','.join(names)}: one write chunk is estimated to take longer than the time "
                 "budget (half of worker_timeout); raise worker_timeout or choose smaller chunks"
             )
-        return cls(members, cost, units, split, notes)
+        if split:
+            notes.insert(
+                0,
+                f"{','.join(names)}: units along {split} exceed the memory budget; split at "
+                "target chunk boundaries, so some source chunks are read by more than one job",
+            )
+        return cls(members, cost, units, split, notes, time_floor)
 
     def plan(
         self, limits: Limits, min_jobs: int, first_id: int
     ) -> tuple[GroupPlan, list[Job], int, int, list[str]]:
-        """Grow jobs to the budgets, then split them until there are ``min_jobs``."""
+        """Grow jobs to the budgets, then split them until there are ``min_jobs``.
+
+        Jobs grow first along the dimensions whose units re-read source chunks most (a job
+        holding several units that cut one source chunk reads it once), then innermost first:
+        contiguous slabs, few large writes. Splits for ``min_jobs`` go the other way.
+        """
         members, cost, units = self.members, self.cost, self.units
+        limits = self.limits(limits)
         lead = members[0]
         names = tuple(a.name for a in members)
         if not units:
@@ -209,8 +212,9 @@ class Group:
         ndim = len(units)
         n_units = [len(u) - 1 for u in units]
         per_job = [1] * ndim
-        # Grow jobs innermost dimension first: contiguous slabs, few large writes.
-        for d in reversed(range(ndim)):
+        rereads = [_rereads(cost, d, u) for d, u in enumerate(units)]
+        grow = sorted(range(ndim), key=lambda d: (-rereads[d], -d))
+        for d in grow:
 
             def ok(m: int, d: int = d) -> bool:
                 trial = list(per_job)
@@ -225,8 +229,9 @@ class Group:
         def fits(pj: Sequence[int]) -> bool:
             return cost.fits([_pack(u, k) for u, k in zip(units, pj, strict=True)], limits)
 
-        # Honour the minimum number of jobs by splitting the outermost dimensions first.
-        for d in range(ndim):
+        # Honour the minimum number of jobs by splitting the outermost dimensions first (those
+        # that re-read nothing before those that do).
+        for d in reversed(grow):
             if count(per_job) >= min_jobs:
                 break
 
@@ -248,7 +253,10 @@ class Group:
         if fits(evened):
             per_job = evened
         bounds = [_pack(u, k) for u, k in zip(units, per_job, strict=True)]
-        bounds = _balanced(bounds, units, limits.workers, lambda b: cost.fits(b, limits))
+        # Tail balance only along dimensions whose cuts re-read nothing (outermost first): an
+        # idle worker for the last job costs less than reading source chunks again.
+        free = [d for d in reversed(grow) if rereads[d] <= 1.0]
+        bounds = _balanced(bounds, units, limits.workers, lambda b: cost.fits(b, limits), free)
         jobs, read, need = _make_jobs(members, cost, bounds, first_id)
         gplan = GroupPlan(names, lead.dims, tuple(n_units), tuple(per_job), tuple(self.split))
         return gplan, jobs, read, need, list(self.notes)
@@ -281,7 +289,11 @@ def balanced_parts(jobs_along: Sequence[int], d: int, workers: int) -> int:
 
 
 def _balanced(
-    bounds: list[IntArray], units: list[IntArray], workers: int, fits: Any
+    bounds: list[IntArray],
+    units: list[IntArray],
+    workers: int,
+    fits: Any,
+    order: Sequence[int] | None = None,
 ) -> list[IntArray]:
     """The split with its job count raised to a multiple of ``workers`` where whole units allow
     (outermost dimension first), so that all workers run until the end: 11 equal jobs on 2
@@ -290,7 +302,7 @@ def _balanced(
     jobs_along = [len(b) - 1 for b in bounds]
     if workers <= 1 or math.prod(jobs_along) % workers == 0:
         return bounds
-    for d in range(len(bounds)):
+    for d in range(len(bounds)) if order is None else order:
         parts = balanced_parts(jobs_along, d, workers)
         if parts > len(units[d]) - 1:
             continue
@@ -299,6 +311,47 @@ def _balanced(
         if fits(trial):
             return trial
     return bounds
+
+
+def _rereads(cost: _GroupCost, d: int, units: IntArray) -> float:
+    """How many times units along dimension ``d`` read its source chunks (1.0: once).
+
+    >>> from zarr_parallel.planning.grid import AxisMap
+    >>> arr = ArrayInput("v", (AxisMap.uniform("x", 40, 40),), (10,), 4, 4)
+    >>> _rereads(_GroupCost([arr]), 0, np.array([0, 10, 20, 30, 40]))
+    4.0
+    """
+    touched, lengths = cost.segment_stats(d, units)
+    return float(touched.sum()) / max(1, int(lengths.sum()))
+
+
+def _cut_units(
+    lead: ArrayInput, cost: _GroupCost, whole: list[IntArray], limits: Limits
+) -> tuple[list[IntArray], list[str]]:
+    """Units cut at write-grid boundaries until they fit ``limits`` (or cannot be cut further).
+
+    Widest-over-write-grid dimension first; there the source chunks are read by several jobs
+    (read amplification > 1).
+    """
+    units = list(whole)
+    split: list[str] = []
+    if cost.fits(units, limits):
+        return units, split
+    order = sorted(
+        range(len(units)), key=lambda d: -int(np.diff(units[d]).max()) / lead.write_chunks[d]
+    )
+    for d in order:
+        # Coarse cuts first (a tiled axis cuts whole tile rows before single tiles).
+        for fine in lead.axes[d].split_levels(lead.write_chunks[d]):
+            fine = np.union1d(fine, units[d]).astype(np.int64)
+            if len(fine) == len(units[d]):
+                continue
+            units[d] = fine
+            if lead.axes[d].dim not in split:
+                split.append(lead.axes[d].dim)
+            if cost.fits(units, limits):
+                return units, split
+    return units, split
 
 
 def _check_unit_fits(members: Sequence[ArrayInput], memory: int, limits: Limits) -> None:

@@ -30,8 +30,32 @@ from zarr_parallel.planning.jobs import Job
 
 
 @dataclass(frozen=True)
+class Stage:
+    """An earlier stage of a staged plan: its plan, writing an intermediate store with
+    ``chunks`` (``(variable, chunk lengths)`` rows) in the target's index space."""
+
+    plan: Plan
+    chunks: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The stage as stored in the manifest (its jobs included)."""
+        return {**self.plan.to_json(), "chunks": {n: list(c) for n, c in self.chunks}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Stage:
+        """The stage :meth:`to_json` stored."""
+        chunks = tuple((str(n), tuple(int(x) for x in c)) for n, c in data["chunks"].items())
+        return cls(Plan.from_json(data), chunks)
+
+
+@dataclass(frozen=True)
 class Plan:
-    """A complete plan: jobs tiling the target, with memory and read-cost figures."""
+    """A complete plan: jobs tiling the target, with memory and read-cost figures.
+
+    A *staged* plan (``strategy == "staged"``) writes through intermediate stores: ``stages``
+    holds the earlier stages and ``jobs`` are the last stage's, which read the intermediate.
+    Its ``read_bytes`` are still the source's (read amplification means source re-reads).
+    """
 
     jobs: tuple[Job, ...]
     groups: tuple[GroupPlan, ...]
@@ -44,6 +68,39 @@ class Plan:
     #: What the cache holds (request content, source state, arrays), whatever the job split:
     #: equal for runs of one request in any deploy mode, worker count or memory limit.
     content_fingerprint: str = ""
+    #: "direct" (every source chunk read once), "streaming" (jobs hold their region and stream
+    #: the source chunks through it, re-reading some) or "staged" (through intermediates).
+    strategy: str = "direct"
+    strategy_reason: str = ""
+    stages: tuple[Stage, ...] = ()
+
+    @property
+    def intermediate_bytes(self) -> int:
+        """Bytes the earlier stages write to intermediate stores (0 for a one-stage plan)."""
+        return sum(s.plan.write_bytes for s in self.stages)
+
+    def stage_rows(self) -> list[dict[str, Any]]:
+        """Per stage: jobs, bytes read and written, the intermediate chunks it writes."""
+        rows = [
+            {
+                "stage": i + 1,
+                "jobs": len(s.plan.jobs),
+                "read_bytes": s.plan.read_bytes,
+                "write_bytes": s.plan.write_bytes,
+                "intermediate_chunks": {n: list(c) for n, c in s.chunks},
+            }
+            for i, s in enumerate(self.stages)
+        ]
+        rows.append(
+            {
+                "stage": len(self.stages) + 1,
+                "jobs": len(self.jobs),
+                "read_bytes": sum(j.read_bytes for j in self.jobs),
+                "write_bytes": self.write_bytes,
+                "intermediate_chunks": None,
+            }
+        )
+        return rows
 
     @property
     def read_amplification(self) -> float:
@@ -54,6 +111,11 @@ class Plan:
     def max_job_memory(self) -> int:
         """Largest job estimate in bytes."""
         return max((j.memory for j in self.jobs), default=0)
+
+    @property
+    def peak_job_memory(self) -> int:
+        """Largest job estimate over every stage (what a worker must hold)."""
+        return max([self.max_job_memory, *(s.plan.max_job_memory for s in self.stages)])
 
     def job(self, job_id: int) -> Job:
         """The job with this id."""
@@ -72,6 +134,10 @@ class Plan:
             "fingerprint": self.fingerprint,
             "content_fingerprint": self.content_fingerprint,
             "notes": list(self.notes),
+            "strategy": self.strategy,
+            "strategy_reason": self.strategy_reason,
+            "stages": self.stage_rows(),
+            "intermediate_bytes": self.intermediate_bytes,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -89,6 +155,7 @@ class Plan:
                 for g in self.groups
             ],
             "job_list": [j.to_row() for j in self.jobs],
+            "stage_plans": [s.to_json() for s in self.stages],
         }
 
     @classmethod
@@ -115,6 +182,9 @@ class Plan:
             fingerprint=str(data["fingerprint"]),
             notes=tuple(data.get("notes", ())),
             content_fingerprint=str(data.get("content_fingerprint", "")),
+            strategy=str(data.get("strategy", "direct")),
+            strategy_reason=str(data.get("strategy_reason", "")),
+            stages=tuple(Stage.from_json(s) for s in data.get("stage_plans") or ()),
         )
 
 
@@ -170,9 +240,7 @@ def plan_jobs(arrays: Sequence[ArrayInput], limits: Limits, request_digest: str 
             f"num_jobs={limits.min_jobs} asked, but whole aligned units allow only {len(jobs)} "
             "jobs; cutting units further would make jobs re-read source chunks"
         )
-    arrays_json = canonical_json(
-        [[a.name, a.signature(), a.itemsize, a.read_itemsize] for a in arrays]
-    )
+    arrays_json = _arrays_json(arrays)
     digest = fingerprint(
         request_digest, arrays_json, canonical_json([[j.variables, j.region] for j in jobs])
     )
@@ -185,8 +253,18 @@ def plan_jobs(arrays: Sequence[ArrayInput], limits: Limits, request_digest: str 
         write_bytes=written,
         fingerprint=digest,
         notes=tuple(notes),
-        content_fingerprint=fingerprint(request_digest, arrays_json),
+        content_fingerprint=content_fingerprint(arrays, request_digest),
     )
+
+
+def _arrays_json(arrays: Sequence[ArrayInput]) -> str:
+    ordered = sorted(arrays, key=lambda a: a.name)
+    return canonical_json([[a.name, a.signature(), a.itemsize, a.read_itemsize] for a in ordered])
+
+
+def content_fingerprint(arrays: Sequence[ArrayInput], request_digest: str) -> str:
+    """What a cache of ``arrays`` holds, whatever the plan (:attr:`Plan.content_fingerprint`)."""
+    return fingerprint(request_digest, _arrays_json(arrays))
 
 
 def _group_bytes(members: Sequence[ArrayInput]) -> int:

@@ -150,6 +150,11 @@ class CacheRequest(BaseModel):
         None, description="Cache name under cache_dir; default: source stem"
     )
     cache_label: str = Field("", description="Suffix of the cache name, e.g. '_v1'")
+    temp_store: str | None = Field(
+        None,
+        description="Folder every worker can see for a staged plan's intermediate store; "
+        "default: beside the cache's versions",
+    )
     add_attrs: dict[str, Any] = Field(default_factory=dict, description="Extra global attributes")
     zarr_format: Literal[2, 3] = Field(3, description="Zarr format of the cache")
     compression: str = Field(

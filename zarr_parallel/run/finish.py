@@ -20,6 +20,7 @@ from zarr_parallel.run.job import merge_stats
 from zarr_parallel.run.steps import Prepared
 from zarr_parallel.run.verify import verify_cache
 from zarr_parallel.sources.identity import check_sources
+from zarr_parallel.store.intermediate import remove_intermediates
 from zarr_parallel.store.lock import held_token
 from zarr_parallel.store.manifest import (
     check_complete,
@@ -111,6 +112,9 @@ def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) ->
                 req.min_version_age_seconds,
                 fence,
             )
+            if prepared.intermediates:
+                # Published: the intermediate stores have served (docs/design.md §3.4).
+                remove_intermediates(prepared.paths, prepared.intermediates)
         except OSError as e:
             raise RunFailed(
                 f"every job finished but publishing {prepared.version} failed ({e}); "
@@ -135,6 +139,8 @@ def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) ->
         "fingerprint": plan.fingerprint,
         "applied_recommendation": prepared.applied.to_json() if prepared.applied else None,
         "notes": list(plan.notes),
+        "strategy": plan.strategy,
+        "stages": plan.stage_rows(),
     }
     if req.generate_stats:
         summary["stats"] = merge_stats(records)

@@ -34,6 +34,7 @@ from zarr_parallel.sources.references import referenced_urls
 from zarr_parallel.sources.remote import check_readable, fsspec_options_for, readable_file
 from zarr_parallel.sources.source import Source
 from zarr_parallel.sources.target import Target
+from zarr_parallel.store.intermediate import check_temp_store
 from zarr_parallel.store.paths import CachePaths
 from zarr_parallel.units import format_bytes, parse_memory
 
@@ -240,10 +241,12 @@ def check_space(
     plan: Plan,
     source: Source,
     share: float = 1.0,
+    extra: SpaceEstimate | None = None,
 ) -> SpaceEstimate:
     """Refuse (before any write) when the cache's filesystem cannot hold the new version.
 
-    ``share`` is the part of the plan still to write (less than 1 when resuming).
+    ``share`` is the part of the plan still to write (less than 1 when resuming); ``extra``
+    is what else the run writes there (a staged plan's intermediate store).
 
     Raises
     ------
@@ -252,6 +255,13 @@ def check_space(
     """
     free = free_space(paths.versions)
     needed = estimate_version(target, plan, req, compression_ratios(source, req), free.block, share)
+    if extra is not None:
+        needed = SpaceEstimate(
+            needed.bytes + extra.bytes,
+            needed.inodes + extra.inodes,
+            needed.data_bytes + extra.data_bytes,
+            needed.chunk_files + extra.chunk_files,
+        )
     reserve = (
         0
         if req.free_space_reserve in (0, "0")
@@ -322,4 +332,49 @@ def run_preflight(
         return
     total = sum(j.write_bytes for j in plan.jobs) or 1
     share = sum(plan.jobs[i].write_bytes for i in todo) / total
-    check_space(req, paths, target, plan, source, min(1.0, share))
+    extra = None
+    if plan.stages:
+        if req.temp_store:
+            check_temp_store(req.temp_store, source.layout.files)
+        inter = estimate_intermediate(plan, free_space(paths.versions).block)
+        if req.temp_store:
+            _check_temp_space(req.temp_store, inter)
+        else:
+            extra = inter
+    check_space(req, paths, target, plan, source, min(1.0, share), extra)
+
+
+def estimate_intermediate(plan: Plan, block: int) -> SpaceEstimate:
+    """Upper bound of a staged plan's intermediate stores: every chunk uncompressed (their codec
+    is zstd level 1) plus a block per chunk file for rounding, and the manifest's files."""
+    data = files = inodes = 0
+    for stage in plan.stages:
+        extent: dict[str, list[int]] = {}
+        for job in stage.plan.jobs:
+            for name in job.variables:
+                stops = [stop for _, _, stop in job.region]
+                old = extent.get(name, stops)
+                extent[name] = [max(a, b) for a, b in zip(old, stops, strict=True)]
+        n = sum(
+            math.prod(math.ceil(s / max(1, c)) for s, c in zip(extent[name], lengths, strict=True))
+            for name, lengths in stage.chunks
+            if name in extent
+        )
+        files += n
+        data += stage.plan.write_bytes + n * (block + 64)
+        inodes += n + 2 * len(stage.chunks) + 8 + len(stage.plan.jobs)
+    return SpaceEstimate(data + 8 * block, inodes, data, files)
+
+
+def _check_temp_space(temp_store: str, needed: SpaceEstimate) -> None:
+    free = free_space(Path(temp_store))
+    if needed.bytes > free.bytes or (free.inodes is not None and needed.inodes > free.inodes):
+        raise InsufficientSpace(
+            "temp_store",
+            temp_store,
+            f"the intermediate store needs at most {format_bytes(needed.bytes)} and "
+            f"{needed.inodes} inodes; {free.path} has {format_bytes(free.bytes)} free",
+            "Free space there, name another temp_store, or leave temp_store unset",
+            needed,
+            free,
+        )

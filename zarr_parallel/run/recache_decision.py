@@ -403,6 +403,14 @@ def _append_step(g: _Growth) -> int | str:
         shards_map = (g.target.shards or {}).get(str(vname))
         shards = tuple(shards_map[str(d)] for d in var.dims) if shards_map else None
         if tuple(arr.chunks) != chunks or (arr.shards and tuple(arr.shards)) != shards:
+            d = var.dims.index(g.dim)
+            if (arr.shards or arr.chunks)[d] == arr.shape[d] < (shards or chunks)[d]:
+                # A time-series cache (one chunk spans every cached step): it grows by
+                # rewriting every chunk, i.e. as a full run (docs/design.md §3.4).
+                return (
+                    f"the cache's chunks span every cached step along {g.dim!r} (a time "
+                    "series): an append would rewrite every chunk, so this is a full run"
+                )
             return (
                 f"the chunking of {vname!r} changed ({arr.shards or arr.chunks} cached, "
                 f"{shards or chunks} now)"
@@ -421,6 +429,16 @@ def _append(g: _Growth, name: str, base: str) -> Decision:
     old_n, new_n = int(g.cache.sizes[dim]), int(g.template.sizes[dim])
     start = (old_n // step) * step
     grew = f"grew by {new_n - old_n} along {dim!r} ({old_n} → {new_n})"
+    if start == 0:
+        # A time-series cache (one chunk spans every cached step): an append would rewrite
+        # every chunk, so it is planned as what it is, a full run (docs/design.md §3.4).
+        return Decision(
+            "full",
+            f"the source {grew}, but the cache's chunks span {step} steps along {dim!r}: an "
+            "append would rewrite every chunk, so this is a full run",
+            name,
+            base_version=base,
+        )
     if new_files:
         reason = f"{len(new_files)} new source file(s) ({file_names(new_files)}): the source {grew}"
     else:

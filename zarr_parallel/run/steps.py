@@ -24,13 +24,15 @@ from zarr_parallel.faults import fault_point
 from zarr_parallel.planning.fingerprint import fingerprint
 from zarr_parallel.planning.inputs import ArrayInput, Limits
 from zarr_parallel.planning.jobs import read_jobs
-from zarr_parallel.planning.plan import Plan, plan_jobs
+from zarr_parallel.planning.plan import Plan
 from zarr_parallel.planning.sizing import local_workers, worker_overhead
+from zarr_parallel.planning.strategy import choose_plan
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.secrets import redact
 from zarr_parallel.run.auto_mode import resolve_deploy_mode
 from zarr_parallel.run.preflight import run_preflight
 from zarr_parallel.run.recommend import Recommendation, recommend, recommendations_text
+from zarr_parallel.run.stages import initialise_stages
 from zarr_parallel.sources.fastread import mark_fast
 from zarr_parallel.sources.target import (
     Target,
@@ -41,6 +43,7 @@ from zarr_parallel.sources.target import (
 )
 from zarr_parallel.store.codecs import variable_compression
 from zarr_parallel.store.disk_names import LOCK_GUARD
+from zarr_parallel.store.intermediate import stage_path
 from zarr_parallel.store.lock import CacheLock, held_token
 from zarr_parallel.store.manifest import (
     is_complete,
@@ -138,7 +141,8 @@ def make_plan(req: CacheRequest) -> tuple[Target, Plan]:
     # The fingerprint covers the request, the source's state (files, sizes, modification times,
     # chunk layout) and the plan: a changed source is never resumed into or reported up to date.
     digest = fingerprint(req.digest(), target.layout.digest)
-    plan = plan_jobs(inputs, limits, digest)
+    # Tiled targets build their arrays lazily from tiles: no intermediate store for them.
+    plan = choose_plan(inputs, limits, digest, allow_staged=target.tiling is None)
     if target.layout.pending:
         # Steps left out until every variable has them (files holding different variables).
         plan = dataclasses.replace(plan, notes=(*plan.notes, *target.layout.pending))
@@ -160,6 +164,8 @@ class Prepared:
     layout: dict[str, Any] = field(default_factory=dict)
     #: Why ``deploy_mode="auto"`` chose the request's mode ("" when the request named it).
     mode_reason: str = ""
+    #: A staged plan's intermediate stores, one per earlier stage (store.intermediate).
+    intermediates: list[str] = field(default_factory=list)
 
     @property
     def request_json(self) -> str:
@@ -176,6 +182,7 @@ class Prepared:
             "layout": self.layout,
             # Whose version this is: only this cache path may ever replace or prune it.
             "cache_path": self.paths.canonical,
+            **({"intermediates": self.intermediates} if self.intermediates else {}),
         }
 
 
@@ -221,6 +228,11 @@ def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
         prepared.mode_reason = choice.reason
     version, status, todo, plan = _choose_version(req, paths, plan, prepared.plan_json())
     prepared.version, prepared.status, prepared.todo, prepared.plan = version, status, todo, plan
+    if plan.stages and status != "up_to_date":
+        prepared.intermediates = [
+            str(stage_path(paths, n, plan.fingerprint, req.temp_store))
+            for n in range(1, len(plan.stages) + 1)
+        ]
     if status != "up_to_date":
         run_preflight(req, paths, target, plan, source, todo)
     fault_point("planned")
@@ -420,12 +432,16 @@ def initialise(prepared: Prepared) -> None:
                 f"nothing was published and {paths.final} is unchanged. Fix the cause (space, "
                 "permissions) and run again"
             ) from e
+    initialise_stages(
+        paths, prepared.request, prepared.plan, prepared.intermediates, prepared.layout
+    )
     token = held_token(paths.lock)
     if token is not None and prepared.status != "up_to_date":
         # Every job checks, before it records, that the run writing this version still holds
         # the lock (a run whose lock was broken while it was paused must record nothing).
         try:
-            write_fence(prepared.version, paths.lock, token)
+            for folder in [prepared.version, *map(Path, prepared.intermediates)]:
+                write_fence(folder, paths.lock, token)
         except OSError as e:
             raise RunFailed(
                 f"could not write the lock fence of {prepared.version} ({e}); nothing was "

@@ -80,6 +80,7 @@ def _encoding(
     chunks: dict[str, int],
     shards: dict[str, int] | None,
     req: CacheRequest,
+    compressors: Any = None,
 ) -> dict[str, Any]:
     keep_packing = req.keep_packing
     enc = {k: v for k, v in var.encoding.items() if k not in _STORAGE_KEYS}
@@ -99,16 +100,23 @@ def _encoding(
     enc["chunks"] = tuple(chunks[str(d)] for d in var.dims)
     if shards:
         enc["shards"] = tuple(shards[str(d)] for d in var.dims)
+    if compressors is not None:
+        enc["compressors"] = compressors
     return enc
 
 
 def initialise_store(
-    target: Target, version: Path, req: CacheRequest, plan_json: dict[str, Any]
+    target: Target,
+    version: Path,
+    req: CacheRequest,
+    plan_json: dict[str, Any],
+    compressors: Any = None,
 ) -> None:
     """Write metadata, coordinates and attributes only; no data array is computed.
 
     ``plan.json`` is written last: a version without it was interrupted during initialisation
-    and is started again.
+    and is started again. ``compressors`` (Zarr v3 codecs) replace the default codec of the
+    data variables (an intermediate store's zstd level 1, :mod:`zarr_parallel.store.intermediate`).
     """
     paths = CachePaths(Path(str(plan_json["cache_path"]))) if "cache_path" in plan_json else None
     if version.exists():
@@ -134,7 +142,8 @@ def initialise_store(
         grid = tuple((shards or chunks)[str(d)] for d in var.dims)
         lazy = da.zeros(var.shape, chunks=grid or (), dtype=var.dtype)
         out[name] = xr.DataArray(lazy, dims=var.dims, attrs=var.attrs)
-        encoding[str(name)] = _encoding(var, chunks, shards, req)
+        codecs = compressors if req.zarr_format == 3 else None
+        encoding[str(name)] = _encoding(var, chunks, shards, req, codecs)
     codec = parse_compression(req.compression, "compression")
     for name, coord in template.coords.items():
         coord_enc = {k: v for k, v in coord.encoding.items() if k not in _STORAGE_KEYS}
@@ -262,6 +271,31 @@ def write_values(
     # The memory model counts FAST_WRITE_INFLIGHT chunks being encoded at once.
     with zarr.config.set({"async.concurrency": FAST_WRITE_INFLIGHT}):
         arr[tuple(ordered.values())] = values
+
+
+def write_values_raw(
+    version: Path,
+    name: str,
+    values: np.ndarray,
+    dims: Sequence[str],
+    region: Mapping[str, slice],
+) -> str:
+    """Write stored (already encoded) values of one variable's region as whole chunks.
+
+    For copies between stores initialised from one template (a staged plan's last stage): the
+    values go to zarr as they are, after the alignment check. Returns their CRC32 as hex.
+    """
+    arr = zarr.open_array(version, path=name, mode="r+")
+    ordered = {d: region[d] for d in dims}
+    _check_aligned(arr, name, ordered)
+    arr = arr.with_config({"write_empty_chunks": True})
+    checksum = f"{crc32(np.ascontiguousarray(values).data):08x}"
+    if arr.shards is None:
+        _write_chunkwise(arr, ordered, values, FAST_WRITE_INFLIGHT)
+    else:
+        with zarr.config.set({"async.concurrency": FAST_WRITE_INFLIGHT}):
+            arr[tuple(ordered.values())] = values
+    return checksum
 
 
 def _write_chunkwise(

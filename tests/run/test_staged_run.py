@@ -1,0 +1,183 @@
+"""Staged runs end to end (docs/design.md §3.4, "Strategies"): map → time series and back through
+an intermediate Zarr store, equal to the source (values and dtypes); resume after a kill in
+either stage; the intermediate gone after publish.
+
+Small real netCDF4 files; the memory limit is made tight with ``memory_reserve`` so that a direct
+plan would re-read the source many times and the planner chooses two stages. The xarray read
+path is used (``ZARR_PARALLEL_FAST_READ=0``): its memory model has no fixed thread allowance,
+so a few MB of data are enough to need staging.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+from core_support import cli_run
+from zarr_parallel.api import run_request
+from zarr_parallel.request.model import build_request
+from zarr_parallel.run.steps import make_plan
+from zarr_parallel.store.manifest import iter_job_records, plan_record
+from zarr_parallel.store.paths import CachePaths
+
+TIME_SERIES = {"time": 96, "latitude": 8, "longitude": 8}
+MAPS = {"time": 1, "latitude": 91, "longitude": 180}
+
+
+@pytest.fixture(autouse=True)
+def xarray_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if "fast" not in request.node.name:
+        monkeypatch.setenv("ZARR_PARALLEL_FAST_READ", "0")
+
+
+@pytest.fixture(scope="module")
+def maps(era5_factory: Any) -> list[Path]:
+    """Four days of hourly maps, one HDF5 chunk per step (the archive layout)."""
+    return era5_factory(n_files=4, steps_per_file=24, nlat=91, nlon=180, chunks=None)
+
+
+@pytest.fixture(scope="module")
+def big_maps(era5_factory: Any) -> list[Path]:
+    """Larger maps for the fast path, whose memory model counts reader and encoder threads."""
+    return era5_factory(n_files=4, steps_per_file=24, nlat=181, nlon=360, chunks=None)
+
+
+@pytest.fixture(scope="module")
+def series(era5_factory: Any) -> list[Path]:
+    """The same grid stored as time series: HDF5 chunks of a whole file's steps × 8 × 8."""
+    return era5_factory(n_files=4, steps_per_file=24, nlat=91, nlon=180, chunks=(24, 8, 8))
+
+
+def fields(files: list[Path], store: Path, chunks: dict[str, int], **extra: Any) -> dict[str, Any]:
+    return {
+        "data_uri": [str(p) for p in files],
+        "cache_store": str(store),
+        "chunks": chunks,
+        "deploy_mode": "series",
+        "memory_limit": "300MB",
+        "memory_reserve": "290MB",
+        "recommend_changes": "proceed",
+        "retries": 0,
+        **extra,
+    }
+
+
+def assert_equal_to_source(store: Path, files: list[Path]) -> None:
+    got = xr.open_zarr(store).load()
+    with xr.open_mfdataset(files) as src:
+        want = src.load()
+    for name in ("t2m", "d2m"):
+        assert got[name].dtype == want[name].dtype
+        np.testing.assert_array_equal(got[name].values, want[name].values)
+    np.testing.assert_array_equal(got["time"].values, want["time"].values)
+
+
+def assert_no_intermediate(store: Path) -> None:
+    versions = CachePaths(store).versions
+    assert not list(versions.glob(".stage-*")), "the intermediate must be removed after publish"
+
+
+@pytest.mark.parametrize(
+    ("source", "chunks", "mode", "reserve"),
+    [
+        pytest.param("maps", TIME_SERIES, "series", "290MB", id="maps-to-time-series-series"),
+        pytest.param("series", MAPS, "series", "296MB", id="time-series-to-maps-series"),
+        pytest.param(
+            "maps", TIME_SERIES, "dask_distributed", "290MB", id="maps-to-time-series-dask"
+        ),
+        pytest.param(
+            "big_maps", TIME_SERIES, "series", "280MB", id="maps-to-time-series-fast-series"
+        ),
+    ],
+)
+def test_staged_round_trip(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    source: str,
+    chunks: dict[str, int],
+    mode: str,
+    reserve: str,
+) -> None:
+    files = request.getfixturevalue(source)
+    extra: dict[str, Any] = {"memory_reserve": reserve}
+    if mode != "series":
+        # Beside each dask worker process the budget loses its 250 MB allowance.
+        extra.update(memory_limit="550MB", simultaneous_worker_limit=2)
+    req = build_request(**fields(files, tmp_path / "c.zarr", chunks, deploy_mode=mode, **extra))
+    _, plan = make_plan(req)
+    assert plan.strategy == "staged", plan.strategy_reason
+    assert plan.read_amplification == 1.0
+    result = run_request(req)
+    assert result.summary["strategy"] == "staged"
+    # Stage 1 went through the fast path where the request is fast-path material.
+    fast = [r for r in result.summary["job_results"] if r.get("fast_read")]
+    assert not fast  # the last stage copies from the intermediate (no source reads)
+    assert [s["stage"] for s in result.summary["stages"]] == [1, 2]
+    assert_equal_to_source(tmp_path / "c.zarr", files)
+    assert_no_intermediate(tmp_path / "c.zarr")
+    arr_chunks = xr.open_zarr(tmp_path / "c.zarr")["t2m"].encoding["chunks"]
+    shape = xr.open_zarr(tmp_path / "c.zarr")["t2m"].shape
+    assert arr_chunks == tuple(min(c, n) for c, n in zip(chunks.values(), shape, strict=True))
+
+
+def _killed(fields_: dict[str, Any], folder: Path, fault: str) -> None:
+    path = folder / "request.yaml"
+    path.write_text(yaml.safe_dump(fields_))
+    proc = cli_run(path, f"kill@{fault}")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"not killed at {fault}: {err[-2000:]}"
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_kill_in_a_stage_then_resume(maps: list[Path], tmp_path: Path, stage: int) -> None:
+    store = tmp_path / "c.zarr"
+    f = fields(maps, store, TIME_SERIES)
+    _, plan = make_plan(build_request(**f))
+    n1 = len(plan.stages[0].plan.jobs)
+    assert n1 >= 2 and len(plan.jobs) >= 2
+    # The second job of the stage records, then the process is killed.
+    _killed(f, tmp_path, f"job-recorded#{2 if stage == 1 else n1 + 2}")
+    paths = CachePaths(store)
+    assert not store.exists()
+    (inter,) = paths.versions.glob(".stage-1-*")
+    stage1_done = {r["id"] for r in iter_job_records(inter)}
+    (version,) = paths.all_versions()
+    stage2_done = {r["id"] for r in iter_job_records(version)}
+    if stage == 1:
+        assert len(stage1_done) == 2 and not stage2_done
+    else:
+        assert len(stage1_done) == n1 and len(stage2_done) == 2
+    before = {r["id"]: r["pid"] for r in iter_job_records(inter)}
+    result = run_request(build_request(**f))
+    assert result.summary["resumed"]
+    # Only what was not recorded ran again, in either stage.
+    assert result.summary["jobs_run"] == len(plan.jobs) - len(stage2_done)
+    assert plan_record(store.resolve())["fingerprint"] == plan.fingerprint
+    assert_equal_to_source(store, maps)
+    assert_no_intermediate(store)
+    assert before and all(pid != 0 for pid in before.values())
+
+
+def test_staged_run_in_temp_store_with_statistics(maps: list[Path], tmp_path: Path) -> None:
+    """The intermediate goes under temp_store (only its own subfolder is removed), and the
+    statistics a staged run reports are those of the values."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "keep.txt").write_text("not ours")
+    store = tmp_path / "c.zarr"
+    f = fields(maps, store, TIME_SERIES, temp_store=str(scratch), generate_stats=True)
+    result = run_request(build_request(**f))
+    assert result.summary["strategy"] == "staged"
+    assert sorted(p.name for p in scratch.iterdir()) == ["keep.txt"]
+    assert_equal_to_source(store, maps)
+    got = xr.open_zarr(store).load()
+    stats = result.summary["stats"]["t2m"]
+    assert stats["count"] == got["t2m"].size
+    assert stats["min"] == pytest.approx(float(got["t2m"].min()))
+    assert stats["max"] == pytest.approx(float(got["t2m"].max()))

@@ -1,0 +1,133 @@
+"""The intermediate stores of a staged plan (docs/design.md §3.4, "Strategies").
+
+Stage ``n`` of a staged plan writes ``P.versions/.stage-<n>-<fingerprint12>/`` (or, when the
+request names a ``temp_store``, ``<temp_store>/<P's name>.stage-<n>-<fingerprint12>/``): a Zarr
+store of the target's arrays with the intermediate chunks, zstd level 1, with its own manifest
+(plan, job records, owner), so a killed stage resumes job by job. A dot-folder, never counted as
+a version; kept for resume, removed once the target is published. Only folders whose manifest
+names this cache are ever removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from zarr_parallel.errors import RequestError
+from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.sources.target import Target
+from zarr_parallel.store.manifest import version_owner
+from zarr_parallel.store.paths import CachePaths
+from zarr_parallel.store.zarr_io import initialise_store, write_values_raw
+
+logger = logging.getLogger(__name__)
+
+#: The intermediate's codec: fast to write and read back; it lives only until publish.
+INTERMEDIATE_ZSTD_LEVEL = 1
+
+
+def stage_path(
+    paths: CachePaths, stage: int, fingerprint: str, temp_store: str | None = None
+) -> Path:
+    """Where stage ``stage`` of the plan with this fingerprint writes its intermediate.
+
+    >>> stage_path(CachePaths(Path("/c/era5.zarr")), 1, "abcdef0123456789").as_posix()
+    '/c/era5.zarr.versions/.stage-1-abcdef012345'
+    >>> stage_path(CachePaths(Path("/c/era5.zarr")), 1, "abcdef0123456789", "/s").as_posix()
+    '/s/era5.zarr.stage-1-abcdef012345'
+    """
+    name = f"stage-{stage}-{fingerprint[:12]}"
+    if temp_store:
+        return Path(temp_store) / f"{paths.final.name}.{name}"
+    return paths.versions / f".{name}"
+
+
+def initialise_intermediate(
+    target: Target, path: Path, req: CacheRequest, plan_json: dict[str, Any]
+) -> None:
+    """Create the intermediate store of a stage (metadata only), zstd level 1, no shards."""
+    codec = ZstdCodec(level=INTERMEDIATE_ZSTD_LEVEL)
+    initialise_store(target, path, req, plan_json, compressors=(codec,))
+
+
+def copy_region(
+    source: Path, version: Path, name: str, dims: Sequence[str], region: Mapping[str, slice]
+) -> int:
+    """Copy one variable's region from an intermediate store into a version, as stored.
+
+    Both stores were initialised from one template, so the stored (encoded) values are copied
+    unchanged: no decoding, no re-encoding. Returns the bytes copied.
+    """
+    src = zarr.open_array(source, path=name, mode="r")
+    box = tuple(region.get(d, slice(0, n)) for d, n in zip(dims, src.shape, strict=True))
+    values = np.asarray(src[box])
+    write_values_raw(version, name, values, dims, dict(zip(dims, box, strict=True)))
+    return int(values.nbytes)
+
+
+def remove_intermediates(paths: CachePaths, folders: Sequence[str]) -> int:
+    """Remove the intermediate stores this cache made (their manifest names it); the count."""
+    removed = 0
+    for folder in folders:
+        path = Path(folder)
+        if not path.is_dir():
+            continue
+        if version_owner(path) != paths.canonical:
+            logger.warning("not removing %s: its manifest does not name this cache", path)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def stale_intermediates(paths: CachePaths, keep: Sequence[str]) -> list[Path]:
+    """Intermediate folders beside the versions that this cache made and no longer needs."""
+    if not paths.versions.is_dir():
+        return []
+    kept = {str(Path(k)) for k in keep}
+    return [
+        p
+        for p in sorted(paths.versions.glob(".stage-*"))
+        if p.is_dir() and str(p) not in kept and version_owner(p) == paths.canonical
+    ]
+
+
+def check_temp_store(temp_store: str, sources: Sequence[str]) -> None:
+    """Refuse a ``temp_store`` that cannot be written or lies inside a source.
+
+    Raises
+    ------
+    RequestError
+        Not a writable folder, or inside a source path.
+    """
+    path = Path(temp_store).resolve()
+    for src in sources:
+        if "://" in src:
+            continue
+        s = Path(src).resolve()
+        if path == s or s in path.parents:
+            raise RequestError(
+                "temp_store",
+                temp_store,
+                f"lies inside the source {src}; the run never writes into its sources",
+                "Name a folder outside the source, on a file system every worker can see",
+            )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".zarr-parallel-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RequestError(
+            "temp_store",
+            temp_store,
+            f"cannot be written ({e})",
+            "Name a writable folder every worker can see, or leave temp_store unset",
+        ) from e
