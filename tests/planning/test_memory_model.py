@@ -61,6 +61,27 @@ def packed_grid(era5_factory: Any) -> list[Path]:
     return era5_factory(n_files=2, steps_per_file=48, nlat=181, nlon=360, packed=True)
 
 
+@pytest.fixture(scope="session")
+def whole_file_grid(era5_factory: Any) -> list[Path]:
+    """The grid in one HDF5 chunk per file (48 steps × 181 × 360): each element-wise step then
+    makes its temporaries a whole region at a time."""
+    return era5_factory(n_files=2, steps_per_file=48, nlat=181, nlon=360, chunks=(48, None, None))
+
+
+@pytest.fixture(scope="session")
+def one_chunk_grid(era5_factory: Any) -> list[Path]:
+    """One file of 96 steps in a single HDF5 chunk: a job's region is one source chunk."""
+    return era5_factory(n_files=1, steps_per_file=96, nlat=181, nlon=360, chunks=(96, None, None))
+
+
+@pytest.fixture(scope="session")
+def packed_whole_file_grid(era5_factory: Any) -> list[Path]:
+    """Packed int16 in one HDF5 chunk per file."""
+    return era5_factory(
+        n_files=2, steps_per_file=48, nlat=181, nlon=360, chunks=(48, None, None), packed=True
+    )
+
+
 CASES = {
     # Aligned: each job reads exactly its region.
     "aligned": ("archive_grid", {"chunks": {"time": 48}}),
@@ -90,6 +111,90 @@ CASES = {
             "variables": {"u10": [{"type": "encoding", "_FillValue": -9999.0}]}
             | {v: {} for v in ("t2m", "d2m", "v10")},
             "generate_stats": True,
+        },
+    ),
+}
+
+#: Element-wise chains (docs/design.md §5): each step makes a new array of the region's chunks
+#: (``where`` a boolean mask too). Rounding to 4 decimals keeps the noise's mantissas (the
+#: output barely compresses); to whole numbers in a narrow clip it compresses well.
+_WHERE = {"type": "where", "cond": {"op": ">", "value": 262.0}}
+_INCOMPRESSIBLE_CHAIN = [
+    _WHERE,
+    {"type": "fillna", "value": 0},
+    {"type": "clip", "min": 200.0, "max": 320.0},
+    {"type": "round", "decimals": 4},
+]
+_FLOAT32 = {"type": "astype", "dtype": "float32"}
+_COMPRESSIBLE_CHAIN = [
+    _WHERE,
+    {"type": "fillna", "value": 0},
+    {"type": "clip", "min": 285.0, "max": 290.0},
+    {"type": "round"},
+]
+CASES |= {
+    "elementwise-incompressible": (
+        "archive_grid",
+        {"chunks": {"time": 48}, "variables": {"t2m": _INCOMPRESSIBLE_CHAIN}},
+    ),
+    "elementwise-compressible": (
+        "archive_grid",
+        {"chunks": {"time": 48}, "variables": {"t2m": _COMPRESSIBLE_CHAIN}},
+    ),
+    # int16 on disk, decoded (to float64: the scale factor is a double) and cast to float32,
+    # then the chain (packing dropped: the values changed).
+    "elementwise-packed": (
+        "packed_grid",
+        {"chunks": {"time": 24}, "variables": {"t2m": [_FLOAT32, *_INCOMPRESSIBLE_CHAIN]}},
+    ),
+    "elementwise-packed-compressible": (
+        "packed_grid",
+        {"chunks": {"time": 24}, "variables": {"t2m": [_FLOAT32, *_COMPRESSIBLE_CHAIN]}},
+    ),
+    # One source chunk per job region: the chain's temporaries are whole regions.
+    "elementwise-whole-chunks": (
+        "whole_file_grid",
+        {"chunks": {"time": 48}, "variables": {"t2m": _INCOMPRESSIBLE_CHAIN}},
+    ),
+    "elementwise-whole-chunks-compressible": (
+        "whole_file_grid",
+        {"chunks": {"time": 48}, "variables": {"t2m": _COMPRESSIBLE_CHAIN}},
+    ),
+    "elementwise-one-chunk": (
+        "one_chunk_grid",
+        {"chunks": {"time": 48}, "variables": {"t2m": _INCOMPRESSIBLE_CHAIN}},
+    ),
+    # Two masks and their conjunction at once, and statistics of the result gathered.
+    "elementwise-one-chunk-two-conditions-stats": (
+        "one_chunk_grid",
+        {
+            "chunks": {"time": 48},
+            "variables": {
+                "t2m": [
+                    {
+                        "type": "where",
+                        "cond": [{"op": ">", "value": 262.0}, {"op": "<", "value": 300.0}],
+                        "other": -1.0,
+                    },
+                    *_INCOMPRESSIBLE_CHAIN,
+                    {"type": "abs"},
+                ]
+            },
+            "generate_stats": True,
+        },
+    ),
+    "elementwise-packed-whole-chunks": (
+        "packed_whole_file_grid",
+        {"chunks": {"time": 48}, "variables": {"t2m": [_FLOAT32, *_INCOMPRESSIBLE_CHAIN]}},
+    ),
+    # Cut chunks: the transforms run on whole decompressed source chunks, not just the region.
+    "elementwise-cut-chunks": (
+        "block_grid",
+        {
+            "preprocessors": [{"type": "isel", "time": [5, 77]}],
+            "chunks": {"time": 16, "latitude": 60, "longitude": 120},
+            "variables": {"t2m": _INCOMPRESSIBLE_CHAIN},
+            "recommend_changes": "proceed",
         },
     ),
 }

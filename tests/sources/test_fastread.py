@@ -98,8 +98,14 @@ def _compare(files: list[Path], preprocessors: list[dict[str, Any]], data: Any) 
 
 @st.composite
 def transforms(draw: Any, sizes: dict[str, int]) -> list[dict[str, Any]]:
-    """Index-only preprocessors: selections with steps, flips, rolls, transposes."""
+    """Index-only preprocessors: drops, selections with steps, flips, rolls, transposes."""
     out: list[dict[str, Any]] = []
+    drop = draw(st.sampled_from([None, *sizes]))
+    if drop is not None:
+        n = sizes[drop]
+        gone = draw(st.lists(st.integers(0, n - 1), unique=True, min_size=1, max_size=n - 1))
+        out.append({"type": "drop_isel", drop: sorted(gone)})
+        sizes = {**sizes, drop: n - len(gone)}
     isel: dict[str, Any] = {}
     for dim, n in sizes.items():
         kind = draw(st.sampled_from(["all", "slice", "step", "scalar"]))
@@ -397,3 +403,32 @@ def test_fast_memory_model_counts_slabs_not_the_region() -> None:
     # readers' int16 chunks do not count beside the encoders' buffers in a single slab.
     packed = fast_job_memory([48, 721, 1440], (48, 180, 360), 4, 2, grid)
     assert packed - one_slab == pytest.approx(slab_bytes // 2 * FAST_MARGIN, abs=2)
+
+
+@pytest.mark.parametrize(
+    ("spec", "dropped"),
+    [
+        # Positions across both files' boundary, and inside the grid.
+        ({"type": "drop_isel", "time": [0, 9, 10, 21], "latitude": [3]}, "isel"),
+        ({"type": "drop_sel", "longitude": [0.0, 50.0]}, "sel"),
+    ],
+)
+def test_drops_take_the_fast_path(
+    sources: dict[str, list[Path]], spec: dict[str, Any], dropped: str, tmp_path: Path
+) -> None:
+    """drop_sel/drop_isel only select indices: jobs read them fast and write what xarray gives."""
+    files = sources["archive-zlib"]
+    req, target = _target(files, preprocessors=[spec])
+    assert all(fastread.fast_plan(target, req, name) for name in target.variables)
+    _, records = _run(files, tmp_path / "drop.zarr", preprocessors=[spec], chunks={"time": 4})
+    assert records and all(r["fast_read"] for r in records)
+    labels = {k: v for k, v in spec.items() if k != "type"}
+    source = xr.open_mfdataset([str(f) for f in files])
+    expected = source.drop_isel(labels) if dropped == "isel" else source.drop_sel(labels)
+    got = xr.open_zarr(tmp_path / "drop.zarr")
+    assert dict(got.sizes) == dict(expected.sizes)
+    for name in expected.data_vars:
+        np.testing.assert_array_equal(got[name].values, expected[name].values)
+        assert got[name].dtype == expected[name].dtype
+    for dim in expected.dims:
+        np.testing.assert_array_equal(got[dim].values, expected[dim].values)

@@ -22,6 +22,10 @@ from zarr_parallel.planning.grid import IntArray
 #: more for library buffers and allocator slack (docs/design.md §5). Measured peaks are 2.8 regions
 #: for aligned jobs and 3.8 with an encoded fill value on incompressible data
 #: (tests/planning/test_memory_model.py), against 6 estimated (the touched chunks plus these five).
+#: Element-wise transforms need no extra copy: dask applies each step (``where``'s mask and result,
+#: ``fillna``, ``clip``, ``round``) one source chunk at a time, and the step's temporaries are freed
+#: before the region is encoded. Chains of them measured 2.2-3.0 regions on float32 and 3.3-3.8 on
+#: packed int16 cast to float32, also with one source chunk per region (same tests).
 REGION_COPIES = 5
 
 

@@ -56,6 +56,9 @@ INDEX_ONLY_TRANSFORMS = frozenset(
         "sel",
         "subset",
         "isel",
+        # Planned as an isel of the positions kept (transforms/registry.py): the index follows.
+        "drop_sel",
+        "drop_isel",
         "rename",
         "reverse",
         "reverse_axis",
