@@ -95,6 +95,10 @@ def plan_figures(summary: dict[str, Any]) -> dict[str, Any]:
         out["plan_stages"] = [
             {k: s.get(k) for k in keep if k in s} for s in stages if isinstance(s, dict)
         ]
+        # What every stage but the last writes is intermediate (the plan's figure).
+        written = [s.get("write_bytes") for s in out["plan_stages"][:-1]]
+        if written and all(isinstance(w, int) for w in written):
+            out["intermediate_bytes_planned"] = sum(written)
     phases = find_phases(summary)
     if phases:
         out["phases"] = phases

@@ -91,7 +91,13 @@ def _io_figures(ok: list[dict[str, Any]], case: dict[str, Any]) -> dict[str, Any
         if values:
             out[key] = int(statistics.median(values))
     first = ok[0]
-    for key in ("plan_strategy", "plan_strategy_reason", "plan_stages", "phases"):
+    for key in (
+        "plan_strategy",
+        "plan_strategy_reason",
+        "plan_stages",
+        "phases",
+        "intermediate_bytes_planned",
+    ):
         if first.get(key) is not None:
             out[key] = first[key]
     for key in ("plan_deploy_mode", "plan_deploy_mode_reason"):
@@ -257,6 +263,15 @@ def _table_row(name: str, r: dict[str, Any], most: int) -> str:
     )
 
 
+def _intermediate(r: dict[str, Any]) -> str:
+    """Intermediate bytes on disk, or the plan's figure for them when that is all there is."""
+    if r.get("intermediate_bytes") is not None:
+        return fmt_bytes(r["intermediate_bytes"])
+    if r.get("intermediate_bytes_planned") is not None:
+        return f"{fmt_bytes(r['intermediate_bytes_planned'])} (planned)"
+    return "-"
+
+
 def _io_row(name: str, r: dict[str, Any], limit: str) -> str:
     """One contender's row of :func:`io_table`."""
     ratio = r.get("read_over_source")
@@ -270,7 +285,7 @@ def _io_row(name: str, r: dict[str, Any], limit: str) -> str:
         f"| {name} | {fmt_bytes(r.get('bytes_read'))} | "
         f"{f'{ratio}×' if ratio is not None else '-'} | "
         f"{fmt_bytes(r.get('tree_rchar'))} | {fmt_bytes(r.get('tree_wchar'))} | "
-        f"{fmt_bytes(r.get('intermediate_bytes'))} | {fmt_bytes(r.get('target_bytes'))} | "
+        f"{_intermediate(r)} | {fmt_bytes(r.get('target_bytes'))} | "
         f"{fmt_bytes(peak)} / {limit if within is not None else 'no limit given'}"
         f"{'' if within is None else (' ok' if within else ' OVER')} | "
         f"{strategy} | {r.get('plan_read_amplification', '-') or '-'} | "

@@ -76,12 +76,16 @@ def test_plan_figures_tolerate_a_summary_without_the_new_keys() -> None:
     summary = {
         "read_amplification": 1.9,
         "strategy": "staged",
-        "stages": [{"jobs": 4, "read_bytes": 10, "write_bytes": 12, "other": 1}],
+        "stages": [
+            {"jobs": 4, "read_bytes": 10, "write_bytes": 12, "other": 1},
+            {"jobs": 2, "read_bytes": 12, "write_bytes": 9},
+        ],
         "timing": {"start-up": 1.5, "planning": 0.2, "data (stage 1/2)": 3.0, "label": "x"},
     }
     got = plan_figures(summary)
     assert got["plan_strategy"] == "staged"
-    assert got["plan_stages"] == [{"jobs": 4, "read_bytes": 10, "write_bytes": 12}]
+    assert got["plan_stages"][0] == {"jobs": 4, "read_bytes": 10, "write_bytes": 12}
+    assert got["intermediate_bytes_planned"] == 12
     assert got["phases"] == {"start-up": 1.5, "planning": 0.2, "data (stage 1/2)": 3.0}
     assert find_phases({"seconds": 3.0}) is None
 
