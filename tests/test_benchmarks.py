@@ -101,7 +101,8 @@ def test_plan_figures_tolerate_a_summary_without_the_new_keys() -> None:
 
 def test_startup_figures_and_breakdown_from_a_command_output() -> None:
     printed = (
-        "zarr-parallel: done\n  wall time  4.5 s\n  start-up 1.2 s, planning 0.3 s, data 2.0 s\n"
+        "zarr-parallel: done\n  written 6 MB, data 9 files\n"
+        "  wall time 4.5 s (start-up 1.2, planning 0.3, data 2.0)\n"
     )
     assert parse_output(printed) == {
         "phases": {"start-up": 1.2, "planning": 0.3, "data": 2.0},
