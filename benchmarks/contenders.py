@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.rechunker_env import PYTHON_VARIABLE as RECHUNKER_PYTHON
+from benchmarks.stage_watch import StageWatcher
 from zarr_parallel.run.job import high_water_mark, rchar
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
@@ -143,20 +144,23 @@ def _zarr_parallel(mode: str) -> Callable[[dict[str, Any], str], dict[str, Any]]
         r0 = rchar()
         io0 = process_io()
         t0 = time.perf_counter()
-        result: Any = zp.cache(
-            cache_store=store, memory_limit=limit, recommend_changes="proceed", **options
-        )
-        e2e = time.perf_counter() - t0
+        with StageWatcher(store) as stages:  # a staged plan's intermediate records (#18)
+            result: Any = zp.cache(
+                cache_store=store, memory_limit=limit, recommend_changes="proceed", **options
+            )
+            e2e = time.perf_counter() - t0
         own_read = rchar() - r0
         tree_io = _io_since(io0)
-        records = list(iter_job_records(Path(result.summary["version"])))
+        final = list(iter_job_records(Path(result.summary["version"])))
+        records = stages.stage_records + final
         # What memory_limit bounds per worker: in series the flow process that ran the job
         # (its peak_rss); beside a dask or SLURM worker, the worker process (its RSS when the
         # task ended) plus the job process that ran the job (its peak_rss).
         workers = [
             (r["peak_rss"], int(r.get("worker", {}).get("rss", 0)) if "job_process" in r else 0)
             for r in result.summary.get("job_results", [])
-        ] or [(r["peak_rss"], 0) for r in records]
+        ] or [(r["peak_rss"], 0) for r in final]
+        workers += [(r["peak_rss"], 0) for r in stages.stage_records]
         starts = [r["started"] for r in records]
         ends = [r["started"] + r["seconds"] for r in records]
         measured = [r.get("read_bytes") for r in records]
@@ -177,6 +181,9 @@ def _zarr_parallel(mode: str) -> Callable[[dict[str, Any], str], dict[str, Any]]
             "io": tree_io,
             "summary_seconds": result.summary.get("seconds"),
             **plan_figures(result.summary),
+            "stage_jobs": len(stages.stage_records),
+            "stage_read_bytes": sum(r.get("read_bytes") or 0 for r in stages.stage_records),
+            "intermediate_bytes": stages.intermediate_bytes,
         }
 
     return run
