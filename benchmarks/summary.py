@@ -179,7 +179,7 @@ def goals(case_results: dict[str, dict[str, Any]], target: str) -> dict[str, Any
     out["memory_within_limits"] = all(
         v.get("worker_peaks_within_limit", True) for v in ours.values()
     )
-    out.update(_rechunk_goals(case_results, ours, best))
+    out.update(_rechunk_goals(case_results, ours, best, target == "timeseries"))
     out.update(_default_goals(case_results))
     return out
 
@@ -188,21 +188,25 @@ def _rechunk_goals(
     case_results: dict[str, dict[str, Any]],
     ours: dict[str, dict[str, Any]],
     best: dict[str, Any],
+    judged: bool,
 ) -> dict[str, Any]:
-    """#18: reads ≤ 2.2× the source's stored bytes (every mode of ours), ≥ 3× rechunker."""
+    """#18: reads ≤ 2.2× the source's stored bytes (every mode of ours), ≥ 3× rechunker; the
+    figures on every case, whether each goal is met on map → time series (``judged``) only."""
     out: dict[str, Any] = {}
     reads = {k: v["read_over_source"] for k, v in ours.items() if "read_over_source" in v}
     if reads:
         worst = max(reads.values())
         out["reads_over_source_worst_of_ours"] = worst
-        out[f"goal_reads_le_{READ_GOAL}x_met"] = worst <= READ_GOAL
+        if judged:
+            out[f"goal_reads_le_{READ_GOAL}x_met"] = worst <= READ_GOAL
     rechunker = case_results.get(RECHUNKER, {})
     if rechunker.get("ok"):
         for phase in ("e2e_s", "data_s"):
             out[f"speedup_vs_rechunker_{phase[:-2]}"] = round(rechunker[phase] / best[phase], 2)
-        out[f"goal_ge_{RECHUNKER_GOAL:g}x_rechunker_met"] = (
-            out["speedup_vs_rechunker_e2e"] >= RECHUNKER_GOAL
-        )
+        if judged:
+            out[f"goal_ge_{RECHUNKER_GOAL:g}x_rechunker_met"] = (
+                out["speedup_vs_rechunker_e2e"] >= RECHUNKER_GOAL
+            )
         if "read_over_source" in rechunker:
             out["rechunker_reads_over_source"] = rechunker["read_over_source"]
     return out
