@@ -243,7 +243,7 @@ def _pruning_names(scn: Scenario) -> list[str]:
 
 def verify_cli(scn: Scenario, content: str) -> tuple[int, str]:
     """``python -m flows.cache verify REQUEST`` (its main, in this process): code and output."""
-    from zarr_parallel.orchestration.cache import main
+    from zarr_parallel.orchestration.command import main
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):

@@ -90,9 +90,33 @@ def _difference(expected: dict[str, Any], got: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def output_codec(store: str, variable: str) -> str:
+    """The codec one output array's metadata names, in the request's ``compression`` forms where
+    it has one (``zstd``, ``blosc:lz4:5``, ``none``...), else the codec's own name and settings."""
+    import zarr
+
+    codecs = zarr.open_array(str(Path(store).resolve()), path=variable, mode="r").compressors
+    if not codecs:
+        return "none"
+    codec = codecs[0]
+    # Zarr v3: {name, configuration}; v2: numcodecs' flat {id, ...}.
+    meta = codec.to_dict() if hasattr(codec, "to_dict") else codec.get_config()
+    config = meta.get("configuration", meta)
+    name = str(meta.get("name", meta.get("id", type(codec).__name__))).removeprefix("numcodecs.")
+    if name == "blosc":
+        return f"blosc:{config.get('cname')}:{config.get('clevel')}"
+    level = config.get("level")
+    return name if level is None or (name == "zstd" and level == 0) else f"{name}:{level}"
+
+
 def check_output(store: str, variables: Sequence[str], expected: dict[str, Any]) -> dict[str, Any]:
-    """The output's file count, whether it equals ``expected`` and, if not, how it differs."""
+    """The output's file count, size and codec, whether it equals ``expected`` and, if not, how
+    it differs."""
     checked: dict[str, Any] = {"files": count_files(store), "target_bytes": store_bytes(store)}
+    try:
+        checked["codec"] = output_codec(store, variables[0])
+    except Exception as e:  # a store the contender left unreadable is reported below
+        checked["codec"] = f"unknown ({type(e).__name__})"
     try:
         got = output_checksums(store, variables)
         checked["equal"] = got == expected

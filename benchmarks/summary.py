@@ -134,6 +134,8 @@ def summarise(runs: list[dict[str, Any]], case: dict[str, Any]) -> dict[str, Any
             round(statistics.median(reads) / case["needed_stored_bytes"], 3) if reads else None
         ),
         "files": ok[0].get("files"),
+        # The output's codec, read from its metadata (results before December 2026 lack it).
+        "codec": ok[0].get("codec"),
         "equal": ok[0].get("equal"),
         "failed_runs": len(runs) - len(ok),
     }
@@ -248,7 +250,7 @@ def _with_range(median: float, spread: list[float] | None, runs: int, most: int 
 def _table_row(name: str, r: dict[str, Any], most: int) -> str:
     """One contender's row of :func:`markdown_table`."""
     if not r.get("ok"):
-        return f"| {name} | failed: {r.get('error', '')[:120]} |" + " |" * 11
+        return f"| {name} | failed: {r.get('error', '')[:120]} |" + " |" * 12
     peak = (
         f"{fmt_bytes(r['worker_peak_rss'])} / {r['worker_limit']}"
         if "worker_peak_rss" in r
@@ -263,7 +265,8 @@ def _table_row(name: str, r: dict[str, Any], most: int) -> str:
         f"{r.get('cpu_s', '-')} | {r['cpu_utilisation']:.0%} | "
         f"{fmt_bytes(r['max_process_rss'])} | {peak} | "
         f"{f'{est[0]}–{est[1]}' if est else '-'} | {amp if amp is not None else '-'} | "
-        f"{r.get('files', '-')} | {'yes' if r.get('equal') else 'NO: ' + r.get('note', '')} |"
+        f"{r.get('codec') or '-'} | {r.get('files', '-')} | "
+        f"{'yes' if r.get('equal') else 'NO: ' + r.get('note', '')} |"
     )
 
 
@@ -327,7 +330,7 @@ def markdown_table(case: dict[str, Any], summary: dict[str, dict[str, Any]]) -> 
     head = (
         "| contender | end to end (s), median (range) | data phase (s) | MB/s e2e | MB/s data | "
         "CPU s | CPU use | largest process RSS | worker peak / limit | estimate ÷ peak | "
-        "read amplification | files | equal |\n" + "|---" * 13 + "|"
+        "read amplification | codec | files | equal |\n" + "|---" * 14 + "|"
     )
     rows = [f"**{case['name']}** ({fmt_bytes(case['uncompressed_bytes'])} uncompressed)", "", head]
     most = max((r["runs"] for r in summary.values() if r.get("ok")), default=1)

@@ -33,6 +33,7 @@ def main() -> None:
     case = json.loads(case_json)
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
     import xarray as xr
+
     from zarr_parallel.assembler import ZarrParallelAssembler
 
     # 0.5.0 needs a label selection naming every dimension (its region arithmetic looks each

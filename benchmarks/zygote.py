@@ -80,7 +80,7 @@ def _child(req: dict[str, Any]) -> None:
         if command == "recache":
             from zarr_parallel.orchestration.recache import main
         else:
-            from zarr_parallel.orchestration.cache import main
+            from zarr_parallel.orchestration.command import main
         code = main(argv)
     except BaseException:
         import traceback

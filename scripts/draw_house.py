@@ -42,7 +42,9 @@ ROOMS = (
     "doors",
 )
 BASE_MODULES = frozenset({"errors", "units", "logs", "faults", "names", "examples", "version"})
-DOOR_MODULES = frozenset({"api", "cli", "__init__", "__main__", "flows", "deployments"})
+DOOR_MODULES = frozenset(
+    {"api", "assembler", "cli", "__init__", "__main__", "flows", "deployments"}
+)
 PROJECT = ("zarr_parallel", "flows", "deployments")
 ROOM_NOTES = {
     "base": "errors, units, logs, names, test faults",

@@ -9,14 +9,16 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
 phase "set-up"
-ruff check zarr_parallel flows deployments tests benchmarks scripts
-ruff format --check zarr_parallel flows deployments tests benchmarks scripts
+ruff check zarr_parallel flows deployments tests benchmarks scripts examples
+ruff format --check zarr_parallel flows deployments tests benchmarks scripts examples
 mypy zarr_parallel flows
 phase "ruff, mypy"
 if [ -x scripts/slurm-local.sh ] || [ -f scripts/slurm-local.sh ]; then
   bash scripts/slurm-local.sh start
 fi
 phase "local SLURM"
+bash scripts/browser.sh  # headless Chromium: the Prefect UI's plan picture is looked at for real
+phase "browser"
 python -m pytest -q "$@"
 phase "pytest"
 # [bench] smoke: figures printed, not asserted (a failed contender is a row saying why, and a

@@ -364,3 +364,43 @@ def serve_s3(log_path: Path) -> Iterator[S3Service]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+# ---------------------------------------------------------------------------------------------
+# One variable per file (ERA5 downloads, CMIP6): ``t2m_2020-01.nc``, ``d2m_2020-01.nc``...
+
+
+def write_variable_month(
+    folder: Path,
+    var: str,
+    month: int,
+    time_chunk: int = 4,
+    freq: str = "6h",
+    latitude: Any = None,
+    packed: bool = False,
+) -> Path:
+    """Write ``<var>_2020-<month>.nc``: one variable, one month of steps every ``freq``, on a
+    small 7 × 8 grid, HDF5-chunked ``(time_chunk, 7, 8)`` with zlib, as a CDS download is."""
+    import numpy as np
+    import pandas as pd
+
+    start = pd.Timestamp(f"2020-{month:02d}-01")
+    times = pd.date_range(start, start + pd.offsets.MonthBegin(1), freq=freq, inclusive="left")
+    lat = np.linspace(60.0, 30.0, 7) if latitude is None else np.asarray(latitude)
+    lon = np.arange(0.0, 40.0, 5.0)
+    seed = sum(map(ord, var)) * 100 + month
+    data = np.random.default_rng(seed).random((times.size, lat.size, lon.size), "float32")
+    ds = xr.Dataset(
+        {var: (("time", "latitude", "longitude"), 250 + 40 * data, {"units": "K"})},
+        coords={"time": times, "latitude": lat, "longitude": lon},
+    )
+    enc: dict[str, Any] = {"chunksizes": (time_chunk, lat.size, lon.size), "zlib": True}
+    if packed:  # int16 with scale_factor/add_offset, as ERA5 ships them
+        enc.update(dtype="int16", scale_factor=0.01, add_offset=270.0, _FillValue=-32767)
+    path = Path(folder) / f"{var}_2020-{month:02d}.nc"
+    ds.to_netcdf(
+        path,
+        engine="netcdf4",
+        encoding={var: enc, "time": {"units": "hours since 2020-01-01", "dtype": "int64"}},
+    )
+    return path

@@ -19,6 +19,7 @@ from zarr_parallel.version import __version__
 
 if TYPE_CHECKING:
     from zarr_parallel.api import CacheHandle, CacheResult, ZarrParallelAssembler
+    from zarr_parallel.run.plan_view import PlanView
     from zarr_parallel.store.readers import open_cache
 
 #: Names loaded on first use: the Python door and the reader import xarray, zarr and dask, which
@@ -28,6 +29,7 @@ _LAZY = {
     "CacheResult": "zarr_parallel.api",
     "ZarrParallelAssembler": "zarr_parallel.api",
     "open_cache": "zarr_parallel.store.readers",
+    "PlanView": "zarr_parallel.run.plan_view",
 }
 
 
@@ -50,6 +52,7 @@ __all__ = [
     "CacheResult",
     "LockLost",
     "PlanError",
+    "PlanView",
     "RecommendationsPending",
     "RequestError",
     "RunFailed",

@@ -6,12 +6,16 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zarr_parallel.errors import RequestError
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.request.model import DEFAULT_DEPLOY_MODE, CacheRequest, build_request
+from zarr_parallel.run.phases import PhaseClock
 from zarr_parallel.store.manifest import iter_job_records
+
+if TYPE_CHECKING:
+    from zarr_parallel.run.plan_view import PlanView
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,12 @@ class CacheResult:
         return str(self.summary["status"])
 
     @property
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase of the call (``start-up``, ``planning``, ``initialise``, ``data``,
+        ``finish``, ``teardown``); they add up to ``summary["seconds"]``."""
+        return dict(self.summary.get("phases") or {})
+
+    @property
     def stats(self) -> dict[str, dict[str, float]] | None:
         """Per-variable statistics when ``generate_stats=True``."""
         return self.summary.get("stats")
@@ -44,15 +54,16 @@ class CacheResult:
 class CacheHandle:
     """A run started with ``await_completion=False``; ``wait()`` gives its result."""
 
-    def __init__(self, request: CacheRequest) -> None:
+    def __init__(self, request: CacheRequest, progress: bool = False) -> None:
         self._result: CacheResult | None = None
         self._error: BaseException | None = None
+        self._progress = progress
         self._thread = threading.Thread(target=self._run, args=(request,), daemon=True)
         self._thread.start()
 
     def _run(self, request: CacheRequest) -> None:
         try:
-            self._result = run_request(request)
+            self._result = run_request(request, progress=self._progress)
         except BaseException as e:  # handed to wait()
             self._error = e
 
@@ -71,16 +82,27 @@ class CacheHandle:
         return self._result
 
 
-def run_request(request: CacheRequest) -> CacheResult:
-    """Run the cache flow for a validated request."""
-    # Deferred: the orchestration modules import Prefect (seconds), which `import zarr_parallel`
-    # and the command's --help must not pay for.
-    from zarr_parallel.orchestration.cache import cache_flow
-    from zarr_parallel.orchestration.control import temporary_api_settings
+def run_request(request: CacheRequest, progress: bool | str | None = False) -> CacheResult:
+    """Run a validated request as the command does (docs/design.md §2b): the temporary Prefect
+    API (one per process, when none is configured) starts first, the run plans while it comes
+    up, and an up-to-date cache is answered without a flow run. The summary's ``seconds`` and
+    ``phases`` count from this call.
 
-    set_log_level(request.log_level)  # after Prefect (imported above) set up its logging
-    with temporary_api_settings():
-        summary = cache_flow(request)
+    ``progress``: None shows it on stderr (a live line in a terminal or notebook, a line per
+    phase otherwise), False nothing (:func:`zarr_parallel.orchestration.progress.reporting`).
+    """
+    clock = PhaseClock()
+    # Deferred: the ad hoc path imports the run stack (xarray, zarr; Prefect only when a flow
+    # runs), which `import zarr_parallel` and the command's --help must not pay for.
+    from zarr_parallel.orchestration.adhoc import needs_temporary_api, run_ad_hoc
+    from zarr_parallel.orchestration.progress import reporting
+    from zarr_parallel.orchestration.temporary_api import TemporaryApi
+
+    set_log_level(request.log_level)
+    api = TemporaryApi.shared() if needs_temporary_api() else None
+    with reporting(progress, since=clock.origin):
+        summary = run_ad_hoc(request, clock, api)
+    set_log_level(request.log_level)  # after Prefect (if a flow ran) set up its logging
     # Per-job records come from the published version's manifest: they cover every job,
     # including those a resumed run skipped, without shipping them through the flow's result.
     jobs = sorted(iter_job_records(Path(summary["version"])), key=lambda r: int(r["id"]))
@@ -188,9 +210,14 @@ class ZarrParallelAssembler:
         resume: bool | str = "auto",
         *,
         cache_dir: str | None = None,
+        progress: bool | None = None,
         **options: Any,
     ) -> CacheResult | CacheHandle:
         """Run the cache flow; returns a :class:`CacheResult` (or a handle to ``wait()`` on).
+
+        ``progress`` (not a request field): None shows the run's progress on stderr while
+        waiting for it (a live line in a terminal or notebook, a line per phase otherwise) and
+        none for ``await_completion=False``; True always shows it, False never.
 
         Raises
         ------
@@ -222,6 +249,64 @@ class ZarrParallelAssembler:
             cache_dir=cache_dir,
             **options,
         )
+        if progress not in (None, True, False):
+            raise RequestError(
+                "progress", progress, "must be True, False or None", "Pass progress=False for quiet"
+            )
         if not await_completion:
-            return CacheHandle(req)
-        return run_request(req)
+            return CacheHandle(req, progress=bool(progress))
+        return run_request(req, progress=progress)
+
+    def plan(
+        self,
+        cache_store: str | None = None,
+        num_jobs: int | None = None,
+        generate_stats: bool = False,
+        deploy_mode: str = DEFAULT_DEPLOY_MODE,
+        await_completion: bool = True,
+        simultaneous_worker_limit: int | None = None,
+        memory_limit: str | int = "2GB",
+        worker_timeout: str | int = "30:00",
+        overwrite: bool = True,
+        recommend_changes: bool | str = True,
+        resume: bool | str = "auto",
+        *,
+        cache_dir: str | None = None,
+        progress: bool | None = None,
+        **options: Any,
+    ) -> PlanView:
+        """Plan what :meth:`cache` with the same arguments would do, and write nothing.
+
+        Returns a :class:`~zarr_parallel.run.plan_view.PlanView`: jobs, read amplification,
+        memory per job, the strategy when the planner reports one, the recommendations (also
+        when a run would halt on them: ``.halts``), the SLURM job script in SLURM mode and a
+        picture of the jobs over the chunk grids (``.write_picture("plan.svg")``; shown in a
+        notebook). ``await_completion`` and ``progress`` are accepted for the same signature
+        and ignored.
+
+        Raises
+        ------
+        RequestError, PlanError
+            Invalid input or no plan within the memory limit.
+        """
+        # Deferred: the plan report imports Prefect and dask-jobqueue (seconds), which
+        # `import zarr_parallel` must not pay for.
+        from zarr_parallel.orchestration.plan_report import describe_plan
+
+        del await_completion, progress  # same keywords as cache(); nothing to wait for
+        req = self.request(
+            cache_store,
+            num_jobs,
+            generate_stats,
+            deploy_mode,
+            simultaneous_worker_limit,
+            memory_limit,
+            worker_timeout,
+            overwrite,
+            recommend_changes,
+            resume,
+            cache_dir=cache_dir,
+            **options,
+        )
+        set_log_level(req.log_level)
+        return describe_plan(req)

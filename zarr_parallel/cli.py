@@ -19,10 +19,13 @@ from pydantic import BaseModel
 from zarr_parallel.orchestration import set_command_environment
 from zarr_parallel.orchestration.options import (
     add_overrides,
+    add_plan_options,
+    add_progress_options,
     add_recache_options,
     add_verify_options,
 )
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.run.phases import process_start
 from zarr_parallel.version import __version__
 
 PROG = "zarr-parallel"
@@ -87,12 +90,18 @@ def help_epilog() -> str:
 def _request_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("request", help="request file (YAML or JSON)")
     add_overrides(p)
+    add_progress_options(p)
 
 
 #: The request commands: (name, summary, extra options).
 _REQUEST_COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None] | None], ...] = (
     ("run", "cache the dataset as REQUEST.yaml says", None),
-    ("plan", "print the plan (jobs, read amplification, memory); writes nothing", None),
+    (
+        "plan",
+        "print the plan (jobs, read amplification, memory; the SLURM job script in SLURM mode) "
+        "and draw it with --picture; writes no cache",
+        add_plan_options,
+    ),
     ("verify", "compare the published cache with its source", add_verify_options),
     ("recache", "bring the cache up to date with its grown or changed source", add_recache_options),
 )
@@ -131,11 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_cache(command: str, args: Sequence[str]) -> int:
-    # Prefect is imported only by the commands that run flows: help and --version answer
-    # without it.
-    from zarr_parallel.orchestration.cache import main as cache_main
+    # The request stack (xarray, zarr) loads only for the commands that use it: help and
+    # --version answer without it (and Prefect loads only when a flow runs).
+    from zarr_parallel.orchestration.command import main as cache_main
 
-    return cache_main([command, *args], prog=PROG)
+    return cache_main([command, *args], prog=PROG, started=process_start())
 
 
 def _run_recache(command: str, args: Sequence[str]) -> int:

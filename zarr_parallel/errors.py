@@ -13,14 +13,39 @@ class ZarrParallelError(Exception):
     Every error of the hierarchy pickles (Prefect stores a failed run's exception, dask carries
     a job's across processes), whatever its ``__init__`` takes: it is rebuilt from its
     ``args`` and attributes, with the same message. A value that does not pickle (a user's
-    object in a request field, say) travels as its ``repr``.
+    object in a request field, say) travels as its ``repr``. The error it was raised from
+    (``__cause__``) travels too, as itself or, when it would not load again, as a
+    :class:`RuntimeError` holding its type and message, so a stored failure still says why.
     """
 
     def __reduce__(self) -> tuple[Any, ...]:
         # An OSError's arguments hold more than its args (the file name): take its own.
         args = OSError.__reduce__(self)[1] if isinstance(self, OSError) else self.args
         state = {name: _picklable(value) for name, value in vars(self).items()}
+        _make_chain_picklable(self)
+        # Python's own pickling of exceptions drops __cause__; a run's stored failure then
+        # loses the reason (a h5py or zarr error) that its message summarises.
+        if self.__cause__ is not None:
+            state["__cause__"] = self.__cause__
         return (_rebuild, (type(self), tuple(_picklable(a) for a in args), state))
+
+
+def _make_chain_picklable(error: BaseException) -> None:
+    """Replace a ``__cause__`` or ``__context__`` that would not survive pickling by a summary.
+
+    tblib (which dask and distributed install for exceptions that pass through them) pickles
+    both links as they are, after calling ``__reduce__``: an S3 client error, say, that cannot be
+    rebuilt from its args would make the whole error fail to load. The live error is changed
+    in place only for such a link; its message keeps the type and the text.
+    """
+    suppress = error.__suppress_context__  # setting __cause__ would set it
+    for link in ("__cause__", "__context__"):
+        linked = getattr(error, link)
+        if linked is not None:
+            safe = _picklable_cause(linked)
+            if safe is not linked:
+                setattr(error, link, safe)
+    error.__suppress_context__ = suppress
 
 
 def _picklable(value: Any) -> Any:
@@ -31,10 +56,21 @@ def _picklable(value: Any) -> Any:
     return value
 
 
+def _picklable_cause(cause: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(cause))
+    except Exception:  # an exception class may refuse to pickle or to rebuild from its args
+        return RuntimeError(f"{type(cause).__name__}: {cause}")
+    return cause
+
+
 def _rebuild(cls: type[ZarrParallelError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
     """An error of ``cls`` with these ``args`` and attributes, without calling ``__init__``."""
     error = cls.__new__(cls, *args)  # sets args (and an OSError's errno, strerror, filename)
+    cause = state.pop("__cause__", None)
     error.__dict__.update(state)
+    if cause is not None:
+        error.__cause__ = cause
     return error
 
 

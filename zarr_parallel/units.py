@@ -77,33 +77,73 @@ _DURATION_UNITS = {
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
+_DAYS_RE = re.compile(r"^\s*(\d+)-(\d+)(?::(\d+))?(?::(\d+))?\s*$")
+
+
+def _slurm_days(value: str) -> float | None:
+    """Seconds of SLURM's ``D-HH``, ``D-HH:MM`` or ``D-HH:MM:SS`` form, or None if not that form.
+
+    >>> _slurm_days("1-12"), _slurm_days("2-00:30"), _slurm_days("1-02:03:04"), _slurm_days("1:00")
+    (129600.0, 174600.0, 93784.0, None)
+    """
+    match = _DAYS_RE.match(value)
+    if match is None:
+        return None
+    days, hours, minutes, secs = (int(g) if g else 0 for g in match.groups())
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + secs)
+
+
+def _clock(value: str) -> float | None:
+    """Seconds of ``MM:SS`` or ``HH:MM:SS``, or None if not that form."""
+    parts = value.strip().split(":")
+    if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts):
+        return None
+    numbers = [int(p) for p in parts]
+    if len(numbers) == 2:
+        numbers.insert(0, 0)
+    return float(numbers[0] * 3600 + numbers[1] * 60 + numbers[2])
+
+
+def _with_unit(value: str) -> float | None:
+    """Seconds of a number with an optional unit (``"30min"``, ``"2h"``, ``"45"``), or None."""
+    match = _DURATION_RE.match(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or (unit and unit not in _DURATION_UNITS):
+        return None
+    return float(match.group(1)) * _DURATION_UNITS.get(unit or "s", 1)
+
+
 def parse_duration(value: str | int | float, parameter: str = "worker_timeout") -> float:
-    """Parse a duration into seconds: ``"30:00"``, ``"1:30:00"``, ``"30min"``, ``"2h"`` or seconds.
+    """Parse a duration into seconds.
+
+    Accepted: ``"MM:SS"``, ``"HH:MM:SS"``, SLURM's ``"D-HH"``, ``"D-HH:MM"`` and
+    ``"D-HH:MM:SS"`` (as ``sinfo`` shows partition limits), a number with a unit
+    (``"30min"``, ``"2h"``) or a plain number of seconds.
 
     >>> parse_duration("30:00"), parse_duration("1:30:00"), parse_duration("30min")
     (1800.0, 5400.0, 1800.0)
+    >>> parse_duration("1-12"), parse_duration("2-00:30"), parse_duration("1-00:00:30")
+    (129600.0, 174600.0, 86430.0)
     >>> parse_duration(90)
     90.0
     """
-    fix = "Use 'MM:SS', 'HH:MM:SS', a number with a unit such as '30min' or '2h', or seconds"
+    fix = (
+        "Use 'MM:SS', 'HH:MM:SS', SLURM's 'D-HH', 'D-HH:MM' or 'D-HH:MM:SS', "
+        "a number with a unit such as '30min' or '2h', or seconds"
+    )
     if isinstance(value, bool):
         raise RequestError(parameter, value, "is not a duration", fix)
+    seconds: float | None
     if isinstance(value, int | float):
         seconds = float(value)
+    elif "-" in str(value).strip().lstrip("-"):
+        seconds = _slurm_days(str(value))
     elif ":" in str(value):
-        parts = str(value).strip().split(":")
-        if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts):
-            raise RequestError(parameter, value, "is not a duration", fix)
-        numbers = [int(p) for p in parts]
-        if len(numbers) == 2:
-            numbers.insert(0, 0)
-        seconds = float(numbers[0] * 3600 + numbers[1] * 60 + numbers[2])
+        seconds = _clock(str(value))
     else:
-        match = _DURATION_RE.match(str(value))
-        unit = match.group(2).lower() if match else None
-        if match is None or (unit and unit not in _DURATION_UNITS):
-            raise RequestError(parameter, value, "is not a duration", fix)
-        seconds = float(match.group(1)) * _DURATION_UNITS.get(unit or "s", 1)
+        seconds = _with_unit(str(value))
+    if seconds is None:
+        raise RequestError(parameter, value, "is not a duration", fix)
     if not math.isfinite(seconds) or seconds <= 0:
         # NaN compares false with everything: a NaN deadline would never fire.
         raise RequestError(parameter, value, "must be a positive, finite duration", fix)

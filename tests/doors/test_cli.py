@@ -22,7 +22,7 @@ import yaml
 from prefect.artifacts import Artifact
 
 from core_support import changed_env, open_cache
-from zarr_parallel.orchestration.cache import main
+from zarr_parallel.orchestration.command import main
 from zarr_parallel.orchestration.tasks import artifact_key
 from zarr_parallel.request.request_file import load_request_file
 

@@ -17,7 +17,7 @@ from zarr_parallel import __version__
 from zarr_parallel.cli import EXIT_CODES, main, request_fields
 from zarr_parallel.errors import PlanError, RecommendationsPending, RequestError, RunFailed
 from zarr_parallel.orchestration import COMMAND_ENVIRONMENT
-from zarr_parallel.orchestration.cache import exit_code
+from zarr_parallel.orchestration.command import exit_code
 from zarr_parallel.request.model import CacheRequest
 
 #: The installed command (the console script of this environment).

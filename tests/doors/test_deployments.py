@@ -640,3 +640,45 @@ def test_cli_runs_without_a_server_and_halts_with_exit_3(
     )
     assert halted.returncode == 3, halted.stderr[-3000:]
     assert "Recommendations, best first" in halted.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The deployment door's example (last: its run must not count among the module's runs above)
+
+
+def test_deployment_example_runs_through_the_worker(
+    server: dict[str, Any], runs: dict[str, Any], era5_factory: Any
+) -> None:
+    root = runs["root"] / "example"
+    src = root / "src"
+    src.mkdir(parents=True)
+    for f in era5_factory(n_files=2, steps_per_file=24, chunks=(24, 40, 72)):
+        shutil.copy2(f, src / f.name)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_API_URL": server["url"], "PREFECT_HOME": str(root / "prefect-home")}
+    example = PROJECT / "examples" / "deployment.py"
+    done = subprocess.run(
+        [
+            sys.executable,
+            example,
+            "--data-uri",
+            src / "*.nc",
+            "--cache-dir",
+            root,
+            "--timeout",
+            "500",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_SECONDS,
+    )
+    assert done.returncode == 0, (
+        done.stdout[-2000:] + done.stderr[-3000:] + tail(runs["worker_log"])
+    )
+    assert "Completed" in done.stdout
+    cache = xr.open_zarr(root / "era5_like_deployment.zarr").load()
+    source = xr.open_mfdataset(sorted(src.glob("*.nc")), engine="h5netcdf").load()
+    for name in ("t2m", "d2m"):
+        assert cache[name].dtype == source[name].dtype
+        np.testing.assert_array_equal(cache[name].values, source[name].values)

@@ -30,10 +30,13 @@ ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.timeout(900)
 
 
-def test_default_deploy_mode_is_local_dask() -> None:
-    assert DEFAULT_DEPLOY_MODE == "dask_distributed"
+def test_default_deploy_mode_is_auto() -> None:
+    """docs/design.md §2b: ``auto`` is the default; the explicit modes stay."""
+    assert DEFAULT_DEPLOY_MODE == "auto"
     req = build_request(data_uri=__file__, cache_store="/tmp/x.zarr")
-    assert req.deploy_mode == "dask_distributed"
+    assert req.deploy_mode == "auto"
+    for mode in ("series", "dask_distributed", "SLURM"):
+        assert build_request(data_uri=__file__, cache_store="/tmp/x.zarr", deploy_mode=mode)
 
 
 def _assert_job_threads(run: Any, share: int, encoders: int) -> None:
@@ -148,7 +151,8 @@ def test_unguarded_script_runs_on_a_local_cluster_without_worker_servers(
             from zarr_parallel import ZarrParallelAssembler
             zp = ZarrParallelAssembler({[str(p) for p in era5_files]!r}, chunks={{"time": 12}})
             result = zp.cache(cache_store={str(store)!r}, num_jobs=4, memory_limit="1GB",
-                              simultaneous_worker_limit=2, log_level=1)
+                              simultaneous_worker_limit=2, log_level=1,
+                              deploy_mode="dask_distributed")
             print("DONE", result.summary["workers"], result.summary["deploy_mode"])
             """
         )
@@ -160,7 +164,10 @@ def test_unguarded_script_runs_on_a_local_cluster_without_worker_servers(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DONE 2 dask_distributed" in proc.stdout
-    assert proc.stderr.count("Starting temporary server") == 1, proc.stderr[-3000:]
+    # The Python API's one temporary API (started before Prefect was imported, docs/design.md
+    # §2b); neither the flow nor any worker started a server of its own (Prefect would say so).
+    assert proc.stderr.count("using the command's temporary Prefect API at") == 1, proc.stderr
+    assert proc.stderr.count("Starting temporary server") == 0, proc.stderr[-3000:]
     assert_same_cache(store, reference)
 
 
@@ -291,7 +298,7 @@ def test_api_default_is_the_request_default() -> None:
     import inspect
 
     default = inspect.signature(ZarrParallelAssembler.cache).parameters["deploy_mode"].default
-    assert default == "dask_distributed"
+    assert default == "auto"
 
 
 def test_memory_limit_must_leave_room_beside_the_worker_process() -> None:

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _run_cli(
-    era5_files: list[Path], tmp_path: Path, level: int
+    era5_files: list[Path], tmp_path: Path, level: int, *options: str
 ) -> subprocess.CompletedProcess[str]:
     request = {
         "data_uri": [str(p) for p in era5_files],
@@ -31,7 +31,7 @@ def _run_cli(
     path = tmp_path / f"request{level}.yaml"
     path.write_text(yaml.safe_dump(request))
     return subprocess.run(
-        [sys.executable, "-m", "flows.cache", "run", str(path)],
+        [sys.executable, "-m", "flows.cache", "run", str(path), *options],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -41,12 +41,21 @@ def _run_cli(
 
 
 def test_level_0_prints_only_the_summary(era5_files: list[Path], tmp_path: Path) -> None:
-    """No progress lines, and no warnings: the manifest-folder and consolidated-metadata
-    warnings zarr raised in every run are hidden where the run triggers them."""
+    """No log lines, and no warnings: the manifest-folder and consolidated-metadata warnings
+    zarr raised in every run are hidden where the run triggers them. Stderr holds the progress
+    lines alone (stderr is not a terminal here: one per phase), and nothing with --quiet."""
     proc = _run_cli(era5_files, tmp_path, 0)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == ""
+    assert [
+        line for line in proc.stderr.splitlines() if not line.startswith("zarr-parallel: ")
+    ] == []
+    assert "zarr-parallel: data " in proc.stderr
     assert proc.stdout.startswith("zarr-parallel: done")
+    (tmp_path / "quiet").mkdir()
+    quiet = _run_cli(era5_files, tmp_path / "quiet", 0, "--quiet")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+    assert quiet.stdout.startswith("zarr-parallel: done")
 
 
 def test_level_2_prints_progress_and_debug(era5_files: list[Path], tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from zarr_parallel.errors import PlanError
 from zarr_parallel.planning.grid import AxisMap, unit_boundaries, write_grid
+from zarr_parallel.planning.groups import balanced_parts
 from zarr_parallel.planning.inputs import ArrayInput, Limits
 from zarr_parallel.planning.jobs import Job
 from zarr_parallel.planning.memory import REGION_COPIES, job_memory
@@ -183,7 +184,8 @@ def plan_cases(draw: st.DrawFn) -> tuple[list[VarCase], Limits]:
     fraction = draw(st.integers(-10, 100)) / 100  # hypothesis favours 0: exactly the least
     budget = max(1, int(least + (most * 1.1 - least) * fraction))
     min_jobs = draw(st.integers(1, 12))
-    return variables, Limits(memory_budget=budget, min_jobs=min_jobs)
+    workers = draw(st.sampled_from([1, 1, 2, 3, 4]))
+    return variables, Limits(memory_budget=budget, min_jobs=min_jobs, workers=workers)
 
 
 def _plan(variables: Sequence[VarCase], limits: Limits, digest: str = "r") -> Plan:
@@ -323,7 +325,9 @@ def test_plan_determinism(case: tuple[list[VarCase], Limits]) -> None:
         with pytest.raises(PlanError):
             _plan(variables, limits)
         return
-    second = _plan(list(variables), Limits(limits.memory_budget, limits.min_jobs))
+    second = _plan(
+        list(variables), Limits(limits.memory_budget, limits.min_jobs, workers=limits.workers)
+    )
     assert first == second
     assert first.fingerprint == second.fingerprint
     assert _plan(variables, limits, digest="other").fingerprint != first.fingerprint
@@ -358,7 +362,9 @@ def test_content_fingerprint_ignores_the_split(case: tuple[list[VarCase], Limits
     variables, limits = case
     try:
         first = _plan(variables, limits)
-        split = _plan(variables, Limits(limits.memory_budget, limits.min_jobs + 3))
+        split = _plan(
+            variables, Limits(limits.memory_budget, limits.min_jobs + 3, workers=limits.workers)
+        )
     except PlanError:
         return
     assert split.content_fingerprint == first.content_fingerprint != ""
@@ -506,3 +512,68 @@ def test_time_budget_splits() -> None:
     arr = ArrayInput("t2m", (_axis("time", range(0, 101, 1)),), (1,), 10**6, 10**6)
     plan = plan_jobs([arr], Limits(BIG, time_budget=4.0))
     assert _regions(plan) == [(0, 34), (34, 68), (68, 100)]
+
+
+# ------------------------------------------------------------------------------------------
+# Tail balance (docs/design.md §2b): the jobs of a parallel run share out evenly over its workers
+
+
+def _jobs_along(plan: Plan) -> list[int]:
+    return [len({j.region[d][1] for j in plan.jobs}) for d in range(len(plan.jobs[0].region))]
+
+
+def _greedy_loads(plan: Plan, workers: int) -> list[int]:
+    """Elements each worker writes when every job goes to the next free worker, in order (as
+    the dask scheduler hands them out, one at a time per worker), timed by its size."""
+    loads = [0] * workers
+    for job in plan.jobs:
+        size = math.prod(stop - start for _, start, stop in job.region)
+        loads[loads.index(min(loads))] += size
+    return loads
+
+
+def test_eleven_jobs_for_two_workers_become_twelve() -> None:
+    """22 time units, two per job by the budget: 11 jobs would leave one of 2 workers idle for
+    the last; 12 jobs (ten of two units, two of one) keep both busy to the end."""
+    arr = ArrayInput("t2m", (_axis("time", range(0, 23)),), (1,), 4, 4)
+    budget = max(j.memory for j in plan_jobs([arr], Limits(BIG, min_jobs=11)).jobs)
+    series = plan_jobs([arr], Limits(budget, min_jobs=1))
+    assert len(series.jobs) == 11  # one worker: the split the budget gives
+    balanced = plan_jobs([arr], Limits(budget, min_jobs=1, workers=2))
+    assert len(balanced.jobs) == 12
+    assert _greedy_loads(balanced, 2) == [11, 11]
+    assert _greedy_loads(series, 2) == [12, 10]
+
+
+def test_a_dimension_that_cannot_split_further_hands_over_to_the_next() -> None:
+    """11 single-unit time jobs cannot become 12: latitude is split in two instead (22 jobs)."""
+    axes = (_axis("time", range(0, 12)), _axis("latitude", [0, 4, 8]))
+    arr = ArrayInput("t2m", axes, (1, 4), 4, 4)
+    budget = plan_jobs([arr], Limits(BIG, min_jobs=11)).jobs[0].memory
+    plan = plan_jobs([arr], Limits(budget, min_jobs=1, workers=2))
+    assert len(plan.jobs) == 22
+    assert _greedy_loads(plan, 2) == [44, 44]
+
+
+@PROPERTY_SETTINGS
+@given(plan_cases())
+def test_the_job_count_is_a_multiple_of_the_workers_where_units_allow(
+    case: tuple[list[VarCase], Limits],
+) -> None:
+    """One variable without a memory bound: the job count is a multiple of the workers unless
+    no dimension has the units for it."""
+    variables, limits = case
+    limits = Limits(BIG, limits.min_jobs, workers=limits.workers)
+    plan = _plan(variables[:1], limits)
+    if not plan.jobs[0].region:
+        return
+    jobs_along = _jobs_along(plan)
+    units = [
+        len(unit_boundaries(a.axis_map(), c)) - 1
+        for a, c in zip(variables[0].axes, variables[0].chunks, strict=True)
+    ]
+    possible = any(
+        balanced_parts(jobs_along, d, limits.workers) <= units[d] for d in range(len(units))
+    )
+    if limits.workers > 1 and possible:
+        assert len(plan.jobs) % limits.workers == 0, (jobs_along, units)

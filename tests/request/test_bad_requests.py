@@ -43,7 +43,7 @@ from zarr_parallel import RecommendationsPending, ZarrParallelAssembler
 from zarr_parallel.api import run_request
 from zarr_parallel.errors import PlanError, RequestError, RunFailed
 from zarr_parallel.examples import make_era5_like
-from zarr_parallel.orchestration.cache import main
+from zarr_parallel.orchestration.command import main
 from zarr_parallel.request.model import build_request
 from zarr_parallel.request.request_file import load_request_file
 from zarr_parallel.run.verify import cache_files, location_snapshot, verify_cache
@@ -97,6 +97,9 @@ CASES = [
     Bad("field-unknown", {"chunk": {"time": 12}}, "chunk", "is not a request field"),
     Bad("num-jobs-zero", {"num_jobs": 0}, "num_jobs", "greater than or equal to 1"),
     Bad("zarr-format-4", {"zarr_format": 4}, "zarr_format", "=4: Input should be 2 or 3"),
+    Bad("compression-unknown", {"compression": "brotli"}, "compression", "compression='brotli': names no codec this tool writes ('brotli'). Use 'zstd' or 'zstd:LEVEL'"),
+    Bad("compression-level", {"compression": "zstd:30"}, "compression", "outside 0-22 (30). Use 'zstd'"),
+    Bad("compression-per-variable", {"variables": {"t2m": [{"type": "encoding", "compression": "zlib:12"}]}}, "variables['t2m'][0].compression", "'zlib:12': has a zlib level outside 0-9 (12)"),
     Bad("keep-versions-zero", {"keep_versions": 0}, "keep_versions", "=0"),
     Bad("policy-unknown", {"recommend_changes": "maybe"}, "recommend_changes", "'maybe'"),
     Bad("resume-not-bool", {"resume": "maybe"}, "resume", "'maybe'"),
@@ -266,7 +269,7 @@ FRESH_CASES = [
     Bad("glob-matches-nothing", {"data_uri": "{tmp}/era5_*.nc"}, "data_uri", matches=r"data_uri='.*era5_\*\.nc': matches no files"),
     Bad("unknown-engine", {"engine": "grib"}, "engine", matches="engine='grib': must be one of h5netcdf, netcdf4, kerchunk, zarr"),
     Bad("unknown-variable", {"variables": {"sp": {}, "t2m": {}}}, "variables", matches=r"variables=\['sp'\]: are not variables of the source\. Use names from \['d2m', 't2m'\]"),
-    Bad("unknown-preprocessor", {"preprocessors": [{"type": "resample", "time": "1D"}]}, "preprocessors[0].type", matches=r"preprocessors\[0\]\.type='resample': is not a known transform\. Use one of \[.*'sel'"),
+    Bad("unknown-preprocessor", {"preprocessors": [{"type": "resample", "time": "1D"}]}, "preprocessors[0].type", matches=r"preprocessors\[0\]\.type='resample': is not a known transform \(xarray's resample looks at neighbouring values, which a job writing one region cannot see\)\. Use one of \[.*'sel'"),
     Bad("unknown-variable-transform", {"variables": {"t2m": [{"type": "regrid"}]}}, "variables['t2m'][0].type", matches=r"variables\['t2m'\]\[0\]\.type='regrid': is not a known transform"),
     Bad("selection-outside-data", {"preprocessors": [{"type": "sel", "time": ["2021-01-01", "2021-01-31"]}]}, "preprocessors[0].time", matches=r"preprocessors\[0\]\.time=\['2021-01-01', '2021-01-31'\]: selects nothing \(outside the data\)\. Use labels within 2020-01-01T00:00:00 \.\. 2020-01-03T11:00:00"),
     Bad("selection-label-missing", {"preprocessors": [{"type": "sel", "latitude": 91.0}]}, "preprocessors[0].latitude", matches=r"preprocessors\[0\]\.latitude=91\.0: selects labels not in the data"),

@@ -18,7 +18,7 @@ import yaml
 
 from zarr_parallel import ZarrParallelAssembler
 from zarr_parallel.errors import RequestError
-from zarr_parallel.orchestration.cache import main
+from zarr_parallel.orchestration.command import main
 from zarr_parallel.request.model import CacheRequest, build_request
 from zarr_parallel.request.open_options import ALLOWED, check_open_options, read_only
 from zarr_parallel.run.steps import prepare

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from zarr_parallel.errors import RequestError
-from zarr_parallel.orchestration.cache import main
+from zarr_parallel.orchestration.command import main
 from zarr_parallel.request.model import CacheRequest, build_request
 from zarr_parallel.request.normalise import normalise_fields
 from zarr_parallel.request.request_file import load_request_file

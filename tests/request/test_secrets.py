@@ -25,7 +25,7 @@ import yaml
 
 from sources_support import serve_http
 from zarr_parallel import RequestError, ZarrParallelAssembler
-from zarr_parallel.orchestration.cache import main
+from zarr_parallel.orchestration.command import main
 from zarr_parallel.request.secrets import (
     MASK,
     is_harmless_header,

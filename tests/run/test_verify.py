@@ -15,7 +15,7 @@ import zarr
 
 from core_support import frozen_run, series_fields
 from zarr_parallel.api import run_request
-from zarr_parallel.orchestration.cache import main
+from zarr_parallel.orchestration.command import main
 from zarr_parallel.request.model import CacheRequest, build_request
 from zarr_parallel.run.verify import cache_differences, verify_cache
 

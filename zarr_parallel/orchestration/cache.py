@@ -1,39 +1,34 @@
-"""The cache flow and its command line: ``python -m flows.cache [run|plan|verify] REQUEST.yaml``.
+"""The cache flow. Its command line (``python -m flows.cache [run|plan|verify] REQUEST.yaml``)
+is :mod:`zarr_parallel.orchestration.command`.
 
 One orchestration path: validate → plan → initialise → map writes → finish → report. The Python
-API, the CLI and the Prefect deployments all run :func:`cache_flow`.
+API, the CLI and the Prefect deployments all run :func:`cache_flow`; an ad hoc run may answer an
+up-to-date cache before it (:mod:`zarr_parallel.orchestration.adhoc`, docs/design.md §2b).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from prefect import State, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from zarr_parallel.errors import (
-    PlanError,
-    RecommendationsPending,
-    RequestError,
-    RunFailed,
-    ZarrParallelError,
-)
+from zarr_parallel.errors import RecommendationsPending
 from zarr_parallel.logs import set_log_level
-from zarr_parallel.orchestration.cluster import open_cluster
+from zarr_parallel.orchestration.cluster import cluster_in_background
 from zarr_parallel.orchestration.control import (
     cache_slot,
     checked_request,
     decide_on_recommendations,
     deployment_policy,
-    temporary_api_settings,
+    in_deployment_run,
     without_flow_heartbeat,
 )
-from zarr_parallel.orchestration.options import add_overrides, add_verify_options
+from zarr_parallel.orchestration.halt import awaiting_decision, publish_recommendations
+from zarr_parallel.orchestration.plan_report import publish_plan_picture
+from zarr_parallel.orchestration.progress import watch_jobs
 from zarr_parallel.orchestration.runners import (
     current_api_url,
     make_task_runner,
@@ -43,21 +38,14 @@ from zarr_parallel.orchestration.runners import (
 from zarr_parallel.orchestration.tasks import artifact_key, finish_task, initialise_task, plan_task
 from zarr_parallel.orchestration.write_flow import group_jobs, write_flow
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.request.request_file import load_request_file
+from zarr_parallel.run.phases import enter_phase
 from zarr_parallel.run.policy import enforced
-from zarr_parallel.run.recommend import Recommendation
-from zarr_parallel.run.steps import (
-    Prepared,
-    prepare,
-    recommendations_message,
-    run_lock,
-    worker_note,
-)
-from zarr_parallel.run.verify import verify_cache
+from zarr_parallel.run.recommend import Recommendation, recommendations_markdown
+from zarr_parallel.run.steps import Prepared, run_lock
 from zarr_parallel.store.paths import resolve_paths
 from zarr_parallel.units import format_bytes
 
-__all__ = ["cache_flow", "main", "run_cache_steps"]
+__all__ = ["cache_flow", "run_cache_steps"]
 
 
 @flow(name="zarr-parallel-cache", log_prints=False)
@@ -90,6 +78,11 @@ def _cache_until_decided(request: CacheRequest) -> dict[str, Any]:
             with cache_slot(request), run_lock(request):
                 summary = run_cache_steps(request)
         except RecommendationsPending as e:
+            if not in_deployment_run():
+                # Ad hoc: end in AwaitingDecision (one log line, no traceback); the caller
+                # still gets the exception (exit 3 at the command line).
+                return awaiting_decision(request, e)  # type: ignore[return-value]
+            publish_recommendations(resolve_paths(request).final, e)
             outcome = decide_on_recommendations(request, e)
             if isinstance(outcome, State):
                 # Cancelled in the UI: returning the state makes it the run's final state.
@@ -128,12 +121,12 @@ def run_cache_steps(
     """
     logger = get_run_logger()
     started = time.time()
+    enter_phase("planning")  # the phases of the summary and of the progress (run/phases.py)
     if prepared is None:
-        try:
-            prepared = plan_task(request)
-        except RecommendationsPending as e:
-            _publish_recommendations(request, e)
-            raise
+        planned = plan_task(request)
+        if isinstance(planned, RecommendationsPending):
+            raise planned  # decided by the flow (_cache_until_decided)
+        prepared = planned
     _publish_plan(prepared)
     logger.info(
         "plan: %d jobs, read amplification %.2f, largest job %s (budget %s), %s",
@@ -143,16 +136,24 @@ def run_cache_steps(
         format_bytes(prepared.plan.memory_budget),
         prepared.status,
     )
+    if prepared.mode_reason:
+        logger.info("deploy_mode auto: %s (%s)", prepared.request.deploy_mode, prepared.mode_reason)
     if prepared.status == "up_to_date":
-        return finish_task(prepared, [], started)
+        enter_phase("finish")
+        summary = finish_task(prepared, [], started)
+        enter_phase("teardown")
+        return summary
     req = prepared.request
     sizing = worker_sizing(req, prepared.plan.max_job_memory, len(prepared.todo))
-    initialise_task(prepared)
-    if after_initialise is not None:
-        after_initialise(prepared)
-    groups = group_jobs(prepared.todo)
+    enter_phase("initialise")
     api_url = current_api_url()
-    with open_cluster(req, prepared.version, sizing, api_url) as cluster:
+    # The cluster starts (worker processes import the stack) while the store is initialised.
+    with cluster_in_background(req, prepared.version, sizing, api_url) as get_cluster:
+        initialise_task(prepared)
+        if after_initialise is not None:
+            after_initialise(prepared)
+        groups = group_jobs(prepared.todo)
+        cluster = get_cluster()
         logger.info(
             "%s: %d write jobs in %d tasks on %d workers of %s each (ready in %.1f s)",
             req.deploy_mode,
@@ -162,14 +163,19 @@ def run_cache_steps(
             format_bytes(sizing.memory),
             cluster.ready_seconds,
         )
+        enter_phase("data")
         with worker_settings(api_url), without_flow_heartbeat():
             runner = make_task_runner(cluster.mode, cluster.address)
-            results = write_flow.with_options(task_runner=runner)(
-                prepared.request_json, str(prepared.version), groups, cluster.address
-            )
-    summary = finish_task(prepared, results, started)
+            with watch_jobs(prepared.version, prepared.todo):
+                results = write_flow.with_options(task_runner=runner)(
+                    prepared.request_json, str(prepared.version), groups, cluster.address
+                )
+        enter_phase("finish")
+        summary = finish_task(prepared, results, started)
+        enter_phase("teardown")  # closing the cluster is teardown
     summary.update(
         deploy_mode=req.deploy_mode,
+        deploy_mode_reason=prepared.mode_reason,
         workers=cluster.concurrency,
         write_tasks=len(groups),
         worker_memory=sizing.memory,
@@ -198,155 +204,11 @@ def _publish_plan(prepared: Prepared) -> None:
         }.items()
     ]
     create_table_artifact(rows, key=artifact_key("zp-plan", prepared), description="Cache plan")
+    publish_plan_picture(prepared)  # the picture of the plan, inline in the UI
     if prepared.recommendations or prepared.applied:
-        text = recommendations_message(plan, prepared.recommendations)
+        text = recommendations_markdown(plan, prepared.recommendations)
         if prepared.applied:
             text = f"Applied: {prepared.applied.sentence}\n\n" + text
         create_markdown_artifact(
             text, key=artifact_key("zp-recommendations", prepared), description="Recommendations"
         )
-
-
-def _publish_recommendations(request: CacheRequest, e: RecommendationsPending) -> None:
-    final = resolve_paths(request).final
-    md = "# Run halted on recommendations\n\n" + str(e).replace("\n  ", "\n- ")
-    create_markdown_artifact(
-        md, key=artifact_key("zp-recommendations", final), description="Recommendations"
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def _parser(prog: str = "python -m flows.cache") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Cache a dataset into Zarr as REQUEST.yaml says.",
-    )
-    p.add_argument("command", nargs="?", default="run", help="run (default), plan or verify")
-    p.add_argument("request", nargs="?", help="request file (YAML or JSON)")
-    add_overrides(p)
-    p.add_argument("--plan-only", action="store_true", help="same as the plan command")
-    add_verify_options(p, prefix="verify: ")
-    return p
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.cache") -> int:
-    """Run the CLI; returns the exit code (0 done, 1 failed, 2 invalid, 3 halted).
-
-    ``zarr-parallel run|plan|verify`` (:mod:`zarr_parallel.cli`) lands here with its ``prog``.
-    """
-    parser = _parser(prog)
-    args = parser.parse_args(argv)
-    command, request_path = args.command, args.request
-    if request_path is None and command not in ("run", "plan", "verify"):
-        command, request_path = "run", command
-    if args.plan_only:
-        command = "plan"
-    if command not in ("run", "plan", "verify") or request_path is None:
-        parser.print_usage(sys.stderr)
-        print("error: give a command (run, plan, verify) and a request file", file=sys.stderr)
-        return 2
-
-    def run() -> int:
-        req = load_request_file(request_path, args.overrides)
-        set_log_level(req.log_level)
-        if command == "plan":
-            _print_plan(prepare(req))
-            return 0
-        if command == "verify":
-            report = verify_cache(req, args.verify_mode, args.sample, args.seed)
-            print(report.text())
-            return 0 if report.ok else 1
-        with temporary_api_settings():
-            summary = cache_flow(req)
-        print(format_summary(summary))
-        return 0
-
-    return exit_code(run)
-
-
-def exit_code(run: Callable[[], int]) -> int:
-    """Run a command-line body; zarr-parallel's errors become the documented exit codes.
-
-    0 done or up to date (what ``run`` returns), 1 run failed (or any other error of ours, or a
-    plain ``ValueError``: a bug), 2 invalid request (:class:`RequestError`, :class:`PlanError`),
-    3 halted on recommendations; each error is printed to stderr. Shared by ``zarr-parallel``,
-    ``flows.cache`` and ``flows.recache``.
-    """
-    try:
-        return run()
-    except RecommendationsPending as e:
-        print(str(e), file=sys.stderr)
-        return 3
-    except RunFailed as e:
-        print(f"run failed: {e}", file=sys.stderr)
-        return 1
-    except (RequestError, PlanError) as e:  # a request file that cannot be read is one too
-        print(f"invalid request: {e}", file=sys.stderr)
-        return 2
-    except ZarrParallelError as e:
-        print(f"failed: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        # Not the request's fault (those are RequestError/PlanError): a bug, whose traceback
-        # belongs in the report.
-        traceback.print_exc()
-        print(f"failed: {e!r}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:
-        if "ephemeral Prefect API" not in str(e):
-            raise
-        print(
-            f"failed: {e}\nStart a Prefect server and set PREFECT_API_URL, or allow the temporary "
-            "API more time with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
-            file=sys.stderr,
-        )
-        return 1
-
-
-def _print_plan(prepared: Prepared) -> None:
-    plan = prepared.plan
-    print(f"cache:               {prepared.paths.final} ({prepared.status})")
-    print(f"jobs:                {len(plan.jobs)} ({len(prepared.todo)} to run)")
-    print(f"read amplification:  {plan.read_amplification:.2f}")
-    print(
-        f"largest job:         {format_bytes(plan.max_job_memory)} of "
-        f"{format_bytes(plan.memory_budget)} budget"
-    )
-    workers, why = worker_note(prepared.request)
-    print(f"workers:             up to {workers} at once ({prepared.request.deploy_mode})")
-    for note in [*plan.notes, *([why] if why else [])]:
-        print(f"note:                {note}")
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The human-readable end-of-run summary."""
-    lines = [
-        f"zarr-parallel: {summary['status']}",
-        f"  cache               {summary['cache']}",
-        f"  jobs                {summary['jobs_run']} run, {summary['jobs_skipped']} skipped, "
-        f"{summary['jobs']} planned",
-        f"  read amplification  {summary['read_amplification']:.2f}",
-        f"  memory per job      estimate up to {format_bytes(summary['max_job_memory'])}"
-        + (
-            f", measured peak {format_bytes(summary['max_peak_memory'])}"
-            if summary.get("max_peak_memory")
-            else ""
-        ),
-        f"  written             {format_bytes(summary['bytes_written'])}",
-        f"  wall time           {summary['seconds']:.1f} s",
-    ]
-    if summary.get("workers"):
-        lines.append(
-            f"  ran on              {summary['workers']} {summary['deploy_mode']} worker(s), "
-            f"{summary['write_tasks']} write tasks"
-        )
-    if summary.get("applied_recommendation"):
-        lines.append(f"  applied             {summary['applied_recommendation']['sentence']}")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

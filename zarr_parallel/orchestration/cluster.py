@@ -9,29 +9,22 @@ and hands Prefect a ``DaskTaskRunner`` connected to it
 replace SLURM jobs that ended, explain why a worker was lost, and stop waiting when no worker can
 come. No chunk arithmetic here.
 
-dask workers import this module when they unpickle :class:`PrewarmPlugin`: it imports no Prefect
-at module level (the plugin imports the task module in a thread of its own, see :func:`_prewarm`).
+dask, distributed and dask-jobqueue are imported when a cluster starts: a series run (the
+default on small plans) never loads them. The workers' plugin is
+:mod:`zarr_parallel.orchestration.prewarm`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import dask
-import distributed  # noqa: F401 - its config defaults must exist before dask.config.set
-from dask_jobqueue.slurm import SLURMCluster
-from distributed import Client, Scheduler
-from distributed.deploy.spec import SpecCluster
-from distributed.deploy.subprocess import SubprocessWorker
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from zarr_parallel.orchestration.runners import worker_environment
 from zarr_parallel.orchestration.slurm import (
@@ -44,7 +37,6 @@ from zarr_parallel.orchestration.slurm import (
 )
 from zarr_parallel.planning.sizing import WorkerSizing
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.run.job_process import close_worker, prewarm
 from zarr_parallel.sources.fastread import process_cores
 
 logger = logging.getLogger(__name__)
@@ -55,8 +47,6 @@ NO_WORKER_GRACE = 120.0
 SQUEUE_INTERVAL = 5.0
 #: Seconds local workers may take to start and connect.
 STARTUP_TIMEOUT = 120.0
-#: Seconds a closing worker gets to exit by itself before it is ended (``os._exit``).
-EXIT_GRACE_SECONDS = 30.0
 
 
 @dataclass
@@ -245,6 +235,9 @@ def open_cluster(
     if mode == "series":
         yield ClusterHandle(mode, None, sizing)
         return
+    import dask
+    import distributed  # noqa: F401 - its config defaults must exist before dask.config.set
+
     # Local workers share this machine's cores (SLURM jobs get their own: slurm_cluster_kwargs).
     env = worker_environment(req, api_url, process_cores() // sizing.workers)
     t0 = time.monotonic()
@@ -283,6 +276,36 @@ def open_cluster(
                 logger.warning("closing %s failed: %s", type(obj).__name__, e)
 
 
+@contextmanager
+def cluster_in_background(
+    req: CacheRequest, version: Path, sizing: WorkerSizing, api_url: str | None
+) -> Iterator[Callable[[], ClusterHandle]]:
+    """:func:`open_cluster` in a thread of its own, so that the caller goes on meanwhile (the
+    store is initialised while worker processes start); the function yielded waits for the
+    cluster and returns it (or raises why it did not start). Closed when the block ends.
+    """
+    if req.deploy_mode != "dask_distributed":
+        # Series has nothing to start; SLURM submits jobs (quick) and dask-jobqueue installs a
+        # signal handler when imported, which only the main thread may do.
+        with open_cluster(req, version, sizing, api_url) as handle:
+            yield lambda: handle
+        return
+    # Imported here, in the calling thread: module imports with side effects stay off the pool.
+    import distributed  # noqa: F401
+
+    stack = ExitStack()
+    with ThreadPoolExecutor(1, thread_name_prefix="zarr-parallel-cluster") as pool:
+        future = pool.submit(stack.enter_context, open_cluster(req, version, sizing, api_url))
+        try:
+            yield future.result
+        finally:
+            # A start still going must end before the cluster can be closed; a start that
+            # failed was either raised by the caller's get() or is beside the caller's own error.
+            with suppress(BaseException):
+                future.result()
+            stack.close()
+
+
 def _start(
     req: CacheRequest,
     version: Path,
@@ -292,6 +315,8 @@ def _start(
     stack_close: list[Any],
 ) -> ClusterHandle:
     """Start or connect to the cluster; what must be closed goes into ``stack_close`` at once."""
+    from distributed import Client
+
     mode = req.deploy_mode
     if mode == "dask_distributed" and req.scheduler_address:
         client: Any = Client(req.scheduler_address, timeout="60s")  # type: ignore[no-untyped-call]
@@ -312,6 +337,9 @@ def _start(
                 "compute nodes reach",
                 api_url,
             )
+        # dask-jobqueue only here: importing it installs a SIGINT handler (main thread only).
+        from dask_jobqueue.slurm import SLURMCluster
+
         logs = log_directory(req, version)
         logs.mkdir(parents=True, exist_ok=True)
         slurm: Any = SLURMCluster(**slurm_cluster_kwargs(req, sizing, api_url, logs))
@@ -334,6 +362,10 @@ def _local_cluster(sizing: WorkerSizing, env: dict[str, str], log_level: int) ->
     breaks (or re-runs) any script that calls ``cache()`` outside ``if __name__ ==
     "__main__":``. The nanny inside restarts a worker process that dies.
     """
+    from distributed import Scheduler
+    from distributed.deploy.spec import SpecCluster
+    from distributed.deploy.subprocess import SubprocessWorker
+
     level = {0: logging.WARNING, 1: logging.INFO}.get(log_level, logging.DEBUG)
     # No dashboard; the scheduler's HTTP server (health and metrics routes) listens on a free
     # loopback port rather than dask's 8787, which another cluster may hold ("Port 8787 is
@@ -373,45 +405,12 @@ def _local_cluster(sizing: WorkerSizing, env: dict[str, str], log_level: int) ->
     )
 
 
-def _prewarm() -> None:
-    # Imported here, in the prewarm thread, on purpose: the task module (and Prefect with it)
-    # loads before the first task arrives, without holding up the worker's event loop as it joins.
-    import zarr_parallel.orchestration.tasks  # noqa: F401 - Prefect and the task module, before the first task
-
-    prewarm()
-
-
-class PrewarmPlugin(WorkerPlugin):
-    """dask worker plugin: import the task code and start the job process as a worker joins,
-    so that the first write task does not wait for them."""
-
-    name = "zarr-parallel-prewarm"
-
-    def setup(self, worker: Any) -> None:
-        threading.Thread(target=_prewarm, name="zarr-parallel-prewarm", daemon=True).start()
-
-    def teardown(self, worker: Any) -> None:
-        # The worker is closing: its job processes go now, a busy one too (the scheduler has
-        # given its job to another worker), and it starts no more. And the worker must really
-        # end: SLURM workers (no nanny) were seen stuck after a scancel, cancelling event-loop
-        # tasks for ever, outliving their job where SLURM tracks processes by parentage
-        # (proctrack/linuxproc) and holding their memory on the node.
-        close_worker()
-        threading.Thread(
-            target=_exit_after, args=(EXIT_GRACE_SECONDS,), name="zarr-parallel-exit", daemon=True
-        ).start()
-
-
-def _exit_after(seconds: float) -> None:
-    time.sleep(seconds)
-    logger.warning(
-        "worker pid %d still running %.0f s after closing: ending it", os.getpid(), seconds
-    )
-    logging.shutdown()
-    os._exit(0)
-
-
 def _register_prewarm(address: str) -> None:
+    from distributed import Client
+
+    # Deferred: the plugin's module imports distributed, loaded only when a cluster starts.
+    from zarr_parallel.orchestration.prewarm import PrewarmPlugin
+
     try:
         with Client(address, timeout="30s") as client:  # type: ignore[no-untyped-call]
             client.register_plugin(PrewarmPlugin())

@@ -37,7 +37,7 @@ from zarr_parallel.orchestration.tasks import artifact_key
 from zarr_parallel.request.model import CacheRequest, build_request
 from zarr_parallel.run.policy import Policy, load_policy
 from zarr_parallel.run.policy_checks import check_request
-from zarr_parallel.run.recommend import Recommendation
+from zarr_parallel.run.recommend import Recommendation, recommendations_markdown
 from zarr_parallel.run.steps import recommendations_message
 from zarr_parallel.store.paths import resolve_paths
 from zarr_parallel.units import format_duration, parse_duration
@@ -298,7 +298,7 @@ def decide_on_recommendations(
     text = recommendations_message(pending.plan, recs)
     description = (
         "## The plan re-reads source chunks\n\n"
-        + text.replace("\n  ", "\n- ")
+        + recommendations_markdown(pending.plan, recs)
         + "\n\nChoose **apply** (with the recommendation's number), **proceed** or **cancel**."
     )
     logger.warning(
@@ -336,7 +336,8 @@ def decide_on_recommendations(
     logger.info("applying recommendation %d: %s", choice.recommendation, chosen.sentence)
     create_markdown_artifact(
         f"# Applied recommendation {choice.recommendation}\n\n{chosen.sentence}\n\n"
-        f"Changes: `{chosen.changes}`\n\n" + description,
+        f"In the request file:\n\n```yaml\n{chosen.request_yaml()}```\n\n"
+        f"On the command line:\n\n```\n{chosen.set_options()}\n```\n\n" + description,
         key=key,
         description="Recommendations (applied)",
     )

@@ -22,6 +22,16 @@ def add_overrides(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_progress_options(p: argparse.ArgumentParser) -> None:
+    """``--quiet``: no progress on stderr (the summary and errors still print)."""
+    p.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="show no progress on stderr (a live line in a terminal, a line per phase otherwise)",
+    )
+
+
 def add_verify_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """``--verify-mode``, ``--sample`` and ``--seed``; ``prefix`` starts each help text."""
     p.add_argument(
@@ -38,3 +48,18 @@ def add_recache_options(p: argparse.ArgumentParser) -> None:
     """``--check`` and ``--no-append`` of the re-cache command."""
     p.add_argument("--check", action="store_true", help="only report what a run would do")
     p.add_argument("--no-append", action="store_true", help="re-cache in full when it changed")
+
+
+def add_plan_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--picture PATH`` and ``--picture-variable NAME`` of the plan command."""
+    p.add_argument(
+        "--picture",
+        metavar="PATH",
+        help=f"{prefix}write the plan picture (source and target chunk grids, jobs) to PATH: "
+        "SVG or PNG by its suffix",
+    )
+    p.add_argument(
+        "--picture-variable",
+        metavar="NAME",
+        help=f"{prefix}the variable the picture shows (default: the first)",
+    )

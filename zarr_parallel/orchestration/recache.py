@@ -20,20 +20,23 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from zarr_parallel.errors import RecommendationsPending
 from zarr_parallel.logs import set_log_level
-from zarr_parallel.orchestration.cache import (
-    cache_flow,
-    exit_code,
-    format_summary,
-    run_cache_steps,
-)
+from zarr_parallel.orchestration.cache import cache_flow, run_cache_steps
+from zarr_parallel.orchestration.command import exit_code, format_summary
 from zarr_parallel.orchestration.control import (
     cache_slot,
     checked_request,
     deployment_policy,
     temporary_api_settings,
 )
-from zarr_parallel.orchestration.options import add_overrides, add_recache_options
+from zarr_parallel.orchestration.halt import awaiting_decision
+from zarr_parallel.orchestration.options import (
+    add_overrides,
+    add_progress_options,
+    add_recache_options,
+)
+from zarr_parallel.orchestration.progress import command_started, reporting
 from zarr_parallel.orchestration.tasks import artifact_key
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.request_file import load_request_file
@@ -107,7 +110,11 @@ def _recache(
     # A full re-cache is the cache flow itself (it takes the slot again, checks the policy
     # again, pauses on recommendations in deployment runs, and publishes a new version
     # atomically).
-    summary = cache_flow(request)
+    try:
+        summary = cache_flow(request)
+    except RecommendationsPending as e:
+        # The cache flow ended in AwaitingDecision (an ad hoc run): so does this run.
+        return awaiting_decision(request, e)  # type: ignore[return-value]
     return {**summary, "recache": decision.to_json()}
 
 
@@ -169,11 +176,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.recache
     p.add_argument("request", help="request file (YAML or JSON)")
     add_overrides(p)
     add_recache_options(p)
+    add_progress_options(p)
     args = p.parse_args(argv)
 
     def run() -> int:
         req = load_request_file(args.request, args.overrides)
-        with temporary_api_settings():
+        quiet = False if args.quiet else None
+        with reporting(quiet, since=command_started()), temporary_api_settings():
             summary = recache_flow(req, allow_append=not args.no_append, check_only=args.check)
         print(format_summary(summary))
         recache = summary["recache"]

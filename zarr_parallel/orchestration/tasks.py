@@ -15,7 +15,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run as current_task_run
 
-from zarr_parallel.errors import SourceChanged
+from zarr_parallel.errors import RecommendationsPending, SourceChanged
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.planning.jobs import Job, read_jobs
 from zarr_parallel.request.model import CacheRequest
@@ -37,9 +37,17 @@ from zarr_parallel.store.manifest import plan_record, recorded_jobs
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_task(request: CacheRequest) -> Prepared:
-    """Inspect the source layout, plan, recommend and choose the version (no writes)."""
-    return prepare(request)
+def plan_task(request: CacheRequest) -> Prepared | RecommendationsPending:
+    """Inspect the source layout, plan, recommend and choose the version (no writes).
+
+    A plan that halts on recommendations is this task's result, not its failure: halting is an
+    expected outcome, which the flow ends in ``AwaitingDecision`` or a pause
+    (:mod:`zarr_parallel.orchestration.halt`); a failed task would log a traceback.
+    """
+    try:
+        return prepare(request)
+    except RecommendationsPending as e:
+        return e
 
 
 @task(name="initialise-store", cache_policy=NO_CACHE)

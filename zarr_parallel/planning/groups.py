@@ -248,9 +248,57 @@ class Group:
         if fits(evened):
             per_job = evened
         bounds = [_pack(u, k) for u, k in zip(units, per_job, strict=True)]
+        bounds = _balanced(bounds, units, limits.workers, lambda b: cost.fits(b, limits))
         jobs, read, need = _make_jobs(members, cost, bounds, first_id)
         gplan = GroupPlan(names, lead.dims, tuple(n_units), tuple(per_job), tuple(self.split))
         return gplan, jobs, read, need, list(self.notes)
+
+
+def split_evenly(units: IntArray, parts: int) -> IntArray:
+    """Boundaries grouping the units between ``units`` into ``parts`` consecutive segments whose
+    unit counts differ by at most one, the larger first.
+
+    >>> split_evenly(np.arange(12), 4).tolist()  # 11 units: 3 + 3 + 3 + 2
+    [0, 3, 6, 9, 11]
+    """
+    n = len(units) - 1
+    size, extra = divmod(n, parts)
+    counts = [size + 1] * extra + [size] * (parts - extra)
+    picked: IntArray = units[np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)]
+    return picked
+
+
+def balanced_parts(jobs_along: Sequence[int], d: int, workers: int) -> int:
+    """Least number of segments along dimension ``d`` (at least ``jobs_along[d]``) that makes
+    the job count a multiple of ``workers``.
+
+    >>> balanced_parts([11], 0, 2), balanced_parts([3, 3], 0, 2), balanced_parts([5, 4], 0, 2)
+    (12, 4, 5)
+    """
+    others = math.prod(jobs_along) // jobs_along[d]
+    step = workers // math.gcd(others, workers)
+    return -(-jobs_along[d] // step) * step
+
+
+def _balanced(
+    bounds: list[IntArray], units: list[IntArray], workers: int, fits: Any
+) -> list[IntArray]:
+    """The split with its job count raised to a multiple of ``workers`` where whole units allow
+    (outermost dimension first), so that all workers run until the end: 11 equal jobs on 2
+    workers leave one idle for the whole last job, 12 smaller ones do not. Unchanged when no
+    such split fits the budgets."""
+    jobs_along = [len(b) - 1 for b in bounds]
+    if workers <= 1 or math.prod(jobs_along) % workers == 0:
+        return bounds
+    for d in range(len(bounds)):
+        parts = balanced_parts(jobs_along, d, workers)
+        if parts > len(units[d]) - 1:
+            continue
+        trial = list(bounds)
+        trial[d] = split_evenly(units[d], parts)
+        if fits(trial):
+            return trial
+    return bounds
 
 
 def _check_unit_fits(members: Sequence[ArrayInput], memory: int, limits: Limits) -> None:

@@ -10,7 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from zarr_parallel.planning.grid import AxisMap
-from zarr_parallel.planning.memory import fast_job_memory, job_memory
+from zarr_parallel.planning.memory import (
+    FAST_WRITE_COPIES,
+    FAST_WRITE_COPIES_UNCOMPRESSED,
+    fast_job_memory,
+    job_memory,
+)
 from zarr_parallel.units import format_bytes
 
 
@@ -36,6 +41,9 @@ class ArrayInput:
     fast
         Written by the fast path (raw chunk reads streamed in slabs, :func:`fast_job_memory`)
         rather than through xarray (:func:`job_memory`).
+    compressed
+        Its chunks go through a compressor (``compression`` other than ``none``): the fast
+        path's encoders then hold compressed buffers too.
     """
 
     name: str
@@ -45,6 +53,7 @@ class ArrayInput:
     read_itemsize: int
     fixed_touched: int = 1
     fast: bool = False
+    compressed: bool = True
 
     def __post_init__(self) -> None:
         if len(self.axes) != len(self.write_chunks):
@@ -91,6 +100,7 @@ class ArrayInput:
             self.itemsize,
             self.read_itemsize,
             self.source_chunk_elems,
+            FAST_WRITE_COPIES if self.compressed else FAST_WRITE_COPIES_UNCOMPRESSED,
         )
 
     def signature(self) -> str:
@@ -120,6 +130,9 @@ class Limits:
     min_jobs_derived
         True when ``min_jobs`` comes from the worker count, not from the user's ``num_jobs``:
         a plan that cannot reach it then says nothing (there is no ``num_jobs`` to name).
+    workers
+        Workers running jobs at once: a group's job count is made a multiple of it where whole
+        units allow, so that no worker idles while another runs the last job (tail balance).
     """
 
     memory_budget: int
@@ -128,6 +141,7 @@ class Limits:
     reserve: int = 0
     overhead: int = 0
     min_jobs_derived: bool = False
+    workers: int = 1
 
     @property
     def memory_limit(self) -> int:

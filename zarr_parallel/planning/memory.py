@@ -66,10 +66,19 @@ def fast_slab_bounds(start: int, stop: int, chunk: int, slabs: int = FAST_SLABS)
     return np.concatenate([edges, [stop]]).astype(np.int64)
 
 
-#: Fast path: most write chunks zarr encodes at once (``async.concurrency`` during its writes) and
-#: the bytes each holds then (a contiguous copy and the compressed result), in chunk sizes.
+#: Fast path: most write chunks zarr encodes at once (``async.concurrency`` during its writes).
 FAST_WRITE_INFLIGHT = 4
-FAST_WRITE_COPIES = 2
+#: Fast path, compressing codecs: the chunk sizes each encoding thread holds: its contiguous copy
+#: of the chunk, the compressed result, and the previous chunk's compressed bytes still pending
+#: their write (as large as a chunk for data that does not compress). One thread measured
+#: 2.06-2.41 chunks under CPU contention on half-compressible data and up to 2.78 with gzip on
+#: incompressible data (tests/planning/test_memory_model.py), above the 2 counted before.
+FAST_WRITE_COPIES = 3
+#: Fast path, ``compression: none``: no compressed buffers (zarr writes an uncompressed chunk
+#: from a view of it), so the thread's copy and the buffer zarr pads an edge chunk into (the
+#: allocator may keep the freed copy resident meanwhile). One thread measured 0.14-1.99 chunks;
+#: the per-thread FAST_THREAD_BYTES covers the rest.
+FAST_WRITE_COPIES_UNCOMPRESSED = 2
 #: Fast path: most reader threads (zarr_parallel.sources.fastread caps its pool at this), and the
 #: bytes each holds per source chunk (the stored bytes, inflated, un-shuffled), in chunk sizes. Two
 #: are enough: inflating (libdeflate, GIL released) costs ~1.1 CPU s per GB here, encoding the
@@ -107,6 +116,7 @@ def fast_job_memory(
     itemsize: int,
     read_itemsize: int,
     source_chunk_elems: int,
+    write_copies: int = FAST_WRITE_COPIES,
 ) -> Any:
     """Estimated peak bytes of a fast-path job with these region lengths (docs/design.md §5).
 
@@ -116,9 +126,11 @@ def fast_job_memory(
     reader threads hold and what each of those threads touches (:data:`FAST_THREAD_BYTES`),
     with a :data:`FAST_MARGIN` allowance. A single-slab job reads, then writes (variables
     follow one another too), so its readers' and encoders' buffers never coexist.
+    ``write_copies`` is what each encoding thread holds in chunk sizes (:data:`FAST_WRITE_COPIES`,
+    or :data:`FAST_WRITE_COPIES_UNCOMPRESSED` for uncompressed chunks).
 
     >>> fast_job_memory([96, 721, 1440], [48, 180, 360], 4, 4, 721 * 1440)
-    589289395
+    644032435
     """
     slab0, n_slabs = fast_slab_len(lengths[0], int(write_chunks[0]))
     slab = slab0 * (math.prod(lengths[1:]) if len(lengths) > 1 else 1)
@@ -132,7 +144,7 @@ def fast_job_memory(
     held = held + previous * itemsize
     chunk_elems = math.prod(int(c) for c in write_chunks)
     in_slab = -(-slab // chunk_elems)
-    writing = FAST_WRITE_COPIES * np.minimum(FAST_WRITE_INFLIGHT, in_slab) * chunk_elems * itemsize
+    writing = write_copies * np.minimum(FAST_WRITE_INFLIGHT, in_slab) * chunk_elems * itemsize
     reading = FAST_READ_THREADS * FAST_READ_COPIES * source_chunk_elems * read_itemsize
     threads = (FAST_READ_THREADS + FAST_WRITE_INFLIGHT) * FAST_THREAD_BYTES
     # Reading overlaps writing only while a previous slab is written (write._copy_fast).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -9,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zarr_parallel.errors import RequestError
+from zarr_parallel.planning.compression import DEFAULT_COMPRESSION, FORMS, parse_compression
 from zarr_parallel.planning.fingerprint import canonical_json, fingerprint
 from zarr_parallel.planning.tile_spec import request_tiles
 from zarr_parallel.request import checks
@@ -17,9 +19,13 @@ from zarr_parallel.request.secrets import MASK, is_secret_key, redact
 from zarr_parallel.transforms.registry import validate_spec
 from zarr_parallel.units import parse_duration, parse_memory
 
-DEPLOY_MODES = ("series", "dask_distributed", "slurm")
+logger = logging.getLogger(__name__)
+
+DEPLOY_MODES = ("auto", "series", "dask_distributed", "slurm")
 ENGINES = ("h5netcdf", "netcdf4", "kerchunk", "zarr")
-DEFAULT_DEPLOY_MODE = "dask_distributed"
+#: ``auto`` chooses series or a local cluster by the plan and the machine, and says why
+#: (:mod:`zarr_parallel.planning.deploy_choice`; docs/design.md §2b).
+DEFAULT_DEPLOY_MODE = "auto"
 _TYPE_TAG = re.compile(r"^(bool|int|float|str|none|[a-z]+\[.*\])$")
 
 
@@ -146,6 +152,11 @@ class CacheRequest(BaseModel):
     cache_label: str = Field("", description="Suffix of the cache name, e.g. '_v1'")
     add_attrs: dict[str, Any] = Field(default_factory=dict, description="Extra global attributes")
     zarr_format: Literal[2, 3] = Field(3, description="Zarr format of the cache")
+    compression: str = Field(
+        DEFAULT_COMPRESSION,
+        description="Codec of the cache's chunks: 'zstd', 'zstd:5', 'blosc:lz4:5', 'zlib:1', "
+        "'gzip:5' or 'none'; a variable's 'encoding' transform may set its own",
+    )
     memory_limit: str | int = Field("2GB", description="Most one worker may use, e.g. '2GB'")
     memory_reserve: str | int = Field(
         "256MB", description="Share of memory_limit kept for the interpreter and libraries"
@@ -159,9 +170,10 @@ class CacheRequest(BaseModel):
     )
     deploy_mode: str = Field(
         DEFAULT_DEPLOY_MODE,
-        description="series, dask_distributed or SLURM",
+        description="auto (default: series or a local dask cluster, chosen by the plan and the "
+        "machine; never SLURM), series, dask_distributed or SLURM",
         # A choice list in the Prefect UI form, checked by the API (Python is case-insensitive).
-        json_schema_extra={"enum": ["series", "dask_distributed", "SLURM", "slurm"]},
+        json_schema_extra={"enum": ["auto", "series", "dask_distributed", "SLURM", "slurm"]},
     )
     scheduler_address: str | None = Field(
         None, description="Address of an existing dask scheduler (dask_distributed)"
@@ -194,7 +206,9 @@ class CacheRequest(BaseModel):
         ),
     )
     generate_stats: bool = Field(False, description="Gather count/min/max/mean/NaN per variable")
-    log_level: int = Field(0, ge=0, le=2, description="0 quiet, 1 info, 2 debug")
+    log_level: int = Field(
+        0, ge=0, description="0 quiet, 1 info, 2 debug (higher values mean 2, as in 0.5)"
+    )
     # -- [deployments] fields go here --
     pause_timeout: str | int | float = Field(
         "1:00:00",
@@ -209,7 +223,7 @@ class CacheRequest(BaseModel):
     def _mode(cls, v: Any) -> str:
         mode = str(v).lower()
         if mode not in DEPLOY_MODES:
-            raise ValueError(f"must be one of series, dask_distributed, SLURM; got {v!r}")
+            raise ValueError(f"must be one of auto, series, dask_distributed, SLURM; got {v!r}")
         return mode
 
     @field_validator("engine", mode="before")
@@ -286,6 +300,24 @@ class CacheRequest(BaseModel):
             raise ValueError(f"is {v} (true/false), not a whole number")
         return v
 
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: int) -> int:
+        # 0.5 read any level above 2 as 2 (debug): requests written for it keep working.
+        if v > 2:
+            logger.warning("log_level=%d is above the highest level, 2 (debug): using 2", v)
+            return 2
+        return v
+
+    @field_validator("compression", mode="before")
+    @classmethod
+    def _compression(cls, v: Any) -> str:
+        # The canonical form: one spelling per codec, so one content fingerprint.
+        try:
+            return parse_compression(v, "compression").text
+        except RequestError as e:  # build_request words it, with the forms from _FIXES
+            raise ValueError(e.problem) from None
+
     @field_validator("preprocessors", mode="before")
     @classmethod
     def _preprocessors(cls, v: Any) -> Any:
@@ -336,6 +368,10 @@ class CacheRequest(BaseModel):
                 "keep_packing",
             }
         )
+        if self.compression != DEFAULT_COMPRESSION:
+            # The codec is content (docs/design.md §2b), hashed only when it is not the default:
+            # caches written before the field existed (all zstd) stay up to date.
+            content["compression"] = self.compression
         if isinstance(content["data_uri"], list):
             # A list of files is a set: the source orders them along its joining dimension.
             content["data_uri"] = sorted(content["data_uri"])
@@ -421,7 +457,7 @@ _FIXES = {
     "chunks": (
         "Give positive sizes per dimension, e.g. {'time': 48}, -1 for a whole dimension, or 'auto'"
     ),
-    "deploy_mode": "Use 'series', 'dask_distributed' or 'SLURM'",
+    "deploy_mode": "Use 'auto', 'series', 'dask_distributed' or 'SLURM'",
     "recommend_changes": "Use 'halt', 'apply' or 'proceed'",
     "engine": (
         "Leave it unset to detect from data_uri, or name one of h5netcdf, netcdf4, kerchunk, zarr"
@@ -430,6 +466,7 @@ _FIXES = {
     "log_level": "Use 0, 1 or 2",
     "variables": "Map each variable to {} or to a list such as [{'type': 'rename', ...}]",
     "zarr_format": "Use 3 (the default) or 2",
+    "compression": f"Use {FORMS}",
 }
 
 

@@ -20,6 +20,7 @@ import xarray as xr
 from zarr_parallel.planning.fingerprint import canonical_json
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.chunk_compare import values_equal
+from zarr_parallel.sources.layout import SourceLayout, group_files
 from zarr_parallel.sources.target import Target
 
 #: Changed files are checked value by value only while they hold at most this share of the
@@ -58,25 +59,56 @@ def file_changes(
     old_states = old_layout.get("file_states")
     if not old_states or len(old_states) != len(old_files):
         return f"the published version {base} does not record its source files' states"
-    files = list(layout.files)
-    if files[: len(old_files)] != old_files:
-        gone = [f for f in old_files if f not in files]
-        if gone:
-            return f"source file(s) {file_names(gone)} are gone"
-        early = [f for f in files if f not in old_files]
-        return (
-            f"new source file(s) {file_names(early)} sort before or among the cached ones, so "
-            "the cached range itself changed"
-        )
-    new_files = files[len(old_files) :]
+    found = _new_files(layout, old_layout, old_files)
+    if isinstance(found, str):
+        return found
+    new_files = found
+    now = dict(zip(layout.files, layout.file_states, strict=False))
     changed = [
         f
-        for f, old, new in zip(old_files, old_states, layout.file_states, strict=False)
-        if canonical_json(old) != canonical_json(new)
+        for f, old in zip(old_files, old_states, strict=True)
+        if f in now and canonical_json(old) != canonical_json(now[f])
     ]
     if not new_files and not changed:
         return "the source's chunk layout changed"
     return new_files, changed
+
+
+def _new_files(
+    layout: SourceLayout, old_layout: dict[str, Any], old_files: list[str]
+) -> list[str] | str:
+    """The files after the cached ones (per variable when files hold different variables), or
+    the reason the cached range itself changed."""
+    files = list(layout.files)
+    gone = [f for f in old_files if f not in files]
+    if gone:
+        return f"source file(s) {file_names(gone)} are gone"
+    if not layout.groups and not old_layout.get("groups"):
+        pairs = [(old_files, files)]
+    else:
+        # Each variable's files must still begin with the ones it was cached from.
+        now = layout.to_json()
+        pairs = [(group_files(old_layout, v)[0], group_files(now, v)[0]) for v in layout.variables]
+    new_files: list[str] = []
+    for old, current in pairs:
+        if current[: len(old)] != old:
+            early = [f for f in current if f not in old]
+            return (
+                f"new source file(s) {file_names(early)} sort before or among the cached ones, "
+                "so the cached range itself changed"
+            )
+        new_files += [f for f in current[len(old) :] if f not in new_files]
+    return new_files
+
+
+def unchanged_reason(new_files: list[str], verified: list[str]) -> str:
+    """Why a changed source that did not grow leaves the cache up to date."""
+    if verified:
+        return (
+            f"source file(s) {file_names(verified)} changed state but hold the same values, "
+            "and nothing new falls within the selection"
+        )
+    return f"new source file(s) {file_names(new_files)} fall outside the selection"
 
 
 def check_changed_files(
@@ -132,12 +164,18 @@ def _changed_rows(
     if dim is None or src_dim != (dim,):
         return None
     old_n = int(cache.sizes[dim])
-    offsets = np.cumsum([0, *layout.file_lengths])
     src = np.asarray(target.dataset[index].values)[:old_n]
     hit = np.zeros(src.shape, dtype=bool)
-    for f in changed:
-        i = layout.files.index(f)
-        hit |= (src >= offsets[i]) & (src < offsets[i + 1])
+    # Files holding different variables: each group of files has its own offsets.
+    groups = [(g.files, g.lengths) for g in layout.groups] or [(layout.files, layout.file_lengths)]
+    for files, lengths in groups:
+        if len(lengths) != len(files):
+            return None
+        offsets = np.cumsum([0, *lengths])
+        for f in changed:
+            if f in files:
+                i = files.index(f)
+                hit |= (src >= offsets[i]) & (src < offsets[i + 1])
     return np.flatnonzero(hit), dim
 
 
@@ -145,7 +183,7 @@ def _check_first_file(
     target: Target, cache: xr.Dataset, changed: list[str], vname: str, var: xr.DataArray
 ) -> str | None:
     """A variable without the append dimension, which comes from the first file."""
-    files = target.layout.files
+    files = target.layout.files_of(target.sources.get(vname) or vname)
     if (
         files
         and files[0] in changed

@@ -153,11 +153,12 @@ def _hdf5_stored(source: Source, req: CacheRequest) -> dict[str, int]:
     """Storage size over a few sampled files, scaled to the whole variable."""
     import h5py
 
-    files = list(source.layout.files)
-    picks = sorted({0, len(files) // 2, len(files) - 1})[:SAMPLED_FILES]
     group = req.open_options.get("group")
     stored: dict[str, float] = {}
     for name, v in source.layout.variables.items():
+        # The files holding this variable (files may hold different variables).
+        files = list(source.layout.files_of(name))
+        picks = sorted({0, len(files) // 2, len(files) - 1})[:SAMPLED_FILES]
         nbytes, elems = 0, 0
         for i in picks:
             with h5py.File(readable_file(files[i], req), "r") as f:

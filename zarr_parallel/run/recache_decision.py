@@ -24,6 +24,7 @@ Every decision carries a sentence saying why, shown in the run's artifacts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -41,10 +42,15 @@ from zarr_parallel.errors import RecommendationsPending
 from zarr_parallel.planning.fingerprint import fingerprint
 from zarr_parallel.planning.plan import plan_jobs_from
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.run.changed_files import check_changed_files, file_changes, file_names
+from zarr_parallel.run.changed_files import (
+    check_changed_files,
+    file_changes,
+    file_names,
+    unchanged_reason,
+)
 from zarr_parallel.run.chunk_compare import values_equal
 from zarr_parallel.run.steps import Prepared, Status, limits_for, plan_inputs, prepare
-from zarr_parallel.sources.target import Target, build_target, fresh_source
+from zarr_parallel.sources.target import Target, build_target, cached_source, fresh_source
 from zarr_parallel.store.manifest import is_complete, plan_record, recorded_jobs
 from zarr_parallel.store.paths import CachePaths, resolve_paths
 
@@ -67,6 +73,9 @@ class Decision:
     base_version: str | None = None
     new_files: tuple[str, ...] = ()
     checked_files: tuple[str, ...] = ()
+    #: Steps some variables have and others not yet, left out until they arrive (files that
+    #: hold different variables, see :mod:`zarr_parallel.sources.merge`).
+    pending: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """JSON form for artifacts, summaries and the manifest."""
@@ -81,6 +90,7 @@ class Decision:
             "base_version": self.base_version,
             "new_files": list(self.new_files),
             "checked_files": list(self.checked_files),
+            "pending": list(self.pending),
         }
 
     def markdown(self) -> str:
@@ -111,6 +121,7 @@ class Decision:
         if self.checked_files:
             names = ", ".join(os.path.basename(f) for f in self.checked_files)
             lines.append(f"| changed files checked value by value | {names} |")
+        lines += [f"| left out for now | {note} |" for note in self.pending]
         return "\n".join(lines)
 
 
@@ -140,6 +151,20 @@ def content_digest(req: CacheRequest) -> str:
 
 
 def decide(req: CacheRequest, allow_append: bool = True) -> tuple[Decision, AppendPrepared | None]:
+    """Compare the source and the published cache (see :func:`_decide`), and say which steps
+    are left out until every variable has them (files that hold different variables)."""
+    decision, prepared = _decide(req, allow_append)
+    # Opened by the decision already (the per-process cache): no second read.
+    pending = cached_source(req).layout.pending if decision.base_version else ()
+    if pending:
+        reason = "; ".join([decision.reason, *pending])
+        decision = dataclasses.replace(decision, reason=reason, pending=tuple(pending))
+        if prepared is not None:
+            prepared.decision = decision
+    return decision, prepared
+
+
+def _decide(req: CacheRequest, allow_append: bool = True) -> tuple[Decision, AppendPrepared | None]:
     """Compare the source and the published cache; choose the least work that makes it current.
 
     Reads the source's metadata, the published version's manifest and coordinates, and (only
@@ -280,7 +305,7 @@ def _append_decision(
     if growth.dim is None:
         return Decision(
             "up_to_date",
-            _unchanged_reason(new_files, changed),
+            unchanged_reason(new_files, changed),
             name,
             base_version=base,
             new_files=tuple(new_files),
@@ -364,16 +389,6 @@ _CONTENT_RULES: tuple[Rule, ...] = (
 _APPEND_RULES: tuple[Rule, ...] = (_append_coordinate_rule, _monotonic_rule)
 
 
-def _unchanged_reason(new_files: list[str], verified: list[str]) -> str:
-    """Why a changed source that did not grow leaves the cache up to date."""
-    if verified:
-        return (
-            f"source file(s) {file_names(verified)} changed state but hold the same values, "
-            "and nothing new falls within the selection"
-        )
-    return f"new source file(s) {file_names(new_files)} fall outside the selection"
-
-
 def _append_step(g: _Growth) -> int | str:
     """The write grid's step along the append dimension (the least common multiple over the
     variables along it), or the reason the chunking forbids reusing the cached chunks."""
@@ -445,6 +460,8 @@ def _prepare_append(
     plan = plan_jobs_from(
         plan_inputs(target, req), limits_for(req), digest, decision.dim, decision.start
     )
+    # Steps left out until every variable has them are reported with the plan's notes.
+    plan = dataclasses.replace(plan, notes=(*plan.notes, *target.layout.pending))
     fp = plan.fingerprint
     current = paths.current()
     staging = [

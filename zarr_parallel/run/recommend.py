@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
-from collections.abc import Callable
+import shlex
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import xarray as xr
+import yaml
 
 from zarr_parallel.errors import ZarrParallelError
 from zarr_parallel.planning.plan import Plan
@@ -18,6 +21,7 @@ from zarr_parallel.sources.source import Source
 from zarr_parallel.sources.target import INDEX_PREFIX, Target, indexed_source
 from zarr_parallel.transforms.registry import apply_transforms
 from zarr_parallel.transforms.tile_candidates import tile_candidates
+from zarr_parallel.units import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,122 @@ class Recommendation:
             "keeps_region": self.keeps_region,
             "sentence": self.sentence,
         }
+
+    def request_yaml(self) -> str:
+        """The changes as the YAML lines a user pastes into the request file (block style)."""
+        return changes_yaml(self.changes)
+
+    def set_options(self) -> str:
+        """The changes as ``--set`` options for the command line, quoted for a POSIX shell."""
+        return set_options(self.changes)
+
+
+class _QuotingDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, with double quotes where a scalar must be quoted.
+
+    A ``--set`` value goes inside the shell's single quotes; YAML's own single quotes there would
+    have to be written as ``'"'"'``.
+    """
+
+    def choose_scalar_style(self) -> str:
+        style: str = super().choose_scalar_style()
+        return '"' if style == "'" else style
+
+
+def _plain(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """The changes as plain JSON data (lists for tuples, Python numbers for numpy's)."""
+    return dict(json.loads(json.dumps(dict(changes), default=_label)))
+
+
+def changes_yaml(changes: Mapping[str, Any]) -> str:
+    """Request fields as block-style YAML, the keys in the order given.
+
+    >>> print(changes_yaml({"chunks": {"time": 48, "latitude": 180}}), end="")
+    chunks:
+      time: 48
+      latitude: 180
+    """
+    text = yaml.dump(
+        _plain(changes),
+        Dumper=_QuotingDumper,
+        default_flow_style=False,
+        sort_keys=False,
+        allow_unicode=True,
+    )
+    return str(text)
+
+
+def set_options(changes: Mapping[str, Any]) -> str:
+    """Request fields as the command line's ``--set KEY=VALUE`` options (one per field).
+
+    Each value is one line of flow-style YAML (what ``--set`` parses), quoted for the shell.
+
+    >>> set_options({"chunks": {"time": 48}})
+    "--set 'chunks={time: 48}'"
+    """
+    options = []
+    for key, value in _plain(changes).items():
+        flow = yaml.dump(
+            value,
+            Dumper=_QuotingDumper,
+            default_flow_style=True,
+            sort_keys=False,
+            width=float("inf"),
+            allow_unicode=True,
+        ).strip()
+        flow = flow.removesuffix("\n...").strip()  # a bare scalar ends with a document end
+        options.append(f"--set {shlex.quote(f'{key}={flow}')}")
+    return " ".join(options)
+
+
+def recommendations_text(plan: Plan, recs: Sequence[Recommendation]) -> str:
+    """The text of a run halted on recommendations (the CLI prints it; the exception says it).
+
+    Each recommendation shows its figures, the YAML to put in the request and the ``--set``
+    options for the command line.
+    """
+    lines = [halt_reason(plan)]
+    if recs:
+        lines.append("Recommendations, best first:")
+        for i, r in enumerate(recs):
+            lines.append(f"  {i + 1}. {r.sentence}")
+            lines.append("     in the request file:")
+            lines += [f"       {line}" for line in r.request_yaml().splitlines()]
+            lines.append(f"     on the command line: {r.set_options()}")
+    else:
+        lines.append("No aligned alternative was found.")
+    lines.append(DECIDE)
+    return "\n".join(lines)
+
+
+def recommendations_markdown(plan: Plan, recs: Sequence[Recommendation]) -> str:
+    """:func:`recommendations_text` as Markdown (the Prefect UI's recommendations artifact)."""
+    parts = [halt_reason(plan)]
+    if not recs:
+        parts.append("No aligned alternative was found.")
+    for i, r in enumerate(recs):
+        parts.append(
+            f"### {i + 1}. {r.sentence}\n\nIn the request file:\n\n```yaml\n{r.request_yaml()}```"
+            f"\n\nOn the command line:\n\n```\n{r.set_options()}\n```"
+        )
+    parts.append(DECIDE)
+    return "\n\n".join(parts)
+
+
+def halt_reason(plan: Plan) -> str:
+    """Why a plan halts on recommendations, in one sentence with its figures."""
+    return (
+        f"The plan reads {plan.read_amplification:.2f}x the source bytes it needs "
+        f"({format_bytes(plan.read_bytes)} read for {format_bytes(plan.needed_bytes)}): the "
+        "selection, the target chunks or the tiles cut source chunks."
+    )
+
+
+#: What the user can do about recommendations.
+DECIDE = (
+    "Apply one (recommend_changes='apply' takes the first), change the request, or run as "
+    "asked with recommend_changes='proceed'."
+)
 
 
 Replanner = Callable[[CacheRequest], tuple[Target, Plan]]

@@ -8,11 +8,12 @@ nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,8 +28,9 @@ from zarr_parallel.planning.plan import Plan, plan_jobs
 from zarr_parallel.planning.sizing import local_workers, worker_overhead
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.secrets import redact
+from zarr_parallel.run.auto_mode import resolve_deploy_mode
 from zarr_parallel.run.preflight import run_preflight
-from zarr_parallel.run.recommend import Recommendation, recommend
+from zarr_parallel.run.recommend import Recommendation, recommend, recommendations_text
 from zarr_parallel.sources.fastread import mark_fast
 from zarr_parallel.sources.target import (
     Target,
@@ -37,6 +39,7 @@ from zarr_parallel.sources.target import (
     cached_target,
     fresh_source,
 )
+from zarr_parallel.store.codecs import variable_compression
 from zarr_parallel.store.disk_names import LOCK_GUARD
 from zarr_parallel.store.lock import CacheLock, held_token
 from zarr_parallel.store.manifest import (
@@ -109,6 +112,7 @@ def limits_for(req: CacheRequest) -> Limits:
         min_jobs=min_jobs,
         # Only a num_jobs the user set is named in a note when the plan cannot reach it.
         min_jobs_derived=req.num_jobs is None,
+        workers=workers,
         time_budget=req.timeout_seconds / 2,
         reserve=req.reserve_bytes,
         overhead=overhead,
@@ -116,8 +120,13 @@ def limits_for(req: CacheRequest) -> Limits:
 
 
 def plan_inputs(target: Target, req: CacheRequest) -> list[ArrayInput]:
-    """The planner's inputs: the target's arrays, marked where the fast path will write them."""
-    return mark_fast(target, req, target.array_inputs())
+    """The planner's inputs: the target's arrays, marked where the fast path will write them
+    and where their codec leaves chunks uncompressed (the memory model counts fewer buffers)."""
+    inputs = mark_fast(target, req, target.array_inputs())
+    return [
+        replace(a, compressed=variable_compression(req, target.dataset[a.name]).compresses)
+        for a in inputs
+    ]
 
 
 def make_plan(req: CacheRequest) -> tuple[Target, Plan]:
@@ -129,7 +138,11 @@ def make_plan(req: CacheRequest) -> tuple[Target, Plan]:
     # The fingerprint covers the request, the source's state (files, sizes, modification times,
     # chunk layout) and the plan: a changed source is never resumed into or reported up to date.
     digest = fingerprint(req.digest(), target.layout.digest)
-    return target, plan_jobs(inputs, limits, digest)
+    plan = plan_jobs(inputs, limits, digest)
+    if target.layout.pending:
+        # Steps left out until every variable has them (files holding different variables).
+        plan = dataclasses.replace(plan, notes=(*plan.notes, *target.layout.pending))
+    return target, plan
 
 
 @dataclass
@@ -145,6 +158,8 @@ class Prepared:
     recommendations: list[Recommendation] = field(default_factory=list)
     applied: Recommendation | None = None
     layout: dict[str, Any] = field(default_factory=dict)
+    #: Why ``deploy_mode="auto"`` chose the request's mode ("" when the request named it).
+    mode_reason: str = ""
 
     @property
     def request_json(self) -> str:
@@ -187,6 +202,7 @@ def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
     if check_location:  # verify plans only to compare, and may read a copied cache
         check_cache_location(req, paths)
     source = fresh_source(req)
+    req, choice = resolve_deploy_mode(req, make_plan)
     target, plan = make_plan(req)
     recs: list[Recommendation] = []
     applied: Recommendation | None = None
@@ -201,6 +217,8 @@ def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
             logger.info("applied recommendation: %s", applied.sentence)
     layout = source.layout.to_json()
     prepared = Prepared(req, paths, plan, paths.final, "fresh", [], recs, applied, layout)
+    if choice is not None:
+        prepared.mode_reason = choice.reason
     version, status, todo, plan = _choose_version(req, paths, plan, prepared.plan_json())
     prepared.version, prepared.status, prepared.todo, prepared.plan = version, status, todo, plan
     if status != "up_to_date":
@@ -210,22 +228,9 @@ def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
 
 
 def recommendations_message(plan: Plan, recs: list[Recommendation]) -> str:
-    """The text shown when a run halts on recommendations."""
-    lines = [
-        f"The plan reads {plan.read_amplification:.2f}x the source bytes it needs "
-        f"({format_bytes(plan.read_bytes)} read for {format_bytes(plan.needed_bytes)}): the "
-        "selection, the target chunks or the tiles cut source chunks.",
-    ]
-    if recs:
-        lines.append("Recommendations, best first:")
-        lines += [f"  {i + 1}. {r.sentence}; changes: {r.changes}" for i, r in enumerate(recs)]
-    else:
-        lines.append("No aligned alternative was found.")
-    lines.append(
-        "Apply one (recommend_changes='apply' takes the first), change the request, or run as "
-        "asked with recommend_changes='proceed'."
-    )
-    return "\n".join(lines)
+    """The text shown when a run halts on recommendations
+    (:func:`zarr_parallel.run.recommend.recommendations_text`)."""
+    return recommendations_text(plan, recs)
 
 
 def _choose_version(

@@ -132,9 +132,12 @@ def check_steps(
     if np.any(labels[:bad] == here):
         earlier = file_at(int(np.flatnonzero(labels[:bad] == here)[0]))
         where = f"in {earlier} and {second_file}" if earlier != second_file else f"in {earlier}"
-        problem = f"the step {dim}={_text(here)} appears twice ({where})"
+        problem = f"the step {dim}={label_text(here)} appears twice ({where})"
     else:
-        problem = f"steps along {dim!r} go backwards: {_text(here)} follows {_text(prev)} ({where})"
+        problem = (
+            f"steps along {dim!r} go backwards: {label_text(here)} follows {label_text(prev)} "
+            f"({where})"
+        )
     involved = sorted({first_file, second_file})
     raise RequestError(
         "data_uri",
@@ -144,7 +147,8 @@ def check_steps(
     )
 
 
-def _text(label: Any) -> str:
+def label_text(label: Any) -> str:
+    """A step's label as a user reads it (a timestamp for times)."""
     if isinstance(label, np.datetime64):
         return str(pd.Timestamp(label))
     return str(label)
@@ -241,12 +245,11 @@ def _open_nc(uri: str, req: CacheRequest, opts: dict[str, Any]) -> xr.Dataset:
     return ds
 
 
-def open_netcdf_files(
-    uris: Sequence[str], engine: str, req: CacheRequest
-) -> tuple[xr.Dataset, list[str], str | None, list[int]]:
+def open_parts(uris: Sequence[str], engine: str, req: CacheRequest) -> list[xr.Dataset]:
+    """Open each netCDF file lazily (read-only), naming the file that cannot be opened."""
     opts = {"engine": engine, "chunks": {}, **open_options.read_only(engine, req.open_options)}
     if len(uris) == 1:
-        return _open_nc(uris[0], req, opts), [uris[0]], None, []
+        return [_open_nc(uris[0], req, opts)]
     parts = []
     for uri in uris:
         try:
@@ -258,10 +261,22 @@ def open_netcdf_files(
                 redact_text(f"could not be opened ({describe_failure(e)}: {e})"),
                 "Remove or replace the damaged file (for a URL: check it exists and may be read)",
             ) from e
-    _check_same_variables(parts, uris)
-    concat_dim = _concat_dim(parts, uris)
+    return parts
+
+
+def join_parts(
+    parts: Sequence[xr.Dataset], uris: Sequence[str], dim: str | None = None
+) -> tuple[xr.Dataset, list[str], str | None, list[int]]:
+    """Join files holding the same variables along the one dimension where they differ.
+
+    Returns the dataset, the files in order, the joining dimension (``dim`` when given) and
+    each file's length along it (None and ``[]`` for a single file).
+    """
+    if len(parts) == 1:
+        return parts[0], [uris[0]], None, []
+    concat_dim = dim or find_concat_dim(parts, uris)
     check_calendars(parts, uris, concat_dim)
-    order = sorted(range(len(parts)), key=lambda i: _first_label(parts[i], concat_dim))
+    order = sorted(range(len(parts)), key=lambda i: first_label(parts[i], concat_dim))
     parts = [parts[i] for i in order]
     files = [uris[i] for i in order]
     try:
@@ -287,27 +302,19 @@ def open_netcdf_files(
     return ds, files, concat_dim, lengths
 
 
-def _check_same_variables(parts: Sequence[xr.Dataset], uris: Sequence[str]) -> None:
-    """Refuse files holding different variables: xarray would fill the gaps with NaN."""
-    first = sorted(map(str, parts[0].data_vars))
-    for uri, part in zip(uris[1:], parts[1:], strict=True):
-        names = sorted(map(str, part.data_vars))
-        if names != first:
-            a, b = os.path.basename(uris[0]), os.path.basename(uri)
-            raise RequestError(
-                "data_uri",
-                [a, b],
-                f"files hold different variables ({a} has {first}, {b} has {names}); joining "
-                "them would invent missing values",
-                "Use files of one dataset with the same variables in each, or list only those",
-            )
-
-
-def _first_label(ds: xr.Dataset, dim: str) -> Any:
+def first_label(ds: xr.Dataset, dim: str) -> Any:
+    """The first label of ``ds`` along ``dim`` (0 without a coordinate): files sort by it."""
     return ds[dim].values[0] if dim in ds.coords else 0
 
 
-def _concat_dim(parts: Sequence[xr.Dataset], uris: Sequence[str]) -> str:
+def find_concat_dim(parts: Sequence[xr.Dataset], uris: Sequence[str]) -> str:
+    """The dimension along which the first two files differ.
+
+    Raises
+    ------
+    RequestError
+        When they do not differ along any dimension.
+    """
     first, second = parts[0], parts[1]
     for dim in first.dims:
         if dim in first.coords and dim in second.coords:

@@ -181,7 +181,9 @@ def _fast_plan(target: Target, req: CacheRequest, name: str) -> FastVar:
         if layout.concat_dim and layout.concat_dim in source_dims
         else None
     )
-    files = tuple(layout.files) if concat_axis is not None else tuple(layout.files[:1])
+    # The files holding this variable (files may hold different variables, docs/design.md §2b).
+    mine = layout.files_of(src)
+    files = tuple(mine) if concat_axis is not None else tuple(mine[:1])
     cf_attrs, decoded = _decoding(req, src, h5_storage(files[0], src, group).dtype)
     dtype = np.dtype(var.dtype)
     if dtype != decoded and "astype" not in {str(s.get("type")) for s in specs}:

@@ -37,6 +37,7 @@ import numpy as np
 from zarr_parallel.errors import SourceChanged
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.protocols import is_remote
+from zarr_parallel.sources.layout import group_files
 from zarr_parallel.sources.references import referenced_urls, refs_only
 from zarr_parallel.sources.remote import fsspec_options_for
 
@@ -278,6 +279,13 @@ def job_entries(
         return [e for e in entries if e in arrays or os.path.basename(e) in _ZARR_ROOT_DOCS]
     if planned.get("engine") == "kerchunk":
         return [files[0], *_referenced_entries(refs or {}, variables, entries)]
+    if planned.get("groups"):
+        # Files holding different variables: the job reads its variables' files only.
+        found: list[str] = []
+        for name in variables:
+            mine, lengths = group_files(planned, name)
+            found += [f for f in _files_in_range(mine, lengths, concat_range) if f not in found]
+        return found
     return _files_in_range(files, planned.get("file_lengths") or [], concat_range)
 
 

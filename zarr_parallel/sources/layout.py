@@ -49,6 +49,41 @@ class VarLayout:
 
 
 @dataclass(frozen=True)
+class FileGroup:
+    """Variables that come from the same files of a multi-file source (docs/design.md §2b, UX).
+
+    ERA5 and CMIP6 downloads hold one variable per file: each variable's chunk grid, identity
+    and fast reads come from its own files, in order along the joining dimension.
+    """
+
+    variables: tuple[str, ...]
+    files: tuple[str, ...]
+    #: Per file, its length along the joining dimension (empty when the group has none).
+    lengths: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (in the layout's ``groups``)."""
+        return {
+            "variables": list(self.variables),
+            "files": list(self.files),
+            "lengths": list(self.lengths),
+        }
+
+
+def group_files(layout: Mapping[str, Any], name: str) -> tuple[list[str], list[int]]:
+    """The files holding variable ``name`` and their lengths, from a layout's JSON form.
+
+    A source without variable groups holds every variable in every file.
+    """
+    for group in layout.get("groups") or []:
+        if name in group.get("variables", []):
+            return [str(f) for f in group["files"]], [int(n) for n in group["lengths"]]
+    return [str(f) for f in layout.get("files") or []], [
+        int(n) for n in layout.get("file_lengths") or []
+    ]
+
+
+@dataclass(frozen=True)
 class SourceLayout:
     """Chunk layout of every variable of a source, with what identifies the source's state."""
 
@@ -67,10 +102,35 @@ class SourceLayout:
     #: Every source entry as planned (see :mod:`zarr_parallel.sources.identity`); jobs check against
     #: it.
     identity: Mapping[str, Any] | None = None
+    #: Variables grouped by the files that hold them, when files hold different variables.
+    groups: tuple[FileGroup, ...] = ()
+    #: Steps some variables have and others do not yet, left out (one sentence each).
+    pending: tuple[str, ...] = ()
+
+    def files_of(self, name: str) -> tuple[str, ...]:
+        """The files holding variable ``name``, in order along the joining dimension."""
+        for group in self.groups:
+            if name in group.variables:
+                return group.files
+        return self.files
+
+    def lengths_of(self, name: str) -> tuple[int, ...]:
+        """Per file of :meth:`files_of`, its length along the joining dimension."""
+        for group in self.groups:
+            if name in group.variables:
+                return group.lengths
+        return self.file_lengths
 
     def to_json(self) -> dict[str, Any]:
         """JSON description (stored in the cache's manifest)."""
+        # Groups and pending steps only when there are some: single-group layouts read as before.
+        extra: dict[str, Any] = {}
+        if self.groups:
+            extra["groups"] = [g.to_json() for g in self.groups]
+        if self.pending:
+            extra["pending"] = list(self.pending)
         return {
+            **extra,
             "engine": self.engine,
             "files": list(self.files),
             "concat_dim": self.concat_dim,
@@ -92,6 +152,28 @@ class SourceLayout:
 
 
 def hdf5_layout(
+    files: Sequence[str],
+    ds: xr.Dataset,
+    concat_dim: str | None,
+    file_lengths: Sequence[int],
+    req: CacheRequest,
+    groups: Sequence[FileGroup] = (),
+) -> dict[str, VarLayout]:
+    """The chunk grid of every variable, read from the files that hold it.
+
+    With ``groups`` (files holding different variables) each group's grid comes from its own
+    files, so every variable keeps the chunking its files have.
+    """
+    if not groups:
+        return _hdf5_group_layout(files, ds, concat_dim, file_lengths, req)
+    layouts: dict[str, VarLayout] = {}
+    for g in groups:
+        part = ds[[v for v in g.variables if v in ds.data_vars]]
+        layouts.update(_hdf5_group_layout(g.files, part, concat_dim, g.lengths, req))
+    return layouts
+
+
+def _hdf5_group_layout(
     files: Sequence[str],
     ds: xr.Dataset,
     concat_dim: str | None,
@@ -120,7 +202,9 @@ def hdf5_layout(
                 for off, (shape, chunk, _, _) in zip(offsets[:-1], mine, strict=True):
                     bounds.extend(int(off + b) for b in range(0, shape[i], chunk[i]))
                 bounds.append(int(offsets[-1]))
-                boundaries.append(tuple(bounds))
+                # Steps left out (waiting for other variables' files) end the grid early.
+                end = int(var.shape[i])
+                boundaries.append(tuple(sorted({min(b, end) for b in bounds})))
             else:
                 shape, chunk, _, _ = mine[0]
                 boundaries.append((*range(0, shape[i], chunk[i]), shape[i]))

@@ -26,7 +26,7 @@ from zarr_parallel.request import open_options
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.protocols import is_remote, protocol_of
 from zarr_parallel.request.secrets import redact, redact_text, redact_url
-from zarr_parallel.sources import combine, identity
+from zarr_parallel.sources import combine, identity, merge
 from zarr_parallel.sources.layout import SourceLayout, hdf5_layout, zarr_layout
 from zarr_parallel.sources.references import (
     kerchunk_layout,
@@ -81,7 +81,13 @@ def open_source(req: CacheRequest) -> Source:
             # (the check the run layer installed, see add_reference_check).
             for check in _REFERENCE_CHECKS:
                 check(refs, req)
-        ds, files, concat_dim, file_lengths = _open_dataset(engine, uris, refs, req)
+        joined = _open_dataset(engine, uris, refs, req)
+        ds, files, concat_dim, file_lengths = (
+            joined.dataset,
+            joined.files,
+            joined.concat_dim,
+            joined.file_lengths,
+        )
     except RequestError:
         raise
     except Exception as e:  # libraries raise many types for an unreadable source
@@ -93,7 +99,7 @@ def open_source(req: CacheRequest) -> Source:
     elif engine == "zarr":
         layout_vars = zarr_layout(uris[0], ds, req)
     else:
-        layout_vars = hdf5_layout(files, ds, concat_dim, file_lengths, req)
+        layout_vars = hdf5_layout(files, ds, concat_dim, file_lengths, req, joined.groups)
     stats = [file_stamp(f) for f in files]
     if refs:
         # A remote reference file has no mtime: its content identifies the source's state.
@@ -111,6 +117,8 @@ def open_source(req: CacheRequest) -> Source:
         # Every source entry as planned (a Zarr chunk rewritten in place, a file a reference
         # points at): a changed source is never resumed into or reported up to date.
         canonical_json(identity.digest_view(ident)),
+        # Which files hold which variables (files holding different variables only).
+        *merge.groups_digest(joined),
     )
     is_url = any(is_remote(f) for f in files) or (
         bool(refs) and references_protocol(refs) != "file"
@@ -125,6 +133,8 @@ def open_source(req: CacheRequest) -> Source:
         tuple(stats[: len(files)]),
         tuple(file_lengths),
         ident,
+        joined.groups,
+        joined.pending,
     )
     _log_layout(layout)
     return Source(ds, layout, refs or None)
@@ -132,13 +142,14 @@ def open_source(req: CacheRequest) -> Source:
 
 def _open_dataset(
     engine: str, uris: Sequence[str], refs: dict[str, Any], req: CacheRequest
-) -> tuple[xr.Dataset, list[str], str | None, list[int]]:
-    """The source's dataset, its files, joining dimension and per-file lengths along it."""
+) -> merge.Joined:
+    """The source's dataset, its files, joining dimension, per-file lengths along it and (for
+    files holding different variables) which files hold which variables."""
     if engine == "kerchunk":
-        return open_references(refs, req), [uris[0]], None, []
+        return merge.Joined(open_references(refs, req), [uris[0]], None, [])
     if engine == "zarr":
-        return _open_zarr(uris[0], req), [uris[0]], None, []
-    return combine.open_netcdf_files(uris, engine, req)
+        return merge.Joined(_open_zarr(uris[0], req), [uris[0]], None, [])
+    return merge.open_files(uris, engine, req)
 
 
 def _open_zarr(uri: str, req: CacheRequest) -> xr.Dataset:

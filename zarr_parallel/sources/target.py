@@ -28,7 +28,7 @@ from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.sources.identity import check_sources
 from zarr_parallel.sources.layout import SourceLayout
 from zarr_parallel.sources.source import Source, file_stamp, open_source
-from zarr_parallel.transforms.registry import apply_transforms
+from zarr_parallel.transforms.registry import apply_transforms, names_before
 from zarr_parallel.transforms.tiled_target import Tiling, tile_dataset
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,10 @@ def indexed_source(req: CacheRequest, source: Source) -> xr.Dataset:
     ds = source.dataset.copy()
     check_names(ds, "data_uri", req.data_uri, "the source has")
     if req.variables is not None:
-        missing = [v for v in req.variables if v not in ds.data_vars]
+        # A name the preprocessors' renames give is read under its source name.
+        before = names_before(req.preprocessors)
+        wanted = [v if v in ds.data_vars else before.get(v, v) for v in req.variables]
+        missing = [v for v, w in zip(req.variables, wanted, strict=True) if w not in ds.data_vars]
         if missing:
             raise RequestError(
                 "variables",
@@ -134,7 +137,7 @@ def indexed_source(req: CacheRequest, source: Source) -> xr.Dataset:
                 "are not variables of the source",
                 f"Use names from {sorted(map(str, ds.data_vars))}",
             )
-        ds = ds[list(req.variables)]
+        ds = ds[list(dict.fromkeys(wanted))]
     ds = ds.assign_coords(
         {f"{INDEX_PREFIX}{d}": (d, np.arange(n, dtype=np.int64)) for d, n in ds.sizes.items()}
     )
@@ -152,11 +155,14 @@ def build_target(req: CacheRequest, source: Source | None = None) -> Target:
         parts = []
         for name, specs in req.variables.items():
             if name not in ds.data_vars:
+                now = {old: new for new, old in names_before(req.preprocessors).items()}
                 raise RequestError(
                     f"variables['{name}']",
                     name,
                     "is no longer in the data after preprocessors",
-                    "Name the variable as the preprocessors leave it",
+                    f"Name it {now[name]!r}, as the preprocessors rename it"
+                    if name in now
+                    else "Name the variable as the preprocessors leave it",
                 )
             parts.append(apply_transforms(ds[[name]], specs, f"variables['{name}']", name))
         try:

@@ -27,7 +27,8 @@ def array_grid(
     version: str, name: str
 ) -> tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...], Any]:
     """Dimension names, shape, file grid (shards or chunks) and metadata of one array."""
-    arr = zarr.open_array(version, path=name, mode="r")
+    with quiet_manifest():
+        arr = zarr.open_array(version, path=name, mode="r")
     md = arr.metadata
     if md.zarr_format == 3:
         dims = tuple(str(d) for d in (md.dimension_names or ()))

@@ -27,14 +27,20 @@ import zarr
 
 from zarr_parallel.errors import RunFailed
 from zarr_parallel.faults import fault_point
+from zarr_parallel.planning.compression import (
+    DEFAULT_COMPRESSION,
+    Compression,
+    parse_compression,
+)
 from zarr_parallel.planning.memory import FAST_WRITE_INFLIGHT
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.sources.target import Target
+from zarr_parallel.store.codecs import variable_compression, zarr_compressors
 from zarr_parallel.store.disk_names import OWNER_FILE, manifest_dir, quiet_manifest
 from zarr_parallel.store.files import sync_files, write_json_atomic
 from zarr_parallel.store.paths import CachePaths, owns_version, pending_record
 from zarr_parallel.store.provenance import provenance_attrs
-from zarr_parallel.transforms.registry import PACKING_ASKED
+from zarr_parallel.transforms.registry import COMPRESSION_ASKED, PACKING_ASKED
 
 #: Encoding keys that describe the source's storage, not the data; never copied to the cache.
 _STORAGE_KEYS = {
@@ -63,6 +69,8 @@ _STORAGE_KEYS = {
     "significant_digits",
     # netCDF's list of auxiliary coordinates (e.g. CDS's "number expver"): xarray rebuilds it.
     "coordinates",
+    # The encoding transform's codec: made into "compressors" here.
+    COMPRESSION_ASKED,
 }
 _PACKING_KEYS = {"scale_factor", "add_offset"}
 
@@ -71,9 +79,11 @@ def _encoding(
     var: xr.DataArray,
     chunks: dict[str, int],
     shards: dict[str, int] | None,
-    keep_packing: bool = False,
+    req: CacheRequest,
 ) -> dict[str, Any]:
+    keep_packing = req.keep_packing
     enc = {k: v for k, v in var.encoding.items() if k not in _STORAGE_KEYS}
+    enc.update(_codec(var, variable_compression(req, var), req.zarr_format))
     asked = bool(enc.pop(PACKING_ASKED, False))
     if _PACKING_KEYS & set(enc) and not keep_packing and not asked:
         # Decoded as xarray decodes (docs/design.md §2a): write the floats, not the packed integers.
@@ -124,24 +134,26 @@ def initialise_store(
         grid = tuple((shards or chunks)[str(d)] for d in var.dims)
         lazy = da.zeros(var.shape, chunks=grid or (), dtype=var.dtype)
         out[name] = xr.DataArray(lazy, dims=var.dims, attrs=var.attrs)
-        encoding[str(name)] = _encoding(var, chunks, shards, req.keep_packing)
+        encoding[str(name)] = _encoding(var, chunks, shards, req)
+    codec = parse_compression(req.compression, "compression")
     for name, coord in template.coords.items():
         coord_enc = {k: v for k, v in coord.encoding.items() if k not in _STORAGE_KEYS}
-        encoding[str(name)] = coord_enc
+        encoding[str(name)] = _codec(coord, codec, req.zarr_format) | coord_enc
         out[name].encoding = {}
     # Coordinates are small and loaded here; data variables are dask placeholders, not written.
     out = out.assign_coords({k: v.load() for k, v in out.coords.items()})
     if paths is not None:
         write_json_atomic(pending_record(paths, version), {"cache_path": paths.canonical})
-    out.to_zarr(
-        version,
-        mode="w-",
-        compute=False,
-        consolidated=False,
-        zarr_format=req.zarr_format,
-        encoding=encoding,
-        write_empty_chunks=True,
-    )
+    with quiet_manifest():
+        out.to_zarr(
+            version,
+            mode="w-",
+            compute=False,
+            consolidated=False,
+            zarr_format=req.zarr_format,
+            encoding=encoding,
+            write_empty_chunks=True,
+        )
     if paths is not None:
         # First thing after zarr made the folder: whose version it is, so that a run killed
         # before plan.json is written leaves a version the next run may prove is its own.
@@ -156,9 +168,22 @@ def initialise_store(
     write_json_atomic(manifest_dir(version) / "plan.json", plan_json)
 
 
+def _codec(var: xr.DataArray, codec: Compression, zarr_format: int) -> dict[str, Any]:
+    """The ``compressors`` encoding of one array (data variable or coordinate).
+
+    Text arrays with the default codec keep zarr's own choice (blosc for v2 text), so default
+    caches keep the metadata they always had; any other codec applies to them too (a reader
+    without zstd must read the coordinates as well).
+    """
+    if codec.text == DEFAULT_COMPRESSION and var.dtype.kind not in "biufcmM":
+        return {}
+    return {"compressors": zarr_compressors(codec, zarr_format)}
+
+
 def write_region(version: Path, name: str, data: xr.DataArray, region: dict[str, slice]) -> None:
     """Write whole chunks of one variable into an initialised store, after an alignment check."""
-    arr = zarr.open_array(version, path=name, mode="r+")
+    with quiet_manifest():
+        arr = zarr.open_array(version, path=name, mode="r+")
     _check_aligned(arr, name, region)
     ds = xr.Dataset({name: data.variable})
     with quiet_manifest():
@@ -223,7 +248,8 @@ def write_values(
     (packing, a non-NaN fill for floats, times), the write goes through :func:`write_region`.
     """
     full = {d: region.get(d, slice(0, n)) for d, n in zip(dims, values.shape, strict=True)}
-    arr = zarr.open_array(version, path=name, mode="r+")
+    with quiet_manifest():
+        arr = zarr.open_array(version, path=name, mode="r+")
     ordered = {d: full[d] for d in dims}
     if not _stores_as_is(arr, values.dtype):
         write_region(version, name, xr.DataArray(values, dims=list(dims)), ordered)

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import xarray as xr
 
 from zarr_parallel.errors import RequestError
+from zarr_parallel.planning.compression import parse_compression
+from zarr_parallel.transforms.elementwise import ELEMENTWISE, REFUSED_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ _BUILTIN: dict[str, Transform] = {}
 _ALIASES = {"subset": "sel", "reverse_axis": "reverse", "tiled": "tiled"}
 #: Encoding key set by the ``encoding`` transform when it asks for packing (see store).
 PACKING_ASKED = "_zp_packing_asked"
+#: Encoding key set by the ``encoding`` transform's ``compression`` (the store builds the codec).
+COMPRESSION_ASKED = "_zp_compression"
 
 
 def register(name: str) -> Callable[[Transform], Transform]:
@@ -90,10 +94,11 @@ def lookup(name: str, parameter: str) -> Transform:
             "Move it to the end of preprocessors, or remove it and set "
             "tiles={'latitude': 64, 'longitude': 64}",
         )
+    why = REFUSED_METHODS.get(name)
     raise RequestError(
         parameter,
         name,
-        "is not a known transform",
+        f"is not a known transform (xarray's {name} {why})" if why else "is not a known transform",
         f"Use one of {known_transforms()}, or register a plug-in in the "
         f"'{ENTRY_POINT_GROUP}' entry point group",
     )
@@ -109,7 +114,12 @@ def validate_spec(spec: Any, parameter: str) -> dict[str, Any]:
             "Write e.g. {'type': 'sel', 'time': ['2020-01-01', '2020-01-31']}",
         )
     lookup(str(spec["type"]), f"{parameter}.type")
-    return dict(spec)
+    out = dict(spec)
+    if _ALIASES.get(str(spec["type"]), str(spec["type"])) == "encoding" and "compression" in out:
+        # Checked now, before anything is opened, and kept in its canonical form: the request's
+        # fingerprint sees one spelling per codec.
+        out["compression"] = parse_compression(out["compression"], f"{parameter}.compression").text
+    return out
 
 
 def apply_transforms(
@@ -215,6 +225,50 @@ def _isel(ds: xr.Dataset, ctx: TransformContext, **indexers: Any) -> xr.Dataset:
     return _select(ds, ctx, indexers, positional=True)
 
 
+def _drop(
+    ds: xr.Dataset, ctx: TransformContext, labels: Mapping[str, Any], positional: bool
+) -> xr.Dataset:
+    """Drop the given labels (or positions) along each dimension; the rest keep their order."""
+    labels = dict(labels.get("labels", labels))
+    _check_dims(ds, list(labels), ctx)
+    out = ds
+    for dim, raw in labels.items():
+        wanted = list(raw) if isinstance(raw, list | tuple) else [raw]
+        try:
+            # Through sel/isel, so labels are read as `sel` reads them (ISO dates on a time axis).
+            found = out.isel({dim: wanted}) if positional else out.sel({dim: wanted})
+        except (KeyError, IndexError) as e:
+            raise RequestError(
+                f"{ctx.parameter}.{dim}",
+                raw,
+                f"names {'positions' if positional else 'labels'} not in the data ({e})",
+                f"Use {'positions' if positional else 'labels'} within {_range_text(out, dim)}",
+            ) from e
+        keep = np.ones(out.sizes[dim], dtype=bool)
+        if positional:
+            keep[np.asarray(wanted, dtype=np.int64)] = False
+        else:
+            keep &= ~np.isin(out.indexes[dim], found.indexes[dim])
+        out = out.isel({dim: np.flatnonzero(keep)})
+        if out.sizes[dim] == 0:
+            raise RequestError(
+                f"{ctx.parameter}.{dim}", raw, "drops every element", "Drop fewer labels"
+            )
+    return out
+
+
+@register("drop_sel")
+def _drop_sel(ds: xr.Dataset, ctx: TransformContext, **labels: Any) -> xr.Dataset:
+    """Drop labels, e.g. ``{"type": "drop_sel", "time": ["2020-01-01T06:00"]}``."""
+    return _drop(ds, ctx, labels, positional=False)
+
+
+@register("drop_isel")
+def _drop_isel(ds: xr.Dataset, ctx: TransformContext, **positions: Any) -> xr.Dataset:
+    """Drop positions, e.g. ``{"type": "drop_isel", "time": [0, 1]}``."""
+    return _drop(ds, ctx, positions, positional=True)
+
+
 @register("rename")
 def _rename(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
     """Rename variables or dimensions: xarray's form or 0.5's ``{var_id, new_name}``."""
@@ -245,6 +299,41 @@ def _rename(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
             f"Rename one of {sorted(map(str, ds.variables))}",
         )
     return ds.rename(mapping)
+
+
+def rename_mapping(spec: Mapping[str, Any]) -> dict[str, str]:
+    """The ``{old: new}`` names of a ``rename`` spec that need no data (else empty).
+
+    >>> rename_mapping({"type": "rename", "var_id": "t2m", "new_name": "temp"})
+    {'t2m': 'temp'}
+    >>> rename_mapping({"type": "rename", "name_dict": {"t2m": "temp"}})
+    {'t2m': 'temp'}
+    """
+    if spec.get("type") != "rename":
+        return {}
+    kwargs = {k: v for k, v in spec.items() if k != "type"}
+    if "var_id" in kwargs or "new_name" in kwargs:
+        return {str(kwargs.get("var_id")): str(kwargs.get("new_name"))}
+    value = kwargs.pop("new_name_or_name_dict", kwargs.pop("name_dict", None))
+    mapping = dict(value) if isinstance(value, Mapping) else {}
+    mapping.update(kwargs if value is None or isinstance(value, Mapping) else {})
+    return {str(k): str(v) for k, v in mapping.items() if isinstance(v, str)}
+
+
+def names_before(specs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """For each name the ``rename`` entries of ``specs`` give, the name it had before them.
+
+    Lets ``variables`` name a variable as the preprocessors leave it.
+
+    >>> names_before([{"type": "rename", "var_id": "t2m", "new_name": "temp"},
+    ...               {"type": "rename", "name_dict": {"temp": "air"}}])
+    {'air': 't2m'}
+    """
+    origin: dict[str, str] = {}
+    for spec in specs:
+        for old, new in rename_mapping(spec).items():
+            origin[new] = origin.pop(old, old)
+    return {new: old for new, old in origin.items() if new != old}
 
 
 @register("reverse")
@@ -344,8 +433,20 @@ def _astype(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
 
 @register("encoding")
 def _encoding(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Dataset:
-    """Set storage encoding keys of a variable (``dtype``, ``_FillValue``, ``units``...)."""
-    allowed = {"dtype", "_FillValue", "scale_factor", "add_offset", "units", "calendar"}
+    """Set storage encoding keys of a variable (``dtype``, ``_FillValue``, ``units``...).
+
+    ``compression`` (``"zlib:1"``, ``"none"``... as the request's field) sets the codec of the
+    variable (of every data variable in ``preprocessors``), overriding the request's.
+    """
+    allowed = {
+        "dtype",
+        "_FillValue",
+        "scale_factor",
+        "add_offset",
+        "units",
+        "calendar",
+        "compression",
+    }
     bad = sorted(set(kwargs) - allowed)
     if bad:
         raise RequestError(
@@ -357,7 +458,15 @@ def _encoding(ds: xr.Dataset, ctx: TransformContext, **kwargs: Any) -> xr.Datase
     names = [ctx.variable] if ctx.variable else list(ds.data_vars)
     out = ds.copy()
     # Packing asked for here is kept even when the source's own packing is decoded away.
-    marker = {PACKING_ASKED: True} if {"scale_factor", "add_offset"} & set(kwargs) else {}
+    marker: dict[str, Any] = {}
+    if {"scale_factor", "add_offset"} & set(kwargs):
+        marker[PACKING_ASKED] = True
+    if "compression" in kwargs:
+        codec = kwargs.pop("compression")
+        marker[COMPRESSION_ASKED] = parse_compression(codec, f"{ctx.parameter}.compression").text
     for name in names:
         out[name].encoding = {**out[name].encoding, **kwargs, **marker}
     return out
+
+
+_BUILTIN.update(ELEMENTWISE)

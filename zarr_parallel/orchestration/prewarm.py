@@ -1,0 +1,64 @@
+"""The dask worker plugin of a run's cluster: import the task code and start the job process as
+a worker joins, and make a closing worker really end.
+
+dask workers import this module when they unpickle :class:`PrewarmPlugin`: it imports no Prefect
+at module level (the plugin imports the task module in a thread of its own, see :func:`_prewarm`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from zarr_parallel.run.job_process import close_worker, prewarm
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a closing worker gets to exit by itself before it is ended (``os._exit``).
+EXIT_GRACE_SECONDS = 30.0
+
+
+def _prewarm() -> None:
+    # Imported here, in the prewarm thread, on purpose: the task module (and Prefect with it)
+    # loads before the first task arrives, without holding up the worker's event loop as it joins.
+    import zarr_parallel.orchestration.tasks  # noqa: F401 - Prefect and the task module, before the first task
+
+    prewarm()
+
+
+class PrewarmPlugin(WorkerPlugin):
+    """dask worker plugin: import the task code and start the job process as a worker joins,
+    so that the first write task does not wait for them."""
+
+    name = "zarr-parallel-prewarm"
+
+    def setup(self, worker: Any) -> None:
+        threading.Thread(target=_prewarm, name="zarr-parallel-prewarm", daemon=True).start()
+
+    def teardown(self, worker: Any) -> None:
+        # The worker is closing: its job processes go now, a busy one too (the scheduler has
+        # given its job to another worker), and it starts no more. And the worker must really
+        # end: SLURM workers (no nanny) were seen stuck after a scancel, cancelling event-loop
+        # tasks for ever, outliving their job where SLURM tracks processes by parentage
+        # (proctrack/linuxproc) and holding their memory on the node.
+        close_worker()
+        threading.Thread(
+            target=_exit_after, args=(EXIT_GRACE_SECONDS,), name="zarr-parallel-exit", daemon=True
+        ).start()
+
+
+def _exit_after(seconds: float) -> None:
+    time.sleep(seconds)
+    logger.warning(
+        "worker pid %d still running %.0f s after closing: ending it", os.getpid(), seconds
+    )
+    logging.shutdown()
+    os._exit(0)
+
+
+__all__ = ["EXIT_GRACE_SECONDS", "PrewarmPlugin"]
