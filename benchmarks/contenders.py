@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.rechunker_env import PYTHON_VARIABLE as RECHUNKER_PYTHON
+from benchmarks.stage_watch import StageWatcher
 from zarr_parallel.run.job import high_water_mark, rchar
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
@@ -30,8 +32,78 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 #: zarr-parallel 0.5.0's venv python (set by the suite).
 ZP050_PYTHON = "ZP050_PYTHON"
-#: Where this project's SLURM mode is available (scripts/slurm-local.sh).
+#: The memory limit of a case that names none (the map → time-series case names its own).
 MEMORY_LIMIT = "2GB"
+#: Phase names of the start-up breakdown a summary may carry (docs/design.md; absent on older code).
+PHASES = ("start-up", "planning", "initialise", "data", "finish", "teardown")
+
+
+def process_io() -> dict[str, int]:
+    """``rchar`` and ``wchar`` of this process (``/proc/self/io``).
+
+    The kernel adds a child's counts to its parent's when the parent reaps it, so a difference
+    taken after a run covers the processes the run started and ended (dask workers, job
+    processes) as well, including what they read importing their modules. The page cache is hot
+    (the suite reads every file before), so these are bytes asked of files, not of the disk.
+    """
+    values = {"rchar": 0, "wchar": 0}
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in values:
+                values[key] = int(value)
+    except OSError:
+        pass
+    return values
+
+
+def _io_since(before: dict[str, int]) -> dict[str, int]:
+    now = process_io()
+    return {k: now[k] - before[k] for k in before}
+
+
+def _memory_limit(case: dict[str, Any]) -> str:
+    return str(case.get("memory_limit") or MEMORY_LIMIT)
+
+
+def find_phases(summary: Any) -> dict[str, float] | None:
+    """The start-up breakdown of a summary (a mapping naming phases of :data:`PHASES` with
+    seconds), wherever the summary keeps it; None when it has none."""
+    if isinstance(summary, dict):
+        found = {
+            k: float(v)
+            for k, v in summary.items()
+            if isinstance(v, int | float) and (k in PHASES or k.startswith("data ("))
+        }
+        if len(found) >= 2:
+            return found
+        for value in summary.values():
+            inner = find_phases(value)
+            if inner:
+                return inner
+    return None
+
+
+def plan_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """What the summary says of the plan: strategy, read amplification and stages, when present."""
+    out: dict[str, Any] = {"plan_read_amplification": summary.get("read_amplification")}
+    for key in ("strategy", "strategy_reason", "deploy_mode", "deploy_mode_reason"):
+        if summary.get(key) is not None:
+            out[f"plan_{key}"] = summary[key]
+    stages = summary.get("stages")
+    if isinstance(stages, list):
+        keep = ("jobs", "read_bytes", "write_bytes", "intermediate_chunks")
+        out["plan_stages"] = [
+            {k: s.get(k) for k in keep if k in s} for s in stages if isinstance(s, dict)
+        ]
+        # What every stage but the last writes is intermediate (the plan's figure).
+        written = [s.get("write_bytes") for s in out["plan_stages"][:-1]]
+        if written and all(isinstance(w, int) for w in written):
+            out["intermediate_bytes_planned"] = sum(written)
+    phases = find_phases(summary)
+    if phases:
+        out["phases"] = phases
+    return out
 
 
 def _maxrss() -> tuple[int, int]:
@@ -61,30 +133,34 @@ def _zarr_parallel(mode: str) -> Callable[[dict[str, Any], str], dict[str, Any]]
         from zarr_parallel.store.manifest import iter_job_records
 
         options: dict[str, Any] = {}
-        if mode != "series":
+        if mode not in ("series", "default"):
             options["simultaneous_worker_limit"] = case["cores"]
+        if mode != "default":  # "default": the settings a user gets without naming a mode
+            options["deploy_mode"] = mode
+        limit = _memory_limit(case)
         zp = ZarrParallelAssembler(
             case["files"], preprocessors=_preprocessors(case), chunks=case["chunks"]
         )
         r0 = rchar()
+        io0 = process_io()
         t0 = time.perf_counter()
-        result: Any = zp.cache(
-            cache_store=store,
-            deploy_mode=mode,
-            memory_limit=MEMORY_LIMIT,
-            recommend_changes="proceed",
-            **options,
-        )
-        e2e = time.perf_counter() - t0
+        with StageWatcher(store) as stages:  # a staged plan's intermediate records (#18)
+            result: Any = zp.cache(
+                cache_store=store, memory_limit=limit, recommend_changes="proceed", **options
+            )
+            e2e = time.perf_counter() - t0
         own_read = rchar() - r0
-        records = list(iter_job_records(Path(result.summary["version"])))
+        tree_io = _io_since(io0)
+        final = list(iter_job_records(Path(result.summary["version"])))
+        records = stages.stage_records + final
         # What memory_limit bounds per worker: in series the flow process that ran the job
         # (its peak_rss); beside a dask or SLURM worker, the worker process (its RSS when the
         # task ended) plus the job process that ran the job (its peak_rss).
         workers = [
             (r["peak_rss"], int(r.get("worker", {}).get("rss", 0)) if "job_process" in r else 0)
             for r in result.summary.get("job_results", [])
-        ] or [(r["peak_rss"], 0) for r in records]
+        ] or [(r["peak_rss"], 0) for r in final]
+        workers += [(r["peak_rss"], 0) for r in stages.stage_records]
         starts = [r["started"] for r in records]
         ends = [r["started"] + r["seconds"] for r in records]
         measured = [r.get("read_bytes") for r in records]
@@ -97,12 +173,17 @@ def _zarr_parallel(mode: str) -> Callable[[dict[str, Any], str], dict[str, Any]]
             "process_read_bytes": own_read,
             "jobs": len(records),
             "worker_processes": len(pids),
-            "worker_peaks": [[job + worker, MEMORY_LIMIT] for job, worker in workers],
+            "worker_peaks": [[job + worker, limit] for job, worker in workers],
             # Processes the contender's own rusage does not see (SLURM jobs, grandchildren).
             "largest_worker_process": max(max(pair) for pair in workers),
             "estimates": [[r["estimated_memory"], r["peak_memory"]] for r in records],
             "fast_read": sum(bool(r.get("fast_read")) for r in records),
-            "plan_read_amplification": result.summary.get("read_amplification"),
+            "io": tree_io,
+            "summary_seconds": result.summary.get("seconds"),
+            **plan_figures(result.summary),
+            "stage_jobs": len(stages.stage_records),
+            "stage_read_bytes": sum(r.get("read_bytes") or 0 for r in stages.stage_records),
+            "intermediate_bytes": stages.intermediate_bytes,
         }
 
     return run
@@ -146,6 +227,7 @@ def _xarray(open_with: str, distributed: bool) -> Callable[[dict[str, Any], str]
             client = Client(cluster)
             base = sum(client.run(rchar).values())
         r0 = rchar()
+        io0 = process_io()
         dims = ("time", "latitude", "longitude")
         src_chunks = dict(zip(dims, case["source_chunks"], strict=True))
         first = _open(case, src_chunks if open_with == "source" else {})
@@ -160,12 +242,14 @@ def _xarray(open_with: str, distributed: bool) -> Callable[[dict[str, Any], str]
         delayed.compute()
         t2 = time.perf_counter()
         read = rchar() - r0
+        extra["io"] = _io_since(io0)
         if client is not None:
             read += sum(client.run(rchar).values()) - base
             peaks = client.run(lambda: _maxrss()[0])
             extra["worker_peaks"] = [[p, "none"] for p in peaks.values()]
             client.close()
             cluster.close()
+            extra["io"] = _io_since(io0)  # the workers, reaped now, included
         return {"e2e_s": t2 - t0, "data_s": t2 - t1, "read_bytes": read, **extra}
 
     return run
@@ -193,29 +277,40 @@ def _floor(case: dict[str, Any], store: str) -> dict[str, Any]:
 # zarr-parallel 0.5.0 (its own virtualenv, run as a subprocess of this process)
 
 
+def _in_venv(variable: str, script: str, args: list[str], case: dict[str, Any]) -> dict[str, Any]:
+    """Run ``script`` with the python named by environment ``variable``; its ``RESULT``."""
+    import subprocess
+
+    python = os.environ.get(variable)
+    if not python:
+        raise RuntimeError(f"not installed (no {variable}; the suite says why)")
+    proc = subprocess.run(
+        [python, str(Path(__file__).with_name(script)), *args],
+        capture_output=True,
+        text=True,
+        timeout=case.get("timeout", 3600),
+        stdin=subprocess.DEVNULL,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = dict(json.loads(line[7:]))
+            if not result.get("ok"):
+                raise RuntimeError(result.get("error", "failed"))
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    raise RuntimeError(" | ".join(tail) or f"exit code {proc.returncode}")
+
+
+def _rechunker(case: dict[str, Any], store: str) -> dict[str, Any]:
+    # Its process reports its own figures: rchar/wchar after its imports, its peak RSS.
+    result = _in_venv(RECHUNKER_PYTHON, "rechunker_run.py", [json.dumps(case), store], case)
+    result["largest_worker_process"] = result.pop("max_process_rss", 0)
+    return result
+
+
 def _zp050(mode: str) -> Callable[[dict[str, Any], str], dict[str, Any]]:
     def run(case: dict[str, Any], store: str) -> dict[str, Any]:
-        import subprocess
-
-        python = os.environ.get(ZP050_PYTHON)
-        if not python:
-            raise RuntimeError("zarr-parallel 0.5.0 is not installed (no ZP050_PYTHON)")
-        script = Path(__file__).with_name("zp050_run.py")
-        proc = subprocess.run(
-            [python, str(script), mode, json.dumps(case), store],
-            capture_output=True,
-            text=True,
-            timeout=case.get("timeout", 3600),
-            stdin=subprocess.DEVNULL,
-        )
-        for line in proc.stdout.splitlines():
-            if line.startswith("RESULT "):
-                result = dict(json.loads(line[7:]))
-                if not result.get("ok"):
-                    raise RuntimeError(result.get("error", "failed"))
-                return result
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(" | ".join(tail) or f"exit code {proc.returncode}")
+        return _in_venv(ZP050_PYTHON, "zp050_run.py", [mode, json.dumps(case), store], case)
 
     return run
 
@@ -231,6 +326,9 @@ CONTENDERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
         "dask_distributed"
     ),
     "zarr-parallel SLURM": _zarr_parallel("SLURM"),
+    # No deploy_mode and no worker limit: what a user gets by default (#21).
+    "zarr-parallel default": _zarr_parallel("default"),
+    "rechunker": _rechunker,
     "xarray+dask (source chunks)": _xarray("source", distributed=False),
     "xarray+dask distributed (source chunks)": _xarray("source", distributed=True),
     "xarray+dask (target chunks)": _xarray("target", distributed=False),

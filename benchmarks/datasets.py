@@ -26,8 +26,11 @@ import numpy as np
 DATA = Path(__file__).resolve().parent / "data"
 NLAT, NLON = 721, 1440
 VARIABLES = ("t2m", "d2m")
-#: Files of 24 hourly steps: quick ~1.2 GB, full ~4.2 GB uncompressed (two float32 variables).
-SIZES = {"smoke": 2, "quick": 6, "full": 21}
+#: Files of 24 hourly steps: quick ~1.2 GB, full ~4.2 GB, month (31 days, the map → time
+#: series headline) ~6.2 GB uncompressed (two float32 variables); tiny (tests): 2 days, 73 × 144.
+SIZES = {"tiny": 2, "smoke": 2, "quick": 6, "medium": 10, "full": 21, "month": 31}
+#: Grids other than the 0.25° one, by size: the tests' tiny dataset.
+GRIDS = {"tiny": (73, 144)}
 LAYOUTS = {"archive": (1, NLAT, NLON), "tiled": (24, 91, 180)}
 COMPRESSIONS = ("zlib", "none")
 STEPS_PER_FILE = 24
@@ -57,24 +60,30 @@ class DatasetSpec:
         return self.n_files * STEPS_PER_FILE
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """Latitudes and longitudes."""
+        return GRIDS.get(self.size, (NLAT, NLON))
+
+    @property
     def nbytes(self) -> int:
         """Uncompressed bytes of the data variables."""
-        return self.steps * NLAT * NLON * 4 * len(VARIABLES)
+        return self.steps * self.grid[0] * self.grid[1] * 4 * len(VARIABLES)
 
     @property
     def chunks(self) -> tuple[int, int, int]:
-        """HDF5 chunk shape."""
-        return LAYOUTS[self.layout]
+        """HDF5 chunk shape (clamped to the grid)."""
+        t, y, x = LAYOUTS[self.layout]
+        return t, min(y, self.grid[0]), min(x, self.grid[1])
 
 
-def _write_file(args: tuple[str, int, str, tuple[int, int, int]]) -> str:
+def _write_file(args: tuple[str, int, str, tuple[int, int, int], tuple[int, int]]) -> str:
     import pandas as pd
     import xarray as xr
 
-    path, day, compression, chunks = args
+    path, day, compression, chunks, (nlat, nlon) = args
     rng = np.random.default_rng(day)
-    lat = np.linspace(90, -90, NLAT)
-    lon = np.linspace(0, 360, NLON, endpoint=False)
+    lat = np.linspace(90, -90, nlat)
+    lon = np.linspace(0, 360, nlon, endpoint=False)
     time = pd.date_range("2020-01-01", periods=STEPS_PER_FILE, freq="h") + pd.Timedelta(days=day)
     hours = np.arange(STEPS_PER_FILE) + 24 * day
     smooth = (
@@ -83,10 +92,10 @@ def _write_file(args: tuple[str, int, str, tuple[int, int, int]]) -> str:
     ).astype("float32")
     data_vars = {}
     for j, name in enumerate(VARIABLES):
-        values = np.empty((STEPS_PER_FILE, NLAT, NLON), dtype="float32")
+        values = np.empty((STEPS_PER_FILE, nlat, nlon), dtype="float32")
         for t in range(STEPS_PER_FILE):
             diurnal = np.float32(2 * math.sin(2 * math.pi * hours[t] / 24))
-            noise = rng.standard_normal((NLAT, NLON), dtype=np.float32) * np.float32(0.5)
+            noise = rng.standard_normal((nlat, nlon), dtype=np.float32) * np.float32(0.5)
             values[t] = np.round(260 + 10 * j + smooth + diurnal + noise, 2)
         data_vars[name] = (
             ("time", "latitude", "longitude"),
@@ -125,7 +134,7 @@ def ensure_dataset(spec: DatasetSpec, root: Path = DATA, workers: int | None = N
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    jobs = [(str(f), d, spec.compression, spec.chunks) for d, f in enumerate(files)]
+    jobs = [(str(f), d, spec.compression, spec.chunks, spec.grid) for d, f in enumerate(files)]
     with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
         list(pool.map(_write_file, jobs))
     marker.write_text(json.dumps({**asdict(spec), "bytes": spec.nbytes}))

@@ -57,6 +57,16 @@ def count_files(store: str) -> int:
     return sum(1 for p in root.rglob("*") if p.is_file() and ".zarr-parallel" not in p.parts)
 
 
+def store_bytes(store: str) -> int:
+    """Bytes of an output store's files (chunks and metadata; zarr-parallel's manifest excluded)."""
+    root = Path(store).resolve()
+    if not root.exists():
+        return 0
+    return sum(
+        p.stat().st_size for p in root.rglob("*") if p.is_file() and ".zarr-parallel" not in p.parts
+    )
+
+
 def remove_store(store: str) -> None:
     """Remove an output and what zarr-parallel keeps beside it (versions, lock)."""
     path = Path(store)
@@ -100,9 +110,9 @@ def output_codec(store: str, variable: str) -> str:
 
 
 def check_output(store: str, variables: Sequence[str], expected: dict[str, Any]) -> dict[str, Any]:
-    """The output's file count and codec, whether it equals ``expected`` and, if not, how it
-    differs."""
-    checked: dict[str, Any] = {"files": count_files(store)}
+    """The output's file count, size and codec, whether it equals ``expected`` and, if not, how
+    it differs."""
+    checked: dict[str, Any] = {"files": count_files(store), "target_bytes": store_bytes(store)}
     try:
         checked["codec"] = output_codec(store, variables[0])
     except Exception as e:  # a store the contender left unreadable is reported below

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.summary import goals, markdown_table, summarise
+from benchmarks.summary import goals, io_table, markdown_table, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "benchmarks.md"
@@ -74,6 +74,8 @@ def results_markdown(results: dict[str, Any], size: str) -> str:
     ]
     for case in results["cases"].values():
         lines += [markdown_table(case["case"], case["results"]), ""]
+        if any(r.get("tree_rchar") is not None for r in case["results"].values()):
+            lines += [io_table(case["case"], case["results"]), ""]
         g = case["goals"]
         if g:
             lines += ["Goals measured: " + ", ".join(f"{k} = {v}" for k, v in g.items()), ""]

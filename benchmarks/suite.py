@@ -36,8 +36,17 @@ from benchmarks.datasets import (
 from benchmarks.host import machine
 from benchmarks.outputs import check_output, reference, remove_store
 from benchmarks.prefect_api import contender_environment, prefect_server
+from benchmarks.rechunker_env import PYTHON_VARIABLE, ensure_rechunker
 from benchmarks.report import write_docs
-from benchmarks.summary import OURS, WITH_SERVER, ZP050, goals, markdown_table, summarise
+from benchmarks.summary import (
+    OURS,
+    WITH_SERVER,
+    ZP050,
+    goals,
+    io_table,
+    markdown_table,
+    summarise,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -52,12 +61,29 @@ TARGETS: dict[str, dict[str, Any]] = {
     "misaligned": {"chunks": MISALIGNED, "box": None},
     "aligned": {"chunks": {"time": 1, "latitude": -1, "longitude": -1}, "box": None},
     "cut": {"chunks": MISALIGNED, "box": {"latitude": [100, 400], "longitude": [200, 900]}},
+    # Map → time series (#18): the whole span in one chunk, 30 × 30 points, with a memory limit
+    # well below one time-series column of source chunks at the month size (3.1 GB a variable).
+    "timeseries": {
+        "chunks": {"time": -1, "latitude": 30, "longitude": 30},
+        "box": None,
+        "memory_limit": "1GB",
+    },
 }
+#: The contenders of the map → time-series case (``--contenders`` for it, in the docs' commands).
+TIMESERIES_CONTENDERS = (
+    "zarr-parallel default",
+    "zarr-parallel series",
+    "zarr-parallel dask_distributed",
+    "rechunker",
+    "xarray+dask (source chunks)",
+)
 DEFAULT_CONTENDERS = (
     "zarr-parallel series",
     WITH_SERVER,
     "zarr-parallel dask_distributed",
     "zarr-parallel SLURM",
+    "zarr-parallel default",
+    "rechunker",
     "xarray+dask (source chunks)",
     "xarray+dask distributed (source chunks)",
     "xarray+dask (target chunks)",
@@ -234,13 +260,19 @@ def _case_json(spec: DatasetSpec, target: str, files: list[Path], kerchunk: Path
         "source_chunks": list(spec.chunks),
         "variables": ["t2m", "d2m"],
         "cores": os.cpu_count() or 1,
+        "memory_limit": t.get("memory_limit", "2GB"),
     }
     box = t["box"] or {}
-    shape = [spec.steps, 721, 1440]
+    shape = [spec.steps, *spec.grid]
     for i, d in enumerate(("time", "latitude", "longitude")):
         if d in box:
             shape[i] = box[d][1] - box[d][0]
     case["uncompressed_bytes"] = 4 * len(case["variables"]) * shape[0] * shape[1] * shape[2]
+    # One time-series column of source chunks (every step of one chunk's footprint, all
+    # variables): what a reader holding whole columns would need at once.
+    _, cy, cx = spec.chunks
+    column = 4 * shape[0] * min(cy, shape[1]) * min(cx, shape[2])
+    case["source_column_bytes"] = column * len(case["variables"])
     return case
 
 
@@ -263,6 +295,9 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--work", default=str(DATA / "out"), help="where outputs are written")
     p.add_argument("--results", default=None, help="results JSON (default results/<size>.json)")
     p.add_argument("--docs", action="store_true", help="also write docs/benchmarks.md and plot")
+    p.add_argument(
+        "--no-plan-scaling", action="store_true", help="leave out the planning-cost figures"
+    )
     args = p.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
     args.layouts = [c for c in args.layouts.split(",") if c]
@@ -291,6 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if python:
             env["ZP050_PYTHON"] = python
         print(f"zarr-parallel 0.5.0: {status}", flush=True)
+    if "rechunker" in args.contenders:
+        python, status = ensure_rechunker()
+        info["rechunker"] = status
+        if python:
+            env[PYTHON_VARIABLE] = python
+        print(f"rechunker: {status}", flush=True)
     with contextlib.ExitStack() as stack:
         envs = {name: {**env, **THREAD_VARIANTS.get(name, {})} for name in args.contenders}
         if WITH_SERVER in args.contenders:
@@ -314,7 +355,13 @@ def _prepare_case(spec: DatasetSpec, target: str, args: argparse.Namespace) -> d
     box = {d: tuple(v) for d, v in (case["box"] or {}).items()}
     case["needed_stored_bytes"] = stored_bytes_needed(files, case["variables"], box)
     case["timeout"] = args.timeout
-    print(f"\n== {case['name']} ({time.perf_counter() - t0:.0f} s to prepare)", flush=True)
+    print(
+        f"\n== {case['name']} ({time.perf_counter() - t0:.0f} s to prepare; memory limit "
+        f"{case['memory_limit']}, one column of source chunks "
+        f"{case['source_column_bytes'] / 1e9:.2f} GB, {case['needed_stored_bytes'] / 1e9:.2f} GB "
+        "stored)",
+        flush=True,
+    )
     return case
 
 
@@ -378,8 +425,10 @@ def _run_cases(
             "goals": goals(summary, item["target"]),
         }
         print(markdown_table(case, summary), flush=True)
+        print(io_table(case, summary), flush=True)
         print("goals:", json.dumps(results["cases"][case["name"]]["goals"]), flush=True)
-    results["plan_scaling"] = plan_scaling(args.size)
+    if not args.no_plan_scaling:
+        results["plan_scaling"] = plan_scaling(args.size)
     results["info"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     results["info"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(exist_ok=True)

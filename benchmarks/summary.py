@@ -21,12 +21,20 @@ XARRAY = (
     "xarray+dask (target chunks)",
 )
 ZP050 = ("zarr-parallel 0.5.0 series", "zarr-parallel 0.5.0 dask_distributed")
+#: What a user gets without naming a deploy mode (``auto`` since #21, before it dask_distributed).
+DEFAULT = "zarr-parallel default"
+RECHUNKER = "rechunker"
 OURS = (
     "zarr-parallel series",
     WITH_SERVER,
     "zarr-parallel dask_distributed",
     "zarr-parallel SLURM",
+    DEFAULT,
 )
+#: #18's goals on map → time series: bytes read (source + intermediate) ÷ the source's stored
+#: bytes, and the speed-up over rechunker end to end.
+READ_GOAL = 2.2
+RECHUNKER_GOAL = 3.0
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float:
@@ -66,6 +74,38 @@ def _estimate_fit(ok: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _io_figures(ok: list[dict[str, Any]], case: dict[str, Any]) -> dict[str, Any]:
+    """Bytes read and written (medians), the reads ÷ the source's stored bytes, the plan."""
+    out: dict[str, Any] = {}
+    stored = case.get("needed_stored_bytes")
+    reads = [r["read_bytes"] for r in ok if r.get("read_bytes") is not None]
+    if reads and stored:
+        out["bytes_read"] = int(statistics.median(reads))
+        out["read_over_source"] = round(out["bytes_read"] / stored, 2)
+    tree = [r["io"] for r in ok if isinstance(r.get("io"), dict)]
+    if tree:
+        out["tree_rchar"] = int(statistics.median(t["rchar"] for t in tree))
+        out["tree_wchar"] = int(statistics.median(t["wchar"] for t in tree))
+    for key in ("intermediate_bytes", "target_bytes"):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if values:
+            out[key] = int(statistics.median(values))
+    first = ok[0]
+    for key in (
+        "plan_strategy",
+        "plan_strategy_reason",
+        "plan_stages",
+        "phases",
+        "intermediate_bytes_planned",
+    ):
+        if first.get(key) is not None:
+            out[key] = first[key]
+    for key in ("plan_deploy_mode", "plan_deploy_mode_reason"):
+        if first.get(key) is not None:
+            out[key] = first[key]
+    return out
+
+
 def summarise(runs: list[dict[str, Any]], case: dict[str, Any]) -> dict[str, Any]:
     """Medians and checks of one contender's runs on one case."""
     ok = [r for r in runs if r.get("ok")]
@@ -101,6 +141,7 @@ def summarise(runs: list[dict[str, Any]], case: dict[str, Any]) -> dict[str, Any
     }
     out.update(_worker_memory([p for r in ok for p in r.get("worker_peaks", [])]))
     out.update(_estimate_fit(ok))
+    out.update(_io_figures(ok, case))
     if ok[0].get("note"):
         out["note"] = ok[0]["note"]
     return out
@@ -140,6 +181,52 @@ def goals(case_results: dict[str, dict[str, Any]], target: str) -> dict[str, Any
     out["memory_within_limits"] = all(
         v.get("worker_peaks_within_limit", True) for v in ours.values()
     )
+    out.update(_rechunk_goals(case_results, ours, best, target == "timeseries"))
+    out.update(_default_goals(case_results))
+    return out
+
+
+def _rechunk_goals(
+    case_results: dict[str, dict[str, Any]],
+    ours: dict[str, dict[str, Any]],
+    best: dict[str, Any],
+    judged: bool,
+) -> dict[str, Any]:
+    """#18: reads ≤ 2.2× the source's stored bytes (every mode of ours), ≥ 3× rechunker; the
+    figures on every case, whether each goal is met on map → time series (``judged``) only."""
+    out: dict[str, Any] = {}
+    reads = {k: v["read_over_source"] for k, v in ours.items() if "read_over_source" in v}
+    if reads:
+        worst = max(reads.values())
+        out["reads_over_source_worst_of_ours"] = worst
+        if judged:
+            out[f"goal_reads_le_{READ_GOAL}x_met"] = worst <= READ_GOAL
+    rechunker = case_results.get(RECHUNKER, {})
+    if rechunker.get("ok"):
+        for phase in ("e2e_s", "data_s"):
+            out[f"speedup_vs_rechunker_{phase[:-2]}"] = round(rechunker[phase] / best[phase], 2)
+        if judged:
+            out[f"goal_ge_{RECHUNKER_GOAL:g}x_rechunker_met"] = (
+                out["speedup_vs_rechunker_e2e"] >= RECHUNKER_GOAL
+            )
+        if "read_over_source" in rechunker:
+            out["rechunker_reads_over_source"] = rechunker["read_over_source"]
+    return out
+
+
+def _default_goals(case_results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """#21: the default mode's start-up overhead (end to end − data) and its ratio to xarray."""
+    default = case_results.get(DEFAULT, {})
+    if not default.get("ok"):
+        return {}
+    out: dict[str, Any] = {
+        "default_startup_overhead_s": round(default["e2e_s"] - default["data_s"], 1)
+    }
+    best_xarray = _best_of(case_results, XARRAY, "e2e_s")
+    if best_xarray is not None:
+        out["default_vs_best_xarray_e2e"] = round(best_xarray / default["e2e_s"], 2)
+    if default.get("plan_deploy_mode"):
+        out["default_chose"] = default["plan_deploy_mode"]
     return out
 
 
@@ -181,6 +268,61 @@ def _table_row(name: str, r: dict[str, Any], most: int) -> str:
         f"{r.get('codec') or '-'} | {r.get('files', '-')} | "
         f"{'yes' if r.get('equal') else 'NO: ' + r.get('note', '')} |"
     )
+
+
+def _intermediate(r: dict[str, Any]) -> str:
+    """Intermediate bytes on disk, or the plan's figure for them when that is all there is."""
+    if r.get("intermediate_bytes") is not None:
+        return fmt_bytes(r["intermediate_bytes"])
+    if r.get("intermediate_bytes_planned") is not None:
+        return f"{fmt_bytes(r['intermediate_bytes_planned'])} (planned)"
+    return "-"
+
+
+def _io_row(name: str, r: dict[str, Any], limit: str) -> str:
+    """One contender's row of :func:`io_table`."""
+    ratio = r.get("read_over_source")
+    stages = r.get("plan_stages") or []
+    strategy = r.get("plan_strategy") or ("-" if name not in OURS else "(not reported)")
+    if stages:
+        strategy += f", {len(stages)} stage(s)"
+    peak = r.get("worker_peak_rss", r.get("max_process_rss"))
+    within = r.get("worker_peaks_within_limit")
+    return (
+        f"| {name} | {fmt_bytes(r.get('bytes_read'))} | "
+        f"{f'{ratio}×' if ratio is not None else '-'} | "
+        f"{fmt_bytes(r.get('tree_rchar'))} | {fmt_bytes(r.get('tree_wchar'))} | "
+        f"{_intermediate(r)} | {fmt_bytes(r.get('target_bytes'))} | "
+        f"{fmt_bytes(peak)} / {limit if within is not None else 'no limit given'}"
+        f"{'' if within is None else (' ok' if within else ' OVER')} | "
+        f"{strategy} | {r.get('plan_read_amplification', '-') or '-'} | "
+        f"{'yes' if r.get('equal') else 'NO'} |"
+    )
+
+
+def io_table(case: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
+    """One case's bytes read and written, memory against the limit and plan, as Markdown.
+
+    Bytes read: zarr-parallel's jobs measure their own reads (``rchar``, source and any
+    intermediate); the others' count is their process's ``rchar`` after the imports. The
+    process tree's ``rchar``/``wchar`` include the processes a run started and reaped (and what
+    they read importing modules). The page cache is hot: bytes asked of files, not of the disk.
+    """
+    stored = case.get("needed_stored_bytes")
+    head = (
+        "| contender | bytes read | ÷ source stored | process tree rchar | process tree wchar | "
+        "intermediate on disk | target on disk | peak RSS / limit | plan strategy | "
+        "plan read amplification | equal |\n" + "|---" * 11 + "|"
+    )
+    rows = [
+        f"Bytes of **{case['name']}** (source stored: {fmt_bytes(stored)}; page cache hot, "
+        "so rchar/wchar count bytes asked of files, not of the disk)",
+        "",
+        head,
+    ]
+    limit = str(case.get("memory_limit", "2GB"))
+    rows += [_io_row(n, r, limit) for n, r in summary.items() if r.get("ok")]
+    return "\n".join(rows)
 
 
 def markdown_table(case: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
