@@ -8,7 +8,10 @@ lists, so :func:`slurm_cluster_kwargs` merges the site's. Job scripts are built 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +20,7 @@ from typing import Any
 
 import dask.config
 import pytest
+from distributed import Scheduler
 
 from core_support import changed_env
 from zarr_parallel.orchestration.runners import worker_sizing
@@ -155,3 +159,33 @@ def test_merge_keeps_order_and_drops_only_what_ours_set() -> None:
         "--gres=gpu:1",
         "--qos=high",
     ]
+
+
+def test_the_slurm_scheduler_takes_no_dashboard_port(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SLURM cluster's scheduler (on a login node other users share) listens on a free
+    loopback port for its HTTP routes, not on 8787: no "Port 8787 is already in use"."""
+    req = build_request(
+        data_uri=__file__, cache_store=str(tmp_path / "c.zarr"), deploy_mode="SLURM"
+    )
+    sizing = worker_sizing(req, max_job_estimate=10**8, jobs=2)
+    options = slurm_cluster_kwargs(req, sizing, None, tmp_path)["scheduler_options"]
+    held = socket.socket()
+    try:
+        held.bind(("127.0.0.1", 8787))
+        held.listen()
+    except OSError:
+        pass  # already taken by someone else: just as good
+
+    async def start() -> int:
+        async with Scheduler(**options, port=0, host="127.0.0.1") as scheduler:
+            return int(scheduler.http_server.port)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="distributed"):
+            port = asyncio.run(start())
+    finally:
+        held.close()
+    assert port != 8787
+    assert "already in use" not in caplog.text

@@ -170,7 +170,13 @@ def slurm_cluster_kwargs(
     prologue = [*s.prologue, *(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))]
     directives = [*([f"--qos={s.qos}"] if s.qos else []), *s.directives]
     mem_mib = -(-sizing.memory // 2**20)
-    scheduler_options: dict[str, Any] = {"allowed_failures": 0, "dashboard_address": None}
+    # No dashboard: the scheduler's HTTP server (health routes) takes a free loopback port, not
+    # 8787, which another cluster on a shared login node may hold ("Port 8787 is already in use").
+    scheduler_options: dict[str, Any] = {
+        "allowed_failures": 0,
+        "dashboard": False,
+        "dashboard_address": "127.0.0.1:0",
+    }
     if s.interface:
         scheduler_options["interface"] = s.interface
     worker_args = ["--lifetime", f"{int(sizing.lifetime)}s", "--lifetime-stagger", "10s"]
