@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +184,12 @@ def test_the_slurm_scheduler_takes_no_dashboard_port(
             return int(scheduler.http_server.port)
 
     try:
-        with caplog.at_level(logging.WARNING, logger="distributed"):
-            port = asyncio.run(start())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with caplog.at_level(logging.WARNING, logger="distributed"):
+                port = asyncio.run(start())
     finally:
         held.close()
     assert port != 8787
-    assert "already in use" not in caplog.text
+    said = caplog.text + "".join(str(w.message) for w in caught)
+    assert "already in use" not in said
