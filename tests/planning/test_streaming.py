@@ -13,6 +13,7 @@ import numpy as np
 from zarr_parallel.planning.grid import AxisMap
 from zarr_parallel.planning.inputs import ArrayInput, Limits
 from zarr_parallel.planning.plan import plan_jobs
+from zarr_parallel.planning.strategy import choose_plan, plan_cost
 
 YEAR = 8766
 RESERVE = 256 * 10**6
@@ -75,3 +76,46 @@ def test_streaming_plan_tiles_and_respects_budget() -> None:
         cover[y0:y1, x0:x1] += 1
         assert job.memory <= plan.memory_budget
     assert np.all(cover == 1)  # one group holds both variables
+
+
+def six_days_of_maps() -> list[ArrayInput]:
+    """The benchmark's `quick` map → time-series case: 144 hourly maps, two variables."""
+    axes = (
+        AxisMap.uniform("time", 144, 1),
+        AxisMap.uniform("latitude", 721, 721),
+        AxisMap.uniform("longitude", 1440, 1440),
+    )
+    return [ArrayInput(n, axes, (144, 30, 30), 4, 4, fast=True) for n in ("d2m", "t2m")]
+
+
+def worker_limits(min_jobs: int, derived: bool) -> Limits:
+    """A local worker's budget at memory_limit 1 GB (reserve and worker overhead taken)."""
+    return Limits(
+        494 * 10**6,
+        min_jobs=min_jobs,
+        min_jobs_derived=derived,
+        time_budget=1800.0,
+        reserve=RESERVE,
+        workers=2,
+    )
+
+
+def test_a_derived_minimum_does_not_re_read_for_more_jobs_than_workers() -> None:
+    """Two jobs per worker is a wish for balance: on a dimension whose cuts re-read the maps,
+    one job per worker is enough (2 jobs reading the source twice, not 4 reading it 4x)."""
+    plan = choose_plan(six_days_of_maps(), worker_limits(4, derived=True), "r")
+    assert len(plan.jobs) == 2
+    assert plan.read_amplification == 2.0
+
+
+def test_an_asked_minimum_that_would_re_read_4x_is_staged() -> None:
+    """num_jobs=4 asked: a direct plan would read the source 4x; the staged plan reads it once
+    (and the intermediate once), which the cost model counts as cheaper."""
+    plan = choose_plan(six_days_of_maps(), worker_limits(4, derived=False), "r")
+    assert plan.strategy == "staged", plan.strategy_reason
+    assert plan.read_amplification == 1.0
+    direct = plan_jobs(six_days_of_maps(), worker_limits(4, derived=False), "r")
+    assert direct.read_amplification == 4.0
+    # Source read once, intermediate written and read once each, target written once.
+    assert plan_cost(plan) == (plan.read_bytes + 2 * plan.intermediate_bytes + plan.write_bytes)
+    assert plan_cost(plan) < plan_cost(direct)

@@ -94,6 +94,15 @@ def assert_no_intermediate(store: Path) -> None:
         pytest.param(
             "big_maps", TIME_SERIES, "series", "280MB", id="maps-to-time-series-fast-series"
         ),
+        # Each stage's jobs on SLURM jobs of the local single-node SLURM (scripts/slurm-local.sh).
+        pytest.param(
+            "maps",
+            TIME_SERIES,
+            "SLURM",
+            "290MB",
+            id="maps-to-time-series-slurm",
+            marks=[pytest.mark.slurm, pytest.mark.timeout(900)],
+        ),
     ],
 )
 def test_staged_round_trip(
@@ -105,6 +114,8 @@ def test_staged_round_trip(
     reserve: str,
 ) -> None:
     files = request.getfixturevalue(source)
+    if mode == "SLURM":
+        request.getfixturevalue("slurm")  # the local SLURM is up (fails under CI=true if not)
     extra: dict[str, Any] = {"memory_reserve": reserve}
     if mode != "series":
         # Beside each dask worker process the budget loses its 250 MB allowance.

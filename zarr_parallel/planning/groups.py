@@ -223,25 +223,10 @@ class Group:
 
             per_job[d] = _largest_fitting(1, n_units[d], ok)
 
-        def count(pj: Sequence[int]) -> int:
-            return math.prod(math.ceil(n / k) for n, k in zip(n_units, pj, strict=True))
-
         def fits(pj: Sequence[int]) -> bool:
             return cost.fits([_pack(u, k) for u, k in zip(units, pj, strict=True)], limits)
 
-        # Honour the minimum number of jobs by splitting the outermost dimensions first (those
-        # that re-read nothing before those that do).
-        for d in reversed(grow):
-            if count(per_job) >= min_jobs:
-                break
-
-            def enough(m: int, d: int = d) -> bool:
-                trial = list(per_job)
-                trial[d] = m
-                return count(trial) >= min_jobs
-
-            # Largest m whose count still meets min_jobs (count falls as m grows), else 1.
-            per_job[d] = _largest_fitting(1, per_job[d], enough) if enough(1) else 1
+        per_job = _split_for_min_jobs(per_job, n_units, grow, rereads, min_jobs, limits)
         # Units of unequal cost do not pack monotonically: fewer units per job can put a costly
         # pair of units together (units [2, 4) and [4, 5) of a cut source chunk). Every plan is
         # checked against the budgets again; one unit per job always fits (Group.build).
@@ -260,6 +245,43 @@ class Group:
         jobs, read, need = _make_jobs(members, cost, bounds, first_id)
         gplan = GroupPlan(names, lead.dims, tuple(n_units), tuple(per_job), tuple(self.split))
         return gplan, jobs, read, need, list(self.notes)
+
+
+def _split_for_min_jobs(
+    per_job: list[int],
+    n_units: Sequence[int],
+    grow: Sequence[int],
+    rereads: Sequence[float],
+    min_jobs: int,
+    limits: Limits,
+) -> list[int]:
+    """Units per job after splitting for the minimum number of jobs.
+
+    The outermost dimensions are split first (those that re-read nothing before those that
+    do). A derived minimum (jobs per worker, for balance) splits a dimension that re-reads
+    source chunks only until every worker has a job: more jobs there would read the source
+    again for no more parallelism.
+    """
+    per_job = list(per_job)
+
+    def count(pj: Sequence[int]) -> int:
+        return math.prod(math.ceil(n / k) for n, k in zip(n_units, pj, strict=True))
+
+    for d in reversed(grow):
+        want = min_jobs
+        if limits.min_jobs_derived and rereads[d] > 1.0:
+            want = min(min_jobs, max(1, limits.workers))
+        if count(per_job) >= want:
+            continue
+
+        def enough(m: int, d: int = d, want: int = want) -> bool:
+            trial = list(per_job)
+            trial[d] = m
+            return count(trial) >= want
+
+        # Largest m whose count still meets the minimum (count falls as m grows), else 1.
+        per_job[d] = _largest_fitting(1, per_job[d], enough) if enough(1) else 1
+    return per_job
 
 
 def split_evenly(units: IntArray, parts: int) -> IntArray:

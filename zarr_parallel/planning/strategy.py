@@ -24,9 +24,13 @@ STAGE_ABOVE = 2.0
 
 
 def plan_cost(plan: Plan) -> int:
-    """Modelled bytes through storage: everything read and written, intermediates included."""
+    """Modelled bytes through storage: everything read and written, intermediates included.
+
+    A staged plan reads the source (its ``read_bytes``), writes the intermediate once and reads
+    it in its last stage's jobs, then writes the target.
+    """
     intermediate_read = sum(j.read_bytes for j in plan.jobs) if plan.stages else 0
-    return plan.read_bytes + intermediate_read + 2 * plan.intermediate_bytes + plan.write_bytes
+    return plan.read_bytes + plan.intermediate_bytes + intermediate_read + plan.write_bytes
 
 
 def _label(plan: Plan, arrays: Sequence[ArrayInput]) -> Plan:
