@@ -64,6 +64,8 @@ def hold_spec(tmp: Path, index: int) -> tuple[dict[str, Any], Path, Path]:
         "marker": str(marker),
         "started": str(started),
         "index": index,
+        # One job: a plan balanced for two workers splits latitude too (docs/design.md §3.4).
+        "also": {"latitude": 0},
     }
     return spec, marker, started
 

@@ -56,6 +56,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 ENV = "ZARR_PARALLEL_FAULT"
@@ -166,9 +167,26 @@ def _current() -> _State:
     return _state
 
 
+#: Set while a door plans ahead of its run (no lock held): the points name the run's own steps.
+_POINTS_OFF: ContextVar[bool] = ContextVar("zarr_parallel_fault_points_off", default=False)
+
+
+@contextmanager
+def points_off() -> Iterator[None]:
+    """Within the block no point is reached: a door's planning ahead of the run (outside the
+    cache's lock) is not the run's ``planned`` step."""
+    token = _POINTS_OFF.set(True)
+    try:
+        yield
+    finally:
+        _POINTS_OFF.reset(token)
+
+
 def fault_point(name: str) -> None:
     """Kill or stop this process here if the active fault names this point."""
     if _active is None and not os.environ.get(ENV):
+        return
+    if _POINTS_OFF.get():
         return
     with _guard:
         state = _current()

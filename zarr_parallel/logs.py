@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
+from typing import Any
 
 from zarr_parallel.errors import PlanError, RequestError
 
@@ -56,6 +58,39 @@ def _invalid_request_names() -> set[str]:
 QUIET_INVALID_REQUESTS = QuietInvalidRequests()
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is logged (the progress output's live
+    line redirects it, to print log lines above itself)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+#: This package's console lines before Prefect has set up its own (the command plans before it
+#: imports Prefect): the same layout as Prefect's console lines. Removed once Prefect's console
+#: handler exists, which then prints them (through the root logger).
+EARLY_HANDLER = _StderrHandler()
+EARLY_HANDLER.setFormatter(
+    logging.Formatter(
+        "%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s", "%H:%M:%S"
+    )
+)
+
+
+def _console_for_own_loggers(prefect_console: bool) -> None:
+    for name in OWN_LOGGERS:
+        logger = logging.getLogger(name)
+        if prefect_console:
+            logger.removeHandler(EARLY_HANDLER)
+        elif EARLY_HANDLER not in logger.handlers:
+            logger.addHandler(EARLY_HANDLER)
+
+
 def set_log_level(level: int) -> None:
     """Apply ``log_level`` to this process's loggers and console.
 
@@ -76,11 +111,16 @@ def set_log_level(level: int) -> None:
     for name in SILENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     # Prefect prints through a console handler on the root logger. Its level decides what the
-    # terminal shows; the API handler (the UI's copy of the run logs) is left as it is.
-    for handler in logging.getLogger().handlers:
-        if type(handler).__name__ == "PrefectConsoleHandler":
-            handler.setLevel(own)
-            if level < 2:
-                handler.addFilter(QUIET_INVALID_REQUESTS)
-            else:
-                handler.removeFilter(QUIET_INVALID_REQUESTS)
+    # terminal shows; the API handler (the UI's copy of the run logs) is left as it is. Before
+    # Prefect is set up, this package's lines go to the console through EARLY_HANDLER.
+    consoles = [
+        h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"
+    ]
+    _console_for_own_loggers(bool(consoles))
+    EARLY_HANDLER.setLevel(own)
+    for handler in consoles:
+        handler.setLevel(own)
+        if level < 2:
+            handler.addFilter(QUIET_INVALID_REQUESTS)
+        else:
+            handler.removeFilter(QUIET_INVALID_REQUESTS)

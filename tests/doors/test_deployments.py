@@ -268,7 +268,9 @@ def test_deployments_as_prefect_yaml_says(deployed: dict[str, Any]) -> None:
     props = model["properties"]
     assert all(p.get("description") for p in props.values()), "every field is described"
     assert props["num_jobs"]["anyOf"][0]["minimum"] == 1
-    assert props["log_level"]["maximum"] == 2
+    # 0.5 read levels above 2 as 2: the form takes them, the run clamps them with a warning.
+    assert props["log_level"]["minimum"] == 0 and "maximum" not in props["log_level"]
+    assert "auto" in props["deploy_mode"]["enum"]
     assert props["recommend_changes"]["enum"] == ["halt", "apply", "proceed"]
     assert props["recommend_changes"]["default"] == "halt"
     assert "SLURM" in props["deploy_mode"]["enum"]

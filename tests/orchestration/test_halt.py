@@ -13,6 +13,7 @@ from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import StateType
+from prefect.logging.handlers import APILogHandler
 
 from core_support import series_fields
 from zarr_parallel import ZarrParallelAssembler
@@ -28,6 +29,8 @@ MID_CHUNK = [{"type": "sel", "time": ["2020-01-01T03:00", "2020-01-02T19:00"]}]
 
 def _run_record(run_id: UUID) -> tuple[Any, list[Any], list[Any]]:
     """The flow run, its logs (its own and its task runs') and its task runs, from the API."""
+    # Logs reach the API in batches: send what this process still holds first.
+    APILogHandler().flush()
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run_id)
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
@@ -57,7 +60,7 @@ def test_halted_run_awaits_a_decision(era5_files: list[Path], tmp_path: Path) ->
     assert "```yaml" in str(artifact.data) and "--set 'preprocessors=" in str(artifact.data)
     # One line says it; no traceback anywhere in the run's logs (its tasks' included).
     texts = [log.message for log in logs]
-    assert sum(t.startswith("Halted on recommendations") for t in texts) == 1
+    assert sum(t.startswith("Halted on recommendations") for t in texts) == 1, texts
     assert not [t for t in texts if "Traceback" in t or "RecommendationsPending" in t], texts
     assert {t.name.split("-")[0]: t.state.type for t in tasks} == {"plan": StateType.COMPLETED}
     assert not store.exists()

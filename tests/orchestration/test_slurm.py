@@ -62,7 +62,13 @@ def test_job_over_its_memory_is_killed_by_slurm_and_reported(
 ) -> None:
     # The job holding time step 30 takes 1.5 GB more than its estimate; its SLURM job asks for
     # the estimate + 10 % + the interpreters (~560 MB here), so SLURM kills it.
-    balloon = {"type": "test_balloon", "nbytes": 1_500_000_000, "index": 30, "seconds": 30}
+    balloon = {
+        "type": "test_balloon",
+        "nbytes": 1_500_000_000,
+        "index": 30,
+        "seconds": 30,
+        "also": {"latitude": 0},  # one job, where the plan splits latitude too
+    }
     t0 = time.monotonic()
     with pytest.raises(RunFailed, match=r"killed by SLURM for exceeding its memory limit") as e:
         run_cache(

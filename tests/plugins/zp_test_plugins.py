@@ -18,18 +18,28 @@ import numpy as np
 import xarray as xr
 
 
-def _on_block(ds: xr.Dataset, dim: str, index: int, action: Any) -> xr.Dataset:
-    """Run ``action()`` when a block holding ``index`` along ``dim`` is computed."""
+def _on_block(
+    ds: xr.Dataset, dim: str, index: int, action: Any, also: dict[str, int] | None = None
+) -> xr.Dataset:
+    """Run ``action()`` when a block holding ``index`` along ``dim`` (and each ``also``
+    index along its dimension) is computed.
+
+    ``also`` defaults to latitude 0: one job acts where a plan balanced for two workers splits
+    latitude as well as time (docs/design.md §3.4), as the tests' "the job holding step 30" means.
+    """
+    where = {dim: index, **({"latitude": 0} if also is None else also)}
     out = ds.copy()
     for name, var in ds.data_vars.items():
         if dim not in var.dims or not hasattr(var.data, "map_blocks"):
             continue
-        axis = var.dims.index(dim)
+        axes = {var.dims.index(d): i for d, i in where.items() if d in var.dims}
 
-        def fn(block: np.ndarray, block_info: Any = None, axis: int = axis) -> np.ndarray:
+        def fn(
+            block: np.ndarray, block_info: Any = None, axes: dict[int, int] = axes
+        ) -> np.ndarray:
             if block_info is not None and None in block_info:
-                start, stop = block_info[None]["array-location"][axis]
-                if start <= index < stop:
+                location = block_info[None]["array-location"]
+                if all(location[a][0] <= i < location[a][1] for a, i in axes.items()):
                     action()
             return block
 
@@ -58,6 +68,7 @@ def hold(
     dim: str = "time",
     started: str | None = None,
     seconds: float = 600.0,
+    also: dict[str, int] | None = None,
 ) -> xr.Dataset:
     """Block the job that computes ``index`` along ``dim`` while the file ``marker`` exists.
 
@@ -77,7 +88,7 @@ def hold(
         while os.path.exists(marker) and time.monotonic() - t0 < seconds:
             time.sleep(0.05)
 
-    return _on_block(ds, dim, index, action)
+    return _on_block(ds, dim, index, action, also)
 
 
 def balloon(
@@ -87,6 +98,7 @@ def balloon(
     index: int = 0,
     dim: str = "time",
     seconds: float = 5.0,
+    also: dict[str, int] | None = None,
 ) -> xr.Dataset:
     """Make the job that computes ``index`` along ``dim`` hold ``nbytes`` more than it needs."""
 
@@ -95,13 +107,20 @@ def balloon(
         time.sleep(seconds)
         del extra
 
-    return _on_block(ds, dim, index, action)
+    return _on_block(ds, dim, index, action, also)
 
 
-def fail(ds: xr.Dataset, ctx: Any, message: str, index: int = 0, dim: str = "time") -> xr.Dataset:
+def fail(
+    ds: xr.Dataset,
+    ctx: Any,
+    message: str,
+    index: int = 0,
+    dim: str = "time",
+    also: dict[str, int] | None = None,
+) -> xr.Dataset:
     """Make the job that computes ``index`` along ``dim`` raise ``OSError(message)``."""
 
     def action() -> None:
         raise OSError(message)
 
-    return _on_block(ds, dim, index, action)
+    return _on_block(ds, dim, index, action, also)

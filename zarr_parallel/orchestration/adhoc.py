@@ -24,6 +24,7 @@ import traceback
 from typing import Any
 
 from zarr_parallel.errors import RecommendationsPending
+from zarr_parallel.faults import points_off
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.orchestration.temporary_api import TemporaryApi, api_url_configured
 from zarr_parallel.request.model import CacheRequest
@@ -42,7 +43,8 @@ def plan_ahead(request: CacheRequest) -> Prepared | None:
         A bad request or no plan within the limits: refused before any flow run.
     """
     try:
-        return prepare(request)
+        with points_off():  # not the run's own `planned` step: no lock is held yet
+            return prepare(request)
     except RecommendationsPending:
         return None
     except Exception:
@@ -95,7 +97,7 @@ def run_ad_hoc(
     with timing(clock):
         enter_phase("planning")
         prepared = plan_ahead(request)
-        if prepared is not None and prepared.status == "up_to_date":
+        if prepared is not None and prepared.status == "up_to_date" and not _locked(prepared):
             summary = up_to_date_answer(prepared)
         else:
             enter_phase("start-up")
@@ -113,6 +115,12 @@ def run_ad_hoc(
         summary["seconds"] = round(clock.wall(), 3)
         summary["phases"] = clock.breakdown()
     return summary
+
+
+def _locked(prepared: Prepared) -> bool:
+    """True when a lock file exists at the cache: another run may be replacing the version
+    found up to date (or left its lock), so the flow's lock decides, as for any run."""
+    return prepared.paths.lock.exists()
 
 
 def _mode(prepared: Prepared | None, request: CacheRequest) -> str:

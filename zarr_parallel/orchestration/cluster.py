@@ -285,10 +285,19 @@ def cluster_in_background(
     cluster and returns it (or raises why it did not start). Closed when the block ends.
     """
     if req.deploy_mode != "dask_distributed":
-        # Series has nothing to start; SLURM submits jobs (quick) and dask-jobqueue installs a
-        # signal handler when imported, which only the main thread may do.
-        with open_cluster(req, version, sizing, api_url) as handle:
-            yield lambda: handle
+        # Opened when asked for, after the store is initialised: series has nothing to start;
+        # SLURM submits jobs (quick) whose log folder lies inside the version, which
+        # initialisation creates (and refuses to find made by anyone else), and dask-jobqueue
+        # installs a signal handler when imported, which only the main thread may do.
+        with ExitStack() as later:
+            opened: list[ClusterHandle] = []
+
+            def get() -> ClusterHandle:
+                if not opened:
+                    opened.append(later.enter_context(open_cluster(req, version, sizing, api_url)))
+                return opened[0]
+
+            yield get
         return
     # Imported here, in the calling thread: module imports with side effects stay off the pool.
     import distributed  # noqa: F401
