@@ -24,10 +24,6 @@ EXIT_GRACE_SECONDS = 30.0
 
 
 def _prewarm() -> None:
-    # Imported here, in the prewarm thread, on purpose: the task module (and Prefect with it)
-    # loads before the first task arrives, without holding up the worker's event loop as it joins.
-    import zarr_parallel.orchestration.tasks  # noqa: F401 - Prefect and the task module, before the first task
-
     prewarm()
 
 
@@ -38,6 +34,12 @@ class PrewarmPlugin(WorkerPlugin):
     name = "zarr-parallel-prewarm"
 
     def setup(self, worker: Any) -> None:
+        # The task module (and Prefect with it) is imported here, in the worker's own thread,
+        # before any task can arrive: imported in a second thread while the first task's
+        # unpickling imported Prefect too, Python's import locks reported a deadlock and
+        # Prefect printed "Failed to initialize plugins" on the run's stderr.
+        import zarr_parallel.orchestration.tasks  # noqa: F401 - Prefect and the task module
+
         threading.Thread(target=_prewarm, name="zarr-parallel-prewarm", daemon=True).start()
 
     def teardown(self, worker: Any) -> None:
