@@ -188,6 +188,9 @@ def test_measure_peak_in_a_job_process_reads_the_kernels_high_water_mark(
 ) -> None:
     """A peak shorter than the sampling interval is still seen: the kernel's own mark."""
     if not reset_high_water_mark():
+        # CI's kernel (Linux >= 4.0) has /proc/self/clear_refs: there this must run.
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("this kernel does not let a process reset its peak RSS")
         pytest.skip("this kernel does not let a process reset its peak RSS")
     monkeypatch.setenv("ZARR_PARALLEL_JOB_PROCESS", "1")
     with measure_peak() as peak:
