@@ -24,11 +24,16 @@ from benchmarks.rechunker_env import PYTHON_VARIABLE as RECHUNKER_PYTHON
 from benchmarks.stage_watch import StageWatcher
 from zarr_parallel.run.job import high_water_mark, rchar
 
-os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-# A temporary Prefect API starts per run (part of end to end): the suite gives it time on a
-# loaded machine in the environment this process starts with (suite.contender_environment).
+#: The environment of a contender's process, each only where not set: quiet logs, no phoning
+#: home. Set by :func:`main` (the contender's own process), never on import: the test suite
+#: imports this module, and its later subprocesses would inherit a Prefect that logs warnings
+#: only. A temporary Prefect API starts per run (part of end to end): the suite gives it time on
+#: a loaded machine in the environment this process starts with (suite.contender_environment).
+CONTENDER_ENVIRONMENT = {
+    "DASK_LOGGING__DISTRIBUTED": "error",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+}
 
 #: zarr-parallel 0.5.0's venv python (set by the suite).
 ZP050_PYTHON = "ZP050_PYTHON"
@@ -340,6 +345,8 @@ CONTENDERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
 
 def main(argv: list[str]) -> int:
     """Run one contender and print its measurements as ``RESULT {json}``."""
+    for variable, value in CONTENDER_ENVIRONMENT.items():
+        os.environ.setdefault(variable, value)
     name, case_json, store = argv
     case = json.loads(case_json)
     try:

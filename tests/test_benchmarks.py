@@ -9,6 +9,7 @@ suite records why and this test says so instead of failing.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -145,3 +146,34 @@ def test_map_to_time_series_case_runs_every_contender_at_tiny_size(tmp_path: Pat
         assert out[name]["equal"], (name, out[name])
         assert out[name]["bytes_read"] > 0 and out[name]["target_bytes"] > 0
     assert "Bytes of" in proc.stdout and "goals:" in proc.stdout
+
+
+def test_importing_the_benchmarks_changes_no_environment() -> None:
+    """The suite imports benchmark modules; one that set ``PREFECT_LOGGING_LEVEL`` on import
+    silenced Prefect's run logs in every command the later tests started (seen only in the
+    full suite). Each module is imported in a fresh process whose environment is compared."""
+    script = (
+        "import importlib, os, pkgutil, sys\n"
+        "import benchmarks\n"
+        "names = [m.name for m in pkgutil.iter_modules(benchmarks.__path__, 'benchmarks.')]\n"
+        "before = dict(os.environ)\n"
+        "for name in names:\n"
+        "    if name != 'benchmarks.__main__':\n"
+        "        importlib.import_module(name)\n"
+        "changed = sorted(k for k in set(before) | set(os.environ)\n"
+        "                 if before.get(k) != os.environ.get(k))\n"
+        "print(len(names), changed)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        # Not this process's environment: importing the old module here had set it already.
+        env={k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DASK_"))},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count, changed = proc.stdout.split(" ", 1)
+    assert int(count) > 10
+    assert changed.strip() == "[]"

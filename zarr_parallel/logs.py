@@ -99,7 +99,7 @@ def set_log_level(level: int) -> None:
     and task states); 2 adds this package's debugging detail (layouts, target chunks, rejected
     recommendations) and the execution libraries' info lines. Below 2 a run stopped by an
     invalid request keeps Prefect's tracebacks off the console (:class:`QuietInvalidRequests`).
-    Prefect's own debug output is ``PREFECT_LOGGING_LEVEL=DEBUG``'s business.
+    Prefect's own lines outside the run loggers follow ``PREFECT_LOGGING_LEVEL``.
     """
     if level not in LEVELS:
         raise ValueError(f"log_level must be 0, 1 or 2; got {level!r}")
@@ -110,6 +110,11 @@ def set_log_level(level: int) -> None:
         logging.getLogger(name).setLevel(logging.INFO if level == 2 else logging.WARNING)
     for name in SILENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # The flow's and tasks' run loggers carry the run's progress (to the console at 1, and to
+    # the API at every level, where the UI shows it): ``log_level`` decides them, not a
+    # ``PREFECT_LOGGING_LEVEL=WARNING`` the user set to quiet Prefect's own chatter.
+    for name in RUN_LOGGERS:
+        logging.getLogger(name).setLevel(min(own, logging.INFO))
     # Prefect prints through a console handler on the root logger. Its level decides what the
     # terminal shows; the API handler (the UI's copy of the run logs) is left as it is. Before
     # Prefect is set up, this package's lines go to the console through EARLY_HANDLER.

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _run_cli(
-    era5_files: list[Path], tmp_path: Path, level: int, *options: str
+    era5_files: list[Path], tmp_path: Path, level: int, *options: str, **env: str
 ) -> subprocess.CompletedProcess[str]:
     request = {
         "data_uri": [str(p) for p in era5_files],
@@ -36,7 +36,7 @@ def _run_cli(
         capture_output=True,
         text=True,
         timeout=600,
-        env=dict(os.environ),
+        env={**os.environ, **env},
     )
 
 
@@ -70,13 +70,24 @@ def test_level_2_prints_progress_and_debug(era5_files: list[Path], tmp_path: Pat
     assert "Warning" not in err
 
 
+def test_log_level_decides_the_run_lines_over_prefect_logging_level(
+    era5_files: list[Path], tmp_path: Path
+) -> None:
+    """A user who quiets Prefect with ``PREFECT_LOGGING_LEVEL=WARNING`` still gets the run's
+    progress at log_level 1: the flow's run logger follows log_level."""
+    proc = _run_cli(era5_files, tmp_path, 1, PREFECT_LOGGING_LEVEL="WARNING")
+    assert proc.returncode == 0, proc.stderr
+    assert "plan: 1 jobs, read amplification 1.00" in proc.stderr
+    assert "Finished in state Completed()" in proc.stderr
+
+
 @pytest.mark.parametrize(("level", "own"), [(0, 30), (1, 20), (2, 10)])
 def test_set_log_level(level: int, own: int) -> None:
     """Logger levels, and the level of a Prefect console handler on the root logger (the
     subprocess tests above show the real console)."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    names = ("zarr_parallel", "flows", "distributed", "h5py")
+    names = ("zarr_parallel", "flows", "distributed", "h5py", "prefect.flow_runs")
     previous = {n: logging.getLogger(n).level for n in names}
     console = PrefectConsoleHandler()
     logging.getLogger().addHandler(console)
@@ -86,6 +97,7 @@ def test_set_log_level(level: int, own: int) -> None:
         assert logging.getLogger("flows").level == own
         assert logging.getLogger("distributed").level == (20 if level == 2 else 30)
         assert logging.getLogger("h5py").level == 30
+        assert logging.getLogger("prefect.flow_runs").level == min(own, 20)
         assert console.level == own
     finally:
         logging.getLogger().removeHandler(console)
