@@ -70,30 +70,36 @@ def inputs(shape, source, target, fast=False) -> list[ArrayInput]:
 def test_staged_plans_against_brute_force(case, fast) -> None:
     shape, source, target, budget = case
     arrays = inputs(shape, source, target, fast)
-    staged = plan_staged(arrays, Limits(budget))
-    if staged is None:
+    plan = plan_staged(arrays, Limits(budget))
+    if plan is None:
         return
-    plan, chunks = staged
+    assert_staged_plan(plan, arrays, source, target, budget)
+
+
+def assert_staged_plan(plan: Plan, arrays, source, target, budget: int) -> None:
+    """Every stage of a staged plan of one variable (two stages or more), by brute force."""
+    shape = arrays[0].shape
     dims = ["t", "y", "x"][: len(shape)]
-    inter = chunks["v"]
-    stage1 = plan.stages[0].plan
-    for stage, write in ((stage1, inter), (plan, target)):
+    inters = [dict(s.chunks)["v"] for s in plan.stages]
+    grids = [tuple(source), *inters, tuple(target)]  # what each stage reads, then writes
+    plans = [s.plan for s in plan.stages] + [plan]
+    for k, stage in enumerate(plans):
         # Coverage and disjoint writes: every element once, no write chunk shared by two jobs.
         assert np.all(coverage(stage.jobs, dims, shape) == 1)
-        assert all(len(j) == 1 for j in touches(stage.jobs, dims, shape, write).values())
+        assert all(len(j) == 1 for j in touches(stage.jobs, dims, shape, grids[k + 1]).values())
         # Budget: every job of every stage.
         assert all(j.memory <= budget for j in stage.jobs)
-    # Stage 1 reads each source chunk once; stage 2 each intermediate chunk once (the
-    # intermediate chunks align to both sides).
-    assert all(len(j) == 1 for j in touches(stage1.jobs, dims, shape, source).values())
-    assert all(len(j) == 1 for j in touches(plan.jobs, dims, shape, inter).values())
+        # Stage 1 reads each source chunk once, every later stage each chunk of the
+        # intermediate before it once (the intermediate chunks align to both sides).
+        assert all(len(j) == 1 for j in touches(stage.jobs, dims, shape, grids[k]).values())
     assert plan.read_amplification == 1.0
-    assert plan.intermediate_bytes == int(np.prod(shape)) * 4
+    assert plan.intermediate_bytes == len(inters) * int(np.prod(shape)) * 4
     # Deterministic, and what a manifest stores reads back.
-    again, _ = plan_staged(arrays, Limits(budget))
-    assert again.fingerprint == plan.fingerprint
+    again = plan_staged(arrays, Limits(budget))
+    assert again is not None and again.fingerprint == plan.fingerprint
     back = Plan.from_json(plan.to_json())
-    assert back.stages[0].plan.jobs == stage1.jobs and back.jobs == plan.jobs
+    assert [s.plan.jobs for s in back.stages] == [s.plan.jobs for s in plan.stages]
+    assert back.jobs == plan.jobs
     assert back.stage_rows() == plan.stage_rows()
 
 

@@ -1,4 +1,4 @@
-"""Multi-stage plans through an intermediate Zarr store (docs/design.md §3.4, "Strategies").
+"""Staged plans through intermediate Zarr stores (docs/design.md §3.4, "Strategies").
 
 When the target cuts every source chunk (maps read into time series), a direct plan either holds
 too much or re-reads the source once per job. rechunker's answer: choose *intermediate* chunks
@@ -7,7 +7,13 @@ to an intermediate target with those chunks (every source chunk read once); stag
 from the intermediate store (a Zarr source in target index space) to the real target (every
 intermediate chunk read once). Pure arithmetic: the same planner plans each stage.
 
-:func:`choose_intermediate` picks the chunks, :func:`plan_staged` plans the stages.
+Two stages are tried first (:func:`choose_intermediate`). When no single intermediate keeps both
+stages within the budget with chunks of at least :func:`chunk_floor` (a tight memory limit between
+chunks long along one axis and short along another leaves only tiny intermediate chunks: many
+small files, as many file-system calls), the plan gets more stages, up to :data:`MAX_STAGES`,
+through a chain of intermediates whose chunk shapes step geometrically from the source's to the
+target's (:mod:`zarr_parallel.planning.chain`, rechunker's ``multistage_rechunking_plan``).
+:func:`plan_staged` plans the stages.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from zarr_parallel.errors import PlanError
+from zarr_parallel.planning.chain import chain_chunks, source_length
 from zarr_parallel.planning.fingerprint import canonical_json, fingerprint
 from zarr_parallel.planning.grid import AxisMap, IntArray, unit_boundaries
 from zarr_parallel.planning.inputs import ArrayInput, Limits
@@ -29,6 +36,14 @@ from zarr_parallel.planning.plan import Plan, Stage, content_fingerprint, plan_j
 #: Largest intermediate chunk sought (bytes): beyond this larger chunks save no file-system
 #: calls worth having, and they make the stages' units (so their jobs) larger.
 INTERMEDIATE_CHUNK_CAP = 64 * 2**20
+#: Smallest intermediate chunk written (bytes), unless the source's or the target's chunks are
+#: smaller still: below about 1 MiB a chunk file costs more in file-system calls (open, write,
+#: close, and an inode on a parallel file system) than in bytes, and rechunker and cubed bound
+#: their intermediates from below for the same reason (``min_mem``).
+INTERMEDIATE_CHUNK_FLOOR = 2**20
+#: Most stages of a staged plan (one intermediate store fewer): each stage writes and reads the
+#: data once more, so beyond this a streaming or direct plan is kept.
+MAX_STAGES = 4
 #: Most candidate chunk lengths tried per dimension (thinned geometrically).
 _CANDIDATES = 16
 
@@ -62,6 +77,23 @@ def _max_unit(bounds: IntArray) -> int:
     return int(np.diff(bounds).max()) if bounds.size > 1 else 0
 
 
+def chunk_floor(members: Sequence[ArrayInput]) -> int:
+    """Smallest intermediate chunk (bytes) a staged plan of this group may write.
+
+    :data:`INTERMEDIATE_CHUNK_FLOOR`, or the source's or the target's chunk if smaller (an
+    intermediate then has no more chunks than the larger of the two ends).
+
+    >>> arr = ArrayInput("v", (AxisMap.uniform("t", 96, 1),), (96,), 4, 4)
+    >>> chunk_floor([arr])
+    4
+    """
+    lead = members[0]
+    itemsize = max(a.itemsize for a in members)
+    source = math.prod(source_length(ax) for ax in lead.axes) * itemsize
+    target = math.prod(min(w, ax.size) for ax, w in zip(lead.axes, lead.write_chunks, strict=True))
+    return min(INTERMEDIATE_CHUNK_FLOOR, source, target * itemsize)
+
+
 @dataclass(frozen=True)
 class _Option:
     """One intermediate chunk length along one dimension and the units it makes."""
@@ -83,44 +115,64 @@ def _options(axis: AxisMap, write: int) -> list[_Option]:
     return out
 
 
+def chain_inputs(
+    members: Sequence[ArrayInput], chain: Sequence[Sequence[int]]
+) -> list[list[ArrayInput]]:
+    """The planner's inputs of every stage of a chain of intermediates with chunks ``chain``
+    (source side first): stage 1 source → ``chain[0]``, stage ``j`` ``chain[j-2]`` →
+    ``chain[j-1]``, the last ``chain[-1]`` → the members' write grid.
+
+    Every stage after the first reads an intermediate store through zarr: chunks of the
+    previous intermediate in target index space, stored items of the target's size, sized by the
+    general memory model (no fast path).
+    """
+    stages = [[replace(a, write_chunks=tuple(chain[0])) for a in members]]
+    for j, read in enumerate(chain):
+        stages.append(
+            [
+                replace(
+                    a,
+                    axes=tuple(
+                        AxisMap.uniform(ax.dim, ax.size, c)
+                        for ax, c in zip(a.axes, read, strict=True)
+                    ),
+                    write_chunks=tuple(chain[j + 1]) if j + 1 < len(chain) else a.write_chunks,
+                    read_itemsize=a.itemsize,
+                    fixed_touched=1,
+                    fast=False,
+                )
+                for a in members
+            ]
+        )
+    return stages
+
+
 def stage_inputs(
     members: Sequence[ArrayInput], chunks: Sequence[int]
 ) -> tuple[list[ArrayInput], list[ArrayInput]]:
-    """The planner's inputs of stage 1 (source → intermediate ``chunks``) and stage 2
-    (intermediate → the members' write grid).
-
-    Stage 2 reads the intermediate store through zarr: chunks ``chunks`` in target index space,
-    stored items of the target's size, sized by the general memory model (no fast path).
-    """
-    first = [replace(a, write_chunks=tuple(chunks)) for a in members]
-    second = [
-        replace(
-            a,
-            axes=tuple(
-                AxisMap.uniform(ax.dim, ax.size, c) for ax, c in zip(a.axes, chunks, strict=True)
-            ),
-            read_itemsize=a.itemsize,
-            fixed_touched=1,
-            fast=False,
-        )
-        for a in members
-    ]
+    """The planner's inputs of a two-stage plan with intermediate ``chunks`` (see
+    :func:`chain_inputs`)."""
+    first, second = chain_inputs(members, [chunks])
     return first, second
 
 
 def choose_intermediate(members: Sequence[ArrayInput], limits: Limits) -> tuple[int, ...] | None:
-    """Intermediate chunks for one group, or None when no choice fits both stages.
+    """Intermediate chunks of a two-stage plan for one group, or None when no choice fits.
 
     Among lengths per dimension whose stage units (whole in both grids of a stage) fit the
-    memory budget on both sides, the largest chunk up to :data:`INTERMEDIATE_CHUNK_CAP`, then the
-    smallest stage units; ties go to the first in order (deterministic).
+    memory budget on both sides, with chunks of at least :func:`chunk_floor`, the largest chunk up
+    to :data:`INTERMEDIATE_CHUNK_CAP`, then the smallest stage units; ties go to the first in
+    order (deterministic).
     """
     lead = members[0]
     options = [_options(ax, w) for ax, w in zip(lead.axes, lead.write_chunks, strict=True)]
     best: tuple[tuple[int, int], tuple[int, ...]] | None = None
     itemsize = max(a.itemsize for a in members)
+    floor = chunk_floor(members)
     for combo in itertools.product(*options):
         chunks = tuple(o.length for o in combo)
+        if math.prod(chunks) * itemsize < floor:
+            continue
         lengths1 = [o.unit1 for o in combo]
         lengths2 = [o.unit2 for o in combo]
         touched = math.prod(o.touched1 for o in combo)
@@ -139,51 +191,110 @@ def choose_intermediate(members: Sequence[ArrayInput], limits: Limits) -> tuple[
     return best[1] if best is not None else None
 
 
-def plan_staged(
-    arrays: Sequence[ArrayInput], limits: Limits, request_digest: str = ""
-) -> tuple[Plan, dict[str, tuple[int, ...]]] | None:
-    """A two-stage plan of ``arrays``, and the intermediate chunks per variable; None when the
-    intermediate cannot keep both stages within the budget.
+def unit_memory(inputs: Sequence[ArrayInput]) -> int:
+    """Estimated memory of the largest unit (whole in the read and the write grid) of one
+    group's stage: at most the budget, or the stage re-reads what it reads."""
+    lead = inputs[0]
+    lengths, touched = [], 1
+    for ax, w in zip(lead.axes, lead.write_chunks, strict=True):
+        bounds = unit_boundaries(ax, w)
+        lengths.append(_max_unit(bounds))
+        touched *= int(ax.touched(bounds[:-1], bounds[1:]).max())
+    return max(int(a.memory(touched, lengths)) for a in inputs)
 
-    The returned plan's jobs are stage 2's (the target's writes); ``Plan.stages`` holds stage 1.
-    Its read figures are the source's (read amplification keeps meaning source re-reads); the
-    intermediate's bytes are in :attr:`Plan.intermediate_bytes`.
+
+def choose_chain(
+    members: Sequence[ArrayInput], limits: Limits, stages: int
+) -> list[tuple[int, ...]] | None:
+    """The intermediate chunk shapes of a ``stages``-stage plan of one group (source side
+    first), or None when they do not fit: two stages by :func:`choose_intermediate`, more by
+    geometric steps (:func:`~zarr_parallel.planning.chain.chain_chunks`) whose every stage's
+    units fit the budget and whose every intermediate chunk is at least :func:`chunk_floor`.
     """
+    if stages == 2:
+        picked = choose_intermediate(members, limits)
+        return None if picked is None else [picked]
+    chain = chain_chunks(members, stages)
+    itemsize = max(a.itemsize for a in members)
+    if any(math.prod(c) * itemsize < chunk_floor(members) for c in chain):
+        return None
+    if any(unit_memory(s) > limits.memory_budget for s in chain_inputs(members, chain)):
+        return None
+    return chain
+
+
+def _groups(arrays: Sequence[ArrayInput]) -> list[list[ArrayInput]]:
     groups: dict[str, list[ArrayInput]] = {}
     for arr in sorted(arrays, key=lambda a: a.name):
         groups.setdefault(arr.signature(), []).append(arr)
-    chunks: dict[str, tuple[int, ...]] = {}
-    first: list[ArrayInput] = []
-    second: list[ArrayInput] = []
-    for members in groups.values():
-        if not members[0].axes:
-            return None
-        picked = choose_intermediate(members, limits)
-        if picked is None:
-            return None
-        s1, s2 = stage_inputs(members, picked)
-        first += s1
-        second += s2
-        chunks.update({a.name: picked for a in members})
+    return list(groups.values())
+
+
+def plan_staged(
+    arrays: Sequence[ArrayInput], limits: Limits, request_digest: str = ""
+) -> Plan | None:
+    """The staged plan of ``arrays`` with the fewest stages (two to :data:`MAX_STAGES`) that
+    keeps every stage within the budget, reading what it reads once; None when none does.
+
+    The returned plan's jobs are the last stage's (the target's writes); ``Plan.stages`` holds
+    the earlier ones, each with the chunks of the intermediate it writes. Its read figures are
+    the source's (read amplification keeps meaning source re-reads); the intermediates' bytes
+    are in :attr:`Plan.intermediate_bytes`.
+    """
+    groups = _groups(arrays)
+    if any(not members[0].axes for members in groups):
+        return None
+    for stages in range(2, MAX_STAGES + 1):
+        chains = [choose_chain(members, limits, stages) for members in groups]
+        found = [c for c in chains if c is not None]
+        if len(found) < len(chains):
+            continue
+        plan = _plan_chain(arrays, groups, found, limits, request_digest)
+        if plan is not None:
+            return plan
+    return None
+
+
+def _plan_chain(
+    arrays: Sequence[ArrayInput],
+    groups: Sequence[Sequence[ArrayInput]],
+    chains: Sequence[Sequence[tuple[int, ...]]],
+    limits: Limits,
+    request_digest: str,
+) -> Plan | None:
+    """Plan every stage of these chains (one per group); None when a stage would re-read."""
+    n = len(chains[0]) + 1
+    inputs: list[list[ArrayInput]] = [[] for _ in range(n)]
+    chunks: dict[str, list[tuple[int, ...]]] = {}
+    for members, chain in zip(groups, chains, strict=True):
+        for k, stage in enumerate(chain_inputs(members, chain)):
+            inputs[k] += stage
+        chunks.update({a.name: list(chain) for a in members})
     try:
-        stage1 = plan_jobs(first, limits, fingerprint(request_digest, "stage-1"))
-        stage2 = plan_jobs(second, limits, fingerprint(request_digest, "stage-2"))
+        plans = [
+            plan_jobs(inputs[k], limits, fingerprint(request_digest, f"stage-{k + 1}"))
+            for k in range(n)
+        ]
     except PlanError:
         return None
-    if max(stage1.read_amplification, stage2.read_amplification) > 1.0 + 1e-9:
+    if max(p.read_amplification for p in plans) > 1.0 + 1e-9:
         # The unit bounds allowed it, the full cost model did not (e.g. the time budget):
         # a stage would re-read, which is not what an intermediate store is for.
         return None
-    digest = fingerprint(stage1.fingerprint, stage2.fingerprint, canonical_json(chunks))
-    rows = sorted((name, list(c)) for name, c in chunks.items())
-    plan = replace(
-        stage2,
-        read_bytes=stage1.read_bytes,
-        needed_bytes=stage1.needed_bytes,
+    # A two-stage plan's fingerprint is what it was before plans had more stages.
+    shown = {name: c[0] for name, c in chunks.items()} if n == 2 else chunks
+    digest = fingerprint(*(p.fingerprint for p in plans), canonical_json(shown))
+    stages = tuple(
+        Stage(p, tuple(sorted((name, tuple(c[k])) for name, c in chunks.items())))
+        for k, p in enumerate(plans[:-1])
+    )
+    return replace(
+        plans[-1],
+        read_bytes=plans[0].read_bytes,
+        needed_bytes=plans[0].needed_bytes,
         fingerprint=digest,
         content_fingerprint=content_fingerprint(arrays, request_digest),
         strategy="staged",
-        stages=(Stage(stage1, tuple((n, tuple(c)) for n, c in rows)),),
-        notes=tuple(stage1.notes) + tuple(stage2.notes),
+        stages=stages,
+        notes=tuple(note for p in plans for note in p.notes),
     )
-    return plan, chunks

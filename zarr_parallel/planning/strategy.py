@@ -15,7 +15,7 @@ from dataclasses import replace
 from zarr_parallel.errors import PlanError
 from zarr_parallel.planning.inputs import ArrayInput, Limits
 from zarr_parallel.planning.plan import Plan, plan_jobs
-from zarr_parallel.planning.staged import plan_staged
+from zarr_parallel.planning.staged import INTERMEDIATE_CHUNK_FLOOR, MAX_STAGES, plan_staged
 from zarr_parallel.units import format_bytes
 
 #: A direct plan reading up to this many times the source it needs is kept without trying a
@@ -26,10 +26,13 @@ STAGE_ABOVE = 2.0
 def plan_cost(plan: Plan) -> int:
     """Modelled bytes through storage: everything read and written, intermediates included.
 
-    A staged plan reads the source (its ``read_bytes``), writes the intermediate once and reads
-    it in its last stage's jobs, then writes the target.
+    A staged plan reads the source (its ``read_bytes``), writes each intermediate once and reads
+    it once in the next stage's jobs, then writes the target.
     """
-    intermediate_read = sum(j.read_bytes for j in plan.jobs) if plan.stages else 0
+    if not plan.stages:
+        return plan.read_bytes + plan.write_bytes
+    intermediate_read = sum(s.plan.read_bytes for s in plan.stages[1:])
+    intermediate_read += sum(j.read_bytes for j in plan.jobs)
     return plan.read_bytes + plan.intermediate_bytes + intermediate_read + plan.write_bytes
 
 
@@ -82,12 +85,11 @@ def choose_plan(
         if direct is None:
             raise error  # type: ignore[misc]
         return direct
-    staged = plan_staged(arrays, limits, request_digest)
-    if staged is None:
+    plan = plan_staged(arrays, limits, request_digest)
+    if plan is None:
         if direct is None:
             raise error  # type: ignore[misc]
-        return direct
-    plan, _ = staged
+        return replace(direct, strategy_reason=f"{direct.strategy_reason}; {NO_STAGES}")
     if direct is not None and plan_cost(direct) <= plan_cost(plan):
         return direct
     if direct is None:
@@ -98,8 +100,29 @@ def choose_plan(
             f"({format_bytes(plan_cost(direct))} through storage, against "
             f"{format_bytes(plan_cost(plan))} staged)"
         )
-    reason = (
-        f"{why}; an intermediate store of {format_bytes(plan.intermediate_bytes)} lets stage 1 "
-        "read each source chunk once and stage 2 each intermediate chunk once"
+    return replace(plan, strategy_reason=f"{why}; {_staged_reason(plan)}")
+
+
+#: Why a plan that re-reads the source is kept although staging was tried.
+NO_STAGES = (
+    f"no staged plan of up to {MAX_STAGES} stages keeps every stage within the memory limit "
+    f"with intermediate chunks of at least {INTERMEDIATE_CHUNK_FLOOR / 2**20:g} MiB (or the "
+    "source's or target's chunk, if smaller)"
+)
+
+
+def _staged_reason(plan: Plan) -> str:
+    """What a staged plan's intermediates do, in words (the end of its ``strategy_reason``)."""
+    size = format_bytes(plan.intermediate_bytes)
+    if len(plan.stages) == 1:
+        return (
+            f"an intermediate store of {size} lets stage 1 read each source chunk once and "
+            "stage 2 each intermediate chunk once"
+        )
+    n = len(plan.stages) + 1
+    return (
+        f"{n - 1} intermediate stores ({size} in all) let stage 1 read each source chunk once and "
+        f"stages 2-{n} each intermediate chunk once; {n} stages because a single intermediate "
+        "would need chunks too small to write efficiently to keep both of its stages within "
+        "the memory limit"
     )
-    return replace(plan, strategy_reason=reason)

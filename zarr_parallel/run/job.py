@@ -245,7 +245,8 @@ def run_job(
             var = target.dataset[name]
             sel = {d: s for d, s in slices.items() if d in var.dims}
             if copy_from is not None:
-                # A staged plan's last stage: the region as stored in the intermediate.
+                # A later stage of a staged plan: the region as stored in the intermediate
+                # before it (into the next intermediate, or the version).
                 written += copy_region(
                     Path(copy_from), Path(version), name, [str(d) for d in var.dims], sel
                 )
@@ -303,7 +304,11 @@ def run_job(
 
 @lru_cache(maxsize=8)
 def _copy_source(version: str) -> str | None:
-    """The intermediate store a staged plan's last stage copies from (None: a direct plan)."""
+    """The store this stage's jobs copy from: the last intermediate written before ``version``
+    (the version, or a later stage's intermediate store), as its ``plan.json`` lists them.
+
+    None for a direct plan and for a staged plan's first stage: their jobs read the source.
+    """
     folders = (plan_record(Path(version)) or {}).get("intermediates") or []
     return str(folders[-1]) if folders else None
 

@@ -1,11 +1,13 @@
 """The earlier stages of a staged plan (docs/design.md §3.4, "Strategies"): their requests,
 their intermediate stores and the jobs left in each.
 
-Stage ``n < last`` is an ordinary direct plan from the source to an intermediate target: the
-request with the intermediate chunks (every preprocessor applied there), written into its own
-store (:mod:`zarr_parallel.store.intermediate`) by :func:`zarr_parallel.run.job.run_job`, with
-its own manifest so it resumes job by job. The last stage's jobs copy from the intermediate into
-the version.
+Stage 1 is an ordinary direct plan from the source to an intermediate target: the request with
+the intermediate chunks (every preprocessor applied there), written into its own store
+(:mod:`zarr_parallel.store.intermediate`) by :func:`zarr_parallel.run.job.run_job`, with its own
+manifest so it resumes job by job. Every later stage copies the stored values of the intermediate
+before it: a middle stage (plans of more than two stages) into the next intermediate, the last
+stage into the version. Each store's ``plan.json`` lists, under ``intermediates``, the stores
+written before it; its jobs copy from the last of them (none: they read the source).
 """
 
 from __future__ import annotations
@@ -34,26 +36,41 @@ logger = logging.getLogger(__name__)
 
 
 def stage_request(req: CacheRequest, stage: Stage) -> CacheRequest:
-    """``req`` writing ``stage``'s intermediate chunks: one length per dimension, no shards."""
+    """``req`` writing ``stage``'s intermediate chunks: one length per dimension, no shards.
+
+    No statistics: the run reports its last stage's (an earlier stage's would be discarded,
+    and a middle stage would decode every region it copies only to count it).
+    """
     chunks: dict[str, int] = {}
     dims = {name: job.region for job in stage.plan.jobs for name in job.variables}
     for name, lengths in stage.chunks:
         for (dim, _, _), length in zip(dims[name], lengths, strict=True):
             chunks[str(dim)] = int(length)
-    return req.model_copy(update={"chunks": chunks, "shards": None})
+    return req.model_copy(update={"chunks": chunks, "shards": None, "generate_stats": False})
 
 
 def stage_plan_json(
-    req: CacheRequest, plan: Plan, n: int, layout: dict[str, Any], cache_path: str
+    req: CacheRequest,
+    plan: Plan,
+    n: int,
+    layout: dict[str, Any],
+    cache_path: str,
+    intermediates: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """What the intermediate store of stage ``n`` (1-based) records as its plan."""
+    """What the intermediate store of stage ``n`` (1-based) records as its plan.
+
+    From stage 2 on, ``intermediates`` (every stage's store, in order) gives the stores written
+    before this one: its jobs copy from the last of them.
+    """
     stage = plan.stages[n - 1]
+    before = [str(p) for p in intermediates[: n - 1]]
     return {
         **stage.plan.to_json(),
         "request": redact(stage_request(req, stage).model_dump(mode="json"), env_values=False),
         "layout": layout,
         "cache_path": cache_path,
         "stage": n,
+        **({"intermediates": before} if before else {}),
     }
 
 
@@ -97,7 +114,10 @@ def initialise_stages(
         target = cached_target(stage_req.model_dump_json())
         try:
             initialise_intermediate(
-                target, path, stage_req, stage_plan_json(req, plan, n, layout, paths.canonical)
+                target,
+                path,
+                stage_req,
+                stage_plan_json(req, plan, n, layout, paths.canonical, intermediates),
             )
         except OSError as e:
             raise RunFailed(
