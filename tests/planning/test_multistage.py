@@ -14,6 +14,7 @@ import itertools
 import math
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -102,6 +103,29 @@ def test_more_stages_only_where_two_cannot_fit(case) -> None:
     # The converse holds up to the two-stage search's candidate lengths (16 per dimension):
     # an untried length may have fitted. How often, in these cases:
     event(f"more stages although two fit: {stages > 2 and two}")
+
+
+@pytest.mark.parametrize(
+    ("steps", "grid", "patch", "budget", "stages"),
+    [
+        (96, 12, 1, 21_000, 3),
+        (96, 24, 2, 83_000, 3),
+        (48, 24, 3, 56_000, 3),
+        (96, 36, 3, 187_000, 3),
+        (48, 12, 1, 11_000, 4),
+        (96, 24, 1, 42_000, 4),
+    ],
+)
+def test_maps_to_series_where_two_stages_cannot_fit(steps, grid, patch, budget, stages) -> None:
+    """Maps (one step × the grid) to series (every step × a patch) at a budget where the brute
+    force finds no two-stage intermediate: the planner chains more, and every stage checks."""
+    shape, source, target = (steps, grid, grid), (1, grid, grid), (steps, patch, patch)
+    assert not two_stages_fit(shape, source, target, budget)
+    plan = plan_staged(inputs(shape, source, target), Limits(budget))
+    assert plan is not None and len(plan.stages) + 1 == stages
+    assert_staged_plan(plan, inputs(shape, source, target), source, target, budget)
+    floor = floor_bytes(shape, source, target)
+    assert all(math.prod(dict(s.chunks)["v"]) * ITEMSIZE >= floor for s in plan.stages)
 
 
 def test_year_to_time_series_at_1gb_plans_three_stages() -> None:

@@ -12,6 +12,7 @@ fixed thread allowance (as in test_staged_run.py).
 
 from __future__ import annotations
 
+import math
 import signal
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from tests.run.test_staged_run import assert_equal_to_source, assert_no_intermed
 from zarr_parallel.api import run_request
 from zarr_parallel.request.model import build_request
 from zarr_parallel.run.plan_view import view_plan
+from zarr_parallel.run.preflight import estimate_intermediate
 from zarr_parallel.run.steps import make_plan
 from zarr_parallel.store.manifest import iter_job_records, plan_record
 from zarr_parallel.store.paths import CachePaths
@@ -57,6 +59,13 @@ def test_three_stage_round_trip(maps: list[Path], tmp_path: Path) -> None:
     # `plan` shows every stage.
     text = view_plan(req).text()
     assert all(f"stage {k}:" in text for k in (1, 2, 3)), text
+    # Pre-flight counts both intermediate stores: every chunk file of each.
+    space = estimate_intermediate(plan, 4096)
+    files = [
+        2 * math.prod(-(-n // c) for n, c in zip((96, 91, 180), dict(s.chunks)["t2m"], strict=True))
+        for s in plan.stages
+    ]
+    assert space.chunk_files == sum(files) and space.data_bytes >= plan.intermediate_bytes
     result = run_request(req)
     assert result.summary["strategy"] == "staged"
     assert [s["stage"] for s in result.summary["stages"]] == [1, 2, 3]

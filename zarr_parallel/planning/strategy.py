@@ -103,11 +103,14 @@ def choose_plan(
     return replace(plan, strategy_reason=f"{why}; {_staged_reason(plan)}")
 
 
+#: The smallest intermediate chunk, in words.
+_FLOOR = (
+    f"{INTERMEDIATE_CHUNK_FLOOR / 2**20:g} MiB (or the source's or the target's chunk, if smaller)"
+)
 #: Why a plan that re-reads the source is kept although staging was tried.
 NO_STAGES = (
     f"no staged plan of up to {MAX_STAGES} stages keeps every stage within the memory limit "
-    f"with intermediate chunks of at least {INTERMEDIATE_CHUNK_FLOOR / 2**20:g} MiB (or the "
-    "source's or target's chunk, if smaller)"
+    f"with intermediate chunks of at least {_FLOOR}"
 )
 
 
@@ -123,6 +126,5 @@ def _staged_reason(plan: Plan) -> str:
     return (
         f"{n - 1} intermediate stores ({size} in all) let stage 1 read each source chunk once and "
         f"stages 2-{n} each intermediate chunk once; {n} stages because a single intermediate "
-        "would need chunks too small to write efficiently to keep both of its stages within "
-        "the memory limit"
+        f"keeping both of its stages within the memory limit would need chunks below {_FLOOR}"
     )
