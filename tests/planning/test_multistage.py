@@ -79,7 +79,7 @@ def long_and_short(draw):
     return shape, source, target, budget
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(long_and_short())
 def test_more_stages_only_where_two_cannot_fit(case) -> None:
     shape, source, target, budget = case
@@ -100,8 +100,9 @@ def test_more_stages_only_where_two_cannot_fit(case) -> None:
     if not two:
         # Where two stages cannot fit, the plan has more.
         assert stages > 2
-    # The converse holds up to the two-stage search's candidate lengths (16 per dimension):
-    # an untried length may have fitted. How often, in these cases:
+    # The converse holds up to the two-stage search's candidate lengths (16 per dimension,
+    # grown towards the floor one dimension at a time): an untried combination may have fitted.
+    # How often, in these cases (none in 600 examples when this was written):
     event(f"more stages although two fit: {stages > 2 and two}")
 
 
@@ -153,8 +154,8 @@ def test_year_to_time_series_at_1gb_plans_three_stages() -> None:
 
 
 def test_four_stages_where_three_do_not_fit() -> None:
-    """(8766, 30, 30) through xarray at 1.5 GB: neither two nor three stages fit, four do."""
-    plan = choose_plan(year_of_maps((YEAR, 30, 30), fast=False), limits(1.5e9), "r")
+    """The same year at 700 MB: neither two nor three stages fit, four do."""
+    plan = choose_plan(year_of_maps((YEAR, 10, 10), fast=False), limits(0.7e9), "r")
     assert plan.strategy == "staged" and len(plan.stages) == 3
     assert all(j.memory <= plan.memory_budget for s in plan.stages for j in s.plan.jobs)
 

@@ -53,20 +53,28 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
-def _candidates(size: int, source: int, write: int) -> list[int]:
-    """Intermediate chunk lengths worth trying along one dimension.
+def _nesting_lengths(size: int, source: int, write: int) -> list[int]:
+    """Every chunk length along one dimension whose grid nests with the source grid or with the
+    write grid (divisors and multiples of either), and the whole dimension.
 
-    Lengths whose grid nests with the source grid or with the write grid (divisors and
-    multiples of either), thinned to :data:`_CANDIDATES`, always keeping both ends.
-
-    >>> _candidates(12, 4, 6)
+    >>> _nesting_lengths(12, 4, 6)
     [1, 2, 3, 4, 6, 8, 12]
     """
     found = {size}
     for base in {max(1, min(source, size)), max(1, min(write, size))}:
         found.update(d for d in _divisors(base))
         found.update(base * k for k in range(1, size // base + 1))
-    values = sorted(v for v in found if 1 <= v <= size)
+    return sorted(v for v in found if 1 <= v <= size)
+
+
+def _candidates(size: int, source: int, write: int) -> list[int]:
+    """Intermediate chunk lengths worth trying along one dimension: the nesting lengths thinned
+    geometrically to :data:`_CANDIDATES`, always keeping both ends.
+
+    >>> _candidates(12, 4, 6)
+    [1, 2, 3, 4, 6, 8, 12]
+    """
+    values = _nesting_lengths(size, source, write)
     if len(values) <= _CANDIDATES:
         return values
     picks = np.unique(np.geomspace(1, len(values), _CANDIDATES).astype(int) - 1)
@@ -104,15 +112,16 @@ class _Option:
     unit2: int  # longest stage-2 unit (intermediate grid with the write grid)
 
 
+def _option(axis: AxisMap, write: int, length: int) -> _Option:
+    u1 = unit_boundaries(axis, length)
+    touched = axis.touched(u1[:-1], u1[1:])
+    u2 = unit_boundaries(AxisMap.uniform(axis.dim, axis.size, length), write)
+    return _Option(length, _max_unit(u1), int(touched.max()), _max_unit(u2))
+
+
 def _options(axis: AxisMap, write: int) -> list[_Option]:
     source = int(np.diff(axis.source_boundaries).max()) if axis.size else 1
-    out = []
-    for length in _candidates(axis.size, source, write):
-        u1 = unit_boundaries(axis, length)
-        touched = axis.touched(u1[:-1], u1[1:])
-        u2 = unit_boundaries(AxisMap.uniform(axis.dim, axis.size, length), write)
-        out.append(_Option(length, _max_unit(u1), int(touched.max()), _max_unit(u2)))
-    return out
+    return [_option(axis, write, n) for n in _candidates(axis.size, source, write)]
 
 
 def chain_inputs(
@@ -156,39 +165,82 @@ def stage_inputs(
     return first, second
 
 
+def _two_stage_memory(members: Sequence[ArrayInput], combo: Sequence[_Option]) -> int:
+    """The larger of the two stages' largest-unit memory with these per-dimension options."""
+    chunks = tuple(o.length for o in combo)
+    touched = math.prod(o.touched1 for o in combo)
+    # Stage 1 writes the intermediate grid: the fast path's slabs and encoders follow it.
+    lengths1 = [o.unit1 for o in combo]
+    mem1 = max(int(replace(a, write_chunks=chunks).memory(touched, lengths1)) for a in members)
+    region2 = math.prod(o.unit2 for o in combo)
+    itemsize = max(a.itemsize for a in members)
+    return max(mem1, int(job_memory(region2, region2, itemsize, itemsize)))
+
+
 def choose_intermediate(members: Sequence[ArrayInput], limits: Limits) -> tuple[int, ...] | None:
     """Intermediate chunks of a two-stage plan for one group, or None when no choice fits.
 
     Among lengths per dimension whose stage units (whole in both grids of a stage) fit the
     memory budget on both sides, with chunks of at least :func:`chunk_floor`, the largest chunk up
     to :data:`INTERMEDIATE_CHUNK_CAP`, then the smallest stage units; ties go to the first in
-    order (deterministic).
+    order (deterministic). When only chunks below the floor fit among the thinned candidates,
+    the largest of them is grown towards it (:func:`_grow_to_floor`).
     """
     lead = members[0]
     options = [_options(ax, w) for ax, w in zip(lead.axes, lead.write_chunks, strict=True)]
     best: tuple[tuple[int, int], tuple[int, ...]] | None = None
+    below: list[tuple[_Option, ...]] = []  # combinations below the floor, tried if need be
     itemsize = max(a.itemsize for a in members)
     floor = chunk_floor(members)
     for combo in itertools.product(*options):
-        chunks = tuple(o.length for o in combo)
-        if math.prod(chunks) * itemsize < floor:
+        elems = math.prod(o.length for o in combo)
+        if elems * itemsize < floor:
+            below.append(combo)
             continue
-        lengths1 = [o.unit1 for o in combo]
-        lengths2 = [o.unit2 for o in combo]
-        touched = math.prod(o.touched1 for o in combo)
-        # Stage 1 writes the intermediate grid: the fast path's slabs and encoders follow it.
-        mem1 = max(int(replace(a, write_chunks=chunks).memory(touched, lengths1)) for a in members)
-        if mem1 > limits.memory_budget:
+        if _two_stage_memory(members, combo) > limits.memory_budget:
             continue
-        region2 = math.prod(lengths2)
-        mem2 = int(job_memory(region2, region2, itemsize, itemsize))
-        if mem2 > limits.memory_budget:
-            continue
-        size = min(math.prod(chunks) * itemsize, INTERMEDIATE_CHUNK_CAP)
-        key = (-size, math.prod(lengths1) + region2)
+        size = min(elems * itemsize, INTERMEDIATE_CHUNK_CAP)
+        region1 = math.prod(o.unit1 for o in combo)
+        key = (-size, region1 + math.prod(o.unit2 for o in combo))
         if best is None or key < best[0]:
-            best = (key, chunks)
-    return best[1] if best is not None else None
+            best = (key, tuple(o.length for o in combo))
+    if best is not None:
+        return best[1]
+    # The largest combination below the floor that fits (stable sort: ties in order).
+    below.sort(key=lambda c: -math.prod(o.length for o in c))
+    for combo in below:
+        if _two_stage_memory(members, combo) <= limits.memory_budget:
+            return _grow_to_floor(members, limits, list(combo), floor)
+    return None
+
+
+def _grow_to_floor(
+    members: Sequence[ArrayInput], limits: Limits, combo: list[_Option], floor: int
+) -> tuple[int, ...] | None:
+    """Chunks at least ``floor`` bytes grown from ``combo`` (which fits, below the floor), or None.
+
+    Dimension by dimension, twice over, the longest length that still keeps both stages within
+    the budget, among every length that nests with the source or the write grid (not only the
+    thinned candidates the search tried): between two candidates may lie the length that lifts
+    the chunk over the floor. A unit is at least one chunk long, so the scan along a dimension
+    stops at the first length that would not fit even as its own unit.
+    """
+    lead = members[0]
+    itemsize = max(a.itemsize for a in members)
+    for _ in range(2):
+        for d, (ax, w) in enumerate(zip(lead.axes, lead.write_chunks, strict=True)):
+            for n in _nesting_lengths(ax.size, source_length(ax), w):
+                if n <= combo[d].length:
+                    continue
+                bound = [*combo[:d], _Option(n, n, n, n), *combo[d + 1 :]]
+                if _two_stage_memory(members, bound) > limits.memory_budget:
+                    break
+                trial = [*combo[:d], _option(ax, w, n), *combo[d + 1 :]]
+                if _two_stage_memory(members, trial) <= limits.memory_budget:
+                    combo = trial
+        if math.prod(o.length for o in combo) * itemsize >= floor:
+            return tuple(o.length for o in combo)
+    return None
 
 
 def unit_memory(inputs: Sequence[ArrayInput]) -> int:
