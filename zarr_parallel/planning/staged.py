@@ -13,7 +13,8 @@ chunks long along one axis and short along another leaves only tiny intermediate
 small files, as many file-system calls), the plan gets more stages, up to :data:`MAX_STAGES`,
 through a chain of intermediates whose chunk shapes step geometrically from the source's to the
 target's (:mod:`zarr_parallel.planning.chain`, rechunker's ``multistage_rechunking_plan``).
-:func:`plan_staged` plans the stages.
+When no chain fits either, the two-stage plan with smaller chunks is kept (many small files
+still beat re-reading the source), with a note. :func:`plan_staged` plans the stages.
 """
 
 from __future__ import annotations
@@ -177,21 +178,23 @@ def _two_stage_memory(members: Sequence[ArrayInput], combo: Sequence[_Option]) -
     return max(mem1, int(job_memory(region2, region2, itemsize, itemsize)))
 
 
-def choose_intermediate(members: Sequence[ArrayInput], limits: Limits) -> tuple[int, ...] | None:
+def choose_intermediate(
+    members: Sequence[ArrayInput], limits: Limits, floored: bool = True
+) -> tuple[int, ...] | None:
     """Intermediate chunks of a two-stage plan for one group, or None when no choice fits.
 
     Among lengths per dimension whose stage units (whole in both grids of a stage) fit the
-    memory budget on both sides, with chunks of at least :func:`chunk_floor`, the largest chunk up
-    to :data:`INTERMEDIATE_CHUNK_CAP`, then the smallest stage units; ties go to the first in
-    order (deterministic). When only chunks below the floor fit among the thinned candidates,
-    the largest of them is grown towards it (:func:`_grow_to_floor`).
+    memory budget on both sides, with chunks of at least :func:`chunk_floor` (when ``floored``),
+    the largest chunk up to :data:`INTERMEDIATE_CHUNK_CAP`, then the smallest stage units; ties go
+    to the first in order (deterministic). When only chunks below the floor fit among the thinned
+    candidates, the largest of them is grown towards it (:func:`_grow_to_floor`).
     """
     lead = members[0]
     options = [_options(ax, w) for ax, w in zip(lead.axes, lead.write_chunks, strict=True)]
     best: tuple[tuple[int, int], tuple[int, ...]] | None = None
     below: list[tuple[_Option, ...]] = []  # combinations below the floor, tried if need be
     itemsize = max(a.itemsize for a in members)
-    floor = chunk_floor(members)
+    floor = chunk_floor(members) if floored else 0
     for combo in itertools.product(*options):
         elems = math.prod(o.length for o in combo)
         if elems * itemsize < floor:
@@ -256,19 +259,21 @@ def unit_memory(inputs: Sequence[ArrayInput]) -> int:
 
 
 def choose_chain(
-    members: Sequence[ArrayInput], limits: Limits, stages: int
+    members: Sequence[ArrayInput], limits: Limits, stages: int, floored: bool = True
 ) -> list[tuple[int, ...]] | None:
     """The intermediate chunk shapes of a ``stages``-stage plan of one group (source side
     first), or None when they do not fit: two stages by :func:`choose_intermediate`, more by
     geometric steps (:func:`~zarr_parallel.planning.chain.chain_chunks`) whose every stage's
-    units fit the budget and whose every intermediate chunk is at least :func:`chunk_floor`.
+    units fit the budget and whose every intermediate chunk is at least :func:`chunk_floor`
+    (when ``floored``).
     """
     if stages == 2:
-        picked = choose_intermediate(members, limits)
+        picked = choose_intermediate(members, limits, floored)
         return None if picked is None else [picked]
     chain = chain_chunks(members, stages)
     itemsize = max(a.itemsize for a in members)
-    if any(math.prod(c) * itemsize < chunk_floor(members) for c in chain):
+    floor = chunk_floor(members) if floored else 0
+    if any(math.prod(c) * itemsize < floor for c in chain):
         return None
     if any(unit_memory(s) > limits.memory_budget for s in chain_inputs(members, chain)):
         return None
@@ -286,7 +291,10 @@ def plan_staged(
     arrays: Sequence[ArrayInput], limits: Limits, request_digest: str = ""
 ) -> Plan | None:
     """The staged plan of ``arrays`` with the fewest stages (two to :data:`MAX_STAGES`) that
-    keeps every stage within the budget, reading what it reads once; None when none does.
+    keeps every stage within the budget, reading what it reads once, with intermediate chunks of
+    at least :func:`chunk_floor`; failing that, the two-stage plan with the largest chunks that
+    fit below the floor (many small files still beat re-reading the source), with a note saying
+    so; None when not even that fits.
 
     The returned plan's jobs are the last stage's (the target's writes); ``Plan.stages`` holds
     the earlier ones, each with the chunks of the intermediate it writes. Its read figures are
@@ -297,14 +305,43 @@ def plan_staged(
     if any(not members[0].axes for members in groups):
         return None
     for stages in range(2, MAX_STAGES + 1):
-        chains = [choose_chain(members, limits, stages) for members in groups]
-        found = [c for c in chains if c is not None]
-        if len(found) < len(chains):
-            continue
-        plan = _plan_chain(arrays, groups, found, limits, request_digest)
+        plan = _plan_stages(arrays, groups, limits, request_digest, stages)
         if plan is not None:
             return plan
-    return None
+    plan = _plan_stages(arrays, groups, limits, request_digest, 2, floored=False)
+    if plan is None:
+        return None
+    small = [
+        (",".join(a.name for a in members), dict(plan.stages[0].chunks)[members[0].name])
+        for members in groups
+        if math.prod(dict(plan.stages[0].chunks)[members[0].name]) * members[0].itemsize
+        < chunk_floor(members)
+    ]
+    if not small:
+        return plan
+    note = (
+        f"intermediate chunks {', '.join(f'{n}: {c}' for n, c in small)} are below "
+        f"{INTERMEDIATE_CHUNK_FLOOR // 2**20} MiB (and below the source's or the target's "
+        f"chunk): no staged plan of up to {MAX_STAGES} stages keeps every stage within the "
+        "memory limit with larger ones; a larger memory_limit writes fewer, larger files"
+    )
+    return replace(plan, notes=(*plan.notes, note))
+
+
+def _plan_stages(
+    arrays: Sequence[ArrayInput],
+    groups: Sequence[Sequence[ArrayInput]],
+    limits: Limits,
+    request_digest: str,
+    stages: int,
+    floored: bool = True,
+) -> Plan | None:
+    """The ``stages``-stage plan of every group, or None when a group's chain does not fit."""
+    chains = [choose_chain(members, limits, stages, floored) for members in groups]
+    found = [c for c in chains if c is not None]
+    if len(found) < len(chains):
+        return None
+    return _plan_chain(arrays, groups, found, limits, request_digest)
 
 
 def _plan_chain(

@@ -109,8 +109,8 @@ _FLOOR = (
 )
 #: Why a plan that re-reads the source is kept although staging was tried.
 NO_STAGES = (
-    f"no staged plan of up to {MAX_STAGES} stages keeps every stage within the memory limit "
-    f"with intermediate chunks of at least {_FLOOR}"
+    f"no staged plan (of up to {MAX_STAGES} stages) keeps every stage within the memory and "
+    "time limits reading what it reads once"
 )
 
 
