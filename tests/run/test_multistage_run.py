@@ -50,8 +50,12 @@ def three_stage_fields(files: list[Path], store: Path, **extra: Any) -> dict[str
 
 
 def test_three_stage_round_trip(maps: list[Path], tmp_path: Path) -> None:
+    """Both intermediates under ``temp_store``: only the run's own subfolders are removed."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "keep.txt").write_text("not ours")
     store = tmp_path / "c.zarr"
-    req = build_request(**three_stage_fields(maps, store))
+    req = build_request(**three_stage_fields(maps, store, temp_store=str(scratch)))
     _, plan = make_plan(req)
     assert plan.strategy == "staged" and len(plan.stages) == 2, plan.strategy_reason
     assert "3 stages because" in plan.strategy_reason
@@ -72,6 +76,7 @@ def test_three_stage_round_trip(maps: list[Path], tmp_path: Path) -> None:
     assert result.summary["jobs_run"] == len(plan.jobs)
     assert_equal_to_source(store, maps)
     assert_no_intermediate(store)
+    assert sorted(p.name for p in scratch.iterdir()) == ["keep.txt"]
 
 
 def killed(fields_: dict[str, Any], folder: Path, fault: str) -> None:

@@ -43,7 +43,8 @@ INTERMEDIATE_CHUNK_CAP = 64 * 2**20
 #: their intermediates from below for the same reason (``min_mem``).
 INTERMEDIATE_CHUNK_FLOOR = 2**20
 #: Most stages of a staged plan (one intermediate store fewer): each stage writes and reads the
-#: data once more, so beyond this a streaming or direct plan is kept.
+#: data once more, so beyond this the two-stage plan with smaller chunks (or a streaming or direct
+#: plan) is kept.
 MAX_STAGES = 4
 #: Most candidate chunk lengths tried per dimension (thinned geometrically).
 _CANDIDATES = 16
@@ -155,15 +156,6 @@ def chain_inputs(
             ]
         )
     return stages
-
-
-def stage_inputs(
-    members: Sequence[ArrayInput], chunks: Sequence[int]
-) -> tuple[list[ArrayInput], list[ArrayInput]]:
-    """The planner's inputs of a two-stage plan with intermediate ``chunks`` (see
-    :func:`chain_inputs`)."""
-    first, second = chain_inputs(members, [chunks])
-    return first, second
 
 
 def _two_stage_memory(members: Sequence[ArrayInput], combo: Sequence[_Option]) -> int:
