@@ -137,6 +137,21 @@ def test_staged_round_trip(
     assert arr_chunks == tuple(min(c, n) for c, n in zip(chunks.values(), shape, strict=True))
 
 
+def test_the_plan_view_shows_each_stage(maps: list[Path], tmp_path: Path) -> None:
+    """``plan`` prints the strategy and one line per stage, as the run's artifact does."""
+    from zarr_parallel.run.plan_view import view_plan
+
+    req = build_request(**fields(maps, tmp_path / "c.zarr", TIME_SERIES, memory_reserve="296MB"))
+    view = view_plan(req)
+    assert view.plan.strategy == "staged"
+    lines = view.text().splitlines()
+    assert any(line.startswith("strategy:") and "staged: " in line for line in lines)
+    stages = [line for line in lines if line.startswith("stage ")]
+    assert [line.split(":")[0] for line in stages] == ["stage 1/2", "stage 2/2"], stages
+    assert "intermediate chunks" in stages[0] and "intermediate chunks" not in stages[1]
+    assert not (tmp_path / "c.zarr").exists()
+
+
 def _killed(fields_: dict[str, Any], folder: Path, fault: str) -> None:
     path = folder / "request.yaml"
     path.write_text(yaml.safe_dump(fields_))
