@@ -37,7 +37,8 @@ def shape_recommendations(
     plan: Plan,
     replan: Replanner,
 ) -> list[Recommendation]:
-    """Target chunk shapes whose plans are clearly cheaper than ``plan``, cheapest first.
+    """Target chunk shapes whose plans are clearly cheaper than ``plan``, best first (as every
+    recommendation: lowest read amplification, then least change).
 
     Parameters
     ----------
@@ -75,6 +76,7 @@ def shape_recommendations(
                 modelled_bytes=plan_cost(alt),
             )
         )
+    out.sort(key=lambda r: (round(r.read_amplification, 4), r.magnitude))
     return out
 
 
