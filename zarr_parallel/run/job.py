@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +20,6 @@ from typing import Any
 import dask
 import numpy as np
 import psutil
-import xarray as xr
 
 from zarr_parallel.planning.jobs import read_jobs
 from zarr_parallel.planning.memory import fast_slab_bounds
@@ -40,7 +39,6 @@ from zarr_parallel.sources.target import (
     source_state,
 )
 from zarr_parallel.store.chunks import sync_region
-from zarr_parallel.store.disk_names import quiet_manifest
 from zarr_parallel.store.intermediate import copy_region
 from zarr_parallel.store.manifest import plan_record, record_job
 from zarr_parallel.store.zarr_io import array_checksum, crc32, write_region, write_values
@@ -245,12 +243,20 @@ def run_job(
             var = target.dataset[name]
             sel = {d: s for d, s in slices.items() if d in var.dims}
             if copy_from is not None:
-                # A staged plan's last stage: the region as stored in the intermediate.
-                written += copy_region(
-                    Path(copy_from), Path(version), name, [str(d) for d in var.dims], sel
+                # A staged plan's last stage: the region as stored in the intermediate, with
+                # the checksum and statistics of its decoded values (no second read).
+                parts: list[dict[str, float]] = []
+                nbytes, checksums[name] = copy_region(
+                    Path(copy_from),
+                    Path(version),
+                    name,
+                    [str(d) for d in var.dims],
+                    sel,
+                    _stats_into(parts) if generate_stats else None,
                 )
+                written += nbytes
                 if generate_stats:
-                    stats[name] = _stats(_decoded_region(copy_from, name, sel))
+                    stats[name] = _merge_parts(parts)
                 release_freed_memory()
                 continue
             copied = _copy_fast(request_json, target, version, name, sel, generate_stats, fast)
@@ -306,12 +312,6 @@ def _copy_source(version: str) -> str | None:
     """The intermediate store a staged plan's last stage copies from (None: a direct plan)."""
     folders = (plan_record(Path(version)) or {}).get("intermediates") or []
     return str(folders[-1]) if folders else None
-
-
-def _decoded_region(store: str, name: str, sel: dict[str, slice]) -> np.ndarray:
-    """A region of an intermediate store as xarray decodes it (statistics of a copy job)."""
-    with quiet_manifest(), xr.open_zarr(store, consolidated=False, chunks=None) as ds:
-        return np.asarray(ds[name].isel(sel).values)
 
 
 FAST_READ_ENV = fastread.FAST_READ_ENV
@@ -407,6 +407,15 @@ def slab_slices(region: slice, chunk: int) -> list[slice]:
     """The slabs of ``region`` along one dimension (see ``FAST_SLABS``)."""
     bounds = fast_slab_bounds(int(region.start), int(region.stop), int(chunk))
     return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+def _stats_into(parts: list[dict[str, float]]) -> Callable[[np.ndarray], None]:
+    """A callback adding the statistics of each piece it is given to ``parts``."""
+
+    def add(piece: np.ndarray) -> None:
+        parts.append(_stats(piece))
+
+    return add
 
 
 def _merge_parts(parts: list[dict[str, float]]) -> dict[str, float]:
