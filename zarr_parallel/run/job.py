@@ -219,9 +219,16 @@ def _concat_range(
 
 
 def run_job(
-    request_json: str, version: str, job_id: int, generate_stats: bool = False
+    request_json: str,
+    version: str,
+    job_id: int,
+    generate_stats: bool = False,
+    fence: str | None = None,
 ) -> dict[str, Any]:
     """Write job ``job_id`` of the plan stored in ``version`` and record it.
+
+    ``fence`` is the token the job's run holds the cache's lock with: the record is written
+    only while the lock file still holds it (see :func:`zarr_parallel.store.manifest.record_job`).
 
     Returns the job's record: id, region, fingerprint, bytes, checksums, duration, peak memory
     (and per-variable statistics when asked).
@@ -297,7 +304,7 @@ def run_job(
     }
     if generate_stats:
         record["stats"] = stats
-    record_job(Path(version), record)
+    record_job(Path(version), record, fence)
     return record
 
 
