@@ -188,10 +188,17 @@ def check_job_source(
         raise
     sources = [target.sources.get(name) for name in variables]
     names = None if None in sources else [str(s) for s in sources]
-    # Only a kerchunk job needs the references (which files its variables point at).
-    refs = cached_source(req).refs if planned.get("engine") == "kerchunk" else None
-    check_job_sources(req, planned, refs, names, _concat_range(target, variables, slices))
+    # Only a kerchunk job needs the references (which files its variables point at), and only
+    # a store's or a reference's chunk keys say which source chunks a job reads.
+    engine = planned.get("engine")
+    refs = cached_source(req).refs if engine == "kerchunk" else None
+    ranges = target.source_chunk_ranges(variables, slices) if engine in CHUNKED else None
+    check_job_sources(req, planned, refs, names, _concat_range(target, variables, slices), ranges)
     return target
+
+
+#: Engines whose identity entries are per chunk file (kerchunk references, remote Zarr samples).
+CHUNKED = ("kerchunk", "zarr")
 
 
 def _concat_range(
