@@ -51,8 +51,6 @@ from zarr_parallel.sources.remote_identity import (
     zarr_array_entries,
 )
 
-__all__ = ["url_state"]  # where it was before the remote entries had a module of their own
-
 logger = logging.getLogger(__name__)
 
 #: Entry fields that say nothing about the content, only where it was seen from.
