@@ -186,10 +186,17 @@ def check_job_source(
         raise
     sources = [target.sources.get(name) for name in variables]
     names = None if None in sources else [str(s) for s in sources]
-    # Only a kerchunk job needs the references (which files its variables point at).
-    refs = cached_source(req).refs if planned.get("engine") == "kerchunk" else None
-    check_job_sources(req, planned, refs, names, _concat_range(target, variables, slices))
+    # Only a kerchunk job needs the references (which files its variables point at), and only
+    # a store's or a reference's chunk keys say which source chunks a job reads.
+    engine = planned.get("engine")
+    refs = cached_source(req).refs if engine == "kerchunk" else None
+    ranges = target.source_chunk_ranges(variables, slices) if engine in CHUNKED else None
+    check_job_sources(req, planned, refs, names, _concat_range(target, variables, slices), ranges)
     return target
+
+
+#: Engines whose identity entries are per chunk file (kerchunk references, remote Zarr samples).
+CHUNKED = ("kerchunk", "zarr")
 
 
 def _concat_range(
@@ -217,9 +224,16 @@ def _concat_range(
 
 
 def run_job(
-    request_json: str, version: str, job_id: int, generate_stats: bool = False
+    request_json: str,
+    version: str,
+    job_id: int,
+    generate_stats: bool = False,
+    fence: str | None = None,
 ) -> dict[str, Any]:
     """Write job ``job_id`` of the plan stored in ``version`` and record it.
+
+    ``fence`` is the token the job's run holds the cache's lock with: the record is written
+    only while the lock file still holds it (see :func:`zarr_parallel.store.manifest.record_job`).
 
     Returns the job's record: id, region, fingerprint, bytes, checksums, duration, peak memory
     (and per-variable statistics when asked).
@@ -303,7 +317,7 @@ def run_job(
     }
     if generate_stats:
         record["stats"] = stats
-    record_job(Path(version), record)
+    record_job(Path(version), record, fence)
     return record
 
 
