@@ -9,6 +9,7 @@ authentication enforced.
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import os
 import re
@@ -169,6 +170,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         data = file.read_bytes()
         size = len(data)
+        version = _version_headers(file) if srv.versions else {}
         if rng_header:
             m = _RANGE.match(rng_header.strip())
             if not m or (not m.group(1) and not m.group(2)):
@@ -191,6 +193,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.send_header("Content-Length", str(len(chunk)))
             self.send_header("Accept-Ranges", "bytes")
+            for name, value in version.items():
+                self.send_header(name, value)
             self.end_headers()
             if body:
                 self.wfile.write(chunk)
@@ -199,6 +203,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(size))
         self.send_header("Accept-Ranges", "bytes")
+        for name, value in version.items():
+            self.send_header(name, value)
         self.end_headers()
         if body:
             self.wfile.write(data)
@@ -243,13 +249,24 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.stats.requests.append((self.command, self.path.split("?")[0], rng, status))
 
 
+def _version_headers(file: Path) -> dict[str, str]:
+    """ETag and Last-Modified as a file server derives them (nginx: modification time and size)."""
+    st = file.stat()
+    return {
+        "ETag": f'"{st.st_mtime_ns:x}-{st.st_size:x}"',
+        "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
+    }
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path, flaky: bool) -> None:
+    def __init__(self, root: Path, flaky: bool, versions: bool = False) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root = root.resolve()
         self.flaky = flaky
+        #: Send ETag and Last-Modified, as real file servers and object stores do.
+        self.versions = versions
         self.stats = Stats()
         self.attempts: Counter[str] = Counter()
         self.forbidden: set[str] = set()
@@ -278,9 +295,10 @@ class HTTPService:
 
 
 @contextmanager
-def serve_http(root: Path, flaky: bool = False) -> Iterator[HTTPService]:
-    """Serve ``root`` over HTTP on 127.0.0.1 (a free port) until the block ends."""
-    server = _Server(root, flaky)
+def serve_http(root: Path, flaky: bool = False, versions: bool = False) -> Iterator[HTTPService]:
+    """Serve ``root`` over HTTP on 127.0.0.1 (a free port) until the block ends (``versions``:
+    with ETag and Last-Modified headers)."""
+    server = _Server(root, flaky, versions)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

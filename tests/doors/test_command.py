@@ -86,6 +86,14 @@ def test_version_and_subcommand_help_without_prefect() -> None:
     assert not modules & set(HEAVY)
 
 
+def test_plan_of_a_local_request_imports_no_prefect(era5_files: list[Path], tmp_path: Path) -> None:
+    """Planning needs the data stack, not Prefect, the clusters or dask-jobqueue (seconds)."""
+    proc, modules = _imported(["plan", str(_request(tmp_path, era5_files))])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "strategy:" in proc.stdout
+    assert not modules & {"prefect", "distributed", "dask_jobqueue"}, sorted(modules)
+
+
 def test_console_script_is_installed() -> None:
     proc = subprocess.run([COMMAND, "--version"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == f"zarr-parallel {__version__}"

@@ -71,7 +71,9 @@ def test_plan_is_the_commands_plan_and_writes_nothing(
     assert summary["jobs"] == len(view.plan.jobs) >= 4
     assert f"read amplification:  {summary['read_amplification']:.2f}" in printed
     assert summary["max_job_memory"] == max(j.memory for j in view.plan.jobs)
-    assert summary["strategy"] is None or isinstance(summary["strategy"], str)
+    assert summary["strategy"] == "direct"
+    assert "strategy:            direct: " in printed
+    assert not [line for line in printed.splitlines() if line.startswith("stage ")], "one stage"
     assert view.halts is False and view.slurm_script is None
     assert repr(view).startswith(f"<zarr-parallel plan of {summary['jobs']} jobs>")
     assert printed in repr(view)

@@ -163,3 +163,92 @@ def test_worker_retiring_at_its_lifetime_mid_job_is_replaced_to_an_identical_cac
     ids = {r["slurm_job_id"] for r in job_records(result)}
     assert None not in ids and not ids & squeue_ids()
     assert time.monotonic() - t0 < 600
+
+
+POLICED_DRIVER = """
+from zarr_parallel.orchestration.cache import cache_flow
+from zarr_parallel.request.model import build_request
+
+cache_flow(build_request(
+    data_uri="data/era5.json", cache_dir="caches", deploy_mode="SLURM", chunks={"time": 12},
+    num_jobs=2, memory_limit="1GB", simultaneous_worker_limit=1, retries=0,
+))
+"""
+
+
+def _swap_in_place(path: Path, content: str) -> None:
+    """Rewrite ``path`` with ``content`` padded to its size, in place, its modification time
+    restored: its identity (size, mtime_ns, inode) is unchanged, so only the policy's check
+    of the reference stands in the way."""
+    import os
+
+    st = path.stat()
+    assert len(content) <= st.st_size
+    with open(path, "r+") as f:
+        f.write(content.ljust(st.st_size))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_ino) == (st.st_size, st.st_ino)
+
+
+def test_a_policed_runs_slurm_workers_check_the_reference_again(
+    era5_files: list[Path], tmp_path: Path, slurm: str
+) -> None:
+    """A deployment run (default policy: only its working directory) in SLURM mode, frozen once
+    its version is initialised; its kerchunk reference is then swapped, identity unchanged, for
+    one pointing at files outside the working directory. The SLURM worker's job reads the
+    reference again and refuses it against the same policy: the run fails in its write jobs,
+    naming the reference's target, and publishes nothing."""
+    import json
+    import os
+    import shutil
+    import signal
+    import sys
+    import uuid
+
+    import psutil
+
+    from sources_support import kerchunk_refs
+    from zarr_parallel.run.policy import POLICY_ENV
+
+    workdir = tmp_path / "deployment"
+    (workdir / "data").mkdir(parents=True)
+    outside = tmp_path / "private"
+    outside.mkdir()
+    inside = []
+    for f in era5_files[:2]:
+        shutil.copy(f, workdir / "data" / f.name)
+        shutil.copy(f, outside / f.name)
+        inside.append(workdir / "data" / f.name)
+    reference = workdir / "data" / "era5.json"
+    reference.write_text(json.dumps(kerchunk_refs(inside, str(workdir / "data"))))
+    sneaky = json.dumps(kerchunk_refs([outside / f.name for f in era5_files[:2]], str(outside)))
+    env = {
+        **os.environ,
+        "PREFECT__RUNTIME__DEPLOYMENT__ID": str(uuid.uuid4()),
+        POLICY_ENV: str(tmp_path / "no-policy-file.toml"),
+        "ZARR_PARALLEL_FAULT": "stop@initialised",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", POLICED_DRIVER],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run never reached its initialised version"
+            time.sleep(0.1)
+        _swap_in_place(reference, sneaky)
+        os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, err[-3000:]
+    message = " ".join(err.split())
+    assert "write jobs failed" in message, err[-3000:]
+    assert "kerchunk reference to" in message and str(outside) in message
+    assert not (workdir / "caches" / "era5.zarr").exists()

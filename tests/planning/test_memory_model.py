@@ -10,6 +10,7 @@ above the noise of the interpreter.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from zarr_parallel.planning.memory import (
     FAST_WRITE_COPIES_UNCOMPRESSED,
 )
 from zarr_parallel.request.model import build_request
+from zarr_parallel.run.job import run_job
+from zarr_parallel.run.stages import stage_request
 from zarr_parallel.run.steps import initialise, prepare
 
 _RUN_ONE_JOB = """
@@ -308,3 +311,52 @@ def test_a_writing_thread_holds_what_the_model_counts(tmp_path: Path, codec: str
     print(f"one writing thread, {codec}: {peak / chunk_bytes:.2f} chunks held at the peak")
     assert peak >= 0.9 * chunk_bytes  # real: a whole chunk was copied and encoded
     assert peak <= counted * chunk_bytes + FAST_THREAD_BYTES
+
+
+def _measured_job(request_json: str, version: str, job_id: int, stats: bool) -> dict[str, Any]:
+    """Run one job in a fresh job process (as a worker would); its record."""
+    out = subprocess.run(
+        [sys.executable, "-c", _RUN_ONE_JOB, request_json, version, str(job_id), str(stats)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        env={**os.environ, "ZARR_PARALLEL_JOB_PROCESS": "1"},
+    )
+    record: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return record
+
+
+def test_staged_copy_job_with_checksums_stays_under_its_estimate(
+    packed_grid: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A staged plan's last-stage job copies packed int16 out of the intermediate, decodes it
+    piece by piece for its checksum and statistics, and stays under the estimate the planner
+    made for it (docs/design.md §5): the decoding adds no copy of the region."""
+    monkeypatch.setenv("ZARR_PARALLEL_FAST_READ", "0")  # staged within a 80 MB budget
+    req = build_request(
+        data_uri=[str(p) for p in packed_grid],
+        cache_store=str(tmp_path / "m.zarr"),
+        deploy_mode="series",
+        memory_limit="2GB",
+        memory_reserve="1920MB",
+        chunks={"time": 96, "latitude": 10, "longitude": 10},
+        keep_packing=True,
+        generate_stats=True,
+        recommend_changes="proceed",
+    )
+    prepared = prepare(req)
+    assert prepared.plan.strategy == "staged"
+    initialise(prepared)
+    stage = prepared.plan.stages[0]
+    stage_json = stage_request(prepared.request, stage).model_dump_json()
+    for first in stage.plan.jobs:
+        run_job(stage_json, prepared.intermediates[0], first.id)
+    job = max(prepared.plan.jobs, key=lambda j: j.memory)
+    record = _measured_job(prepared.request_json, str(prepared.version), job.id, True)
+    assert set(record["checksums"]) == set(job.variables) == set(record["stats"])
+    peak, estimate = record["peak_memory"], record["estimated_memory"]
+    stored = math.prod(b - a for _, a, b in job.region) * 2  # one variable's int16 region
+    print(f"staged copy: estimate {estimate / 1e6:.1f} MB, measured peak {peak / 1e6:.1f} MB")
+    assert peak >= 0.9 * stored, (peak, stored)  # real: the region was held
+    assert peak <= estimate, f"measured {peak} B above the estimate {estimate} B"

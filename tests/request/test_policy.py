@@ -347,6 +347,37 @@ def test_processes_a_policed_run_starts_check_references_too(
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
+def test_slurm_workers_of_a_policed_run_are_told_the_policy(
+    workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SLURM job script of a policed run exports the policed state and the policy file's
+    path, so its workers check references again even where sbatch passes no environment on
+    (``--export=NONE``); an ad hoc run's script names neither."""
+    from dask_jobqueue.slurm import SLURMCluster
+
+    from zarr_parallel.orchestration.runners import worker_sizing
+    from zarr_parallel.orchestration.slurm import slurm_cluster_kwargs
+    from zarr_parallel.run.policy import POLICED_ENV, enforced
+
+    policy_file = tmp_path / "policy.toml"
+    monkeypatch.setenv(POLICY_ENV, str(policy_file))
+    req = _request(data_uri="data/*.nc", cache_dir="caches", deploy_mode="SLURM")
+
+    def script() -> list[str]:
+        sizing = worker_sizing(req, max_job_estimate=10**8, jobs=2)
+        cluster = SLURMCluster(**slurm_cluster_kwargs(req, sizing, None, tmp_path))
+        try:
+            return list(cluster.job_script().splitlines())
+        finally:
+            cluster.close()
+
+    with enforced(default_policy(workdir), workdir):
+        lines = script()
+    assert f"export {POLICED_ENV}={workdir}" in lines
+    assert f"export {POLICY_ENV}={policy_file}" in lines
+    assert not any(POLICED_ENV in line or POLICY_ENV in line for line in script())
+
+
 def test_a_temp_store_outside_the_cache_roots_is_refused(workdir: Path) -> None:
     # Rechunking's intermediate folder (a request field of its own) is a write location too.
     class WithTemp(CacheRequest):

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from deploy_helpers import started_lines
+from zarr_parallel.errors import LockLost
 from zarr_parallel.planning.jobs import Job
 from zarr_parallel.run import job_process
 from zarr_parallel.run.job_process import (
@@ -32,6 +33,7 @@ from zarr_parallel.run.job_process import (
     run_job_isolated,
 )
 from zarr_parallel.run.steps import Prepared
+from zarr_parallel.store.lock import held_token
 from zarr_parallel.store.manifest import recorded_jobs
 
 # A hang must fail the test, not the CI run.
@@ -192,6 +194,25 @@ def test_isolated_jobs_share_this_processs_job_process(initialised: Initialise) 
     assert b["job_process"]["pid"] == pid != os.getpid()
     assert _gone(pid), "shutdown stops the idle job process"
     assert _recorded(prepared) == {first.id, second.id}
+
+
+def test_the_runs_lock_token_reaches_the_job_process(initialised: Initialise) -> None:
+    """A job process records under the lock token its run sent (as dask and SLURM workers
+    send it): a job sent with the token of a run whose lock was broken raises ``LockLost`` in
+    the job process and records nothing, although the version's own fence record matches the
+    lock; a job sent with the holder's token records."""
+    prepared = initialised()
+    first, second = _job(prepared, 0), _job(prepared, 24)
+    args = (prepared.request_json, str(prepared.version))
+    token = held_token(prepared.paths.lock)
+    assert token is not None
+    try:
+        with pytest.raises(LockLost, match="no longer holds the lock"):
+            run_job_isolated(*args, first.id, False, timeout=300, fence="a-run-that-lost-it")
+        run_job_isolated(*args, second.id, False, timeout=300, fence=token)
+    finally:
+        job_process.shutdown()
+    assert _recorded(prepared) == {second.id}
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Staged runs end to end (docs/design.md §3.4, "Strategies"): map → time series and back through
 an intermediate Zarr store, equal to the source (values and dtypes); resume after a kill in
-either stage; the intermediate gone after publish.
+either stage; the intermediate gone after publish; a staged cache verified by its checksums.
 
 Small real netCDF4 files; the memory limit is made tight with ``memory_reserve`` so that a direct
 plan would re-read the source many times and the planner chooses two stages. The xarray read
@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 import xarray as xr
 import yaml
+import zarr
 
 from core_support import cli_run
 from zarr_parallel.api import run_request
 from zarr_parallel.request.model import build_request
 from zarr_parallel.run.steps import make_plan
+from zarr_parallel.run.verify import verify_cache
 from zarr_parallel.store.manifest import iter_job_records, plan_record
 from zarr_parallel.store.paths import CachePaths
 
@@ -40,6 +42,12 @@ def xarray_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 def maps(era5_factory: Any) -> list[Path]:
     """Four days of hourly maps, one HDF5 chunk per step (the archive layout)."""
     return era5_factory(n_files=4, steps_per_file=24, nlat=91, nlon=180, chunks=None)
+
+
+@pytest.fixture(scope="module")
+def packed_maps(era5_factory: Any) -> list[Path]:
+    """The maps as ERA5 ships them: int16 with scale_factor, add_offset and _FillValue."""
+    return era5_factory(n_files=4, steps_per_file=24, nlat=91, nlon=180, chunks=None, packed=True)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +145,21 @@ def test_staged_round_trip(
     assert arr_chunks == tuple(min(c, n) for c, n in zip(chunks.values(), shape, strict=True))
 
 
+def test_the_plan_view_shows_each_stage(maps: list[Path], tmp_path: Path) -> None:
+    """``plan`` prints the strategy and one line per stage, as the run's artifact does."""
+    from zarr_parallel.run.plan_view import view_plan
+
+    req = build_request(**fields(maps, tmp_path / "c.zarr", TIME_SERIES, memory_reserve="296MB"))
+    view = view_plan(req)
+    assert view.plan.strategy == "staged"
+    lines = view.text().splitlines()
+    assert any(line.startswith("strategy:") and "staged: " in line for line in lines)
+    stages = [line for line in lines if line.startswith("stage ")]
+    assert [line.split(":")[0] for line in stages] == ["stage 1/2", "stage 2/2"], stages
+    assert "intermediate chunks" in stages[0] and "intermediate chunks" not in stages[1]
+    assert not (tmp_path / "c.zarr").exists()
+
+
 def _killed(fields_: dict[str, Any], folder: Path, fault: str) -> None:
     path = folder / "request.yaml"
     path.write_text(yaml.safe_dump(fields_))
@@ -192,3 +215,56 @@ def test_staged_run_in_temp_store_with_statistics(maps: list[Path], tmp_path: Pa
     assert stats["count"] == got["t2m"].size
     assert stats["min"] == pytest.approx(float(got["t2m"].min()))
     assert stats["max"] == pytest.approx(float(got["t2m"].max()))
+
+
+def _region_checksums(store: Path) -> list[dict[str, str]]:
+    return [r["checksums"] for r in iter_job_records(store.resolve())]
+
+
+def test_staged_cache_verifies_by_checksum(maps: list[Path], tmp_path: Path) -> None:
+    """The last stage's copy jobs record the CRC32 of each region as xarray decodes it from the
+    cache, so a full ``verify`` compares a staged cache with its checksums (also before
+    publishing) and catches a chunk changed after the run as a ``checksum`` problem."""
+    store = tmp_path / "c.zarr"
+    req = build_request(**fields(maps, store, TIME_SERIES, verify_before_publish="full"))
+    result = run_request(req)
+    assert result.summary["strategy"] == "staged"
+    records = _region_checksums(store)
+    assert records and all(set(r) == {"t2m", "d2m"} for r in records), records
+    report = verify_cache(req, mode="full")
+    assert report.ok, report.text()
+    assert report.checksums_compared == 2 * len(records) and not report.checksums_missing
+    assert f"checksums {2 * len(records)} job regions compared" in report.text()
+    # A chunk of the target rewritten with other values that decode fine.
+    arr = zarr.open_array(store.resolve(), path="t2m", mode="r+")
+    arr[0:96, 8:16, 0:8] = arr[0:96, 8:16, 0:8] + np.float32(0.5)
+    report = verify_cache(req, mode="full")
+    t2m = [p for p in report.problems if p.variable == "t2m"]
+    assert {p.kind for p in t2m} == {"checksum", "values"}, report.text()
+    assert not [p for p in report.problems if p.variable == "d2m"]
+
+
+def test_staged_packed_variables_keep_their_checksums(
+    packed_maps: list[Path], tmp_path: Path
+) -> None:
+    """Packed int16 kept packed (``scale_factor``, ``add_offset``, ``_FillValue``) through a
+    staged plan: the copy jobs' checksums are those of the decoded values, which verify
+    accepts; statistics are those of the decoded values too."""
+    store = tmp_path / "c.zarr"
+    req = build_request(
+        **fields(packed_maps, store, TIME_SERIES, keep_packing=True, generate_stats=True)
+    )
+    result = run_request(req)
+    assert result.summary["strategy"] == "staged"
+    raw = zarr.open_array(store.resolve(), path="t2m")
+    assert raw.dtype == np.int16 and raw.attrs["scale_factor"] == 0.002
+    assert_equal_to_source(store, packed_maps)
+    assert all(set(r) == {"t2m", "d2m"} for r in _region_checksums(store))
+    report = verify_cache(req, mode="full")
+    assert report.ok, report.text()
+    assert report.checksums_compared > 0 and not report.checksums_missing
+    got = xr.open_zarr(store)["t2m"].values
+    stats = result.summary["stats"]["t2m"]
+    assert stats["count"] == got.size and stats["nan_count"] == np.isnan(got).sum()
+    assert stats["min"] == pytest.approx(float(np.nanmin(got)))
+    assert stats["max"] == pytest.approx(float(np.nanmax(got)))

@@ -309,7 +309,8 @@ def test_remote_files_are_identified_by_what_the_server_reports(
             "kerchunk": open_source(kerchunk).layout.identity,
         }
         assert check_sources(netcdf, planned["netcdf"]) == 3
-        assert check_sources(kerchunk, planned["kerchunk"]) == 1
+        # The reference and the three files it points at (one HEAD each).
+        assert check_sources(kerchunk, planned["kerchunk"]) == 4
         with open(files[1], "ab") as f:
             f.write(b"\0" * 100)
         with pytest.raises(SourceChanged, match=rf"{files[1].name} changed .*size") as info:
@@ -320,6 +321,110 @@ def test_remote_files_are_identified_by_what_the_server_reports(
         (root / "era5.json").write_text(json.dumps(refs))
         with pytest.raises(SourceChanged, match=r"era5\.json changed"):
             check_sources(kerchunk, planned["kerchunk"])
+
+
+def _flip_chunk(refs: dict[str, Any], key: str, root: Path) -> Callable[[], None]:
+    """Overwrite the bytes of one referenced chunk in place: same size, the data changed."""
+
+    def flip() -> None:
+        url, offset, length = refs["refs"][key]
+        with open(root / url.rsplit("/", 1)[-1], "r+b") as f:
+            f.seek(offset)
+            data = f.read(length)
+            f.seek(offset)
+            f.write(bytes(255 - b for b in data))
+
+    return flip
+
+
+def test_a_remote_file_behind_a_reference_changed_between_jobs_fails_the_run(
+    era5_files: list[Path], tmp_path: Path
+) -> None:
+    """Over real HTTP (the server sends ETag and Last-Modified): a file the kerchunk reference
+    points at is rewritten in place, same size, after job 1 is recorded; the job that reads it
+    stops the run (exit 1, naming the URL) and the version published before stays, byte for
+    byte. Before, only the reference itself was identified: the run read the changed bytes."""
+    from sources_support import serve_http
+
+    root = tmp_path / "www"
+    files = _copy_files(era5_files, root)
+    with serve_http(root, versions=True) as svc:
+        refs = kerchunk_refs(files, svc.url)
+        (root / "era5.json").write_text(json.dumps(refs))
+        uri = f"{svc.url}/era5.json"
+        store = tmp_path / "out" / "era5.zarr"
+        older = _fields(uri, store, chunks={**CHUNKS, "time": 24})
+        assert run_request(build_request(**older)).status == "done"
+        before = _published(store)
+        last = max((k for k in refs["refs"] if k.startswith("t2m/")), key=lambda k: k.split("/")[1])
+        assert files[-1].name in refs["refs"][last][0]
+        code, err = _frozen_then_changed(
+            _fields(uri, store), tmp_path, _flip_chunk(refs, last, root)
+        )
+    assert code == 1, err[-3000:]
+    assert f"{svc.url}/{files[-1].name} changed" in err and "ETag" in err
+    assert "run failed: the source" in err
+    assert _published(store) == before
+
+
+def test_a_job_checks_the_remote_files_holding_its_chunks(
+    era5_files: list[Path], tmp_path: Path
+) -> None:
+    """Remote referenced files are entries of their own; a job's entries are the reference and
+    the files holding the source chunks of its region (by chunk key), not every file."""
+    from sources_support import serve_http
+    from zarr_parallel.sources.source import open_source as open_fresh
+
+    root = tmp_path / "www"
+    files = _copy_files(era5_files, root)
+    with serve_http(root, versions=True) as svc:
+        refs = kerchunk_refs(files, svc.url)
+        (root / "era5.json").write_text(json.dumps(refs))
+        req = build_request(**_fields(f"{svc.url}/era5.json", tmp_path / "c.zarr"))
+        planned = open_fresh(req).layout.to_json()
+        urls = [f"{svc.url}/{f.name}" for f in files]
+        assert set(planned["identity"]["entries"]) == {f"{svc.url}/era5.json", *urls}
+        t2m = planned["variables"]["t2m"]
+        steps = t2m["chunks"][t2m["dims"].index("time")][-1]  # HDF5 chunks of 6 steps
+        first_day = {"t2m": {"time": (0, 24 // steps)}}
+        assert job_entries(planned, refs, ["t2m"], None, first_day) == [
+            f"{svc.url}/era5.json",
+            urls[0],
+        ]
+        last_steps = {"t2m": {"time": (48 // steps, 60 // steps)}}
+        assert job_entries(planned, refs, ["t2m"], None, last_steps)[1:] == [urls[2]]
+        assert job_entries(planned, refs, ["t2m"], None, None)[1:] == sorted(urls)
+
+
+def test_a_remote_zarr_chunk_rewritten_between_jobs_fails_the_run(
+    era5_files: list[Path], tmp_path: Path
+) -> None:
+    """A Zarr store over HTTP: per array its metadata documents and a sample of chunk files
+    (first, last, evenly spaced) are identified. The last time steps rewritten in place, the
+    metadata untouched, after job 1: the job reading the last chunk stops the run. Before, a
+    remote store was identified by its root metadata only, and the run published the mix."""
+    from sources_support import serve_http
+
+    root = tmp_path / "www"
+    src = root / "era5.zarr"
+    with xr.open_mfdataset(era5_files, combine="by_coords") as ds:
+        ds.chunk(CHUNKS).to_zarr(src, consolidated=True)
+    with serve_http(root, versions=True) as svc:
+        uri = f"{svc.url}/era5.zarr"
+        store = tmp_path / "out" / "era5.zarr"
+        older = _fields(uri, store, chunks={**CHUNKS, "time": 24})
+        assert run_request(build_request(**older)).status == "done"
+        before = _published(store)
+        planned = plan_record(store.resolve())
+        assert planned is not None
+        entries = planned["layout"]["identity"]["entries"]
+        assert f"{uri}/t2m/zarr.json" in entries and f"{uri}/t2m/c/4/1/1" in entries
+        code, err = _frozen_then_changed(
+            _fields(uri, store), tmp_path, lambda: _rewrite_zarr_chunk(str(src))
+        )
+    assert code == 1, err[-3000:]
+    assert f"{uri}/t2m/c/4/" in err and "run failed: the source" in err
+    assert _published(store) == before
 
 
 @pytest.mark.timeout(600)

@@ -339,6 +339,48 @@ def test_job_of_a_run_that_lost_its_lock_records_nothing(
         assert recorded_jobs(prepared.version, prepared.plan.fingerprint) == {first}
 
 
+def test_jobs_of_a_run_whose_lock_was_broken_record_nothing_in_the_version_taken_over(
+    era5_files: list[Path], tmp_path: Path
+) -> None:
+    """Two real runs of one request, so the second resumes the first's very version.
+
+    Run A is frozen after its first job record, just before its second; its lock is made to
+    look like a dead host's. Run B (``break_lock``) takes the lock over, resumes A's version
+    (rewriting the version's fence with its own token) and is frozen after its first record.
+    A wakes. Before jobs carried their run's token, A's jobs read B's token from the version
+    and recorded every job left under B's lock; now A's job stops before recording, A exits 1
+    having published nothing, and B finishes and publishes a complete cache.
+    """
+    from zarr_parallel.store.manifest import iter_job_records
+
+    request_a, fields = _request_file(era5_files, tmp_path)
+    store = Path(fields["cache_store"])
+    lock = store.with_name("c.zarr.lock")
+    request_b = tmp_path / "b.yaml"
+    request_b.write_text(yaml.safe_dump({**fields, "break_lock": True}))
+    with frozen_run(request_a, "job-written#2") as a:
+        (version,) = [
+            v for v in (tmp_path / "out" / "c.zarr.versions").iterdir() if v.name[0] != "."
+        ]
+        assert [r["pid"] for r in iter_job_records(version)] == [a.pid]
+        _as_if_from_a_dead_host(lock)
+        with frozen_run(request_b, "job-recorded#1") as b:
+            fence = json.loads((version / ".zarr-parallel" / "lock.json").read_text())
+            assert fence["token"] == json.loads(lock.read_text())["token"], "B resumed A's version"
+            os.kill(a.pid, signal.SIGCONT)
+            _, err = a.communicate(timeout=300)
+            assert a.returncode == 1, err[-3000:]
+            assert "no longer holds the lock" in err and "published nothing" in err
+            by_a = [r["id"] for r in iter_job_records(version) if r["pid"] == a.pid]
+            assert len(by_a) == 1, f"the run that lost its lock recorded jobs {by_a}"
+            assert not store.exists() and not store.is_symlink()
+            os.kill(b.pid, signal.SIGCONT)
+            _, err = b.communicate(timeout=300)
+            assert b.returncode == 0, err[-3000:]
+    assert store.resolve() == version
+    assert cli_result(request_b).stdout.count("up to date") >= 1
+
+
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Any:
     """A real 1 MB tmpfs, filled up. Mounting needs root; elsewhere the test cannot run."""

@@ -101,6 +101,21 @@ def test_a_run_that_lost_its_lock_records_nothing(version: Path, tmp_path: Path)
     assert recorded_jobs(version, "fp-a") == {0}
 
 
+def test_a_job_checks_its_own_runs_token_not_the_versions(version: Path, tmp_path: Path) -> None:
+    """A run that took the lock over and resumed this version rewrote its fence: the lock and the
+    fence agree, yet a job of the run that lost the lock (its token passed) records nothing."""
+    lock = tmp_path / "c.zarr.lock"
+    lock.write_text(json.dumps({"token": "theirs"}))
+    write_fence(version, lock, "theirs")
+    with pytest.raises(LockLost, match="another run took it over"):
+        record_job(version, _record(JOBS[0]), fence="mine")
+    record_job(version, _record(JOBS[1]), fence="theirs")
+    (manifest_dir(version) / "lock.json").unlink()
+    with pytest.raises(LockLost, match="lost its lock fence record"):
+        record_job(version, _record(JOBS[0]), fence="theirs")
+    assert recorded_jobs(version, "fp-a") == {1}
+
+
 def test_a_version_removed_under_a_job_stops_it(version: Path) -> None:
     check_fence(version, "x")  # no fence (library use without a lock) but a plan: no check
     (manifest_dir(version) / "plan.json").unlink()

@@ -257,3 +257,51 @@ def test_something_that_appears_at_the_path_during_the_run_is_not_replaced(
     with pytest.raises(RunFailed, match=r"appeared during the run .* was not published"):
         publish(paths, version, keep_versions=1)
     assert _tree(tmp_path) == before and not store.is_symlink()
+
+
+def _store_of_entries(path: Path) -> int:
+    """A Zarr store of another tool with 24 × 2 chunk files; its count of files and folders."""
+    ds = xr.Dataset({"a": (("t", "x"), np.ones((48, 2)))}, coords={"t": np.arange(48)})
+    ds.to_zarr(path, encoding={"a": {"chunks": (1, 1)}}, zarr_format=3)
+    return sum(1 for _ in path.rglob("*"))
+
+
+def test_a_store_too_large_to_check_is_refused_before_any_write(
+    era5_files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk that proves a foreign store holds only Zarr's files stops at its cap (lowered
+    here through ``ZARR_PARALLEL_ADOPT_MAX_ENTRIES``): a larger store is refused with exit 2,
+    naming the path, what was seen and the fix, and nothing is written; before, the walk had no
+    cap (a million-file store took minutes at every look). Under the cap the same store is
+    adopted as before."""
+    store = tmp_path / "c.zarr"
+    entries = _store_of_entries(store)
+    request = tmp_path / "request.yaml"
+    request.write_text(yaml.safe_dump(_fields(era5_files, store, min_version_age=0)))
+    before = _tree(tmp_path)
+    monkeypatch.setenv("ZARR_PARALLEL_ADOPT_MAX_ENTRIES", str(entries - 20))
+    result = cli_result(request)
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = " ".join(result.stderr.split())
+    assert f"{store} is a folder too large to check" in message
+    assert f"stops after {entries - 20:,} entries" in message and "all Zarr's so far" in message
+    assert "move or delete what is there yourself" in message
+    assert _tree(tmp_path) == before
+    _nothing_written(store)
+    monkeypatch.setenv("ZARR_PARALLEL_ADOPT_MAX_ENTRIES", str(entries))
+    result = cli_result(request)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (legacy,) = CachePaths(store).versions.glob("legacy-*")
+    assert sum(1 for _ in legacy.rglob("*")) == entries
+
+
+def test_the_walk_is_capped_in_seconds_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a slow file system the time cap stops the walk: refused (foreign), naming it."""
+    from zarr_parallel.store import ownership
+
+    store = tmp_path / "c.zarr"
+    _store_of_entries(store)
+    assert ownership.inspect_final(CachePaths(store)).kind == "adoptable"
+    monkeypatch.setattr(ownership, "ADOPT_MAX_SECONDS", 0.0)
+    found = ownership.inspect_final(CachePaths(store))
+    assert found.kind == "foreign" and "stops after 0 s" in found.text

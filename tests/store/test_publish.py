@@ -99,6 +99,47 @@ def _lease(paths: CachePaths, version: Path, pid: int, pid_start: float) -> Path
     return lease
 
 
+def _other_hosts_lease(paths: CachePaths, version: Path, taken_ago: float, beat_ago: float) -> Path:
+    """A lease written ``taken_ago`` s ago on another host, its heartbeat ``beat_ago`` s ago."""
+    lease = paths.versions / READERS_DIR / f"{version.name}--node-17-4242-test.json"
+    lease.parent.mkdir(exist_ok=True)
+    content = {"version": version.name, "host": "node-17", "pid": 4242, "pid_start": 1.0}
+    lease.write_text(json.dumps({**content, "time": time.time() - taken_ago}))
+    os.utime(lease, (time.time() - beat_ago, time.time() - beat_ago))
+    return lease
+
+
+def test_prune_honours_a_lease_while_its_heartbeat_is_fresh(paths: CachePaths) -> None:
+    """Leases of another host count by their heartbeat, not a fixed 24 hours: one taken a day
+    ago whose reader still refreshes it keeps its version (before: pruned after 24 h); one
+    taken an hour ago whose heartbeat stopped ten minutes ago does not (before: kept a day)."""
+    v1, v2, v3, v4 = (_complete(paths, n) for n in (1, 2, 3, 4))
+    publish(paths, v1, keep_versions=1)
+    live = _other_hosts_lease(paths, v1, taken_ago=25 * 3600, beat_ago=5)
+    publish(paths, v2, keep_versions=1)
+    assert v1.is_dir() and live.exists(), "a reader that still beats lost its version"
+    stopped = _other_hosts_lease(paths, v2, taken_ago=3600, beat_ago=600)
+    publish(paths, v3, keep_versions=1)
+    assert v1.is_dir() and not v2.exists() and not stopped.exists()
+    # The same lease once its heartbeat stops: v1 goes at the next prune.
+    old = time.time() - 600
+    os.utime(live, (old, old))
+    publish(paths, v4, keep_versions=1)
+    assert not v1.exists() and not live.exists()
+
+
+def test_a_local_lease_needs_its_process_and_its_heartbeat(paths: CachePaths) -> None:
+    """A lease of this host counts while its process runs and its heartbeat is fresh."""
+    v1, v2 = _complete(paths, 1), _complete(paths, 2)
+    publish(paths, v1, keep_versions=1)
+    me = psutil.Process()
+    lease = _lease(paths, v1, me.pid, me.create_time())
+    old = time.time() - 600
+    os.utime(lease, (old, old))  # this process runs, but nothing refreshes the lease
+    publish(paths, v2, keep_versions=1)
+    assert not v1.exists() and not lease.exists()
+
+
 def test_prune_keeps_versions_a_live_reader_leased(paths: CachePaths) -> None:
     v1, v2, v3 = (_complete(paths, n) for n in (1, 2, 3))
     publish(paths, v1, keep_versions=1)

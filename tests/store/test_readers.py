@@ -142,3 +142,29 @@ def test_lease_lasts_while_anything_read_from_the_dataset_is_alive(
     ds = open_cache(store)
     assert ds["t2m"].load().notnull().all()
     assert readers.is_file()
+
+
+def test_an_open_reader_refreshes_its_lease(
+    two_sources: tuple[list[Path], list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread of the reader's process refreshes its lease's modification time (the heartbeat
+    prune reads) while the dataset is open, and stops refreshing it once it is closed."""
+    import os
+    import time
+
+    from zarr_parallel.store import readers
+
+    store = tmp_path / "c.zarr"
+    _run(two_sources[0], store)
+    monkeypatch.setattr(readers, "LEASE_HEARTBEAT_SECONDS", 0.05)
+    ds = open_cache(store)
+    (lease,) = _leases(store)
+    old = time.time() - 3600
+    os.utime(lease, (old, old))
+    deadline = time.time() + 30
+    while lease.stat().st_mtime < time.time() - 60:
+        assert time.time() < deadline, "the lease was never refreshed"
+        time.sleep(0.02)
+    assert readers.live_lease(lease) == store.resolve().name
+    ds.close()
+    assert _leases(store) == [] and readers.refresh_leases() == 0

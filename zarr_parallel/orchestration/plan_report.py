@@ -1,6 +1,9 @@
 """Showing a plan: the SLURM job script a run would submit, the plan view of the ``plan``
 command and of ``ZarrParallelAssembler.plan()``, and the plan picture in the Prefect UI.
 
+Prefect and dask-jobqueue are imported where they are used (the SLURM script, the artifact): the
+``plan`` command and ``.plan()`` of a local mode import neither (seconds at start-up).
+
 No chunk arithmetic here: the view and the picture come from :mod:`zarr_parallel.run.plan_view`
 and :mod:`zarr_parallel.planning.picture`; the job script from dask-jobqueue's ``SLURMJob``
 with the options the SLURM runner gives ``SLURMCluster``
@@ -17,14 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dask_jobqueue.core import Job
-from dask_jobqueue.slurm import SLURMJob
-from prefect.artifacts import create_markdown_artifact
-
 from zarr_parallel.errors import RecommendationsPending
-from zarr_parallel.orchestration.runners import current_api_url, worker_sizing
-from zarr_parallel.orchestration.slurm import log_directory, slurm_cluster_kwargs
-from zarr_parallel.orchestration.tasks import artifact_key
 from zarr_parallel.planning.picture_svg import picture_svg
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.plan_view import PlanView, first_picture, view_plan
@@ -38,6 +34,9 @@ SCHEDULER_PLACEHOLDER = "tcp://SCHEDULER-ADDRESS:PORT"
 
 def _job_parameters() -> set[str]:
     """The keyword arguments a dask-jobqueue SLURM job takes (the cluster's own are dropped)."""
+    from dask_jobqueue.core import Job
+    from dask_jobqueue.slurm import SLURMJob
+
     names: set[str] = set()
     for cls in (SLURMJob, Job):
         names |= set(inspect.signature(cls.__init__).parameters)
@@ -51,6 +50,12 @@ def slurm_job_script(prepared: Prepared) -> str:
     ``SLURMCluster`` (memory from the plan's largest job, walltime from ``worker_timeout``);
     only the scheduler's address is a placeholder, known once the cluster starts.
     """
+    from dask_jobqueue.slurm import SLURMJob
+
+    # Deferred: the runners and the SLURM options import Prefect and distributed.
+    from zarr_parallel.orchestration.runners import current_api_url, worker_sizing
+    from zarr_parallel.orchestration.slurm import log_directory, slurm_cluster_kwargs
+
     req = prepared.request
     jobs = len(prepared.todo) or len(prepared.plan.jobs)
     sizing = worker_sizing(req, prepared.plan.max_job_memory, jobs)
@@ -105,6 +110,11 @@ def publish_plan_picture(prepared: Prepared) -> str | None:
     except Exception as e:  # a view must not fail the run it shows
         logger.warning("no plan picture: %s", e)
         return None
+    from prefect.artifacts import create_markdown_artifact
+
+    # Deferred: the task module imports Prefect (a flow run has it already).
+    from zarr_parallel.orchestration.tasks import artifact_key
+
     key = artifact_key("zp-plan-picture", prepared)
     create_markdown_artifact(markdown, key=key, description="Plan picture")
     return key

@@ -25,6 +25,7 @@ from zarr_parallel.planning.sizing import (
     worker_overhead,
 )
 from zarr_parallel.request.model import CacheRequest
+from zarr_parallel.run.policy import POLICED_ENV, POLICY_ENV
 from zarr_parallel.run.steps import worker_count
 from zarr_parallel.units import format_duration, parse_duration
 
@@ -96,6 +97,7 @@ def worker_environment(req: CacheRequest, api_url: str | None, cores: int) -> di
     ``cores`` becomes ``ZARR_PARALLEL_THREADS``: workers sharing a node each get their share,
     so that their readers and encoders do not start a thread per core of the whole node. A
     ``ZARR_PARALLEL_THREADS`` set in the flow's environment wins (the user knows the nodes).
+    In a policed (deployment) run, the policed state and the policy file's path go along.
     """
     env = {
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
@@ -104,6 +106,13 @@ def worker_environment(req: CacheRequest, api_url: str | None, cores: int) -> di
     }
     if api_url:
         env["PREFECT_API_URL"] = api_url
+    if os.environ.get(POLICED_ENV):
+        # A deployment run's workers check kerchunk references again, against the same policy
+        # file (zarr_parallel.run.policy). Said here, not left to inheritance: a site's sbatch
+        # may not pass the submitter's environment on (--export=NONE).
+        for name in (POLICED_ENV, POLICY_ENV):
+            if os.environ.get(name):
+                env[name] = os.environ[name]
     return env
 
 

@@ -15,7 +15,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run as current_task_run
 
-from zarr_parallel.errors import RecommendationsPending, SourceChanged
+from zarr_parallel.errors import LockLost, RecommendationsPending, SourceChanged
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.planning.jobs import Job, read_jobs
 from zarr_parallel.request.model import CacheRequest
@@ -58,19 +58,26 @@ def initialise_task(prepared: Prepared) -> None:
 
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect retry condition: a job that outgrew its memory would only do so again, a source
-    that changed stays changed, and a closing worker retries nothing (the flow gives the task
-    to another worker)."""
+    that changed stays changed, a run that lost its lock stays without it, and a closing worker
+    retries nothing (the flow gives the task to another worker)."""
     return (
-        not isinstance(state.data, JobMemoryExceeded | WorkerClosing | SourceChanged)
+        not isinstance(state.data, JobMemoryExceeded | WorkerClosing | SourceChanged | LockLost)
         and not closing()
     )
 
 
 @task(name="write", cache_policy=NO_CACHE, retry_condition_fn=_worth_retrying)
 def write_task(
-    request_json: str, version: str, job_ids: list[int], generate_stats: bool = False
+    request_json: str,
+    version: str,
+    job_ids: list[int],
+    generate_stats: bool = False,
+    fence: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run a group of write jobs, each in this worker's job process under ``worker_timeout``.
+
+    ``fence`` is the token the flow holds the cache's lock with: every job checks, before it
+    records, that the lock still holds it (a run whose lock was broken records nothing).
 
     Each job is recorded in the manifest as it finishes; a retry of the group skips the jobs
     already recorded. A job that passes its deadline has its process killed (not merely
@@ -105,7 +112,7 @@ def write_task(
         try:
             if req.deploy_mode == "series":
                 # In the flow process, as series mode promises (and a debugger can follow it).
-                record = run_job(request_json, version, job_id, generate_stats)
+                record = run_job(request_json, version, job_id, generate_stats, fence)
             else:
                 record = run_job_isolated(
                     request_json,
@@ -116,6 +123,7 @@ def write_task(
                     memory_limit=limit,
                     describe=describe,
                     log_level=req.log_level,
+                    fence=fence,
                 )
         except Exception as e:
             # The message becomes the task's state message, stored by the Prefect API and shown

@@ -35,7 +35,7 @@ from prefect.client.orchestration import get_client
 from prefect.futures import PrefectFuture
 from prefect.states import Crashed
 
-from zarr_parallel.errors import RunFailed, SourceChanged
+from zarr_parallel.errors import LockLost, RunFailed, SourceChanged
 from zarr_parallel.orchestration.cluster import ClusterHandle, active_cluster
 from zarr_parallel.orchestration.progress import watch_jobs
 from zarr_parallel.orchestration.tasks import (
@@ -51,6 +51,7 @@ from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.phases import enter_phase
 from zarr_parallel.run.stages import stage_request, stage_todo
 from zarr_parallel.run.steps import Prepared
+from zarr_parallel.store.lock import held_token
 from zarr_parallel.store.manifest import plan_record, recorded_jobs
 
 #: Most write task runs per flow run: submitting a task costs ~0.1 s on a DaskTaskRunner.
@@ -97,6 +98,7 @@ class _WriteTasks:
     handle: ClusterHandle | None
     progress: UUID
     logger: Any
+    fence: str | None = None
     running: dict[int, _Submission] = field(default_factory=dict)
     done_q: queue.Queue[tuple[int, PrefectFuture[Any]]] = field(default_factory=queue.Queue)
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -115,7 +117,11 @@ class _WriteTasks:
             retries=max(0, self.req.retries - attempts_before), retry_delay_seconds=1
         )
         future = task.submit(
-            self.request_json, self.version, self.groups[index], self.req.generate_stats
+            self.request_json,
+            self.version,
+            self.groups[index],
+            self.req.generate_stats,
+            self.fence,
         )
         self.running[index] = _Submission(future, attempts_before, time.monotonic())
 
@@ -215,6 +221,7 @@ def write_flow(
     version: str,
     groups: list[list[int]],
     cluster_address: str | None = None,
+    fence: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run the write tasks of one version and gather the per-job results.
 
@@ -228,6 +235,8 @@ def write_flow(
         Job ids per write task.
     cluster_address
         Scheduler of the run's cluster (None in series mode), watched while waiting.
+    fence
+        The token the flow holds the cache's lock with; every job checks it before recording.
     """
     req = CacheRequest.model_validate_json(request_json)
     plan = plan_record(Path(version)) or {}
@@ -248,6 +257,7 @@ def write_flow(
         active_cluster(cluster_address),
         progress,
         get_run_logger(),
+        fence,
     )
     tasks.run()
     results, failures = _settle(Path(version), plan, tasks.results, tasks.failed)
@@ -270,6 +280,8 @@ def write_stages(
     logger = get_run_logger()
     plan = prepared.plan
     total = len(plan.stages) + 1
+    # The flow holds the lock: its token travels with every job (docs/reliability.md, fencing).
+    fence = held_token(prepared.paths.lock)
     for n, stage in enumerate(plan.stages, start=1):
         todo = stage_todo(plan, prepared.intermediates, n)
         enter_phase("data", stage=(n, total))
@@ -283,6 +295,7 @@ def write_stages(
                     prepared.intermediates[n - 1],
                     group_jobs(todo),
                     cluster_address,
+                    fence,
                 )
     if plan.stages:
         enter_phase("data", stage=(total, total))
@@ -291,7 +304,11 @@ def write_stages(
         enter_phase("data")
     with watch_jobs(prepared.version, prepared.todo):
         results: list[dict[str, Any]] = write_flow.with_options(task_runner=runner)(
-            prepared.request_json, str(prepared.version), group_jobs(prepared.todo), cluster_address
+            prepared.request_json,
+            str(prepared.version),
+            group_jobs(prepared.todo),
+            cluster_address,
+            fence,
         )
     return results
 
@@ -299,7 +316,12 @@ def write_stages(
 def _raise_failed(
     failures: list[dict[str, Any]], finished: int, total: int, errors: list[BaseException | None]
 ) -> None:
-    """Raise the run's failure: the source change if a job saw one, else the failed jobs."""
+    """Raise the run's failure: a lost lock or a source change if a job saw one, else the
+    failed jobs."""
+    lost = [e for e in errors if isinstance(e, LockLost)]
+    if lost:
+        # Resuming is for the run that holds the lock now, not for this one.
+        raise LockLost(str(lost[0]), failures)
     changed = [e for e in errors if isinstance(e, SourceChanged)]
     if changed:
         # Resuming would not help: the next run plans the changed source afresh.

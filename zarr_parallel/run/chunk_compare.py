@@ -17,6 +17,7 @@ import xarray as xr
 from zarr_parallel.planning.jobs import Job
 from zarr_parallel.run.verify_report import Problem, ProblemList, Region
 from zarr_parallel.sources.target import Target
+from zarr_parallel.store.zarr_io import array_checksum
 
 
 def coords_region(
@@ -91,7 +92,7 @@ def compare_region(
         return 1
     want_var = target.dataset[name]
     want = np.asarray(target.clean(want_var.isel(sel).to_dataset())[name].values)
-    if checksum is not None and f"{zlib.crc32(np.ascontiguousarray(got).data):08x}" != checksum:
+    if checksum is not None and array_checksum(got) != checksum:
         out.add(
             Problem(
                 "checksum", "differs from the CRC32 its job recorded when it wrote it", name, region

@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +20,6 @@ from typing import Any
 import dask
 import numpy as np
 import psutil
-import xarray as xr
 
 from zarr_parallel.planning.jobs import read_jobs
 from zarr_parallel.planning.memory import fast_slab_bounds
@@ -40,7 +39,6 @@ from zarr_parallel.sources.target import (
     source_state,
 )
 from zarr_parallel.store.chunks import sync_region
-from zarr_parallel.store.disk_names import quiet_manifest
 from zarr_parallel.store.intermediate import copy_region
 from zarr_parallel.store.manifest import plan_record, record_job
 from zarr_parallel.store.zarr_io import array_checksum, crc32, write_region, write_values
@@ -188,10 +186,17 @@ def check_job_source(
         raise
     sources = [target.sources.get(name) for name in variables]
     names = None if None in sources else [str(s) for s in sources]
-    # Only a kerchunk job needs the references (which files its variables point at).
-    refs = cached_source(req).refs if planned.get("engine") == "kerchunk" else None
-    check_job_sources(req, planned, refs, names, _concat_range(target, variables, slices))
+    # Only a kerchunk job needs the references (which files its variables point at), and only
+    # a store's or a reference's chunk keys say which source chunks a job reads.
+    engine = planned.get("engine")
+    refs = cached_source(req).refs if engine == "kerchunk" else None
+    ranges = target.source_chunk_ranges(variables, slices) if engine in CHUNKED else None
+    check_job_sources(req, planned, refs, names, _concat_range(target, variables, slices), ranges)
     return target
+
+
+#: Engines whose identity entries are per chunk file (kerchunk references, remote Zarr samples).
+CHUNKED = ("kerchunk", "zarr")
 
 
 def _concat_range(
@@ -219,9 +224,16 @@ def _concat_range(
 
 
 def run_job(
-    request_json: str, version: str, job_id: int, generate_stats: bool = False
+    request_json: str,
+    version: str,
+    job_id: int,
+    generate_stats: bool = False,
+    fence: str | None = None,
 ) -> dict[str, Any]:
     """Write job ``job_id`` of the plan stored in ``version`` and record it.
+
+    ``fence`` is the token the job's run holds the cache's lock with: the record is written
+    only while the lock file still holds it (see :func:`zarr_parallel.store.manifest.record_job`).
 
     Returns the job's record: id, region, fingerprint, bytes, checksums, duration, peak memory
     (and per-variable statistics when asked).
@@ -246,12 +258,20 @@ def run_job(
             sel = {d: s for d, s in slices.items() if d in var.dims}
             if copy_from is not None:
                 # A later stage of a staged plan: the region as stored in the intermediate
-                # before it (into the next intermediate, or the version).
-                written += copy_region(
-                    Path(copy_from), Path(version), name, [str(d) for d in var.dims], sel
+                # before it (into the next intermediate, or the version), with the checksum and
+                # statistics of its decoded values (no second read).
+                parts: list[dict[str, float]] = []
+                nbytes, checksums[name] = copy_region(
+                    Path(copy_from),
+                    Path(version),
+                    name,
+                    [str(d) for d in var.dims],
+                    sel,
+                    _stats_into(parts) if generate_stats else None,
                 )
+                written += nbytes
                 if generate_stats:
-                    stats[name] = _stats(_decoded_region(copy_from, name, sel))
+                    stats[name] = _merge_parts(parts)
                 release_freed_memory()
                 continue
             copied = _copy_fast(request_json, target, version, name, sel, generate_stats, fast)
@@ -298,7 +318,7 @@ def run_job(
     }
     if generate_stats:
         record["stats"] = stats
-    record_job(Path(version), record)
+    record_job(Path(version), record, fence)
     return record
 
 
@@ -311,12 +331,6 @@ def _copy_source(version: str) -> str | None:
     """
     folders = (plan_record(Path(version)) or {}).get("intermediates") or []
     return str(folders[-1]) if folders else None
-
-
-def _decoded_region(store: str, name: str, sel: dict[str, slice]) -> np.ndarray:
-    """A region of an intermediate store as xarray decodes it (statistics of a copy job)."""
-    with quiet_manifest(), xr.open_zarr(store, consolidated=False, chunks=None) as ds:
-        return np.asarray(ds[name].isel(sel).values)
 
 
 FAST_READ_ENV = fastread.FAST_READ_ENV
@@ -412,6 +426,15 @@ def slab_slices(region: slice, chunk: int) -> list[slice]:
     """The slabs of ``region`` along one dimension (see ``FAST_SLABS``)."""
     bounds = fast_slab_bounds(int(region.start), int(region.stop), int(chunk))
     return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+def _stats_into(parts: list[dict[str, float]]) -> Callable[[np.ndarray], None]:
+    """A callback adding the statistics of each piece it is given to ``parts``."""
+
+    def add(piece: np.ndarray) -> None:
+        parts.append(_stats(piece))
+
+    return add
 
 
 def _merge_parts(parts: list[dict[str, float]]) -> dict[str, float]:

@@ -381,14 +381,19 @@ def run_job_isolated(
     memory_limit: int | None = None,
     describe: str = "",
     log_level: int = 0,
+    fence: str | None = None,
 ) -> dict[str, Any]:
-    """Run :func:`zarr_parallel.run.job.run_job` in this process's job process, with a deadline."""
+    """Run :func:`zarr_parallel.run.job.run_job` in this process's job process, with a deadline.
+
+    ``fence`` is the run's lock token, which the job checks before it records.
+    """
     job = {
         "request_json": request_json,
         "version": version,
         "job_id": job_id,
         "generate_stats": generate_stats,
         "log_level": log_level,
+        "fence": fence,
     }
     with job_process() as proc:
         return proc.run(job, timeout, memory_limit, describe)

@@ -24,6 +24,7 @@ from zarr_parallel.planning.plan import Plan
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.picture_files import write_picture
 from zarr_parallel.run.recommend import Recommendation
+from zarr_parallel.run.stages import strategy_lines
 from zarr_parallel.run.steps import Prepared, plan_inputs, prepare, worker_note
 from zarr_parallel.sources.target import cached_target
 from zarr_parallel.units import format_bytes
@@ -100,7 +101,7 @@ class PlanView:
         ]
         if s["deploy_mode_reason"]:
             rows.append(("deploy mode", f"{s['deploy_mode']} (auto: {s['deploy_mode_reason']})"))
-        rows += strategy_rows(s)
+        rows += strategy_lines(self.plan)  # as the run's artifact says it
         rows += [("note", n) for n in [*s["notes"], s["workers_note"]] if n]
         if self.prepared.applied is not None:
             rows.append(("applied", self.prepared.applied.sentence))
@@ -161,29 +162,6 @@ class PlanView:
             f"<div class='zarr-parallel-plan'><b>zarr-parallel plan</b><table>{rows}</table>"
             f"<div>{picture}</div>{script}</div>"
         )
-
-
-def strategy_rows(s: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The strategy, its reason and its stages, when the planner reports them (else none).
-
-    >>> strategy_rows({"strategy": "staged", "stages": [{"jobs": 4, "read_bytes": 2 * 10**6}]})
-    [('strategy', 'staged'), ('stage 1', 'jobs 4, read_bytes 2.00 MB')]
-    >>> strategy_rows({})
-    []
-    """
-    rows: list[tuple[str, str]] = []
-    if s.get("strategy"):
-        reason = f" ({s['strategy_reason']})" if s.get("strategy_reason") else ""
-        rows.append(("strategy", f"{s['strategy']}{reason}"))
-    for i, stage in enumerate(s.get("stages") or []):
-        items = stage.items() if isinstance(stage, dict) else []
-        parts = [f"{k} {_figure(k, v)}" for k, v in items]
-        rows.append((f"stage {i + 1}", ", ".join(parts) or str(stage)))
-    return rows
-
-
-def _figure(key: str, value: Any) -> str:
-    return format_bytes(value) if key.endswith("bytes") and isinstance(value, int) else str(value)
 
 
 def view_plan(req: CacheRequest) -> PlanView:

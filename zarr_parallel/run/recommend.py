@@ -40,10 +40,13 @@ class Recommendation:
     keeps_region: bool = True
     magnitude: int = 0
     jobs: int = field(default=0)
+    #: The changed request's modelled bytes through storage (planning.strategy.plan_cost), when
+    #: the recommendation is made for them (a cheaper target chunk shape); 0 otherwise.
+    modelled_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """JSON form for artifacts and the CLI."""
-        return {
+        out = {
             "changes": self.changes,
             "read_amplification": round(self.read_amplification, 4),
             "job_memory_bytes": self.job_memory_bytes,
@@ -51,6 +54,9 @@ class Recommendation:
             "keeps_region": self.keeps_region,
             "sentence": self.sentence,
         }
+        if self.modelled_bytes:
+            out["modelled_bytes"] = self.modelled_bytes
+        return out
 
     def request_yaml(self) -> str:
         """The changes as the YAML lines a user pastes into the request file (block style)."""
@@ -125,7 +131,7 @@ def recommendations_text(plan: Plan, recs: Sequence[Recommendation]) -> str:
     Each recommendation shows its figures, the YAML to put in the request and the ``--set``
     options for the command line.
     """
-    lines = [halt_reason(plan)]
+    lines = [lead_sentence(plan)]
     if recs:
         lines.append("Recommendations, best first:")
         for i, r in enumerate(recs):
@@ -135,13 +141,13 @@ def recommendations_text(plan: Plan, recs: Sequence[Recommendation]) -> str:
             lines.append(f"     on the command line: {r.set_options()}")
     else:
         lines.append("No aligned alternative was found.")
-    lines.append(DECIDE)
+    lines.append(decide_sentence(plan))
     return "\n".join(lines)
 
 
 def recommendations_markdown(plan: Plan, recs: Sequence[Recommendation]) -> str:
     """:func:`recommendations_text` as Markdown (the Prefect UI's recommendations artifact)."""
-    parts = [halt_reason(plan)]
+    parts = [lead_sentence(plan)]
     if not recs:
         parts.append("No aligned alternative was found.")
     for i, r in enumerate(recs):
@@ -149,7 +155,7 @@ def recommendations_markdown(plan: Plan, recs: Sequence[Recommendation]) -> str:
             f"### {i + 1}. {r.sentence}\n\nIn the request file:\n\n```yaml\n{r.request_yaml()}```"
             f"\n\nOn the command line:\n\n```\n{r.set_options()}\n```"
         )
-    parts.append(DECIDE)
+    parts.append(decide_sentence(plan))
     return "\n\n".join(parts)
 
 
@@ -167,17 +173,54 @@ DECIDE = (
     "Apply one (recommend_changes='apply' takes the first), change the request, or run as "
     "asked with recommend_changes='proceed'."
 )
+#: What the user can do about suggestions beside a plan that does not halt.
+SUGGESTED = (
+    "The run goes on as asked (recommend_changes acts only on plans that re-read the source); "
+    "to take one, change the request as shown."
+)
+
+
+def halts_on_recommendations(plan: Plan) -> bool:
+    """Whether ``plan`` halts a ``recommend_changes='halt'`` run: it re-reads source chunks.
+
+    A staged plan reads each source chunk once, so it does not halt by itself (docs/design.md
+    §2b); recommendations beside it (a cheaper target chunk shape) are listed only.
+    """
+    return plan.read_amplification > 1.0 + 1e-9
+
+
+def lead_sentence(plan: Plan) -> str:
+    """The first sentence above recommendations: why the run halts, or that it does not."""
+    if halts_on_recommendations(plan):
+        return halt_reason(plan)
+    return (
+        f"The plan reads each source chunk once ({plan.strategy}); a different target chunk "
+        "shape makes a clearly cheaper plan by the planner's cost model (bytes through storage)."
+    )
+
+
+def decide_sentence(plan: Plan) -> str:
+    """The last sentence below recommendations: what the user can do."""
+    return DECIDE if halts_on_recommendations(plan) else SUGGESTED
 
 
 Replanner = Callable[[CacheRequest], tuple[Target, Plan]]
 
 
 def recommend(
-    req: CacheRequest, source: Source, target: Target, plan: Plan, replan: Replanner
+    req: CacheRequest,
+    source: Source,
+    target: Target,
+    plan: Plan,
+    replan: Replanner,
+    extra: Sequence[Recommendation] = (),
 ) -> list[Recommendation]:
     """Alternatives to ``req`` with lower read amplification, best first.
 
     Best = lowest read amplification, then keeping the requested region, then least change.
+    ``extra`` are recommendations made elsewhere (a cheaper target chunk shape,
+    :mod:`zarr_parallel.run.chunk_advice`), ranked with these; a change found both ways is
+    listed once.
     """
     candidates: list[Candidate] = []
     candidates += _selection_candidates(req, source, target)
@@ -186,7 +229,7 @@ def recommend(
     out: list[Recommendation] = []
     seen: set[str] = set()
     for changes, sentence, keeps, magnitude in candidates:
-        key = repr(sorted(changes.items(), key=lambda kv: kv[0]))
+        key = _key(changes)
         if key in seen:
             continue
         seen.add(key)
@@ -212,8 +255,15 @@ def recommend(
                 len(alt.jobs),
             )
         )
+    listed = {_key(r.changes) for r in out}
+    out += [r for r in extra if _key(r.changes) not in listed]
     out.sort(key=lambda r: (round(r.read_amplification, 4), not r.keeps_region, r.magnitude))
     return out
+
+
+def _key(changes: Mapping[str, Any]) -> str:
+    """One key per change, whatever the order of its fields."""
+    return repr(sorted(changes.items(), key=lambda kv: kv[0]))
 
 
 def _selection_candidates(req: CacheRequest, source: Source, target: Target) -> list[Candidate]:

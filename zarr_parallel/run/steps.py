@@ -30,8 +30,14 @@ from zarr_parallel.planning.strategy import choose_plan
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.secrets import redact
 from zarr_parallel.run.auto_mode import resolve_deploy_mode
+from zarr_parallel.run.chunk_advice import shape_recommendations
 from zarr_parallel.run.preflight import run_preflight
-from zarr_parallel.run.recommend import Recommendation, recommend, recommendations_text
+from zarr_parallel.run.recommend import (
+    Recommendation,
+    halts_on_recommendations,
+    recommend,
+    recommendations_text,
+)
 from zarr_parallel.run.stages import initialise_stages
 from zarr_parallel.sources.fastread import mark_fast
 from zarr_parallel.sources.target import (
@@ -213,15 +219,28 @@ def prepare(req: CacheRequest, check_location: bool = True) -> Prepared:
     target, plan = make_plan(req)
     recs: list[Recommendation] = []
     applied: Recommendation | None = None
-    if plan.read_amplification > 1.0 + 1e-9 and req.recommend_changes != "proceed":
-        recs = recommend(req, source, target, plan, make_plan)
-        if req.recommend_changes == "halt":
-            raise RecommendationsPending(plan, recs, recommendations_message(plan, recs))
-        if recs:
-            applied = recs[0]
-            req = req.model_copy(update=applied.changes)
-            target, plan = make_plan(req)
-            logger.info("applied recommendation: %s", applied.sentence)
+    halts = halts_on_recommendations(plan)
+    if (halts or plan.stages) and req.recommend_changes != "proceed":
+        # A plan that re-reads the source, or writes and reads an intermediate store, may have
+        # a cheaper target chunk shape (run.chunk_advice).
+        shapes = shape_recommendations(
+            req, target, plan_inputs(target, req), limits_for(req), plan, make_plan
+        )
+        if not halts:
+            # Listed beside the plan, never halting or applied: it reads each source chunk
+            # once as asked (docs/design.md §2b).
+            recs = shapes
+            if recs:
+                logger.info("a cheaper target chunk shape: %s", recs[0].sentence)
+        else:
+            recs = recommend(req, source, target, plan, make_plan, shapes)
+            if req.recommend_changes == "halt":
+                raise RecommendationsPending(plan, recs, recommendations_message(plan, recs))
+            if recs:
+                applied = recs[0]
+                req = req.model_copy(update=applied.changes)
+                target, plan = make_plan(req)
+                logger.info("applied recommendation: %s", applied.sentence)
     layout = source.layout.to_json()
     prepared = Prepared(req, paths, plan, paths.final, "fresh", [], recs, applied, layout)
     if choice is not None:

@@ -214,6 +214,9 @@ def _check_version(
                 picked = sample_regions(dims, shape, grid, sampling.chunks, sampling.seed, name)
                 blocks = ((r, None) for r in picked)
             for region, checksum in blocks:
+                if by_job:
+                    report.checksums_compared += checksum is not None
+                    report.checksums_missing += checksum is None
                 report.chunks_compared += compare_region(
                     cache, target, name, region, checksum, (dims, grid), out
                 )

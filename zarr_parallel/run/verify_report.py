@@ -59,6 +59,10 @@ class VerifyReport:
     chunk_files_present: int = 0
     chunks_compared: int = 0
     chunks_total: int = 0
+    #: Job regions (per variable) compared with the CRC32 their job recorded, and those whose
+    #: job recorded none (full mode, when the jobs are those of this content).
+    checksums_compared: int = 0
+    checksums_missing: int = 0
     seed: int = 0
     seconds: float = 0.0
     omitted: int = 0
@@ -89,8 +93,14 @@ class VerifyReport:
             f"  manifest  {self.jobs_recorded} of {self.jobs} jobs recorded",
             f"  chunks    {self.chunk_files_present} of {self.chunk_files} chunk files present",
             f"  values    {sampled}",
-            f"  time      {self.seconds:.1f} s",
         ]
+        if self.checksums_compared or self.checksums_missing:
+            missing = f", {self.checksums_missing} without one" if self.checksums_missing else ""
+            lines.append(
+                f"  checksums {self.checksums_compared} job regions compared with the CRC32 "
+                f"their jobs recorded{missing}"
+            )
+        lines.append(f"  time      {self.seconds:.1f} s")
         if self.ok:
             lines.append("  result    OK")
         else:

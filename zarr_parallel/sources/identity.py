@@ -17,7 +17,9 @@ Entries, by what they name:
     even when the store's metadata is untouched.
 ``url``
     A remote file: what ``fsspec``'s ``info`` gives that identifies a version (size, ETag,
-    Content-MD5, Last-Modified, S3 VersionId...), one HEAD request.
+    Content-MD5, Last-Modified, S3 VersionId...), one HEAD request. Also each remote file a
+    kerchunk reference points at, and a remote Zarr store's array metadata documents and a
+    sample of its chunk files (:mod:`zarr_parallel.sources.remote_identity`).
 
 A new file matching a glob is not a change: entries are the files the run planned. A file that
 grows is one (its size differs).
@@ -40,23 +42,16 @@ from zarr_parallel.request.protocols import is_remote
 from zarr_parallel.sources.layout import group_files
 from zarr_parallel.sources.references import referenced_urls, refs_only
 from zarr_parallel.sources.remote import fsspec_options_for
+from zarr_parallel.sources.remote_identity import (
+    chunk_index,
+    read_remote_json,
+    url_state,
+    url_states,
+    within,
+    zarr_array_entries,
+)
 
 logger = logging.getLogger(__name__)
-
-#: Keys of ``fsspec`` ``info()`` that identify a remote file's version.
-_REMOTE_KEYS = (
-    "size",
-    "ETag",
-    "etag",
-    "Content-MD5",
-    "Digest",
-    "Last-Modified",
-    "LastModified",
-    "VersionId",
-    "version_id",
-    "generation",
-    "mtime",
-)
 
 #: Entry fields that say nothing about the content, only where it was seen from.
 _HOST_ONLY = ("ino",)
@@ -101,18 +96,6 @@ def _listing(folder: str, prefix: str) -> Iterator[tuple[str, int, int]]:
                 continue
 
 
-def url_state(url: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """A remote file's entry from ``fsspec`` ``info`` (one request)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **options)
-    try:
-        info = fs.info(path)
-    except FileNotFoundError:
-        return {"kind": "url", "missing": True}
-    return {"kind": "url", **{k: str(info[k]) for k in _REMOTE_KEYS if info.get(k) is not None}}
-
-
 def new_identity(entries: Mapping[str, Mapping[str, Any]]) -> Identity:
     """An identity: its entries and the host that recorded them."""
     return {"host": socket.gethostname(), "entries": {k: dict(v) for k, v in entries.items()}}
@@ -154,9 +137,14 @@ def describe_change(planned: Mapping[str, Any], now: Mapping[str, Any], same_hos
 
 
 def check_identity(
-    identity: Mapping[str, Any] | None, names: Iterable[str] | None, remote: StateOf
+    identity: Mapping[str, Any] | None,
+    names: Iterable[str] | None,
+    remote: StateOf,
+    threads: int = 1,
 ) -> int:
     """Check that the entries ``names`` (all when None) are as ``identity`` recorded them.
+
+    Remote entries are measured up to ``threads`` at once.
 
     Returns the number of entries checked.
 
@@ -169,12 +157,17 @@ def check_identity(
         return 0  # a plan made before identities were recorded
     entries: Mapping[str, Mapping[str, Any]] = identity.get("entries") or {}
     same_host = identity.get("host") == socket.gethostname()
+    todo = list(entries if names is None else names)
+    # Remote entries are asked for together (one request each, many in flight).
+    urls = [n for n in todo if (entries.get(n) or {}).get("kind") == "url"]
+    fetched = url_states(urls, lambda url: remote(url, entries[url]), threads)
     count = 0
-    for name in entries if names is None else names:
+    for name in todo:
         planned = entries.get(name)
         if planned is None:
             raise SourceChanged(name, "it was not part of the source when the run planned it")
-        change = describe_change(planned, current_state(name, planned, remote), same_host)
+        now = fetched[name] if name in fetched else current_state(name, planned, remote)
+        change = describe_change(planned, now, same_host)
         if change:
             raise SourceChanged(name, change)
         count += 1
@@ -190,21 +183,35 @@ _ZARR_ROOT_DOCS = ("zarr.json", ".zgroup", ".zattrs", ".zmetadata")
 
 
 def record_identity(
-    engine: str, files: Sequence[str], refs: Mapping[str, Any], req: CacheRequest
+    engine: str,
+    files: Sequence[str],
+    refs: Mapping[str, Any],
+    req: CacheRequest,
+    arrays: Sequence[str] = (),
 ) -> Identity:
-    """Each source entry as it is now (see :mod:`zarr_parallel.sources.identity`)."""
+    """Each source entry as it is now (see :mod:`zarr_parallel.sources.identity`).
+
+    ``arrays`` names the variables of a Zarr store (a remote store gets an entry per array).
+    """
     entries: dict[str, dict[str, Any]] = {}
     if engine == "kerchunk":
         ref = files[0]
         # A remote reference by its version headers (a HEAD per check, not the whole JSON;
         # its content is in the layout digest already).
         entries[ref] = _entry_state(ref, req)
-        for url in referenced_urls(refs):
-            # Files a reference points at on this machine; remote ones only through the
-            # reference itself (a request per referenced file and job would cost too much).
+        urls = referenced_urls(refs)
+        for url in urls:
             if not is_remote(url):
                 path = url.removeprefix("file://")
                 entries[path] = file_state(path)
+        # Remote files it points at: one info request each, many in flight. Jobs check the
+        # files holding the chunks they read (see job_entries).
+        remote = [u for u in urls if is_remote(u)]
+        entries.update(
+            url_states(
+                remote, lambda u: url_state(u, fsspec_options_for(u, req)), req.remote_concurrency
+            )
+        )
     elif engine == "zarr" and not is_remote(files[0]):
         store = files[0]
         for doc in _ZARR_ROOT_DOCS:
@@ -215,8 +222,8 @@ def record_identity(
                 if entry.is_dir():
                     entries[entry.path] = zarr_array_state(entry.path)
     elif engine == "zarr":
-        # A remote store: its root metadata documents (listing every chunk would cost a
-        # request per chunk prefix).
+        # A remote store: its root metadata documents, and per array its documents and a
+        # sample of chunk files (listing every chunk would cost a request per chunk prefix).
         for doc in _ZARR_ROOT_DOCS:
             url = f"{files[0].rstrip('/')}/{doc}"
             try:
@@ -225,6 +232,15 @@ def record_identity(
                 continue
             if not state.get("missing"):
                 entries[url] = state
+        entries.update(
+            zarr_array_entries(
+                files[0],
+                sorted(arrays),
+                lambda u: url_state(u, fsspec_options_for(u, req)),
+                lambda u: read_remote_json(u, fsspec_options_for(u, req)),
+                req.remote_concurrency,
+            )
+        )
     else:
         for f in files:
             entries[f] = _entry_state(f, req)
@@ -255,7 +271,10 @@ def check_sources(req: CacheRequest, ident: Mapping[str, Any] | None) -> int:
     SourceChanged
         Naming the entry that changed and what changed.
     """
-    return check_identity(ident, None, _remote_checker(req))
+    return check_identity(ident, None, _remote_checker(req), req.remote_concurrency)
+
+
+ChunkRanges = Mapping[str, Mapping[str, Sequence[int]]]
 
 
 def job_entries(
@@ -263,22 +282,26 @@ def job_entries(
     refs: Mapping[str, Any] | None,
     variables: Sequence[str] | None,
     concat_range: tuple[int, int] | None,
+    chunk_ranges: ChunkRanges | None = None,
 ) -> list[str]:
     """The identity entries a job reads.
 
     ``planned`` is the layout as planned (``SourceLayout.to_json``), ``refs`` a kerchunk
-    source's references, ``variables`` the source variables the job reads (None: all) and
-    ``concat_range`` its source index range along the joining dimension (None: all of it).
+    source's references, ``variables`` the source variables the job reads (None: all),
+    ``concat_range`` its source index range along the joining dimension (None: all of it) and
+    ``chunk_ranges`` per source variable and dimension the source chunks ``[lo, hi)`` it reads
+    (:meth:`~zarr_parallel.sources.target.Target.source_chunk_ranges`; None: all of them).
     """
     entries = dict((planned.get("identity") or {}).get("entries") or {})
     files = [str(f) for f in planned.get("files") or []]
     if variables is None or not files:
         return list(entries)
+    dims = {k: list(v.get("dims") or []) for k, v in (planned.get("variables") or {}).items()}
     if planned.get("engine") == "zarr":
-        arrays = {os.path.join(files[0].rstrip("/"), v) for v in variables}
-        return [e for e in entries if e in arrays or os.path.basename(e) in _ZARR_ROOT_DOCS]
+        return _zarr_job_entries(files[0], entries, variables, dims, chunk_ranges)
     if planned.get("engine") == "kerchunk":
-        return [files[0], *_referenced_entries(refs or {}, variables, entries)]
+        used = _referenced_entries(refs or {}, variables, entries, dims, chunk_ranges)
+        return [files[0], *used]
     if planned.get("groups"):
         # Files holding different variables: the job reads its variables' files only.
         found: list[str] = []
@@ -300,13 +323,50 @@ def _files_in_range(
     return [f for i, f in enumerate(files) if starts[i] < hi and lo < starts[i + 1]]
 
 
-def _referenced_entries(
-    refs: Mapping[str, Any], variables: Sequence[str], entries: Mapping[str, Any]
+def _zarr_job_entries(
+    store: str,
+    entries: Mapping[str, Any],
+    variables: Sequence[str],
+    dims: Mapping[str, Sequence[str]],
+    chunk_ranges: ChunkRanges | None,
 ) -> list[str]:
-    """The local files a kerchunk reference points at for ``variables`` (identity entries)."""
-    mine = {k: v for k, v in refs_only(refs).items() if k.split("/")[0] in variables}
+    """A Zarr store's entries a job reads: the root documents, and its arrays (a local array
+    folder, or a remote array's documents and its sampled chunks in the job's region)."""
+    base = store.rstrip("/")
+    found = []
+    for e in entries:
+        rel = e[len(base) + 1 :] if e.startswith(base + "/") else e
+        name, _, key = rel.partition("/")
+        if not key:
+            if name in _ZARR_ROOT_DOCS or name in variables:
+                found.append(e)
+        elif name in variables:
+            ranges = None if chunk_ranges is None else chunk_ranges.get(name)
+            if within(chunk_index(key), dims.get(name, ()), ranges):
+                found.append(e)
+    return found
+
+
+def _referenced_entries(
+    refs: Mapping[str, Any],
+    variables: Sequence[str],
+    entries: Mapping[str, Any],
+    dims: Mapping[str, Sequence[str]],
+    chunk_ranges: ChunkRanges | None,
+) -> list[str]:
+    """The files (local paths, URLs) a kerchunk reference points at for the chunks of
+    ``variables`` the job reads (all of their chunks without ``chunk_ranges``)."""
+    mine = {}
+    for key, value in refs_only(refs).items():
+        name, _, rest = key.partition("/")
+        if name not in variables:
+            continue
+        ranges = chunk_ranges.get(name) if chunk_ranges is not None else None
+        if within(chunk_index(rest), dims.get(name, ()), ranges):
+            mine[key] = value
     used = referenced_urls({"refs": mine, "templates": refs.get("templates") or {}})
-    return sorted({u.removeprefix("file://") for u in used} & set(entries))
+    wanted = {u if is_remote(u) else u.removeprefix("file://") for u in used}
+    return sorted(wanted & set(entries))
 
 
 def check_job_sources(
@@ -315,6 +375,7 @@ def check_job_sources(
     refs: Mapping[str, Any] | None,
     variables: Sequence[str] | None,
     concat_range: tuple[int, int] | None,
+    chunk_ranges: ChunkRanges | None = None,
 ) -> int:
     """Check the entries one job reads (see :func:`job_entries`) before it reads them.
 
@@ -325,5 +386,7 @@ def check_job_sources(
     SourceChanged
         Naming the entry that changed and what changed.
     """
-    names = job_entries(planned, refs, variables, concat_range)
-    return check_identity(planned.get("identity"), names, _remote_checker(req))
+    names = job_entries(planned, refs, variables, concat_range, chunk_ranges)
+    return check_identity(
+        planned.get("identity"), names, _remote_checker(req), req.remote_concurrency
+    )

@@ -108,7 +108,7 @@ def open_source(req: CacheRequest) -> Source:
         for dim in ds.dims:
             if dim in ds.coords and np.issubdtype(ds[dim].dtype, np.datetime64):
                 combine.check_steps(ds, str(dim), files, [int(ds.sizes[dim])])
-    ident = identity.record_identity(engine, files, refs, req)
+    ident = identity.record_identity(engine, files, refs, req, list(layout_vars))
     digest = fingerprint(
         canonical_json([engine, list(files), concat_dim, stats]),
         canonical_json(

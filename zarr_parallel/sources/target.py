@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -97,6 +97,35 @@ class Target:
                 ArrayInput(name, tuple(axes), write, int(var.dtype.itemsize), read_itemsize, fixed)
             )
         return inputs
+
+    def source_chunk_ranges(
+        self, variables: Sequence[str], slices: Mapping[str, slice]
+    ) -> dict[str, dict[str, tuple[int, int]]]:
+        """Per source variable that target ``variables`` read in the region ``slices``, per
+        source dimension, the source chunks ``[lo, hi)`` it covers (by the index coordinates;
+        a dimension no coordinate maps counts whole). Jobs check the files holding these."""
+        out: dict[str, dict[str, tuple[int, int]]] = {}
+        for name in variables:
+            var = self.dataset[name]
+            src = self.sources.get(name)
+            vlayout = self.layout.variables.get(src) if src else None
+            if src is None or vlayout is None:
+                continue
+            bounds_of = dict(zip(vlayout.dims, vlayout.boundaries, strict=True))
+            spans = {d: (0, len(b) - 1) for d, b in bounds_of.items()}
+            for c in var.coords.values():
+                sdim = str(c.name)[len(INDEX_PREFIX) :]
+                if not str(c.name).startswith(INDEX_PREFIX) or sdim not in spans:
+                    continue
+                index = np.asarray(c.values)[tuple(slices.get(str(d), slice(None)) for d in c.dims)]
+                if index.size:
+                    bounds = np.asarray(bounds_of[sdim])
+                    lo = int(np.searchsorted(bounds, int(index.min()), side="right") - 1)
+                    spans[sdim] = (lo, int(np.searchsorted(bounds, int(index.max()), side="right")))
+            known = out.setdefault(src, spans)
+            for d, (lo, hi) in spans.items():  # two target variables of one source variable
+                known[d] = (min(known[d][0], lo), max(known[d][1], hi))
+        return out
 
     def _axis(self, var: xr.DataArray, dim: str, vlayout: Any) -> AxisMap:
         if self.tiling is not None:

@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xarray as xr
 import zarr
 from zarr.codecs import ZstdCodec
 
 from zarr_parallel.errors import RequestError
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.sources.target import Target
+from zarr_parallel.store.disk_names import quiet_manifest
 from zarr_parallel.store.manifest import version_owner
 from zarr_parallel.store.paths import CachePaths
-from zarr_parallel.store.zarr_io import initialise_store, write_values_raw
+from zarr_parallel.store.zarr_io import buffer_of, crc32, initialise_store, write_values_raw
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +60,94 @@ def initialise_intermediate(
 
 
 def copy_region(
-    source: Path, version: Path, name: str, dims: Sequence[str], region: Mapping[str, slice]
-) -> int:
+    source: Path,
+    version: Path,
+    name: str,
+    dims: Sequence[str],
+    region: Mapping[str, slice],
+    inspect: Callable[[np.ndarray], None] | None = None,
+) -> tuple[int, str]:
     """Copy one variable's region from an intermediate store into a version, as stored.
 
     Both stores were initialised from one template, so the stored (encoded) values are copied
-    unchanged: no decoding, no re-encoding. Returns the bytes copied.
+    unchanged: no decoding, no re-encoding. The checksum a direct job records is that of the
+    values as xarray decodes them from the cache (what ``verify`` compares): the stored values
+    already in memory are decoded piece by piece (:func:`decoded_checksum`), never read again.
+
+    Parameters
+    ----------
+    source, version
+        The intermediate store and the version being written.
+    name, dims, region
+        The variable, its dimensions and the region (whole chunks of the version).
+    inspect
+        Called with each decoded piece, in C order (e.g. to gather statistics).
+
+    Returns
+    -------
+    tuple of int and str
+        The bytes copied and the CRC32 (hex) of the decoded region.
     """
     src = zarr.open_array(source, path=name, mode="r")
     box = tuple(region.get(d, slice(0, n)) for d, n in zip(dims, src.shape, strict=True))
     values = np.asarray(src[box])
     write_values_raw(version, name, values, dims, dict(zip(dims, box, strict=True)))
-    return int(values.nbytes)
+    checksum = decoded_checksum(values, stored_variable(version, name), name, inspect)
+    return int(values.nbytes), checksum
+
+
+#: Most elements decoded at once for a copy's checksum, and the fewest worth a decode call.
+#: A piece is at most an eighth of the region between these bounds: with its temporaries
+#: (xarray's masked copy, a float copy of packed integers) it stays well inside the copies of
+#: the region the memory model counts (docs/design.md §5).
+DECODE_PIECE = 2**20
+DECODE_PIECE_MIN = 2**16
+
+
+def stored_variable(version: Path, name: str) -> xr.Variable:
+    """The variable ``name`` of a store as xarray reads it before decoding (its attributes and
+    encoding as the zarr backend presents them, e.g. ``_FillValue``); no values are read."""
+    with (
+        quiet_manifest(),
+        xr.open_zarr(
+            version,
+            consolidated=False,
+            chunks=None,
+            decode_cf=False,
+            create_default_indexes=False,
+        ) as ds,
+    ):
+        var = ds[name].variable
+        return xr.Variable(var.dims, np.empty((0,) * var.ndim, var.dtype), var.attrs, var.encoding)
+
+
+def decoded_checksum(
+    values: np.ndarray,
+    stored: xr.Variable,
+    name: str,
+    inspect: Callable[[np.ndarray], None] | None = None,
+) -> str:
+    """CRC32 (hex) of stored ``values`` as xarray decodes them with ``stored``'s attributes.
+
+    The same as ``zlib.crc32`` of ``xr.open_zarr(..., decode_timedelta=True)[name].values``
+    over the region (``verify`` compares that), computed without reading the store: CF decoding
+    (mask, scale and offset, times) is element-wise, so numeric values are decoded in flat
+    pieces (views of the C-ordered region) and the CRC chained over them.
+    """
+    elementwise = values.dtype.kind in "biufcmM"
+    flat = values.reshape(-1) if elementwise else values
+    step = min(DECODE_PIECE, max(DECODE_PIECE_MIN, flat.size // 8)) if elementwise else flat.size
+    crc = 0
+    for start in range(0, flat.size, max(step, 1)):
+        piece = flat[start : start + step] if elementwise else flat
+        dims = ("piece",) if elementwise else stored.dims
+        raw = xr.Variable(dims, piece, dict(stored.attrs), dict(stored.encoding))
+        decoded = xr.decode_cf(xr.Dataset({name: raw}), decode_timedelta=True)[name].values
+        crc = crc32(buffer_of(decoded), crc)
+        if inspect is not None:
+            inspect(decoded)
+        del decoded
+    return f"{crc:08x}"
 
 
 def remove_intermediates(paths: CachePaths, folders: Sequence[str]) -> int:

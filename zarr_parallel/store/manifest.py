@@ -20,6 +20,7 @@ from zarr_parallel.planning.jobs import Job, read_jobs
 from zarr_parallel.store.chunks import array_names, chunk_files, missing_chunk_files, sync_job
 from zarr_parallel.store.disk_names import FENCE_FILE, OWNER_FILE, manifest_dir
 from zarr_parallel.store.files import fsync_dir, read_json, write_json_atomic
+from zarr_parallel.store.lock import held_token
 
 
 def plan_record(version: Path) -> dict[str, Any] | None:
@@ -77,8 +78,14 @@ def check_lock_token(lock: Path, token: str, before: str) -> None:
     )
 
 
-def check_fence(version: Path, before: str) -> None:
-    """Check that the run writing ``version`` (its fence record) still holds the cache's lock.
+def check_fence(version: Path, before: str, token: str | None = None) -> None:
+    """Check that the run writing ``version`` still holds the cache's lock.
+
+    ``token`` is the token the job's own run took the lock with, carried to the job with it
+    (:func:`zarr_parallel.run.job.run_job`'s ``fence``). Without one, the token this process
+    holds the lock with is used, and else the version's fence record: the token of whichever
+    run last initialised or resumed the version. That last fallback cannot tell a run whose
+    lock was broken from the run that took the version over, so every run passes its token.
 
     A version without a fence record was written without a lock (direct library use): no check.
     A version whose manifest vanished was removed by the run that took the lock over.
@@ -90,20 +97,29 @@ def check_fence(version: Path, before: str) -> None:
                 f"{version} was removed while this job ran (another run took the cache's lock "
                 f"over and cleaned it); stopped before {before}"
             )
+        if token is not None:
+            raise LockLost(
+                f"{version} lost its lock fence record while this job ran (the run holding "
+                f"the lock started it afresh); stopped before {before}"
+            )
         return
-    check_lock_token(Path(str(fence["lock"])), str(fence["token"]), before)
+    lock = Path(str(fence["lock"]))
+    mine = token or held_token(lock)
+    check_lock_token(lock, mine or str(fence["token"]), before)
 
 
-def record_job(version: Path, record: Mapping[str, Any]) -> None:
-    """Record a finished job, once its chunks are durable.
+def record_job(version: Path, record: Mapping[str, Any], fence: str | None = None) -> None:
+    """Record a finished job, once its chunks are durable, if its run still holds the lock.
 
     The job's chunk files (named by the record's ``variables`` and ``region``) and their folders
     are fsynced first, so a record always means the data survives a crash of the machine, not
-    only of the process. The record itself is written atomically and durably.
+    only of the process. The record itself is written atomically and durably. ``fence`` is the
+    lock token of the job's run (see :func:`check_fence`): a run whose lock was broken records
+    nothing, even when the run that took the lock over resumed this same version.
     """
     sync_job(version, record)
     fault_point("job-written")
-    check_fence(version, f"recording job {record['id']}")
+    check_fence(version, f"recording job {record['id']}", fence)
     write_json_atomic(manifest_dir(version) / "jobs" / f"{int(record['id']):06d}.json", record)
     fault_point("job-recorded")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,9 +69,32 @@ _ZARR_METADATA = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
 _V2_CHUNK = re.compile(r"^\d+(\.\d+)*$")
 _V3_CHUNK = re.compile(r"^c([./]\d+)*$")
 
+#: Most files and folders looked at in a store at the final path before it is refused as too
+#: large to check. Adopting a store means proving every file in it is Zarr's; a walk runs at
+#: roughly 100,000 entries a second on a local disk (much slower on a network file system),
+#: and a run looks twice (pre-flight, publish): 200,000 entries keeps that to seconds, while
+#: a million-file store took minutes. A 0.5 cache of a year of hourly ERA5 in day chunks is a
+#: few thousand files. ``ZARR_PARALLEL_ADOPT_MAX_ENTRIES`` lowers it (for tests).
+ADOPT_MAX_ENTRIES = 200_000
+#: Most seconds spent looking, the same guard for file systems where each entry is slow.
+ADOPT_MAX_SECONDS = 30.0
+ADOPT_MAX_ENTRIES_ENV = "ZARR_PARALLEL_ADOPT_MAX_ENTRIES"
+
+
+class _TooLarge(Exception):
+    """The walk stopped at its cap; ``entries`` were seen in ``seconds``."""
+
+    def __init__(self, entries: int, seconds: float, limit: str) -> None:
+        self.entries, self.seconds, self.limit = entries, seconds, limit
+        super().__init__(limit)
+
 
 def inspect_final(paths: CachePaths) -> FinalState:
-    """Look at what is at ``paths.final`` (reads only) and say whether a run may replace it."""
+    """Look at what is at ``paths.final`` (reads only) and say whether a run may replace it.
+
+    A folder is walked to prove it holds only Zarr's files, up to :data:`ADOPT_MAX_ENTRIES`
+    entries and :data:`ADOPT_MAX_SECONDS`; beyond either it is ``foreign`` (too large to check).
+    """
     final = paths.final
     if final.is_symlink():
         return _inspect_link(paths)
@@ -83,12 +107,27 @@ def inspect_final(paths: CachePaths) -> FinalState:
         return FinalState(
             "foreign", f"is a copy of a zarr-parallel cache version (made for {owner})"
         )
-    stray = _non_zarr_file(final)
+    try:
+        stray = _non_zarr_file(final, adopt_max_entries(), ADOPT_MAX_SECONDS)
+    except _TooLarge as e:
+        return FinalState(
+            "foreign",
+            f"is a folder too large to check: a Zarr store of another tool is adopted (moved "
+            f"aside at publish) only once every file in it is shown to be Zarr's, and the check "
+            f"stops after {e.limit} ({e.entries:,} files and folders seen in {e.seconds:.1f} s, "
+            "all Zarr's so far)",
+        )
     if stray is None:
         return FinalState("empty", "is an empty folder")
     if stray == "":
         return FinalState("adoptable", "is a Zarr store made by another tool")
     return FinalState("foreign", f"is a folder holding files that are not Zarr's ({stray})")
+
+
+def adopt_max_entries() -> int:
+    """The entry cap of the walk: :data:`ADOPT_MAX_ENTRIES`, or the test setting."""
+    text = os.environ.get(ADOPT_MAX_ENTRIES_ENV, "")
+    return int(text) if text.strip().isdigit() else ADOPT_MAX_ENTRIES
 
 
 def _inspect_link(paths: CachePaths) -> FinalState:
@@ -107,16 +146,28 @@ def _inspect_link(paths: CachePaths) -> FinalState:
     return FinalState("ours")
 
 
-def _non_zarr_file(root: Path) -> str | None:
+def _non_zarr_file(root: Path, max_entries: int, max_seconds: float) -> str | None:
     """The first file under ``root`` that is neither Zarr metadata nor a chunk file.
 
     Returns ``""`` when every file is Zarr's, and None when there are no files at all.
     A chunk file must sit inside an array folder (one holding ``zarr.json`` or ``.zarray``)
     under a chunk key: ``c/0/1`` or ``c.0.1`` (v3), ``0.1`` or ``0/1`` (v2).
+
+    Raises
+    ------
+    _TooLarge
+        More than ``max_entries`` files and folders, or ``max_seconds`` spent, before the end.
     """
     arrays: list[str] = []
     seen = False
+    entries = 0
+    t0 = time.monotonic()
     for folder, dirs, files in os.walk(root, followlinks=False):
+        entries += len(dirs) + len(files)
+        elapsed = time.monotonic() - t0
+        if entries > max_entries or elapsed > max_seconds:
+            limit = f"{max_entries:,} entries" if entries > max_entries else f"{max_seconds:g} s"
+            raise _TooLarge(entries, elapsed, limit)
         dirs.sort()
         rel = os.path.relpath(folder, root)
         if ".zarray" in files or ("zarr.json" in files and _is_v3_array(Path(folder))):

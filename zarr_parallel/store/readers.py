@@ -8,7 +8,10 @@ instead resolves the link once and opens that version folder, so every read come
 version that was current at open; while the dataset is open:
 
 - a *lease* file in ``P.versions/.readers/`` asks runs not to prune that version (best effort:
-  a reader without write access to the versions folder reads without one);
+  a reader without write access to the versions folder reads without one). A thread of the
+  reader's process refreshes the lease's modification time every :data:`LEASE_HEARTBEAT_SECONDS`;
+  a lease counts while that heartbeat is fresh (:data:`LEASE_STALE_AFTER`), from any host, and
+  a lease of this host also only while its process runs;
 - runs never prune a version replaced less than ``min_version_age`` ago (default one hour),
   whether or not a lease could be written;
 - a chunk file that is missing raises :class:`~zarr_parallel.errors.VersionUnavailable`
@@ -23,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 import weakref
@@ -42,8 +46,18 @@ from zarr_parallel.store.manifest import is_complete
 
 logger = logging.getLogger(__name__)
 
-#: A lease from another host (whose process cannot be checked from here) counts this long.
-LEASE_MAX_AGE = 24 * 3600.0
+#: How often a reader's process refreshes the modification time of its leases.
+LEASE_HEARTBEAT_SECONDS = 60.0
+#: A lease whose heartbeat is older than this is a reader gone (five missed beats: a process
+#: paused or a machine suspended that long reads on under ``min_version_age`` alone). Before
+#: heartbeats, a lease from another host counted for a fixed 24 hours, dead or alive.
+LEASE_STALE_AFTER = 5 * LEASE_HEARTBEAT_SECONDS
+
+#: This process's leases, refreshed by one daemon thread (started with the first lease).
+_LEASES: set[Path] = set()
+_LEASES_LOCK = threading.Lock()
+_wake = threading.Event()
+_beating: list[threading.Thread] = []
 
 #: Keys that may be missing in a complete version: Zarr metadata zarr or xarray probe for.
 _OPTIONAL_KEYS = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
@@ -169,38 +183,87 @@ def _take_lease(version: Path) -> Path | None:
             e.strerror or e,
         )
         return None
+    _keep_beating(lease)
     return lease
 
 
 def _drop_lease(lease: Path | None) -> None:
     if lease is not None:
+        with _LEASES_LOCK:
+            _LEASES.discard(lease)
         with contextlib.suppress(OSError):
             lease.unlink()
+
+
+def _keep_beating(lease: Path) -> None:
+    """Refresh ``lease`` from now on (until dropped), starting the heartbeat thread if needed."""
+    with _LEASES_LOCK:
+        _LEASES.add(lease)
+        if not any(t.is_alive() for t in _beating):
+            thread = threading.Thread(target=_beat, name="zarr-parallel-leases", daemon=True)
+            _beating[:] = [thread]
+            thread.start()
+    _wake.set()  # a new period takes effect at once (tests shorten it)
+
+
+def _beat() -> None:
+    while True:
+        _wake.wait(LEASE_HEARTBEAT_SECONDS)
+        _wake.clear()
+        refresh_leases()
+
+
+def refresh_leases() -> int:
+    """Refresh the modification time of this process's leases; returns how many were refreshed.
+
+    Best effort: a lease that cannot be touched (removed, or access lost) stays as it is, and
+    its version is then protected by ``min_version_age`` alone once the lease looks stale.
+    """
+    with _LEASES_LOCK:
+        leases = list(_LEASES)
+    done = 0
+    for lease in leases:
+        try:
+            os.utime(lease)
+            done += 1
+        except OSError as e:
+            logger.debug("could not refresh the lease %s: %s", lease, e)
+    return done
+
+
+def _forget_in_child() -> None:
+    # A forked child has no heartbeat thread and holds none of its parent's leases.
+    _LEASES.clear()
+    _beating.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def live_lease(lease: Path) -> str | None:
     """The version a lease file holds, or None when its reader is gone (the file is removed).
 
-    A lease from this host holds while its process runs (the same process: its start time is
-    checked, so a reused pid does not count); from another host it holds for
-    :data:`LEASE_MAX_AGE` seconds.
+    A lease holds while its heartbeat (the file's modification time) is younger than
+    :data:`LEASE_STALE_AFTER`, whichever host wrote it; one from this host also only while its
+    process runs (the same process: its start time is checked, so a reused pid does not count).
     """
     try:
+        age = time.time() - lease.stat().st_mtime
         data = json.loads(lease.read_text())
         version = str(data["version"])
         host, pid, started = str(data["host"]), int(data["pid"]), float(data["pid_start"])
-        taken = float(data["time"])
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
-        # Unreadable: honoured by its age alone, as another host's lease is.
+        # Unreadable: honoured by its heartbeat alone, as any lease is.
         try:
             age = time.time() - lease.stat().st_mtime
         except OSError:
             return None
-        return lease.name.split("--")[0] if age < LEASE_MAX_AGE else None
-    local = host == host_name()
-    alive = process_alive(pid, started) if local else time.time() - taken < LEASE_MAX_AGE
+        return lease.name.split("--")[0] if age < LEASE_STALE_AFTER else None
+    alive = age < LEASE_STALE_AFTER
+    if alive and host == host_name():
+        alive = process_alive(pid, started)
     if not alive:
         logger.info("removing the lease %s of a reader that is gone", lease.name)
         _drop_lease(lease)

@@ -366,6 +366,18 @@ def crc32(data: Any, value: int = 0) -> int:
         return zlib.crc32(data, value)
 
 
-def array_checksum(values: np.ndarray) -> str:
-    """CRC32 of an array's bytes (what a job wrote), as hex."""
-    return f"{crc32(np.ascontiguousarray(values).data):08x}"
+def array_checksum(values: np.ndarray, value: int = 0) -> str:
+    """CRC32 of an array's bytes in C order (what a job wrote), as hex, continuing from ``value``.
+
+    Times (``datetime64``, ``timedelta64``) count as their 8-byte integers, which Python's
+    buffer protocol does not export as they are.
+    """
+    return f"{crc32(buffer_of(values), value):08x}"
+
+
+def buffer_of(values: np.ndarray) -> memoryview:
+    """The bytes of ``values`` in C order (a view when already contiguous)."""
+    contiguous = np.ascontiguousarray(values)
+    if contiguous.dtype.kind in "mM":
+        contiguous = contiguous.view(np.int64)
+    return contiguous.data
