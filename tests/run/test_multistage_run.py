@@ -62,7 +62,7 @@ def test_three_stage_round_trip(maps: list[Path], tmp_path: Path) -> None:
     assert plan.read_amplification == 1.0
     # `plan` shows every stage.
     text = view_plan(req).text()
-    assert all(f"stage {k}:" in text for k in (1, 2, 3)), text
+    assert all(f"stage {k}/3:" in text for k in (1, 2, 3)), text
     # Pre-flight counts both intermediate stores: every chunk file of each.
     space = estimate_intermediate(plan, 4096)
     files = [
