@@ -28,6 +28,7 @@ def serve() -> None:
     """Serve run requests (JSON lines on stdin) by forking; report pids and exit codes."""
     import zarr_parallel.orchestration.cache
     import zarr_parallel.orchestration.recache
+    import zarr_parallel.orchestration.recache_command
     import zarr_parallel.run.verify  # noqa: F401
 
     out = sys.stdout
@@ -78,7 +79,7 @@ def _child(req: dict[str, Any]) -> None:
         faults.install_from_environment()
         command, *argv = req["argv"]
         if command == "recache":
-            from zarr_parallel.orchestration.recache import main
+            from zarr_parallel.orchestration.recache_command import main
         else:
             from zarr_parallel.orchestration.command import main
         code = main(argv)

@@ -148,10 +148,10 @@ def _run_cache(command: str, args: Sequence[str]) -> int:
 
 
 def _run_recache(command: str, args: Sequence[str]) -> int:
-    # Prefect is imported only here, as above.
-    from zarr_parallel.orchestration.recache import main as recache_main
+    # The request stack loads only here, as above (and Prefect only when a flow runs).
+    from zarr_parallel.orchestration.recache_command import main as recache_main
 
-    return recache_main(list(args), prog=f"{PROG} {command}")
+    return recache_main(list(args), prog=f"{PROG} {command}", started=process_start())
 
 
 def _run_deploy(command: str, args: Sequence[str]) -> int:

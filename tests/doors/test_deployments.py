@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.exceptions import PrefectHTTPStatusError
 
@@ -45,6 +46,7 @@ from server_support import PROJECT, deploy, prefect_server, prefect_worker, tail
 from zarr_parallel.orchestration.cache import cache_flow
 from zarr_parallel.orchestration.tasks import artifact_key
 from zarr_parallel.request.model import build_request
+from zarr_parallel.run.phases import PHASES
 from zarr_parallel.run.policy import POLICY_ENV
 from zarr_parallel.store.paths import CachePaths
 
@@ -642,6 +644,73 @@ def test_cli_runs_without_a_server_and_halts_with_exit_3(
     )
     assert halted.returncode == 3, halted.stderr[-3000:]
     assert "Recommendations, best first" in halted.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The phases of a deployment run
+
+
+def _summary_figures(text: str) -> tuple[float, dict[str, float]]:
+    """The wall time and the phases of a ``zp-summary-<cache>`` artifact's table."""
+    wall = re.search(r"\| wall time \| ([\d.]+) s \|", text)
+    assert wall, text
+    phases = {}
+    for name in PHASES:
+        found = re.search(rf"\| {re.escape(name)} \| ([\d.]+) s \|", text)
+        assert found, f"no {name} row in {text}"
+        phases[name] = float(found[1])
+    return float(wall[1]), phases
+
+
+def test_deployment_runs_report_their_phases(
+    server: dict[str, Any],
+    deployed: dict[str, Any],
+    worker: Path,
+    era5_factory: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    root = tmp_path_factory.mktemp("phases-runs")
+    src = root / "src"
+    src.mkdir()
+    for f in era5_factory(n_files=2, steps_per_file=12, chunks=(6, 40, 72)):
+        shutil.copy2(f, src / f.name)
+    cache = root / "phases.zarr"
+    request = {
+        "data_uri": str(src / "*.nc"),
+        "cache_store": str(cache),
+        "deploy_mode": "series",
+        "memory_limit": "300MB",
+    }
+    run_id = _create_run(server, "zarr-parallel-cache/cache", {"request": request})
+    run = _wait(server, run_id, worker)
+    assert run.state is not None and run.state.is_completed(), run.state
+    text = str(_artifact(server, artifact_key("zp-summary", cache)).data)
+    wall, phases = _summary_figures(text)
+    assert abs(sum(phases.values()) - wall) <= 0.1 * len(phases) + 0.05, text
+    assert phases["planning"] > 0 and phases["data"] > 0 and phases["initialise"] > 0, text
+    assert "Start-up counts from the worker taking the run" in text
+    # Start-up counts from the flow run's Pending state (the worker took it and started its
+    # process), as Prefect records it, not from the flow function's start; the wall time ends
+    # before the run's final state is reported.
+    with _client(server) as client:
+        states = client.read_flow_run_states(run_id)
+    taken = max(s.timestamp for s in states if s.type == StateType.PENDING)
+    assert run.start_time is not None and run.state.timestamp is not None
+    assert phases["start-up"] >= (run.start_time - taken).total_seconds() - 0.2, (text, states)
+    assert wall <= (run.state.timestamp - taken).total_seconds() + 0.2, (text, states)
+    logs = _logs(server, run_id, until="wall time ")
+    lines = [g.message for g in logs if g.message.startswith("wall time ")]
+    assert lines and "since a worker took the run (start-up" in lines[0], lines
+
+    # The re-cache deployment's run of the same cache (up to date) reports its phases too.
+    recache_id = _create_run(server, "zarr-parallel-recache/recache-nightly", {"request": request})
+    recache = _wait(server, recache_id, worker)
+    assert recache.state is not None and recache.state.is_completed(), recache.state
+    text = str(_artifact(server, artifact_key("zp-summary", cache)).data)
+    assert "| re-cache | up_to_date: " in text, text
+    wall, phases = _summary_figures(text)
+    assert phases["planning"] > 0 and phases["data"] == 0, text
+    assert abs(sum(phases.values()) - wall) <= 0.1 * len(phases) + 0.05, text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,12 @@
   changed meanwhile; planning is cached and cheap the second time) and publishes the plan.
 - The summary's ``seconds`` is the command's wall time and ``phases`` its breakdown
   (:mod:`zarr_parallel.run.phases`).
+- A request that names ``deploy_mode="dask_distributed"`` has its local cluster started as
+  planning begins (:mod:`zarr_parallel.orchestration.early_cluster`); a run that will not use
+  it closes it at once.
+- ``zarr-parallel run`` and the Python API run the cache flow (:data:`CACHE_RUN`);
+  ``zarr-parallel recache`` runs the re-cache flow on the same path (:class:`AdHocRun`,
+  :mod:`zarr_parallel.orchestration.recache_command`).
 
 Prefect is imported only when a flow runs (inside :func:`_run_flow`).
 """
@@ -21,15 +27,23 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 from zarr_parallel.errors import RecommendationsPending
 from zarr_parallel.faults import points_off
 from zarr_parallel.logs import set_log_level
-from zarr_parallel.orchestration.temporary_api import TemporaryApi, api_url_configured
+from zarr_parallel.orchestration.early_cluster import close_waiting, cluster_ahead
+from zarr_parallel.orchestration.temporary_api import (
+    TemporaryApi,
+    api_url_configured,
+    configured_api_url,
+)
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.finish import finish
-from zarr_parallel.run.phases import PhaseClock, enter_phase, timing
+from zarr_parallel.run.phases import PhaseClock, clock_figures, enter_phase, timing
 from zarr_parallel.run.steps import Prepared, prepare
 
 
@@ -73,8 +87,47 @@ def needs_temporary_api() -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class AdHocRun:
+    """What a door's command runs on the start-up path: the request it plans ahead, its answer
+    to a cache found up to date, and its flow.
+
+    Attributes
+    ----------
+    flow
+        Runs the flow on the request (imports Prefect: called only when a flow runs).
+    planned
+        The request as the flow's first plan sees it (the re-cache flow plans a full run).
+    answer
+        The summary of a cache found up to date before any flow run.
+    cluster_ahead
+        Whether a ``dask_distributed`` run's local cluster may start during planning.
+    """
+
+    flow: Callable[[CacheRequest], dict[str, Any]]
+    planned: Callable[[CacheRequest], CacheRequest] = lambda request: request
+    answer: Callable[[CacheRequest, Prepared], dict[str, Any]] = lambda request, prepared: (
+        up_to_date_answer(prepared)
+    )
+    cluster_ahead: bool = True
+
+
+def _cache_flow(request: CacheRequest) -> dict[str, Any]:
+    # Deferred: the flow imports Prefect (seconds), which an up-to-date answer never needs.
+    from zarr_parallel.orchestration.cache import cache_flow
+
+    return dict(cache_flow(request))
+
+
+#: ``zarr-parallel run`` and ``ZarrParallelAssembler.cache``: the cache flow.
+CACHE_RUN = AdHocRun(flow=_cache_flow)
+
+
 def run_ad_hoc(
-    request: CacheRequest, clock: PhaseClock, api: TemporaryApi | None
+    request: CacheRequest,
+    clock: PhaseClock,
+    api: TemporaryApi | None,
+    run: AdHocRun = CACHE_RUN,
 ) -> dict[str, Any]:
     """Run a request from a door: plan ahead, answer an up-to-date cache, else run the flow.
 
@@ -87,34 +140,47 @@ def run_ad_hoc(
     api
         The temporary Prefect API started for this command, or None (an API is configured,
         or Prefect starts its own).
+    run
+        What the command runs (:data:`CACHE_RUN` by default).
 
     Returns
     -------
     dict
         The run summary with ``deploy_mode``, ``deploy_mode_reason``, ``flow_run``,
-        ``seconds`` (the command's wall time) and ``phases``.
+        ``seconds`` (the command's wall time), ``phases`` and ``timeline``.
     """
     with timing(clock):
         enter_phase("planning")
-        prepared = plan_ahead(request)
-        if prepared is not None and prepared.status == "up_to_date" and not _locked(prepared):
-            summary = up_to_date_answer(prepared)
-        else:
-            enter_phase("start-up")
-            summary = _run_flow(request, api)
-        summary.setdefault("deploy_mode", _mode(prepared, request))
-        if prepared is not None and not summary.get("deploy_mode_reason"):
-            summary["deploy_mode_reason"] = prepared.mode_reason
-        enter_phase("teardown")
+        with _cluster_ahead(request, api, run):
+            prepared = plan_ahead(run.planned(request))
+            if prepared is None or prepared.status == "up_to_date":
+                close_waiting("no data to write" if prepared else "the plan halts")
+            if prepared is not None and prepared.status == "up_to_date" and not _locked(prepared):
+                summary = run.answer(request, prepared)
+            else:
+                enter_phase("start-up")
+                summary = _run_flow(request, api, run)
+            summary.setdefault("deploy_mode", _mode(prepared, request))
+            if prepared is not None and not summary.get("deploy_mode_reason"):
+                summary["deploy_mode_reason"] = prepared.mode_reason
+            enter_phase("teardown")
         if api is not None and api.ready:
             # Seconds from the server's start until it answered (it overlapped the imports and
             # the planning): what start-up still waited for is the rest of it.
             summary["temporary_api_ready_seconds"] = round(api.ready_seconds, 3)
         if api is not None and api is not TemporaryApi.shared_instance():
             api.stop()
-        summary["seconds"] = round(clock.wall(), 3)
-        summary["phases"] = clock.breakdown()
+        clock_figures(clock, summary)
     return summary
+
+
+def _cluster_ahead(
+    request: CacheRequest, api: TemporaryApi | None, run: AdHocRun
+) -> AbstractContextManager[None]:
+    """The local cluster of an explicit ``dask_distributed`` run, started while it plans."""
+    if not run.cluster_ahead:
+        return nullcontext()
+    return cluster_ahead(request, api.api_url if api is not None else configured_api_url())
 
 
 def _locked(prepared: Prepared) -> bool:
@@ -127,9 +193,8 @@ def _mode(prepared: Prepared | None, request: CacheRequest) -> str:
     return prepared.request.deploy_mode if prepared is not None else request.deploy_mode
 
 
-def _run_flow(request: CacheRequest, api: TemporaryApi | None) -> dict[str, Any]:
-    # Deferred: the flow imports Prefect (seconds), which an up-to-date answer never needs.
-    from zarr_parallel.orchestration.cache import cache_flow
+def _run_flow(request: CacheRequest, api: TemporaryApi | None, run: AdHocRun) -> dict[str, Any]:
+    # Deferred: the settings import Prefect (seconds), which an up-to-date answer never needs.
     from zarr_parallel.orchestration.control import temporary_api_settings
 
     set_log_level(request.log_level)  # again: importing Prefect just set up its own logging
@@ -141,12 +206,19 @@ def _run_flow(request: CacheRequest, api: TemporaryApi | None) -> dict[str, Any]
         api = None
     if api is None:
         with temporary_api_settings():
-            summary = dict(cache_flow(request))
+            summary = run.flow(request)
     else:
         with api.settings():
-            summary = dict(cache_flow(request))
+            summary = run.flow(request)
     summary["flow_run"] = True
     return summary
 
 
-__all__ = ["needs_temporary_api", "plan_ahead", "run_ad_hoc", "up_to_date_answer"]
+__all__ = [
+    "CACHE_RUN",
+    "AdHocRun",
+    "needs_temporary_api",
+    "plan_ahead",
+    "run_ad_hoc",
+    "up_to_date_answer",
+]

@@ -26,8 +26,10 @@ from zarr_parallel.orchestration.control import (
     in_deployment_run,
     without_flow_heartbeat,
 )
+from zarr_parallel.orchestration.early_cluster import take_started
 from zarr_parallel.orchestration.halt import awaiting_decision, publish_recommendations
 from zarr_parallel.orchestration.plan_report import publish_plan_picture
+from zarr_parallel.orchestration.run_phases import deployment_phases
 from zarr_parallel.orchestration.runners import (
     current_api_url,
     make_task_runner,
@@ -61,10 +63,13 @@ def cache_flow(request: CacheRequest) -> dict[str, Any]:
         request: What to cache and how (the request model of the Python API and the CLI).
     """
     set_log_level(request.log_level)  # deployments run the flow in a worker process
-    policy = deployment_policy()
-    request = checked_request(request, policy)
-    with enforced(policy):
-        return _cache_until_decided(request)
+    # A deployment run times its own phases (an ad hoc run's door does).
+    with deployment_phases() as report:
+        policy = deployment_policy()
+        request = checked_request(request, policy)
+        with enforced(policy):
+            summary = _cache_until_decided(request)
+        return report(summary)
 
 
 def _cache_until_decided(request: CacheRequest) -> dict[str, Any]:
@@ -147,8 +152,10 @@ def run_cache_steps(
     sizing = worker_sizing(req, prepared.plan.peak_job_memory, len(prepared.todo))
     enter_phase("initialise")
     api_url = current_api_url()
-    # The cluster starts (worker processes import the stack) while the store is initialised.
-    with cluster_in_background(req, prepared.version, sizing, api_url) as get_cluster:
+    # The cluster starts (worker processes import the stack) while the store is initialised,
+    # unless it started during the door's planning (orchestration/early_cluster.py).
+    ahead = take_started(req, sizing, api_url)
+    with cluster_in_background(req, prepared.version, sizing, api_url, ahead) as get_cluster:
         initialise_task(prepared)
         if after_initialise is not None:
             after_initialise(prepared)
@@ -176,6 +183,7 @@ def run_cache_steps(
         write_tasks=len(groups),
         worker_memory=sizing.memory,
         cluster_ready_seconds=round(cluster.ready_seconds, 3),
+        cluster_started=cluster.started if cluster.mode != "series" else None,
         job_results=results,
     )
     return summary

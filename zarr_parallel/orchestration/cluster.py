@@ -47,6 +47,15 @@ NO_WORKER_GRACE = 120.0
 SQUEUE_INTERVAL = 5.0
 #: Seconds local workers may take to start and connect.
 STARTUP_TIMEOUT = 120.0
+#: dask settings while a cluster starts: let a dead worker's task fail at once (it then becomes
+#: a Prefect retry) instead of being re-run up to three times behind Prefect's back, and hand a
+#: worker a task only when its thread is free, so that a worker that dies takes no queued task
+#: down with it and a slow job holds no other back.
+CLUSTER_CONFIG = {
+    "distributed.scheduler.allowed-failures": 0,
+    "distributed.deploy.lost-worker-timeout": "2s",
+    "distributed.scheduler.worker-saturation": 1.0,
+}
 
 
 @dataclass
@@ -213,9 +222,64 @@ def active_cluster(address: str | None) -> ClusterHandle | None:
         return _active.get(address)
 
 
+@dataclass
+class StartedCluster:
+    """A local cluster whose processes were started ahead of the run's plan
+    (:func:`start_local_cluster`), not yet waited for."""
+
+    cluster: Any
+    workers: int
+    env: dict[str, str]
+    #: When its start was asked for (epoch seconds).
+    requested: float
+
+    def fits(self, req: CacheRequest, sizing: WorkerSizing, api_url: str | None) -> bool:
+        """True when the run of ``req`` sized ``sizing`` would start the same workers (their
+        count and environment: API URL, log level, cores each; the memory limit of a worker
+        started ahead is the request's ``memory_limit``)."""
+        return (
+            req.deploy_mode == "dask_distributed"
+            and req.scheduler_address is None
+            and sizing.workers == self.workers
+            and self.env == local_environment(req, api_url, sizing.workers)
+        )
+
+    def close(self) -> None:
+        """Stop the scheduler and kill the worker processes (and their job processes)."""
+        self.cluster.close()
+
+
+def local_environment(req: CacheRequest, api_url: str | None, workers: int) -> dict[str, str]:
+    """The environment of ``workers`` local worker processes sharing this machine's cores."""
+    return worker_environment(req, api_url, process_cores() // workers)
+
+
+def start_local_cluster(
+    req: CacheRequest, sizing: WorkerSizing, api_url: str | None
+) -> StartedCluster:
+    """Start a local cluster's scheduler and worker processes without waiting for the workers
+    (they import the stack meanwhile): a fraction of a second here."""
+    import dask
+
+    requested = time.time()
+    env = local_environment(req, api_url, sizing.workers)
+    with dask.config.set(CLUSTER_CONFIG):
+        cluster = local_cluster(sizing, env, req.log_level)
+    try:
+        register_prewarm(cluster.scheduler_address)
+    except BaseException:
+        cluster.close()
+        raise
+    return StartedCluster(cluster, sizing.workers, env, requested)
+
+
 @contextmanager
 def open_cluster(
-    req: CacheRequest, version: Path, sizing: WorkerSizing, api_url: str | None
+    req: CacheRequest,
+    version: Path,
+    sizing: WorkerSizing,
+    api_url: str | None,
+    started: StartedCluster | None = None,
 ) -> Iterator[ClusterHandle]:
     """Start (or connect to) the cluster of a run and close it afterwards.
 
@@ -230,6 +294,9 @@ def open_cluster(
         (:func:`~zarr_parallel.orchestration.runners.worker_sizing`).
     api_url
         The flow's Prefect API URL, handed to the workers.
+    started
+        A local cluster started ahead that :meth:`StartedCluster.fits` the run: waited for and
+        used instead of starting one.
     """
     mode = req.deploy_mode
     if mode == "series":
@@ -240,19 +307,9 @@ def open_cluster(
 
     # Local workers share this machine's cores (SLURM jobs get their own: slurm_cluster_kwargs).
     env = worker_environment(req, api_url, process_cores() // sizing.workers)
-    t0 = time.monotonic()
-    # Quiet dask in this process as well, and let a dead worker's task fail at once (it then
-    # becomes a Prefect retry) instead of being re-run up to three times behind Prefect's back.
-    with dask.config.set(
-        {
-            "distributed.scheduler.allowed-failures": 0,
-            "distributed.deploy.lost-worker-timeout": "2s",
-            # Hand a worker a task only when its thread is free, so that a worker that dies
-            # takes no queued task down with it and a slow job holds no other back.
-            "distributed.scheduler.worker-saturation": 1.0,
-        }
-    ):
-        stack_close: list[Any] = []
+    requested = started.requested if started is not None else time.time()
+    with dask.config.set(CLUSTER_CONFIG):
+        stack_close: list[Any] = [started] if started is not None else []
         try:
             handle = _start(req, version, sizing, api_url, env, stack_close)
         except BaseException:
@@ -261,7 +318,8 @@ def open_cluster(
                     obj.close()
             raise
     assert handle.address is not None
-    handle.ready_seconds = time.monotonic() - t0
+    handle.started = requested
+    handle.ready_seconds = time.time() - requested
     with _active_lock:
         _active[handle.address] = handle
     try:
@@ -278,11 +336,16 @@ def open_cluster(
 
 @contextmanager
 def cluster_in_background(
-    req: CacheRequest, version: Path, sizing: WorkerSizing, api_url: str | None
+    req: CacheRequest,
+    version: Path,
+    sizing: WorkerSizing,
+    api_url: str | None,
+    started: StartedCluster | None = None,
 ) -> Iterator[Callable[[], ClusterHandle]]:
     """:func:`open_cluster` in a thread of its own, so that the caller goes on meanwhile (the
-    store is initialised while worker processes start); the function yielded waits for the
-    cluster and returns it (or raises why it did not start). Closed when the block ends.
+    store is initialised while worker processes start, or finish starting when ``started``
+    began during planning); the function yielded waits for the cluster and returns it (or
+    raises why it did not start). Closed when the block ends.
     """
     if req.deploy_mode != "dask_distributed":
         # Opened when asked for, after the store is initialised: series has nothing to start;
@@ -304,7 +367,9 @@ def cluster_in_background(
 
     stack = ExitStack()
     with ThreadPoolExecutor(1, thread_name_prefix="zarr-parallel-cluster") as pool:
-        future = pool.submit(stack.enter_context, open_cluster(req, version, sizing, api_url))
+        future = pool.submit(
+            stack.enter_context, open_cluster(req, version, sizing, api_url, started)
+        )
         try:
             yield future.result
         finally:
@@ -333,9 +398,12 @@ def _start(
         logger.info("using the dask scheduler at %s", req.scheduler_address)
         return ClusterHandle(mode, req.scheduler_address, sizing, client=client)
     if mode == "dask_distributed":
-        cluster = _local_cluster(sizing, env, req.log_level)
-        stack_close.append(cluster)
-        _register_prewarm(cluster.scheduler_address)
+        if stack_close:  # started ahead, during planning: closed with the rest
+            cluster = stack_close[0].cluster
+        else:
+            cluster = local_cluster(sizing, env, req.log_level)
+            stack_close.append(cluster)
+            register_prewarm(cluster.scheduler_address)
         cluster.wait_for_workers(sizing.workers, timeout=STARTUP_TIMEOUT)
         return ClusterHandle(mode, cluster.scheduler_address, sizing, cluster=cluster)
     if mode == "slurm":
@@ -356,13 +424,13 @@ def _start(
         handle = ClusterHandle(mode, slurm.scheduler_address, sizing, cluster=slurm, logs=logs)
         handle.job_script = slurm.job_script()
         (logs / "job-script.sh").write_text(handle.job_script)
-        _register_prewarm(slurm.scheduler_address)
+        register_prewarm(slurm.scheduler_address)
         slurm.scale(sizing.workers)
         return handle
     raise ValueError(f"unknown deploy_mode {mode!r}")  # pragma: no cover - validated before
 
 
-def _local_cluster(sizing: WorkerSizing, env: dict[str, str], log_level: int) -> Any:
+def local_cluster(sizing: WorkerSizing, env: dict[str, str], log_level: int) -> Any:
     """A local dask cluster: the scheduler in this process, one worker process per job slot.
 
     This is ``LocalCluster(processes=True, threads_per_worker=1)`` with one difference: each
@@ -414,7 +482,8 @@ def _local_cluster(sizing: WorkerSizing, env: dict[str, str], log_level: int) ->
     )
 
 
-def _register_prewarm(address: str) -> None:
+def register_prewarm(address: str) -> None:
+    """Have the cluster's workers import the task module as they join (an optimisation)."""
     from distributed import Client
 
     # Deferred: the plugin's module imports distributed, loaded only when a cluster starts.

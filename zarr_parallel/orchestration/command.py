@@ -33,7 +33,7 @@ from zarr_parallel.orchestration.options import (
 )
 from zarr_parallel.orchestration.temporary_api import TemporaryApi
 from zarr_parallel.request.request_file import load_request_file
-from zarr_parallel.run.phases import PHASES, PhaseClock
+from zarr_parallel.run.phases import PhaseClock, cluster_text, phases_text
 from zarr_parallel.run.verify import verify_cache
 from zarr_parallel.units import format_bytes
 
@@ -179,6 +179,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  ran on              {summary['workers']} {summary['deploy_mode']} worker(s), "
             f"{summary['write_tasks']} write tasks"
         )
+    cluster = cluster_text(summary)
+    if cluster:
+        lines.append(f"  cluster start       {cluster}")
     if summary.get("flow_run") is False:
         lines.append("  flow run            none: the cache was found up to date before it")
     if summary.get("applied_recommendation"):
@@ -189,9 +192,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def _phases_text(summary: dict[str, Any]) -> str:
-    phases = summary.get("phases") or {}
-    parts = [f"{name} {phases[name]:.1f}" for name in PHASES if phases.get(name)]
-    return f" ({', '.join(parts)})" if parts else ""
+    text = phases_text(summary.get("phases"))
+    return f" ({text})" if text else ""
 
 
 if __name__ == "__main__":

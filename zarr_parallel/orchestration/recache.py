@@ -1,4 +1,5 @@
-"""The re-cache flow and its command line: ``python -m flows.recache REQUEST.yaml``.
+"""The re-cache flow. Its command line (``zarr-parallel recache REQUEST.yaml``, ``python -m
+flows.recache``) is :mod:`zarr_parallel.orchestration.recache_command`.
 
 Keeps a published cache current with its source doing the least work
 (:mod:`zarr_parallel.run.recache_decision`): *up to date* → no writes; *append* → only the new
@@ -9,10 +10,7 @@ artifact.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +21,16 @@ from prefect.cache_policies import NO_CACHE
 from zarr_parallel.errors import RecommendationsPending
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.orchestration.cache import cache_flow, run_cache_steps
-from zarr_parallel.orchestration.command import exit_code, format_summary
-from zarr_parallel.orchestration.control import (
-    cache_slot,
-    checked_request,
-    deployment_policy,
-    temporary_api_settings,
-)
+from zarr_parallel.orchestration.control import cache_slot, checked_request, deployment_policy
 from zarr_parallel.orchestration.halt import awaiting_decision
-from zarr_parallel.orchestration.options import (
-    add_overrides,
-    add_progress_options,
-    add_recache_options,
-)
-from zarr_parallel.orchestration.progress import command_started, reporting
+from zarr_parallel.orchestration.run_phases import deployment_phases
 from zarr_parallel.orchestration.tasks import artifact_key
 from zarr_parallel.request.model import CacheRequest
-from zarr_parallel.request.request_file import load_request_file
 from zarr_parallel.run.chunk_reuse import AppendNotPossible, link_unchanged
+from zarr_parallel.run.phases import enter_phase
 from zarr_parallel.run.policy import enforced
-from zarr_parallel.run.recache_decision import AppendPrepared, Decision, decide
+from zarr_parallel.run.recache_decision import AppendPrepared, decide
+from zarr_parallel.run.recache_outcome import Decision
 from zarr_parallel.run.steps import run_lock
 
 
@@ -73,10 +61,13 @@ def recache_flow(
     """
     started = time.time()
     set_log_level(request.log_level)  # deployments run the flow in a worker process
-    policy = deployment_policy()
-    request = checked_request(request, policy)
-    with enforced(policy):
-        return _recache(request, allow_append, check_only, started)
+    # A deployment run times its own phases (an ad hoc run's door does).
+    with deployment_phases() as report:
+        policy = deployment_policy()
+        request = checked_request(request, policy)
+        with enforced(policy):
+            summary = _recache(request, allow_append, check_only, started)
+        return report(summary)
 
 
 def _recache(
@@ -87,10 +78,12 @@ def _recache(
     # The decision and an append happen under the cache's slot and lock, as a cache run's steps
     # do; a full re-cache is the cache flow, which takes them itself.
     with cache_slot(request), run_lock(request):
+        enter_phase("planning")  # the phases of the summary and of the progress (run/phases.py)
         decision, prepared = decide_task(request, allow_append)
         _publish_decision(decision)
         logger.info("re-cache: %s: %s", decision.action, decision.reason)
         if check_only or decision.action == "up_to_date":
+            enter_phase("finish")
             return _report(decision, started, check_only)
         if decision.action == "append":
             assert prepared is not None
@@ -157,40 +150,3 @@ def _publish_decision(decision: Decision) -> None:
         key=artifact_key("zp-recache", Path(decision.cache)),
         description=f"Re-cache decision: {decision.action}",
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m flows.recache") -> int:
-    """``python -m flows.recache REQUEST.yaml [--set k=v] [--check] [--no-append]``.
-
-    Exit codes as the cache CLI: 0 done or up to date, 1 failed, 2 invalid, 3 halted.
-    ``zarr-parallel recache`` (:mod:`zarr_parallel.cli`) lands here with its ``prog``.
-    """
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Bring the cache of REQUEST.yaml up to date with its source.",
-    )
-    p.add_argument("request", help="request file (YAML or JSON)")
-    add_overrides(p)
-    add_recache_options(p)
-    add_progress_options(p)
-    args = p.parse_args(argv)
-
-    def run() -> int:
-        req = load_request_file(args.request, args.overrides)
-        quiet = False if args.quiet else None
-        with reporting(quiet, since=command_started()), temporary_api_settings():
-            summary = recache_flow(req, allow_append=not args.no_append, check_only=args.check)
-        print(format_summary(summary))
-        recache = summary["recache"]
-        print(f"  re-cache            {recache['action']}: {recache['reason']}")
-        return 0
-
-    return exit_code(run)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

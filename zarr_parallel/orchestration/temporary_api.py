@@ -44,21 +44,28 @@ PORT_TAKEN = 3
 def api_url_configured() -> bool:
     """True when Prefect will talk to a configured API (no temporary one is needed).
 
-    Read without importing Prefect: the environment, then the active profile of
-    ``PREFECT_PROFILES_PATH`` (default ``~/.prefect/profiles.toml``). The run checks again with
+    Read without importing Prefect (:func:`configured_api_url`). The run checks again with
     Prefect's own settings (:meth:`TemporaryApi.settings`).
     """
+    return configured_api_url() is not None
+
+
+def configured_api_url() -> str | None:
+    """The Prefect API URL configured for this process, read without importing Prefect: the
+    environment, then the active profile of ``PREFECT_PROFILES_PATH`` (default
+    ``~/.prefect/profiles.toml``); None when neither names one."""
     if os.environ.get("PREFECT_API_URL"):
-        return True
+        return os.environ["PREFECT_API_URL"]
     home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
     path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
     try:
         profiles = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError):
-        return False
+        return None
     active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
     profile = profiles.get("profiles", {}).get(active, {})
-    return bool(isinstance(profile, dict) and profile.get("PREFECT_API_URL"))
+    url = profile.get("PREFECT_API_URL") if isinstance(profile, dict) else None
+    return str(url) if url else None
 
 
 def _free_port() -> int:
@@ -256,4 +263,4 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
-__all__ = ["TemporaryApi", "api_url_configured"]
+__all__ = ["TemporaryApi", "api_url_configured", "configured_api_url"]

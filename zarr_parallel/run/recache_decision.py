@@ -27,11 +27,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -49,80 +48,18 @@ from zarr_parallel.run.changed_files import (
     unchanged_reason,
 )
 from zarr_parallel.run.chunk_compare import values_equal
+from zarr_parallel.run.recache_outcome import (
+    Decision,
+    full_run_request,
+    up_to_date_decision,
+    with_pending,
+)
 from zarr_parallel.run.steps import Prepared, Status, limits_for, plan_inputs, prepare
-from zarr_parallel.sources.target import Target, build_target, cached_source, fresh_source
+from zarr_parallel.sources.target import Target, build_target, fresh_source
 from zarr_parallel.store.manifest import is_complete, plan_record, recorded_jobs
 from zarr_parallel.store.paths import CachePaths, resolve_paths
 
 logger = logging.getLogger(__name__)
-
-Action = Literal["up_to_date", "append", "full"]
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What a re-cache run does and why."""
-
-    action: Action
-    reason: str
-    cache: str
-    dim: str | None = None
-    old_length: int | None = None
-    new_length: int | None = None
-    start: int | None = None
-    base_version: str | None = None
-    new_files: tuple[str, ...] = ()
-    checked_files: tuple[str, ...] = ()
-    #: Steps some variables have and others not yet, left out until they arrive (files that
-    #: hold different variables, see :mod:`zarr_parallel.sources.merge`).
-    pending: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON form for artifacts, summaries and the manifest."""
-        return {
-            "action": self.action,
-            "reason": self.reason,
-            "cache": self.cache,
-            "dim": self.dim,
-            "old_length": self.old_length,
-            "new_length": self.new_length,
-            "start": self.start,
-            "base_version": self.base_version,
-            "new_files": list(self.new_files),
-            "checked_files": list(self.checked_files),
-            "pending": list(self.pending),
-        }
-
-    def markdown(self) -> str:
-        """The decision as the re-cache artifact shows it."""
-        title = {"up_to_date": "up to date", "append": "append", "full": "full re-cache"}
-        lines = [
-            f"# Re-cache: {title[self.action]}",
-            "",
-            f"**Why:** {self.reason}",
-            "",
-            "| figure | value |",
-            "| --- | --- |",
-            f"| cache | `{self.cache}` |",
-        ]
-        if self.base_version:
-            lines.append(f"| published version | `{self.base_version}` |")
-        if self.action == "append":
-            lines += [
-                f"| {self.dim} cached | {self.old_length} |",
-                f"| {self.dim} in source | {self.new_length} |",
-                f"| rewritten from {self.dim} index | {self.start} (whole chunks from there on; "
-                "earlier chunks are reused unchanged) |",
-            ]
-        if self.new_files:
-            lines.append(
-                f"| new files | {', '.join(os.path.basename(f) for f in self.new_files)} |"
-            )
-        if self.checked_files:
-            names = ", ".join(os.path.basename(f) for f in self.checked_files)
-            lines.append(f"| changed files checked value by value | {names} |")
-        lines += [f"| left out for now | {note} |" for note in self.pending]
-        return "\n".join(lines)
 
 
 @dataclass
@@ -154,13 +91,9 @@ def decide(req: CacheRequest, allow_append: bool = True) -> tuple[Decision, Appe
     """Compare the source and the published cache (see :func:`_decide`), and say which steps
     are left out until every variable has them (files that hold different variables)."""
     decision, prepared = _decide(req, allow_append)
-    # Opened by the decision already (the per-process cache): no second read.
-    pending = cached_source(req).layout.pending if decision.base_version else ()
-    if pending:
-        reason = "; ".join([decision.reason, *pending])
-        decision = dataclasses.replace(decision, reason=reason, pending=tuple(pending))
-        if prepared is not None:
-            prepared.decision = decision
+    decision = with_pending(req, decision)
+    if prepared is not None:
+        prepared.decision = decision
     return decision, prepared
 
 
@@ -189,8 +122,7 @@ def _decide(req: CacheRequest, allow_append: bool = True) -> tuple[Decision, App
         return Decision("full", f"no published cache at {name} yet", name), None
     base = current.name
     try:
-        # overwrite/resume decide how a full run goes, not what the cache should hold.
-        full = prepare(req.model_copy(update={"overwrite": True, "resume": "auto"}))
+        full = prepare(full_run_request(req))
     except RecommendationsPending:
         reason = (
             "the plan re-reads source chunks and recommend_changes='halt' asks for a decision; "
@@ -198,19 +130,7 @@ def _decide(req: CacheRequest, allow_append: bool = True) -> tuple[Decision, App
         )
         return Decision("full", reason, name, base_version=base), None
     if full.status == "up_to_date":
-        stored_request = (plan_record(current) or {}).get("request")
-        if stored_request and stored_request != full.request.model_dump(mode="json"):
-            # Same content (store.same_content), other run settings: nothing to write.
-            reason = (
-                "the source and the request's content are unchanged (only how the run is "
-                "executed differs, e.g. memory_limit, num_jobs or deploy_mode)"
-            )
-        else:
-            reason = (
-                f"the request and the source are unchanged (plan fingerprint "
-                f"{full.plan.fingerprint[:12]} matches the published version {base})"
-            )
-        return Decision("up_to_date", reason, name, base_version=base), None
+        return up_to_date_decision(full), None
     req = full.request  # as the full run would write it (a recommendation may be applied)
     rec = plan_record(current) or {}
     try:
@@ -509,3 +429,7 @@ def _prepare_append(
         full_fingerprint=full.plan.fingerprint,
         full_content_fingerprint=full.plan.content_fingerprint,
     )
+
+
+#: Decision is re-exported: it lived here before run/recache_outcome.py.
+__all__ = ["AppendPrepared", "Decision", "content_digest", "decide"]
