@@ -38,7 +38,32 @@ logger = logging.getLogger(__name__)
 #: unset (the command sets 180: a fresh database is migrated first).
 DEFAULT_STARTUP_SECONDS = 180.0
 #: uvicorn's exit code when its port was taken meanwhile: start again on another (as Prefect).
+#: uvicorn exits with 3 when the app fails to start too (a database it cannot migrate): the port
+#: is then free, and the command fails at once instead of restarting until the timeout.
 PORT_TAKEN = 3
+#: Restarts on another port before giving up (a port taken twice in a row is already rare).
+MAX_RESPAWNS = 5
+
+
+def _port_free(port: int) -> bool:
+    """True when nothing listens on ``port`` (the server did not exit for want of it)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _exited_message(code: int) -> str:
+    """What the command says when the temporary server exits before answering."""
+    return (
+        "Timed out while attempting to connect to the ephemeral Prefect API server: the "
+        f"temporary server exited with code {code} (its messages are above). If they name a "
+        "database revision it cannot find, the database in PREFECT_HOME (default ~/.prefect) was "
+        "migrated by another Prefect version: set PREFECT_HOME to another folder, or "
+        "PREFECT_API_URL to a running Prefect server"
+    )
 
 
 def api_url_configured() -> bool:
@@ -173,19 +198,18 @@ class TemporaryApi:
                 or DEFAULT_STARTUP_SECONDS
             )
         deadline = time.monotonic() + timeout
+        respawns = 0
         while time.monotonic() < deadline:
             process = self.process
             if process is None:
                 break
             code = process.poll()
-            if code == PORT_TAKEN:
+            if code == PORT_TAKEN and not _port_free(self.port) and respawns < MAX_RESPAWNS:
+                respawns += 1
                 self._spawn()
                 continue
             if code is not None:
-                raise RuntimeError(
-                    "Timed out while attempting to connect to the ephemeral Prefect API server: "
-                    f"the temporary server exited with code {code} (its messages are above)"
-                )
+                raise RuntimeError(_exited_message(code))
             if _healthy(self.api_url):
                 self.ready = True
                 self.ready_seconds = time.monotonic() - self.started
