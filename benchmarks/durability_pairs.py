@@ -25,8 +25,8 @@ without a traceback and report OK only for the version it took when it held the 
 Frozen before it takes the lock, ``verify`` holds nothing that can go stale: that pair reduces
 to a single interleaving, covered by ``test_interleaved_verify``.
 
-:func:`pair_sweep` runs a list of pairs (every pair: :func:`all_pairs`; the CI's strided subset:
-:func:`strided_pairs`); ``python -m benchmarks.bench_durability --pairs`` runs them all.
+:func:`pair_sweep` runs a list of pairs (every pair: :func:`sweep_order`; the CI's strided
+subset: :func:`strided_pairs`); ``python -m benchmarks.bench_durability --pairs`` runs them all.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,19 @@ def all_pairs(points: tuple[str, ...] = RUN_POINTS) -> list[Pair]:
         Pair(i, j, same, action)
         for i in points
         for j in points
+        for same in (True, False)
+        for action in ("stop", "kill")
+    ]
+
+
+def sweep_order(points: tuple[str, ...] = RUN_POINTS) -> list[Pair]:
+    """:func:`all_pairs` ordered by shift: (k, k + s) for s = 0, 1, ..., each with the four
+    variants, so a sweep cut short by its time bound has still had every point as i and j."""
+    n = len(points)
+    return [
+        Pair(points[k], points[(k + s) % n], same, action)
+        for s in range(n)
+        for k in range(n)
         for same in (True, False)
         for action in ("stop", "kill")
     ]
@@ -401,21 +415,21 @@ def pair_sweep(
     scn: Scenario,
     zygote: Zygote,
     pairs: list[Pair],
-    verify_pairs: list[tuple[str, Pair]] = (),  # type: ignore[assignment]
+    verify_pairs: Sequence[tuple[str, Pair]] = (),
     seconds: float = 3600.0,
     counts: PairCounts | None = None,
 ) -> PairCounts:
-    """Run ``pairs`` then ``verify_pairs`` in order until done or ``seconds`` passed."""
+    """Run ``verify_pairs`` then ``pairs`` in order until done or ``seconds`` passed."""
     counts = counts or PairCounts()
     deadline = time.monotonic() + seconds
-    for pair in pairs:
-        if time.monotonic() > deadline:
-            return counts
-        pair_step(scn, zygote, counts, pair)
     for where, pair in verify_pairs:
         if time.monotonic() > deadline:
             return counts
         verify_pair_step(scn, zygote, counts, where, pair)
+    for pair in pairs:
+        if time.monotonic() > deadline:
+            return counts
+        pair_step(scn, zygote, counts, pair)
     return counts
 
 

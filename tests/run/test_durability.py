@@ -25,8 +25,14 @@ file operation; the environment makes it longer:
     How long each operation's sweep goes on once that operation failed twice (each of its
     errors at least once; an N past a run's last such operation moves back half-way).
 
+``ZP_PAIR_STRIDE`` (default 3), ``ZP_PAIR_SHIFTS`` (default 1)
+    The pairs of fault points (``test_interleaved_pairs``): point k of the first run with
+    point k + s·stride of the second, s = 1..shifts; ``ZP_PAIR_STRIDE=1 ZP_PAIR_SHIFTS=10``
+    gives every (i, j). ``python -m benchmarks.bench_durability --pairs`` also runs each with
+    the same and the other request, stopped and killed.
+
 A full run, as the release tests: ``ZP_SOAK_KILLS=24 ZP_SOAK_SECONDS=150
-ZP_SWEEP_STRIDE_SCALE=1 ZP_SWEEP_SECONDS=60``.
+ZP_SWEEP_STRIDE_SCALE=1 ZP_SWEEP_SECONDS=60 ZP_PAIR_STRIDE=1 ZP_PAIR_SHIFTS=10``.
 """
 
 from __future__ import annotations
