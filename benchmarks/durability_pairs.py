@@ -203,6 +203,38 @@ def wait_stopped(zygote: Zygote, pid: int, seconds: float = 180.0) -> bool:
         time.sleep(0.02)
 
 
+def freeze_group(pid: int, settle: float = 0.5) -> None:
+    """Freeze the rest of frozen run ``pid``'s process group too, as a paused machine would.
+
+    The fault stops the run's process; a job process of its (series and local modes run each
+    job in one) finishes the job it is in, record included, and only then waits for the next
+    one. Once no process of the group has used CPU for ``settle`` seconds (the record is
+    written, the job process waits), the whole group is stopped: the job process must not race
+    with the run that breaks the lock.
+    """
+    deadline = time.monotonic() + 30
+    last: dict[int, float] = {}
+    while time.monotonic() < deadline:
+        time.sleep(settle)
+        now = {}
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    times = child.cpu_times()
+                    now[child.pid] = times.user + times.system
+        if now == last:  # nothing of the group ran for ``settle`` seconds: it waits
+            break
+        last = now
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGSTOP)
+
+
+def thaw_group(pid: int) -> None:
+    """Continue every process of run ``pid``'s group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGCONT)
+
+
 def records_by(scn: Scenario, pid: int) -> set[tuple[str, int]]:
     """(version, job id) of every job record written by process ``pid``."""
     from zarr_parallel.store.manifest import iter_job_records
@@ -239,7 +271,7 @@ def _continue_lost(
 ) -> None:
     """Continue the run whose lock was broken: exit 1 naming the lost lock, nothing done."""
     link, recorded = _link(scn), records_by(scn, pid)
-    os.kill(pid, signal.SIGCONT)
+    thaw_group(pid)
     code = zygote.wait(pid, 300)
     text = log.read_text() if log.exists() else ""
     if code != 1 or not any(words in text for words in LOST):
@@ -263,6 +295,7 @@ def _second(
     pid = zygote.spawn(argv, log, scn.root, _env(spec, scn))
     counts.runs += 1
     if wait_stopped(zygote, pid):
+        freeze_group(pid)
         counts.frozen += 1  # type: ignore[attr-defined]
         return pid, log, "frozen"
     code = zygote.wait(pid)
@@ -286,7 +319,7 @@ def _finish_second(
     """Run 2 continued (or resumed by a fresh run) to the end, then its cache checked."""
     pid, log, state = second
     if state == "frozen":
-        os.kill(pid, signal.SIGCONT)
+        thaw_group(pid)
         code = zygote.wait(pid, 300)
     elif state == "killed":
         log = scn.new_log(f"pair-resume-{content}")
@@ -343,6 +376,7 @@ def pair_step(scn: Scenario, zygote: Zygote, counts: PairCounts, pair: Pair) -> 
         if not wait_stopped(zygote, first):
             counts.fail(f"{context}: run 1 never reached {pair.first}: {_tail(log1)}")
             return
+        freeze_group(first)
         counts.frozen += 1
         before = "B" if pair.first in ("published", "prune") else "A"
         make_stale(CachePaths(scn.final).lock)
@@ -359,7 +393,8 @@ def pair_step(scn: Scenario, zygote: Zygote, counts: PairCounts, pair: Pair) -> 
     finally:
         for pid in (first, second[0] if second else None):
             if pid is not None and not zygote.ended(pid, 0):
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)  # its job processes, frozen too
                 zygote.wait(pid, 60)
 
 
@@ -370,6 +405,7 @@ def verify_pair_step(
     (``pair.second``, ``pair.action``) breaks it; ``verify`` continued never says OK for
     another version than A's, nor ends in a traceback; run 2 then finishes."""
     from zarr_parallel.run.verify import cache_differences
+    from zarr_parallel.store.disk_names import PRUNING_PREFIX
     from zarr_parallel.store.paths import CachePaths
 
     start_from(scn, zygote, "A")
@@ -384,6 +420,7 @@ def verify_pair_step(
         if not wait_stopped(zygote, frozen):
             counts.fail(f"{context}: verify never froze at {where}: {_tail(log)}")
             return
+        freeze_group(frozen)
         counts.frozen += 1
         version = CachePaths(scn.final).current()
         make_stale(CachePaths(scn.final).lock)
@@ -392,7 +429,7 @@ def verify_pair_step(
         if second[2] == "failed":
             counts.fail(f"{context}: run 2 failed before {pair.second}: {_tail(second[1])}")
             return
-        os.kill(frozen, signal.SIGCONT)
+        thaw_group(frozen)
         code = zygote.wait(frozen, 300)
         report = log.read_text()
         if "Traceback" in report or code not in (0, 1):
@@ -401,13 +438,19 @@ def verify_pair_step(
             said = [line for line in report.splitlines() if line.startswith("verify ")]
             named = version is not None and bool(said) and f"(version {version.name})" in said[0]
             ok = "result    OK" in report and version is not None and named
-            if not ok or cache_differences(version, scn.references["A"]):
+            # Done reading, verify may have lost its version to run 2's prune since: renamed
+            # out of the versions' names first (zarr_parallel.store.publish), it is still there.
+            checked = version
+            if version is not None and not version.exists():
+                checked = version.with_name(PRUNING_PREFIX + version.name)
+            if not ok or checked is None or cache_differences(checked, scn.references["A"]):
                 counts.fail(f"{context}: verify said OK but not for A's version: {_tail(log)}")
         _finish_second(scn, zygote, counts, "B", second, context)
     finally:
         for pid in (frozen, second[0] if second else None):
             if pid is not None and not zygote.ended(pid, 0):
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)  # its job processes, frozen too
                 zygote.wait(pid, 60)
 
 
