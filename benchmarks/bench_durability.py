@@ -1,7 +1,7 @@
 """Crash soak and file-operation fault injection of real cache runs.
 
 ``python -m benchmarks.bench_durability [--kills 300] [--seconds 1800] [--dask-kills 4]
-[--io-faults] [--seed 0] [--folder /tmp]``
+[--io-faults] [--seed 0] [--folder /tmp]``, or ``... --pairs [--seconds 3600]``
 
 **Soak.** Two requests of one tiny ERA5-like source that differ in content (target chunks of 4
 and of 8 steps) take turns on one cache path with ``keep_versions: 1``, so every run that
@@ -21,6 +21,19 @@ operation of a run fails with ENOSPC or EIO, for N = 1, 2, ... until a run no lo
 N-th operation. After each failure the previous version must still be published and intact, the
 run must have ended with exit code 1 and a message (never a traceback), and a clean re-run must
 give the reference.
+
+**Pairs** (``--pairs``, instead of the soak): two runs interleaved at every pair of fault
+points through a lock broken as stale (:mod:`benchmarks.durability_pairs`): run 1 frozen at
+point i, its lock made stale, run 2 (``break_lock``; the same request, which resumes run 1's
+version, or another) frozen or SIGKILLed at point j; run 1, continued, must exit 1 having
+recorded and published nothing; run 2, continued or resumed, must publish its reference. Every
+(i, j) of the 10 points, each with the same and the other request, stopped and killed (400
+pairs), after ``verify`` frozen holding its lock × every j, stopped and killed (40). Bounded by
+``--seconds``: a pair takes about 7 s here (2 cores), so the whole sweep needs about 55 min
+(``--seconds 3600``); a shorter bound stops early and says how many pairs ran of how many (the
+pairs are ordered so that every point comes early as i and as j). Printed: pairs run, runs
+frozen and killed, j not reached (run 2 had nothing left to do there), caches verified, bytes
+lost (must be 0) and every failure.
 
 The runs are forked from one process that imported the command line once (a *zygote*,
 :mod:`benchmarks.zygote`), so a run costs its own work, not 5 s of imports; each is still a
@@ -421,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dask-kills", type=int, default=4, help="dask_distributed kills")
     parser.add_argument("--seconds", type=float, default=1800.0, help="time bound of the soak")
     parser.add_argument("--io-faults", action="store_true", help="also sweep file-op faults")
+    parser.add_argument(
+        "--pairs", action="store_true", help="instead of the soak: every pair of fault points"
+    )
     parser.add_argument("--stride", type=int, default=1, help="sweep N = 1, 1+stride, ...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folder", default=None, help="where the temporary scenario goes")
@@ -429,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         print("set PREFECT_API_URL (e.g. `prefect server start`): every run shares one API")
         return 2
     t0 = time.monotonic()
+    if args.pairs:
+        return _pairs(args.folder, args.seconds)
     with harness(args.folder) as (scn, zygote):
         counts = soak(scn, zygote, args.kills, args.seconds, args.seed, args.dask_kills)
         print(f"soak ({time.monotonic() - t0:.0f} s)\n{counts.text()}", flush=True)
@@ -439,6 +457,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"file-operation faults ({time.monotonic() - t1:.0f} s)\n{io_counts.text()}")
             failed = failed or bool(io_counts.failures or io_counts.bytes_lost)
     return 1 if failed else 0
+
+
+def _pairs(folder: str | None, seconds: float) -> int:
+    """The pair sweep (``--pairs``); exit 1 on any failure or lost byte."""
+    from benchmarks.durability_pairs import all_verify_pairs, pair_sweep, sweep_order
+
+    t0 = time.monotonic()
+    pairs, verify_pairs = sweep_order(), all_verify_pairs()
+    with harness(folder) as (scn, zygote):
+        counts = pair_sweep(scn, zygote, pairs, verify_pairs, seconds)
+    total = len(pairs) + len(verify_pairs)
+    print(f"pairs ({time.monotonic() - t0:.0f} s, {counts.pairs} of {total})\n{counts.text()}")
+    return 1 if counts.failures or counts.bytes_lost else 0
 
 
 if __name__ == "__main__":

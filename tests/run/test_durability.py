@@ -25,8 +25,14 @@ file operation; the environment makes it longer:
     How long each operation's sweep goes on once that operation failed twice (each of its
     errors at least once; an N past a run's last such operation moves back half-way).
 
+``ZP_PAIR_STRIDE`` (default 3), ``ZP_PAIR_SHIFTS`` (default 1)
+    The pairs of fault points (``test_interleaved_pairs``): point k of the first run with
+    point k + s·stride of the second, s = 1..shifts; ``ZP_PAIR_STRIDE=1 ZP_PAIR_SHIFTS=10``
+    gives every (i, j). ``python -m benchmarks.bench_durability --pairs`` also runs each with
+    the same and the other request, stopped and killed.
+
 A full run, as the release tests: ``ZP_SOAK_KILLS=24 ZP_SOAK_SECONDS=150
-ZP_SWEEP_STRIDE_SCALE=1 ZP_SWEEP_SECONDS=60``.
+ZP_SWEEP_STRIDE_SCALE=1 ZP_SWEEP_SECONDS=60 ZP_PAIR_STRIDE=1 ZP_PAIR_SHIFTS=10``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.bench_durability import fault_step, fault_sweep, soak
+from benchmarks.durability_pairs import (
+    RUN_POINTS,
+    Pair,
+    PairCounts,
+    pair_step,
+    strided_pairs,
+    verify_pair_step,
+)
 from benchmarks.durability_scenario import (
     Counts,
     Scenario,
@@ -413,3 +427,58 @@ def test_recache_cli_up_to_date(durability: tuple[Scenario, Zygote]) -> None:
     assert code == 0, log.read_text()[-2000:]
     assert "re-cache            up_to_date" in log.read_text()
     assert location_snapshot(scn.final) == snapshot
+
+
+#: Pairs of the CI: point k of a run frozen (run 1) with point k + PAIR_STRIDE stopped or
+#: killed (run 2), for PAIR_SHIFTS shifts (each shift has every point once as i and once as
+#: j); ZP_PAIR_STRIDE=1 ZP_PAIR_SHIFTS=10 runs every (i, j); the benchmark's ``--pairs``
+#: also varies the request and the action of every pair.
+PAIR_STRIDE = int(os.environ.get("ZP_PAIR_STRIDE", "3"))
+PAIR_SHIFTS = int(os.environ.get("ZP_PAIR_SHIFTS", "1"))
+CI_PAIRS = strided_pairs(PAIR_STRIDE, PAIR_SHIFTS)
+
+
+@pytest.mark.parametrize("pair", CI_PAIRS, ids=[p.label for p in CI_PAIRS])
+def test_interleaved_pairs(durability: tuple[Scenario, Zygote], pair: Pair) -> None:
+    """Run 1 (of B) frozen at ``pair.first``, its lock made stale; run 2 (of B again, resuming
+    its version, or of C) breaks it and is frozen or killed at ``pair.second``; run 1,
+    continued, exits 1 (lost lock) having recorded and published nothing; run 2, continued or
+    resumed, publishes its reference, verified, nothing left behind, nothing outside changed
+    (``benchmarks.durability_pairs``)."""
+    scn, zygote = durability
+    counts = PairCounts()
+    pair_step(scn, zygote, counts, pair)
+    print(counts.text())
+    assert counts.failures == [], counts.failures
+    assert counts.bytes_lost == 0 and counts.verified == 1
+
+
+def test_pairs_cover_every_point() -> None:
+    """The CI's pairs have every point of a run once as run 1's and once as run 2's."""
+    assert {p.first for p in CI_PAIRS} == set(RUN_POINTS)
+    assert {p.second for p in CI_PAIRS} == set(RUN_POINTS)
+    assert {p.same for p in CI_PAIRS} == {True, False}
+    assert {p.action for p in CI_PAIRS} == {"stop", "kill"}
+
+
+#: verify × run pairs of the CI: verify frozen holding its lock, run 2 at these points.
+VERIFY_PAIRS = [
+    ("locked", Pair("locked", "job-recorded#2", True, "stop")),
+    ("releasing", Pair("releasing", "published", True, "kill")),
+]
+
+
+@pytest.mark.parametrize("where,pair", VERIFY_PAIRS, ids=[w for w, _ in VERIFY_PAIRS])
+def test_interleaved_verify_pairs(
+    durability: tuple[Scenario, Zygote], where: str, pair: Pair
+) -> None:
+    """``verify`` of A frozen holding the lock, made stale; a run of B breaks it and is frozen
+    or killed; verify, continued, says OK only for A's version (or fails cleanly), and B then
+    finishes (frozen before it takes the lock, verify holds nothing that goes stale:
+    ``test_interleaved_verify``)."""
+    scn, zygote = durability
+    counts = PairCounts()
+    verify_pair_step(scn, zygote, counts, where, pair)
+    print(counts.text())
+    assert counts.failures == [], counts.failures
+    assert counts.verified == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -207,12 +208,39 @@ def test_a_failing_fence_stops_the_switch(paths: CachePaths) -> None:
     v1, v2 = _complete(paths, 1), _complete(paths, 2)
     publish(paths, v1, keep_versions=1)
 
-    def lost() -> None:
+    def lost(step: str) -> None:
         raise LockLost("lock lost")
 
     with pytest.raises(LockLost):
         publish(paths, v2, keep_versions=1, fence=lost)
     assert paths.current() == v1
+
+
+def test_the_fence_is_checked_again_at_the_switch_and_before_pruning(paths: CachePaths) -> None:
+    """A run paused between making its link and moving it over the final path (or after the
+    switch, before pruning) whose lock was broken meanwhile switches (prunes) nothing: the
+    fence is checked again at each step, not only once before publishing."""
+    v1, v2 = _complete(paths, 1), _complete(paths, 2)
+    publish(paths, v1, keep_versions=1)
+    steps: list[str] = []
+
+    def lost_at(fail: int) -> Callable[[str], None]:
+        def fence(step: str) -> None:
+            steps.append(step)
+            if len(steps) == fail:
+                raise LockLost(f"lock lost before {step}")
+
+        return fence
+
+    with pytest.raises(LockLost):
+        publish(paths, v2, keep_versions=1, fence=lost_at(2))  # the second: at the switch
+    assert paths.current() == v1 and steps == ["publishing", "publishing"]
+    assert not list(paths.final.parent.glob(".*.link")), "the new link is removed"
+    steps.clear()
+    with pytest.raises(LockLost):
+        publish(paths, v2, keep_versions=1, fence=lost_at(3))  # the third: before pruning
+    assert paths.current() == v2 and steps[-1] == "pruning old versions"
+    assert v1.is_dir(), "the old version is kept by the run that lost its lock"
 
 
 def test_clean_temporary_removes_only_temporary_files(tmp_path: Path) -> None:

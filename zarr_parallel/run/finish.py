@@ -91,6 +91,10 @@ def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) ->
         clean_temporary(prepared.version)
         records = list(iter_job_records(prepared.version))
         fault_point("before-finalise")
+        if token is not None:
+            # Paused here past the stale threshold, the run must not write its version again:
+            # the run that took the lock over may have removed it (docs/design.md §4).
+            check_lock_token(prepared.paths.lock, token, "finalising")
         if req.verify_before_publish != "off":
             _verify_staging(prepared)
         # Last, after every read: a source that changed during the run (after a job read it)
@@ -103,7 +107,7 @@ def finish(prepared: Prepared, results: list[dict[str, Any]], started: float) ->
             fence = (
                 None
                 if token is None
-                else functools.partial(check_lock_token, prepared.paths.lock, token, "publishing")
+                else functools.partial(check_lock_token, prepared.paths.lock, token)
             )
             publish(
                 prepared.paths,

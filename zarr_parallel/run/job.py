@@ -40,7 +40,7 @@ from zarr_parallel.sources.target import (
 )
 from zarr_parallel.store.chunks import sync_region
 from zarr_parallel.store.intermediate import copy_region
-from zarr_parallel.store.manifest import plan_record, record_job
+from zarr_parallel.store.manifest import check_fence, plan_record, record_job
 from zarr_parallel.store.zarr_io import array_checksum, crc32, write_region, write_values
 
 logger = logging.getLogger(__name__)
@@ -241,6 +241,11 @@ def run_job(
     t0 = time.perf_counter()
     release_freed_memory()
     started = time.time()
+    if fence is not None:
+        # Before writing a chunk: a run whose lock was broken while it was paused writes
+        # nothing more (the run that took the lock over may be writing or removing this very
+        # version). Without a token (direct library use) the record's check alone applies.
+        check_fence(Path(version), f"writing job {job_id}", fence)
     fp, jobs, planned = _plan_jobs(version)
     variables, region, estimate = jobs[job_id]
     slices = {str(d): slice(int(a), int(b)) for d, a, b in region}

@@ -52,6 +52,7 @@ from zarr_parallel.store.disk_names import LOCK_GUARD
 from zarr_parallel.store.intermediate import stage_path
 from zarr_parallel.store.lock import CacheLock, held_token
 from zarr_parallel.store.manifest import (
+    check_lock_token,
     is_complete,
     plan_differences,
     plan_record,
@@ -424,6 +425,11 @@ def initialise(prepared: Prepared) -> None:
     The caller holds the cache's lock, so nothing cleaned here belongs to a live run.
     """
     paths = prepared.paths
+    token = held_token(paths.lock)
+    if token is not None and prepared.status != "up_to_date":
+        # A run paused after planning whose lock was broken must clean and create nothing: the
+        # run that took the lock over may be writing the very versions cleaned here.
+        check_lock_token(paths.lock, token, "initialising")
     current = paths.current()
     clean_stale_links(paths)
     # Stale staging versions of other plans are cleaned, never mixed with this run.
@@ -454,7 +460,6 @@ def initialise(prepared: Prepared) -> None:
     initialise_stages(
         paths, prepared.request, prepared.plan, prepared.intermediates, prepared.layout
     )
-    token = held_token(paths.lock)
     if token is not None and prepared.status != "up_to_date":
         # Every job checks, before it records, that the run writing this version still holds
         # the lock (a run whose lock was broken while it was paused must record nothing).

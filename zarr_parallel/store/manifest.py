@@ -71,10 +71,12 @@ def check_lock_token(lock: Path, token: str, before: str) -> None:
     if held == token:
         return
     how = "another run took it over" if held else "it is gone"
+    # Pruning comes after the switch: the run published its version, and removes nothing more.
+    done = "removed no old version" if before.startswith("pruning") else "published nothing"
     raise LockLost(
         f"this run no longer holds the lock {lock} ({how}: the run was paused past the stale "
-        f"threshold and its lock was broken). It stopped before {before} and published "
-        "nothing; the cache is as the other run left it. Run again when no other run is active"
+        f"threshold and its lock was broken). It stopped before {before} and {done}; the "
+        "cache is as the other run left it. Run again when no other run is active"
     )
 
 

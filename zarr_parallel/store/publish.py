@@ -38,7 +38,7 @@ def publish(
     version: Path,
     keep_versions: int,
     min_age: float = 0.0,
-    fence: Callable[[], None] | None = None,
+    fence: Callable[[str], None] | None = None,
 ) -> None:
     """Point the final path at ``version`` atomically and prune old versions.
 
@@ -46,7 +46,9 @@ def publish(
     a link to a version of this cache is replaced; an empty folder is removed; a Zarr store of
     another tool (only Zarr metadata and chunk files) is moved aside to
     ``P.versions/legacy-<time>`` and never deleted by zarr-parallel; anything else fails the run.
-    ``fence`` (the run's lock check) is called last before the switch.
+    ``fence`` (the run's lock check, given the step it guards) is called before the switch,
+    again just before the link replaces the final path, and before each old version is removed:
+    a run whose lock was broken while it was paused switches and prunes nothing.
     """
     paths.final.parent.mkdir(parents=True, exist_ok=True)
     found = inspect_final(paths)
@@ -56,7 +58,7 @@ def publish(
             f"{version} was not published. Move it away and run again"
         )
     if fence is not None:
-        fence()
+        fence("publishing")
     if found.kind == "empty":
         os.rmdir(paths.final)
     elif found.kind == "adoptable":
@@ -74,6 +76,12 @@ def publish(
         link.unlink()
     os.symlink(os.path.relpath(version, paths.final.parent), link)
     fault_point("publish")
+    if fence is not None:
+        try:
+            fence("publishing")
+        except BaseException:
+            link.unlink(missing_ok=True)
+            raise
     os.replace(link, paths.final)
     fsync_dir(paths.final.parent)
     fault_point("published")
@@ -83,7 +91,7 @@ def publish(
         with contextlib.suppress(OSError):
             write_json_atomic(retired_record(paths, previous), {"time": time.time()})
     try:
-        prune_versions(paths, keep_versions, min_age)
+        prune_versions(paths, keep_versions, min_age, fence)
     except OSError as e:
         # Pruning is tidying up: the new version is published, so the run has succeeded; what
         # was not removed is removed by the next run's prune.
@@ -144,7 +152,12 @@ def leased_versions(paths: CachePaths) -> set[str]:
     return held
 
 
-def prune_versions(paths: CachePaths, keep_versions: int, min_age: float = 0.0) -> None:
+def prune_versions(
+    paths: CachePaths,
+    keep_versions: int,
+    min_age: float = 0.0,
+    fence: Callable[[str], None] | None = None,
+) -> None:
     """Remove complete versions beyond the newest ``keep_versions`` (never the current one).
 
     Only versions of this cache (:meth:`CachePaths.all_versions`) are ever removed, and of those
@@ -154,7 +167,8 @@ def prune_versions(paths: CachePaths, keep_versions: int, min_age: float = 0.0) 
     Each is first renamed out of the versions' names, then removed: a removal cut short (a
     killed run) must not leave a version that still looks complete or resumable while files
     are missing from it; a later run of the same request would take it up and fail on it.
-    What a cut-short removal left is removed by the next prune.
+    What a cut-short removal left is removed by the next prune. ``fence`` (the run's lock
+    check) is called before each removal.
     """
     for leftover in paths.versions.glob(f"{PRUNING_PREFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
@@ -176,6 +190,8 @@ def prune_versions(paths: CachePaths, keep_versions: int, min_age: float = 0.0) 
                 min_age,
             )
             continue
+        if fence is not None:
+            fence("pruning old versions")
         logger.info("removing old version %s", old)
         doomed = old.with_name(PRUNING_PREFIX + old.name)
         try:
@@ -185,5 +201,8 @@ def prune_versions(paths: CachePaths, keep_versions: int, min_age: float = 0.0) 
             continue
         fsync_dir(old.parent)
         fault_point("prune")
+        if fence is not None:
+            # Renamed out of the versions' names already: left, the next prune removes it.
+            fence("pruning old versions")
         shutil.rmtree(doomed, ignore_errors=True)
         retired_record(paths, old).unlink(missing_ok=True)
