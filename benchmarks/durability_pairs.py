@@ -398,14 +398,36 @@ def pair_step(scn: Scenario, zygote: Zygote, counts: PairCounts, pair: Pair) -> 
                 zygote.wait(pid, 60)
 
 
+def _verify_verdict(scn: Scenario, code: int | None, log: Path, version: Path | None) -> str:
+    """What is wrong with a continued ``verify``'s end ("" when nothing): a traceback, an exit
+    other than 0 or 1, or OK said for another version than A's."""
+    from zarr_parallel.run.verify import cache_differences
+    from zarr_parallel.store.disk_names import PRUNING_PREFIX
+
+    report = log.read_text()
+    if "Traceback" in report or code not in (0, 1):
+        return f"verify exited {code}"
+    if code != 0:
+        return ""
+    said = [line for line in report.splitlines() if line.startswith("verify ")]
+    named = version is not None and bool(said) and f"(version {version.name})" in said[0]
+    ok = "result    OK" in report and version is not None and named
+    # Done reading, verify may have lost its version to run 2's prune since: renamed out of the
+    # versions' names first (zarr_parallel.store.publish), it is still there.
+    checked = version
+    if version is not None and not version.exists():
+        checked = version.with_name(PRUNING_PREFIX + version.name)
+    if not ok or checked is None or cache_differences(checked, scn.references["A"]):
+        return "verify said OK but not for A's version"
+    return ""
+
+
 def verify_pair_step(
     scn: Scenario, zygote: Zygote, counts: PairCounts, where: str, pair: Pair
 ) -> None:
     """``verify`` of A frozen at ``where`` holding its lock, made stale; run 2 of B
     (``pair.second``, ``pair.action``) breaks it; ``verify`` continued never says OK for
     another version than A's, nor ends in a traceback; run 2 then finishes."""
-    from zarr_parallel.run.verify import cache_differences
-    from zarr_parallel.store.disk_names import PRUNING_PREFIX
     from zarr_parallel.store.paths import CachePaths
 
     start_from(scn, zygote, "A")
@@ -431,20 +453,9 @@ def verify_pair_step(
             return
         thaw_group(frozen)
         code = zygote.wait(frozen, 300)
-        report = log.read_text()
-        if "Traceback" in report or code not in (0, 1):
-            counts.fail(f"{context}: verify exited {code}: {_tail(log)}")
-        elif code == 0:
-            said = [line for line in report.splitlines() if line.startswith("verify ")]
-            named = version is not None and bool(said) and f"(version {version.name})" in said[0]
-            ok = "result    OK" in report and version is not None and named
-            # Done reading, verify may have lost its version to run 2's prune since: renamed
-            # out of the versions' names first (zarr_parallel.store.publish), it is still there.
-            checked = version
-            if version is not None and not version.exists():
-                checked = version.with_name(PRUNING_PREFIX + version.name)
-            if not ok or checked is None or cache_differences(checked, scn.references["A"]):
-                counts.fail(f"{context}: verify said OK but not for A's version: {_tail(log)}")
+        problem = _verify_verdict(scn, code, log, version)
+        if problem:
+            counts.fail(f"{context}: {problem}: {_tail(log)}")
         _finish_second(scn, zygote, counts, "B", second, context)
     finally:
         for pid in (frozen, second[0] if second else None):
