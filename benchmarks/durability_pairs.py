@@ -169,7 +169,12 @@ def add_other_content(scn: Scenario, zygote: Zygote) -> None:
 
 
 def start_from(scn: Scenario, zygote: Zygote, content: str = "A") -> None:
-    """The cache location holding ``content`` alone (made once by a clean run, then copied)."""
+    """Start from a cache location holding ``content`` alone, published by a clean run.
+
+    The first time a run makes it and the location is copied aside; later it is copied back (a
+    run costs seconds, a copy milliseconds). Aside means beside the scenario's folder, where the
+    check that nothing outside the cache changed does not look.
+    """
     shutil.rmtree(scn.final.parent, ignore_errors=True)
     pristine = scn.root.parent / f"{scn.root.name}-fresh-{content}"
     if pristine.exists():

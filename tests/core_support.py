@@ -91,3 +91,17 @@ def frozen_run(request: Path, point: str) -> Iterator[subprocess.Popen[str]]:
         yield proc
     finally:
         proc.kill()
+
+
+def temporary_servers(home: Path) -> list[psutil.Process]:
+    """The temporary Prefect API servers (uvicorn) running with ``PREFECT_HOME=home``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "uvicorn" in " ".join(proc.info["cmdline"] or []) and (
+                proc.environ().get("PREFECT_HOME") == str(home)
+            ):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found

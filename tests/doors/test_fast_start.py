@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import xarray as xr
 import yaml
 
-from tests.core_support import changed_env, open_cache
+from tests.core_support import changed_env, open_cache, temporary_servers
 from zarr_parallel.api import ZarrParallelAssembler
 from zarr_parallel.run.phases import PHASES
 
@@ -122,19 +121,6 @@ def test_auto_default_up_to_date_answer_and_a_changed_source(
     _same(tmp_path / "cache.zarr", files)
 
 
-def _servers_of(home: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if "uvicorn" in " ".join(proc.info["cmdline"] or []) and (
-                proc.environ().get("PREFECT_HOME") == str(home)
-            ):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
 def test_without_an_api_the_command_starts_its_own_and_stops_it(
     tmp_path: Path, era5_factory: Any
 ) -> None:
@@ -148,7 +134,7 @@ def test_without_an_api_the_command_starts_its_own_and_stops_it(
     # The flow ran against the command's temporary API (its database is in this home) ...
     assert (home / "prefect.db").exists()
     # ... which did not outlive the command.
-    assert _servers_of(home) == []
+    assert temporary_servers(home) == []
 
 
 def test_the_python_api_reports_the_choice_and_the_phases(

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import xarray as xr
 import yaml
 
-from tests.core_support import changed_env, open_cache
+from tests.core_support import changed_env, open_cache, temporary_servers
 from zarr_parallel.run.phases import PHASES
 from zarr_parallel.run.verify import location_snapshot
 from zarr_parallel.store.lock import cache_lock
@@ -125,19 +124,6 @@ def test_an_unchanged_cache_is_answered_before_any_flow_run(
     assert location_snapshot(tmp_path / "cache.zarr") == snapshot
 
 
-def _servers_of(home: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if "uvicorn" in " ".join(proc.info["cmdline"] or []) and (
-                proc.environ().get("PREFECT_HOME") == str(home)
-            ):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
 def test_without_an_api_an_append_runs_against_the_commands_own(
     tmp_path: Path, era5_factory: Any
 ) -> None:
@@ -166,7 +152,7 @@ def test_without_an_api_an_append_runs_against_the_commands_own(
     # The flow ran against the command's temporary API (its database is in this home) ...
     assert (home / "prefect.db").exists()
     # ... which did not outlive the command.
-    assert _servers_of(home) == []
+    assert temporary_servers(home) == []
     assert len(CachePaths(tmp_path / "cache.zarr").all_versions()) == 2
 
 

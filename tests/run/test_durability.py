@@ -56,6 +56,7 @@ from benchmarks.durability_pairs import (
     Pair,
     PairCounts,
     pair_step,
+    start_from,
     strided_pairs,
     verify_pair_step,
 )
@@ -90,22 +91,6 @@ def durability(
     """The two-request scenario (sources, requests, references) and the run forker."""
     with harness(str(tmp_path_factory.mktemp("durability"))) as made:
         yield made
-
-
-def _fresh(scn: Scenario, zygote: Zygote, content: str = "A") -> None:
-    """Start from a cache location holding ``content`` alone, published by a clean run.
-
-    The first time a run makes it and the location is copied aside; later it is copied back (a
-    run costs seconds, a copy milliseconds). Aside means beside the scenario's folder, where the
-    check that nothing outside the cache changed does not look.
-    """
-    shutil.rmtree(scn.final.parent, ignore_errors=True)
-    pristine = scn.root.parent / f"{scn.root.name}-fresh-{content}"
-    if pristine.exists():
-        shutil.copytree(pristine, scn.final.parent, symlinks=True)
-        return
-    assert zygote.run(scn.argv(content), scn.new_log(f"fresh-{content}"), scn.root) == 0
-    shutil.copytree(scn.final.parent, pristine, symlinks=True)
 
 
 def _run(
@@ -160,7 +145,7 @@ def test_resume_after_a_kill_inside_prune(durability: tuple[Scenario, Zygote]) -
     names before it is removed, and the next prune removes what a cut-short removal left.
     """
     scn, zygote = durability
-    _fresh(scn, zygote, "A")
+    start_from(scn, zygote, "A")
     assert _run(scn, zygote, "B")[0] == 0
     # A publishes and prunes B's version; killed after 5 files of it were removed.
     code, _ = _run(scn, zygote, "A", "kill@prune+os.unlink#5")
@@ -181,7 +166,7 @@ def test_a_killed_run_leaves_no_probe_file(durability: tuple[Scenario, Zygote]) 
     killed just before it left ``.zarr-parallel-probe-*`` beside the cache for good. The probe
     is now an unnamed file."""
     scn, zygote = durability
-    _fresh(scn, zygote, "A")
+    start_from(scn, zygote, "A")
     code, _ = _run(scn, zygote, "B", "kill@os.unlink#1")
     assert code == -signal.SIGKILL
     assert not list(scn.final.parent.glob(".zarr-parallel-probe-*"))
@@ -216,7 +201,7 @@ def test_file_operation_faults(durability: tuple[Scenario, Zygote]) -> None:
     reference. Each kind fails at least twice (when runs make it twice). The benchmark
     (``--io-faults``) sweeps every N."""
     scn, zygote = durability
-    _fresh(scn, zygote, "A")
+    start_from(scn, zygote, "A")
     plan = {
         "write": (("enospc", "eio*"), 23),
         "fsync": (("eio",), 29),
@@ -252,7 +237,7 @@ def test_faults_taking_the_lock(durability: tuple[Scenario, Zygote], spec: str) 
     """The first write, fsync and link under the cache's folder are the lock's: the run must
     fail with exit 1 and a message, leave the published cache and no temporary lock file."""
     scn, zygote = durability
-    _fresh(scn, zygote, "A")
+    start_from(scn, zygote, "A")
     counts = Counts()
     injected = fault_step(scn, zygote, counts, spec)
     assert injected
@@ -286,7 +271,7 @@ def test_interleaved_runs(durability: tuple[Scenario, Zygote], point: str) -> No
     re-cache of the same cache each stop at once (the lock) and change nothing; the frozen run
     then finishes and publishes its content."""
     scn, zygote = durability
-    _fresh(scn, zygote, "A")
+    start_from(scn, zygote, "A")
     log = scn.new_log(f"frozen-{point}")
     env = {"ZARR_PARALLEL_FAULT": f"stop@{point}"}
     first = zygote.spawn(scn.argv("B"), log, scn.root, env)
@@ -335,7 +320,7 @@ def test_interleaved_verify(durability: tuple[Scenario, Zygote], where: str) -> 
     run publishes B and verify, continued, fails cleanly (exit 1, naming what changed), never
     a traceback and never OK for the wrong version."""
     scn, zygote = durability
-    _fresh(scn, zygote, "A")
+    start_from(scn, zygote, "A")
     log = scn.new_log(f"verify-frozen-{where}")
     env = {
         "ZARR_PARALLEL_FAULT": f"stop@{VERIFY_PAUSES[where]}",
@@ -387,7 +372,7 @@ def test_interleaved_recache(durability: tuple[Scenario, Zygote], where: str) ->
     the re-cache holds the lock, else publishes; either way the re-cache, continued, finishes
     and publishes B equal to its reference (it plans again under its own lock)."""
     scn, zygote = durability
-    _fresh(scn, zygote, "A")
+    start_from(scn, zygote, "A")
     log = scn.new_log(f"recache-frozen-{where}")
     env = {
         "ZARR_PARALLEL_FAULT": f"stop@{RECACHE_PAUSES[where]}",
@@ -420,7 +405,7 @@ def test_recache_cli_up_to_date(durability: tuple[Scenario, Zygote]) -> None:
     """``python -m flows.recache`` on a current cache ended in a KeyError traceback (its
     summary lacked a field the printer reads); it says "up to date" and exits 0."""
     scn, zygote = durability
-    _fresh(scn, zygote, "A")
+    start_from(scn, zygote, "A")
     snapshot = location_snapshot(scn.final)
     log = scn.new_log("recache-up-to-date")
     code = zygote.run(["recache", str(scn.requests["A"])], log, scn.root)
