@@ -116,6 +116,32 @@ def test_a_job_checks_its_own_runs_token_not_the_versions(version: Path, tmp_pat
     assert recorded_jobs(version, "fp-a") == {1}
 
 
+def test_a_version_removed_between_the_check_and_the_record_says_the_lock_was_lost(
+    version: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fence check is not atomic with the record's write: a run frozen between them (as the
+    pair sweep froze one) wakes to find its version removed by the run that broke its lock. It
+    stops with LockLost, not a raw ENOENT."""
+    import shutil
+
+    import zarr_parallel.store.manifest as manifest
+
+    lock = tmp_path / "c.zarr.lock"
+    lock.write_text(json.dumps({"token": "mine"}))
+    write_fence(version, lock, "mine")
+    real = manifest.write_json_atomic
+
+    def taken_over_first(path: Path, data: Any, **kwargs: Any) -> None:
+        lock.write_text(json.dumps({"token": "another run's"}))
+        shutil.rmtree(version)
+        real(path, data, **kwargs)
+
+    monkeypatch.setattr(manifest, "write_json_atomic", taken_over_first)
+    with pytest.raises(LockLost, match="was removed while this job ran"):
+        record_job(version, _record(JOBS[0]), fence="mine")
+    assert not version.exists()  # the record did not bring the removed version back
+
+
 def test_a_version_removed_under_a_job_stops_it(version: Path) -> None:
     check_fence(version, "x")  # no fence (library use without a lock) but a plan: no check
     (manifest_dir(version) / "plan.json").unlink()

@@ -24,9 +24,14 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON durably: temporary file, fsync, rename, fsync of the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_json_atomic(path: Path, value: Any, *, parents: bool = True) -> None:
+    """Write JSON durably: temporary file, fsync, rename, fsync of the folder.
+
+    With ``parents=False`` the folder must exist (``FileNotFoundError`` otherwise): a writer
+    that must not bring back a folder another process removed says so.
+    """
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w") as f:
         json.dump(value, f, sort_keys=True, default=str)

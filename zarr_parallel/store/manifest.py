@@ -121,8 +121,18 @@ def record_job(version: Path, record: Mapping[str, Any], fence: str | None = Non
     """
     sync_job(version, record)
     fault_point("job-written")
-    check_fence(version, f"recording job {record['id']}", fence)
-    write_json_atomic(manifest_dir(version) / "jobs" / f"{int(record['id']):06d}.json", record)
+    before = f"recording job {record['id']}"
+    check_fence(version, before, fence)
+    jobs = manifest_dir(version) / "jobs"
+    try:
+        # No parents: a record must never bring back a version another run removed.
+        jobs.mkdir(exist_ok=True)
+        write_json_atomic(jobs / f"{int(record['id']):06d}.json", record, parents=False)
+    except OSError:
+        # The lock can be broken between the check and the write (the check is not atomic with
+        # it): when the run that took it over removed this version, say so, not ENOENT.
+        check_fence(version, before, fence)
+        raise
     fault_point("job-recorded")
 
 
