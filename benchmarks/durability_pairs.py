@@ -59,7 +59,7 @@ from zarr_parallel import faults
 RUN_POINTS = tuple(f"{p}#2" if p in ("job-written", "job-recorded") else p for p in faults.POINTS)
 #: Where ``verify`` of A is frozen holding its lock (file operations under the cache's folder,
 #: as in tests/run/test_durability.py): holding it before reading, and done, releasing it.
-VERIFY_PAUSES = {"locked": "os.unlink#1", "releasing": "os.unlink#2"}
+VERIFY_PAUSES = {"locked": "os.unlink#1", "releasing": "os.rename#1"}
 #: The third content, run 2's "other request" (chunks of 2 steps: 4 jobs, as A and B).
 OTHER, OTHER_STEPS = "C", 2
 #: What a run that lost its lock says when it stops (``LockLost``, zarr_parallel.store.manifest):

@@ -310,7 +310,7 @@ def _lock_pid(scn: Scenario) -> int | None:
 
 #: Where a ``verify`` of A is frozen (file operations under the cache's folder; verify passes
 #: no named point): before it takes the lock, holding it before reading, and done, releasing it.
-VERIFY_PAUSES = {"before-lock": "os.mkdir#1", "locked": "os.unlink#1", "releasing": "os.unlink#2"}
+VERIFY_PAUSES = {"before-lock": "os.mkdir#1", "locked": "os.unlink#1", "releasing": "os.rename#1"}
 
 
 @pytest.mark.parametrize("where", list(VERIFY_PAUSES))

@@ -191,6 +191,32 @@ def test_release_leaves_a_lock_that_is_no_longer_ours(
     assert path.exists() and "was taken from this run" in caplog.text
 
 
+def test_release_waits_for_a_breaker_and_leaves_the_lock_it_put_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run woken inside its release while another run breaks its lock (holding the breakers'
+    guard) and takes the cache: the release waits for the guard, then sees the lock is no longer
+    its own and leaves it. Reading and then unlinking removed the other run's lock."""
+    import fcntl
+    import threading
+
+    path = tmp_path / "c.zarr.lock"
+    lock = CacheLock(path, heartbeat=0).acquire()
+    fd = os.open(lock.guard, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a breaker is at work
+    releasing = threading.Thread(target=lock.release)
+    with caplog.at_level(logging.ERROR, logger="zarr_parallel.store.lock"):
+        releasing.start()
+        time.sleep(0.3)
+        assert releasing.is_alive(), "the release must wait for the breaker"
+        _write_lock(path, token="the breaker's")  # broken, and taken by the other run
+        os.close(fd)
+        releasing.join(10)
+    assert json.loads(path.read_text())["token"] == "the breaker's"
+    assert "was taken from this run" in caplog.text
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_many_processes_breaking_one_stale_lock_never_hold_it_together(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr.lock"
     go = tmp_path / "go"

@@ -50,6 +50,32 @@ HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 600.0
 #: Tries to take the lock before giving up (each try either takes it, breaks a dead one, or fails).
 _ATTEMPTS = 20
+#: How long a breaker or a release waits for the breakers' guard before going on with the
+#: rename checks alone: a process paused (SIGSTOP, a suspended VM) while holding the guard
+#: must not block every other run's break for ever.
+_GUARD_WAIT_S = 10.0
+
+
+def _flock_within(fd: int, guard: Path, seconds: float) -> None:
+    """Take an exclusive flock on ``fd`` within ``seconds``, else go on without it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "the guard %s stayed taken for %.0f s (its holder paused?); relying on "
+                    "rename checks",
+                    guard,
+                    seconds,
+                )
+                return
+            time.sleep(0.02)
+        except OSError as e:
+            logger.debug("flock unsupported on %s (%s); relying on rename checks", guard, e)
+            return
 
 
 #: Lock files this process holds, by path: the token each was taken with. A run's steps look
@@ -325,10 +351,7 @@ class CacheLock:
         guard.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as e:
-                logger.debug("flock unsupported on %s (%s); relying on rename checks", guard, e)
+            _flock_within(fd, guard, _GUARD_WAIT_S)
             yield
         finally:
             os.close(fd)  # closing releases the flock
@@ -370,9 +393,7 @@ class CacheLock:
         self.held = False
         if _HELD.get(str(self.path)) == self.token:
             del _HELD[str(self.path)]
-        holder = LockHolder.from_file(self.path)
-        if holder is not None and holder.token == self.token:
-            self.path.unlink()
+        if self._remove_if_ours():
             logger.debug("released lock %s", self.path)
             # A run that failed before writing leaves the disk as it found it: the folders made
             # for the lock go again if nothing else was put in them.
@@ -381,6 +402,30 @@ class CacheLock:
             logger.error(
                 "lock %s was taken from this run while it ran (broken by hand?)", self.path
             )
+
+    def _remove_if_ours(self) -> bool:
+        """Remove the lock file if it still holds this run's token; else leave it.
+
+        Read-then-unlink would remove the lock of a run that broke ours between the two (a run
+        paused past the stale threshold wakes inside its release): under the breakers' guard,
+        the lock is moved aside first and what was moved is compared, as :meth:`_break` does.
+        """
+        with self._break_guard():
+            # Named like a temporary lock file of this pid: if killed here, the next acquire
+            # removes it (``_remove_dead_temporaries``).
+            aside = self.path.with_name(f"{self.path.name}.{os.getpid()}.released.tmp")
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                return False
+            moved = LockHolder.from_file(aside)
+            if moved is None or moved.token != self.token:
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, self.path)  # another's lock: put it back
+                aside.unlink()
+                return False
+            aside.unlink()
+            return True
 
     def _remove_made(self) -> None:
         """Remove the folders ``acquire`` made, deepest first, while they are empty."""
