@@ -438,6 +438,24 @@ def test_interleaved_pairs(durability: tuple[Scenario, Zygote], pair: Pair) -> N
     assert counts.bytes_lost == 0 and counts.verified == 1
 
 
+#: Pairs that found holes, run every time: run 1 frozen just before it writes the plan of its
+#: new version, run 2 of the same request starting that version again and killed at the same
+#: place; run 1, continued, wrote its plan into run 2's half-made version (arrays missing), and
+#: every later run failed on it until resume was turned off.
+FOUND_PAIRS = [Pair("init", "init", True, "kill"), Pair("init", "init", True, "stop")]
+
+
+@pytest.mark.parametrize("pair", FOUND_PAIRS, ids=[p.label for p in FOUND_PAIRS])
+def test_pairs_that_found_holes(durability: tuple[Scenario, Zygote], pair: Pair) -> None:
+    """As :func:`test_interleaved_pairs`, for :data:`FOUND_PAIRS`."""
+    scn, zygote = durability
+    counts = PairCounts()
+    pair_step(scn, zygote, counts, pair)
+    print(counts.text())
+    assert counts.failures == [], counts.failures
+    assert counts.bytes_lost == 0 and counts.verified == 1
+
+
 def test_pairs_cover_every_point() -> None:
     """The CI's pairs have every point of a run once as run 1's and once as run 2's."""
     assert {p.first for p in CI_PAIRS} == set(RUN_POINTS)

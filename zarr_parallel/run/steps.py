@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -419,6 +420,13 @@ def run_lock(req: CacheRequest, writes: bool = True) -> CacheLock:
     return CacheLock(paths.lock, break_lock=req.break_lock, guard=paths.versions / LOCK_GUARD)
 
 
+def _lock_check(paths: CachePaths, token: str | None) -> Callable[[str], None] | None:
+    """The run's lock check (:func:`check_lock_token`), or None for a run without a lock."""
+    if token is None:
+        return None
+    return lambda before: check_lock_token(paths.lock, token, before)
+
+
 def initialise(prepared: Prepared) -> None:
     """Clean what killed runs left, then create the staging version (metadata only) if fresh.
 
@@ -450,7 +458,13 @@ def initialise(prepared: Prepared) -> None:
     if prepared.status == "fresh":
         target = cached_target(prepared.request_json)
         try:
-            initialise_store(target, prepared.version, prepared.request, prepared.plan_json())
+            initialise_store(
+                target,
+                prepared.version,
+                prepared.request,
+                prepared.plan_json(),
+                fence=_lock_check(paths, token),
+            )
         except OSError as e:
             raise RunFailed(
                 f"could not initialise the cache's new version {prepared.version} ({e}); "

@@ -15,7 +15,7 @@ import itertools
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -111,12 +111,16 @@ def initialise_store(
     req: CacheRequest,
     plan_json: dict[str, Any],
     compressors: Any = None,
+    fence: Callable[[str], None] | None = None,
 ) -> None:
     """Write metadata, coordinates and attributes only; no data array is computed.
 
     ``plan.json`` is written last: a version without it was interrupted during initialisation
     and is started again. ``compressors`` (Zarr v3 codecs) replace the default codec of the
     data variables (an intermediate store's zstd level 1, :mod:`zarr_parallel.store.intermediate`).
+    ``fence`` (the run's lock check) is called just before ``plan.json`` is written: a run
+    paused here while another broke its lock and started this same version again must not
+    mark the other's half-made version initialised.
     """
     paths = CachePaths(Path(str(plan_json["cache_path"]))) if "cache_path" in plan_json else None
     if version.exists():
@@ -174,7 +178,10 @@ def initialise_store(
     # Metadata and coordinates durable before plan.json says the version is initialised.
     sync_files((p for p in version.rglob("*") if p.is_file()), version)
     fault_point("init")
-    write_json_atomic(manifest_dir(version) / "plan.json", plan_json)
+    if fence is not None:
+        fence("writing the plan of the new version")
+    # No parents: the plan never brings back a version another run removed meanwhile.
+    write_json_atomic(manifest_dir(version) / "plan.json", plan_json, parents=False)
 
 
 def _codec(var: xr.DataArray, codec: Compression, zarr_format: int) -> dict[str, Any]:
