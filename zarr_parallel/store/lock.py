@@ -407,25 +407,26 @@ class CacheLock:
         """Remove the lock file if it still holds this run's token; else leave it.
 
         Read-then-unlink would remove the lock of a run that broke ours between the two (a run
-        paused past the stale threshold wakes inside its release): under the breakers' guard,
-        the lock is moved aside first and what was moved is compared, as :meth:`_break` does.
+        paused past the stale threshold wakes inside its release): the lock is moved aside
+        first and what was moved is compared, as :meth:`_break` does. A breaker renaming the
+        same lock at the same moment is safe: one rename wins, the other finds nothing. (No
+        guard file: a released lock leaves the cache's folder as it was.)
         """
-        with self._break_guard():
-            # Named like a temporary lock file of this pid: if killed here, the next acquire
-            # removes it (``_remove_dead_temporaries``).
-            aside = self.path.with_name(f"{self.path.name}.{os.getpid()}.released.tmp")
-            try:
-                os.rename(self.path, aside)
-            except FileNotFoundError:
-                return False
-            moved = LockHolder.from_file(aside)
-            if moved is None or moved.token != self.token:
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, self.path)  # another's lock: put it back
-                aside.unlink()
-                return False
+        # Named like a temporary lock file of this pid: if killed here, the next acquire
+        # removes it (``_remove_dead_temporaries``).
+        aside = self.path.with_name(f"{self.path.name}.{os.getpid()}.released.tmp")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        moved = LockHolder.from_file(aside)
+        if moved is None or moved.token != self.token:
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)  # another's lock: put it back
             aside.unlink()
-            return True
+            return False
+        aside.unlink()
+        return True
 
     def _remove_made(self) -> None:
         """Remove the folders ``acquire`` made, deepest first, while they are empty."""
