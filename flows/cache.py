@@ -9,9 +9,16 @@ if __name__ == "__main__":
     from zarr_parallel.run.phases import process_start
 
     set_command_environment()
-    from zarr_parallel.orchestration.command import main
+    import sys
 
-    raise SystemExit(main(started=process_start()))
+    from zarr_parallel.orchestration.temporary_api import TemporaryApi
+
+    # Before the command's imports (a second of the stack): the server's start overlaps them.
+    TemporaryApi.start_early(sys.argv[1:])
+    from zarr_parallel.orchestration.command import main
+    from zarr_parallel.orchestration.process_exit import exit_now
+
+    exit_now(main(started=process_start()))  # without the interpreter's finalisation (0.5 s)
 
 from zarr_parallel.orchestration.cache import cache_flow
 from zarr_parallel.orchestration.command import main

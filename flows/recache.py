@@ -9,9 +9,16 @@ if __name__ == "__main__":
     from zarr_parallel.run.phases import process_start
 
     set_command_environment()
+    import sys
+
+    from zarr_parallel.orchestration.temporary_api import TemporaryApi
+
+    # Before the command's imports (a second of the stack): the server's start overlaps them.
+    TemporaryApi.start_early(sys.argv[1:], commands=())
+    from zarr_parallel.orchestration.process_exit import exit_now
     from zarr_parallel.orchestration.recache_command import main
 
-    raise SystemExit(main(started=process_start()))
+    exit_now(main(started=process_start()))  # without the interpreter's finalisation (0.5 s)
 
 from zarr_parallel.orchestration.recache import recache_flow
 from zarr_parallel.orchestration.recache_command import main

@@ -13,6 +13,7 @@ import argparse
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from pydantic import BaseModel
 
@@ -24,6 +25,8 @@ from zarr_parallel.orchestration.options import (
     add_recache_options,
     add_verify_options,
 )
+from zarr_parallel.orchestration.process_exit import exit_now
+from zarr_parallel.orchestration.temporary_api import TemporaryApi
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.run.phases import process_start
 from zarr_parallel.version import __version__
@@ -140,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_cache(command: str, args: Sequence[str]) -> int:
+    # The temporary API starts first, its start overlapping the imports below.
+    TemporaryApi.start_early([command, *args])
     # The request stack (xarray, zarr) loads only for the commands that use it: help and
     # --version answer without it (and Prefect loads only when a flow runs).
     from zarr_parallel.orchestration.command import main as cache_main
@@ -148,6 +153,7 @@ def _run_cache(command: str, args: Sequence[str]) -> int:
 
 
 def _run_recache(command: str, args: Sequence[str]) -> int:
+    TemporaryApi.start_early(list(args), commands=())  # as above
     # The request stack loads only here, as above (and Prefect only when a flow runs).
     from zarr_parallel.orchestration.recache_command import main as recache_main
 
@@ -188,5 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _RUNNERS[command](command, args[1:])
 
 
+def entry() -> NoReturn:
+    """The ``zarr-parallel`` script: :func:`main`, then the process ends without the
+    interpreter's finalisation (:mod:`zarr_parallel.orchestration.process_exit`)."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -43,7 +43,7 @@ def test_wheel_holds_the_package_only(wheel: list[str]) -> None:
 
 def test_console_script_and_extras_declared() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert project["scripts"] == {"zarr-parallel": "zarr_parallel.cli:main"}
+    assert project["scripts"] == {"zarr-parallel": "zarr_parallel.cli:entry"}
     extras = project["optional-dependencies"]
     assert [d.split(">")[0] for d in extras["s3"]] == ["s3fs"]
     assert [d.split(">")[0] for d in extras["netcdf4"]] == ["netCDF4"]

@@ -25,6 +25,7 @@ Prefect is imported only when a flow runs (inside :func:`_run_flow`).
 
 from __future__ import annotations
 
+import importlib
 import sys
 import traceback
 from collections.abc import Callable
@@ -87,6 +88,18 @@ def needs_temporary_api() -> bool:
     return True
 
 
+def command_api(wanted: bool) -> TemporaryApi | None:
+    """A command's temporary API: the one its entry started early
+    (:meth:`TemporaryApi.start_early`), else a new one when ``wanted`` and no API is
+    configured; an early one the command does not need is stopped at once."""
+    early = TemporaryApi.take_early()
+    if not wanted or not needs_temporary_api():
+        if early is not None:
+            early.stop()
+        return None
+    return early or TemporaryApi.begin()
+
+
 @dataclass(frozen=True)
 class AdHocRun:
     """What a door's command runs on the start-up path: the request it plans ahead, its answer
@@ -102,6 +115,9 @@ class AdHocRun:
         The summary of a cache found up to date before any flow run.
     cluster_ahead
         Whether a ``dask_distributed`` run's local cluster may start during planning.
+    load
+        Imports the flow's module (Prefect with it): called before the command waits for its
+        temporary API, so that the import overlaps the server's start.
     """
 
     flow: Callable[[CacheRequest], dict[str, Any]]
@@ -110,6 +126,9 @@ class AdHocRun:
         up_to_date_answer(prepared)
     )
     cluster_ahead: bool = True
+    load: Callable[[], object] = lambda: importlib.import_module(
+        "zarr_parallel.orchestration.cache"
+    )
 
 
 def _cache_flow(request: CacheRequest) -> dict[str, Any]:
@@ -204,6 +223,8 @@ def _run_flow(request: CacheRequest, api: TemporaryApi | None, run: AdHocRun) ->
         if api is not TemporaryApi.shared_instance():
             api.stop()
         api = None
+    # The flow's imports (a second) while the temporary API may still be starting.
+    run.load()
     if api is None:
         with temporary_api_settings():
             summary = run.flow(request)
@@ -217,6 +238,7 @@ def _run_flow(request: CacheRequest, api: TemporaryApi | None, run: AdHocRun) ->
 __all__ = [
     "CACHE_RUN",
     "AdHocRun",
+    "command_api",
     "needs_temporary_api",
     "plan_ahead",
     "run_ad_hoc",

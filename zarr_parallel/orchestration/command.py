@@ -24,14 +24,13 @@ from zarr_parallel.errors import (
     ZarrParallelError,
 )
 from zarr_parallel.logs import set_log_level
-from zarr_parallel.orchestration.adhoc import needs_temporary_api, run_ad_hoc
+from zarr_parallel.orchestration.adhoc import command_api, run_ad_hoc
 from zarr_parallel.orchestration.options import (
     add_overrides,
     add_plan_options,
     add_progress_options,
     add_verify_options,
 )
-from zarr_parallel.orchestration.temporary_api import TemporaryApi
 from zarr_parallel.request.request_file import load_request_file
 from zarr_parallel.run.phases import PhaseClock, cluster_text, phases_text
 from zarr_parallel.run.verify import verify_cache
@@ -84,8 +83,9 @@ def main(
         return 2
 
     def run() -> int:
-        # First: the temporary API's start overlaps everything that follows.
-        api = TemporaryApi.begin() if command == "run" and needs_temporary_api() else None
+        # First: the temporary API's start overlaps everything that follows (started before
+        # this module's imports by the command's entry, when it could tell).
+        api = command_api(command == "run")
         try:
             req = load_request_file(request_path, args.overrides)
             set_log_level(req.log_level)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import sys
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from typing import Any
 from zarr_parallel.logs import set_log_level
 from zarr_parallel.orchestration.adhoc import (
     AdHocRun,
-    needs_temporary_api,
+    command_api,
     run_ad_hoc,
     up_to_date_answer,
 )
@@ -33,7 +34,6 @@ from zarr_parallel.orchestration.options import (
     add_progress_options,
     add_recache_options,
 )
-from zarr_parallel.orchestration.temporary_api import TemporaryApi
 from zarr_parallel.request.model import CacheRequest
 from zarr_parallel.request.request_file import load_request_file
 from zarr_parallel.run.phases import PhaseClock
@@ -49,6 +49,7 @@ def recache_run(allow_append: bool = True, check_only: bool = False) -> AdHocRun
         answer=functools.partial(_up_to_date, check_only=check_only),
         # A check writes nothing: no cluster.
         cluster_ahead=not check_only,
+        load=lambda: importlib.import_module("zarr_parallel.orchestration.recache"),
     )
 
 
@@ -89,7 +90,7 @@ def main(
 
     def run() -> int:
         # First: the temporary API's start overlaps everything that follows.
-        api = TemporaryApi.begin() if needs_temporary_api() else None
+        api = command_api(True)
         try:
             req = load_request_file(args.request, args.overrides)
             set_log_level(req.log_level)

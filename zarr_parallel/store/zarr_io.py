@@ -123,14 +123,7 @@ def initialise_store(
     mark the other's half-made version initialised.
     """
     paths = CachePaths(Path(str(plan_json["cache_path"]))) if "cache_path" in plan_json else None
-    if version.exists():
-        if paths is not None and not owns_version(paths, version):
-            raise RunFailed(
-                f"{version} exists and is not a version of {paths.final}; it is left alone. "
-                "Move it away and run again"
-            )
-        shutil.rmtree(version)
-    version.parent.mkdir(parents=True, exist_ok=True)
+    _clear(version, paths)
     template = target.template()
     attrs = {
         **template.attrs,
@@ -182,6 +175,19 @@ def initialise_store(
         fence("writing the plan of the new version")
     # No parents: the plan never brings back a version another run removed meanwhile.
     write_json_atomic(manifest_dir(version) / "plan.json", plan_json, parents=False)
+
+
+def _clear(version: Path, paths: CachePaths | None) -> None:
+    """Remove what an interrupted initialisation of ``version`` left (only if the cache owns
+    it), and make its parent folder."""
+    if version.exists():
+        if paths is not None and not owns_version(paths, version):
+            raise RunFailed(
+                f"{version} exists and is not a version of {paths.final}; it is left alone. "
+                "Move it away and run again"
+            )
+        shutil.rmtree(version)
+    version.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _codec(var: xr.DataArray, codec: Compression, zarr_format: int) -> dict[str, Any]:
