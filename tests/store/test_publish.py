@@ -129,16 +129,22 @@ def test_prune_honours_a_lease_while_its_heartbeat_is_fresh(paths: CachePaths) -
     assert not v1.exists() and not live.exists()
 
 
-def test_a_local_lease_needs_its_process_and_its_heartbeat(paths: CachePaths) -> None:
-    """A lease of this host counts while its process runs and its heartbeat is fresh."""
-    v1, v2 = _complete(paths, 1), _complete(paths, 2)
+def test_a_local_lease_counts_while_its_process_runs_however_old_its_heartbeat(
+    paths: CachePaths,
+) -> None:
+    """A lease of this host counts while its process runs: a reader paused for ten minutes (its
+    heartbeat that old) still has its dataset open. Before, its version was pruned under it."""
+    v1, v2, v3 = (_complete(paths, n) for n in (1, 2, 3))
     publish(paths, v1, keep_versions=1)
     me = psutil.Process()
     lease = _lease(paths, v1, me.pid, me.create_time())
     old = time.time() - 600
-    os.utime(lease, (old, old))  # this process runs, but nothing refreshes the lease
+    os.utime(lease, (old, old))  # this process runs, but nothing refreshed the lease
     publish(paths, v2, keep_versions=1)
-    assert not v1.exists() and not lease.exists()
+    assert v1.is_dir() and lease.exists()
+    lease.unlink()  # the reader closed its dataset
+    publish(paths, v3, keep_versions=1)
+    assert not v1.exists()
 
 
 def test_prune_keeps_versions_a_live_reader_leased(paths: CachePaths) -> None:

@@ -168,3 +168,45 @@ def test_an_open_reader_refreshes_its_lease(
     assert readers.live_lease(lease) == store.resolve().name
     ds.close()
     assert _leases(store) == [] and readers.refresh_leases() == 0
+
+
+def test_a_paused_reader_of_this_host_keeps_its_lease_a_silent_remote_one_does_not(
+    tmp_path: Path,
+) -> None:
+    """A reader on this host paused longer than LEASE_STALE_AFTER (its heartbeat an hour old)
+    still has its dataset open: its lease holds while its process lives. A lease of another
+    host an hour without a heartbeat is a reader gone, and so is a fresh one of a dead process
+    of this host."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from zarr_parallel.store import readers
+    from zarr_parallel.store.lock import host_name
+
+    folder = tmp_path / "c.zarr.versions" / ".readers"
+    folder.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me = psutil.Process()
+    cases = {
+        "paused": (host_name(), os.getpid(), me.create_time(), 3600),
+        "remote": ("another-node", os.getpid(), me.create_time(), 3600),
+        "dead": (host_name(), dead.pid, me.create_time(), 0),
+    }
+    leases = {}
+    for name, (host, pid, started, age) in cases.items():
+        lease = folder / f"1-{name}--{host}-{pid}-0.json"
+        content = {"version": f"1-{name}", "host": host, "pid": pid, "pid_start": started}
+        lease.write_text(json.dumps(content))
+        old = time.time() - age
+        os.utime(lease, (old, old))
+        leases[name] = lease
+    assert readers.live_lease(leases["paused"]) == "1-paused"
+    assert readers.live_lease(leases["remote"]) is None
+    assert readers.live_lease(leases["dead"]) is None
+    assert sorted(p.name for p in folder.iterdir()) == [leases["paused"].name]

@@ -10,8 +10,8 @@ version that was current at open; while the dataset is open:
 - a *lease* file in ``P.versions/.readers/`` asks runs not to prune that version (best effort:
   a reader without write access to the versions folder reads without one). A thread of the
   reader's process refreshes the lease's modification time every :data:`LEASE_HEARTBEAT_SECONDS`;
-  a lease counts while that heartbeat is fresh (:data:`LEASE_STALE_AFTER`), from any host, and
-  a lease of this host also only while its process runs;
+  a lease of this host counts while its process runs (paused or not), and one of another host
+  while that heartbeat is fresh (:data:`LEASE_STALE_AFTER`);
 - runs never prune a version replaced less than ``min_version_age`` ago (default one hour),
   whether or not a lease could be written;
 - a chunk file that is missing raises :class:`~zarr_parallel.errors.VersionUnavailable`
@@ -48,8 +48,9 @@ logger = logging.getLogger(__name__)
 
 #: How often a reader's process refreshes the modification time of its leases.
 LEASE_HEARTBEAT_SECONDS = 60.0
-#: A lease whose heartbeat is older than this is a reader gone (five missed beats: a process
-#: paused or a machine suspended that long reads on under ``min_version_age`` alone). Before
+#: A lease of another host whose heartbeat is older than this is a reader gone (five missed
+#: beats: a remote process paused or a machine suspended that long reads on under
+#: ``min_version_age`` alone; this host's readers are judged by their process instead). Before
 #: heartbeats, a lease from another host counted for a fixed 24 hours, dead or alive.
 LEASE_STALE_AFTER = 5 * LEASE_HEARTBEAT_SECONDS
 
@@ -243,9 +244,9 @@ os.register_at_fork(after_in_child=_forget_in_child)
 def live_lease(lease: Path) -> str | None:
     """The version a lease file holds, or None when its reader is gone (the file is removed).
 
-    A lease holds while its heartbeat (the file's modification time) is younger than
-    :data:`LEASE_STALE_AFTER`, whichever host wrote it; one from this host also only while its
-    process runs (the same process: its start time is checked, so a reused pid does not count).
+    A lease from this host holds while its process runs (the same process: its start time is
+    checked, so a reused pid does not count), however long it was paused; one from another host
+    while its heartbeat (the file's modification time) is younger than :data:`LEASE_STALE_AFTER`.
     """
     try:
         age = time.time() - lease.stat().st_mtime
@@ -261,9 +262,10 @@ def live_lease(lease: Path) -> str | None:
         except OSError:
             return None
         return lease.name.split("--")[0] if age < LEASE_STALE_AFTER else None
-    alive = age < LEASE_STALE_AFTER
-    if alive and host == host_name():
-        alive = process_alive(pid, started)
+    # This host's reader holds its lease while its process lives, however old the heartbeat:
+    # a reader paused (SIGSTOP, a suspended session) longer than LEASE_STALE_AFTER still has
+    # the dataset open. Another host's reader can only be judged by its heartbeat.
+    alive = process_alive(pid, started) if host == host_name() else age < LEASE_STALE_AFTER
     if not alive:
         logger.info("removing the lease %s of a reader that is gone", lease.name)
         _drop_lease(lease)
