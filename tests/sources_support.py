@@ -13,7 +13,6 @@ import email.utils
 import hashlib
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -338,12 +337,9 @@ def serve_s3(log_path: Path) -> Iterator[S3Service]:
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         env.pop(name, None)
-    server = shutil.which("moto_server") or ""
-    cmd = (
-        [server, "-H", "127.0.0.1", "-p", str(port)]
-        if server
-        else [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    )
+    # The moto of the interpreter running the tests: a ``moto_server`` found on PATH may be
+    # another Python's (a pyenv shim), whose moto refused every signed listing here.
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"

@@ -190,3 +190,82 @@ def test_wrong_or_literal_credentials_are_refused_without_showing_them(
         assert wrong not in str(e.value)
     s3fs.S3FileSystem.clear_instance_cache()
     assert not (tmp_path / "denied.zarr.versions").exists()
+
+
+def _upload_tree(client: Any, folder: Path, prefix: str, only: set[Path] | None = None) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and (only is None or path in only):
+            client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder)}")
+
+
+def _digests(folder: Path) -> dict[Path, bytes]:
+    import hashlib
+
+    return {p: hashlib.sha256(p.read_bytes()).digest() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.timeout(900)
+def test_a_zarr_chunk_on_s3_rewritten_where_no_job_looks_stops_the_publish(
+    s3: dict[str, Any], tmp_path: Path
+) -> None:
+    """A Zarr store on S3: besides the sampled chunks the jobs check, each array's listing (keys
+    with their sizes and ETags) is recorded at planning and checked before publishing. A chunk
+    that no sample covers rewritten in place (metadata untouched) once every job is recorded:
+    the run fails naming the array's chunk files and the published version stays. Before, only
+    the sample was checked, and the run published the mix."""
+    import os
+    import signal
+
+    import numpy as np
+    import yaml
+    import zarr
+
+    from core_support import cli_result, frozen_run
+    from zarr_parallel.sources.identity import job_entries
+    from zarr_parallel.sources.remote_identity import sample_chunk_keys
+
+    svc: S3Service = s3["svc"]
+    client = boto3.client("s3", endpoint_url=svc.endpoint, region_name="us-east-1")
+    local = tmp_path / "era5.zarr"
+    with xr.open_mfdataset(s3["files"], combine="by_coords") as ds:
+        ds.chunk({"time": 6}).to_zarr(local, consolidated=True, zarr_format=3)
+    _upload_tree(client, local, "zarr/era5.zarr")
+    uri = f"s3://{BUCKET}/zarr/era5.zarr"
+    meta = json.loads((local / "t2m" / "zarr.json").read_text())
+    assert not any(key.startswith("c/1/") for key in sample_chunk_keys(meta))
+    fields = {
+        "data_uri": uri,
+        "storage_options": _options(svc),
+        "chunks": CHUNKS,
+        "cache_store": str(tmp_path / "out" / "c.zarr"),
+        "retries": 0,
+        **RUN,
+    }
+    request = tmp_path / "request.yaml"
+    request.write_text(yaml.safe_dump({**fields, "add_attrs": {"run": 1}}))
+    first = cli_result(request)  # a first version, published
+    assert first.returncode == 0, first.stderr[-3000:]
+    final = tmp_path / "out" / "c.zarr"
+    published = final.resolve()
+    planned = json.loads((published / ".zarr-parallel" / "plan.json").read_text())["layout"]
+    listing = f"{uri}/t2m/"
+    assert planned["identity"]["entries"][listing]["kind"] == "remote-listing"
+    assert listing not in job_entries(planned, None, ["t2m"], None, None)
+
+    def rewrite_unsampled_chunk() -> None:
+        before = _digests(local)
+        arr = zarr.open_array(local / "t2m", mode="r+")
+        arr[6:12] = np.asarray(arr[6:12]) + 1.0
+        changed = {p for p, digest in _digests(local).items() if before.get(p) != digest}
+        assert changed and all("/c/1/" in str(p) for p in changed)
+        _upload_tree(client, local, "zarr/era5.zarr", changed)
+
+    request.write_text(yaml.safe_dump({**fields, "add_attrs": {"run": 2}}))
+    with frozen_run(request, "before-finalise") as second:
+        rewrite_unsampled_chunk()
+        os.kill(second.pid, signal.SIGCONT)
+        _, err = second.communicate(timeout=600)
+    assert second.returncode == 1, err[-3000:]
+    assert listing in err and "chunk files" in err
+    assert final.resolve() == published
+    assert xr.open_zarr(final).attrs.get("run") == 1

@@ -44,6 +44,7 @@ from zarr_parallel.sources.references import referenced_urls, refs_only
 from zarr_parallel.sources.remote import fsspec_options_for
 from zarr_parallel.sources.remote_identity import (
     chunk_index,
+    listing_state,
     read_remote_json,
     url_state,
     url_states,
@@ -239,6 +240,7 @@ def record_identity(
                 lambda u: url_state(u, fsspec_options_for(u, req)),
                 lambda u: read_remote_json(u, fsspec_options_for(u, req)),
                 req.remote_concurrency,
+                lambda u: listing_state(u, fsspec_options_for(u, req)),
             )
         )
     else:
@@ -258,6 +260,8 @@ def _remote_checker(req: CacheRequest) -> StateOf:
     """How a check measures remote entries now (one request each)."""
 
     def state(name: str, planned: Mapping[str, Any]) -> dict[str, Any]:
+        if planned.get("kind") == "remote-listing":
+            return listing_state(name, fsspec_options_for(name, req)) or {"missing": True}
         return url_state(name, fsspec_options_for(name, req))
 
     return state
@@ -335,6 +339,8 @@ def _zarr_job_entries(
     base = store.rstrip("/")
     found = []
     for e in entries:
+        if (entries[e] or {}).get("kind") == "remote-listing":
+            continue  # checked at planning and before publishing, not by each job
         rel = e[len(base) + 1 :] if e.startswith(base + "/") else e
         name, _, key = rel.partition("/")
         if not key:
