@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,13 +48,19 @@ def open_cache(path: Path) -> xr.Dataset:
     return cache
 
 
-def cli_run(request: Path, fault: str | None = None) -> subprocess.Popen[str]:
-    """``python -m flows.cache run REQUEST`` in a subprocess, with ``ZARR_PARALLEL_FAULT=fault``."""
-    env = dict(os.environ)
+def cli_run(
+    request: Path,
+    fault: str | None = None,
+    command: str = "run",
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[str]:
+    """``python -m flows.cache COMMAND REQUEST`` in a subprocess, in ``env`` (default this
+    process's environment) with ``ZARR_PARALLEL_FAULT=fault``."""
+    env = dict(os.environ if env is None else env)
     if fault:
         env["ZARR_PARALLEL_FAULT"] = fault
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cache", "run", str(request)],
+        [sys.executable, "-m", "flows.cache", command, str(request)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -62,12 +68,17 @@ def cli_run(request: Path, fault: str | None = None) -> subprocess.Popen[str]:
     )
 
 
-def cli_result(request: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def cli_result(
+    request: Path,
+    timeout: float = 600,
+    command: str = "run",
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """A :func:`cli_run` of ``request`` waited for: its exit code, stdout and stderr.
 
     Killed, and ``subprocess.TimeoutExpired`` raised, if it has not ended after ``timeout`` s.
     """
-    proc = cli_run(request)
+    proc = cli_run(request, command=command, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -96,26 +96,17 @@ def test_an_early_api_the_command_does_not_use_is_stopped(
 ) -> None:
     """``python -m flows.cache run`` starts the API before its imports; a request that is
     refused (exit 2) leaves no server behind, and neither does ``plan`` (which starts none)."""
-    import subprocess
-    import sys
+    import os
 
-    from core_support import temporary_servers
+    from core_support import cli_result, temporary_servers
 
     home = tmp_path / "prefect-home"
-    env = {**__import__("os").environ, "PREFECT_HOME": str(home)}
+    env = {**os.environ, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
     bad = tmp_path / "bad.yaml"
     bad.write_text("data_uri: /nowhere/*.nc\nvariables: {t2m: {}}\n")
-    root = Path(__file__).resolve().parents[2]
     for command in ("run", "plan"):
-        done = subprocess.run(
-            [sys.executable, "-m", "flows.cache", command, str(bad)],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        done = cli_result(bad, timeout=300, command=command, env=env)
         assert done.returncode == 2, done.stderr[-2000:]
         assert "data_uri" in done.stderr
         assert temporary_servers(home) == []
