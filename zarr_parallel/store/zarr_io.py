@@ -40,7 +40,13 @@ from zarr_parallel.store.disk_names import OWNER_FILE, manifest_dir, quiet_manif
 from zarr_parallel.store.files import sync_files, write_json_atomic
 from zarr_parallel.store.paths import CachePaths, owns_version, pending_record
 from zarr_parallel.store.provenance import provenance_attrs
+from zarr_parallel.store.zstd_nogil import use_nogil_zstd
 from zarr_parallel.transforms.registry import COMPRESSION_ASKED, PACKING_ASKED
+
+# Every process that writes a version imports this module: from here on zarr compresses the
+# default zstd codec's chunks in parallel threads (numcodecs' encoder holds the GIL), the same
+# frames and metadata (docs/design.md §8).
+use_nogil_zstd()
 
 #: Encoding keys that describe the source's storage, not the data; never copied to the cache.
 _STORAGE_KEYS = {
