@@ -24,9 +24,14 @@ TEMPORARY_API_STARTUP_SECONDS = 180
 
 @contextlib.contextmanager
 def prefect_server(folder: Path) -> Iterator[str]:
-    """A real ``prefect server start`` on loopback (SQLite under ``folder``); yields its API URL."""
+    """A real ``prefect server start`` on loopback (SQLite under ``folder``, made afresh: a
+    database grown by earlier invocations slowed every flow-run call, and the figures with it);
+    yields its API URL."""
+    import shutil
     import socket
     import urllib.request
+
+    shutil.rmtree(folder, ignore_errors=True)  # the suite's own folder under benchmarks/data
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
