@@ -48,6 +48,19 @@ def open_cache(path: Path) -> xr.Dataset:
     return cache
 
 
+def assert_cache_equals_files(
+    cache: Path, files: list[Path], names: tuple[str, ...] = ("t2m", "d2m")
+) -> None:
+    """The cache's variables ``names`` equal the netCDF ``files`` joined, values and dtypes."""
+    import numpy as np
+
+    with xr.open_mfdataset(files, engine="h5netcdf") as src:
+        got = open_cache(cache)
+        for name in names:
+            assert got[name].dtype == src[name].dtype
+            np.testing.assert_array_equal(got[name].values, src[name].values)
+
+
 def cli_run(
     request: Path,
     fault: str | None = None,

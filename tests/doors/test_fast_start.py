@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import xarray as xr
 import yaml
 
-from tests.core_support import changed_env, open_cache, temporary_servers
+from tests.core_support import assert_cache_equals_files, changed_env, temporary_servers
 from zarr_parallel.api import ZarrParallelAssembler
 from zarr_parallel.run.phases import PHASES
 
@@ -73,14 +72,6 @@ def _phases(stdout: str) -> tuple[float, dict[str, float]]:
     return float(m.group(1)), {k: float(v) for k, v in parts.items()}
 
 
-def _same(cache: Path, files: list[Path]) -> None:
-    with xr.open_mfdataset(files, engine="h5netcdf") as src:
-        got = open_cache(cache)
-        for name in ("t2m", "d2m"):
-            assert got[name].dtype == src[name].dtype
-            np.testing.assert_array_equal(got[name].values, src[name].values)
-
-
 def test_auto_default_up_to_date_answer_and_a_changed_source(
     tmp_path: Path, era5_factory: Any
 ) -> None:
@@ -100,7 +91,7 @@ def test_auto_default_up_to_date_answer_and_a_changed_source(
     assert wall >= 0.7 * elapsed, (wall, elapsed)
     assert set(phases) <= set(PHASES) and {"start-up", "planning", "data"} <= set(phases)
     assert abs(sum(phases.values()) - wall) <= 0.1 * len(phases) + 0.05
-    _same(tmp_path / "cache.zarr", files)
+    assert_cache_equals_files(tmp_path / "cache.zarr", files)
 
     imported: list[str] = []
     out, _ = _run(request, imports=imported)
@@ -118,7 +109,7 @@ def test_auto_default_up_to_date_answer_and_a_changed_source(
     changed.to_netcdf(files[1], engine="h5netcdf")
     out, _ = _run(request)
     assert "zarr-parallel: done" in out and "flow run" not in out
-    _same(tmp_path / "cache.zarr", files)
+    assert_cache_equals_files(tmp_path / "cache.zarr", files)
 
 
 def test_without_an_api_the_command_starts_its_own_and_stops_it(
@@ -130,7 +121,7 @@ def test_without_an_api_the_command_starts_its_own_and_stops_it(
     env = changed_env(PREFECT_API_URL=None, PREFECT_HOME=str(home))
     out, _ = _run(request, env)
     assert "zarr-parallel: done" in out
-    _same(tmp_path / "cache.zarr", files)
+    assert_cache_equals_files(tmp_path / "cache.zarr", files)
     # The flow ran against the command's temporary API (its database is in this home) ...
     assert (home / "prefect.db").exists()
     # ... which did not outlive the command.

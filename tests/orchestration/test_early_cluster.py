@@ -19,13 +19,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 import pytest
-import xarray as xr
 import yaml
 
-from tests.core_support import changed_env, open_cache
+from tests.core_support import assert_cache_equals_files, changed_env
 from zarr_parallel.api import ZarrParallelAssembler
 from zarr_parallel.orchestration.early_cluster import starts_early
 from zarr_parallel.request.model import build_request
@@ -83,14 +81,6 @@ def _files(era5_factory: Any) -> list[Path]:
     return list(era5_factory(n_files=2, steps_per_file=12, chunks=(6, 73, 144), seed=31))
 
 
-def _same(cache: Path, files: list[Path]) -> None:
-    with xr.open_mfdataset(files, engine="h5netcdf") as src:
-        got = open_cache(cache)
-        for name in ("t2m", "d2m"):
-            assert got[name].dtype == src[name].dtype
-            np.testing.assert_array_equal(got[name].values, src[name].values)
-
-
 def test_the_cluster_starts_while_the_command_plans_and_an_up_to_date_run_closes_it(
     tmp_path: Path, era5_factory: Any
 ) -> None:
@@ -110,7 +100,7 @@ def test_the_cluster_starts_while_the_command_plans_and_an_up_to_date_run_closes
     assert re.search(r"cluster start\s+[\d.]+ s into the run, during planning", new.stdout), (
         new.stdout
     )
-    _same(tmp_path / "cache.zarr", files)
+    assert_cache_equals_files(tmp_path / "cache.zarr", files)
     assert _left_over(mark) == []
 
     again = _run(request, mark)
@@ -180,7 +170,7 @@ def test_the_python_api_times_the_cluster_start_against_planning(
     assert planning_began <= summary["cluster_requested_at"] < planning_ended, summary
     assert summary["cluster_requested_during"] == "planning"
     assert summary["workers"] == 2
-    _same(result.path, files)
+    assert_cache_equals_files(result.path, files)
     assert _left_over(mark) == []
 
 
@@ -216,7 +206,7 @@ def test_a_cluster_that_does_not_fit_the_plan_is_replaced(
     assert STARTED.search(said) and "do not fit the plan (1 workers" in said, said
     # The plan's own cluster started during initialise, after the plan.
     assert result.summary["cluster_requested_during"] == "initialise"
-    _same(result.path, files)
+    assert_cache_equals_files(result.path, files)
     assert _left_over(mark) == []
 
 

@@ -92,13 +92,18 @@ def _files(era5_factory: Any) -> list[Path]:
     return list(era5_factory(n_files=3, steps_per_file=12, chunks=(6, 73, 144), seed=41))
 
 
+def _cached(tmp_path: Path, era5_factory: Any) -> Path:
+    """The request of a cache of three files, made by ``flows.cache run``."""
+    request = _request(tmp_path, _source(tmp_path / "src", _files(era5_factory)))
+    made = _command("flows.cache", "run", str(request))
+    assert made.returncode == 0, made.stderr[-3000:]
+    return request
+
+
 def test_an_unchanged_cache_is_answered_before_any_flow_run(
     tmp_path: Path, era5_factory: Any
 ) -> None:
-    src = _source(tmp_path / "src", _files(era5_factory))
-    request = _request(tmp_path, src)
-    made = _command("flows.cache", "run", str(request))
-    assert made.returncode == 0, made.stderr[-3000:]
+    request = _cached(tmp_path, era5_factory)
     snapshot = location_snapshot(tmp_path / "cache.zarr")
 
     imported: list[str] = []
@@ -159,10 +164,7 @@ def test_without_an_api_an_append_runs_against_the_commands_own(
 def test_with_a_lock_file_the_flow_runs_and_its_lock_decides(
     tmp_path: Path, era5_factory: Any
 ) -> None:
-    src = _source(tmp_path / "src", _files(era5_factory))
-    request = _request(tmp_path, src)
-    made = _command("flows.cache", "run", str(request))
-    assert made.returncode == 0, made.stderr[-3000:]
+    request = _cached(tmp_path, era5_factory)
     paths = CachePaths(tmp_path / "cache.zarr")
     with cache_lock(paths.lock):  # another run (this process) holds the cache
         proc = _command("flows.recache", str(request))
