@@ -28,7 +28,8 @@ point i, its lock made stale, run 2 (``break_lock``; the same request, which res
 version, or another) frozen or SIGKILLed at point j; run 1, continued, must exit 1 having
 recorded and published nothing; run 2, continued or resumed, must publish its reference. Every
 (i, j) of the 10 points, each with the same and the other request, stopped and killed (400
-pairs), after ``verify`` frozen holding its lock × every j, stopped and killed (40). Bounded by
+pairs), after ``verify`` frozen holding its lock × every j, stopped and killed (40), and a
+re-cache frozen deciding × every j, with B and C, stopped and killed (40). Bounded by
 ``--seconds``: a pair takes about 7 s here (2 cores), so the whole sweep needs about 55 min
 (``--seconds 3600``); a shorter bound stops early and says how many pairs ran of how many (the
 pairs are ordered so that every point comes early as i and as j). Printed: pairs run, runs
@@ -461,13 +462,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pairs(folder: str | None, seconds: float) -> int:
     """The pair sweep (``--pairs``); exit 1 on any failure or lost byte."""
-    from benchmarks.durability_pairs import all_verify_pairs, pair_sweep, sweep_order
+    from benchmarks.durability_pairs import (
+        all_recache_pairs,
+        all_verify_pairs,
+        pair_sweep,
+        sweep_order,
+    )
 
     t0 = time.monotonic()
-    pairs, verify_pairs = sweep_order(), all_verify_pairs()
+    pairs, verify_pairs, recache_pairs = sweep_order(), all_verify_pairs(), all_recache_pairs()
     with harness(folder) as (scn, zygote):
-        counts = pair_sweep(scn, zygote, pairs, verify_pairs, seconds)
-    total = len(pairs) + len(verify_pairs)
+        counts = pair_sweep(scn, zygote, pairs, verify_pairs, seconds, recache_pairs=recache_pairs)
+    total = len(pairs) + len(verify_pairs) + len(recache_pairs)
     print(f"pairs ({time.monotonic() - t0:.0f} s, {counts.pairs} of {total})\n{counts.text()}")
     return 1 if counts.failures or counts.bytes_lost else 0
 

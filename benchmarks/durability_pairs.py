@@ -25,6 +25,14 @@ without a traceback and report OK only for the version it took when it held the 
 Frozen before it takes the lock, ``verify`` holds nothing that can go stale: that pair reduces
 to a single interleaving, covered by ``test_interleaved_verify``.
 
+Re-cache × run: a re-cache of B (a full one: A is published) holds the lock while it decides;
+frozen there (:data:`RECACHE_PAUSES`), its lock made stale, run 2 (B or C) breaks it and is
+frozen or killed at j. The re-cache, continued, must end as the command ends a failure it
+reports (exit 1) or having published B (exit 0), never in an uncaught exception; run 2 then
+finishes to its reference (to B when run 2 had finished before the re-cache published). Its
+full re-cache is a cache run, so its own run points are the run × run pairs; between its
+decision and that run it holds nothing.
+
 :func:`pair_sweep` runs a list of pairs (every pair: :func:`sweep_order`; the CI's strided
 subset: :func:`strided_pairs`); ``python -m benchmarks.bench_durability --pairs`` runs them all.
 """
@@ -37,7 +45,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +68,8 @@ RUN_POINTS = tuple(f"{p}#2" if p in ("job-written", "job-recorded") else p for p
 #: Where ``verify`` of A is frozen holding its lock (file operations under the cache's folder,
 #: as in tests/run/test_durability.py): holding it before reading, and done, releasing it.
 VERIFY_PAUSES = {"locked": "os.unlink#1", "releasing": "os.rename#1"}
+#: Where a re-cache of B is frozen holding its lock: deciding (tests/run/test_durability.py).
+RECACHE_PAUSES = {"deciding": "os.unlink#1"}
 #: The third content, run 2's "other request" (chunks of 2 steps: 4 jobs, as A and B).
 OTHER, OTHER_STEPS = "C", 2
 #: What a run that lost its lock says when it stops (``LockLost``, zarr_parallel.store.manifest):
@@ -435,33 +445,85 @@ def verify_pair_step(
     another version than A's, nor ends in a traceback; run 2 then finishes."""
     from zarr_parallel.store.paths import CachePaths
 
+    def verdict(code: int | None, log: Path, second: tuple[int, Path, str]) -> str:
+        problem = _verify_verdict(scn, code, log, version)
+        return problem and f"{problem}: {_tail(log)}"
+
     start_from(scn, zygote, "A")
+    version = CachePaths(scn.final).current()
+    argv = ["cache", "verify", str(scn.requests["A"])]
+    spec = f"stop@{VERIFY_PAUSES[where]}"
+    _holder_pair(scn, zygote, counts, (argv, spec, f"verify {where}"), pair, verdict)
+
+
+def recache_pair_step(
+    scn: Scenario, zygote: Zygote, counts: PairCounts, where: str, pair: Pair
+) -> None:
+    """A full re-cache of B frozen at ``where`` holding its lock, made stale; run 2 (B or C,
+    ``pair.second``, ``pair.action``) breaks it; the re-cache continued exits 1 (a failure it
+    reports) or 0 having published B, never in an uncaught exception; run 2 then finishes."""
+
+    def verdict(code: int | None, log: Path, second: tuple[int, Path, str]) -> str:
+        # Exit 1 is a failure the command reported (a lock held, a lock lost); an uncaught
+        # exception exits RAW_TRACEBACK.
+        if code not in (0, 1):
+            return f"the re-cache exited {code}: {_tail(log)}"
+        if code == 0:
+            published_content(scn, counts, {"B"}, f"{context}: the re-cache's publish")
+        return ""
+
+    add_other_content(scn, zygote)
+    start_from(scn, zygote, "A")
+    context = f"recache {where} x {pair.label}"
+    argv = ["recache", str(scn.requests["B"])]
+    spec = f"stop@{RECACHE_PAUSES[where]}"
+    _holder_pair(scn, zygote, counts, (argv, spec, f"recache {where}"), pair, verdict)
+
+
+Verdict = Callable[[int | None, Path, tuple[int, Path, str]], str]
+
+
+def _holder_pair(
+    scn: Scenario,
+    zygote: Zygote,
+    counts: PairCounts,
+    holder: tuple[list[str], str, str],
+    pair: Pair,
+    verdict: Verdict,
+) -> None:
+    """A command (``holder``: its argv, fault spec and name) frozen holding the lock, made
+    stale; run 2 (B, or C when ``pair.same`` is False) breaks it at ``pair.second``; the
+    command continued is judged by ``verdict`` ("" when right); run 2 then finishes (to B
+    when it had ended before and the command then published B)."""
+    from zarr_parallel.store.paths import CachePaths
+
+    argv, spec, name = holder
     counts.pairs += 1
-    context = f"verify {where} x {pair.second}-{pair.action}"
-    log = scn.new_log(f"pair-verify-{where}")
-    env = _env(f"stop@{VERIFY_PAUSES[where]}", scn)
-    frozen = zygote.spawn(["cache", "verify", str(scn.requests["A"])], log, scn.root, env)
+    content = "B" if pair.same else OTHER
+    context = f"{name} x {pair.second}-{content}-{pair.action}"
+    log = scn.new_log(f"pair-{name.replace(' ', '-')}")
+    frozen = zygote.spawn(argv, log, scn.root, _env(spec, scn))
     counts.runs += 1
     second: tuple[int, Path, str] | None = None
     try:
         if not wait_stopped(zygote, frozen):
-            counts.fail(f"{context}: verify never froze at {where}: {_tail(log)}")
+            counts.fail(f"{context}: never froze: {_tail(log)}")
             return
         freeze_group(frozen)
         counts.frozen += 1
-        version = CachePaths(scn.final).current()
         make_stale(CachePaths(scn.final).lock)
-        second = _second(scn, zygote, counts, "B", f"{pair.action}@{pair.second}", context)
+        second = _second(scn, zygote, counts, content, f"{pair.action}@{pair.second}", context)
         counts.where[f"{pair.second} {second[2]}"] += 1
         if second[2] == "failed":
             counts.fail(f"{context}: run 2 failed before {pair.second}: {_tail(second[1])}")
             return
         thaw_group(frozen)
         code = zygote.wait(frozen, 300)
-        problem = _verify_verdict(scn, code, log, version)
+        problem = verdict(code, log, second)
         if problem:
-            counts.fail(f"{context}: {problem}: {_tail(log)}")
-        _finish_second(scn, zygote, counts, "B", second, context)
+            counts.fail(f"{context}: {problem}")
+        last = "B" if second[2] == "done" and code == 0 and argv[0] == "recache" else content
+        _finish_second(scn, zygote, counts, last, second, context)
     finally:
         for pid in (frozen, second[0] if second else None):
             if pid is not None and not zygote.ended(pid, 0):
@@ -477,14 +539,18 @@ def pair_sweep(
     verify_pairs: Sequence[tuple[str, Pair]] = (),
     seconds: float = 3600.0,
     counts: PairCounts | None = None,
+    recache_pairs: Sequence[tuple[str, Pair]] = (),
 ) -> PairCounts:
-    """Run ``verify_pairs`` then ``pairs`` in order until done or ``seconds`` passed."""
+    """Run ``verify_pairs``, ``recache_pairs`` then ``pairs`` in order until done or
+    ``seconds`` passed."""
     counts = counts or PairCounts()
     deadline = time.monotonic() + seconds
-    for where, pair in verify_pairs:
+    steps = [(verify_pair_step, vp) for vp in verify_pairs]
+    steps += [(recache_pair_step, rp) for rp in recache_pairs]
+    for step, (where, pair) in steps:
         if time.monotonic() > deadline:
             return counts
-        verify_pair_step(scn, zygote, counts, where, pair)
+        step(scn, zygote, counts, where, pair)
     for pair in pairs:
         if time.monotonic() > deadline:
             return counts
@@ -498,5 +564,17 @@ def all_verify_pairs(points: tuple[str, ...] = RUN_POINTS) -> list[tuple[str, Pa
         (where, Pair(where, j, True, action))
         for where in VERIFY_PAUSES
         for j in points
+        for action in ("stop", "kill")
+    ]
+
+
+def all_recache_pairs(points: tuple[str, ...] = RUN_POINTS) -> list[tuple[str, Pair]]:
+    """Each place a re-cache holds the lock × each point of run 2, with B and C, stopped and
+    killed."""
+    return [
+        (where, Pair(where, j, same, action))
+        for where in RECACHE_PAUSES
+        for j in points
+        for same in (True, False)
         for action in ("stop", "kill")
     ]

@@ -56,6 +56,7 @@ from benchmarks.durability_pairs import (
     Pair,
     PairCounts,
     pair_step,
+    recache_pair_step,
     start_from,
     strided_pairs,
     verify_pair_step,
@@ -473,6 +474,29 @@ def test_interleaved_verify_pairs(
     scn, zygote = durability
     counts = PairCounts()
     verify_pair_step(scn, zygote, counts, where, pair)
+    print(counts.text())
+    assert counts.failures == [], counts.failures
+    assert counts.verified == 1
+
+
+#: re-cache × run pairs of the CI: a full re-cache of B frozen deciding (holding its lock), run 2
+#: of B frozen after its first job, or of C killed as it publishes.
+RECACHE_PAIRS = [
+    ("deciding", Pair("deciding", "job-recorded#2", True, "stop")),
+    ("deciding", Pair("deciding", "publish", False, "kill")),
+]
+
+
+@pytest.mark.parametrize("where,pair", RECACHE_PAIRS, ids=[p.label for _, p in RECACHE_PAIRS])
+def test_interleaved_recache_pairs(
+    durability: tuple[Scenario, Zygote], where: str, pair: Pair
+) -> None:
+    """A re-cache of B frozen deciding, its lock made stale; a run of B or C breaks it and is
+    frozen or killed; the re-cache, continued, ends cleanly (exit 1, or exit 0 having published
+    B) and the run then finishes to its reference (``benchmarks.durability_pairs``)."""
+    scn, zygote = durability
+    counts = PairCounts()
+    recache_pair_step(scn, zygote, counts, where, pair)
     print(counts.text())
     assert counts.failures == [], counts.failures
     assert counts.verified == 1

@@ -409,6 +409,41 @@ def test_interrupted_append_resumes(era5_all: list[Path], tmp_path: Path) -> Non
     np.testing.assert_array_equal(xr.open_zarr(cache).d2m.values, ref.d2m.values)
 
 
+def test_an_append_that_lost_its_lock_links_nothing_and_never_remakes_its_version(
+    era5_all: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-cache whose lock another run broke while it linked the published chunks, and whose
+    new version that run removed, stops with LockLost and does not bring the removed version
+    back (its chunk folders were made with their parents)."""
+    from zarr_parallel.errors import LockLost
+    from zarr_parallel.run import chunk_reuse
+    from zarr_parallel.store.lock import cache_lock
+
+    src = _source(tmp_path / "src", era5_all[:3])
+    cache = tmp_path / "era5.zarr"
+    recache_flow(_request(src, cache, num_jobs=3))
+    _source(src, era5_all[3:])
+    decision, prepared = decide(_request(src, cache, num_jobs=3))
+    assert decision.action == "append" and prepared is not None
+    lock, real = prepared.paths.lock, chunk_reuse.check_lock_token
+    calls: list[str] = []
+
+    def broken_just_after(path: Path, token: str, before: str) -> None:
+        real(path, token, before)
+        if not calls:  # the other run breaks the lock and removes the version right after
+            lock.write_text(lock.read_text().replace(token, "another run's token"))
+            shutil.rmtree(prepared.version)
+        calls.append(before)
+
+    with cache_lock(lock):
+        pipeline.initialise(prepared)
+        monkeypatch.setattr(chunk_reuse, "check_lock_token", broken_just_after)
+        with pytest.raises(LockLost, match="no longer holds the lock"):
+            link_unchanged(prepared)
+        assert not prepared.version.exists()
+        assert calls == ["linking the chunks of t2m"]
+
+
 def test_tiled_cache_appends_like_a_fresh_one(era5_all: list[Path], tmp_path: Path) -> None:
     tiles = {"latitude": 40, "longitude": 72, "edge": "pad"}
     src = _source(tmp_path / "src", era5_all[:3])
