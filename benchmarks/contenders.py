@@ -333,6 +333,8 @@ CONTENDERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "zarr-parallel SLURM": _zarr_parallel("SLURM"),
     # No deploy_mode and no worker limit: what a user gets by default (#21).
     "zarr-parallel default": _zarr_parallel("default"),
+    # The same, run by the suite with PREFECT_API_URL set to a running server it started.
+    "zarr-parallel default (Prefect server)": _zarr_parallel("default"),
     "rechunker": _rechunker,
     "xarray+dask (source chunks)": _xarray("source", distributed=False),
     "xarray+dask distributed (source chunks)": _xarray("source", distributed=True),

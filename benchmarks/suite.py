@@ -40,6 +40,7 @@ from benchmarks.rechunker_env import PYTHON_VARIABLE, ensure_rechunker
 from benchmarks.report import write_docs
 from benchmarks.summary import (
     OURS,
+    SERVER_CONTENDERS,
     WITH_SERVER,
     ZP050,
     goals,
@@ -334,10 +335,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rechunker: {status}", flush=True)
     with contextlib.ExitStack() as stack:
         envs = {name: {**env, **THREAD_VARIANTS.get(name, {})} for name in args.contenders}
-        if WITH_SERVER in args.contenders:
+        served = [c for c in SERVER_CONTENDERS if c in args.contenders]
+        if served:
             url = stack.enter_context(prefect_server(work / "prefect-server"))
-            envs[WITH_SERVER] = {**env, "PREFECT_API_URL": url}
-            print(f"Prefect server for {WITH_SERVER!r}: {url}", flush=True)
+            for name in served:
+                envs[name] = {**env, "PREFECT_API_URL": url}
+            print(f"Prefect server for {', '.join(map(repr, served))}: {url}", flush=True)
         results = _run_cases(args, envs, work, info)
     print_failures_of_ours(results)
     if args.docs:

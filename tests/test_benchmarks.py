@@ -82,6 +82,20 @@ def test_goals_without_rechunker_or_strategy_still_work() -> None:
     assert "goal_reads_le_2.2x_met" not in got  # #18's goals judge map → time series only
 
 
+def test_default_goals_with_the_temporary_api_and_against_a_server() -> None:
+    runs = {
+        "zarr-parallel default": [_run(12, 8, 1_000_000)],
+        "zarr-parallel default (Prefect server)": [_run(10, 8, 1_000_000)],
+        "xarray+dask (source chunks)": [_run(15, 14, 1_000_000)],
+    }
+    got = goals({name: summarise(rs, CASE) for name, rs in runs.items()}, "misaligned")
+    assert got["default_startup_overhead_s"] == 4.0
+    assert got["default_server_startup_overhead_s"] == 2.0
+    assert got["default_vs_best_xarray_e2e"] == 1.25
+    assert got["default_server_vs_best_xarray_e2e"] == 1.5
+    assert got["ours_best"] == "zarr-parallel default (Prefect server)"
+
+
 def test_plan_figures_tolerate_a_summary_without_the_new_keys() -> None:
     assert plan_figures({"read_amplification": 8.1}) == {"plan_read_amplification": 8.1}
     summary = {
