@@ -119,15 +119,23 @@ class Zygote:
         self._pids: dict[int, int] = {}
         self._waited: set[int] = set()
         self._token = 0
+        self._buffer = b""
 
     def _read(self, timeout: float) -> None:
+        """Take one message from the zygote, waiting up to ``timeout`` for one."""
         assert self._proc.stdout is not None
-        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
-        if not ready:
-            return
-        line = self._proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the zygote process ended")
+        # Lines are split here, not by a buffered readline: two messages that arrive together
+        # (a fork and a quick exit) would leave the second in a buffer select() cannot see.
+        while b"\n" not in self._buffer:
+            fd = self._proc.stdout.fileno()
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                return
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError("the zygote process ended")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
         msg = json.loads(line)
         if "token" in msg:
             self._pids[msg["token"]] = msg["pid"]
@@ -148,7 +156,12 @@ class Zygote:
             if time.monotonic() > deadline:
                 raise RuntimeError("the zygote did not fork")
             self._read(1.0)
-        return self._pids.pop(self._token)
+        pid = self._pids.pop(self._token)
+        # The kernel reuses pids (a long sweep forks thousands of runs): what was recorded for
+        # an earlier run of this pid, reaped before this fork, is not this run's.
+        self._waited.discard(pid)
+        self._codes.pop(pid, None)
+        return pid
 
     def ended(self, pid: int, timeout: float = 0.01) -> bool:
         """True once run ``pid`` ended (its code is kept for :meth:`wait`)."""

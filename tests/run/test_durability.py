@@ -105,6 +105,31 @@ def _run(
     return code, log.read_text()
 
 
+def test_a_reused_pid_is_a_new_run_to_the_zygote(tmp_path: Path) -> None:
+    """The kernel reuses pids: a long pair sweep forked a run whose pid an earlier run had had,
+    the harness took it for ended (it was in the waited set), never killed it, and that frozen
+    run held the lock through every later pair. A pid the zygote forks again starts afresh."""
+    import io
+    import json as json_
+
+    from benchmarks.zygote import Zygote
+
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb") as out, os.fdopen(write_end, "wb") as feed:
+        zygote = Zygote.__new__(Zygote)
+        zygote._proc = type("P", (), {"stdin": io.BytesIO(), "stdout": out})()  # type: ignore[assignment]
+        zygote._codes, zygote._pids, zygote._waited, zygote._token = {}, {}, set(), 0
+        zygote._buffer = b""
+        feed.write(b'{"token": 1, "pid": 4242}\n{"pid": 4242, "rc": 0}\n')
+        feed.flush()
+        first = zygote.spawn(["cache", "run", "x.yaml"], tmp_path / "a.log", tmp_path)
+        assert (first, zygote.wait(first, 5)) == (4242, 0) and zygote.ended(first)
+        feed.write(json_.dumps({"token": 2, "pid": 4242}).encode() + b"\n")
+        feed.flush()
+        second = zygote.spawn(["cache", "run", "x.yaml"], tmp_path / "b.log", tmp_path)
+        assert second == 4242 and not zygote.ended(second, 0)
+
+
 def test_fault_specs_parse_and_typos_fail() -> None:
     assert faults.parse("kill@job-recorded#2") == faults.Fault("kill", "job-recorded", 2)
     assert faults.parse("enospc@os.write#3*") == faults.Fault(
