@@ -30,7 +30,7 @@ recorded and published nothing; run 2, continued or resumed, must publish its re
 (i, j) of the 10 points, each with the same and the other request, stopped and killed (400
 pairs), after ``verify`` frozen holding its lock × every j, stopped and killed (40), and a
 re-cache frozen deciding × every j, with B and C, stopped and killed (40). Bounded by
-``--seconds``: a pair takes about 7 s here (2 cores), so the whole sweep needs about 55 min
+``--seconds``: a pair takes about 5 s here (2 cores), so the whole sweep needs about 40 min
 (``--seconds 3600``); a shorter bound stops early and says how many pairs ran of how many (the
 pairs are ordered so that every point comes early as i and as j). Printed: pairs run, runs
 frozen and killed, j not reached (run 2 had nothing left to do there), caches verified, bytes

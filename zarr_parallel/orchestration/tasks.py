@@ -33,7 +33,7 @@ from zarr_parallel.run.job_process import (
 from zarr_parallel.run.steps import Prepared, initialise, prepare
 from zarr_parallel.store.disk_names import manifest_dir
 from zarr_parallel.store.files import read_json, write_json_atomic
-from zarr_parallel.store.manifest import plan_record, recorded_jobs
+from zarr_parallel.store.manifest import check_fence, plan_record, recorded_jobs
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -94,7 +94,7 @@ def write_task(
     done = recorded_jobs(Path(version), fp)
     limit = job_process_limit(req.deploy_mode, req.memory_bytes)
     attempt = int(current_task_run.run_count or 1)
-    mark_attempt(Path(version), str(current_task_run.id), attempt)
+    mark_attempt(Path(version), str(current_task_run.id), attempt, fence)
     logger = get_run_logger()
     worker = {
         "pid": os.getpid(),
@@ -144,13 +144,28 @@ def write_task(
     return results
 
 
-def mark_attempt(version: Path, task_run_id: str, attempt: int) -> None:
+def mark_attempt(version: Path, task_run_id: str, attempt: int, fence: str | None = None) -> None:
     """Note that attempt ``attempt`` of a write task run began (the flow counts attempts of
-    runs whose worker died from these notes: the Prefect API may not have recorded them yet)."""
-    write_json_atomic(
-        manifest_dir(version) / "attempts" / f"{task_run_id}.json",
-        {"attempt": attempt, "pid": os.getpid(), "time": time.time()},
-    )
+    runs whose worker died from these notes: the Prefect API may not have recorded them yet).
+
+    Raises
+    ------
+    LockLost
+        The version is gone: the run that took the cache's lock over removed it (``fence`` is
+        this run's lock token, see :func:`~zarr_parallel.store.manifest.check_fence`).
+    """
+    folder = manifest_dir(version) / "attempts"
+    try:
+        # No parents: a note must never bring back a version another run removed.
+        folder.mkdir(exist_ok=True)
+        write_json_atomic(
+            folder / f"{task_run_id}.json",
+            {"attempt": attempt, "pid": os.getpid(), "time": time.time()},
+            parents=False,
+        )
+    except FileNotFoundError:
+        check_fence(version, "starting its jobs", fence)
+        raise
 
 
 def attempts_made(version: Path, task_run_id: str) -> int:

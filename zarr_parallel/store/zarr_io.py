@@ -370,7 +370,10 @@ def finalise(version: Path, summary: Mapping[str, Any]) -> None:
     # complete.json promises a readable version after a crash of the machine: the consolidated
     # metadata (v3: the root zarr.json; v2: .zmetadata and .zgroup) must be on disk before it.
     sync_files([version / n for n in ("zarr.json", ".zmetadata", ".zgroup")], version)
-    write_json_atomic(manifest_dir(version) / "complete.json", {**summary, "time": time.time()})
+    # No parents: a version another run removed is never brought back as "complete".
+    write_json_atomic(
+        manifest_dir(version) / "complete.json", {**summary, "time": time.time()}, parents=False
+    )
 
 
 def crc32(data: Any, value: int = 0) -> int:
