@@ -44,6 +44,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -495,22 +496,6 @@ VERIFY_PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("where,pair", VERIFY_PAIRS, ids=[w for w, _ in VERIFY_PAIRS])
-def test_interleaved_verify_pairs(
-    durability: tuple[Scenario, Zygote], where: str, pair: Pair
-) -> None:
-    """``verify`` of A frozen holding the lock, made stale; a run of B breaks it and is frozen
-    or killed; verify, continued, says OK only for A's version (or fails cleanly), and B then
-    finishes (frozen before it takes the lock, verify holds nothing that goes stale:
-    ``test_interleaved_verify``)."""
-    scn, zygote = durability
-    counts = PairCounts()
-    verify_pair_step(scn, zygote, counts, where, pair)
-    print(counts.text())
-    assert counts.failures == [], counts.failures
-    assert counts.verified == 1
-
-
 #: re-cache × run pairs of the CI: a full re-cache of B frozen deciding (holding its lock), run 2
 #: of B frozen after its first job, or of C killed as it publishes.
 RECACHE_PAIRS = [
@@ -519,16 +504,28 @@ RECACHE_PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("where,pair", RECACHE_PAIRS, ids=[p.label for _, p in RECACHE_PAIRS])
-def test_interleaved_recache_pairs(
-    durability: tuple[Scenario, Zygote], where: str, pair: Pair
+#: The holder × run pairs of the CI: (step, where the holder is frozen, pair).
+HOLDER_PAIRS = [(verify_pair_step, w, p) for w, p in VERIFY_PAIRS] + [
+    (recache_pair_step, w, p) for w, p in RECACHE_PAIRS
+]
+
+
+@pytest.mark.parametrize(
+    "step,where,pair",
+    HOLDER_PAIRS,
+    ids=[f"{s.__name__.split('_')[0]}-{p.label}" for s, _, p in HOLDER_PAIRS],
+)
+def test_interleaved_holder_pairs(
+    durability: tuple[Scenario, Zygote], step: Any, where: str, pair: Pair
 ) -> None:
-    """A re-cache of B frozen deciding, its lock made stale; a run of B or C breaks it and is
-    frozen or killed; the re-cache, continued, ends cleanly (exit 1, or exit 0 having published
-    B) and the run then finishes to its reference (``benchmarks.durability_pairs``)."""
+    """``verify`` of A, or a full re-cache of B, frozen holding the lock, made stale; a run of B
+    (or C) breaks it and is frozen or killed. ``verify``, continued, says OK only for A's
+    version or fails cleanly (frozen before it takes the lock, it holds nothing that goes
+    stale: ``test_interleaved_verify``); the re-cache ends cleanly (exit 1, or exit 0 having
+    published B); the run then finishes to its reference (``benchmarks.durability_pairs``)."""
     scn, zygote = durability
     counts = PairCounts()
-    recache_pair_step(scn, zygote, counts, where, pair)
+    step(scn, zygote, counts, where, pair)
     print(counts.text())
     assert counts.failures == [], counts.failures
     assert counts.verified == 1

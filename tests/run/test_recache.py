@@ -33,7 +33,7 @@ from zarr_parallel.run import steps as pipeline
 from zarr_parallel.run.chunk_reuse import link_unchanged
 from zarr_parallel.run.finish import finish
 from zarr_parallel.run.job import run_job
-from zarr_parallel.run.recache_decision import decide
+from zarr_parallel.run.recache_decision import AppendPrepared, decide
 from zarr_parallel.store.manifest import is_complete
 from zarr_parallel.store.paths import CachePaths
 
@@ -390,13 +390,19 @@ def test_zarr_local_store_rewrites_a_key_as_a_new_file(tmp_path: Path) -> None:
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "a.zarr")[:], [2, 2, 2, 2])
 
 
-def test_interrupted_append_resumes(era5_all: list[Path], tmp_path: Path) -> None:
+def _append_prepared(era5_all: list[Path], tmp_path: Path) -> tuple[Path, Path, AppendPrepared]:
+    """A cache of the first three files, then two more files: the append's prepared plan."""
     src = _source(tmp_path / "src", era5_all[:3])
     cache = tmp_path / "era5.zarr"
     recache_flow(_request(src, cache, num_jobs=3))
     _source(src, era5_all[3:])
     decision, prepared = decide(_request(src, cache, num_jobs=3))
     assert decision.action == "append" and prepared is not None
+    return src, cache, prepared
+
+
+def test_interrupted_append_resumes(era5_all: list[Path], tmp_path: Path) -> None:
+    src, cache, prepared = _append_prepared(era5_all, tmp_path)
     pipeline.initialise(prepared)
     link_unchanged(prepared)
     assert len(prepared.todo) >= 2
@@ -419,12 +425,7 @@ def test_an_append_that_lost_its_lock_links_nothing_and_never_remakes_its_versio
     from zarr_parallel.run import chunk_reuse
     from zarr_parallel.store.lock import cache_lock
 
-    src = _source(tmp_path / "src", era5_all[:3])
-    cache = tmp_path / "era5.zarr"
-    recache_flow(_request(src, cache, num_jobs=3))
-    _source(src, era5_all[3:])
-    decision, prepared = decide(_request(src, cache, num_jobs=3))
-    assert decision.action == "append" and prepared is not None
+    _, _, prepared = _append_prepared(era5_all, tmp_path)
     lock, real = prepared.paths.lock, chunk_reuse.check_lock_token
     calls: list[str] = []
 
