@@ -1,7 +1,7 @@
 """MkDocs hook: fill ``<!-- request-fields -->`` with the request model's fields.
 
-The reference is generated from :class:`zarr_parallel.request.model.CacheRequest`, so it cannot drift
-from what the code validates.
+The reference is generated from :class:`zarr_parallel.request.model.CacheRequest`, so it cannot
+drift from what the code validates.
 """
 
 from __future__ import annotations

@@ -180,9 +180,10 @@ def test_a_cluster_that_does_not_fit_the_plan_is_replaced(
     mark = uuid.uuid4().hex
     monkeypatch.setenv(MARK, mark)
     files = _files(era5_factory)
-    # One job: the plan wants one worker, not the two started ahead.
+    # One job (one variable, one chunk): the plan wants one worker, not the two started ahead.
     zp = ZarrParallelAssembler(
         [str(p) for p in files],
+        variables=["t2m"],
         chunks={"time": -1, "latitude": -1, "longitude": -1},
         log_level=1,  # the cluster's start and close are info lines
     )
@@ -206,7 +207,7 @@ def test_a_cluster_that_does_not_fit_the_plan_is_replaced(
     assert STARTED.search(said) and "do not fit the plan (1 workers" in said, said
     # The plan's own cluster started during initialise, after the plan.
     assert result.summary["cluster_requested_during"] == "initialise"
-    assert_cache_equals_files(result.path, files)
+    assert_cache_equals_files(result.path, files, names=("t2m",))
     assert _left_over(mark) == []
 
 

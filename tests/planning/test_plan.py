@@ -26,7 +26,7 @@ from zarr_parallel.planning.groups import balanced_parts
 from zarr_parallel.planning.inputs import ArrayInput, Limits
 from zarr_parallel.planning.jobs import Job
 from zarr_parallel.planning.memory import REGION_COPIES, job_memory
-from zarr_parallel.planning.plan import Plan, plan_jobs
+from zarr_parallel.planning.plan import Plan, _plan_groups, makespan, plan_jobs
 from zarr_parallel.units import format_bytes
 
 # ------------------------------------------------------------------------------------------
@@ -543,6 +543,53 @@ def test_eleven_jobs_for_two_workers_become_twelve() -> None:
     assert len(balanced.jobs) == 12
     assert _greedy_loads(balanced, 2) == [11, 11]
     assert _greedy_loads(series, 2) == [12, 10]
+
+
+def _variable_loads(plan: Plan, workers: int) -> list[int]:
+    """Like :func:`_greedy_loads`, a job timed by its elements times its variables."""
+    loads = [0] * workers
+    for job in plan.jobs:
+        size = math.prod(stop - start for _, start, stop in job.region) * len(job.variables)
+        loads[loads.index(min(loads))] += size
+    return loads
+
+
+def test_three_jobs_of_two_variables_for_two_workers_become_jobs_of_one_variable() -> None:
+    """Three time units hold both variables in 3 jobs: one of 2 workers would idle for the last
+    (loads 2 and 1 jobs). Jobs of one variable share the 6 variable-units evenly, and read each
+    source chunk once all the same; one worker keeps the grouped jobs."""
+    axes = (_axis("time", range(0, 4)),)
+    arrays = [ArrayInput(n, axes, (1,), 4, 4) for n in ("t2m", "d2m")]
+    budget = max(j.memory for j in plan_jobs(arrays, Limits(BIG, min_jobs=3)).jobs)
+    series = plan_jobs(arrays, Limits(budget, min_jobs=1))
+    assert len(series.jobs) == 3 and all(len(j.variables) == 2 for j in series.jobs)
+    assert _variable_loads(series, 2) == [4, 2]
+    parallel = plan_jobs(arrays, Limits(budget, min_jobs=1, workers=2))
+    assert all(len(j.variables) == 1 for j in parallel.jobs)
+    assert _variable_loads(parallel, 2) == [3, 3]
+    assert parallel.read_bytes == series.read_bytes
+
+
+@PROPERTY_SETTINGS
+@given(plan_cases())
+def test_parallel_plans_are_never_less_balanced_than_grouped_ones(
+    case: tuple[list[VarCase], Limits],
+) -> None:
+    """With several workers, the plan chosen is never busier on its busiest worker (bytes read
+    and written, jobs handed out in order) than the plan keeping variables together."""
+    variables, limits = case
+    workers = max(2, limits.workers)
+    limits = Limits(limits.memory_budget, limits.min_jobs, workers=workers)
+    arrays = sorted((v.array_input() for v in variables), key=lambda a: a.name)
+    try:
+        chosen = plan_jobs(arrays, limits)
+    except PlanError:
+        return
+    groups: dict[str, list[ArrayInput]] = {}
+    for a in arrays:
+        groups.setdefault(a.signature(), []).append(a)
+    grouped, *_ = _plan_groups(list(groups.values()), limits)
+    assert makespan(chosen.jobs, workers) <= makespan(grouped, workers)
 
 
 def test_a_dimension_that_cannot_split_further_hands_over_to_the_next() -> None:

@@ -109,13 +109,22 @@ def test_a_derived_minimum_does_not_re_read_for_more_jobs_than_workers() -> None
 
 
 def test_an_asked_minimum_that_would_re_read_4x_is_staged() -> None:
-    """num_jobs=4 asked: a direct plan would read the source 4x; the staged plan reads it once
-    (and the intermediate once), which the cost model counts as cheaper."""
-    plan = choose_plan(six_days_of_maps(), worker_limits(4, derived=False), "r")
+    """num_jobs=4 asked of one variable: a direct plan would read the source 4x; the staged plan
+    reads it once (and the intermediate once), which the cost model counts as cheaper."""
+    plan = choose_plan(six_days_of_maps()[:1], worker_limits(4, derived=False), "r")
     assert plan.strategy == "staged", plan.strategy_reason
     assert plan.read_amplification == 1.0
-    direct = plan_jobs(six_days_of_maps(), worker_limits(4, derived=False), "r")
+    direct = plan_jobs(six_days_of_maps()[:1], worker_limits(4, derived=False), "r")
     assert direct.read_amplification == 4.0
     # Source read once, intermediate written and read once each, target written once.
     assert plan_cost(plan) == (plan.read_bytes + 2 * plan.intermediate_bytes + plan.write_bytes)
     assert plan_cost(plan) < plan_cost(direct)
+
+
+def test_an_asked_minimum_of_two_variables_splits_by_variable_first() -> None:
+    """num_jobs=4 of two variables: a job per variable and half the map re-reads the source
+    2x, where 4 jobs of both variables would re-read it 4x."""
+    plan = choose_plan(six_days_of_maps(), worker_limits(4, derived=False), "r")
+    assert len(plan.jobs) == 4
+    assert all(len(j.variables) == 1 for j in plan.jobs)
+    assert plan.read_amplification == 2.0

@@ -16,6 +16,7 @@ Finished jobs are recorded in the manifest as they finish, so a failed run resum
 
 from __future__ import annotations
 
+import collections
 import math
 import queue
 import time
@@ -105,6 +106,7 @@ class _WriteTasks:
     failed: dict[int, dict[str, Any]] = field(default_factory=dict)
     errors: list[BaseException | None] = field(default_factory=list)
     completed_jobs: int = 0
+    pending: collections.deque[int] = field(default_factory=collections.deque)
 
     @property
     def total(self) -> int:
@@ -130,14 +132,35 @@ class _WriteTasks:
 
         future.add_done_callback(done)
 
+    def slots(self) -> int | None:
+        """Write tasks the cluster runs at once (None: no cluster, submit them all).
+
+        A task reaches dask only when a worker can start it. dask hands out a handful of tasks
+        at once round robin (they are too few for its queue), so 4 jobs of sizes 2, 1, 2, 1 on
+        2 workers ran as 2 + 2 and 1 + 1; handed out as workers free up they run as 2 + 1 and
+        1 + 2, the order the planner balances for (:func:`~zarr_parallel.planning.plan.makespan`).
+        A worker that dies then takes no queued task down with it either.
+        """
+        handle = self.handle
+        if handle is None or handle.mode == "series":
+            return None
+        return max(1, handle.concurrency, len(handle.workers()))
+
+    def refill(self) -> None:
+        """Submit pending groups while the cluster has free slots."""
+        slots = self.slots()
+        while self.pending and (slots is None or len(self.running) < slots):
+            self.submit(self.pending.popleft(), 0)
+
     def run(self) -> None:
         """Submit every group and wait until each has completed, failed or been given up."""
-        for i in range(len(self.groups)):
-            self.submit(i, 0)
+        self.pending = collections.deque(range(len(self.groups)))
+        self.refill()
         handle = self.handle
         max_replacements = max(1, (handle.concurrency if handle else 1) * (self.req.retries + 1))
         last_check = time.monotonic()
-        while self.running:
+        while self.running or self.pending:
+            self.refill()
             try:
                 index, future = self.done_q.get(timeout=1.0)
             except queue.Empty:
@@ -155,12 +178,16 @@ class _WriteTasks:
         message = handle.check(max_replacements)
         if not message:
             return
-        self.logger.error("giving up on %d write tasks: %s", len(self.running), message)
-        for i, sub in self.running.items():
+        self.logger.error(
+            "giving up on %d write tasks: %s", len(self.running) + len(self.pending), message
+        )
+        for sub in self.running.values():
             _cancel(sub.future)
+        for i in [*self.running, *self.pending]:
             for job_id in self.groups[i]:
                 self.failed[job_id] = {"state": "Crashed", "message": message}
         self.running.clear()
+        self.pending.clear()
 
     def _finished(self, index: int, future: PrefectFuture[Any]) -> None:
         """Collect a finished task of group ``index``: its results, a retry, or its failure."""

@@ -1,0 +1,91 @@
+"""How the write flow hands its tasks to a cluster: no more at once than the cluster runs.
+
+The tasks' own behaviour (retries, crashes, results) is exercised end to end by the deploy-mode
+tests on real clusters; these tests pin the hand-out order, which timing on a real cluster
+cannot show deterministically.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from zarr_parallel.orchestration import write_flow
+from zarr_parallel.orchestration.write_flow import _Submission, _WriteTasks
+
+
+class _Handle:
+    """A stand-in for a cluster handle: its worker count and what its check says."""
+
+    def __init__(self, mode: str, concurrency: int, message: str | None = None) -> None:
+        self.mode = mode
+        self.concurrency = concurrency
+        self.message = message
+
+    def workers(self) -> dict[str, Any]:
+        return {}
+
+    def check(self, max_replacements: int) -> str | None:
+        return self.message
+
+
+def _tasks(handle: Any, groups: int) -> tuple[_WriteTasks, list[int]]:
+    tasks = _WriteTasks(
+        SimpleNamespace(retries=0),  # type: ignore[arg-type]
+        "{}",
+        "/tmp/v",
+        [[i] for i in range(groups)],
+        handle,
+        None,  # type: ignore[arg-type]
+        logging.getLogger(),
+    )
+    submitted: list[int] = []
+
+    def submit(index: int, attempts_before: int) -> None:
+        submitted.append(index)
+        tasks.running[index] = _Submission(object(), attempts_before, 0.0)  # type: ignore[arg-type]
+
+    tasks.submit = submit  # type: ignore[method-assign]
+    return tasks, submitted
+
+
+def test_a_cluster_gets_a_task_only_when_a_worker_is_free() -> None:
+    """4 tasks on 2 workers: 2 handed out, the third when one of them ends, in plan order."""
+    tasks, submitted = _tasks(_Handle("dask_distributed", 2), 4)
+    tasks.pending.extend(range(4))
+    tasks.refill()
+    assert submitted == [0, 1]
+    tasks.refill()
+    assert submitted == [0, 1]
+    tasks.running.pop(1)
+    tasks.refill()
+    assert submitted == [0, 1, 2]
+    tasks.running.pop(0)
+    tasks.running.pop(2)
+    tasks.refill()
+    assert submitted == [0, 1, 2, 3]
+
+
+def test_series_gets_every_task_at_once() -> None:
+    """In series mode the task runner's one thread takes them in order: nothing is held back."""
+    tasks, submitted = _tasks(_Handle("series", 1), 3)
+    tasks.pending.extend(range(3))
+    tasks.refill()
+    assert submitted == [0, 1, 2]
+
+
+def test_giving_up_fails_the_tasks_not_yet_handed_out_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When no worker can come, the waiting tasks' jobs fail with the same message as the
+    running ones, and the flow stops waiting."""
+    monkeypatch.setattr(write_flow, "_cancel", lambda future: None)
+    tasks, submitted = _tasks(_Handle("slurm", 1, "no SLURM job is queued or running"), 3)
+    tasks.pending.extend(range(3))
+    tasks.refill()
+    assert submitted == [0]
+    tasks._watch(tasks.handle, 1)  # type: ignore[arg-type]
+    assert not tasks.running and not tasks.pending
+    assert sorted(tasks.failed) == [0, 1, 2]
+    assert {f["message"] for f in tasks.failed.values()} == {"no SLURM job is queued or running"}
