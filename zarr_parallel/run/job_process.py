@@ -458,10 +458,11 @@ def _serve(fd: int) -> None:
 
     # Deferred: the job stack (xarray, zarr, h5py) loads in the job process only; this module is
     # also loaded by every dask worker as it joins (the prewarm plugin), which must stay quick.
-    from zarr_parallel.run.job import run_job
+    from zarr_parallel.run.job import prewarm_job_stack, run_job
     from zarr_parallel.sources.fastread import reader_threads
 
     _share_cores()
+    prewarm_job_stack()
 
     conn.send(("ready", os.getpid()))
     while True:
