@@ -198,3 +198,23 @@ def test_measure_peak_in_a_job_process_reads_the_kernels_high_water_mark(
         del block
     assert high_water_mark() >= peak.start + 190 * MiB
     assert peak.increase >= 190 * MiB
+
+
+def test_a_prewarmed_process_has_what_its_first_job_would_import() -> None:
+    """A job process warms up as it starts: the imports a first job made mid-job (``distributed``
+    for xarray's client lookup, h5py and h5netcdf for the source check) are done, in a fresh
+    interpreter that had none of them after importing the job module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import zarr_parallel.run.job as j; "
+        "wanted = ('distributed', 'h5py', 'h5netcdf'); "
+        "before = [m for m in wanted if m in sys.modules]; "
+        "j.prewarm_job_stack(); "
+        "print(before, [m for m in wanted if m not in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.strip()
+    assert out == "[] []", out
