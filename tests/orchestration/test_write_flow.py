@@ -20,13 +20,16 @@ from zarr_parallel.orchestration.write_flow import _Submission, _WriteTasks
 class _Handle:
     """A stand-in for a cluster handle: its worker count and what its check says."""
 
-    def __init__(self, mode: str, concurrency: int, message: str | None = None) -> None:
+    def __init__(
+        self, mode: str, concurrency: int, message: str | None = None, threads: tuple[int, ...] = ()
+    ) -> None:
         self.mode = mode
         self.concurrency = concurrency
         self.message = message
+        self.threads = list(threads)
 
     def workers(self) -> dict[str, Any]:
-        return {}
+        return {f"w{i}": {"nthreads": n} for i, n in enumerate(self.threads)}
 
     def check(self, max_replacements: int) -> str | None:
         return self.message
@@ -89,3 +92,12 @@ def test_giving_up_fails_the_tasks_not_yet_handed_out_too(monkeypatch: pytest.Mo
     assert not tasks.running and not tasks.pending
     assert sorted(tasks.failed) == [0, 1, 2]
     assert {f["message"] for f in tasks.failed.values()} == {"no SLURM job is queued or running"}
+
+
+def test_a_remote_cluster_gets_a_task_per_worker_thread() -> None:
+    """A remote cluster sized by its owner: two workers of 3 threads run 6 tasks at once, more
+    than the run's own sizing (2) would give."""
+    tasks, submitted = _tasks(_Handle("dask_distributed", 2, threads=(3, 3)), 8)
+    tasks.pending.extend(range(8))
+    tasks.refill()
+    assert submitted == [0, 1, 2, 3, 4, 5]

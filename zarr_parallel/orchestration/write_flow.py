@@ -139,12 +139,14 @@ class _WriteTasks:
         at once round robin (they are too few for its queue), so 4 jobs of sizes 2, 1, 2, 1 on
         2 workers ran as 2 + 2 and 1 + 1; handed out as workers free up they run as 2 + 1 and
         1 + 2, the order the planner balances for (:func:`~zarr_parallel.planning.plan.makespan`).
-        A worker that dies then takes no queued task down with it either.
+        A worker that dies then takes no queued task down with it either. The workers'
+        threads count: a remote cluster's worker may run several tasks at once.
         """
         handle = self.handle
         if handle is None or handle.mode == "series":
             return None
-        return max(1, handle.concurrency, len(handle.workers()))
+        threads = sum(int(w.get("nthreads") or 1) for w in handle.workers().values())
+        return max(1, handle.concurrency, threads)
 
     def refill(self) -> None:
         """Submit pending groups while the cluster has free slots."""
