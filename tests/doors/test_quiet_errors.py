@@ -288,6 +288,7 @@ def test_num_jobs_note_only_when_asked(era5_files: list[Path], tmp_path: Path) -
         deploy_mode="dask_distributed",
         simultaneous_worker_limit=2,
         memory_limit="1GB",
+        variables=["t2m"],  # two variables would be a job each, one per worker
         chunks={"time": -1, "latitude": -1, "longitude": -1},
     )
     plan = [COMMAND, "plan", str(request)]
