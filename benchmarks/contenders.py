@@ -22,7 +22,9 @@ from typing import Any
 
 from benchmarks.rechunker_env import PYTHON_VARIABLE as RECHUNKER_PYTHON
 from benchmarks.stage_watch import StageWatcher
+from zarr_parallel.planning.compression import parse_compression
 from zarr_parallel.run.job import high_water_mark, rchar
+from zarr_parallel.store.codecs import zarr_compressors
 
 #: The environment of a contender's process, each only where not set: quiet logs, no phoning
 #: home. Set by :func:`main` (the contender's own process), never on import: the test suite
@@ -119,6 +121,11 @@ def _maxrss() -> tuple[int, int]:
     return own, kids
 
 
+def _output_codec(case: dict[str, Any]) -> str:
+    """The codec every contender writes, in the request's ``compression`` forms (suite.py)."""
+    return str(case.get("output_codec") or "zstd")
+
+
 def _preprocessors(case: dict[str, Any]) -> list[dict[str, Any]]:
     box = case.get("box") or {}
     if not box:
@@ -143,6 +150,7 @@ def _zarr_parallel(mode: str) -> Callable[[dict[str, Any], str], dict[str, Any]]
         if mode != "default":  # "default": the settings a user gets without naming a mode
             options["deploy_mode"] = mode
         limit = _memory_limit(case)
+        options["compression"] = _output_codec(case)
         zp = ZarrParallelAssembler(
             case["files"], preprocessors=_preprocessors(case), chunks=case["chunks"]
         )
@@ -242,6 +250,9 @@ def _xarray(open_with: str, distributed: bool) -> Callable[[dict[str, Any], str]
         for v in ds.variables.values():
             v.encoding.pop("chunks", None)
             v.encoding.pop("preferred_chunks", None)
+        codec = parse_compression(_output_codec(case), "output_codec")
+        for v in ds.data_vars.values():
+            v.encoding["compressors"] = zarr_compressors(codec, 3)
         delayed = ds.to_zarr(store, mode="w", zarr_format=3, compute=False, consolidated=True)
         t1 = time.perf_counter()
         delayed.compute()

@@ -55,6 +55,10 @@ RESULTS = HERE / "results"
 ZP050_VENV = HERE / ".venv-zp050"
 #: The end of a failed contender's error output kept in the results (its traceback).
 STDERR_TAIL = 3000
+#: What every contender writes unless ``--output-codec`` says otherwise: zarr 3's default codec
+#: (zstd at its default level), which is zarr-parallel's and xarray's default too. rechunker
+#: (zarr 2) is given it explicitly: its own default is Blosc lz4 (contenders.py).
+OUTPUT_CODEC = "zstd"
 MISALIGNED = {"time": 48, "latitude": 180, "longitude": 360}
 #: Targets: ML tiles misaligned with the archive layout, one step × full grid (aligned with it),
 #: and a box selection that cuts source chunks.
@@ -248,7 +252,13 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     return cases
 
 
-def _case_json(spec: DatasetSpec, target: str, files: list[Path], kerchunk: Path) -> dict[str, Any]:
+def _case_json(
+    spec: DatasetSpec,
+    target: str,
+    files: list[Path],
+    kerchunk: Path,
+    output_codec: str = OUTPUT_CODEC,
+) -> dict[str, Any]:
     t = TARGETS[target]
     case = {
         "name": f"{spec.name} → {target}",
@@ -262,6 +272,7 @@ def _case_json(spec: DatasetSpec, target: str, files: list[Path], kerchunk: Path
         "variables": ["t2m", "d2m"],
         "cores": os.cpu_count() or 1,
         "memory_limit": t.get("memory_limit", "2GB"),
+        "output_codec": output_codec,
     }
     box = t["box"] or {}
     shape = [spec.steps, *spec.grid]
@@ -285,6 +296,12 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cases", default="misaligned,aligned,cut")
     p.add_argument("--layouts", default="archive")
     p.add_argument("--compressions", default="zlib")
+    p.add_argument(
+        "--output-codec",
+        default=OUTPUT_CODEC,
+        help="codec every contender writes, in the request's compression forms ('zstd', "
+        "'blosc:lz4:5'...); default: zstd, zarr 3's and zarr-parallel's default",
+    )
     p.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS))
     p.add_argument("--skip", default="", help="contenders to leave out (comma-separated)")
     p.add_argument(
@@ -354,7 +371,7 @@ def _prepare_case(spec: DatasetSpec, target: str, args: argparse.Namespace) -> d
     files = ensure_dataset(spec)
     zp050 = any(c in ZP050 for c in args.contenders)
     kerchunk = ensure_kerchunk(spec, files) if zp050 else files[0]
-    case = _case_json(spec, target, files, kerchunk)
+    case = _case_json(spec, target, files, kerchunk, args.output_codec)
     box = {d: tuple(v) for d, v in (case["box"] or {}).items()}
     case["needed_stored_bytes"] = stored_bytes_needed(files, case["variables"], box)
     case["timeout"] = args.timeout
@@ -362,7 +379,7 @@ def _prepare_case(spec: DatasetSpec, target: str, args: argparse.Namespace) -> d
         f"\n== {case['name']} ({time.perf_counter() - t0:.0f} s to prepare; memory limit "
         f"{case['memory_limit']}, one column of source chunks "
         f"{case['source_column_bytes'] / 1e9:.2f} GB, {case['needed_stored_bytes'] / 1e9:.2f} GB "
-        "stored)",
+        f"stored; every contender writes {case['output_codec']})",
         flush=True,
     )
     return case

@@ -143,6 +143,8 @@ def test_map_to_time_series_case_runs_every_contender_at_tiny_size(tmp_path: Pat
     command = [sys.executable, "-m", "benchmarks.suite", "--size", "tiny", "--repeat", "1"]
     command += ["--cases", "timeseries", "--contenders", contenders, "--no-plan-scaling"]
     command += ["--work", str(tmp_path / "work"), "--results", str(results)]
+    # Every contender writes the codec asked (rechunker's own default would be Blosc lz4).
+    command += ["--output-codec", "blosc:zstd:1"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(results.read_text())
@@ -158,6 +160,7 @@ def test_map_to_time_series_case_runs_every_contender_at_tiny_size(tmp_path: Pat
     for name in expected:
         assert out[name]["ok"], (name, out[name], proc.stdout[-3000:])
         assert out[name]["equal"], (name, out[name])
+        assert out[name]["codec"] == "blosc:zstd:1", (name, out[name])
         assert out[name]["bytes_read"] > 0 and out[name]["target_bytes"] > 0
     assert "Bytes of" in proc.stdout and "goals:" in proc.stdout
 
