@@ -49,7 +49,8 @@ def _tasks(handle: Any, groups: int) -> tuple[_WriteTasks, list[int]]:
 
     def submit(index: int, attempts_before: int) -> None:
         submitted.append(index)
-        tasks.running[index] = _Submission(object(), attempts_before, 0.0)  # type: ignore[arg-type]
+        future = SimpleNamespace(wrapped_future=SimpleNamespace(status="pending"))
+        tasks.running[index] = _Submission(future, attempts_before, 0.0)  # type: ignore[arg-type]
 
     tasks.submit = submit  # type: ignore[method-assign]
     return tasks, submitted
@@ -101,3 +102,25 @@ def test_a_remote_cluster_gets_a_task_per_worker_thread() -> None:
     tasks.pending.extend(range(8))
     tasks.refill()
     assert submitted == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_task_that_ended_frees_its_worker_before_its_outcome_is_collected() -> None:
+    """The next task goes out as soon as a task ends on its worker, before the flow reads its
+    result and reports progress; a task whose worker was lost keeps its slot (it may be
+    retried there)."""
+    tasks, submitted = _tasks(_Handle("dask_distributed", 2), 4)
+    tasks.pending.extend(range(4))
+    tasks.refill()
+    lost, ended = tasks.running[0].future, tasks.running[1].future
+    lost.wrapped_future.status = "lost"  # type: ignore[attr-defined]
+    tasks.settle(0, lost)
+    tasks.refill()
+    assert submitted == [0, 1]
+    ended.wrapped_future.status = "finished"  # type: ignore[attr-defined]
+    tasks.settle(1, ended)
+    tasks.refill()
+    assert submitted == [0, 1, 2]
+    assert 1 in tasks.running  # still to be collected
+    tasks.settle(1, object())  # type: ignore[arg-type]  (a stale future changes nothing)
+    tasks.refill()
+    assert submitted == [0, 1, 2]
