@@ -65,21 +65,22 @@ def parse_bytes(text: str) -> int:
 
 def compressor(spec: str) -> Any:
     """The numcodecs codec of a request's ``compression`` form: ``zstd[:level]``,
-    ``blosc:<cname>:<level>`` (byte shuffle, as zarr-parallel writes it), ``zlib:<level>`` or
-    ``none``. zarr 2 names the codec as zarr-parallel's Zarr v2 caches do (store/codecs.py)."""
+    ``blosc[:<cname>[:<level>]]`` (byte shuffle, as zarr-parallel writes it), ``zlib[:level]``,
+    ``gzip[:level]`` or ``none``, with zarr-parallel's default levels (planning/compression.py)."""
     import numcodecs
 
     name, *rest = spec.split(":")
     if name == "none":
         return None
     if name == "blosc":
-        cname, level = rest[0], int(rest[1]) if len(rest) > 1 else 5
+        cname = rest[0] if rest else "lz4"
+        level = int(rest[1]) if len(rest) > 1 else 5
         return numcodecs.Blosc(cname=cname, clevel=level, shuffle=numcodecs.Blosc.SHUFFLE)
-    if name == "zlib":
-        return numcodecs.Zlib(level=int(rest[0]) if rest else 1)
-    if name == "zstd":
-        return numcodecs.Zstd(level=int(rest[0]) if rest else 0)
-    raise ValueError(f"output_codec {spec!r}: use zstd[:level], blosc:<cname>:<level> or zlib")
+    codecs = {"zstd": (numcodecs.Zstd, 0), "zlib": (numcodecs.Zlib, 1), "gzip": (numcodecs.GZip, 5)}
+    if name not in codecs:
+        raise ValueError(f"output_codec {spec!r}: use zstd, blosc, zlib, gzip or none")
+    codec, default = codecs[name]
+    return codec(level=int(rest[0]) if rest else default)
 
 
 def folder_bytes(path: Path) -> int:

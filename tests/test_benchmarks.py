@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.contenders import find_phases, plan_figures
+from benchmarks.rechunker_run import compressor
 from benchmarks.startup import parse_output
 from benchmarks.startup import summarise as startup_summary
 from benchmarks.summary import goals, io_table, summarise
@@ -194,3 +195,15 @@ def test_importing_the_benchmarks_changes_no_environment() -> None:
     count, changed = proc.stdout.split(" ", 1)
     assert int(count) > 10
     assert changed.strip() == "[]"
+
+
+def test_rechunker_gets_the_codec_the_others_write() -> None:
+    """The request's compression forms, as zarr 2 codecs, at zarr-parallel's default levels."""
+    assert compressor("zstd").get_config() == {"id": "zstd", "level": 0, "checksum": False}
+    blosc = compressor("blosc").get_config()
+    assert (blosc["cname"], blosc["clevel"], blosc["shuffle"]) == ("lz4", 5, 1)
+    assert compressor("blosc:zstd:1").get_config()["cname"] == "zstd"
+    assert compressor("zlib").get_config() == {"id": "zlib", "level": 1}
+    assert compressor("none") is None
+    with pytest.raises(ValueError, match="output_codec 'lzma'"):
+        compressor("lzma")
