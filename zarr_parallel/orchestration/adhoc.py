@@ -215,6 +215,7 @@ def _mode(prepared: Prepared | None, request: CacheRequest) -> str:
 def _run_flow(request: CacheRequest, api: TemporaryApi | None, run: AdHocRun) -> dict[str, Any]:
     # Deferred: the settings import Prefect (seconds), which an up-to-date answer never needs.
     from zarr_parallel.orchestration.control import temporary_api_settings
+    from zarr_parallel.orchestration.heartbeat import door_heartbeat
 
     set_log_level(request.log_level)  # again: importing Prefect just set up its own logging
 
@@ -225,11 +226,13 @@ def _run_flow(request: CacheRequest, api: TemporaryApi | None, run: AdHocRun) ->
         api = None
     # The flow's imports (a second) while the temporary API may still be starting.
     run.load()
+    # Against a lasting API the flow body sends the run's heartbeat, ending with it
+    # (orchestration/heartbeat.py); a temporary API gets none.
     if api is None:
-        with temporary_api_settings():
+        with temporary_api_settings(), door_heartbeat():
             summary = run.flow(request)
     else:
-        with api.settings():
+        with api.settings(), door_heartbeat():
             summary = run.flow(request)
     summary["flow_run"] = True
     return summary

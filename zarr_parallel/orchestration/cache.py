@@ -28,6 +28,9 @@ from zarr_parallel.orchestration.control import (
 )
 from zarr_parallel.orchestration.early_cluster import take_started
 from zarr_parallel.orchestration.halt import awaiting_decision, publish_recommendations
+from zarr_parallel.orchestration.heartbeat import (
+    flow_heartbeat,
+)
 from zarr_parallel.orchestration.plan_report import publish_plan_picture
 from zarr_parallel.orchestration.run_phases import deployment_phases
 from zarr_parallel.orchestration.runners import (
@@ -64,7 +67,7 @@ def cache_flow(request: CacheRequest) -> dict[str, Any]:
     """
     set_log_level(request.log_level)  # deployments run the flow in a worker process
     # A deployment run times its own phases (an ad hoc run's door does).
-    with deployment_phases() as report:
+    with deployment_phases() as report, flow_heartbeat():
         policy = deployment_policy()
         request = checked_request(request, policy)
         with enforced(policy):

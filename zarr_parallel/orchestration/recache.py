@@ -23,6 +23,7 @@ from zarr_parallel.logs import set_log_level
 from zarr_parallel.orchestration.cache import cache_flow, run_cache_steps
 from zarr_parallel.orchestration.control import cache_slot, checked_request, deployment_policy
 from zarr_parallel.orchestration.halt import awaiting_decision
+from zarr_parallel.orchestration.heartbeat import flow_heartbeat
 from zarr_parallel.orchestration.run_phases import deployment_phases
 from zarr_parallel.orchestration.tasks import artifact_key
 from zarr_parallel.request.model import CacheRequest
@@ -62,7 +63,7 @@ def recache_flow(
     started = time.time()
     set_log_level(request.log_level)  # deployments run the flow in a worker process
     # A deployment run times its own phases (an ad hoc run's door does).
-    with deployment_phases() as report:
+    with deployment_phases() as report, flow_heartbeat():
         policy = deployment_policy()
         request = checked_request(request, policy)
         with enforced(policy):
