@@ -193,3 +193,13 @@ def test_the_slurm_scheduler_takes_no_dashboard_port(
     assert port != 8787
     said = caplog.text + "".join(str(w.message) for w in caught)
     assert "already in use" not in said
+
+
+def test_a_run_does_not_wait_on_an_squeue_it_cannot_reach(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``squeue`` on the PATH (a machine that cannot ask SLURM): nothing to wait for, no wait.
+    With a reachable ``squeue`` the SLURM tests check that no job outlives its run."""
+    from zarr_parallel.orchestration.slurm import wait_until_gone
+
+    monkeypatch.setenv("PATH", "")
+    assert wait_until_gone({"12345"}, timeout=60) == set()
+    assert wait_until_gone(set(), timeout=60) == set()

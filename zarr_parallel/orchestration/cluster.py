@@ -34,6 +34,7 @@ from zarr_parallel.orchestration.slurm import (
     slurm_cluster_kwargs,
     slurm_end_reason,
     squeue_states,
+    wait_until_gone,
 )
 from zarr_parallel.planning.sizing import WorkerSizing
 from zarr_parallel.request.model import CacheRequest
@@ -332,6 +333,18 @@ def open_cluster(
                 obj.close()
             except Exception as e:  # closing must not hide the run's own outcome
                 logger.warning("closing %s failed: %s", type(obj).__name__, e)
+        if handle.mode == "slurm":
+            _wait_for_slurm_jobs(handle)
+
+
+def _wait_for_slurm_jobs(handle: ClusterHandle) -> None:
+    """Return only once SLURM has dropped the run's jobs (closing cancelled them)."""
+    left = wait_until_gone(set(handle.slurm_job_ids().values()))
+    if left:
+        logger.warning(
+            "SLURM still lists jobs %s after they were cancelled; check them with squeue",
+            ", ".join(sorted(left)),
+        )
 
 
 @contextmanager

@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,10 @@ def slurm_end_reason(logs: Path, job_id: str) -> EndReason | None:
     return None
 
 
+#: Seconds a run waits, once its SLURM cluster is closed, for ``squeue`` to drop its jobs.
+SLURM_GONE_SECONDS = 30.0
+
+
 def squeue_states(job_ids: set[str]) -> dict[str, str]:
     """State of each of ``job_ids`` still known to ``squeue`` (PENDING, RUNNING...)."""
     if not job_ids:
@@ -274,6 +279,21 @@ def squeue_states(job_ids: set[str]) -> dict[str, str]:
         if len(parts) >= 2 and parts[0] in job_ids:
             states[parts[0]] = parts[1]
     return states
+
+
+def wait_until_gone(job_ids: set[str], timeout: float = SLURM_GONE_SECONDS) -> set[str]:
+    """Wait until ``squeue`` lists none of ``job_ids``; the ids it still lists after ``timeout``.
+
+    A cancelled job passes through COMPLETING while its processes stop: a run waits for its
+    jobs to leave the queue before it returns, so none outlives it. An ``squeue`` that cannot
+    be reached says nothing: then the run does not wait.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        states = squeue_states(job_ids)
+        if not states or "UNKNOWN" in states.values() or time.monotonic() >= deadline:
+            return set() if "UNKNOWN" in states.values() else set(states)
+        time.sleep(0.5)
 
 
 def slurm_job_script(
