@@ -28,9 +28,7 @@ from zarr_parallel.orchestration.control import (
 )
 from zarr_parallel.orchestration.early_cluster import take_started
 from zarr_parallel.orchestration.halt import awaiting_decision, publish_recommendations
-from zarr_parallel.orchestration.heartbeat import (
-    flow_heartbeat,
-)
+from zarr_parallel.orchestration.heartbeat import flow_heartbeat
 from zarr_parallel.orchestration.plan_report import publish_plan_picture
 from zarr_parallel.orchestration.run_phases import deployment_phases
 from zarr_parallel.orchestration.runners import (

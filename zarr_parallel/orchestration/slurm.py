@@ -291,8 +291,10 @@ def wait_until_gone(job_ids: set[str], timeout: float = SLURM_GONE_SECONDS) -> s
     deadline = time.monotonic() + timeout
     while True:
         states = squeue_states(job_ids)
-        if not states or "UNKNOWN" in states.values() or time.monotonic() >= deadline:
-            return set() if "UNKNOWN" in states.values() else set(states)
+        if "UNKNOWN" in states.values():
+            return set()  # squeue unreachable: nothing is known to wait for
+        if not states or time.monotonic() >= deadline:
+            return set(states)
         time.sleep(0.5)
 
 
