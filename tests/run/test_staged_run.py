@@ -180,9 +180,11 @@ def test_kill_in_a_stage_then_resume(maps: list[Path], tmp_path: Path, stage: in
     paths = CachePaths(store)
     assert not store.exists()
     (inter,) = paths.versions.glob(".stage-1-*")
-    # The intermediate's codec: zstd level 1 in Blosc with byte shuffle (store.intermediate).
+    # The intermediate's codec: zstd level 1 in Blosc with byte shuffle and 1 MiB blocks
+    # (store.intermediate).
     (blosc,) = zarr.open_array(inter, path="t2m", mode="r").compressors
-    assert (blosc.cname.value, blosc.clevel, blosc.shuffle.value) == ("zstd", 1, "shuffle")
+    got = (blosc.cname.value, blosc.clevel, blosc.shuffle.value, blosc.blocksize)
+    assert got == ("zstd", 1, "shuffle", 2**20)
     stage1_done = {r["id"] for r in iter_job_records(inter)}
     (version,) = paths.all_versions()
     stage2_done = {r["id"] for r in iter_job_records(version)}

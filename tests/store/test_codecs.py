@@ -234,3 +234,24 @@ def test_the_memory_model_follows_the_codec(source: list[Path], tmp_path: Path) 
     encoding = min(FAST_WRITE_INFLIGHT, 1) * 6 * 21 * 36 * 4
     for z, n in zip(zstd.jobs, none.jobs, strict=True):
         assert z.memory - n.memory == pytest.approx(encoding * FAST_MARGIN, abs=2)
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_blosc_blocks_of_the_asked_size_round_trip(tmp_path: Path, zarr_format: int) -> None:
+    """A staged plan's intermediate asks Blosc for 1 MiB blocks: the metadata names them and
+    the values come back exactly (a 4 MB chunk is four blocks)."""
+    codecs = zarr_compressors(parse_compression("blosc:zstd:1", "compression"), zarr_format, 2**20)
+    values = np.random.default_rng(3).standard_normal((4, 512, 512)).astype("f4")
+    arr = zarr.create_array(
+        tmp_path / "a",
+        shape=values.shape,
+        chunks=values.shape,
+        dtype="f4",
+        zarr_format=zarr_format,
+        compressors=codecs,
+    )
+    arr[...] = values
+    meta = _compressors(tmp_path, "a", zarr_format)
+    blocks = meta[0]["configuration"]["blocksize"] if zarr_format == 3 else meta["blocksize"]
+    assert blocks == 2**20
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "a", mode="r")[...], values)

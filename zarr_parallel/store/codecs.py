@@ -22,10 +22,11 @@ from zarr_parallel.store.disk_names import quiet_manifest
 from zarr_parallel.transforms.registry import COMPRESSION_ASKED
 
 
-def zarr_compressors(compression: Compression, zarr_format: int) -> Any:
+def zarr_compressors(compression: Compression, zarr_format: int, blocksize: int = 0) -> Any:
     """The ``compressors`` encoding for xarray's ``to_zarr`` (``None``: uncompressed).
 
-    Zarr v3: a tuple of ``zarr.codecs`` objects; v2: one ``numcodecs`` codec.
+    Zarr v3: a tuple of ``zarr.codecs`` objects; v2: one ``numcodecs`` codec. ``blocksize``
+    is Blosc's block in bytes (0: Blosc's choice); other codecs have none.
 
     >>> zarr_compressors(parse_compression("zlib:1", "compression"), 2)
     Zlib(level=1)
@@ -34,14 +35,15 @@ def zarr_compressors(compression: Compression, zarr_format: int) -> Any:
     if c.codec == "none":
         return None
     if zarr_format == 2:
-        return _v2_codec(c)
+        return _v2_codec(c, blocksize)
     with quiet_manifest():  # zarr's note on numcodecs.zlib, said once in docs/request.md
-        return (_v3_codec(c),)
+        return (_v3_codec(c, blocksize),)
 
 
-def _v2_codec(c: Compression) -> Any:
+def _v2_codec(c: Compression, blocksize: int = 0) -> Any:
     if c.codec == "blosc":
-        return numcodecs.Blosc(cname=c.cname, clevel=c.level, shuffle=numcodecs.Blosc.SHUFFLE)
+        shuffle = numcodecs.Blosc.SHUFFLE
+        return numcodecs.Blosc(cname=c.cname, clevel=c.level, shuffle=shuffle, blocksize=blocksize)
     if c.codec == "zlib":
         return numcodecs.Zlib(level=c.level)
     if c.codec == "gzip":
@@ -49,9 +51,10 @@ def _v2_codec(c: Compression) -> Any:
     return numcodecs.Zstd(level=c.level)
 
 
-def _v3_codec(c: Compression) -> Any:
+def _v3_codec(c: Compression, blocksize: int = 0) -> Any:
     if c.codec == "blosc":
-        return BloscCodec(cname=BloscCname(c.cname), clevel=c.level, shuffle="shuffle")
+        cname = BloscCname(c.cname)
+        return BloscCodec(cname=cname, clevel=c.level, shuffle="shuffle", blocksize=blocksize)
     if c.codec == "zlib":
         return Zlib(level=c.level)
     if c.codec == "gzip":
