@@ -40,6 +40,7 @@ from zarr_parallel.sources.target import (
 from zarr_parallel.store.chunks import sync_region
 from zarr_parallel.store.intermediate import copy_region
 from zarr_parallel.store.manifest import check_fence, plan_record, record_job
+from zarr_parallel.store.raw_chunks import release_region_buffer
 from zarr_parallel.store.zarr_io import array_checksum, crc32, write_region, write_values
 
 logger = logging.getLogger(__name__)
@@ -262,6 +263,10 @@ def run_job(
     # Before reading: a source changed since planning would give a cache half old, half new.
     target = check_job_source(request_json, planned, variables, slices)
     copy_from = _copy_source(version)
+    if copy_from is None:
+        # A job that reads the source holds its memory itself: the region buffer a copy job
+        # of an earlier stage (or run) left kept is let go first.
+        release_region_buffer()
     written = 0
     checksums: dict[str, str] = {}
     stats: dict[str, dict[str, float]] = {}

@@ -3,9 +3,9 @@
 Stage ``n`` of a staged plan writes ``P.versions/.stage-<n>-<fingerprint12>/`` (or, when the
 request names a ``temp_store``, ``<temp_store>/<P's name>.stage-<n>-<fingerprint12>/``): a Zarr
 store of the target's arrays with the intermediate chunks, zstd level 1 in Blosc with byte
-shuffle and 1 MiB blocks, with its own manifest (plan, job records, owner), so a killed stage resumes job by job.
-A dot-folder, never counted as a version; kept for resume, removed once the target is published.
-Only folders whose manifest names this cache are ever removed.
+shuffle and 1 MiB blocks, with its own manifest (plan, job records, owner), so a killed stage
+resumes job by job. A dot-folder, never counted as a version; kept for resume, removed once the
+target is published. Only folders whose manifest names this cache are ever removed.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from zarr_parallel.store.codecs import zarr_compressors
 from zarr_parallel.store.disk_names import quiet_manifest
 from zarr_parallel.store.manifest import version_owner
 from zarr_parallel.store.paths import CachePaths
+from zarr_parallel.store.raw_chunks import read_region
 from zarr_parallel.store.zarr_io import buffer_of, crc32, initialise_store, write_values_raw
 
 logger = logging.getLogger(__name__)
@@ -103,10 +104,10 @@ def copy_region(
     """
     src = zarr.open_array(source, path=name, mode="r")
     box = tuple(region.get(d, slice(0, n)) for d, n in zip(dims, src.shape, strict=True))
-    values = np.asarray(src[box])
-    write_values_raw(version, name, values, dims, dict(zip(dims, box, strict=True)))
-    checksum = decoded_checksum(values, stored_variable(version, name), name, inspect)
-    return int(values.nbytes), checksum
+    with read_region(src, box) as values:
+        write_values_raw(version, name, values, dims, dict(zip(dims, box, strict=True)))
+        checksum = decoded_checksum(values, stored_variable(version, name), name, inspect)
+        return int(values.nbytes), checksum
 
 
 #: Most elements decoded at once for a copy's checksum, and the fewest worth a decode call.

@@ -40,6 +40,7 @@ from zarr_parallel.store.disk_names import OWNER_FILE, manifest_dir, quiet_manif
 from zarr_parallel.store.files import sync_files, write_json_atomic
 from zarr_parallel.store.paths import CachePaths, owns_version, pending_record
 from zarr_parallel.store.provenance import provenance_attrs
+from zarr_parallel.store.raw_chunks import chunk_writer
 from zarr_parallel.store.zstd_nogil import use_nogil_zstd
 from zarr_parallel.transforms.registry import COMPRESSION_ASKED, PACKING_ASKED
 
@@ -310,7 +311,9 @@ def write_values_raw(
     arr = arr.with_config({"write_empty_chunks": True})
     checksum = f"{crc32(np.ascontiguousarray(values).data):08x}"
     if arr.shards is None:
-        _write_chunkwise(arr, ordered, values, FAST_WRITE_INFLIGHT)
+        # A copy has no slab of its own to fsync while the next is written (as the fast path
+        # does): its chunk files are fsynced as they are written.
+        _write_chunkwise(arr, ordered, values, FAST_WRITE_INFLIGHT, durable=True)
     else:
         with zarr.config.set({"async.concurrency": FAST_WRITE_INFLIGHT}):
             arr[tuple(ordered.values())] = values
@@ -318,7 +321,7 @@ def write_values_raw(
 
 
 def _write_chunkwise(
-    arr: Any, region: Mapping[str, slice], values: np.ndarray, threads: int
+    arr: Any, region: Mapping[str, slice], values: np.ndarray, threads: int, durable: bool = False
 ) -> None:
     """Hand zarr one whole chunk at a time from a reused buffer, ``threads`` chunks at once.
 
@@ -327,10 +330,15 @@ def _write_chunkwise(
     on fresh pages (job processes return freed memory to the system, see write.py). A value of
     exactly one chunk's shape is encoded as it is, so each thread copies its chunk into its own
     buffer, reused from chunk to chunk. Chunks at the array's edge go through zarr's padding.
+    With the default codec, a thread encodes and writes its whole chunks itself
+    (:func:`~zarr_parallel.store.raw_chunks.chunk_writer`): the same files, without zarr's
+    crossings to its event loop and thread pools for each chunk (fsynced as they are written
+    when ``durable``).
     """
     chunks = tuple(int(c) for c in arr.chunks)
     bounds = list(region.values())
     local = threading.local()
+    direct = chunk_writer(arr, durable)
 
     def write(corner: tuple[int, ...]) -> None:
         box = tuple(
@@ -353,7 +361,10 @@ def _write_chunkwise(
         if buffer is None:
             buffer = local.buffer = np.empty(chunks, dtype=values.dtype)
         np.copyto(buffer, part)
-        arr[box] = buffer
+        if direct is not None:
+            direct(tuple(a // c for a, c in zip(corner, chunks, strict=True)), buffer)
+        else:
+            arr[box] = buffer
 
     corners = itertools.product(
         *(range(int(sl.start), int(sl.stop), c) for sl, c in zip(bounds, chunks, strict=True))

@@ -158,6 +158,14 @@ class NoGilZstdCodec(ZstdCodec):
 _QUALNAME = f"{NoGilZstdCodec.__module__}.{NoGilZstdCodec.__qualname__}"
 
 
+def encode_frame(values: np.ndarray, level: int, checksum: bool) -> np.ndarray | None:
+    """``values``' bytes (C order) as the zstd frame zarr's ``zstd`` codec with this level and
+    checksum flag writes for them, compressed without the GIL; None without libzstd."""
+    if LIBZSTD is None:
+        return None
+    return _NoGilZstd(level, checksum, None).encode(values)
+
+
 def use_nogil_zstd() -> bool:
     """Make :class:`NoGilZstdCodec` zarr's ``zstd`` codec in this process; False (and nothing
     changed) without libzstd or with ``ZARR_PARALLEL_NOGIL_ZSTD=0``."""
