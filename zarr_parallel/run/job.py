@@ -421,7 +421,10 @@ def _copy_fast(
                 if pending is not None:
                     pending[0].result()
                     syncs.append(writer.submit(_sync_slab, version, name, pending[1]))
-                job = writer.submit(write_values, Path(version), name, values, dims, slab)
+                # Chunk files are fsynced as they are written, while the other threads
+                # encode: the last slab's would otherwise be flushed by the job's record, with
+                # nothing to overlap (0.15 s a job on the month benchmark's first stage).
+                job = writer.submit(write_values, Path(version), name, values, dims, slab, True)
                 pending = (job, slab)
                 del values
             if pending is not None:

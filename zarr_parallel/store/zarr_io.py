@@ -269,12 +269,15 @@ def write_values(
     values: np.ndarray,
     dims: Sequence[str],
     region: Mapping[str, slice],
+    durable: bool = False,
 ) -> None:
     """Write decoded values of one variable's region as whole chunks, with zarr directly.
 
     The same alignment check as :func:`write_region`. zarr encodes the chunks concurrently (its
     async pipeline, codecs in threads). When xarray's CF encoding would change the stored values
     (packing, a non-NaN fill for floats, times), the write goes through :func:`write_region`.
+    ``durable``: chunk files written directly are fsynced as they are written (see
+    :func:`_write_chunkwise`).
     """
     full = {d: region.get(d, slice(0, n)) for d, n in zip(dims, values.shape, strict=True)}
     with quiet_manifest():
@@ -286,7 +289,7 @@ def write_values(
     _check_aligned(arr, name, ordered)
     arr = arr.with_config({"write_empty_chunks": True})
     if arr.shards is None:
-        _write_chunkwise(arr, ordered, values, FAST_WRITE_INFLIGHT)
+        _write_chunkwise(arr, ordered, values, FAST_WRITE_INFLIGHT, durable)
         return
     # The memory model counts FAST_WRITE_INFLIGHT chunks being encoded at once.
     with zarr.config.set({"async.concurrency": FAST_WRITE_INFLIGHT}):
