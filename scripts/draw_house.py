@@ -41,13 +41,15 @@ ROOMS = (
     "orchestration",
     "doors",
 )
-BASE_MODULES = frozenset({"errors", "units", "logs", "faults", "names", "examples", "version"})
+BASE_MODULES = frozenset(
+    {"errors", "units", "logs", "faults", "names", "examples", "version", "buffers"}
+)
 DOOR_MODULES = frozenset(
     {"api", "assembler", "cli", "__init__", "__main__", "flows", "deployments"}
 )
 PROJECT = ("zarr_parallel", "flows", "deployments")
 ROOM_NOTES = {
-    "base": "errors, units, logs, names, test faults",
+    "base": "errors, units, logs, names, buffers, test faults",
     "planning": "pure arithmetic, no I/O",
     "transforms": "the transform registry, tiles",
     "request": "the one validated request",

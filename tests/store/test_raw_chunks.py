@@ -13,14 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zarr.codecs import BloscCodec, GzipCodec
 
-from zarr_parallel.store import raw_chunks, zarr_io
+from zarr_parallel.store import zarr_io
 from zarr_parallel.store.intermediate import INTERMEDIATE_BLOCKSIZE
 from zarr_parallel.store.raw_chunks import (
     chunk_writer,
     direct_layout,
     read_region,
-    region_buffer,
-    release_region_buffer,
 )
 from zarr_parallel.store.zarr_io import write_values, write_values_raw
 
@@ -107,23 +105,6 @@ def test_other_layouts_are_read_through_zarr(tmp_path: Path) -> None:
             np.testing.assert_array_equal(got, values[2:9, :, 3:10])
     v2 = zarr.create_array(tmp_path / "v2", shape=SHAPE, chunks=CHUNKS, dtype="f4", zarr_format=2)
     assert not direct_layout(v2)
-
-
-def test_the_region_buffer_is_lent_kept_and_let_go() -> None:
-    release_region_buffer()
-    # Borrowed at once by another caller: a buffer of its own.
-    with region_buffer((4, 5), np.dtype("f8")) as a, region_buffer((4, 5), np.dtype("f8")) as b:
-        assert not np.shares_memory(a, b)
-    (kept,) = raw_chunks._kept  # one of the two, not both
-    with region_buffer((2, 5), np.dtype("f4")) as c:  # smaller: the kept one, lent again
-        assert np.shares_memory(c, kept)
-        assert raw_chunks._kept == []  # lent out, not lent twice
-    with region_buffer((100,), np.dtype("f8")) as d:  # larger: a new one, kept from now on
-        assert not np.shares_memory(d, kept)
-    (now,) = raw_chunks._kept
-    assert now.nbytes == 800
-    release_region_buffer()
-    assert raw_chunks._kept == []
 
 
 CODECS = {

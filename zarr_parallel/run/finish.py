@@ -16,7 +16,7 @@ from typing import Any
 from zarr_parallel.errors import RunFailed
 from zarr_parallel.faults import fault_point
 from zarr_parallel.planning.jobs import read_jobs
-from zarr_parallel.run.job import merge_stats
+from zarr_parallel.run.job_stats import merge_stats
 from zarr_parallel.run.steps import Prepared
 from zarr_parallel.run.verify import verify_cache
 from zarr_parallel.sources.identity import check_sources

@@ -20,6 +20,7 @@ import dask
 import numpy as np
 import psutil
 
+from zarr_parallel import buffers
 from zarr_parallel.planning.jobs import read_jobs
 from zarr_parallel.planning.memory import fast_slab_bounds
 from zarr_parallel.request.model import CacheRequest
@@ -27,6 +28,7 @@ from zarr_parallel.request.model import CacheRequest
 # Imported for its effect: a job process (SLURM, a local worker) opens the source again, and in a
 # policed run its kerchunk references are checked there too (the policy installs the check).
 from zarr_parallel.run import policy  # noqa: F401
+from zarr_parallel.run.job_stats import merge_parts, stats_into, value_stats
 from zarr_parallel.sources import fastread, hdf5_chunks
 from zarr_parallel.sources.identity import check_job_sources, check_sources
 from zarr_parallel.sources.source import read_settings
@@ -40,7 +42,6 @@ from zarr_parallel.sources.target import (
 from zarr_parallel.store.chunks import sync_region
 from zarr_parallel.store.intermediate import copy_region
 from zarr_parallel.store.manifest import check_fence, plan_record, record_job
-from zarr_parallel.store.raw_chunks import release_region_buffer
 from zarr_parallel.store.zarr_io import array_checksum, crc32, write_region, write_values
 
 logger = logging.getLogger(__name__)
@@ -263,10 +264,9 @@ def run_job(
     # Before reading: a source changed since planning would give a cache half old, half new.
     target = check_job_source(request_json, planned, variables, slices)
     copy_from = _copy_source(version)
-    if copy_from is None:
-        # A job that reads the source holds its memory itself: the region buffer a copy job
-        # of an earlier stage (or run) left kept is let go first.
-        release_region_buffer()
+    # Region buffers kept by the last job are lent to this one only if it is of the same plan
+    # (its regions are alike); otherwise they are let go before it makes its own.
+    buffers.claim(fp)
     written = 0
     checksums: dict[str, str] = {}
     stats: dict[str, dict[str, float]] = {}
@@ -287,11 +287,11 @@ def run_job(
                     name,
                     [str(d) for d in var.dims],
                     sel,
-                    _stats_into(parts) if generate_stats else None,
+                    stats_into(parts) if generate_stats else None,
                 )
                 written += nbytes
                 if generate_stats:
-                    stats[name] = _merge_parts(parts)
+                    stats[name] = merge_parts(parts)
                 release_freed_memory()
                 continue
             copied = _copy_fast(request_json, target, version, name, sel, generate_stats, fast)
@@ -302,6 +302,7 @@ def run_job(
                     stats[name] = var_stats
                 release_freed_memory()
                 continue
+            buffers.clear()  # the xarray path makes its own arrays
             part = target.clean(var.isel(sel).to_dataset())[name]
             part = part.load()
             release_freed_memory()  # the source chunks the region was assembled from
@@ -311,7 +312,7 @@ def run_job(
             written += values.nbytes
             checksums[name] = array_checksum(values)
             if generate_stats:
-                stats[name] = _stats(values)
+                stats[name] = value_stats(values)
             del values
             release_freed_memory()
     record = {
@@ -409,26 +410,31 @@ def _copy_fast(
         # the job's record (which fsyncs every file again, see store.record_job) finds them
         # clean instead of flushing the whole region at the end (~1 s for 2 GB written).
         with ThreadPoolExecutor(2, thread_name_prefix="zp-write") as writer:
-            pending: tuple[Future[None], dict[str, slice]] | None = None
+            pending: tuple[Future[None], dict[str, slice], np.ndarray] | None = None
             syncs: list[Future[int]] = []
             for slab in slabs:
-                values, rstats = fastread.read_region(fv, slab)
+                # Each slab is read into a kept buffer (zarr_parallel.buffers), given back
+                # once it is written: at most two at once, as before.
+                lent: list[np.ndarray] = []
+                values, rstats = fastread.read_region(fv, slab, out=_lend_into(lent))
                 nread += rstats.bytes_read
                 crc = crc32(np.ascontiguousarray(values).data, crc)
                 nbytes += values.nbytes
                 if generate_stats:
-                    parts.append(_stats(values))
+                    parts.append(value_stats(values))
                 if pending is not None:
                     pending[0].result()
+                    buffers.give(pending[2])
                     syncs.append(writer.submit(_sync_slab, version, name, pending[1]))
                 # Chunk files are fsynced as they are written, while the other threads
                 # encode: the last slab's would otherwise be flushed by the job's record, with
                 # nothing to overlap (0.15 s a job on the month benchmark's first stage).
                 job = writer.submit(write_values, Path(version), name, values, dims, slab, True)
-                pending = (job, slab)
+                pending = (job, slab, lent[0])
                 del values
             if pending is not None:
                 pending[0].result()
+                buffers.give(pending[2])
             for done in syncs:
                 done.result()
     except hdf5_chunks.Unsupported as e:
@@ -437,7 +443,17 @@ def _copy_fast(
         logger.warning("fast read of %s stopped (%s); reading through xarray", name, e)
         return None
     fast[name] = nread
-    return nbytes, f"{crc:08x}", (_merge_parts(parts) if generate_stats else None)
+    return nbytes, f"{crc:08x}", (merge_parts(parts) if generate_stats else None)
+
+
+def _lend_into(lent: list[np.ndarray]) -> Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray]:
+    """A buffer maker for :func:`fastread.read_region` that notes what it lent in ``lent``."""
+
+    def take(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        lent.append(buffers.take(shape, dtype))
+        return lent[-1]
+
+    return take
 
 
 def _sync_slab(version: str, name: str, slab: dict[str, slice]) -> int:
@@ -451,28 +467,6 @@ def slab_slices(region: slice, chunk: int) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
 
 
-def _stats_into(parts: list[dict[str, float]]) -> Callable[[np.ndarray], None]:
-    """A callback adding the statistics of each piece it is given to ``parts``."""
-
-    def add(piece: np.ndarray) -> None:
-        parts.append(_stats(piece))
-
-    return add
-
-
-def _merge_parts(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Combine per-slab statistics of one variable (the form :func:`_stats` returns)."""
-    out: dict[str, float] = {"count": sum(p["count"] for p in parts)}
-    if all("nan_count" in p for p in parts):
-        out["nan_count"] = sum(p["nan_count"] for p in parts)
-        out["sum"] = sum(p["sum"] for p in parts)
-        mins = [p["min"] for p in parts if np.isfinite(p["min"])]
-        maxs = [p["max"] for p in parts if np.isfinite(p["max"])]
-        out["min"] = min(mins) if mins else float("nan")
-        out["max"] = max(maxs) if maxs else float("nan")
-    return out
-
-
 def rchar() -> int:
     """Bytes this process has read (``rchar`` of /proc/self/io), or -1 where unavailable."""
     try:
@@ -483,46 +477,3 @@ def rchar() -> int:
     except OSError:
         pass
     return -1
-
-
-def _stats(values: np.ndarray) -> dict[str, float]:
-    if not np.issubdtype(values.dtype, np.number):
-        return {"count": float(values.size)}
-    if not np.issubdtype(values.dtype, np.floating):
-        return {
-            "count": float(values.size),
-            "nan_count": 0.0,
-            "min": float(values.min()) if values.size else float("nan"),
-            "max": float(values.max()) if values.size else float("nan"),
-            "sum": float(values.sum(dtype="float64")),
-        }
-    # One boolean mask, no copy of the values (jobs' memory estimates hold no extra copy).
-    valid = np.isfinite(values)
-    n_valid = int(np.count_nonzero(valid))
-    return {
-        "count": float(values.size),
-        "nan_count": float(values.size - n_valid),
-        "min": float(np.min(values, where=valid, initial=np.inf)) if n_valid else float("nan"),
-        "max": float(np.max(values, where=valid, initial=-np.inf)) if n_valid else float("nan"),
-        "sum": float(np.sum(values, where=valid, dtype="float64")) if n_valid else 0.0,
-    }
-
-
-def merge_stats(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Combine per-job statistics into per-variable count/min/max/mean/NaN-count."""
-    out: dict[str, dict[str, float]] = {}
-    for rec in records:
-        for name, s in rec.get("stats", {}).items():
-            acc = out.setdefault(
-                name, {"count": 0.0, "nan_count": 0.0, "min": np.inf, "max": -np.inf, "sum": 0.0}
-            )
-            acc["count"] += s.get("count", 0.0)
-            acc["nan_count"] += s.get("nan_count", 0.0)
-            acc["sum"] += s.get("sum", 0.0)
-            if "min" in s and np.isfinite(s["min"]):
-                acc["min"] = min(acc["min"], s["min"])
-                acc["max"] = max(acc["max"], s["max"])
-    for acc in out.values():
-        valid = acc["count"] - acc["nan_count"]
-        acc["mean"] = acc.pop("sum") / valid if valid else float("nan")
-    return out

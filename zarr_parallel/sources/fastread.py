@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -309,21 +309,26 @@ def _isnan(value: Any) -> bool:
 
 
 def read_region(
-    fv: FastVar, region: Mapping[str, slice], threads: int | None = None
+    fv: FastVar,
+    region: Mapping[str, slice],
+    threads: int | None = None,
+    out: Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, ReadStats]:
     """Read the target region of ``fv`` (``{target dim: slice}``), decoded, in target order.
 
     Every stored chunk holding needed elements is read once and its elements are copied
     straight to their target positions (selections, flips, rolls and transposes included), so
     the only region-sized buffer is the result itself (plus xarray's decoded copy when decoding
-    changes the dtype, e.g. packed integers).
+    changes the dtype, e.g. packed integers). ``out(shape, dtype)``, when given, provides that
+    buffer (e.g. :func:`zarr_parallel.buffers.take`).
     """
     nthreads = threads or reader_threads()
     stats = ReadStats(threads=nthreads)
     picks = [fv.index[i][region.get(dim, slice(None))] for i, dim in enumerate(fv.dims)]
     storages = [h5_storage(f, fv.source_name, fv.group) for f in fv.files]
     tasks = _chunk_tasks(fv, storages, picks)
-    box = read_chunks(tasks, tuple(p.size for p in picks), storages[0].dtype, stats)
+    shape, dtype = tuple(p.size for p in picks), storages[0].dtype
+    box = read_chunks(tasks, shape, dtype, stats, out(shape, dtype) if out else None)
     values = _decode_in_place(box, fv)
     if values.dtype != fv.dtype:
         values = values.astype(fv.dtype)

@@ -247,10 +247,15 @@ ChunkTask = tuple[
 
 
 def read_chunks(
-    tasks: Sequence[ChunkTask], shape: tuple[int, ...], dtype: np.dtype[Any], stats: ReadStats
+    tasks: Sequence[ChunkTask],
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    stats: ReadStats,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Read every chunk task into a new buffer of ``shape``, in ``stats.threads`` threads."""
-    buffer = np.empty(shape, dtype=dtype)
+    """Read every chunk task into ``out`` (C-ordered, of ``shape`` and ``dtype``) or a new
+    buffer, in ``stats.threads`` threads."""
+    buffer = np.empty(shape, dtype=dtype) if out is None else out
     lock = threading.Lock()
     # Reusable per-thread buffers and decompressors, at most one set per thread at a time.
     idle: list[_Scratch] = []

@@ -13,10 +13,9 @@ benchmark that read ran at 0.8 GB/s. The intermediate is always one layout, the 
 layout :func:`read_region` decodes each chunk file with Blosc in threads, straight into the
 region where the chunk is one contiguous piece of it (whole chunks along every dimension but
 the first: a staged plan's intermediate chunks span the stage-2 jobs' later dimensions), else
-through a chunk-sized buffer. The region array is kept by the process and lent to the next
-region of the same size or smaller (a stage's jobs are alike), so its pages are not made afresh
-for every region; a job that is not a copy lets it go first (:func:`release_region_buffer`).
-Any other layout is read through zarr.
+through a chunk-sized buffer. The region array comes from the process's kept buffers
+(:mod:`zarr_parallel.buffers`), so its pages are not made afresh for every job. Any other layout
+is read through zarr.
 
 Writing: the fast path hands zarr one chunk at a time (:func:`zarr_parallel.store.zarr_io.
 write_values`). For each, zarr's synchronous call crosses to its event loop, which encodes in a
@@ -35,7 +34,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,38 +45,22 @@ import numcodecs.blosc
 import numpy as np
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
+from zarr_parallel import buffers
 from zarr_parallel.sources.fastread import reader_threads
 from zarr_parallel.store.zstd_nogil import LIBZSTD, encode_frame
 
 logger = logging.getLogger(__name__)
 
-#: The process's kept region buffer (at most one), lent out by :func:`region_buffer`.
-_kept: list[np.ndarray] = []
-_lock = threading.Lock()
-
 
 @contextmanager
 def region_buffer(shape: tuple[int, ...], dtype: np.dtype[Any]) -> Iterator[np.ndarray]:
-    """An uninitialised C-ordered array of ``shape``, lent for the ``with`` block: a view of the
-    process's kept buffer when that is free and large enough, else a new one, kept afterwards
-    in place of a smaller one. Callers at once each get their own."""
-    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    with _lock:
-        buffer = _kept.pop() if _kept and _kept[0].nbytes >= n else None
-    if buffer is None:
-        buffer = np.empty(n, dtype=np.uint8)
+    """An uninitialised C-ordered array of ``shape`` from the process's kept buffers
+    (:mod:`zarr_parallel.buffers`), lent for the ``with`` block and kept afterwards."""
+    out = buffers.take(shape, dtype)
     try:
-        yield buffer[:n].view(dtype).reshape(shape)
+        yield out
     finally:
-        with _lock:
-            if not _kept or _kept[0].nbytes < buffer.nbytes:
-                _kept[:] = [buffer]
-
-
-def release_region_buffer() -> None:
-    """Let go of the kept region buffer (a job that is not a copy holds its memory itself)."""
-    with _lock:
-        _kept.clear()
+        buffers.give(out)
 
 
 def _plain_layout(arr: Any) -> bool:
@@ -137,7 +119,8 @@ def _encoder(codec: Any) -> Callable[[np.ndarray], np.ndarray] | None:
         level, checksum = int(codec.level), bool(codec.checksum)
 
         def zstd(data: np.ndarray) -> np.ndarray:
-            frame = encode_frame(data, level, checksum)
+            # Written before the thread's next chunk is compressed: its output buffer is reused.
+            frame = encode_frame(data, level, checksum, reuse=True)
             assert frame is not None  # LIBZSTD is loaded
             return frame
 

@@ -75,8 +75,20 @@ class _Libzstd:
             raise RuntimeError(f"libzstd: {self._error_name(code).decode()}")
         return int(code)
 
-    def compress(self, ctx: int, src: np.ndarray, level: int, checksum: bool) -> np.ndarray:
-        """``src`` (contiguous bytes) as one zstd frame, in a buffer of its own.
+    def bound(self, nbytes: int) -> int:
+        """The largest frame ``nbytes`` of input can give (``ZSTD_compressBound``)."""
+        return int(self._bound(nbytes))
+
+    def compress(
+        self,
+        ctx: int,
+        src: np.ndarray,
+        level: int,
+        checksum: bool,
+        dst: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """``src`` (contiguous bytes) as one zstd frame, in ``dst`` (uint8, at least
+        :meth:`bound` bytes) or a buffer of its own.
 
         The result is a view of a ``compressBound``-sized buffer: only the pages the frame
         fills become resident, as with numcodecs' encoder.
@@ -84,7 +96,8 @@ class _Libzstd:
         self._check(self._reset(ctx, 1))  # ZSTD_reset_session_only
         self._check(self._set(ctx, _C_COMPRESSION_LEVEL, level))
         self._check(self._set(ctx, _C_CHECKSUM_FLAG, int(checksum)))
-        dst = np.empty(self._bound(src.nbytes), dtype=np.uint8)
+        if dst is None or dst.size < self._bound(src.nbytes):
+            dst = np.empty(self._bound(src.nbytes), dtype=np.uint8)
         n = self._check(self._compress(ctx, dst.ctypes.data, dst.size, src.ctypes.data, src.nbytes))
         return dst[:n]
 
@@ -131,13 +144,13 @@ class _NoGilZstd:
     checksum: bool
     fallback: Any
 
-    def encode(self, buf: Any) -> np.ndarray:
+    def encode(self, buf: Any, dst: np.ndarray | None = None) -> np.ndarray:
         assert LIBZSTD is not None
         ctx = getattr(_LOCAL, "ctx", None)
         if ctx is None:
             ctx = _LOCAL.ctx = _Context(LIBZSTD)
         src = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
-        return LIBZSTD.compress(ctx.handle, src, self.level, self.checksum)
+        return LIBZSTD.compress(ctx.handle, src, self.level, self.checksum, dst)
 
     def decode(self, buf: Any, out: Any = None) -> Any:
         return self.fallback.decode(buf, out)
@@ -158,12 +171,24 @@ class NoGilZstdCodec(ZstdCodec):
 _QUALNAME = f"{NoGilZstdCodec.__module__}.{NoGilZstdCodec.__qualname__}"
 
 
-def encode_frame(values: np.ndarray, level: int, checksum: bool) -> np.ndarray | None:
+def encode_frame(
+    values: np.ndarray, level: int, checksum: bool, reuse: bool = False
+) -> np.ndarray | None:
     """``values``' bytes (C order) as the zstd frame zarr's ``zstd`` codec with this level and
-    checksum flag writes for them, compressed without the GIL; None without libzstd."""
+    checksum flag writes for them, compressed without the GIL; None without libzstd.
+
+    ``reuse``: the frame is a view of a buffer this thread reuses (no fresh pages per chunk),
+    valid until the thread's next such call.
+    """
     if LIBZSTD is None:
         return None
-    return _NoGilZstd(level, checksum, None).encode(values)
+    dst = None
+    if reuse:
+        need = LIBZSTD.bound(values.nbytes)
+        dst = getattr(_LOCAL, "dst", None)
+        if dst is None or dst.size < need:
+            dst = _LOCAL.dst = np.empty(need, dtype=np.uint8)
+    return _NoGilZstd(level, checksum, None).encode(values, dst)
 
 
 def use_nogil_zstd() -> bool:

@@ -1,0 +1,53 @@
+"""Region buffers kept from one job to the next of the same plan (zarr_parallel/buffers.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from zarr_parallel import buffers
+
+
+@pytest.fixture(autouse=True)
+def _empty_pool() -> Iterator[None]:
+    buffers.claim("test")
+    buffers.clear()
+    yield
+    buffers.clear()
+
+
+def test_a_buffer_given_back_is_lent_again_for_the_same_or_a_smaller_shape() -> None:
+    a = buffers.take((4, 5), np.dtype("f8"))
+    assert a.shape == (4, 5) and a.dtype == np.float64 and a.flags.c_contiguous
+    buffers.give(a)
+    assert buffers.kept_bytes() == 160
+    b = buffers.take((2, 5), np.dtype("f4"))  # smaller: a view of the same buffer
+    assert np.shares_memory(a, b)
+    assert buffers.kept_bytes() == 0  # lent out, never lent twice
+    c = buffers.take((2, 5), np.dtype("f4"))
+    assert not np.shares_memory(b, c)
+
+
+def test_at_most_two_are_kept_the_largest() -> None:
+    made = [buffers.take((n,), np.dtype("u1")) for n in (10, 30, 20)]
+    for m in made:
+        buffers.give(m)
+    assert buffers.kept_bytes() == 30 + 20
+    buffers.give(made[1])  # given twice: kept once
+    assert buffers.kept_bytes() == 50
+
+
+def test_a_larger_shape_lets_go_of_the_kept_ones_before_making_its_own() -> None:
+    buffers.give(buffers.take((100,), np.dtype("u1")))
+    big = buffers.take((1000,), np.dtype("u1"))
+    assert buffers.kept_bytes() == 0 and big.nbytes == 1000
+
+
+def test_a_new_owner_empties_the_pool_and_the_same_owner_keeps_it() -> None:
+    buffers.give(buffers.take((100,), np.dtype("u1")))
+    buffers.claim("test")
+    assert buffers.kept_bytes() == 100
+    buffers.claim("another plan")
+    assert buffers.kept_bytes() == 0

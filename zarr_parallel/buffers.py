@@ -1,0 +1,85 @@
+"""Region-sized buffers, kept from one job to the next job of the same plan (docs/design.md §8).
+
+Job processes hand freed memory back to the system (a fixed mmap threshold and ``malloc_trim``,
+docs/design.md §5), so every region-sized array a job makes is fresh pages the kernel zeroes
+and faults in: on the month map → time-series benchmark, zeroing alone took about 10 % of the
+first stage's samples. The fast read path and a later stage's copies take their region buffers
+from here (:func:`take`) and give them back (:func:`give`); the process keeps at most
+:data:`KEPT` of them and lends them to the next job of the same plan, whose regions are alike.
+A job of another plan (another stage, another run), or one that reads through xarray, empties
+the pool first (:func:`claim`, :func:`clear`): kept buffers never add to what a job's memory
+estimate counts, they stand in for the buffers it would have made.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+#: Buffers kept at most: the fast path holds two slabs at once (one written, one read).
+KEPT = 2
+
+_kept: list[np.ndarray] = []
+_owner: list[str] = []
+_lock = threading.Lock()
+
+
+def claim(owner: str) -> None:
+    """Keep the pool for jobs of ``owner`` (a plan's fingerprint); empty it for a new owner."""
+    with _lock:
+        if _owner != [owner]:
+            _kept.clear()
+            _owner[:] = [owner]
+
+
+def clear() -> None:
+    """Let go of every kept buffer."""
+    with _lock:
+        _kept.clear()
+
+
+def take(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """An uninitialised C-ordered array of ``shape``: a view of the smallest kept buffer that is
+    large enough (no longer kept), else a new one; :func:`give` its ``base`` back when done.
+
+    When no kept buffer is large enough, the kept ones are let go before the new one is made.
+    """
+    n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    with _lock:
+        fits = sorted((b for b in _kept if b.nbytes >= n), key=lambda b: b.nbytes)
+        if fits:
+            buffer = fits[0]
+            _kept.remove(buffer)
+        else:
+            _kept.clear()
+            buffer = None
+    if buffer is None:
+        buffer = np.empty(max(n, 1), dtype=np.uint8)
+    return buffer[:n].view(dtype).reshape(shape)
+
+
+def base_of(array: np.ndarray) -> np.ndarray:
+    """The buffer an array from :func:`take` is a view of."""
+    return array if array.base is None else array.base  # numpy keeps the owner as ``base``
+
+
+def give(array: np.ndarray) -> None:
+    """Give back an array from :func:`take`: its buffer is kept (at most :data:`KEPT`, the
+    largest) for the next :func:`take`."""
+    buffer = base_of(array)
+    if not isinstance(buffer, np.ndarray):
+        return
+    with _lock:
+        if any(b is buffer for b in _kept):
+            return
+        _kept.append(buffer)
+        _kept.sort(key=lambda b: b.nbytes, reverse=True)
+        del _kept[KEPT:]
+
+
+def kept_bytes() -> int:
+    """Bytes the pool keeps now."""
+    with _lock:
+        return sum(b.nbytes for b in _kept)
