@@ -26,11 +26,11 @@ from zarr_parallel.run.job import (
     FAST_READ_ENV,
     high_water_mark,
     measure_peak,
-    merge_stats,
     reset_high_water_mark,
     run_job,
     slab_slices,
 )
+from zarr_parallel.run.job_stats import merge_stats
 from zarr_parallel.run.steps import Prepared
 from zarr_parallel.store.manifest import iter_job_records, recorded_jobs
 from zarr_parallel.store.zarr_io import array_checksum
