@@ -45,9 +45,12 @@ def test_a_larger_shape_lets_go_of_the_kept_ones_before_making_its_own() -> None
     assert buffers.kept_bytes() == 0 and big.nbytes == 1000
 
 
-def test_a_new_owner_empties_the_pool_and_the_same_owner_keeps_it() -> None:
+def test_a_new_owner_or_a_smaller_budget_empties_the_pool() -> None:
     buffers.give(buffers.take((100,), np.dtype("u1")))
-    buffers.claim("test")
+    assert buffers.claim("test", 100) == 100  # the same plan, within the job's estimate
     assert buffers.kept_bytes() == 100
-    buffers.claim("another plan")
+    assert buffers.claim("test", 99) == 0  # a smaller job of the plan: let go
+    assert buffers.kept_bytes() == 0
+    buffers.give(buffers.take((100,), np.dtype("u1")))
+    assert buffers.claim("another plan") == 0
     assert buffers.kept_bytes() == 0

@@ -6,9 +6,10 @@ and faults in: on the month map → time-series benchmark, zeroing alone took ab
 first stage's samples. The fast read path and a later stage's copies take their region buffers
 from here (:func:`take`) and give them back (:func:`give`); the process keeps at most
 :data:`KEPT` of them and lends them to the next job of the same plan, whose regions are alike.
-A job of another plan (another stage, another run), or one that reads through xarray, empties
-the pool first (:func:`claim`, :func:`clear`): kept buffers never add to what a job's memory
-estimate counts, they stand in for the buffers it would have made.
+A job of another plan (another stage, another run), one whose estimate is smaller than what the
+pool keeps, or one that reads through xarray, empties the pool first (:func:`claim`,
+:func:`clear`): kept buffers stand in for the buffers a job would have made, and count as its
+memory (its ``peak_memory`` is its rise above its start plus what it was lent at its start).
 """
 
 from __future__ import annotations
@@ -26,12 +27,17 @@ _owner: list[str] = []
 _lock = threading.Lock()
 
 
-def claim(owner: str) -> None:
-    """Keep the pool for jobs of ``owner`` (a plan's fingerprint); empty it for a new owner."""
+def claim(owner: str, budget: int | None = None) -> int:
+    """Keep the pool for a job of ``owner`` (a plan's fingerprint) whose memory estimate is
+    ``budget``; empty it for a new owner, or when it keeps more than the budget (a plan's
+    smaller last job). Returns the bytes kept for the job: they count as its memory."""
     with _lock:
-        if _owner != [owner]:
+        kept = sum(b.nbytes for b in _kept)
+        if _owner != [owner] or (budget is not None and kept > budget):
             _kept.clear()
             _owner[:] = [owner]
+            return 0
+        return kept
 
 
 def clear() -> None:

@@ -265,8 +265,9 @@ def run_job(
     target = check_job_source(request_json, planned, variables, slices)
     copy_from = _copy_source(version)
     # Region buffers kept by the last job are lent to this one only if it is of the same plan
-    # (its regions are alike); otherwise they are let go before it makes its own.
-    buffers.claim(fp)
+    # (its regions are alike) and they fit its estimate; otherwise they are let go before it
+    # makes its own. Kept for it, they count as its memory (they are resident at its start).
+    kept = buffers.claim(fp, estimate)
     written = 0
     checksums: dict[str, str] = {}
     stats: dict[str, dict[str, float]] = {}
@@ -323,7 +324,7 @@ def run_job(
         "bytes": written,
         "checksums": checksums,
         "seconds": round(time.perf_counter() - t0, 4),
-        "peak_memory": peak.increase,
+        "peak_memory": peak.increase + kept,
         "estimated_memory": estimate,
         "started": round(started, 4),
         # Absolute peak RSS of the worker process during the job (what memory_limit bounds).

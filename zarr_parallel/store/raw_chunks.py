@@ -119,8 +119,7 @@ def _encoder(codec: Any) -> Callable[[np.ndarray], np.ndarray] | None:
         level, checksum = int(codec.level), bool(codec.checksum)
 
         def zstd(data: np.ndarray) -> np.ndarray:
-            # Written before the thread's next chunk is compressed: its output buffer is reused.
-            frame = encode_frame(data, level, checksum, reuse=True)
+            frame = encode_frame(data, level, checksum)
             assert frame is not None  # LIBZSTD is loaded
             return frame
 

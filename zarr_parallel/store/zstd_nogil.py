@@ -131,9 +131,23 @@ class _Context:
         self.lib.free(self.handle)
 
 
-#: One context per thread that encodes (zarr's executor threads, long-lived), shared by every
-#: array: the level and checksum flag are set on each call.
+#: Compression contexts, shared by every array (the level and checksum flag are set on each
+#: call) and by every thread that encodes: at most zarr's ``threading.max_workers`` at once (the
+#: process's cores in a job process). A level-3 context holds a few MB of tables and window: one
+#: per writing thread (``FAST_WRITE_INFLIGHT``) would add to what the memory model counts, which
+#: is what zarr's own encoding threads held (docs/design.md §5).
 _LOCAL = threading.local()
+_idle: list[_Context] = []
+_idle_lock = threading.Lock()
+_slots: list[threading.BoundedSemaphore] = []
+
+
+def _context_slots() -> threading.BoundedSemaphore:
+    with _idle_lock:
+        if not _slots:
+            workers = zarr.config.get("threading.max_workers") or os.cpu_count() or 1
+            _slots.append(threading.BoundedSemaphore(max(1, int(workers))))
+        return _slots[0]
 
 
 @dataclass
@@ -146,11 +160,17 @@ class _NoGilZstd:
 
     def encode(self, buf: Any, dst: np.ndarray | None = None) -> np.ndarray:
         assert LIBZSTD is not None
-        ctx = getattr(_LOCAL, "ctx", None)
-        if ctx is None:
-            ctx = _LOCAL.ctx = _Context(LIBZSTD)
         src = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
-        return LIBZSTD.compress(ctx.handle, src, self.level, self.checksum, dst)
+        with _context_slots():
+            with _idle_lock:
+                ctx = _idle.pop() if _idle else None
+            if ctx is None:
+                ctx = _Context(LIBZSTD)
+            try:
+                return LIBZSTD.compress(ctx.handle, src, self.level, self.checksum, dst)
+            finally:
+                with _idle_lock:
+                    _idle.append(ctx)
 
     def decode(self, buf: Any, out: Any = None) -> Any:
         return self.fallback.decode(buf, out)
