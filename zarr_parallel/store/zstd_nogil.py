@@ -75,20 +75,8 @@ class _Libzstd:
             raise RuntimeError(f"libzstd: {self._error_name(code).decode()}")
         return int(code)
 
-    def bound(self, nbytes: int) -> int:
-        """The largest frame ``nbytes`` of input can give (``ZSTD_compressBound``)."""
-        return int(self._bound(nbytes))
-
-    def compress(
-        self,
-        ctx: int,
-        src: np.ndarray,
-        level: int,
-        checksum: bool,
-        dst: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """``src`` (contiguous bytes) as one zstd frame, in ``dst`` (uint8, at least
-        :meth:`bound` bytes) or a buffer of its own.
+    def compress(self, ctx: int, src: np.ndarray, level: int, checksum: bool) -> np.ndarray:
+        """``src`` (contiguous bytes) as one zstd frame, in a buffer of its own.
 
         The result is a view of a ``compressBound``-sized buffer: only the pages the frame
         fills become resident, as with numcodecs' encoder.
@@ -96,8 +84,7 @@ class _Libzstd:
         self._check(self._reset(ctx, 1))  # ZSTD_reset_session_only
         self._check(self._set(ctx, _C_COMPRESSION_LEVEL, level))
         self._check(self._set(ctx, _C_CHECKSUM_FLAG, int(checksum)))
-        if dst is None or dst.size < self._bound(src.nbytes):
-            dst = np.empty(self._bound(src.nbytes), dtype=np.uint8)
+        dst = np.empty(self._bound(src.nbytes), dtype=np.uint8)
         n = self._check(self._compress(ctx, dst.ctypes.data, dst.size, src.ctypes.data, src.nbytes))
         return dst[:n]
 
@@ -136,7 +123,6 @@ class _Context:
 #: process's cores in a job process). A level-3 context holds a few MB of tables and window: one
 #: per writing thread (``FAST_WRITE_INFLIGHT``) would add to what the memory model counts, which
 #: is what zarr's own encoding threads held (docs/design.md §5).
-_LOCAL = threading.local()
 _idle: list[_Context] = []
 _idle_lock = threading.Lock()
 _slots: list[threading.BoundedSemaphore] = []
@@ -158,7 +144,7 @@ class _NoGilZstd:
     checksum: bool
     fallback: Any
 
-    def encode(self, buf: Any, dst: np.ndarray | None = None) -> np.ndarray:
+    def encode(self, buf: Any) -> np.ndarray:
         assert LIBZSTD is not None
         src = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
         with _context_slots():
@@ -167,7 +153,7 @@ class _NoGilZstd:
             if ctx is None:
                 ctx = _Context(LIBZSTD)
             try:
-                return LIBZSTD.compress(ctx.handle, src, self.level, self.checksum, dst)
+                return LIBZSTD.compress(ctx.handle, src, self.level, self.checksum)
             finally:
                 with _idle_lock:
                     _idle.append(ctx)
@@ -191,24 +177,12 @@ class NoGilZstdCodec(ZstdCodec):
 _QUALNAME = f"{NoGilZstdCodec.__module__}.{NoGilZstdCodec.__qualname__}"
 
 
-def encode_frame(
-    values: np.ndarray, level: int, checksum: bool, reuse: bool = False
-) -> np.ndarray | None:
+def encode_frame(values: np.ndarray, level: int, checksum: bool) -> np.ndarray | None:
     """``values``' bytes (C order) as the zstd frame zarr's ``zstd`` codec with this level and
-    checksum flag writes for them, compressed without the GIL; None without libzstd.
-
-    ``reuse``: the frame is a view of a buffer this thread reuses (no fresh pages per chunk),
-    valid until the thread's next such call.
-    """
+    checksum flag writes for them, compressed without the GIL; None without libzstd."""
     if LIBZSTD is None:
         return None
-    dst = None
-    if reuse:
-        need = LIBZSTD.bound(values.nbytes)
-        dst = getattr(_LOCAL, "dst", None)
-        if dst is None or dst.size < need:
-            dst = _LOCAL.dst = np.empty(need, dtype=np.uint8)
-    return _NoGilZstd(level, checksum, None).encode(values, dst)
+    return _NoGilZstd(level, checksum, None).encode(values)
 
 
 def use_nogil_zstd() -> bool:
