@@ -192,6 +192,10 @@ def test_kill_in_a_stage_then_resume(maps: list[Path], tmp_path: Path, stage: in
         assert len(stage1_done) == 2 and not stage2_done
     else:
         assert len(stage1_done) == n1 and len(stage2_done) == 2
+        # The first recorded stage-2 job let go of the intermediate chunks only it read (emptied
+        # files); the job killed at its record, and those not run, kept theirs.
+        sizes = [p.stat().st_size for p in (inter / "t2m" / "c").rglob("*") if p.is_file()]
+        assert 0 < sizes.count(0) < len(sizes)
     before = {r["id"]: r["pid"] for r in iter_job_records(inter)}
     result = run_request(build_request(**f))
     assert result.summary["resumed"]

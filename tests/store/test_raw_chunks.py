@@ -3,6 +3,8 @@ the values and files are exactly zarr's."""
 
 from __future__ import annotations
 
+import itertools
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,11 @@ from zarr.codecs import BloscCodec, GzipCodec
 from zarr_parallel.store import zarr_io
 from zarr_parallel.store.intermediate import INTERMEDIATE_BLOCKSIZE
 from zarr_parallel.store.raw_chunks import (
+    ChunkReleased,
     chunk_writer,
     direct_layout,
     read_region,
+    release_chunks,
 )
 from zarr_parallel.store.zarr_io import write_values, write_values_raw
 
@@ -180,3 +184,57 @@ def test_other_layouts_are_written_by_zarr(tmp_path: Path) -> None:
     )
     for arr in (sharded, big, gzip, plain):
         assert chunk_writer(arr) is None
+
+
+def _sizes(arr: Any) -> dict[tuple[int, ...], int]:
+    folder = Path(arr.store_path.store.root) / arr.store_path.path
+    grid = [range(-(-n // c)) for n, c in zip(arr.shape, arr.chunks, strict=True)]
+    return {
+        c: (folder / arr.metadata.encode_chunk_key(c)).stat().st_size
+        for c in itertools.product(*grid)
+    }
+
+
+@settings(max_examples=30, deadline=None)
+@given(box=boxes)
+def test_release_empties_exactly_the_chunks_wholly_inside_the_box(box: tuple[slice, ...]) -> None:
+    """Brute force: a chunk (clipped to the array) inside the box is emptied, any other kept,
+    and every kept chunk still reads as before."""
+    values = _values()
+    with tempfile.TemporaryDirectory() as tmp:
+        arr = _intermediate(Path(tmp) / "inter.zarr", values)
+        emptied = release_chunks(arr, box)
+        inside = set()
+        for coords, size in _sizes(arr).items():
+            lo = [i * c for i, c in zip(coords, CHUNKS, strict=True)]
+            hi = [min((i + 1) * c, n) for i, c, n in zip(coords, CHUNKS, SHAPE, strict=True)]
+            within = all(s.start <= a and b <= s.stop for a, b, s in zip(lo, hi, box, strict=True))
+            assert (size == 0) == within, coords
+            if within:
+                inside.add(coords)
+            else:
+                whole = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+                with read_region(arr, whole) as got:
+                    np.testing.assert_array_equal(got, values[whole])
+        assert emptied == len(inside)
+
+
+def test_a_released_chunk_is_refused_not_read_as_fill(tmp_path: Path) -> None:
+    """A late duplicate of a recorded job fails before using anything of its region."""
+    arr = _intermediate(tmp_path / "inter.zarr", _values())
+    assert release_chunks(arr, (slice(0, 5), slice(0, 17), slice(0, 4))) == 1
+    box = (slice(0, 10), slice(0, 17), slice(0, 8))
+    with (
+        pytest.raises(ChunkReleased, match="released after the job that read it"),
+        read_region(arr, box),
+    ):
+        pass  # pragma: no cover - refused before
+
+
+def test_release_leaves_other_layouts_alone(tmp_path: Path) -> None:
+    arr = zarr.create_array(
+        tmp_path / "g.zarr", shape=SHAPE, chunks=CHUNKS, dtype="f4", compressors=[GzipCodec()]
+    )
+    arr[...] = _values()
+    assert release_chunks(arr, (slice(0, 23), slice(0, 17), slice(0, 11))) == 0
+    assert 0 not in _sizes(arr).values()

@@ -40,7 +40,7 @@ from zarr_parallel.sources.target import (
     source_state,
 )
 from zarr_parallel.store.chunks import sync_region
-from zarr_parallel.store.intermediate import copy_region
+from zarr_parallel.store.intermediate import copy_region, release_region
 from zarr_parallel.store.manifest import check_fence, plan_record, record_job
 from zarr_parallel.store.zarr_io import array_checksum, crc32, write_region, write_values
 
@@ -341,6 +341,9 @@ def run_job(
     if generate_stats:
         record["stats"] = stats
     record_job(Path(version), record, fence)
+    if copy_from is not None:
+        dims = {n: [str(d) for d in target.dataset[n].dims] for n in variables}
+        release_region(Path(copy_from), variables, dims, slices)
     return record
 
 

@@ -28,7 +28,7 @@ from zarr_parallel.store.codecs import zarr_compressors
 from zarr_parallel.store.disk_names import quiet_manifest
 from zarr_parallel.store.manifest import version_owner
 from zarr_parallel.store.paths import CachePaths
-from zarr_parallel.store.raw_chunks import read_region
+from zarr_parallel.store.raw_chunks import read_region, release_chunks
 from zarr_parallel.store.zarr_io import buffer_of, crc32, initialise_store, write_values_raw
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,27 @@ def copy_region(
         write_values_raw(version, name, values, dims, dict(zip(dims, box, strict=True)))
         checksum = decoded_checksum(values, stored_variable(version, name), name, inspect)
         return int(values.nbytes), checksum
+
+
+def release_region(
+    source: Path,
+    names: Sequence[str],
+    dims: Mapping[str, Sequence[str]],
+    region: Mapping[str, slice],
+) -> int:
+    """Empty the chunk files of intermediate ``source`` that only the (recorded) job of
+    ``region`` read (:func:`~zarr_parallel.store.raw_chunks.release_chunks`); how many.
+
+    Each intermediate chunk of a staged plan lies in one job's region of the next stage (the
+    plan aligns them), so after that job's record nothing needs it again: its pages go back
+    now, for the next job's writes, and publish has less to remove.
+    """
+    emptied = 0
+    for name in names:
+        src = zarr.open_array(source, path=name, mode="r")
+        box = tuple(region.get(d, slice(0, n)) for d, n in zip(dims[name], src.shape, strict=True))
+        emptied += release_chunks(src, box)
+    return emptied
 
 
 #: Most elements decoded at once for a copy's checksum, and the fewest worth a decode call.

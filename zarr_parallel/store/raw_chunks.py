@@ -27,6 +27,13 @@ calling thread (zstd: the frame zarr's codec writes, through libzstd without the
 :func:`zarr_parallel.store.zstd_nogil.encode_frame`; Blosc: zarr's own configured encoder) and
 writes its file as zarr's local store does: a temporary file in the chunk's folder, then a
 rename.
+
+Releasing: an intermediate chunk that only one job reads is needed by no other once that job is
+recorded. :func:`release_chunks` empties such files (truncated to 0 bytes, so their page-cache
+pages are freed then, and the next job's writes reuse them warm, instead of pages the system
+may have handed back to the host). A 0-byte file is never a chunk zarr wrote: :func:`read_region`
+refuses one (:class:`ChunkReleased`) before anything of the region is used, so a late duplicate
+of a recorded job can fail, never write fill values in place of released data.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,8 +54,9 @@ import numpy as np
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
 from zarr_parallel import buffers
+from zarr_parallel.errors import RunFailed
 from zarr_parallel.sources.fastread import reader_threads
-from zarr_parallel.store.zstd_nogil import LIBZSTD, encode_frame
+from zarr_parallel.store.zstd_nogil import LIBZSTD, encode_frame, frame_bound
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +110,7 @@ def chunk_writer(
     serializer, compressor = codecs
     if serializer.endian is not None and serializer.endian.value != "little":
         return None
-    encode = _encoder(compressor)
+    encode = _encoder(compressor, threading.local())
     if encode is None:
         return None
     folder = Path(arr.store_path.store.root) / arr.store_path.path
@@ -113,13 +122,23 @@ def chunk_writer(
     return write
 
 
-def _encoder(codec: Any) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The function giving the bytes ``codec`` writes for a chunk's bytes (None: not ours)."""
+def _encoder(codec: Any, local: threading.local) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The function giving the bytes ``codec`` writes for a chunk's bytes (None: not ours).
+
+    zstd frames go into a buffer of the calling thread's (in ``local``), reused chunk after
+    chunk: a new one per chunk was a fresh mapping, faulted in page by page (1.3 µs a page
+    here, a quarter of the last stage's kernel time on the month benchmark). The writer's
+    threads end with its write, and their buffers with them: at most one frame per thread at
+    once, as before.
+    """
     if isinstance(codec, ZstdCodec) and LIBZSTD is not None:
         level, checksum = int(codec.level), bool(codec.checksum)
 
         def zstd(data: np.ndarray) -> np.ndarray:
-            frame = encode_frame(data, level, checksum)
+            dst = getattr(local, "frame", None)
+            if dst is None or dst.size < frame_bound(data.nbytes):
+                dst = local.frame = np.empty(frame_bound(data.nbytes), dtype=np.uint8)
+            frame = encode_frame(data, level, checksum, dst)
             assert frame is not None  # LIBZSTD is loaded
             return frame
 
@@ -175,9 +194,11 @@ def _decode_region(arr: Any, box: tuple[slice, ...], out: np.ndarray) -> None:
     folder = Path(arr.store_path.store.root) / arr.store_path.path
     grid = [range(s.start // c, -(-s.stop // c)) for s, c in zip(box, chunks, strict=True)]
     fill = arr.metadata.fill_value
+    local = threading.local()
 
     def one(coords: tuple[int, ...]) -> None:
-        _decode_into(folder / arr.metadata.encode_chunk_key(coords), coords, chunks, box, out, fill)
+        path = folder / arr.metadata.encode_chunk_key(coords)
+        _decode_into(path, coords, chunks, box, out, fill, local)
 
     with ThreadPoolExecutor(reader_threads(), thread_name_prefix="zp-inter") as pool:
         for done in [pool.submit(one, c) for c in itertools.product(*grid)]:
@@ -191,22 +212,88 @@ def _decode_into(
     box: tuple[slice, ...],
     out: np.ndarray,
     fill: Any,
+    local: threading.local,
 ) -> None:
-    """Decode one chunk file into its part of ``out`` (the region ``box`` of the array)."""
+    """Decode one chunk file into its part of ``out`` (the region ``box`` of the array).
+
+    The file is read into a buffer of the calling thread's (in ``local``), and a chunk reaching
+    outside ``box`` is decoded into another, both reused file after file: fresh ones per file
+    were faulted in page by page (see :func:`_encoder`). The reading threads end with the read,
+    and their buffers with them: at most one file and one chunk per thread, as before.
+    """
     starts = [c * n for c, n in zip(coords, chunks, strict=True)]
     lo = [max(a, s.start) for a, s in zip(starts, box, strict=True)]
     hi = [min(a + n, s.stop) for a, n, s in zip(starts, chunks, box, strict=True)]
     origin = [s.start for s in box]
     target = out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin, strict=True))]
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:  # a chunk never written holds the fill value
+    data = _read_file(path, local)
+    if data is None:  # a chunk never written holds the fill value
         target[...] = fill
         return
+    if not data.nbytes:
+        raise ChunkReleased(
+            f"{path}: this intermediate chunk was released after the job that read it was "
+            "recorded; a job of an earlier run may still be running. Nothing of this job was "
+            "written: run the request again to resume."
+        )
     whole = all(b - a == n for a, b, n in zip(lo, hi, chunks, strict=True))
     if whole and target.flags.c_contiguous:
         numcodecs.blosc.decompress(data, target)
         return
-    chunk = np.empty(chunks, dtype=out.dtype)
+    chunk = getattr(local, "chunk", None)
+    if chunk is None or chunk.shape != chunks or chunk.dtype != out.dtype:
+        chunk = local.chunk = np.empty(chunks, dtype=out.dtype)
     numcodecs.blosc.decompress(data, chunk)
     target[...] = chunk[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, starts, strict=True))]
+
+
+def _read_file(path: Path, local: threading.local) -> memoryview | None:
+    """The bytes of the file at ``path``, in the calling thread's buffer (None: no such file)."""
+    try:
+        f = path.open("rb", buffering=0)
+    except FileNotFoundError:
+        return None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        buf = getattr(local, "file", None)
+        if buf is None or buf.size < size:
+            buf = local.file = np.empty(size, dtype=np.uint8)
+        view = buf.data[:size]
+        got = 0
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        return view[:got]
+
+
+class ChunkReleased(RunFailed):
+    """A chunk file emptied by :func:`release_chunks` was read again."""
+
+
+def release_chunks(arr: Any, box: tuple[slice, ...]) -> int:
+    """Empty the chunk files of ``arr`` that lie wholly inside ``box`` (clipped to the array);
+    the number emptied. Only for :func:`direct_layout` arrays (else none).
+
+    For an intermediate region read by one job only, once that job is recorded (see the
+    module). Chunks reaching outside ``box`` may be another job's and are kept.
+    """
+    if not direct_layout(arr):
+        return 0
+    chunks = tuple(int(c) for c in arr.chunks)
+    folder = Path(arr.store_path.store.root) / arr.store_path.path
+    inside = []
+    for s, c, n in zip(box, chunks, arr.shape, strict=True):
+        start, stop = s.indices(n)[:2]
+        # Chunk i is inside when start <= i*c and min((i+1)*c, n) <= stop.
+        inside.append(range(-(-start // c), -(-n // c) if stop >= n else stop // c))
+    emptied = 0
+    for coords in itertools.product(*inside):
+        path = folder / arr.metadata.encode_chunk_key(coords)
+        try:
+            os.truncate(path, 0)
+            emptied += 1
+        except FileNotFoundError:
+            continue
+    return emptied

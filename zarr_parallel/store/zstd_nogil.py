@@ -75,18 +75,26 @@ class _Libzstd:
             raise RuntimeError(f"libzstd: {self._error_name(code).decode()}")
         return int(code)
 
-    def compress(self, ctx: int, src: np.ndarray, level: int, checksum: bool) -> np.ndarray:
-        """``src`` (contiguous bytes) as one zstd frame, in a buffer of its own.
+    def compress(
+        self, ctx: int, src: np.ndarray, level: int, checksum: bool, dst: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``src`` (contiguous bytes) as one zstd frame, in ``dst`` or a buffer of its own.
 
-        The result is a view of a ``compressBound``-sized buffer: only the pages the frame
-        fills become resident, as with numcodecs' encoder.
+        The result is a view of ``dst`` (when at least :meth:`bound` bytes) or of a new
+        ``compressBound``-sized buffer: only the pages the frame fills become resident, as with
+        numcodecs' encoder.
         """
         self._check(self._reset(ctx, 1))  # ZSTD_reset_session_only
         self._check(self._set(ctx, _C_COMPRESSION_LEVEL, level))
         self._check(self._set(ctx, _C_CHECKSUM_FLAG, int(checksum)))
-        dst = np.empty(self._bound(src.nbytes), dtype=np.uint8)
+        if dst is None or dst.size < self.bound(src.nbytes):
+            dst = np.empty(self.bound(src.nbytes), dtype=np.uint8)
         n = self._check(self._compress(ctx, dst.ctypes.data, dst.size, src.ctypes.data, src.nbytes))
         return dst[:n]
+
+    def bound(self, nbytes: int) -> int:
+        """The largest frame of ``nbytes`` bytes (``ZSTD_compressBound``)."""
+        return int(self._bound(nbytes))
 
 
 def _load_libzstd() -> _Libzstd | None:
@@ -144,7 +152,7 @@ class _NoGilZstd:
     checksum: bool
     fallback: Any
 
-    def encode(self, buf: Any) -> np.ndarray:
+    def encode(self, buf: Any, dst: np.ndarray | None = None) -> np.ndarray:
         assert LIBZSTD is not None
         src = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
         with _context_slots():
@@ -153,7 +161,7 @@ class _NoGilZstd:
             if ctx is None:
                 ctx = _Context(LIBZSTD)
             try:
-                return LIBZSTD.compress(ctx.handle, src, self.level, self.checksum)
+                return LIBZSTD.compress(ctx.handle, src, self.level, self.checksum, dst)
             finally:
                 with _idle_lock:
                     _idle.append(ctx)
@@ -177,12 +185,24 @@ class NoGilZstdCodec(ZstdCodec):
 _QUALNAME = f"{NoGilZstdCodec.__module__}.{NoGilZstdCodec.__qualname__}"
 
 
-def encode_frame(values: np.ndarray, level: int, checksum: bool) -> np.ndarray | None:
+def encode_frame(
+    values: np.ndarray, level: int, checksum: bool, dst: np.ndarray | None = None
+) -> np.ndarray | None:
     """``values``' bytes (C order) as the zstd frame zarr's ``zstd`` codec with this level and
-    checksum flag writes for them, compressed without the GIL; None without libzstd."""
+    checksum flag writes for them, compressed without the GIL; None without libzstd.
+
+    ``dst``: a byte buffer the frame is written into when it has room for any frame of these
+    values (:func:`frame_bound`), so a writer reuses one buffer chunk after chunk; the result
+    is then a view of it.
+    """
     if LIBZSTD is None:
         return None
-    return _NoGilZstd(level, checksum, None).encode(values)
+    return _NoGilZstd(level, checksum, None).encode(values, dst)
+
+
+def frame_bound(nbytes: int) -> int:
+    """The largest zstd frame of ``nbytes`` bytes (0 without libzstd)."""
+    return LIBZSTD.bound(nbytes) if LIBZSTD is not None else 0
 
 
 def use_nogil_zstd() -> bool:
