@@ -28,6 +28,7 @@ from core_support import changed_env
 from zarr_parallel import errors
 from zarr_parallel.errors import ZarrParallelError
 from zarr_parallel.run import chunk_reuse, job_process, policy, preflight
+from zarr_parallel.store import raw_chunks
 
 REPO = Path(__file__).resolve().parents[2]
 COMMAND = str(Path(sys.executable).with_name("zarr-parallel"))
@@ -162,6 +163,9 @@ ERRORS: dict[type[ZarrParallelError], tuple[Any, ...]] = {
     job_process.WorkerClosing: ("worker-1 is closing",),
     job_process.JobError: ("ValueError: cannot carry this",),
     policy.PolicyFileError: ("/etc/zarr-parallel/policy.toml: unknown key 'x'",),
+    raw_chunks.ChunkReleased: (
+        "/c.zarr.versions/.stage-1-ab/t2m/c/0/0/0: this chunk was released",
+    ),
 }
 
 
