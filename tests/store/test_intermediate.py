@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from zarr.codecs import BloscCodec
 
 from zarr_parallel.errors import RequestError
 from zarr_parallel.store.disk_names import OWNER_FILE, manifest_dir
@@ -20,6 +21,7 @@ from zarr_parallel.store.intermediate import (
     check_temp_store,
     copy_region,
     decoded_checksum,
+    release_region,
     remove_intermediates,
     stage_path,
     stale_intermediates,
@@ -43,6 +45,23 @@ def test_only_intermediates_this_cache_made_are_removed(tmp_path: Path) -> None:
     assert stale_intermediates(paths, [str(ours)]) == []
     assert remove_intermediates(paths, [str(ours), str(other), str(stray)]) == 1
     assert not ours.exists() and other.exists() and stray.exists()
+
+
+def test_only_chunks_of_an_intermediate_this_cache_made_are_released(tmp_path: Path) -> None:
+    """A recorded job empties the intermediate chunks it read, only where the intermediate's
+    manifest names the cache of the version the job wrote."""
+    paths = CachePaths(tmp_path / "c.zarr")
+    version = _made_by(paths.versions / "1-abc", paths)
+    region = {"t": slice(0, 4)}
+    for owner, emptied in ((CachePaths(tmp_path / "other.zarr"), 0), (paths, 2)):
+        inter = _made_by(tmp_path / f"inter-{emptied}", owner)
+        arr = zarr.create_array(
+            inter / "v", shape=(6, 3), chunks=(2, 3), dtype="f4", compressors=[BloscCodec()]
+        )
+        arr[...] = 1.0
+        assert release_region(inter, version, ["v"], {"v": ["t", "y"]}, region) == emptied
+        sizes = [p.stat().st_size for p in sorted((inter / "v" / "c").rglob("*")) if p.is_file()]
+        assert [s == 0 for s in sizes] == [True] * emptied + [False] * (3 - emptied)
 
 
 def test_temp_store_subfolder_only(tmp_path: Path) -> None:

@@ -343,7 +343,7 @@ def run_job(
     record_job(Path(version), record, fence)
     if copy_from is not None:
         dims = {n: [str(d) for d in target.dataset[n].dims] for n in variables}
-        release_region(Path(copy_from), variables, dims, slices)
+        release_region(Path(copy_from), Path(version), variables, dims, slices)
     return record
 
 

@@ -112,17 +112,23 @@ def copy_region(
 
 def release_region(
     source: Path,
+    version: Path,
     names: Sequence[str],
     dims: Mapping[str, Sequence[str]],
     region: Mapping[str, slice],
 ) -> int:
     """Empty the chunk files of intermediate ``source`` that only the (recorded) job of
-    ``region`` read (:func:`~zarr_parallel.store.raw_chunks.release_chunks`); how many.
+    ``region`` of ``version`` read (:func:`~zarr_parallel.store.raw_chunks.release_chunks`);
+    how many. Nothing when ``source``'s manifest does not name ``version``'s cache.
 
     Each intermediate chunk of a staged plan lies in one job's region of the next stage (the
     plan aligns them), so after that job's record nothing needs it again: its pages go back
     now, for the next job's writes, and publish has less to remove.
     """
+    owner = version_owner(version)
+    if owner is None or version_owner(source) != owner:
+        logger.warning("not releasing chunks of %s: its manifest does not name this cache", source)
+        return 0
     emptied = 0
     for name in names:
         src = zarr.open_array(source, path=name, mode="r")
