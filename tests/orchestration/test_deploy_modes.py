@@ -262,12 +262,54 @@ def test_worker_environment_names_the_flow_api_and_quiets_dask(
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
         "DASK_LOGGING__DISTRIBUTED": "info",
         "ZARR_PARALLEL_THREADS": "3",
+        "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
+        "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "500ms",
+        "DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL": "500ms",
     }
     # More workers than cores: each still gets a thread.
     assert worker_environment(_request(), None, cores=0)["ZARR_PARALLEL_THREADS"] == "1"
     # The user's own setting wins.
     monkeypatch.setenv("ZARR_PARALLEL_THREADS", "4")
     assert worker_environment(_request(), None, cores=1)["ZARR_PARALLEL_THREADS"] == "4"
+
+
+def test_local_workers_and_their_nannies_run_without_the_profiler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker environment's dask settings reach both processes of a local worker: the nanny
+    (from its own environment) and the worker it spawns (which takes the nanny's whole
+    configuration over its environment, so the environment alone would not do)."""
+    from distributed import Client
+
+    from zarr_parallel.orchestration.cluster import local_cluster
+
+    # Defined here: cloudpickle sends a test function's locals by value to the workers.
+    def settings() -> dict[str, Any]:
+        import dask
+
+        return {
+            "profile": dask.config.get("distributed.worker.profile.enabled"),
+            "tick": dask.config.get("distributed.admin.tick.interval"),
+            "monitor": dask.config.get("distributed.worker.memory.monitor-interval"),
+            "threads": os.environ.get("ZARR_PARALLEL_THREADS"),
+        }
+
+    def profiling(dask_worker: Any) -> bool:
+        callbacks = dask_worker.periodic_callbacks.items()
+        return any(pc.is_running() for name, pc in callbacks if "profile" in name)
+
+    monkeypatch.delenv("ZARR_PARALLEL_THREADS", raising=False)
+    req = _request(deploy_mode="dask_distributed", simultaneous_worker_limit=1)
+    sizing = worker_sizing(req, max_job_estimate=10**8, jobs=1)
+    env = worker_environment(_request(), None, cores=1)
+    with local_cluster(sizing, env, 0) as cluster, Client(cluster) as client:
+        client.wait_for_workers(sizing.workers, timeout=120)
+        expected = {"profile": False, "tick": "500ms", "monitor": "500ms"}
+        for seen in client.run(settings).values():
+            assert seen == {**expected, "threads": "1"}
+        for seen in client.run(settings, nanny=True).values():
+            assert {k: v for k, v in seen.items() if k != "threads"} == expected
+        assert not any(client.run(profiling).values())
 
 
 def test_job_processes_use_their_workers_share_of_the_cores_or_the_users_zarr_setting(

@@ -17,12 +17,14 @@ default on small plans) never loads them. The workers' plugin is
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -450,11 +452,11 @@ def local_cluster(sizing: WorkerSizing, env: dict[str, str], log_level: int) -> 
     worker is started as ``python -m dask spec`` (dask's ``SubprocessWorker``) rather than by
     multiprocessing's *spawn*, which re-imports the caller's ``__main__`` in every worker and so
     breaks (or re-runs) any script that calls ``cache()`` outside ``if __name__ ==
-    "__main__":``. The nanny inside restarts a worker process that dies.
+    "__main__":``. The nanny inside restarts a worker process that dies. Both the nanny and the
+    worker get ``env``, its quiet dask settings included (:func:`_spec_worker_class`).
     """
     from distributed import Scheduler
     from distributed.deploy.spec import SpecCluster
-    from distributed.deploy.subprocess import SubprocessWorker
 
     level = {0: logging.WARNING, 1: logging.INFO}.get(log_level, logging.DEBUG)
     # No dashboard; the scheduler's HTTP server (health and metrics routes) listens on a free
@@ -472,8 +474,9 @@ def local_cluster(sizing: WorkerSizing, env: dict[str, str], log_level: int) -> 
     }
     workers = {
         f"worker-{i}": {
-            "cls": SubprocessWorker,
+            "cls": _spec_worker_class(),
             "options": {
+                "env": env,
                 "worker_class": "distributed.Nanny",
                 "worker_kwargs": {
                     "name": f"worker-{i}",
@@ -493,6 +496,37 @@ def local_cluster(sizing: WorkerSizing, env: dict[str, str], log_level: int) -> 
         name="zarr-parallel",
         silence_logs=level,
     )
+
+
+@lru_cache(maxsize=1)
+def _spec_worker_class() -> type:
+    """dask's ``SubprocessWorker``, its ``python -m dask spec`` process started with the worker
+    environment (dask's own passes none on).
+
+    The nanny in that process reads its dask settings (:data:`~zarr_parallel.orchestration.
+    runners.QUIET_DASK_ENV`) from there, and hands its whole configuration to the worker
+    process it spawns, over whatever that process's environment says.
+    """
+    import asyncio
+    import json
+    import sys
+
+    from distributed.deploy.subprocess import SubprocessWorker
+
+    class EnvSubprocessWorker(SubprocessWorker):
+        def __init__(self, *args: Any, env: dict[str, str], **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.env = env
+
+        async def _start(self) -> None:
+            # As SubprocessWorker._start (distributed 2026.8), plus env.
+            spec = {"cls": self.worker_class, "opts": {**self.worker_kwargs}}
+            cmd = [sys.executable, "-m", "dask", "spec", self.scheduler, "--spec"]
+            self.process = await asyncio.create_subprocess_exec(
+                *cmd, json.dumps(spec), env={**os.environ, **self.env}
+            )
+
+    return EnvSubprocessWorker
 
 
 def register_prewarm(address: str) -> None:

@@ -31,6 +31,16 @@ from zarr_parallel.units import format_duration, parse_duration
 
 #: dask's log level per request ``log_level``.
 _DASK_LEVELS = {0: "warning", 1: "info", 2: "debug"}
+#: dask settings of worker (and nanny) processes. No statistical profiler: it samples every
+#: thread every 10 ms for a dashboard that none of our clusters has. Calmer event-loop and
+#: memory watchdogs: a worker only waits on its job process, which holds the data and whose
+#: memory is watched by :mod:`zarr_parallel.run.job_process` every 0.1 s. Together these took
+#: ~1 CPU s of a 17 s data phase on 2 cores (docs/benchmarks.md, "December 7, noon").
+QUIET_DASK_ENV = {
+    "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
+    "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "500ms",
+    "DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL": "500ms",
+}
 
 
 def worker_sizing(req: CacheRequest, max_job_estimate: int, jobs: int) -> WorkerSizing:
@@ -100,6 +110,7 @@ def worker_environment(req: CacheRequest, api_url: str | None, cores: int) -> di
     In a policed (deployment) run, the policed state and the policy file's path go along.
     """
     env = {
+        **QUIET_DASK_ENV,
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
         "DASK_LOGGING__DISTRIBUTED": _DASK_LEVELS.get(req.log_level, "warning"),
         "ZARR_PARALLEL_THREADS": os.environ.get("ZARR_PARALLEL_THREADS") or str(max(1, cores)),
