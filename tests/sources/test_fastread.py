@@ -387,6 +387,7 @@ def test_fast_memory_model_counts_slabs_not_the_region() -> None:
     one_slab = fast_job_memory([48, 721, 1440], (48, 180, 360), 4, 4, grid)
     two_slabs = fast_job_memory([96, 721, 1440], (48, 180, 360), 4, 4, grid)
     eight_slabs_worth = fast_job_memory([384, 721, 1440], (48, 180, 360), 4, 4, grid)
+    sixteen_rows = fast_job_memory([768, 721, 1440], (48, 180, 360), 4, 4, grid)
     slab_bytes = 48 * grid * 4
     reader_bytes = FAST_READ_THREADS * FAST_READ_COPIES * grid * 4  # chunks the readers hold
     # A second slab is read while the first is written: the readers' chunks now coexist with
@@ -397,8 +398,10 @@ def test_fast_memory_model_counts_slabs_not_the_region() -> None:
     uneven = fast_job_memory([72, 721, 1440], (48, 180, 360), 4, 4, grid)
     expected = (slab_bytes // 2 + reader_bytes) * FAST_MARGIN
     assert uneven - one_slab == pytest.approx(expected, abs=2)
-    # 8 chunk rows stream as 4 slabs of 2 rows: the estimate follows the slab, not the region.
-    assert eight_slabs_worth - two_slabs == pytest.approx(2 * slab_bytes * FAST_MARGIN, abs=2)
+    # 8 chunk rows stream as 8 slabs of one row (FAST_SLABS): held like two rows; 16 rows as 8
+    # slabs of 2 rows: the estimate follows the slab, not the region.
+    assert eight_slabs_worth == two_slabs
+    assert sixteen_rows - two_slabs == pytest.approx(2 * slab_bytes * FAST_MARGIN, abs=2)
     # Decoding that changes the item size (packed int16 -> float32) holds a decoded copy; the
     # readers' int16 chunks do not count beside the encoders' buffers in a single slab.
     packed = fast_job_memory([48, 721, 1440], (48, 180, 360), 4, 2, grid)
