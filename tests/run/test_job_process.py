@@ -226,3 +226,65 @@ def test_the_runs_lock_token_reaches_the_job_process(initialised: Initialise) ->
 )
 def test_job_process_limit(mode: str, limit: int, expected: int | None) -> None:
     assert job_process_limit(mode, limit) == expected
+
+
+def _open_sources(pid: int, files: list[Path]) -> set[str]:
+    names = {str(f.resolve()) for f in files}
+    return {f.path for f in psutil.Process(pid).open_files() if f.path in names}
+
+
+def _wait_for(check: Callable[[], bool], seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def test_a_job_process_opens_the_runs_source_before_its_first_job(
+    initialised: Initialise, era5_files: list[Path]
+) -> None:
+    """Given a run's source, a new job process opens it (its files held open) with no job sent;
+    the job then runs from it as usual."""
+    prepared = initialised()
+    proc = JobProcess(source=prepared.request.source_json())
+    try:
+        proc.start()
+        assert proc.pid is not None
+        pid = proc.pid
+        assert _wait_for(
+            lambda: _open_sources(pid, era5_files) == {str(f.resolve()) for f in era5_files}
+        ), "the source was not opened ahead of the jobs"
+        assert proc.jobs_run == 0
+        record = proc.run(_order(prepared, _job(prepared, 0)), timeout=300)
+        assert record["job_process"]["pid"] == pid
+        assert _recorded(prepared) == {record["id"]}
+    finally:
+        proc.kill()
+    # Without a source, nothing is opened before a job.
+    bare = JobProcess()
+    try:
+        bare.start()
+        assert bare.pid is not None
+        time.sleep(1.0)
+        assert _open_sources(bare.pid, era5_files) == set()
+    finally:
+        bare.kill()
+
+
+def test_a_source_that_cannot_be_opened_ahead_is_left_to_the_jobs(
+    initialised: Initialise, tmp_path: Path
+) -> None:
+    """A source that fails to open ahead (here: a missing file) leaves the job process serving:
+    the failure is the jobs' to report, and a job of a source that opens runs."""
+    prepared = initialised()
+    missing = prepared.request.model_copy(update={"data_uri": [str(tmp_path / "gone.nc")]})
+    proc = JobProcess(source=missing.source_json())
+    try:
+        proc.start()
+        record = proc.run(_order(prepared, _job(prepared, 0)), timeout=300)
+        assert record["job_process"]["pid"] == proc.pid
+        assert proc.alive()
+    finally:
+        proc.kill()

@@ -25,15 +25,21 @@ logger = logging.getLogger(__name__)
 EXIT_GRACE_SECONDS = 30.0
 
 
-def _prewarm() -> None:
-    prewarm()
-
-
 class PrewarmPlugin(WorkerPlugin):
     """dask worker plugin: import the task code and start the job process as a worker joins,
-    so that the first write task does not wait for them."""
+    so that the first write task does not wait for them.
+
+    Parameters
+    ----------
+    source
+        The run's source (``CacheRequest.source_json``), opened by the job process once it has
+        started, while the run still plans, instead of by its first job.
+    """
 
     name = "zarr-parallel-prewarm"
+
+    def __init__(self, source: str | None = None) -> None:
+        self.source = source
 
     def setup(self, worker: Any) -> None:
         # The task module (and Prefect with it) is imported here, in the worker's own thread,
@@ -48,7 +54,9 @@ class PrewarmPlugin(WorkerPlugin):
         for name in ("prefect.task_engine", "prefect.artifacts", "prefect_dask.task_runners"):
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
-        threading.Thread(target=_prewarm, name="zarr-parallel-prewarm", daemon=True).start()
+        threading.Thread(
+            target=prewarm, args=(self.source,), name="zarr-parallel-prewarm", daemon=True
+        ).start()
 
     def teardown(self, worker: Any) -> None:
         # The worker is closing: its job processes go now, a busy one too (the scheduler has

@@ -85,6 +85,11 @@ _INT_FIELDS = (
 )
 
 
+#: The request fields that say what the source is and how to open it.
+SOURCE_FIELDS = ("data_uri", "engine", "open_options", "storage_options", "remote_concurrency",
+                 "remote_retries")  # fmt: skip
+
+
 class CacheRequest(BaseModel):
     """Everything a cache run needs. Field names follow zarr-parallel 0.5's keywords."""
 
@@ -355,6 +360,11 @@ class CacheRequest(BaseModel):
         if self.min_version_age in (0, "0") and not isinstance(self.min_version_age, bool):
             return 0.0
         return parse_duration(self.min_version_age, "min_version_age")
+
+    def source_json(self) -> str:
+        """The fields that say what the source is and how to open it (:data:`SOURCE_FIELDS`),
+        as JSON: the key of per-process source caches."""
+        return self.model_dump_json(include=set(SOURCE_FIELDS))
 
     def digest(self) -> str:
         """Fingerprint of what determines the cache's content (not how it is run)."""

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from multiprocessing.connection import Connection
@@ -90,10 +89,14 @@ class JobProcess:
     ----------
     env
         Extra environment variables for the process (it inherits the caller's).
+    source
+        A run's source (a request's source fields, JSON) for the process to open as soon as it
+        has started, before any job of the run arrives (:func:`prewarm`).
     """
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, source: str | None = None) -> None:
         self._env = env or {}
+        self._source = source
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._starting = threading.Lock()
@@ -132,7 +135,7 @@ class JobProcess:
         env = self._started_env = self._environment()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "zarr_parallel.run.job_process", str(theirs.fileno())],
+                [sys.executable, "-m", "zarr_parallel.run.job_child", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -158,6 +161,10 @@ class JobProcess:
         if kind != "ready":  # pragma: no cover - protocol error
             self.kill()
             raise JobProcessDied(f"unexpected first message {kind!r} from the job process")
+        if self._source is not None:
+            # Sent under the start lock, so before any job's message; no answer comes. A job
+            # arriving meanwhile waits for the opening, which it would have done itself.
+            self._conn.send(("open", {"source": self._source}))
 
     def run(
         self,
@@ -359,9 +366,14 @@ def close_worker() -> None:
         proc.interrupt()
 
 
-def prewarm() -> None:
-    """Start this process's job process now, before the first job needs it."""
-    proc = JobProcess()
+def prewarm(source: str | None = None) -> None:
+    """Start this process's job process now, before the first job needs it.
+
+    ``source`` (a request's source fields, JSON: :func:`~zarr_parallel.sources.target.
+    source_json`) is opened by the job process right after, while the run still plans: its
+    first job then finds it open, as every later job does.
+    """
+    proc = JobProcess(source=source)
     with _lock:
         if _idle or _closing.is_set():
             return
@@ -408,94 +420,3 @@ def shutdown() -> None:
 
 
 atexit.register(shutdown)
-
-
-# ---------------------------------------------------------------------------------------------
-# The job process itself: ``python -m zarr_parallel.run.job_process FD``.
-
-
-def _watch_parent(parent: int) -> None:
-    # A worker killed with SIGKILL cannot stop its job process: leave when the parent is gone.
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent:
-            os._exit(3)
-
-
-def _portable(error: BaseException) -> bytes:
-    try:
-        data = pickle.dumps(error)
-        pickle.loads(data)
-        return data
-    except Exception:
-        return pickle.dumps(JobError(f"{type(error).__name__}: {error}"))
-
-
-def _share_cores() -> None:
-    """Give zarr's encoding threads this process's cores, unless the user configured them.
-
-    zarr encodes chunks on a thread pool sized by ``threading.max_workers`` (by default, a
-    thread per core plus four). Two workers on two cores would each start six: more threads
-    than cores, and the time lost switching between them.
-    """
-    if "ZARR_THREADING__MAX_WORKERS" in os.environ:
-        return
-    import zarr
-
-    # Deferred like the job stack below: this module is loaded by every dask worker as it joins.
-    from zarr_parallel.sources.fastread import process_cores
-
-    zarr.config.set({"threading.max_workers": process_cores()})
-
-
-def _serve(fd: int) -> None:
-    conn = Connection(fd)
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    import resource
-
-    import zarr
-
-    # Deferred: the job stack (xarray, zarr, h5py) loads in the job process only; this module is
-    # also loaded by every dask worker as it joins (the prewarm plugin), which must stay quick.
-    from zarr_parallel.run.job import prewarm_job_stack, run_job
-    from zarr_parallel.sources.fastread import reader_threads
-
-    _share_cores()
-    prewarm_job_stack()
-
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            kind, job = conn.recv()
-        except (EOFError, OSError):
-            return
-        if kind == "stop":
-            return
-        level = {0: logging.WARNING, 1: logging.INFO}.get(int(job.pop("log_level", 0)), 10)
-        logging.getLogger("zarr_parallel").setLevel(level)
-        try:
-            record = run_job(**job)
-            record["job_process"] = {
-                "pid": os.getpid(),
-                # The threads it read and encoded with (its share of the cores).
-                "readers": reader_threads(),
-                "encoders": zarr.config.get("threading.max_workers"),
-                # ru_maxrss is in KiB on Linux: the most this process has held so far.
-                "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            }
-            message: tuple[Any, ...] = ("ok", record)
-        except BaseException as e:
-            message = ("error", _portable(e), traceback.format_exc())
-        try:
-            conn.send(message)
-        except (EOFError, OSError):
-            return
-
-
-if __name__ == "__main__":
-    # Serve from the imported module, not ``__main__``, so that errors raised here pickle
-    # under their real module path.
-    from zarr_parallel.run import job_process as execution
-
-    execution._serve(int(sys.argv[1]))

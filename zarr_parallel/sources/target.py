@@ -291,22 +291,18 @@ def _resolve_shards(
     return out
 
 
-_SOURCE_FIELDS = {
-    "data_uri",
-    "engine",
-    "open_options",
-    "storage_options",
-    "remote_concurrency",
-    "remote_retries",
-}
-
-
 def cached_source(req: CacheRequest) -> Source:
     """Open a source once per process (planning, recommendations and jobs share it).
 
     The key holds the files' sizes and modification times, so a changed source is reopened.
     """
-    return _cached_source(req.model_dump_json(include=_SOURCE_FIELDS), source_state(req))
+    return _cached_source(req.source_json(), source_state(req))
+
+
+def open_source_json(source: str) -> Source:
+    """:func:`cached_source` of a request's source fields (``CacheRequest.source_json``): a process
+    that opens them ahead of a run's jobs finds them open when the jobs arrive."""
+    return cached_source(CacheRequest.model_validate_json(source))
 
 
 def clear_source_cache() -> None:
