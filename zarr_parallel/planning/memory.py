@@ -54,7 +54,7 @@ def job_memory(
 #: Eight rather than four: a job holds half the memory for the same region (two slabs at once),
 #: and a job process's first job faults in half as many fresh pages, ~1 s less on each worker
 #: of a 2-core data phase (docs/benchmarks.md, "December 7, noon"); the extra slabs cost
-#: nothing measurable (series 14.8-14.9 s either way).
+#: nothing measurable (series 14.8-15.2 s either way).
 FAST_SLABS = 8
 
 
