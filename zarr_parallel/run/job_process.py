@@ -369,9 +369,9 @@ def close_worker() -> None:
 def prewarm(source: str | None = None) -> None:
     """Start this process's job process now, before the first job needs it.
 
-    ``source`` (a request's source fields, JSON: :func:`~zarr_parallel.sources.target.
-    source_json`) is opened by the job process right after, while the run still plans: its
-    first job then finds it open, as every later job does.
+    ``source`` (a request's source fields, JSON: ``CacheRequest.source_json``) is opened by the
+    job process right after, while the run still plans: its first job then finds it open, as
+    every later job does.
     """
     proc = JobProcess(source=source)
     with _lock:
