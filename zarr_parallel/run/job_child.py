@@ -58,7 +58,10 @@ def _share_cores() -> None:
 
 def _open_source(source: str) -> None:
     """Open a run's source ahead of its jobs (an optimisation: a failure is the jobs' to report)."""
-    # Deferred: the job stack (xarray) loads in the job process only (see serve).
+    # Deferred: the job stack (xarray) loads in the job process only (see serve). The policy
+    # module installs the kerchunk-reference check of a policed (deployment) run: a source opened
+    # ahead is checked as a job's is.
+    from zarr_parallel.run import policy  # noqa: F401
     from zarr_parallel.sources.target import open_source_json
 
     try:
