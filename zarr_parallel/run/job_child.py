@@ -61,11 +61,12 @@ def _open_source(source: str) -> None:
     # Deferred: the job stack (xarray) loads in the job process only (see serve). The policy
     # module installs the kerchunk-reference check of a policed (deployment) run: a source opened
     # ahead is checked as a job's is.
+    from zarr_parallel.request.model import CacheRequest
     from zarr_parallel.run import policy  # noqa: F401
-    from zarr_parallel.sources.target import open_source_json
+    from zarr_parallel.sources.target import cached_source
 
     try:
-        open_source_json(source)
+        cached_source(CacheRequest.model_validate_json(source))
     except Exception as e:
         logger.debug("could not open the source ahead of the jobs: %s", e)
 

@@ -299,12 +299,6 @@ def cached_source(req: CacheRequest) -> Source:
     return _cached_source(req.source_json(), source_state(req))
 
 
-def open_source_json(source: str) -> Source:
-    """:func:`cached_source` of a request's source fields (``CacheRequest.source_json``): a process
-    that opens them ahead of a run's jobs finds them open when the jobs arrive."""
-    return cached_source(CacheRequest.model_validate_json(source))
-
-
 def clear_source_cache() -> None:
     """Forget the sources this process opened: :func:`cached_source` opens them again."""
     _cached_source.cache_clear()
