@@ -54,3 +54,24 @@ def test_a_new_owner_or_a_smaller_budget_empties_the_pool() -> None:
     buffers.give(buffers.take((100,), np.dtype("u1")))
     assert buffers.claim("another plan") == 0
     assert buffers.kept_bytes() == 0
+
+
+def test_reserved_buffers_are_lent_to_the_first_job_of_their_plan() -> None:
+    kept = buffers.reserve("plan-a", 3 * 4096)
+    assert kept == buffers.kept_bytes() == 2 * 3 * 4096
+    # The first job of that plan finds them, counted as its memory; its slab is a view.
+    assert buffers.claim("plan-a", budget=10 * 4096) == kept
+    slab = buffers.take((3, 1024), np.dtype("f4"))
+    assert slab.nbytes == 3 * 4096 and buffers.kept_bytes() == 3 * 4096
+    buffers.give(slab)
+    # Reserved again for the same plan and size: the same buffers stay (nothing made anew).
+    before = [id(b) for b in buffers._kept]
+    assert buffers.reserve("plan-a", 3 * 4096) == kept
+    assert [id(b) for b in buffers._kept] == before
+
+
+def test_a_reserve_for_another_plan_or_larger_slabs_replaces_the_pool() -> None:
+    buffers.reserve("plan-a", 4096)
+    assert buffers.reserve("plan-a", 2 * 4096) == 2 * 2 * 4096  # larger: made anew
+    assert buffers.reserve("plan-b", 4096) == 2 * 4096
+    assert buffers.claim("plan-a") == 0  # the other plan's job finds nothing of plan-b's

@@ -85,6 +85,29 @@ def give(array: np.ndarray) -> None:
         del _kept[KEPT:]
 
 
+def reserve(owner: str, nbytes: int, count: int = KEPT) -> int:
+    """Keep ``count`` buffers of ``nbytes`` for the jobs of ``owner`` (a plan's fingerprint),
+    their pages touched now: a job process does this before its first job
+    (:mod:`zarr_parallel.run.warm`), which then finds them as a later job would. Buffers the
+    pool keeps for ``owner`` already, as large, are kept as they are. Returns the bytes kept."""
+    with _lock:
+        if _owner == [owner] and len(_kept) >= count and all(b.nbytes >= nbytes for b in _kept):
+            return sum(b.nbytes for b in _kept)
+        _kept.clear()
+        _owner[:] = [owner]
+    made = [np.empty(max(nbytes, 1), dtype=np.uint8) for _ in range(count)]
+    for buffer in made:
+        # One write a page: the kernel zeroes and maps each page now, not in the first job.
+        buffer[::_PAGE] = 0
+    with _lock:
+        if _owner == [owner]:
+            _kept[:] = sorted(made, key=lambda b: b.nbytes, reverse=True)[:KEPT]
+        return sum(b.nbytes for b in _kept)
+
+
+_PAGE = 4096
+
+
 def kept_bytes() -> int:
     """Bytes the pool keeps now."""
     with _lock:

@@ -288,3 +288,28 @@ def test_a_source_that_cannot_be_opened_ahead_is_left_to_the_jobs(
         assert proc.alive()
     finally:
         proc.kill()
+
+
+def test_a_warm_queued_before_the_start_reaches_the_process_before_its_first_job(
+    initialised: Initialise,
+) -> None:
+    """A warm queued while the process is not yet started is sent once it is, before any job:
+    the first job is lent the slab buffers it readied. After a job, nothing more is queued."""
+    prepared = initialised(memory_limit="1GB")
+    payload = {"request_json": prepared.request_json, "version": str(prepared.version)}
+    proc = JobProcess(source=prepared.request.source_json())
+    try:
+        assert proc.queue("warm", payload)
+        proc.flush()  # not started: nothing to send yet, still queued
+        record = proc.run(_order(prepared, _job(prepared, 0)), timeout=300)
+        assert record["lent_memory"] > 0
+        assert not proc.queue("warm", payload)
+    finally:
+        proc.kill()
+    # Unwarmed, the first job is lent nothing.
+    bare = JobProcess()
+    try:
+        record = bare.run(_order(prepared, _job(prepared, 0)), timeout=300)
+        assert record["lent_memory"] == 0
+    finally:
+        bare.kill()

@@ -23,8 +23,10 @@ import zarr
 from core_support import cli_run
 from zarr_parallel.api import run_request
 from zarr_parallel.request.model import build_request
-from zarr_parallel.run.steps import make_plan
+from zarr_parallel.run.stages import stage_request
+from zarr_parallel.run.steps import initialise, make_plan, prepare
 from zarr_parallel.run.verify import verify_cache
+from zarr_parallel.run.warm import warm
 from zarr_parallel.store.manifest import iter_job_records, plan_record
 from zarr_parallel.store.paths import CachePaths
 
@@ -277,3 +279,22 @@ def test_staged_packed_variables_keep_their_checksums(
     assert stats["count"] == got.size and stats["nan_count"] == np.isnan(got).sum()
     assert stats["min"] == pytest.approx(float(np.nanmin(got)))
     assert stats["max"] == pytest.approx(float(np.nanmax(got)))
+
+
+def test_a_staged_runs_first_jobs_are_its_first_stages_and_only_they_are_warmed(
+    maps: list[Path], tmp_path: Path
+) -> None:
+    """The job processes of a staged run ready stage 1 (it reads the source); the later stages
+    copy an intermediate store and have nothing to ready (zarr_parallel.run.warm)."""
+    prepared = prepare(build_request(**fields(maps, tmp_path / "c.zarr", TIME_SERIES)))
+    initialise(prepared)
+    assert prepared.plan.stages
+    first = prepared.first_write()
+    assert first is not None
+    request_json, folder = first
+    assert folder == str(prepared.intermediates[0])
+    assert (
+        request_json == stage_request(prepared.request, prepared.plan.stages[0]).model_dump_json()
+    )
+    assert request_json != prepared.request_json
+    assert warm(prepared.request_json, str(prepared.version)) == {"files": 0, "kept": 0}

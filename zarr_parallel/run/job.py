@@ -164,7 +164,7 @@ _MMAP_THRESHOLD = 1 << 20  # blocks of 1 MiB or more get their own mapping
 
 
 @lru_cache(maxsize=8)
-def _plan_jobs(
+def planned_jobs(
     version: str,
 ) -> tuple[str, dict[int, tuple[list[str], list[list[Any]], int]], dict[str, Any]]:
     """The plan's fingerprint, its jobs, and the source layout as planned (with its identity)."""
@@ -258,12 +258,12 @@ def run_job(
         # nothing more (the run that took the lock over may be writing or removing this very
         # version). Without a token (direct library use) the record's check alone applies.
         check_fence(Path(version), f"writing job {job_id}", fence)
-    fp, jobs, planned = _plan_jobs(version)
+    fp, jobs, planned = planned_jobs(version)
     variables, region, estimate = jobs[job_id]
     slices = {str(d): slice(int(a), int(b)) for d, a, b in region}
     # Before reading: a source changed since planning would give a cache half old, half new.
     target = check_job_source(request_json, planned, variables, slices)
-    copy_from = _copy_source(version)
+    copy_from = copy_source(version)
     # Region buffers kept by the last job are lent to this one only if it is of the same plan
     # (its regions are alike) and they fit its estimate; otherwise they are let go before it
     # makes its own. Kept for it, they count as its memory (they are resident at its start).
@@ -325,6 +325,9 @@ def run_job(
         "checksums": checksums,
         "seconds": round(time.perf_counter() - t0, 4),
         "peak_memory": peak.increase + kept,
+        # Kept buffers it was lent at its start (by the job before it, or readied ahead by
+        # zarr_parallel.run.warm): counted in peak_memory.
+        "lent_memory": kept,
         "estimated_memory": estimate,
         "started": round(started, 4),
         # Absolute peak RSS of the worker process during the job (what memory_limit bounds).
@@ -348,7 +351,7 @@ def run_job(
 
 
 @lru_cache(maxsize=8)
-def _copy_source(version: str) -> str | None:
+def copy_source(version: str) -> str | None:
     """The store this stage's jobs copy from: the last intermediate written before ``version``
     (the version, or a later stage's intermediate store), as its ``plan.json`` lists them.
 
@@ -361,7 +364,8 @@ def _copy_source(version: str) -> str | None:
 FAST_READ_ENV = fastread.FAST_READ_ENV
 
 
-def _fast_var(request_json: str, name: str) -> fastread.FastVar | None:
+def fast_var(request_json: str, name: str) -> fastread.FastVar | None:
+    """How the fast path reads ``name`` (None: through xarray), made once per source state."""
     # Keyed by the source's state as cached_target is: a source file grown or rewritten in
     # place (a re-cache in a long-lived process) must not be read by a stale index.
     req = CacheRequest.model_validate_json(request_json)
@@ -394,7 +398,7 @@ def _copy_fast(
     """
     if os.environ.get(FAST_READ_ENV, "1") == "0":
         return None
-    fv = _fast_var(request_json, name)
+    fv = fast_var(request_json, name)
     if fv is None:
         return None
     dims = list(fv.dims)

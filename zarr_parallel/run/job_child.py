@@ -63,12 +63,25 @@ def _open_source(source: str) -> None:
     # ahead is checked as a job's is.
     from zarr_parallel.request.model import CacheRequest
     from zarr_parallel.run import policy  # noqa: F401
+    from zarr_parallel.run.warm import read_indexes_ahead
     from zarr_parallel.sources.target import cached_source
 
     try:
-        cached_source(CacheRequest.model_validate_json(source))
+        req = CacheRequest.model_validate_json(source)
+        read_indexes_ahead(cached_source(req), req.open_options.get("group"))
     except Exception as e:
         logger.debug("could not open the source ahead of the jobs: %s", e)
+
+
+def _warm(payload: dict[str, Any]) -> None:
+    """Ready a run's plan ahead of its jobs (an optimisation: a failure is the jobs' to report)."""
+    # Deferred: the job stack loads in the job process only (see serve).
+    from zarr_parallel.run.warm import warm
+
+    try:
+        warm(payload["request_json"], payload["version"])
+    except Exception as e:
+        logger.debug("could not ready the plan ahead of the jobs: %s", e)
 
 
 def serve(fd: int) -> None:
@@ -98,6 +111,9 @@ def serve(fd: int) -> None:
             return
         if kind == "open":
             _open_source(job["source"])
+            continue
+        if kind == "warm":
+            _warm(job)
             continue
         level = {0: logging.WARNING, 1: logging.INFO}.get(int(job.pop("log_level", 0)), 10)
         logging.getLogger("zarr_parallel").setLevel(level)

@@ -100,6 +100,12 @@ class JobProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._starting = threading.Lock()
+        # Messages go out one at a time (a warming thread and the job's thread share the
+        # connection); those queued before the process is ready follow its source's opening.
+        self._sending = threading.Lock()
+        self._ready = False
+        self._queued: list[tuple[str, dict[str, Any]]] = []
+        self._jobs_sent = 0
         self._started_env: dict[str, str] = {}
         self.jobs_run = 0
 
@@ -161,10 +167,39 @@ class JobProcess:
         if kind != "ready":  # pragma: no cover - protocol error
             self.kill()
             raise JobProcessDied(f"unexpected first message {kind!r} from the job process")
-        if self._source is not None:
-            # Sent under the start lock, so before any job's message; no answer comes. A job
-            # arriving meanwhile waits for the opening, which it would have done itself.
-            self._conn.send(("open", {"source": self._source}))
+        with self._sending:
+            self._ready = True
+            if self._source is not None:
+                # Sent under the start lock, so before any job's message; no answer comes. A
+                # job arriving meanwhile waits for the opening, which it would have done itself.
+                self._conn.send(("open", {"source": self._source}))
+            self._send_queued()
+
+    def queue(self, kind: str, payload: dict[str, Any]) -> bool:
+        """Have the process do ``kind`` (``"warm"``) before its first job: sent by
+        :meth:`flush`, at its start, or before that job, whichever comes first. False (and
+        nothing queued) once a job has been sent: it would only delay the next one."""
+        with self._sending:
+            if self._jobs_sent:
+                return False
+            self._queued.append((kind, payload))
+            return True
+
+    def flush(self) -> None:
+        """Send the queued messages now if the process is ready (else its start sends them)."""
+        with self._sending:
+            self._send_queued()
+
+    def _send_queued(self) -> None:
+        if not self._ready or self._conn is None:
+            return
+        queued, self._queued = self._queued, []
+        for message in queued:
+            try:
+                self._conn.send(message)
+            except OSError as e:  # the job, or the next start, reports a dead process
+                logger.debug("could not send %s to the job process: %s", message[0], e)
+                return
 
     def run(
         self,
@@ -197,7 +232,10 @@ class JobProcess:
         what = describe or f"job {job.get('job_id')}"
         proc = psutil.Process(self._proc.pid)
         try:
-            self._conn.send(("run", job))
+            with self._sending:
+                self._send_queued()
+                self._jobs_sent += 1
+                self._conn.send(("run", job))
         except OSError as e:
             self.kill()
             raise JobProcessDied(f"{what}: the job process is gone ({e})") from e
@@ -288,6 +326,7 @@ class JobProcess:
         self.kill()
 
     def _reset(self) -> None:
+        self._ready = False
         if self._conn is not None:
             self._conn.close()
         self._conn = None
@@ -373,15 +412,38 @@ def prewarm(source: str | None = None) -> None:
     job process right after, while the run still plans: its first job then finds it open, as
     every later job does.
     """
-    proc = JobProcess(source=source)
+    proc = reserve(source)
+    if proc is not None:
+        start_reserved(proc)
+
+
+def reserve(source: str | None = None) -> JobProcess | None:
+    """The job process :func:`prewarm` starts, made idle (not started) at once, so that a
+    :func:`warm` right after finds it; None when this process has one or is closing."""
     with _lock:
         if _idle or _closing.is_set():
-            return
+            return None
+        proc = JobProcess(source=source)
         _idle.append(proc)
+        return proc
+
+
+def start_reserved(proc: JobProcess) -> None:
+    """Start a job process from :func:`reserve` (a failure is the first job's to report)."""
     try:
         proc.start()
     except JobInterrupted as e:  # the first job will try again and report it
         logger.warning("could not start a job process ahead of time: %s", e)
+
+
+def warm(request_json: str, version: str) -> list[JobProcess]:
+    """Have this process's idle job processes ready the plan in ``version`` before their first
+    job (:func:`zarr_parallel.run.warm.warm`); returns those it was queued for. Call
+    :meth:`JobProcess.flush` on them (off the event loop: it may wait on a full pipe)."""
+    payload = {"request_json": request_json, "version": version}
+    with _lock:
+        procs = [] if _closing.is_set() else list(_idle)
+    return [proc for proc in procs if proc.queue("warm", payload)]
 
 
 def run_job_isolated(

@@ -39,7 +39,7 @@ from zarr_parallel.run.recommend import (
     recommend,
     recommendations_text,
 )
-from zarr_parallel.run.stages import initialise_stages
+from zarr_parallel.run.stages import initialise_stages, stage_request, stage_todo
 from zarr_parallel.sources.fastread import mark_fast
 from zarr_parallel.sources.target import (
     Target,
@@ -179,6 +179,15 @@ class Prepared:
     def request_json(self) -> str:
         """The request as shipped to workers."""
         return self.request.model_dump_json()
+
+    def first_write(self) -> tuple[str, str] | None:
+        """The request (JSON) and folder of the first jobs to run (None: none left): the
+        first stage with jobs left, else the version."""
+        for n, stage in enumerate(self.plan.stages, start=1):
+            if stage_todo(self.plan, self.intermediates, n):
+                request = stage_request(self.request, stage).model_dump_json()
+                return request, str(self.intermediates[n - 1])
+        return (self.request_json, str(self.version)) if self.todo else None
 
     def plan_json(self) -> dict[str, Any]:
         """The plan as stored in the version's manifest."""
