@@ -76,6 +76,13 @@ def test_every_deploy_mode_writes_the_same_cache(
     share = max(1, len(os.sched_getaffinity(0)) // 2)
     _assert_job_threads(dask_run, share, share)
     _assert_job_threads(slurm_run, 1, 1)
+    # Every worker's job process readied the plan before its first job (the warm plugin):
+    # that job was lent the slab buffers (zarr_parallel.run.warm).
+    for run in (dask_run, slurm_run):
+        first: dict[int, dict[str, Any]] = {}
+        for r in sorted(job_records(run), key=lambda r: r["started"]):
+            first.setdefault(r["pid"], r)
+        assert all(r["lent_memory"] > 0 for r in first.values()), first
     # The SLURM jobs really ran in SLURM jobs, which are gone now.
     records = job_records(slurm_run)
     slurm_ids = {r["slurm_job_id"] for r in records}

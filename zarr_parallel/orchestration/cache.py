@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from zarr_parallel.errors import RecommendationsPending
 from zarr_parallel.logs import set_log_level
-from zarr_parallel.orchestration.cluster import cluster_in_background
+from zarr_parallel.orchestration.cluster import cluster_in_background, register_warm
 from zarr_parallel.orchestration.control import (
     cache_slot,
     checked_request,
@@ -162,6 +162,10 @@ def run_cache_steps(
             after_initialise(prepared)
         groups = group_jobs(prepared.todo)
         cluster = get_cluster()
+        first = prepared.first_write()
+        if cluster.cluster is not None and cluster.address and first is not None:
+            # The workers' job processes ready the plan while the first tasks are sent.
+            register_warm(cluster.address, *first)
         logger.info(
             "%s: %d write jobs in %d tasks on %d workers of %s each (ready in %.1f s)",
             req.deploy_mode,

@@ -444,6 +444,22 @@ def _start(
     raise ValueError(f"unknown deploy_mode {mode!r}")  # pragma: no cover - validated before
 
 
+def register_warm(address: str, request_json: str, version: str) -> None:
+    """Have the cluster's job processes ready the plan in ``version`` before their first job
+    (an optimisation, :mod:`zarr_parallel.run.warm`): workers joining later do it as they join.
+    """
+    from distributed import Client
+
+    # Deferred: the plugin's module imports distributed, loaded only when a cluster starts.
+    from zarr_parallel.orchestration.prewarm import WarmPlugin
+
+    try:
+        with Client(address, timeout="30s") as client:  # type: ignore[no-untyped-call]
+            client.register_plugin(WarmPlugin(request_json, version))
+    except Exception as e:  # an optimisation only
+        logger.debug("could not register the warm plugin: %s", e)
+
+
 def register_prewarm(address: str, source: str | None = None) -> None:
     """Have the cluster's workers import the task module as they join, and their job processes
     open ``source`` (``CacheRequest.source_json``) before the run's first job (an optimisation).

@@ -17,7 +17,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from zarr_parallel.run.job_process import close_worker, prewarm
+from zarr_parallel.run.job_process import close_worker, reserve, start_reserved, warm
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,13 @@ class PrewarmPlugin(WorkerPlugin):
         for name in ("prefect.task_engine", "prefect.artifacts", "prefect_dask.task_runners"):
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
-        threading.Thread(
-            target=prewarm, args=(self.source,), name="zarr-parallel-prewarm", daemon=True
-        ).start()
+        # Made idle here, started in a thread: a WarmPlugin set up right after (a worker that
+        # joins a running run gets both at once) finds it.
+        proc = reserve(self.source)
+        if proc is not None:
+            threading.Thread(
+                target=start_reserved, args=(proc,), name="zarr-parallel-prewarm", daemon=True
+            ).start()
 
     def teardown(self, worker: Any) -> None:
         # The worker is closing: its job processes go now, a busy one too (the scheduler has
@@ -70,6 +74,40 @@ class PrewarmPlugin(WorkerPlugin):
         ).start()
 
 
+class WarmPlugin(WorkerPlugin):
+    """dask worker plugin: have the worker's job process ready a run's plan before its first
+    job (:mod:`zarr_parallel.run.warm`), registered once the plan is written.
+
+    Parameters
+    ----------
+    request_json
+        The request, as the write tasks get it.
+    version
+        The folder whose ``plan.json`` the first write tasks run.
+    """
+
+    name = "zarr-parallel-warm"
+
+    def __init__(self, request_json: str, version: str) -> None:
+        self.request_json = request_json
+        self.version = version
+
+    def setup(self, worker: Any) -> None:
+        # Queued here, before any task of the run can reach this worker (the flow registers
+        # the plugin before it submits them); sent from a thread, as a large request may not
+        # fit the pipe at once.
+        procs = warm(self.request_json, self.version)
+        if procs:
+            threading.Thread(
+                target=_flush, args=(procs,), name="zarr-parallel-warm", daemon=True
+            ).start()
+
+
+def _flush(procs: list[Any]) -> None:
+    for proc in procs:
+        proc.flush()
+
+
 def _exit_after(seconds: float) -> None:
     time.sleep(seconds)
     logger.warning(
@@ -79,4 +117,4 @@ def _exit_after(seconds: float) -> None:
     os._exit(0)
 
 
-__all__ = ["EXIT_GRACE_SECONDS", "PrewarmPlugin"]
+__all__ = ["EXIT_GRACE_SECONDS", "PrewarmPlugin", "WarmPlugin"]
