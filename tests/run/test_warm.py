@@ -11,6 +11,7 @@ import pytest
 
 from zarr_parallel import buffers
 from zarr_parallel.planning.memory import fast_slab_bounds
+from zarr_parallel.run import warm as warm_module
 from zarr_parallel.run.job import run_job
 from zarr_parallel.run.steps import Prepared
 from zarr_parallel.run.warm import read_indexes_ahead, warm
@@ -28,10 +29,11 @@ def _fresh_caches() -> Iterator[None]:
     buffers.clear()
 
 
-def _largest_slab(prepared: Prepared) -> int:
-    """Bytes of the largest slab any job reads (float32 variables of 73 × 144, chunks of 12)."""
+def _largest_slab(prepared: Prepared, jobs: int | None = None) -> int:
+    """Bytes of the largest slab the first ``jobs`` jobs (all: None) read (float32 variables of
+    73 × 144, chunks of 12)."""
     longest = 0
-    for job in prepared.plan.jobs:
+    for job in sorted(prepared.plan.jobs, key=lambda j: j.id)[:jobs]:
         a, b = job.bounds["time"]
         cuts = fast_slab_bounds(a, b, 12).tolist()
         longest = max(longest, *(y - x for x, y in itertools.pairwise(cuts)))
@@ -74,3 +76,17 @@ def test_the_source_alone_gives_the_indexes_within_the_time_given(
     _h5_storage.cache_clear()
     assert read_indexes_ahead(source, None, seconds=0.0) == 0  # no time: nothing read
     assert _h5_storage.cache_info().currsize == 0
+
+
+def test_only_the_first_jobs_size_the_buffers(
+    initialised: Initialise, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan of many jobs keeps its first job waiting only for its first jobs' slabs."""
+    prepared = initialised(memory_limit="1GB")
+    monkeypatch.setattr(warm_module, "WARM_JOBS", 1)
+    assert warm(prepared.request_json, str(prepared.version))["kept"] == (
+        buffers.KEPT * _largest_slab(prepared, 1)
+    )
+    buffers.clear()
+    monkeypatch.setattr(warm_module, "WARM_JOBS", 0)
+    assert warm(prepared.request_json, str(prepared.version)) == {"files": 0, "kept": 0}

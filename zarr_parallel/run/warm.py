@@ -33,11 +33,15 @@ logger = logging.getLogger(__name__)
 WARM_SECONDS = 2.0
 #: Source files whose chunk index is read ahead, at most (the index cache keeps 256).
 WARM_FILES = 200
+#: Jobs whose slabs size the kept buffers: the first ones (a plan's jobs are alike; a later
+#: job with larger slabs makes its own, as without warming). A plan of tens of thousands of
+#: jobs would otherwise keep its first job waiting for seconds.
+WARM_JOBS = 64
 
 
 def warm(request_json: str, version: str, seconds: float = WARM_SECONDS) -> dict[str, int]:
     """Read ahead the chunk indexes the plan in ``version`` reads (in job order, for at most
-    ``seconds``) and keep its slab buffers, their pages touched.
+    ``seconds``) and keep slab buffers for its first :data:`WARM_JOBS` jobs, pages touched.
 
     Buffers are kept only when two of the largest slab fit the largest job's estimate (they
     count as the memory of the job they are lent to, see :mod:`zarr_parallel.buffers`). A
@@ -56,7 +60,7 @@ def warm(request_json: str, version: str, seconds: float = WARM_SECONDS) -> dict
     seen: dict[str, fastread.FastVar | None] = {}
     files: set[tuple[str, str]] = set()
     largest = 0
-    for job_id in sorted(jobs):
+    for job_id in sorted(jobs)[:WARM_JOBS]:
         variables, region, _estimate = jobs[job_id]
         for name in variables:
             if name not in seen:
@@ -133,4 +137,11 @@ def largest_slab_bytes(
     return int(longest * others * itemsize)
 
 
-__all__ = ["WARM_FILES", "WARM_SECONDS", "largest_slab_bytes", "read_indexes_ahead", "warm"]
+__all__ = [
+    "WARM_FILES",
+    "WARM_JOBS",
+    "WARM_SECONDS",
+    "largest_slab_bytes",
+    "read_indexes_ahead",
+    "warm",
+]
