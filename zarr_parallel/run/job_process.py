@@ -91,7 +91,7 @@ class JobProcess:
         Extra environment variables for the process (it inherits the caller's).
     source
         A run's source (a request's source fields, JSON) for the process to open as soon as it
-        has started, before any job of the run arrives (:func:`prewarm`).
+        has started, before any job of the run arrives (:func:`reserve`).
     """
 
     def __init__(self, env: dict[str, str] | None = None, source: str | None = None) -> None:
@@ -405,21 +405,15 @@ def close_worker() -> None:
         proc.interrupt()
 
 
-def prewarm(source: str | None = None) -> None:
-    """Start this process's job process now, before the first job needs it.
+def reserve(source: str | None = None) -> JobProcess | None:
+    """A job process for this process's first job, made idle (not yet started, see
+    :func:`start_reserved`) at once, so that a :func:`warm` right after finds it; None when this
+    process has one or is closing.
 
     ``source`` (a request's source fields, JSON: ``CacheRequest.source_json``) is opened by the
-    job process right after, while the run still plans: its first job then finds it open, as
-    every later job does.
+    job process as soon as it has started, while the run still plans: its first job then finds
+    it open, as every later job does.
     """
-    proc = reserve(source)
-    if proc is not None:
-        start_reserved(proc)
-
-
-def reserve(source: str | None = None) -> JobProcess | None:
-    """The job process :func:`prewarm` starts, made idle (not started) at once, so that a
-    :func:`warm` right after finds it; None when this process has one or is closing."""
     with _lock:
         if _idle or _closing.is_set():
             return None
