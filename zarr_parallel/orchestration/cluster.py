@@ -448,29 +448,29 @@ def register_warm(address: str, request_json: str, version: str) -> None:
     """Have the cluster's job processes ready the plan in ``version`` before their first job
     (an optimisation, :mod:`zarr_parallel.run.warm`): workers joining later do it as they join.
     """
-    from distributed import Client
-
     # Deferred: the plugin's module imports distributed, loaded only when a cluster starts.
     from zarr_parallel.orchestration.prewarm import WarmPlugin
 
-    try:
-        with Client(address, timeout="30s") as client:  # type: ignore[no-untyped-call]
-            client.register_plugin(WarmPlugin(request_json, version))
-    except Exception as e:  # an optimisation only
-        logger.debug("could not register the warm plugin: %s", e)
+    _register(address, WarmPlugin(request_json, version))
 
 
 def register_prewarm(address: str, source: str | None = None) -> None:
     """Have the cluster's workers import the task module as they join, and their job processes
     open ``source`` (``CacheRequest.source_json``) before the run's first job (an optimisation).
     """
-    from distributed import Client
-
     # Deferred: the plugin's module imports distributed, loaded only when a cluster starts.
     from zarr_parallel.orchestration.prewarm import PrewarmPlugin
 
+    _register(address, PrewarmPlugin(source))
+
+
+def _register(address: str, plugin: Any) -> None:
+    """Register a worker plugin on the cluster at ``address`` (an optimisation: a failure is
+    logged, and the jobs do without it)."""
+    from distributed import Client
+
     try:
         with Client(address, timeout="30s") as client:  # type: ignore[no-untyped-call]
-            client.register_plugin(PrewarmPlugin(source))
-    except Exception as e:  # an optimisation only
-        logger.debug("could not register the prewarm plugin: %s", e)
+            client.register_plugin(plugin)
+    except Exception as e:
+        logger.debug("could not register the %s plugin: %s", plugin.name, e)
