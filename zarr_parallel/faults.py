@@ -211,6 +211,13 @@ def _signal(action: str) -> None:
         os.kill(os.getppid(), sig)
         if action != "kill":
             return
+    if sig == signal.SIGSTOP:
+        # To this thread, not the process: a stop sent to the process is taken by its main
+        # thread, and until that thread is scheduled (seconds, on busy cores) this one ran on
+        # and, e.g., wrote the very job record the stop was meant to come before. A stop taken
+        # by any thread still freezes the whole process.
+        signal.pthread_kill(threading.get_ident(), sig)
+        return
     os.kill(os.getpid(), sig)
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from core_support import series_fields
@@ -277,6 +280,47 @@ def test_fault_hook_is_inert_unless_set_and_counts_its_points() -> None:
     assert killed.returncode == -9 and killed.stdout.split() == ["0"]
     elsewhere = run("kill@before-publish")
     assert elsewhere.returncode == 0
+
+
+def test_a_stop_point_reached_in_a_thread_stops_that_thread_there(tmp_path: Path) -> None:
+    """A write task runs in a thread of the flow process (series mode). Its stop was sent to the
+    process, taken by the main thread whenever that was scheduled: on busy cores the task's
+    thread wrote on (a job record, in CI) after the point. Now nothing after the point runs
+    before SIGCONT. The child shares one core with two busy loops, as on a loaded CI machine."""
+    code = (
+        "import importlib.util, os, sys, threading\n"
+        "os.sched_setaffinity(0, {0})\n"
+        f"spec = importlib.util.spec_from_file_location('faults', {str(faults.__file__)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "def task():\n"
+        "    m.fault_point('job-written')\n"
+        "    with open(sys.argv[1], 'w') as f:\n"
+        "        for i in range(100_000):\n"
+        "            f.write(f'{i}\\n'); f.flush()\n"
+        "t = threading.Thread(target=task); t.start(); t.join()\n"
+    )
+    busy = "import os\nos.sched_setaffinity(0, {0})\nwhile True: pass\n"
+    env = {**os.environ, "ZARR_PARALLEL_FAULT": "stop@job-written"}
+    loops = [subprocess.Popen([sys.executable, "-c", busy]) for _ in range(2)]
+    try:
+        for attempt in range(4):
+            out = tmp_path / f"after-{attempt}.txt"
+            child = subprocess.Popen([sys.executable, "-c", code, str(out)], env=env)
+            try:
+                deadline = time.time() + 60
+                while psutil.Process(child.pid).status() != psutil.STATUS_STOPPED:
+                    assert child.poll() is None and time.time() < deadline
+                    time.sleep(0.01)
+                time.sleep(0.3)  # the old stop let the thread run on for this long and more
+                assert not out.exists() or out.read_text() == "", f"ran on (attempt {attempt})"
+                child.send_signal(signal.SIGCONT)
+                assert child.wait(timeout=60) == 0
+                assert len(out.read_text().split()) == 100_000
+            finally:
+                child.kill()
+    finally:
+        for loop in loops:
+            loop.kill()
 
 
 def test_recache_copy_files_are_temporaries(tmp_path: Path) -> None:
