@@ -319,6 +319,23 @@ def test_local_workers_and_their_nannies_run_without_the_profiler(
         assert not any(client.run(profiling).values())
 
 
+def test_the_flow_process_scheduler_steals_nothing_and_ticks_calmly() -> None:
+    """The local cluster's scheduler runs in the flow process, on the cores the jobs use: no
+    work-stealing extension (tasks reach only free workers, so there is nothing to steal) and
+    its event-loop watchdog every 0.5 s, not dask's 20 ms."""
+    from zarr_parallel.orchestration.cluster import start_local_cluster
+
+    req = _request(deploy_mode="dask_distributed", simultaneous_worker_limit=1)
+    started = start_local_cluster(req, worker_sizing(req, max_job_estimate=10**8, jobs=1), None)
+    try:
+        scheduler = started.cluster.scheduler
+        assert "stealing" not in scheduler.extensions
+        assert scheduler.periodic_callbacks["tick"].callback_time == 500
+        assert scheduler.allowed_failures == 0
+    finally:
+        started.close()
+
+
 def test_a_local_workers_job_process_opens_the_runs_source_as_it_joins(
     era5_files: list[Path],
 ) -> None:
