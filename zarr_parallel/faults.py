@@ -6,8 +6,9 @@ Inert unless the environment variable ``ZARR_PARALLEL_FAULT`` is set (or a test 
 ``ACTION``
     ``kill`` (the process sends itself SIGKILL: nothing is cleaned up, exactly as if the machine
     or the scheduler had killed it), ``stop`` (SIGSTOP: the process freezes, holding whatever it
-    holds, until someone sends SIGCONT), ``enospc`` or ``eio`` (the file operation raises
-    ``OSError`` with that errno, as a full or failing disk does; only with an operation trigger).
+    holds, until someone sends SIGCONT; the thread that reached the point goes no further),
+    ``enospc`` or ``eio`` (the file operation raises ``OSError`` with that errno, as a full or
+    failing disk does; only with an operation trigger).
 ``TRIGGER``
     ``POINT`` or ``POINT#N``: the N-th time the run reaches the named point (default the first).
     ``os.OP#M``: the M-th file operation of kind OP (see :data:`OPERATIONS`) on a path under
