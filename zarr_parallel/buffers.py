@@ -21,6 +21,8 @@ import numpy as np
 
 #: Buffers kept at most: the fast path holds two slabs at once (one written, one read).
 KEPT = 2
+#: Bytes of a memory page: :func:`reserve` writes one byte per page to map them all.
+_PAGE = 4096
 
 _kept: list[np.ndarray] = []
 _owner: list[str] = []
@@ -103,9 +105,6 @@ def reserve(owner: str, nbytes: int, count: int = KEPT) -> int:
         if _owner == [owner]:
             _kept[:] = sorted(made, key=lambda b: b.nbytes, reverse=True)[:KEPT]
         return sum(b.nbytes for b in _kept)
-
-
-_PAGE = 4096
 
 
 def kept_bytes() -> int:
