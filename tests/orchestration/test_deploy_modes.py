@@ -336,39 +336,6 @@ def test_the_flow_process_scheduler_steals_nothing_and_ticks_calmly() -> None:
         started.close()
 
 
-def test_a_local_workers_job_process_opens_the_runs_source_as_it_joins(
-    era5_files: list[Path],
-) -> None:
-    """The prewarm plugin hands the run's source to each joining worker's job process, which
-    opens it (holds its files) before any task is sent."""
-    import psutil
-    from distributed import Client
-
-    from zarr_parallel.orchestration.cluster import register_prewarm
-    from zarr_parallel.orchestration.local_cluster import local_cluster
-
-    def held(dask_worker: Any) -> list[str]:
-        children = psutil.Process().children()
-        return sorted({f.path for c in children for f in c.open_files() if f.path.endswith(".nc")})
-
-    req = build_request(
-        data_uri=[str(f) for f in era5_files],
-        cache_store="/tmp/x.zarr",
-        deploy_mode="dask_distributed",
-        simultaneous_worker_limit=1,
-    )
-    sizing = worker_sizing(req, max_job_estimate=10**8, jobs=1)
-    with local_cluster(sizing, worker_environment(req, None, 1), 0) as cluster:
-        register_prewarm(cluster.scheduler_address, req.source_json())
-        with Client(cluster) as client:
-            client.wait_for_workers(1, timeout=120)
-            expected = sorted(str(f.resolve()) for f in era5_files)
-            deadline = time.monotonic() + 120
-            while (seen := next(iter(client.run(held).values()))) != expected:
-                assert time.monotonic() < deadline, f"source files held: {seen}"
-                time.sleep(0.2)
-
-
 def test_job_processes_use_their_workers_share_of_the_cores_or_the_users_zarr_setting(
     era5_files: list[Path], reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
