@@ -51,18 +51,9 @@ class PrewarmPlugin(WorkerPlugin):
         # What the first task run would import otherwise (about 0.3 s, measured), on a worker
         # whose job process is starting its first job beside it: Prefect's task engine and the
         # task runner the task's unpickling needs.
-        # And the write flow's module: a task's Prefect context names the flow it runs in, so
-        # unpickling the first task imports it (with dask-jobqueue and its YAML config), about
-        # 0.1 s on the worker's event loop while both cores wait for the run's first jobs.
-        for name in (
-            "prefect.task_engine",
-            "prefect.artifacts",
-            "prefect_dask.task_runners",
-            "zarr_parallel.orchestration.write_flow",
-        ):
+        for name in ("prefect.task_engine", "prefect.artifacts", "prefect_dask.task_runners"):
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
-        _warm_task_engine()
         # Made idle here, started in a thread: a WarmPlugin set up right after (a worker that
         # joins a running run gets both at once) finds it.
         proc = reserve(self.source)
@@ -70,6 +61,13 @@ class PrewarmPlugin(WorkerPlugin):
             threading.Thread(
                 target=start_reserved, args=(proc,), name="zarr-parallel-prewarm", daemon=True
             ).start()
+        # While the job process starts: the write flow's module, which a first task's
+        # unpickling imports (its Prefect context names the flow it runs in), with dask-jobqueue
+        # and its YAML config, about 0.1 s on the worker's event loop while both cores waited
+        # for the run's first jobs; then the rest of Prefect's first task run.
+        with contextlib.suppress(ImportError):
+            importlib.import_module("zarr_parallel.orchestration.write_flow")
+        _warm_task_engine()
 
     def teardown(self, worker: Any) -> None:
         # The worker is closing: its job processes go now, a busy one too (the scheduler has
