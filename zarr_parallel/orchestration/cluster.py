@@ -54,9 +54,10 @@ STARTUP_TIMEOUT = 120.0
 #: worker a task only when its thread is free, so that a worker that dies takes no queued task
 #: down with it and a slow job holds no other back. The scheduler runs in the flow process, beside
 #: the jobs on the same cores: no work stealing (a task reaches a worker only when its thread is
-#: free, so there is never a queued task to steal, yet the balancing ran every 0.1 s) and the
-#: calmer event-loop watchdog of the workers: the flow process spent about 0.2 CPU s less per 20 s
-#: of data phase (docs/benchmarks.md, "December 7, evening").
+#: free, so there is never a queued task to steal, yet the balancing ran every 0.1 s) and an
+#: event-loop watchdog every 0.5 s instead of 20 ms (the local workers inherit it too): the flow
+#: process spent about 0.2 CPU s less per 20 s of data phase (docs/benchmarks.md, "December 7,
+#: evening").
 CLUSTER_CONFIG = {
     "distributed.scheduler.allowed-failures": 0,
     "distributed.deploy.lost-worker-timeout": "2s",
