@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.summary import goals, io_table, markdown_table, summarise
+from benchmarks.summary import goal_text, goals, io_table, markdown_table, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "benchmarks.md"
@@ -78,7 +78,10 @@ def results_markdown(results: dict[str, Any], size: str) -> str:
             lines += [io_table(case["case"], case["results"]), ""]
         g = case["goals"]
         if g:
-            lines += ["Goals measured: " + ", ".join(f"{k} = {v}" for k, v in g.items()), ""]
+            lines += [
+                "Goals measured: " + ", ".join(f"{k} = {goal_text(v)}" for k, v in g.items()),
+                "",
+            ]
     ps = results.get("plan_scaling") or {}
     if ps.get("ok"):
         lines += ["Planning cost (`benchmarks/plan_scaling.py`):", "", "```", ps["output"], "```"]
@@ -93,7 +96,7 @@ def resummarise(results: dict[str, Any]) -> dict[str, Any]:
     for case in results["cases"].values():
         if "runs" in case:
             case["results"] = {n: summarise(r, case["case"]) for n, r in case["runs"].items()}
-            case["goals"] = goals(case["results"], case["case"]["target"])
+            case["goals"] = goals(case["results"], case["case"]["target"], case["runs"])
     return results
 
 

@@ -43,6 +43,7 @@ from benchmarks.summary import (
     SERVER_CONTENDERS,
     WITH_SERVER,
     ZP050,
+    goal_text,
     goals,
     io_table,
     markdown_table,
@@ -442,11 +443,15 @@ def _run_cases(
             "case": {k: v for k, v in case.items() if k not in ("files", "kerchunk")},
             "results": summary,
             "runs": runs,
-            "goals": goals(summary, item["target"]),
+            "goals": goals(summary, item["target"], runs),
         }
         print(markdown_table(case, summary), flush=True)
         print(io_table(case, summary), flush=True)
-        print("goals:", json.dumps(results["cases"][case["name"]]["goals"]), flush=True)
+        case_goals = results["cases"][case["name"]]["goals"]
+        print("goals:", json.dumps(case_goals), flush=True)
+        if "dask_distributed_over_series_data" in case_goals:
+            paired = goal_text(case_goals["dask_distributed_over_series_data"])
+            print(f"dask_distributed ÷ series, data phase, run by run: {paired}", flush=True)
     if not args.no_plan_scaling:
         results["plan_scaling"] = plan_scaling(args.size)
     results["info"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -7,7 +7,9 @@ read the raw runs the same way and neither imports the other.
 
 from __future__ import annotations
 
+import math
 import statistics
+from collections.abc import Sequence
 from typing import Any
 
 from zarr_parallel.units import parse_memory
@@ -40,6 +42,11 @@ OURS = (
 #: bytes, and the speed-up over rechunker end to end.
 READ_GOAL = 2.2
 RECHUNKER_GOAL = 3.0
+#: #21: ``dask_distributed``'s data phase no slower than series' (numerator, denominator),
+#: judged on the runs the suite made side by side.
+PAIRED = ("zarr-parallel dask_distributed", "zarr-parallel series")
+#: The least coverage asked of the interval around a median of paired ratios.
+CONFIDENCE = 0.9
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float:
@@ -158,9 +165,17 @@ def _best_of(case_results: dict[str, dict[str, Any]], names: tuple[str, ...], ph
     return min(times) if times else None
 
 
-def goals(case_results: dict[str, dict[str, Any]], target: str) -> dict[str, Any]:
-    """The issue's goals for one case, as measured ratios (higher is better)."""
+def goals(
+    case_results: dict[str, dict[str, Any]],
+    target: str,
+    runs: dict[str, list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """The issue's goals for one case, as measured ratios (higher is better); with the raw
+    ``runs``, also #21's paired comparison (:func:`paired_ratio`)."""
     out: dict[str, Any] = {}
+    paired = paired_ratio(runs or {}, *PAIRED, "data_s")
+    if paired:
+        out["dask_distributed_over_series_data"] = paired
     ours = {k: v for k, v in case_results.items() if k in OURS and v.get("ok")}
     if not ours:
         return out
@@ -189,6 +204,86 @@ def goals(case_results: dict[str, dict[str, Any]], target: str) -> dict[str, Any
     out.update(_rechunk_goals(case_results, ours, best, target == "timeseries"))
     out.update(_default_goals(case_results))
     return out
+
+
+def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """The median of ``values`` and an interval that holds the true median with at least
+    ``confidence``, from order statistics alone (no assumption on the distribution).
+
+    The interval runs from the k-th smallest to the k-th largest value, k as large as the
+    confidence allows: it misses the median only if k values or more fall on one side, which
+    for n independent values has probability 2·P(Binomial(n, ½) < k). With too few values for
+    ``confidence`` (fewer than 5 for 0.9), it is their whole range and says what it reaches.
+
+    >>> median_interval([1.02, 0.98, 1.05, 1.01, 1.03])
+    {'median': 1.02, 'interval': [0.98, 1.05], 'confidence': 0.93}
+    """
+    xs = sorted(values)
+    n = len(xs)
+    if not n:
+        raise ValueError("median_interval needs at least one value")
+
+    def coverage(k: int) -> float:
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    # Rounded down: the figure shown is one the interval does reach.
+    reached = math.floor(coverage(k) * 100) / 100
+    return {
+        "median": statistics.median(xs),
+        "interval": [xs[k - 1], xs[n - k]],
+        "confidence": reached,
+    }
+
+
+def paired_ratio(
+    runs: dict[str, list[dict[str, Any]]], numerator: str, denominator: str, key: str
+) -> dict[str, Any]:
+    """``numerator``'s ``key`` over ``denominator``'s, run by run, and where it stands.
+
+    The suite runs contenders in turn, repetition by repetition (in alternating order), so the
+    i-th runs of two contenders met the same state of the machine: their ratio leaves out the
+    drift between repetitions that their separate medians keep. Pairs where either run failed
+    are left out; nothing is paired unless both made the same number of runs (``--once``).
+    ``verdict`` says whether the interval (:func:`median_interval`) lies at or below 1
+    (``"not slower"``), above 1 (``"slower"``), or across 1 (``"within the noise"``).
+    """
+    a, b = runs.get(numerator, []), runs.get(denominator, [])
+    if not a or len(a) != len(b):
+        return {}
+    ratios = [x[key] / y[key] for x, y in zip(a, b, strict=True) if x.get("ok") and y.get("ok")]
+    if not ratios:
+        return {}
+    stats = median_interval(ratios)
+    lo, hi = stats["interval"]
+    verdict = "not slower" if hi <= 1.0 else "slower" if lo > 1.0 else "within the noise"
+    return {
+        "pairs": len(ratios),
+        "median": round(stats["median"], 3),
+        "interval": [round(lo, 3), round(hi, 3)],
+        "confidence": stats["confidence"],
+        "verdict": verdict,
+        "met": stats["median"] <= 1.0,
+    }
+
+
+def goal_text(value: Any) -> str:
+    """A goal's figure for the page; a paired ratio with its pairs, interval and verdict.
+
+    >>> goal_text({"pairs": 5, "median": 1.03, "interval": [0.97, 1.04], "confidence": 0.93,
+    ...        "verdict": "within the noise", "met": False})
+    '1.03 (5 pairs, 93 % interval 0.97–1.04: within the noise)'
+    """
+    if isinstance(value, dict) and "interval" in value:
+        lo, hi = value["interval"]
+        share = round(100 * value["confidence"])
+        return (
+            f"{value['median']} ({value['pairs']} pairs, {share} % interval {lo}–{hi}: "
+            f"{value['verdict']})"
+        )
+    return str(value)
 
 
 def _rechunk_goals(

@@ -9,19 +9,31 @@ suite records why and this test says so instead of failing.
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from benchmarks.contenders import find_phases, plan_figures
 from benchmarks.rechunker_run import compressor
 from benchmarks.startup import parse_output
 from benchmarks.startup import summarise as startup_summary
-from benchmarks.summary import goals, io_table, summarise
+from benchmarks.summary import (
+    PAIRED,
+    goal_text,
+    goals,
+    io_table,
+    median_interval,
+    paired_ratio,
+    summarise,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = {
@@ -95,6 +107,59 @@ def test_default_goals_with_the_temporary_api_and_against_a_server() -> None:
     assert got["default_vs_best_xarray_e2e"] == 1.25
     assert got["default_server_vs_best_xarray_e2e"] == 1.5
     assert got["ours_best"] == "zarr-parallel default (Prefect server)"
+
+
+@given(st.lists(st.floats(0.5, 2.0), min_size=1, max_size=40))
+def test_the_median_interval_holds_the_median_within_the_values(values: list[float]) -> None:
+    got = median_interval(values)
+    lo, hi = got["interval"]
+    assert min(values) <= lo <= got["median"] <= hi <= max(values)
+    if len(values) >= 5:  # enough values for the confidence asked
+        assert got["confidence"] >= 0.9
+    else:
+        assert got["interval"] == [min(values), max(values)] and got["confidence"] < 0.9
+
+
+def test_the_median_interval_covers_the_true_median_as_often_as_it_says() -> None:
+    """12 draws of a skewed distribution, 4000 times: the interval (3rd smallest to 3rd
+    largest, 96 % by the binomial) holds the distribution's median about that often."""
+    rng = random.Random(21)
+    true_median = math.log(2)  # of the exponential distribution with rate 1
+    trials, hits, said = 4000, 0, set()
+    for _ in range(trials):
+        got = median_interval([rng.expovariate(1.0) for _ in range(12)])
+        said.add(got["confidence"])
+        hits += got["interval"][0] <= true_median <= got["interval"][1]
+    assert said == {0.96}
+    assert 0.95 <= hits / trials <= 0.975
+
+
+def test_paired_ratios_pair_runs_by_repetition_and_say_where_they_stand() -> None:
+    dd, series = PAIRED
+    # Repetition 2 ran slower for both: paired, every ratio is 1.1; unpaired medians say less.
+    slow = [_run(20, d, 1) for d in (11.0, 22.0, 11.0, 11.0, 11.0)]
+    fast = [_run(20, d, 1) for d in (10.0, 20.0, 10.0, 10.0, 10.0)]
+    got = paired_ratio({dd: slow, series: fast}, dd, series, "data_s")
+    assert got["pairs"] == 5 and got["median"] == 1.1 and got["interval"] == [1.1, 1.1]
+    assert got["verdict"] == "slower" and got["met"] is False
+    got = paired_ratio({dd: fast, series: slow}, dd, series, "data_s")
+    assert got["verdict"] == "not slower" and got["met"] is True
+    mixed = [_run(20, d, 1) for d in (9.5, 21.0, 10.0, 10.2, 9.9)]
+    assert paired_ratio({dd: mixed, series: fast}, dd, series, "data_s")["verdict"] == (
+        "within the noise"
+    )
+    # A failed run drops its pair; runs of different counts (--once) are not paired at all.
+    failed = [*slow[:4], {"ok": False, "error": "boom"}]
+    assert paired_ratio({dd: failed, series: fast}, dd, series, "data_s")["pairs"] == 4
+    assert paired_ratio({dd: slow[:3], series: fast}, dd, series, "data_s") == {}
+    assert paired_ratio({series: fast}, dd, series, "data_s") == {}
+    # goals() reports it when given the runs.
+    runs = {dd: slow, series: fast}
+    summary = {name: summarise(rs, CASE) for name, rs in runs.items()}
+    assert goals(summary, "misaligned", runs)["dask_distributed_over_series_data"]["median"] == 1.1
+    assert "dask_distributed_over_series_data" not in goals(summary, "misaligned")
+    assert goal_text(got) == "0.909 (5 pairs, 93 % interval 0.909–0.909: not slower)"
+    assert goal_text(1.25) == "1.25"
 
 
 def test_plan_figures_tolerate_a_summary_without_the_new_keys() -> None:
