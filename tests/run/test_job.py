@@ -22,6 +22,7 @@ import xarray as xr
 from zarr_parallel.errors import SourceChanged
 from zarr_parallel.planning.jobs import Job
 from zarr_parallel.planning.memory import FAST_SLABS
+from zarr_parallel.run import job as job_module
 from zarr_parallel.run.job import (
     FAST_READ_ENV,
     high_water_mark,
@@ -32,6 +33,7 @@ from zarr_parallel.run.job import (
 )
 from zarr_parallel.run.job_stats import merge_stats
 from zarr_parallel.run.steps import Prepared
+from zarr_parallel.sources import fastread
 from zarr_parallel.store.manifest import iter_job_records, recorded_jobs
 from zarr_parallel.store.zarr_io import array_checksum
 
@@ -97,6 +99,64 @@ def test_job_writes_its_region_and_records_it_with_checksums(
             if other.id != job.id:
                 for name in other.variables:
                     assert np.isnan(cache[name].isel(other.slices).values).all(), other
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "in-turn"])
+def test_slabs_are_written_while_the_next_is_read_only_where_reading_waits(
+    initialised: Initialise,
+    era5_files: list[Path],
+    overlap: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read that waits (READ_BUSY above any share) overlaps the next slab's read with this
+    one's write; a read that keeps the cores busy (READ_BUSY 0) writes each slab before
+    reading the next. Either way the region holds the source's values."""
+    monkeypatch.setattr(job_module, "READ_BUSY", 2.0 if overlap else 0.0)
+    reads: dict[str, list[float]] = {}
+    writes: dict[str, list[tuple[float, float]]] = {}
+    read_region, write_values = fastread.read_region, job_module.write_values
+
+    def timed_read(fv: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.setdefault(fv.name, []).append(time.monotonic())
+        return read_region(fv, *args, **kwargs)
+
+    def slow_write(version: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        start = time.monotonic()
+        time.sleep(0.2)  # long beside a small slab's read: an overlap cannot be missed
+        result = write_values(version, name, *args, **kwargs)
+        writes.setdefault(name, []).append((start, time.monotonic()))
+        return result
+
+    monkeypatch.setattr(fastread, "read_region", timed_read)
+    monkeypatch.setattr(job_module, "write_values", slow_write)
+    prepared = initialised(chunks={"time": 2}, num_jobs=2)
+    job = _job_at(prepared, 0)
+    record = _run(prepared, job)
+    assert record["fast_read"] and sorted(writes) == sorted(reads) == sorted(job.variables)
+    for name, spans in writes.items():
+        spans.sort()
+        assert len(spans) == len(reads[name]) >= 2, (name, spans)
+        # Slab k + 1's read began before slab k's write ended, or only after it.
+        during = [read < end for read, (_, end) in zip(reads[name][1:], spans, strict=False)]
+        assert all(during) if overlap else not any(during), (name, during)
+    src = _source(era5_files)
+    with xr.open_zarr(prepared.version, consolidated=False) as cache:
+        for name in job.variables:
+            np.testing.assert_array_equal(
+                cache[name].isel(job.slices).values, src[name].isel(job.slices).values
+            )
+
+
+@pytest.mark.parametrize(
+    ("cores", "cpu", "overlaps"),
+    [("1", 0.9, False), ("1", 0.3, True), ("2", 1.2, False), ("2", 0.8, True)],
+)
+def test_reading_overlaps_writing_when_it_left_most_of_the_cores_idle(
+    cores: str, cpu: float, overlaps: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One second of reading: the CPU seconds it took against the process's cores."""
+    monkeypatch.setenv("ZARR_PARALLEL_THREADS", cores)
+    assert job_module._overlaps(cpu, 1.0) is overlaps
 
 
 def test_a_job_run_again_rewrites_the_same_bytes_and_one_record(initialised: Initialise) -> None:

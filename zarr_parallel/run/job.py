@@ -392,9 +392,10 @@ def _copy_fast(
     The region is cut along its first dimension into up to
     :data:`~zarr_parallel.planning.memory.FAST_SLABS` slabs at write-chunk boundaries. Slab ``k`` is
     written (zarr encodes in its threads) while slab ``k + 1`` is read, so reading and encoding
-    overlap and at most two slabs are held. Returns (bytes, checksum, statistics), or None to use
-    the xarray path. The checksum is the CRC32 of the whole region's bytes, chained over the slabs
-    (they are contiguous in C order).
+    overlap and at most two slabs are held, unless reading keeps the cores busy by itself
+    (:func:`_overlaps`): then each slab is written before the next is read. Returns (bytes,
+    checksum, statistics), or None to use the xarray path. The checksum is the CRC32 of the whole
+    region's bytes, chained over the slabs (they are contiguous in C order).
     """
     if os.environ.get(FAST_READ_ENV, "1") == "0":
         return None
@@ -420,11 +421,15 @@ def _copy_fast(
         with ThreadPoolExecutor(2, thread_name_prefix="zp-write") as writer:
             pending: tuple[Future[None], dict[str, slice], np.ndarray] | None = None
             syncs: list[Future[int]] = []
+            overlap: bool | None = None  # decided on the first slab's read (_overlaps)
             for slab in slabs:
+                cpu0, wall0 = time.process_time(), time.perf_counter()
                 # Each slab is read into a kept buffer (zarr_parallel.buffers), given back
                 # once it is written: at most two at once, as before.
                 lent: list[np.ndarray] = []
                 values, rstats = fastread.read_region(fv, slab, out=_lend_into(lent))
+                if overlap is None:
+                    overlap = _overlaps(time.process_time() - cpu0, time.perf_counter() - wall0)
                 nread += rstats.bytes_read
                 crc = crc32(np.ascontiguousarray(values).data, crc)
                 nbytes += values.nbytes
@@ -439,6 +444,8 @@ def _copy_fast(
                 # nothing to overlap (0.15 s a job on the month benchmark's first stage).
                 job = writer.submit(write_values, Path(version), name, values, dims, slab, True)
                 pending = (job, slab, lent[0])
+                if not overlap:
+                    job.result()
                 del values
             if pending is not None:
                 pending[0].result()
@@ -452,6 +459,28 @@ def _copy_fast(
         return None
     fast[name] = nread
     return nbytes, f"{crc:08x}", (merge_parts(parts) if generate_stats else None)
+
+
+#: Share of its cores a slab's read keeps busy below which writing overlaps reading.
+READ_BUSY = 0.5
+
+
+def _overlaps(cpu: float, wall: float) -> bool:
+    """Whether to read the next slab while this one is written, from the first slab's read
+    (``cpu``: this process's CPU seconds over its ``wall`` seconds).
+
+    Overlapping fills the time reading spends waiting on a cold or remote file system. Where
+    reading keeps the cores busy by itself (chunks in the page cache: 86-97 % of the cores
+    here), the two stages would only take turns on the same cores, and reading and writing in
+    turn made the data phase 3-4 % shorter, in series mode and on a local cluster alike
+    (docs/benchmarks.md, "December 7, night"). Cores shared with other processes also look
+    partly idle from here (a 2-core local cluster's first jobs: 74-77 %), hence a threshold of
+    half: overlap where reading waited for most of its time.
+    """
+    busy = cpu / max(wall * fastread.process_cores(), 1e-9)
+    how = "overlapped" if busy < READ_BUSY else "in turn"
+    logger.debug("first slab read kept %.0f %% of the cores busy: writes %s", 100 * busy, how)
+    return busy < READ_BUSY
 
 
 def _lend_into(lent: list[np.ndarray]) -> Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray]:
