@@ -50,7 +50,7 @@ def job_memory(
 
 
 #: Slabs a fast-path job streams its region in (along the first dimension, at write-chunk
-#: boundaries): one slab is encoded while the next is read (zarr_parallel.run.job._copy_fast).
+#: boundaries): one slab may be encoded while the next is read (zarr_parallel.run.job._copy_fast).
 #: Eight rather than four: a job holds half the memory for the same region (two slabs at once),
 #: and a job process's first job faults in half as many fresh pages, ~1 s less on each worker
 #: of a 2-core data phase (docs/benchmarks.md, "December 7, noon"); the extra slabs cost
