@@ -108,10 +108,10 @@ def test_slabs_are_written_while_the_next_is_read_only_where_reading_waits(
     overlap: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A read that waits (READ_BUSY above any share) overlaps the next slab's read with this
-    one's write; a read that keeps the cores busy (READ_BUSY 0) writes each slab before
-    reading the next. Either way the region holds the source's values."""
-    monkeypatch.setattr(job_module, "READ_BUSY", 2.0 if overlap else 0.0)
+    """Where the first read left idle cores (run/overlap.py says so), the next slab's read
+    overlaps this one's write; where it did not, each slab is written before the next is read.
+    Either way the region holds the source's values."""
+    monkeypatch.setattr(job_module, "overlaps", lambda before, after: overlap)
     reads: dict[str, list[float]] = {}
     writes: dict[str, list[tuple[float, float]]] = {}
     read_region, write_values = fastread.read_region, job_module.write_values
@@ -145,18 +145,6 @@ def test_slabs_are_written_while_the_next_is_read_only_where_reading_waits(
             np.testing.assert_array_equal(
                 cache[name].isel(job.slices).values, src[name].isel(job.slices).values
             )
-
-
-@pytest.mark.parametrize(
-    ("cores", "cpu", "overlaps"),
-    [("1", 0.9, False), ("1", 0.3, True), ("2", 1.2, False), ("2", 0.8, True)],
-)
-def test_reading_overlaps_writing_when_it_left_most_of_the_cores_idle(
-    cores: str, cpu: float, overlaps: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One second of reading: the CPU seconds it took against the process's cores."""
-    monkeypatch.setenv("ZARR_PARALLEL_THREADS", cores)
-    assert job_module._overlaps(cpu, 1.0) is overlaps
 
 
 def test_a_job_run_again_rewrites_the_same_bytes_and_one_record(initialised: Initialise) -> None:

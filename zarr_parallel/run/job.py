@@ -29,6 +29,7 @@ from zarr_parallel.request.model import CacheRequest
 # policed run its kerchunk references are checked there too (the policy installs the check).
 from zarr_parallel.run import policy  # noqa: F401
 from zarr_parallel.run.job_stats import merge_parts, stats_into, value_stats
+from zarr_parallel.run.overlap import core_times, overlaps
 from zarr_parallel.sources import fastread, hdf5_chunks
 from zarr_parallel.sources.identity import check_job_sources, check_sources
 from zarr_parallel.sources.source import read_settings
@@ -392,10 +393,11 @@ def _copy_fast(
     The region is cut along its first dimension into up to
     :data:`~zarr_parallel.planning.memory.FAST_SLABS` slabs at write-chunk boundaries. Slab ``k`` is
     written (zarr encodes in its threads) while slab ``k + 1`` is read, so reading and encoding
-    overlap and at most two slabs are held, unless reading keeps the cores busy by itself
-    (:func:`_overlaps`): then each slab is written before the next is read. Returns (bytes,
-    checksum, statistics), or None to use the xarray path. The checksum is the CRC32 of the whole
-    region's bytes, chained over the slabs (they are contiguous in C order).
+    overlap and at most two slabs are held, unless the first slab's read left the cores no idle
+    time to fill (:mod:`zarr_parallel.run.overlap`): then each slab is written before the next
+    is read. Returns (bytes, checksum, statistics), or None to use the xarray path. The checksum
+    is the CRC32 of the whole region's bytes, chained over the slabs (they are contiguous in C
+    order).
     """
     if os.environ.get(FAST_READ_ENV, "1") == "0":
         return None
@@ -421,15 +423,15 @@ def _copy_fast(
         with ThreadPoolExecutor(2, thread_name_prefix="zp-write") as writer:
             pending: tuple[Future[None], dict[str, slice], np.ndarray] | None = None
             syncs: list[Future[int]] = []
-            overlap: bool | None = None  # decided on the first slab's read (_overlaps)
+            overlap: bool | None = None  # decided on the first slab's read (run/overlap.py)
             for slab in slabs:
-                cpu0, wall0 = time.process_time(), time.perf_counter()
+                before = core_times() if overlap is None else None
                 # Each slab is read into a kept buffer (zarr_parallel.buffers), given back
                 # once it is written: at most two at once, as before.
                 lent: list[np.ndarray] = []
                 values, rstats = fastread.read_region(fv, slab, out=_lend_into(lent))
                 if overlap is None:
-                    overlap = _overlaps(time.process_time() - cpu0, time.perf_counter() - wall0)
+                    overlap = overlaps(before, core_times())
                 nread += rstats.bytes_read
                 crc = crc32(np.ascontiguousarray(values).data, crc)
                 nbytes += values.nbytes
@@ -459,28 +461,6 @@ def _copy_fast(
         return None
     fast[name] = nread
     return nbytes, f"{crc:08x}", (merge_parts(parts) if generate_stats else None)
-
-
-#: Share of its cores a slab's read keeps busy below which writing overlaps reading.
-READ_BUSY = 0.5
-
-
-def _overlaps(cpu: float, wall: float) -> bool:
-    """Whether to read the next slab while this one is written, from the first slab's read
-    (``cpu``: this process's CPU seconds over its ``wall`` seconds).
-
-    Overlapping fills the time reading spends waiting on a cold or remote file system. Where
-    reading keeps the cores busy by itself (chunks in the page cache: 86-97 % of the cores
-    here), the two stages would only take turns on the same cores, and reading and writing in
-    turn made the data phase 3-4 % shorter, in series mode and on a local cluster alike
-    (docs/benchmarks.md, "December 7, night"). Cores shared with other processes also look
-    partly idle from here (a 2-core local cluster's first jobs: 74-77 %), hence a threshold of
-    half: overlap where reading waited for most of its time.
-    """
-    busy = cpu / max(wall * fastread.process_cores(), 1e-9)
-    how = "overlapped" if busy < READ_BUSY else "in turn"
-    logger.debug("first slab read kept %.0f %% of the cores busy: writes %s", 100 * busy, how)
-    return busy < READ_BUSY
 
 
 def _lend_into(lent: list[np.ndarray]) -> Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray]:
