@@ -26,7 +26,7 @@ from zarr_parallel.planning.memory import (
     FAST_WRITE_COPIES_UNCOMPRESSED,
 )
 from zarr_parallel.request.model import build_request
-from zarr_parallel.run.job import run_job
+from zarr_parallel.run.job import run_job, slab_slices
 from zarr_parallel.run.stages import stage_request
 from zarr_parallel.run.steps import initialise, prepare
 
@@ -240,12 +240,17 @@ def test_estimate_bounds_measured_peak(
     record = json.loads(out.stdout.strip().splitlines()[-1])
     peak, estimate = record["peak_memory"], record["estimated_memory"]
     region_bytes = job.write_bytes // len(job.variables)  # one variable's region, decoded
+    # The fast path streams it in slabs, and reads the next only once this one is written when
+    # the cores have no idle time (run/overlap.py): at least its largest slab is held at once.
+    dim, start, stop = job.region[0]
+    slabs = slab_slices(slice(start, stop), int(fields["chunks"][dim]))
+    slab_bytes = region_bytes * max(s.stop - s.start for s in slabs) // (stop - start)
     print(
         f"{case}: estimate {estimate / 1e6:.1f} MB, measured peak {peak / 1e6:.1f} MB "
         f"(estimate / peak {estimate / peak:.2f})"
     )
-    # The measurement is real: the job held at least its region of one variable at once.
-    assert peak >= 0.9 * region_bytes, (peak, region_bytes)
+    # The measurement is real: the job held at least a slab of one variable at once.
+    assert peak >= 0.9 * slab_bytes, (peak, slab_bytes, region_bytes)
     # The promise: the estimate is an upper bound of the real peak.
     assert peak <= estimate, f"{case}: measured {peak} B above the estimate {estimate} B"
 
