@@ -143,7 +143,8 @@ def _lingering(pgid: int, wait: float) -> list[int]:
     while True:
         alive = []
         for proc in psutil.process_iter(["pid"]):
-            with contextlib.suppress(psutil.Error):
+            # A process may end between the listing and getpgid (ProcessLookupError).
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
                 if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
                     alive.append(proc.pid)
         if not alive or time.monotonic() > deadline:
