@@ -74,19 +74,26 @@ def measure_peak() -> Iterator[PeakMemory]:
 
     In a job process (:mod:`zarr_parallel.run.job_process`), which runs nothing but jobs, the
     kernel's own high-water mark is reset at the start (``/proc/self/clear_refs``) and read at the
-    end: the exact peak, which sampling can miss. Elsewhere (series mode runs jobs in the caller's
-    process, whose high-water mark is not ours to reset) a thread samples the RSS.
+    end: the exact peak, which sampling can miss, and no sampling thread. Elsewhere (series mode
+    runs jobs in the caller's process, whose high-water mark is not ours to reset) a thread
+    samples the RSS.
     """
     exact = os.environ.get("ZARR_PARALLEL_JOB_PROCESS") == "1" and reset_high_water_mark()
     rss = psutil.Process().memory_info().rss
     meter = PeakMemory(start=rss, peak=rss)
-    thread = threading.Thread(target=meter._run, daemon=True)
-    thread.start()
+    thread = None
+    if not exact:
+        # Only where the kernel's mark cannot be used: the thread wakes 200 times a second and
+        # takes the GIL each time, beside a job process's one reading thread, for a figure the
+        # kernel's mark gives exactly.
+        thread = threading.Thread(target=meter._run, daemon=True)
+        thread.start()
     try:
         yield meter
     finally:
         meter._stop.set()
-        thread.join()
+        if thread is not None:
+            thread.join()
         meter.peak = max(meter.peak, psutil.Process().memory_info().rss)
         if exact:
             meter.peak = max(meter.peak, high_water_mark())
