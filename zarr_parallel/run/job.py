@@ -84,8 +84,9 @@ def measure_peak() -> Iterator[PeakMemory]:
     thread = None
     if not exact:
         # Only where the kernel's mark cannot be used: the thread wakes 200 times a second and
-        # takes the GIL each time, beside a job process's one reading thread, for a figure the
-        # kernel's mark gives exactly.
+        # takes the GIL each time, beside a job process's one reading thread (without it a
+        # local cluster's data phase was 1.5-3 % shorter, docs/benchmarks.md "December 7,
+        # late night").
         thread = threading.Thread(target=meter._run, daemon=True)
         thread.start()
     try:
