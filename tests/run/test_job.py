@@ -110,8 +110,8 @@ def test_slabs_are_written_while_the_next_is_read_only_where_reading_waits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Where the first read left idle cores (run/overlap.py says so), the next slab's read
-    overlaps this one's write; where it did not, each slab is written before the next is read.
-    Either way the region holds the source's values."""
+    overlaps this one's write; where it did not, each slab is written before the next is read,
+    and its buffer takes the next. Either way the region holds the source's values."""
     monkeypatch.setattr(job_module, "overlaps", lambda before, after: overlap)
     reads: dict[str, list[float]] = {}
     writes: dict[str, list[tuple[float, float]]] = {}
@@ -128,8 +128,25 @@ def test_slabs_are_written_while_the_next_is_read_only_where_reading_waits(
         writes.setdefault(name, []).append((start, time.monotonic()))
         return result
 
+    held: set[int] = set()
+    most_held = 0
+    take, give = job_module.buffers.take, job_module.buffers.give
+
+    def counted_take(*args: Any) -> Any:
+        nonlocal most_held
+        array = take(*args)
+        held.add(id(job_module.buffers.base_of(array)))
+        most_held = max(most_held, len(held))
+        return array
+
+    def counted_give(array: Any) -> None:
+        held.discard(id(job_module.buffers.base_of(array)))
+        give(array)
+
     monkeypatch.setattr(fastread, "read_region", timed_read)
     monkeypatch.setattr(job_module, "write_values", slow_write)
+    monkeypatch.setattr(job_module.buffers, "take", counted_take)
+    monkeypatch.setattr(job_module.buffers, "give", counted_give)
     prepared = initialised(chunks={"time": 2}, num_jobs=2)
     job = _job_at(prepared, 0)
     record = _run(prepared, job)
@@ -140,6 +157,8 @@ def test_slabs_are_written_while_the_next_is_read_only_where_reading_waits(
         # Slab k + 1's read began before slab k's write ended, or only after it.
         during = [read < end for read, (_, end) in zip(reads[name][1:], spans, strict=False)]
         assert all(during) if overlap else not any(during), (name, during)
+    # Slab buffers held at once: the one written and the one read, or one in turn.
+    assert most_held == (2 if overlap else 1), most_held
     src = _source(era5_files)
     with xr.open_zarr(prepared.version, consolidated=False) as cache:
         for name in job.variables:

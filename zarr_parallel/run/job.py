@@ -429,13 +429,14 @@ def _copy_fast(
         # the job's record (which fsyncs every file again, see store.record_job) finds them
         # clean instead of flushing the whole region at the end (~1 s for 2 GB written).
         with ThreadPoolExecutor(2, thread_name_prefix="zp-write") as writer:
-            pending: tuple[Future[None], dict[str, slice], np.ndarray] | None = None
+            # The slab being written, and its buffer while that is still held.
+            pending: tuple[Future[None], dict[str, slice], np.ndarray | None] | None = None
             syncs: list[Future[int]] = []
             overlap: bool | None = None  # decided on the first slab's read (run/overlap.py)
             for slab in slabs:
                 before = core_times() if overlap is None else None
                 # Each slab is read into a kept buffer (zarr_parallel.buffers), given back
-                # once it is written: at most two at once, as before.
+                # once it is written: at most two at once, one when written in turn.
                 lent: list[np.ndarray] = []
                 values, rstats = fastread.read_region(fv, slab, out=_lend_into(lent))
                 if overlap is None:
@@ -447,7 +448,8 @@ def _copy_fast(
                     parts.append(value_stats(values))
                 if pending is not None:
                     pending[0].result()
-                    buffers.give(pending[2])
+                    if pending[2] is not None:
+                        buffers.give(pending[2])
                     syncs.append(writer.submit(_sync_slab, version, name, pending[1]))
                 # Chunk files are fsynced as they are written, while the other threads
                 # encode: the last slab's would otherwise be flushed by the job's record, with
@@ -455,11 +457,15 @@ def _copy_fast(
                 job = writer.submit(write_values, Path(version), name, values, dims, slab, True)
                 pending = (job, slab, lent[0])
                 if not overlap:
+                    # Written: its buffer takes the next slab (in turn a job holds one slab).
                     job.result()
+                    buffers.give(lent[0])
+                    pending = (job, slab, None)
                 del values
             if pending is not None:
                 pending[0].result()
-                buffers.give(pending[2])
+                if pending[2] is not None:
+                    buffers.give(pending[2])
             for done in syncs:
                 done.result()
     except hdf5_chunks.Unsupported as e:
